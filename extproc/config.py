@@ -118,7 +118,9 @@ class ProviderConfig(_Frozen):
     api: ApiKind
     base_url: str
     credential: CredentialSource | None = None
-    timeout_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # The Envoy cluster requests for this provider go to; `extproc up` creates
+    # `provider_<name>`. Set it when attaching to an Envoy whose clusters you name.
+    cluster: str | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
     @field_validator("base_url")

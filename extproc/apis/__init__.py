@@ -1,0 +1,91 @@
+"""The provider API shapes the gateway serves, and how a request is classified.
+
+`classify(method, path, headers)` maps an HTTP request onto an `Endpoint`
+(Anthropic Messages, count_tokens, models; OpenAI chat completions, models).
+`error_response(api, error)` renders a `GatewayError` in the caller's shape;
+it is the only place gateway errors become response bodies.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from extproc.apis import anthropic, openai
+from extproc.decisions import Respond
+from extproc.errors import GatewayError, MethodNotAllowed, NotFound
+
+ApiKind = Literal["anthropic", "openai"]
+
+__all__ = ["ApiKind", "Endpoint", "api_of_path", "classify", "error_response"]
+
+
+class Endpoint(enum.Enum):
+    MESSAGES = "messages"
+    COUNT_TOKENS = "count_tokens"
+    MODELS = "models"
+    CHAT_COMPLETIONS = "chat_completions"
+
+    @property
+    def generates(self) -> bool:
+        """Whether the endpoint runs a model (and so has usage, cost, streaming)."""
+        return self in (Endpoint.MESSAGES, Endpoint.CHAT_COMPLETIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    api: ApiKind
+    endpoint: Endpoint
+    method: str
+
+
+_EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
+    "/v1/messages": ("anthropic", Endpoint.MESSAGES, "POST"),
+    "/v1/messages/count_tokens": ("anthropic", Endpoint.COUNT_TOKENS, "POST"),
+    "/v1/chat/completions": ("openai", Endpoint.CHAT_COMPLETIONS, "POST"),
+    "/v1/models": (None, Endpoint.MODELS, "GET"),
+}
+_OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+
+def api_of_path(path: str, headers: Mapping[str, str]) -> ApiKind:
+    """The API shape a caller speaks: by path, else Anthropic's marker headers."""
+    if path.startswith(_OPENAI_PREFIXES):
+        return "openai"
+    if path.startswith("/v1/messages") or "anthropic-version" in headers or "x-api-key" in headers:
+        return "anthropic"
+    if headers.get("authorization", "").lower().startswith("bearer "):
+        return "openai"
+    return "anthropic"
+
+
+def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
+    """The endpoint a request is for; `NotFound`/`MethodNotAllowed` for anything else."""
+    path = raw_path.split("?", 1)[0]
+    api = api_of_path(path, headers)
+    if path.startswith("/v1/models/") and path.count("/") == 3:
+        path = "/v1/models"
+    entry = _EXACT.get(path.rstrip("/") or "/")
+    if entry is None:
+        raise NotFound(f"the gateway does not serve {path!r}; see the README for the paths it does")
+    kind, endpoint, allowed = entry
+    if method != allowed:
+        raise MethodNotAllowed(f"{path} accepts {allowed}, not {method}")
+    return Route(api=kind or api, endpoint=endpoint, method=method)
+
+
+def error_response(api: ApiKind, error: GatewayError) -> Respond:
+    """A gateway error as an immediate response in the caller's API error shape."""
+    if api == "openai":
+        body = openai.error_body(error.status, error.message, code=error.reason)
+    else:
+        body = anthropic.error_body(error.status, error.message)
+    headers = (("content-type", "application/json"), ("x-gateway-error", error.reason))
+    return Respond(
+        status=error.status,
+        body=body,
+        headers=headers + error.headers,
+        details=f"extproc_{error.reason}",
+    )

@@ -1,0 +1,114 @@
+"""The `extproc` command line.
+
+    extproc serve --config FILE [--workers N]   the ext_proc gRPC server alone (mesh, sidecar)
+    extproc up [--config FILE]                   Envoy + the ext_proc server, in the foreground
+    extproc check-config FILE                    validate the config and the Envoy bootstrap
+    extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from extproc.config import Config, ConfigError, load_config
+
+log = logging.getLogger("extproc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the ext_proc gRPC server")
+    serve.add_argument("--config", help="gateway config YAML (default: built-in defaults)")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight streams get on shutdown"
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    up = commands.add_parser("up", help="run Envoy and the ext_proc server together")
+    up.add_argument("--config", help="gateway config YAML (default: built-in defaults)")
+    up.add_argument("--grace", type=float, default=10.0)
+    check = commands.add_parser("check-config", help="validate a config and its Envoy bootstrap")
+    check.add_argument("config", nargs="?")
+    render = commands.add_parser("render-envoy", help="print the Envoy bootstrap `up` runs")
+    render.add_argument("--config")
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"extproc: invalid config {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from extproc import server, supervisor
+
+    config = _load(args.config)
+    if args.workers < 1:
+        print("extproc: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        if not config.shared_store:
+            print(
+                f"extproc: --workers {args.workers} needs a shared store: with store "
+                f"{config.store!r} each process would keep its own budgets, rate limits and "
+                "cache. Set store: redis://HOST:6379/0, or run one worker.",
+                file=sys.stderr,
+            )
+            return 2
+        return supervisor.run_workers(args.config, config, args.workers, args.grace)
+    server.install_event_loop_policy()
+    asyncio.run(
+        server.serve(
+            config, grace=args.grace, reuse_port=args.worker, serve_metrics=not args.worker
+        )
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from extproc import supervisor
+
+    config = _load(args.config)
+    problems = supervisor.validate_envoy(config)
+    if problems:
+        print("extproc: the Envoy bootstrap is invalid:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    print(f"{args.config or 'default config'}: OK ({len(config.providers)} provider(s))")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check-config":
+        return _check(args)
+    from extproc import envoy_config, supervisor
+
+    config = _load(args.config)
+    if args.command == "render-envoy":
+        sys.stdout.write(envoy_config.render_yaml(config))
+        return 0
+    return supervisor.up(args.config, config, args.grace)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

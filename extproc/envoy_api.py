@@ -1,0 +1,129 @@
+"""The one place that speaks Envoy's ext_proc protobufs.
+
+Incoming `ProcessingRequest`s become plain Python values (`Phase`, header
+dicts, bytes, attribute dicts); `Decision` values (see `extproc.decisions`)
+become `ProcessingResponse`s. Nothing else in the package imports Envoy types.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+
+from extproc.decisions import BodyMode, Continue, Decision, HeaderChanges, Respond
+
+__all__ = ["Phase", "attributes_of", "body_of", "headers_of", "phase_of", "to_response"]
+
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+METADATA_NAMESPACE = "extproc"
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODES = {
+    BodyMode.NONE: processing_mode_pb2.ProcessingMode.NONE,
+    BodyMode.BUFFERED: processing_mode_pb2.ProcessingMode.BUFFERED,
+    BodyMode.STREAMED: processing_mode_pb2.ProcessingMode.STREAMED,
+}
+
+
+class Phase(enum.Enum):
+    REQUEST_HEADERS = "request_headers"
+    REQUEST_BODY = "request_body"
+    RESPONSE_HEADERS = "response_headers"
+    RESPONSE_BODY = "response_body"
+    REQUEST_TRAILERS = "request_trailers"
+    RESPONSE_TRAILERS = "response_trailers"
+
+
+_PHASES = {phase.value: phase for phase in Phase}
+
+
+def phase_of(request: pb.ProcessingRequest) -> Phase | None:
+    which = request.WhichOneof("request")
+    return _PHASES.get(which) if which else None
+
+
+def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, str], bool]:
+    """Lower-cased header dict (repeated headers joined by ',') and end_of_stream."""
+    message = getattr(request, phase.value)
+    out: dict[str, str] = {}
+    for header in message.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key.lower()
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out, bool(message.end_of_stream)
+
+
+def body_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[bytes, bool]:
+    message = getattr(request, phase.value)
+    return bytes(message.body), bool(message.end_of_stream)
+
+
+def attributes_of(request: pb.ProcessingRequest) -> dict[str, Any]:
+    """The request attributes Envoy sent (e.g. `xds.route_name`, `xds.route_metadata`)."""
+    if EXT_PROC_FILTER not in request.attributes:
+        return {}
+    return json_format.MessageToDict(request.attributes[EXT_PROC_FILTER])
+
+
+def _header_mutation(changes: HeaderChanges) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                append_action=_OVERWRITE,
+            )
+            for key, value in changes.set
+        ],
+        remove_headers=list(changes.remove),
+    )
+
+
+def _common(decision: Continue) -> pb.CommonResponse:
+    common = pb.CommonResponse(clear_route_cache=decision.clear_route_cache)
+    if decision.headers:
+        common.header_mutation.CopyFrom(_header_mutation(decision.headers))
+    if decision.body is not None:
+        common.body_mutation.body = decision.body
+    return common
+
+
+def _immediate(decision: Respond) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=_header_mutation(HeaderChanges(set=decision.headers)),
+            body=decision.body,
+            details=decision.details,
+        )
+    )
+
+
+def _metadata(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update({METADATA_NAMESPACE: dict(values)})
+    return struct
+
+
+def to_response(phase: Phase, decision: Decision) -> pb.ProcessingResponse:
+    """Render a decision as the reply to the message of `phase`."""
+    if isinstance(decision, Respond):
+        return _immediate(decision)
+    response = pb.ProcessingResponse()
+    if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
+        getattr(response, phase.value).SetInParent()
+        return response
+    message = getattr(response, phase.value)
+    message.SetInParent()
+    message.response.CopyFrom(_common(decision))
+    if decision.response_body_mode is not None:
+        response.mode_override.response_body_mode = _MODES[decision.response_body_mode]
+    if decision.dynamic_metadata:
+        response.dynamic_metadata.CopyFrom(_metadata(decision.dynamic_metadata))
+    return response

@@ -1,0 +1,138 @@
+"""Render the Envoy bootstrap `extproc up` runs, from envoy/front-proxy.yaml and the config.
+
+The YAML file is the commented source of truth; this module changes only what
+the gateway config owns (addresses, buffer limit, failure mode, provider
+clusters and fallback routes) and leaves every other setting as written.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from extproc.config import Config, HostPort, ProviderConfig
+
+_REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "front-proxy.yaml"
+_OPENAI_FALLBACK = "openai"
+_ANTHROPIC_FALLBACK = "anthropic"
+_EXT_PROC = "envoy.filters.http.ext_proc"
+
+
+class TemplateError(Exception):
+    """The Envoy template lacks a part the renderer patches."""
+
+
+def template_path(config: Config) -> Path:
+    if config.envoy.bootstrap is not None:
+        return config.envoy.bootstrap
+    packaged = resources.files("extproc") / "envoy" / "front-proxy.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return _REPO_TEMPLATE
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path}: not an Envoy bootstrap mapping")
+    return data
+
+
+def _socket(address: HostPort) -> dict[str, Any]:
+    return {"socket_address": {"address": address.host, "port_value": address.port}}
+
+
+def _find(items: list[dict[str, Any]], name: str, what: str) -> dict[str, Any]:
+    for item in items:
+        if item.get("name") == name:
+            return item
+    raise TemplateError(f"the Envoy template has no {what} named {name!r}")
+
+
+def provider_cluster(name: str, provider: ProviderConfig, template: dict[str, Any]) -> dict[str, Any]:
+    """A cluster for one provider, modelled on the template's provider cluster."""
+    cluster = copy.deepcopy(template)
+    cluster_name = provider.cluster or f"provider_{name}"
+    cluster["name"] = cluster_name
+    cluster["connect_timeout"] = f"{provider.connect_timeout_seconds}s"
+    cluster["load_assignment"] = {
+        "cluster_name": cluster_name,
+        "endpoints": [
+            {
+                "lb_endpoints": [
+                    {
+                        "endpoint": {
+                            "address": {
+                                "socket_address": {
+                                    "address": provider.hostname,
+                                    "port_value": provider.port,
+                                }
+                            }
+                        }
+                    }
+                ]
+            }
+        ],
+    }
+    if provider.scheme == "https":
+        cluster["transport_socket"]["typed_config"]["sni"] = provider.hostname
+    else:
+        cluster.pop("transport_socket", None)
+        options = cluster["typed_extension_protocol_options"]
+        protocol = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        protocol.pop("auto_config", None)
+        protocol["explicit_http_config"] = {"http_protocol_options": {}}
+    return cluster
+
+
+def _patch_routes(hcm: dict[str, Any], config: Config) -> None:
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    fallbacks = {
+        _ANTHROPIC_FALLBACK: config.default_provider("anthropic"),
+        _OPENAI_FALLBACK: config.default_provider("openai"),
+    }
+    first = next(iter(config.providers))
+    for route_name, provider_name in fallbacks.items():
+        route = _find(routes, route_name, "route")
+        name = provider_name or first
+        provider = config.providers[name]
+        route["route"]["cluster"] = provider.cluster or f"provider_{name}"
+
+
+def _patch_listener(bootstrap: dict[str, Any], config: Config) -> dict[str, Any]:
+    listener = _find(bootstrap["static_resources"]["listeners"], "gateway", "listener")
+    listener["address"] = _socket(config.listen)
+    listener["per_connection_buffer_limit_bytes"] = config.limits.max_body_bytes
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = _find(hcm["http_filters"], _EXT_PROC, "http filter")["typed_config"]
+    ext_proc["failure_mode_allow"] = config.failure_mode_allow
+    return hcm
+
+
+def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap for `config`, leaving the template untouched."""
+    bootstrap = copy.deepcopy(template)
+    bootstrap["admin"]["address"] = _socket(config.envoy.admin)
+    hcm = _patch_listener(bootstrap, config)
+    _patch_routes(hcm, config)
+    clusters = bootstrap["static_resources"]["clusters"]
+    ext_proc = _find(clusters, "extproc", "cluster")
+    endpoint = ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"] = _socket(config.grpc_listen)
+    provider_template = next(
+        (c for c in clusters if c["name"].startswith("provider_")), None
+    )
+    if provider_template is None:
+        raise TemplateError("the Envoy template has no provider_* cluster to model others on")
+    kept = [c for c in clusters if not c["name"].startswith("provider_")]
+    kept += [provider_cluster(n, p, provider_template) for n, p in config.providers.items()]
+    bootstrap["static_resources"]["clusters"] = kept
+    return bootstrap
+
+
+def render_yaml(config: Config) -> str:
+    return yaml.safe_dump(render(config, load_template(template_path(config))), sort_keys=False)

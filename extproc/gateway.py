@@ -1,0 +1,52 @@
+"""The per-process runtime: config compiled once into the objects every request shares.
+
+`Gateway` is built at start from a validated `Config` and handed to each
+`RequestStream`. Side effects (clock, audit sink, metrics) come in through the
+constructor so tests can substitute them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from extproc.config import Config
+from extproc.credentials import Credential
+from extproc.telemetry.audit import AuditSink, open_sink
+from extproc.telemetry.metrics import Metrics
+
+
+@dataclass
+class Gateway:
+    config: Config
+    metrics: Metrics
+    audit: AuditSink
+    credentials: Mapping[str, Credential]
+    clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time
+    active: set[object] = field(default_factory=set)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        audit: AuditSink | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Gateway:
+        credentials = {
+            name: Credential(provider.credential, environ)
+            for name, provider in config.providers.items()
+            if provider.credential is not None
+        }
+        return cls(
+            config=config,
+            metrics=metrics or Metrics(),
+            audit=audit or open_sink(config.audit.sink),
+            credentials=credentials,
+        )
+
+    def close(self) -> None:
+        self.audit.close()

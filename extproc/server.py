@@ -1,0 +1,141 @@
+"""The ext_proc gRPC server: servicer, health, graceful shutdown, worker processes.
+
+With `envoy_api`, the only module that touches Envoy's protobufs. Each gRPC
+stream is one HTTP request; the servicer feeds its messages to a
+`RequestStream` and writes back what it decides.
+
+Shutdown (SIGTERM/SIGINT): the health service turns NOT_SERVING at once so
+Envoy's health check moves new requests to other replicas, the port stops
+accepting new streams, and in-flight streams get `shutdown_grace` seconds to
+finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from extproc import envoy_api
+from extproc.config import Config
+from extproc.decisions import CONTINUE, Decision
+from extproc.envoy_api import Phase
+from extproc.gateway import Gateway
+from extproc.stream import ProtocolError, RequestStream
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+_GRPC_OVERHEAD = 1024 * 1024
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = RequestStream(self.gateway)
+        try:
+            async for request in request_iterator:
+                phase = envoy_api.phase_of(request)
+                if phase is None:
+                    continue
+                yield envoy_api.to_response(phase, await _dispatch(stream, phase, request))
+        except ProtocolError as exc:
+            log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
+        finally:
+            await stream.close()
+
+
+async def _dispatch(
+    stream: RequestStream, phase: Phase, request: pb.ProcessingRequest
+) -> Decision:
+    if phase is Phase.REQUEST_HEADERS:
+        headers, eos = envoy_api.headers_of(request, phase)
+        return await stream.request_headers(headers, eos, envoy_api.attributes_of(request))
+    if phase is Phase.REQUEST_BODY:
+        return await stream.request_body(*envoy_api.body_of(request, phase))
+    if phase is Phase.RESPONSE_HEADERS:
+        return await stream.response_headers(*envoy_api.headers_of(request, phase))
+    if phase is Phase.RESPONSE_BODY:
+        return await stream.response_body(*envoy_api.body_of(request, phase))
+    return CONTINUE
+
+
+def grpc_options(config: Config, reuse_port: bool) -> list[tuple[str, Any]]:
+    limit = config.limits.max_body_bytes + _GRPC_OVERHEAD
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # Envoy keeps one long-lived HTTP/2 connection; allow its keepalive pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_concurrent_streams", 100_000),
+    ]
+
+
+class Server:
+    """A running ext_proc server (one process)."""
+
+    def __init__(self, config: Config, gateway: Gateway, *, reuse_port: bool = False) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=grpc_options(config, reuse_port))
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(str(config.grpc_listen))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.grpc_listen} (grpc_listen); is it in use?")
+
+    async def start(self) -> None:
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.gateway.close()
+
+
+def install_event_loop_policy() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(
+    config: Config, *, grace: float, reuse_port: bool = False, serve_metrics: bool = True
+) -> None:
+    """Run one server process until SIGTERM or SIGINT."""
+    gateway = Gateway.from_config(config)
+    if serve_metrics and config.metrics_listen is not None:
+        address = config.metrics_listen
+        start_http_server(address.port, addr=address.host, registry=gateway.metrics.registry)
+    server = Server(config, gateway, reuse_port=reuse_port)
+    await server.start()
+    log.info("ext_proc listening on %s (pid %d)", config.grpc_listen, os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: %.0f s for in-flight streams", grace)
+    await server.stop(grace)
+

@@ -1,0 +1,266 @@
+"""One object per HTTP request: a method per ext_proc phase, typed state between them.
+
+Envoy opens one gRPC stream per HTTP request and sends its phases in order.
+`RequestStream` checks that order against a transition table (h11 style), runs
+the policies for each phase and returns a `Decision`; `close()` settles whatever
+is left when the stream ends, normally or not (client gone, upstream reset), so
+every request yields exactly one audit record.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import error_response as render_error
+from extproc.apis.sse import SseParser
+from extproc.apis.usage import Usage
+from extproc.credentials import CredentialMissing
+from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
+from extproc.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
+from extproc.gateway import Gateway
+from extproc.policies import routing
+from extproc.policies.request import ParsedRequest, parse_request
+from extproc.telemetry.record import account
+
+log = logging.getLogger(__name__)
+
+SESSION_HEADER = "x-claude-code-session-id"
+
+# Allowed phase order (h11-style table): the phase that may follow each one.
+_NEXT: dict[str | None, frozenset[str]] = {
+    None: frozenset({"request_headers"}),
+    "request_headers": frozenset({"request_body", "response_headers"}),
+    "request_body": frozenset({"request_body", "response_headers"}),
+    "response_headers": frozenset({"response_body"}),
+    "response_body": frozenset({"response_body"}),
+}
+
+
+class ProtocolError(Exception):
+    """Envoy sent phases out of order; the stream is passed through untouched."""
+
+
+@dataclass
+class _Answer:
+    """What came back from the provider."""
+
+    status: int = 0
+    streamed: bool = False
+    usage: Usage = field(default_factory=Usage)
+    served_model: str | None = None
+    first_token_at: float | None = None
+    completion: Any = None
+    error_type: str | None = None
+
+
+class RequestStream:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.started = gateway.clock()
+        self.phase: str | None = None
+        self.request_id = ""
+        self.route_name = ""
+        self.session_id: str | None = None
+        self.api: ApiKind = "anthropic"
+        self.route: Route | None = None
+        self.path = ""
+        self.target: routing.Target | None = None
+        self.request: ParsedRequest | None = None
+        self.answer = _Answer()
+        self.sse: SseParser | None = None
+        self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
+        self.outcome: str | None = None
+        self.rejection: str | None = None
+        self.json_chunks: list[bytes] = []
+
+    # -- phase order -------------------------------------------------------------------
+
+    def _enter(self, phase: str) -> None:
+        if phase not in _NEXT.get(self.phase, frozenset()):
+            raise ProtocolError(f"{phase} after {self.phase}")
+        self.phase = phase
+
+    def _reject(self, error: GatewayError) -> Respond:
+        self.rejection = error.reason
+        self.answer.status = error.status
+        self.gw.metrics.gateway_errors.labels(error.reason).inc()
+        self._finish(f"rejected_{error.reason}")
+        return render_error(self.api, error)
+
+    # -- request -----------------------------------------------------------------------
+
+    async def request_headers(
+        self, headers: dict[str, str], end_of_stream: bool, attributes: dict[str, Any]
+    ) -> Decision:
+        self._enter("request_headers")
+        self.gw.metrics.active_streams.inc()
+        self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        self.route_name = str(attributes.get("xds.route_name", ""))
+        self.session_id = headers.get(SESSION_HEADER)
+        self.path = headers.get(":path", "/")
+        self.api = api_of_path(self.path, headers)
+        try:
+            return self._on_request_headers(headers, end_of_stream)
+        except GatewayError as error:
+            return self._reject(error)
+
+    def _on_request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+        self.route = classify(headers.get(":method", "GET"), self.path, headers)
+        self.api = self.route.api
+        limit = self.gw.config.limits.max_body_bytes
+        length = headers.get("content-length", "0")
+        if length.isdigit() and int(length) > limit:
+            raise PayloadTooLarge(
+                f"request body is {length} bytes; the gateway accepts at most {limit} "
+                "(limits.max_body_bytes)"
+            )
+        self.target = self._choose_target()
+        if end_of_stream:
+            return self._forward()
+        return CONTINUE
+
+    def _choose_target(self) -> routing.Target:
+        try:
+            return routing.default_target(self.gw.config, self.api)
+        except routing.NoProvider as exc:
+            raise Unavailable(f"{exc}; add one under providers:", reason="no_provider") from exc
+
+    def _forward(self, body: bytes | None = None) -> Continue:
+        """Send the request on to the chosen provider with its credential."""
+        assert self.target is not None
+        credential = self.gw.credentials.get(self.target.name)
+        try:
+            secret = credential.get() if credential is not None else None
+        except CredentialMissing as exc:
+            log.error("provider %s has no credential: %s", self.target.name, exc)
+            raise Unavailable(
+                f"provider {self.target.name!r} has no credential configured",
+                reason="no_credential",
+            ) from exc
+        changes = routing.upstream_headers(self.target, self.path, secret)
+        if body is not None:
+            changes = HeaderChanges(set=changes.set, remove=(*changes.remove, "content-length"))
+        return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
+        self._enter("request_body")
+        if self.outcome is not None or self.route is None:
+            return CONTINUE
+        try:
+            return self._on_request_body(body)
+        except GatewayError as error:
+            return self._reject(error)
+
+    def _on_request_body(self, body: bytes) -> Decision:
+        assert self.route is not None
+        limit = self.gw.config.limits.max_body_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
+        if not body:
+            raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
+        self.request = parse_request(body, self.route.endpoint)
+        return self._forward()
+
+    # -- response ----------------------------------------------------------------------
+
+    async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+        self._enter("response_headers")
+        if self.outcome is not None or self.route is None:
+            return CONTINUE
+        status = headers.get(":status", "0")
+        self.answer.status = int(status) if status.isdigit() else 0
+        content_type = headers.get("content-type", "")
+        extra = HeaderChanges(set=(("x-gateway-request-id", self.request_id),))
+        if end_of_stream:
+            self._finish(self._status_outcome())
+            return Continue(headers=extra)
+        if content_type.startswith("text/event-stream"):
+            self._start_stream()
+            return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
+        if content_type.startswith("application/json") and self.route.endpoint.generates:
+            return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
+        self._finish(self._status_outcome())
+        return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _start_stream(self) -> None:
+        self.answer.streamed = True
+        self.sse = SseParser()
+        if self.api == "openai":
+            self.accumulator = openai.StreamAccumulator()
+        else:
+            self.accumulator = anthropic.StreamAccumulator()
+
+    async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        self._enter("response_body")
+        if self.outcome is not None:
+            return CONTINUE
+        if self.sse is not None:
+            self._feed_stream(chunk, end_of_stream)
+        else:
+            self.json_chunks.append(chunk)
+            if end_of_stream:
+                self._read_json(b"".join(self.json_chunks))
+        if end_of_stream:
+            self._finish(self._status_outcome())
+        return CONTINUE
+
+    def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
+        assert self.sse is not None and self.accumulator is not None
+        events = self.sse.feed(chunk)
+        if end_of_stream:
+            events += self.sse.close()
+        accumulator = self.accumulator
+        for event in events:
+            accumulator.feed(event)
+        if self.answer.first_token_at is None and accumulator.first_content_seen:
+            self.answer.first_token_at = self.gw.clock()
+        self.answer.usage = accumulator.usage
+        self.answer.served_model = accumulator.model
+        if accumulator.error is not None:
+            self.answer.error_type = str(accumulator.error.get("type", "error"))
+
+    def _read_json(self, raw: bytes) -> None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("provider answered with invalid JSON (%d bytes)", len(raw))
+            return
+        if not isinstance(body, dict):
+            return
+        if self.api == "openai":
+            self.answer.usage = openai.usage_from_completion(body)
+        else:
+            self.answer.usage = anthropic.usage_from_message(body)
+        model = body.get("model")
+        self.answer.served_model = model if isinstance(model, str) else None
+        error = body.get("error")
+        if isinstance(error, dict):
+            self.answer.error_type = str(error.get("type") or error.get("code") or "error")
+        if self.gw.config.audit.record_text:
+            self.answer.completion = body.get("content", body.get("choices"))
+
+    def _status_outcome(self) -> str:
+        status = self.answer.status
+        if 200 <= status < 400:
+            return "error" if self.answer.error_type else "ok"
+        return "provider_error"
+
+    # -- end ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """The gRPC stream ended; account for a request that did not finish normally."""
+        if self.outcome is None and self.phase is not None:
+            self._finish("aborted")
+
+    def _finish(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.gw.metrics.active_streams.dec()
+        account(self, self.gw.clock())

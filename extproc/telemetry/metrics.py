@@ -1,0 +1,76 @@
+"""Prometheus metrics. One `Metrics` object per process, passed in (never a global).
+
+Label values are bounded: models and providers come from the config or the
+provider's answer (a bounded set in practice), reasons from `GatewayError.reason`.
+With `--workers N` the supervisor serves every worker's metrics through
+prometheus_client's multiprocess mode (see `extproc.server`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from extproc.apis.usage import Usage
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "extproc_requests",
+            "Requests handled, by API, endpoint, served model, provider, status and outcome.",
+            ["api", "endpoint", "model", "provider", "status", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "extproc_tokens",
+            "Tokens reported by providers, by served model and type.",
+            ["model", "provider", "type"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "extproc_request_duration_seconds",
+            "Time from request headers to the end of the response.",
+            ["api", "endpoint", "streamed"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "extproc_time_to_first_token_seconds",
+            "Time from request headers to the first content event of a streamed answer.",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "extproc_active_streams",
+            "ext_proc streams (HTTP requests) in progress.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.gateway_errors = Counter(
+            "extproc_gateway_errors",
+            "Requests the gateway rejected or failed itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.model_mapping = Counter(
+            "extproc_model_routing",
+            "Requested model to served model and provider.",
+            ["requested", "served", "provider"],
+            registry=r,
+        )
+
+    def count_tokens(self, model: str, provider: str, usage: Usage) -> None:
+        for kind, value in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_creation", usage.cache_creation_input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+        ):
+            if value:
+                self.tokens.labels(model, provider, kind).inc(value)

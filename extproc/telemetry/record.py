@@ -1,0 +1,72 @@
+"""Turn a finished request into its audit record and metric updates.
+
+Called exactly once per request by `RequestStream._finish`. The record holds
+who, what and how much, never credentials; prompt and completion text only when
+`audit.record_text` is on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from extproc.stream import RequestStream
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
+    answer = stream.answer
+    request = stream.request
+    usage = answer.usage
+    started_wall = stream.gw.wall_clock() - (now - stream.started)
+    record: dict[str, Any] = {
+        "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(timespec="milliseconds"),
+        "request_id": stream.request_id,
+        "route": stream.route_name,
+        "api": stream.api,
+        "endpoint": stream.route.endpoint.value if stream.route else None,
+        "path": stream.path.split("?", 1)[0],
+        "caller": None,
+        "session_id": stream.session_id,
+        "provider": stream.target.name if stream.target else None,
+        "requested_model": request.model if request else None,
+        "served_model": answer.served_model or (request.model if request else None),
+        "status": answer.status,
+        "streamed": answer.streamed,
+        "outcome": stream.outcome,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+        "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "latency_ms": _ms(now - stream.started),
+        "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
+    }
+    if answer.error_type:
+        record["error_type"] = answer.error_type
+    if stream.gw.config.audit.record_text and request is not None:
+        record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
+        record["completion"] = answer.completion
+    return record
+
+
+def account(stream: RequestStream, now: float) -> None:
+    record = audit_record(stream, now)
+    stream.gw.audit.write(record)
+    metrics = stream.gw.metrics
+    model = record["served_model"] or ""
+    provider = record["provider"] or ""
+    metrics.requests.labels(
+        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), stream.outcome
+    ).inc()
+    if stream.route is None or not stream.route.endpoint.generates:
+        return
+    metrics.count_tokens(model, provider, stream.answer.usage)
+    metrics.latency.labels(stream.api, record["endpoint"], str(stream.answer.streamed)).observe(
+        now - stream.started
+    )
+    if stream.answer.first_token_at is not None:
+        metrics.ttft.labels(model).observe(stream.answer.first_token_at - stream.started)
