@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=30.0, help="seconds in-flight streams get on shutdown"
     )
+    serve.add_argument(
+        "--drain",
+        type=float,
+        default=0.0,
+        help="seconds to keep accepting streams after SIGTERM while health reports NOT_SERVING"
+        " (set above Envoy's health-check interval x unhealthy threshold, e.g. 11)",
+    )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     up = commands.add_parser("up", help="run Envoy and the ext_proc server together")
     up.add_argument("--config", help="gateway config YAML (default: built-in defaults)")
@@ -66,11 +73,15 @@ def _serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        return supervisor.run_workers(args.config, config, args.workers, args.grace)
+        return supervisor.run_workers(args, config)
     server.install_event_loop_policy()
     asyncio.run(
         server.serve(
-            config, grace=args.grace, reuse_port=args.worker, serve_metrics=not args.worker
+            config,
+            grace=args.grace,
+            drain=args.drain,
+            reuse_port=args.worker,
+            serve_metrics=not args.worker,
         )
     )
     return 0

@@ -58,7 +58,7 @@ def provider_cluster(name: str, provider: ProviderConfig, template: dict[str, An
     cluster = copy.deepcopy(template)
     cluster_name = provider.cluster or f"provider_{name}"
     cluster["name"] = cluster_name
-    cluster["connect_timeout"] = f"{provider.connect_timeout_seconds}s"
+    cluster["connect_timeout"] = f"{provider.connect_timeout_seconds:g}s"
     cluster["load_assignment"] = {
         "cluster_name": cluster_name,
         "endpoints": [

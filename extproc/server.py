@@ -4,10 +4,10 @@ With `envoy_api`, the only module that touches Envoy's protobufs. Each gRPC
 stream is one HTTP request; the servicer feeds its messages to a
 `RequestStream` and writes back what it decides.
 
-Shutdown (SIGTERM/SIGINT): the health service turns NOT_SERVING at once so
-Envoy's health check moves new requests to other replicas, the port stops
-accepting new streams, and in-flight streams get `shutdown_grace` seconds to
-finish.
+Shutdown (SIGTERM/SIGINT): the health service turns NOT_SERVING at once, the
+server keeps accepting streams for `drain` seconds so Envoy's health checks (or
+Kubernetes readiness) move new requests to other replicas without a failed
+one, then the port closes and in-flight streams get `grace` seconds to finish.
 """
 
 from __future__ import annotations
@@ -106,9 +106,11 @@ class Server:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, drain: float = 0.0) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self.server.stop(grace)
         self.gateway.close()
 
@@ -121,7 +123,12 @@ def install_event_loop_policy() -> None:
 
 
 async def serve(
-    config: Config, *, grace: float, reuse_port: bool = False, serve_metrics: bool = True
+    config: Config,
+    *,
+    grace: float,
+    drain: float = 0.0,
+    reuse_port: bool = False,
+    serve_metrics: bool = True,
 ) -> None:
     """Run one server process until SIGTERM or SIGINT."""
     gateway = Gateway.from_config(config)
@@ -136,6 +143,6 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: %.0f s for in-flight streams", grace)
-    await server.stop(grace)
+    log.info("shutting down: draining %.1f s, then %.0f s for in-flight streams", drain, grace)
+    await server.stop(grace, drain)
 

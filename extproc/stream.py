@@ -91,7 +91,7 @@ class RequestStream:
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
         self._finish(f"rejected_{error.reason}")
-        return render_error(self.api, error)
+        return render_error(self.api, error, self.request_id)
 
     # -- request -----------------------------------------------------------------------
 
@@ -121,9 +121,11 @@ class RequestStream:
                 "(limits.max_body_bytes)"
             )
         self.target = self._choose_target()
-        if end_of_stream:
-            return self._forward()
-        return CONTINUE
+        if not end_of_stream:
+            return CONTINUE
+        if self.route.method == "POST":
+            raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
+        return self._forward()
 
     def _choose_target(self) -> routing.Target:
         try:

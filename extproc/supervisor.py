@@ -8,6 +8,7 @@ its own the other is stopped and the reason printed.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
@@ -125,8 +126,11 @@ def validate_envoy(config: Config) -> list[str]:
     return [line for line in lines if line.strip()] or [f"envoy exited {result.returncode}"]
 
 
-def _serve_command(config_path: str | None, grace: float, worker: bool) -> list[str]:
+def _serve_command(
+    config_path: str | None, grace: float, worker: bool, drain: float = 0.0
+) -> list[str]:
     command = [sys.executable, "-m", "extproc", "serve", "--grace", str(grace)]
+    command += ["--drain", str(drain)]
     if worker:
         command.append("--worker")
     return command + (["--config", config_path] if config_path else [])
@@ -204,13 +208,14 @@ def start_multiprocess_metrics(config: Config, directory: str) -> None:
     start_http_server(address.port, addr=address.host, registry=registry)
 
 
-def run_workers(config_path: str | None, config: Config, workers: int, grace: float) -> int:
+def run_workers(args: argparse.Namespace, config: Config) -> int:
     """N server processes sharing the port (SO_REUSEPORT); restarts any that die."""
+    workers, grace = args.workers, args.grace
     signals = _Signals()
     directory = tempfile.mkdtemp(prefix="extproc-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}
     start_multiprocess_metrics(config, directory)
-    command = _serve_command(config_path, grace, worker=True)
+    command = _serve_command(args.config, grace, worker=True, drain=args.drain)
     children = [spawn(command, env) for _ in range(workers)]
     try:
         while signals.received is None:
@@ -222,5 +227,5 @@ def run_workers(config_path: str | None, config: Config, workers: int, grace: fl
             time.sleep(0.2)
         return 0
     finally:
-        stop(children, grace + 1)
+        stop(children, args.drain + grace + 1)
 

