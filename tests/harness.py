@@ -80,7 +80,7 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            preexec_fn=supervisor._die_with_parent,  # noqa: PLW1509
+            preexec_fn=supervisor._die_with_parent,
         )
 
     def start_extproc(self, *extra: str, name: str = "extproc") -> None:
@@ -139,7 +139,7 @@ class Stack:
 
         assert self.config.metrics_listen is not None
         url = f"http://{self.config.metrics_listen}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=5) as reply:
             text: str = reply.read().decode()
             return text
 

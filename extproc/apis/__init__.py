@@ -82,7 +82,10 @@ def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> R
         body = openai.error_body(error.status, error.message, code=error.reason)
     else:
         body = anthropic.error_body(error.status, error.message)
-    headers = (("content-type", "application/json"), ("x-gateway-error", error.reason))
+    headers: tuple[tuple[str, str], ...] = (
+        ("content-type", "application/json"),
+        ("x-gateway-error", error.reason),
+    )
     if request_id:
         headers += (("x-gateway-request-id", request_id),)
     return Respond(

@@ -13,7 +13,11 @@ import pytest
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack
 
-ANTHROPIC = {"anthropic-version": "2023-06-01", "x-api-key": "k", "content-type": "application/json"}
+ANTHROPIC = {
+    "anthropic-version": "2023-06-01",
+    "x-api-key": "k",
+    "content-type": "application/json",
+}
 OPENAI = {"authorization": "Bearer k", "content-type": "application/json"}
 
 
@@ -66,7 +70,9 @@ def test_bad_anthropic_bodies_get_400(
     assert received.received == []
 
 
-def test_bad_openai_body_gets_400_in_openai_shape(http: httpx.Client, received: FakeProvider) -> None:
+def test_bad_openai_body_gets_400_in_openai_shape(
+    http: httpx.Client, received: FakeProvider
+) -> None:
     response = http.post("/v1/chat/completions", content=b"{oops", headers=OPENAI)
     error = _openai_error(response, 400)
     assert error["code"] == "invalid_json"
@@ -80,15 +86,21 @@ def test_sdk_raises_its_typed_error(claude: anthropic.Anthropic, oai: openai.Ope
         oai.chat.completions.create(model="bad\nmodel", messages=[])
 
 
-def test_unsupported_path_404_and_wrong_method_405(http: httpx.Client, received: FakeProvider) -> None:
+def test_unsupported_path_404_and_wrong_method_405(
+    http: httpx.Client, received: FakeProvider
+) -> None:
     _anthropic_error(http.get("/v1/complete", headers=ANTHROPIC), 404, "not_found_error")
     _openai_error(http.post("/v1/embeddings", json={}, headers=OPENAI), 404)
-    message = _anthropic_error(http.get("/v1/messages", headers=ANTHROPIC), 405, "invalid_request_error")
+    message = _anthropic_error(
+        http.get("/v1/messages", headers=ANTHROPIC), 405, "invalid_request_error"
+    )
     assert "POST" in message
     assert received.received == []
 
 
-def test_body_over_limit_by_content_length_is_413(http: httpx.Client, received: FakeProvider) -> None:
+def test_body_over_limit_by_content_length_is_413(
+    http: httpx.Client, received: FakeProvider
+) -> None:
     big = b'{"model": "claude-opus-4-8", "pad": "' + b"x" * (2 * 1024 * 1024) + b'"}'
     response = http.post("/v1/messages", content=big, headers=ANTHROPIC)
     assert "max_body_bytes" in _anthropic_error(response, 413, "request_too_large")

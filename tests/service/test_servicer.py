@@ -1,0 +1,232 @@
+"""The servicer fed scripted ProcessingRequest sequences: no sockets, no Envoy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+from extproc.config import parse_config
+from extproc.gateway import Gateway
+from extproc.server import ExternalProcessor
+from extproc.telemetry.metrics import Metrics
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        return None
+
+
+def headers(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
+    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+    return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values), end_of_stream=eos)
+
+
+def request_headers(
+    path: str, method: str = "POST", eos: bool = False, extra: dict[str, str] | None = None
+) -> pb.ProcessingRequest:
+    pairs = {":method": method, ":path": path, "x-request-id": "req-1", "anthropic-version": "x"}
+    pairs.update(extra or {})
+    attributes = struct_pb2.Struct()
+    attributes.update({"xds.route_name": "agent"})
+    return pb.ProcessingRequest(
+        request_headers=headers(pairs, eos),
+        attributes={"envoy.filters.http.ext_proc": attributes},
+    )
+
+
+def request_body(body: bytes) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+
+
+def response_headers(status: int, content_type: str) -> pb.ProcessingRequest:
+    pairs = {":status": str(status), "content-type": content_type}
+    return pb.ProcessingRequest(response_headers=headers(pairs))
+
+
+def response_body(chunk: bytes, eos: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=eos))
+
+
+@pytest.fixture
+def sink() -> ListSink:
+    return ListSink()
+
+
+@pytest.fixture
+def servicer(sink: ListSink) -> ExternalProcessor:
+    config = parse_config(
+        {
+            "providers": {
+                "main": {
+                    "api": "anthropic",
+                    "base_url": "https://llm.internal/anthropic",
+                    "credential": {"value": "sk-held"},
+                },
+                "oai": {"api": "openai", "base_url": "http://vllm:8000"},
+            }
+        }
+    )
+    return ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
+
+
+async def run(
+    servicer: ExternalProcessor, requests: Sequence[pb.ProcessingRequest]
+) -> list[pb.ProcessingResponse]:
+    async def iterate() -> AsyncIterator[pb.ProcessingRequest]:
+        for request in requests:
+            yield request
+
+    return [response async for response in servicer.Process(iterate(), None)]
+
+
+def set_headers(common: pb.CommonResponse) -> dict[str, str]:
+    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+
+
+BODY = orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 5, "messages": []})
+MESSAGE = orjson.dumps(
+    {"model": "claude-opus-4-8", "usage": {"input_tokens": 11, "output_tokens": 7}, "content": []}
+)
+
+
+async def test_json_request_is_routed_and_accounted(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    replies = await run(
+        servicer,
+        [
+            request_headers("/v1/messages", extra={"x-claude-code-session-id": "s1"}),
+            request_body(BODY),
+            response_headers(200, "application/json"),
+            response_body(MESSAGE, eos=True),
+        ],
+    )
+    assert [r.WhichOneof("response") for r in replies] == [
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+    ]
+    body_reply = replies[1].request_body.response
+    assert body_reply.clear_route_cache
+    changes = set_headers(body_reply)
+    assert changes["x-gateway-cluster"] == "provider_main"
+    assert changes[":path"] == "/anthropic/v1/messages"
+    assert changes["x-api-key"] == "sk-held"
+    assert "authorization" in body_reply.header_mutation.remove_headers
+    assert (
+        replies[2].mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.BUFFERED
+    )
+    (record,) = sink.records
+    assert record["route"] == "agent"
+    assert record["session_id"] == "s1"
+    assert (record["input_tokens"], record["output_tokens"]) == (11, 7)
+    assert record["outcome"] == "ok"
+
+
+async def test_sse_response_switches_to_streamed_and_splits_are_parsed(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":"m",'
+        b'"usage":{"input_tokens":3,"output_tokens":1}}}\n\n'
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+        b'"content_block":{"type":"text","text":""}}\n\n'
+        b'event: content_block_delta\ndata:{"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"output_tokens":9}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    chunks = [events[i : i + 7] for i in range(0, len(events), 7)]
+    script = [
+        request_headers("/v1/messages"),
+        request_body(BODY),
+        response_headers(200, "text/event-stream"),
+    ]
+    script += [response_body(c, eos=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    replies = await run(servicer, script)
+    assert (
+        replies[2].mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.STREAMED
+    )
+    assert all(not r.response_body.response.HasField("body_mutation") for r in replies[3:])
+    (record,) = sink.records
+    assert (record["input_tokens"], record["output_tokens"]) == (3, 9)
+    assert record["streamed"] is True
+    assert record["ttft_ms"] is not None
+
+
+async def test_rejection_is_an_immediate_response_accounted_once(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    replies = await run(servicer, [request_headers("/v1/messages"), request_body(b"{")])
+    immediate = replies[1].immediate_response
+    assert immediate.status.code == 400
+    assert immediate.details == "extproc_invalid_json"
+    assert orjson.loads(immediate.body)["error"]["type"] == "invalid_request_error"
+    assert [r["outcome"] for r in sink.records] == ["rejected_invalid_json"]
+
+
+async def test_get_without_body_is_forwarded_at_headers(servicer: ExternalProcessor) -> None:
+    replies = await run(servicer, [request_headers("/v1/models", method="GET", eos=True)])
+    changes = set_headers(replies[0].request_headers.response)
+    assert changes["x-gateway-cluster"] == "provider_main"
+
+
+async def test_openai_provider_gets_bearer_and_no_x_api_key(servicer: ExternalProcessor) -> None:
+    body = orjson.dumps({"model": "gpt-5", "messages": []})
+    replies = await run(
+        servicer,
+        [
+            request_headers("/v1/chat/completions", extra={"authorization": "Bearer client"}),
+            request_body(body),
+        ],
+    )
+    reply = replies[1].request_body.response
+    changes = set_headers(reply)
+    assert changes["x-gateway-cluster"] == "provider_oai"
+    assert ":path" not in changes  # base_url has no path prefix
+    assert "authorization" not in changes  # no credential held: the caller's passes
+
+
+async def test_stream_cut_short_is_audited_as_aborted(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    await run(
+        servicer,
+        [
+            request_headers("/v1/messages"),
+            request_body(BODY),
+            response_headers(200, "text/event-stream"),
+            response_body(b"event: ping\ndata: {}\n\n", eos=False),
+        ],
+    )
+    assert [r["outcome"] for r in sink.records] == ["aborted"]
+
+
+async def test_out_of_order_phases_do_not_crash(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    replies = await run(servicer, [request_body(BODY)])
+    assert replies == []
+    assert sink.records == []
+
+
+async def test_active_streams_gauge_returns_to_zero(servicer: ExternalProcessor) -> None:
+    await run(servicer, [request_headers("/v1/messages"), request_body(b"{")])
+    await run(servicer, [request_headers("/v1/nope")])
+    await run(servicer, [request_headers("/v1/messages"), request_body(BODY)])
+    gauge = servicer.gateway.metrics.active_streams
+    assert gauge._value.get() == 0
