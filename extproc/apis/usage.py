@@ -1,0 +1,76 @@
+"""Token usage in one provider-neutral shape, and the stream-folding protocol.
+
+`Usage` follows Anthropic's split, which prices cleanly: `input_tokens` are
+uncached prompt tokens, and cache writes and cache reads are counted apart from
+them (so the four counts never overlap, and `total_tokens` is their sum).
+OpenAI's `prompt_tokens` include cached tokens; `extproc.apis.openai` subtracts
+them when it converts.
+
+`StreamFolder` is what both API modules' `StreamAccumulator`s provide, so the
+per-request stream code can hold either without knowing which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from extproc.apis.sse import SseEvent
+
+__all__ = ["StreamFolder", "Usage", "as_count"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one model call; all fields are non-negative."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        if not isinstance(other, Usage):
+            return NotImplemented
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_creation_input_tokens + other.cache_creation_input_tokens,
+            self.cache_read_input_tokens + other.cache_read_input_tokens,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        """Every token the call consumed or produced, cached or not."""
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+
+def as_count(value: object) -> int:
+    """A token count from untrusted JSON: a non-negative int, else 0 (null, missing, junk)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer():
+        return max(int(value), 0)
+    return 0
+
+
+class StreamFolder(Protocol):
+    """Folds the SSE events of one streamed response; never raises on bad event data."""
+
+    usage: Usage
+    model: str | None
+    complete: bool
+    error: dict[str, Any] | None
+    first_content_seen: bool
+    malformed_events: int
+
+    def feed(self, event: SseEvent) -> None: ...
+
+    def folded_message(self) -> dict[str, Any]: ...
