@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from extproc import keys_cli
 from extproc.config import Config, ConfigError, load_config
 
 log = logging.getLogger("extproc")
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?")
     render = commands.add_parser("render-envoy", help="print the Envoy bootstrap `up` runs")
     render.add_argument("--config")
+    keys_cli.add_parser(commands)
     return parser
 
 
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
+    if args.command == "keys":
+        return keys_cli.run(_load(args.config), args)
     from extproc import envoy_config, supervisor
 
     config = _load(args.config)

@@ -8,6 +8,7 @@ environment at import time; credentials are resolved when a provider asks.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 from pathlib import Path
@@ -182,6 +183,102 @@ class EnvoyConfig(_Frozen):
         return _host_port(value)
 
 
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+Patterns = tuple[str, ...]
+
+
+class KeyConfig(_Frozen):
+    """A gateway key declared in the config, by its hash (`extproc keys hash` prints one)."""
+
+    id: str
+    hash: str
+    user: str | None = None
+    team: str | None = None
+    project: str | None = None
+    tier: str | None = None
+    models: Patterns | None = None
+    expires: dt.datetime | None = None
+    disabled: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _KEY_ID.match(value):
+            raise ValueError(f"{value!r}: use letters, digits and '-' (at most 64)")
+        return value
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        if not _HASH.match(value):
+            raise ValueError("expected 'sha256:' and 64 hex digits; `extproc keys hash` prints it")
+        return value
+
+    @field_validator("expires")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+
+class JwtConfig(_Frozen):
+    """Identity from Envoy's jwt_authn filter (its `payload_in_metadata`)."""
+
+    metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    payload_key: str = "jwt_payload"
+    user_claim: str = "sub"
+    team_claim: str | None = "team"
+    project_claim: str | None = None
+    tier_claim: str | None = "tier"
+
+
+class AuthConfig(_Frozen):
+    """Who may call. With `required: false` and no gateway key presented, the caller's own
+    provider key passes through (the laptop default)."""
+
+    required: bool = False
+    keys: tuple[KeyConfig, ...] = ()
+    jwt: JwtConfig | None = None
+    # How long a replica trusts a store-managed key record before re-reading it: the bound
+    # on how long a revoked key keeps working.
+    cache_seconds: float = Field(default=3.0, gt=0, le=5)
+
+
+class TeamConfig(_Frozen):
+    models: Patterns | None = None
+    tier: str | None = None
+
+
+class TierConfig(_Frozen):
+    models: Patterns | None = None
+    # requested-model pattern -> served model, first match wins (e.g. {"claude-opus-*": ...}).
+    map: dict[str, str] = Field(default_factory=dict)
+
+
+class ProfileConfig(_Frozen):
+    """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
+    override these fields."""
+
+    models: Patterns | None = None
+    map: dict[str, str] = Field(default_factory=dict)
+    pin: str | None = None
+    provider: str | None = None
+    refuse: str | None = None
+
+
+class ModelRoute(_Frozen):
+    match: str
+    provider: str
+
+
+class ModelsConfig(_Frozen):
+    aliases: dict[str, str] = Field(default_factory=dict)
+    routes: tuple[ModelRoute, ...] = ()
+
+
 def _default_providers() -> dict[str, ProviderConfig]:
     return {"anthropic": ProviderConfig(api="anthropic", base_url="https://api.anthropic.com")}
 
@@ -196,6 +293,11 @@ class Config(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     failure_mode_allow: bool = False
     envoy: EnvoyConfig = EnvoyConfig()
+    auth: AuthConfig = AuthConfig()
+    teams: dict[str, TeamConfig] = Field(default_factory=dict)
+    tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: {"default": ProfileConfig()})
+    models: ModelsConfig = ModelsConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -226,6 +328,42 @@ class Config(_Frozen):
         if scheme not in ("memory", "redis", "rediss", "unix"):
             raise ValueError(f"{value!r}: use memory:// or a redis://, rediss:// or unix:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        problems = [
+            *self._unknown("providers", self._provider_refs(), self.providers),
+            *self._unknown("tiers", self._tier_refs(), self.tiers),
+        ]
+        if "default" not in self.profiles:
+            problems.append("profiles: define a 'default' profile (routes without metadata use it)")
+        ids = [key.id for key in self.auth.keys]
+        problems += [
+            f"auth.keys: id {i!r} is declared twice" for i in sorted(set(ids)) if ids.count(i) > 1
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _provider_refs(self) -> list[tuple[str, str]]:
+        refs = [
+            (f"profiles.{n}.provider", p.provider) for n, p in self.profiles.items() if p.provider
+        ]
+        return refs + [
+            (f"models.routes[{i}].provider", r.provider) for i, r in enumerate(self.models.routes)
+        ]
+
+    def _tier_refs(self) -> list[tuple[str, str]]:
+        refs = [(f"teams.{n}.tier", t.tier) for n, t in self.teams.items() if t.tier]
+        return refs + [(f"auth.keys[{k.id}].tier", k.tier) for k in self.auth.keys if k.tier]
+
+    @staticmethod
+    def _unknown(kind: str, refs: list[tuple[str, str]], known: dict[str, Any]) -> list[str]:
+        return [
+            f"{where}: {name!r} is not declared under {kind}: (known: {', '.join(known) or 'none'})"
+            for where, name in refs
+            if name not in known
+        ]
 
     @property
     def shared_store(self) -> bool:
@@ -271,4 +409,10 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
-    return parse_config(data, source)
+    config = parse_config(data, source)
+    bootstrap = config.envoy.bootstrap
+    if bootstrap is not None and not bootstrap.is_absolute():
+        # A relative bootstrap path is relative to the config file, not the working directory.
+        envoy = config.envoy.model_copy(update={"bootstrap": Path(path).parent / bootstrap})
+        config = config.model_copy(update={"envoy": envoy})
+    return config

@@ -8,6 +8,7 @@ become `ProcessingResponse`s. Nothing else in the package imports Envoy types.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,11 +16,20 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, text_format
 
 from extproc.decisions import BodyMode, Continue, Decision, HeaderChanges, Respond
 
-__all__ = ["Phase", "attributes_of", "body_of", "headers_of", "phase_of", "to_response"]
+__all__ = [
+    "Phase",
+    "attributes_of",
+    "body_of",
+    "dynamic_metadata_of",
+    "headers_of",
+    "phase_of",
+    "route_policy_of",
+    "to_response",
+]
 
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 METADATA_NAMESPACE = "extproc"
@@ -70,6 +80,31 @@ def attributes_of(request: pb.ProcessingRequest) -> dict[str, Any]:
     if EXT_PROC_FILTER not in request.attributes:
         return {}
     return json_format.MessageToDict(request.attributes[EXT_PROC_FILTER])
+
+
+@functools.lru_cache(maxsize=1024)
+def _route_policy(text: str) -> dict[str, Any]:
+    metadata = base_pb2.Metadata()
+    text_format.Parse(text, metadata)
+    if METADATA_NAMESPACE not in metadata.filter_metadata:
+        return {}
+    return json_format.MessageToDict(metadata.filter_metadata[METADATA_NAMESPACE])
+
+
+def route_policy_of(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """The route's `extproc` metadata namespace (Envoy sends it as protobuf text)."""
+    text = attributes.get("xds.route_metadata")
+    if not isinstance(text, str) or not text:
+        return {}
+    return dict(_route_policy(text))
+
+
+def dynamic_metadata_of(request: pb.ProcessingRequest, namespace: str) -> dict[str, Any]:
+    """Dynamic metadata forwarded by Envoy (metadata_options.forwarding_namespaces)."""
+    filter_metadata = request.metadata_context.filter_metadata
+    if namespace not in filter_metadata:
+        return {}
+    return json_format.MessageToDict(filter_metadata[namespace])
 
 
 def _header_mutation(changes: HeaderChanges) -> pb.HeaderMutation:

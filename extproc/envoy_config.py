@@ -92,15 +92,17 @@ def provider_cluster(
 
 
 def _patch_routes(hcm: dict[str, Any], config: Config) -> None:
+    """Point the template's default routes (if it has them) at the default providers."""
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     fallbacks = {
         _ANTHROPIC_FALLBACK: config.default_provider("anthropic"),
         _OPENAI_FALLBACK: config.default_provider("openai"),
     }
     first = next(iter(config.providers))
-    for route_name, provider_name in fallbacks.items():
-        route = _find(routes, route_name, "route")
-        name = provider_name or first
+    for route in routes:
+        if route.get("name") not in fallbacks:
+            continue
+        name = fallbacks[route["name"]] or first
         provider = config.providers[name]
         route["route"]["cluster"] = provider.cluster or f"provider_{name}"
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 from extproc.config import Config
 from extproc.credentials import Credential
+from extproc.policies.auth import KeyDirectory
+from extproc.policies.profiles import ProfileResolver
+from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
 
@@ -23,6 +26,9 @@ class Gateway:
     metrics: Metrics
     audit: AuditSink
     credentials: Mapping[str, Credential]
+    store: Store
+    keys: KeyDirectory
+    profiles: ProfileResolver
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     active: set[object] = field(default_factory=set)
@@ -35,18 +41,24 @@ class Gateway:
         metrics: Metrics | None = None,
         audit: AuditSink | None = None,
         environ: Mapping[str, str] | None = None,
+        store: Store | None = None,
     ) -> Gateway:
         credentials = {
             name: Credential(provider.credential, environ)
             for name, provider in config.providers.items()
             if provider.credential is not None
         }
+        store = store or open_store(config.store)
         return cls(
             config=config,
             metrics=metrics or Metrics(),
             audit=audit or open_sink(config.audit.sink),
             credentials=credentials,
+            store=store,
+            keys=KeyDirectory(config.auth, store),
+            profiles=ProfileResolver(config),
         )
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.audit.close()
+        await self.store.close()

@@ -62,7 +62,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:
     if phase is Phase.REQUEST_HEADERS:
         headers, eos = envoy_api.headers_of(request, phase)
-        return await stream.request_headers(headers, eos, envoy_api.attributes_of(request))
+        attributes = envoy_api.attributes_of(request)
+        jwt = stream.gw.config.auth.jwt
+        claims = envoy_api.dynamic_metadata_of(request, jwt.metadata_namespace) if jwt else {}
+        return await stream.request_headers(
+            headers,
+            eos,
+            route_name=str(attributes.get("xds.route_name", "")),
+            route_policy=envoy_api.route_policy_of(attributes),
+            jwt_metadata=claims,
+        )
     if phase is Phase.REQUEST_BODY:
         return await stream.request_body(*envoy_api.body_of(request, phase))
     if phase is Phase.RESPONSE_HEADERS:
@@ -110,7 +119,7 @@ class Server:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(grace)
-        self.gateway.close()
+        await self.gateway.close()
 
 
 def install_event_loop_policy() -> None:

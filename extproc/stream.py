@@ -11,20 +11,30 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from extproc.apis import ApiKind, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
 from extproc.apis import error_response as render_error
 from extproc.apis.sse import SseParser
 from extproc.apis.usage import Usage
+from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
-from extproc.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
+from extproc.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from extproc.gateway import Gateway
-from extproc.policies import routing
+from extproc.policies import auth, models, routing
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.telemetry.record import account
 
@@ -71,7 +81,13 @@ class RequestStream:
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
+        self.profile: ProfileConfig = gateway.config.profiles["default"]
+        self.identity: auth.Identity = auth.ANONYMOUS
+        self.credential_sent = False
+        self.tier: TierConfig | None = None
+        self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
+        self.served_model: str | None = None
         self.answer = _Answer()
         self.sse: SseParser | None = None
         self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
@@ -96,21 +112,32 @@ class RequestStream:
     # -- request -----------------------------------------------------------------------
 
     async def request_headers(
-        self, headers: dict[str, str], end_of_stream: bool, attributes: dict[str, Any]
+        self,
+        headers: dict[str, str],
+        end_of_stream: bool,
+        *,
+        route_name: str = "",
+        route_policy: Mapping[str, Any] | None = None,
+        jwt_metadata: Mapping[str, Any] | None = None,
     ) -> Decision:
         self._enter("request_headers")
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        self.route_name = str(attributes.get("xds.route_name", ""))
+        self.route_name = route_name
         self.session_id = headers.get(SESSION_HEADER)
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
         try:
-            return self._on_request_headers(headers, end_of_stream)
+            self._classify(headers)
+            self.profile = self.gw.profiles.resolve(route_policy, route_name)
+            if self.profile.refuse is not None:
+                raise Forbidden(self.profile.refuse, reason="route_refused")
+            await self._identify(headers, jwt_metadata or {})
+            return self._after_request_headers(end_of_stream)
         except GatewayError as error:
             return self._reject(error)
 
-    def _on_request_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+    def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
         self.api = self.route.api
         limit = self.gw.config.limits.max_body_bytes
@@ -120,16 +147,46 @@ class RequestStream:
                 f"request body is {length} bytes; the gateway accepts at most {limit} "
                 "(limits.max_body_bytes)"
             )
-        self.target = self._choose_target()
+
+    async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
+        config = self.gw.config
+        key = auth.presented_key(headers)
+        self.credential_sent = key is not None
+        identity = None
+        if key is not None and auth.key_id_of(key) is not None:
+            identity = await self.gw.keys.authenticate(key)
+        elif config.auth.jwt is not None:
+            claims = jwt_metadata.get(config.auth.jwt.payload_key)
+            if isinstance(claims, Mapping):
+                identity = auth.identity_from_claims(claims, config.auth.jwt)
+        if identity is None and config.auth.required:
+            if key is None:
+                raise Unauthorized(
+                    "missing gateway key: send it as x-api-key or Authorization: Bearer",
+                    reason="missing_key",
+                )
+            raise Unauthorized("invalid gateway key", reason="invalid_key")
+        self.identity = identity or auth.ANONYMOUS
+        self.tier = models.tier_of(config, self.identity)
+        self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
+
+    def _after_request_headers(self, end_of_stream: bool) -> Decision:
+        assert self.route is not None
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
+        model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
+        if model_id and not models.visible(model_id, self.allow):
+            raise NotFound(f"model {model_id!r} is not available to this caller")
+        self.target = self._choose_target(None)
         return self._forward()
 
-    def _choose_target(self) -> routing.Target:
+    def _choose_target(self, model: str | None) -> routing.Target:
         try:
-            return routing.default_target(self.gw.config, self.api)
+            if model is None and self.profile.provider is None:
+                return routing.default_target(self.gw.config, self.api)
+            return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
         except routing.NoProvider as exc:
             raise Unavailable(f"{exc}; add one under providers:", reason="no_provider") from exc
 
@@ -146,8 +203,13 @@ class RequestStream:
                 reason="no_credential",
             ) from exc
         changes = routing.upstream_headers(self.target, self.path, secret)
+        remove = list(changes.remove)
+        if secret is None and self.identity.source != "anonymous":
+            # A gateway key or an SSO token is ours, never the provider's.
+            remove += ["x-api-key", "authorization"]
         if body is not None:
-            changes = HeaderChanges(set=changes.set, remove=(*changes.remove, "content-length"))
+            remove.append("content-length")
+        changes = HeaderChanges(set=changes.set, remove=tuple(remove))
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
@@ -166,8 +228,19 @@ class RequestStream:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = parse_request(body, self.route.endpoint)
-        return self._forward()
+        self.request = request = parse_request(body, self.route.endpoint)
+        if request.model is None:
+            self.target = self._choose_target(None)
+            return self._forward()
+        served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
+        models.check_allowed(request.model, served, self.allow)
+        self.target = self._choose_target(served)
+        self.served_model = served
+        self.gw.metrics.model_mapping.labels(request.model, served, self.target.name).inc()
+        if served == request.model:
+            return self._forward()
+        request.body["model"] = served
+        return self._forward(body=orjson.dumps(request.body))
 
     # -- response ----------------------------------------------------------------------
 
@@ -185,10 +258,17 @@ class RequestStream:
         if content_type.startswith("text/event-stream"):
             self._start_stream()
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
-        if content_type.startswith("application/json") and self.route.endpoint.generates:
+        if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _reads_json_answer(self) -> bool:
+        assert self.route is not None
+        if self.route.endpoint.generates:
+            return True
+        # A model list is filtered down to what this caller may use.
+        return self.route.endpoint is Endpoint.MODELS and bool(self.allow)
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -202,15 +282,16 @@ class RequestStream:
         self._enter("response_body")
         if self.outcome is not None:
             return CONTINUE
+        decision = CONTINUE
         if self.sse is not None:
             self._feed_stream(chunk, end_of_stream)
         else:
             self.json_chunks.append(chunk)
             if end_of_stream:
-                self._read_json(b"".join(self.json_chunks))
+                decision = self._read_json(b"".join(self.json_chunks))
         if end_of_stream:
             self._finish(self._status_outcome())
-        return CONTINUE
+        return decision
 
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
         assert self.sse is not None
@@ -228,14 +309,35 @@ class RequestStream:
         if accumulator.error is not None:
             self.answer.error_type = str(accumulator.error.get("type", "error"))
 
-    def _read_json(self, raw: bytes) -> None:
+    def _read_json(self, raw: bytes) -> Continue:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             log.warning("provider answered with invalid JSON (%d bytes)", len(raw))
-            return
+            return CONTINUE
         if not isinstance(body, dict):
-            return
+            return CONTINUE
+        assert self.route is not None
+        if self.route.endpoint is Endpoint.MODELS:
+            return self._filter_models(body)
+        self._read_answer(body)
+        return CONTINUE
+
+    def _filter_models(self, body: dict[str, Any]) -> Continue:
+        listed = body.get("data")
+        if self.answer.status != 200 or not isinstance(listed, list):
+            return CONTINUE
+        body["data"] = [
+            m
+            for m in listed
+            if isinstance(m, dict) and models.visible(str(m.get("id")), self.allow)
+        ]
+        if "first_id" in body:
+            body["first_id"] = body["data"][0]["id"] if body["data"] else None
+            body["last_id"] = body["data"][-1]["id"] if body["data"] else None
+        return Continue(body=orjson.dumps(body), headers=HeaderChanges(remove=("content-length",)))
+
+    def _read_answer(self, body: dict[str, Any]) -> None:
         if self.api == "openai":
             self.answer.usage = openai.usage_from_completion(body)
         else:

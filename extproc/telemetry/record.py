@@ -22,6 +22,7 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     answer = stream.answer
     request = stream.request
     usage = answer.usage
+    identity = stream.identity
     started_wall = stream.gw.wall_clock() - (now - stream.started)
     record: dict[str, Any] = {
         "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(timespec="milliseconds"),
@@ -30,11 +31,17 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "api": stream.api,
         "endpoint": stream.route.endpoint.value if stream.route else None,
         "path": stream.path.split("?", 1)[0],
-        "caller": None,
+        "caller": identity.caller,
+        "identity": identity.source,
+        "key_id": identity.key_id,
+        "user": identity.user,
+        "team": identity.team,
+        "project": identity.project,
+        "tier": identity.tier,
         "session_id": stream.session_id,
         "provider": stream.target.name if stream.target else None,
         "requested_model": request.model if request else None,
-        "served_model": answer.served_model or (request.model if request else None),
+        "served_model": answer.served_model or stream.served_model,
         "status": answer.status,
         "streamed": answer.streamed,
         "outcome": stream.outcome,

@@ -1,0 +1,188 @@
+"""`extproc keys ...`: manage gateway keys in the store, or make one for the config file.
+
+    keys create --id ID [--user/--team/--project/--tier/--models/--expires/--label]
+    keys list
+    keys revoke ID
+    keys rotate ID [--overlap DURATION]
+    keys generate --id ID      a key and its hash, for `auth.keys` in the config file
+    keys hash                  the hash of a key read from stdin
+
+A created or rotated key is printed once, on stdout; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import re
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from extproc.config import Config
+from extproc.policies.auth import STORE_PREFIX, KeyRecord, hash_key, new_key, revoked
+from extproc.store import Store, StoreError, open_store
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_parser(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="manage gateway keys")
+    keys.add_argument("--config", help="gateway config YAML (its store: holds the keys)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key in the store and print it once")
+    create.add_argument("--id", required=True)
+    for name in ("user", "team", "project", "tier"):
+        create.add_argument(f"--{name}")
+    create.add_argument("--models", help="comma-separated glob patterns, e.g. 'claude-sonnet-*'")
+    create.add_argument("--expires", help="an ISO date/time (UTC) or a duration: 30d, 12h")
+    create.add_argument("--label", action="append", default=[], help="key=value, repeatable")
+    actions.add_parser("list", help="list keys in the store (never the keys themselves)")
+    revoke = actions.add_parser("revoke", help="disable a key on every replica within seconds")
+    revoke.add_argument("id")
+    rotate = actions.add_parser("rotate", help="replace a key's secret and print the new key")
+    rotate.add_argument("id")
+    rotate.add_argument("--overlap", default="0s", help="keep the old key valid this long (1h)")
+    generate = actions.add_parser("generate", help="a new key and its hash for the config file")
+    generate.add_argument("--id", required=True)
+    actions.add_parser("hash", help="print the hash of a key read from stdin")
+
+
+class KeysError(Exception):
+    pass
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise KeysError(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_expiry(text: str | None, now: float) -> float | None:
+    if text is None:
+        return None
+    if _DURATION.match(text.strip()):
+        return now + parse_duration(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise KeysError(f"--expires {text!r}: use an ISO date (2027-01-31) or 30d") from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KeysError(f"--label {pair!r}: use key=value")
+        labels[key] = value
+    return labels
+
+
+async def _load(store: Store, key_id: str) -> KeyRecord:
+    raw = await store.get(STORE_PREFIX + key_id)
+    if raw is None:
+        raise KeysError(f"no key {key_id!r} in the store")
+    return KeyRecord.from_json(raw)
+
+
+async def create(store: Store, args: argparse.Namespace, now: float) -> str:
+    key = new_key(args.id)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    record = KeyRecord(
+        id=args.id,
+        hash=hash_key(key),
+        user=args.user,
+        team=args.team,
+        project=args.project,
+        tier=args.tier,
+        models=models,
+        expires_at=parse_expiry(args.expires, now),
+        labels=_labels(args.label),
+        created_at=now,
+    )
+    if not await store.set(STORE_PREFIX + args.id, record.to_json(), only_if_absent=True):
+        raise KeysError(f"key {args.id!r} already exists; rotate or revoke it instead")
+    return key
+
+
+async def rotate(store: Store, key_id: str, overlap: float, now: float) -> str:
+    record = await _load(store, key_id)
+    if record.disabled:
+        raise KeysError(f"key {key_id!r} is revoked; create a new one")
+    key = new_key(key_id)
+    rotated = replace(
+        record,
+        hash=hash_key(key),
+        previous_hash=record.hash if overlap > 0 else None,
+        previous_expires_at=now + overlap if overlap > 0 else None,
+    )
+    await store.set(STORE_PREFIX + key_id, rotated.to_json())
+    return key
+
+
+async def revoke(store: Store, key_id: str) -> None:
+    record = await _load(store, key_id)
+    await store.set(STORE_PREFIX + key_id, revoked(record).to_json())
+
+
+async def listing(store: Store) -> list[dict[str, Any]]:
+    rows = []
+    for name in sorted(await store.scan(STORE_PREFIX)):
+        raw = await store.get(name)
+        if raw is not None:
+            record = orjson.loads(raw)
+            record.pop("hash", None)
+            record.pop("previous_hash", None)
+            rows.append(record)
+    return rows
+
+
+async def _in_store(config: Config, args: argparse.Namespace) -> str:
+    store = open_store(config.store)
+    now = time.time()
+    try:
+        if args.action == "create":
+            return await create(store, args, now)
+        if args.action == "rotate":
+            return await rotate(store, args.id, parse_duration(args.overlap), now)
+        if args.action == "revoke":
+            await revoke(store, args.id)
+            bound = config.auth.cache_seconds
+            return f"revoked {args.id}; every replica refuses it within {bound:g} s"
+        rows = await listing(store)
+        return "\n".join(orjson.dumps(row).decode() for row in rows) or "no keys in the store"
+    finally:
+        await store.close()
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    try:
+        if args.action == "generate":
+            key = new_key(args.id)
+            print(f"key:  {key}\nhash: {hash_key(key)}")
+            print(f"config:\n  auth:\n    keys:\n    - id: {args.id}\n      hash: {hash_key(key)}")
+            return 0
+        if args.action == "hash":
+            print(hash_key(sys.stdin.readline().strip()))
+            return 0
+        if not config.shared_store:
+            raise KeysError(
+                "keys live in the store, and store: memory:// lasts one process; set store: "
+                "redis://... or declare keys in the config (`extproc keys generate --id ID`)"
+            )
+        print(asyncio.run(_in_store(config, args)))
+        return 0
+    except (KeysError, ValueError) as exc:
+        print(f"extproc keys: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"extproc keys: the store {config.store} is unreachable: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,103 @@
+"""Which model a request may use, which model it is served with, and by which provider.
+
+Pure functions over the config and the caller's identity:
+
+1. `served_model`: requested -> alias -> the route profile's `map` -> the profile's
+   `pin` -> the caller's tier `map`. The tier comes last so a cost rule (free tier:
+   anything -> an internal model) cannot be escaped by picking a route.
+2. `check_allowed`: the served model must match every allow-list that applies:
+   the route profile's, the key's, the team's and the tier's (their intersection).
+   Patterns are shell globs (`claude-sonnet-*`), matched case-sensitively.
+3. `choose_provider`: the profile's provider, else the first `models.routes` rule
+   matching the served model, else the first provider of the request's API shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from extproc.apis import ApiKind
+from extproc.config import Config, ProfileConfig, TierConfig
+from extproc.errors import BadRequest, Forbidden
+from extproc.policies.auth import Identity
+from extproc.policies.routing import Target, default_target
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    source: str  # "route", "key", "team", "tier"
+    patterns: tuple[str, ...]
+
+    def allows(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.patterns)
+
+
+def _mapped(model: str, rules: Mapping[str, str]) -> str:
+    return next((to for pattern, to in rules.items() if fnmatchcase(model, pattern)), model)
+
+
+def tier_of(config: Config, identity: Identity) -> TierConfig | None:
+    tier = identity.tier
+    if tier is None and identity.team in config.teams:
+        tier = config.teams[identity.team].tier
+    return config.tiers.get(tier) if tier else None
+
+
+def served_model(
+    requested: str, config: Config, profile: ProfileConfig, tier: TierConfig | None
+) -> str:
+    model = config.models.aliases.get(requested, requested)
+    model = _mapped(model, profile.map)
+    if profile.pin is not None:
+        model = profile.pin
+    return _mapped(model, tier.map) if tier is not None else model
+
+
+def allow_lists(
+    config: Config, profile: ProfileConfig, identity: Identity, tier: TierConfig | None
+) -> list[AllowList]:
+    team = config.teams.get(identity.team) if identity.team else None
+    sources = [
+        ("route", profile.models),
+        ("key", identity.models),
+        ("team", team.models if team else None),
+        ("tier", tier.models if tier else None),
+    ]
+    return [AllowList(source, tuple(p)) for source, p in sources if p is not None]
+
+
+def check_allowed(requested: str, served: str, lists: Sequence[AllowList]) -> None:
+    for allow in lists:
+        if allow.allows(served):
+            continue
+        shown = ", ".join(allow.patterns) or "none"
+        via = f" (served as {served!r})" if served != requested else ""
+        raise Forbidden(
+            f"model {requested!r}{via} is not allowed by the {allow.source} policy; "
+            f"allowed: {shown}",
+            reason="model_not_allowed",
+        )
+
+
+def visible(model_id: str, lists: Sequence[AllowList]) -> bool:
+    """Whether `/v1/models` should list a model for this caller."""
+    return all(allow.allows(model_id) for allow in lists)
+
+
+def choose_provider(config: Config, profile: ProfileConfig, model: str, api: ApiKind) -> Target:
+    name = profile.provider
+    if name is None:
+        name = next((r.provider for r in config.models.routes if fnmatchcase(model, r.match)), None)
+    if name is None:
+        return default_target(config, api)
+    target = Target(name=name, provider=config.providers[name])
+    if target.provider.api != api:
+        path = "/v1/chat/completions" if target.provider.api == "openai" else "/v1/messages"
+        raise BadRequest(
+            f"model {model!r} is served by provider {name!r}, which speaks the "
+            f"{target.provider.api} API; call {path}",
+            reason="wrong_api",
+        )
+    return target
