@@ -213,7 +213,9 @@ class KeyConfig(_Frozen):
     @classmethod
     def _hash(cls, value: str) -> str:
         if not _HASH.match(value):
-            raise ValueError("expected 'sha256:' and 64 hex digits; `extproc keys hash` prints it")
+            raise ValueError(
+                "expected 'sha256:' and 64 hex digits; `extproc keys generate` prints one"
+            )
         return value
 
     @field_validator("expires")
