@@ -25,6 +25,7 @@ __all__ = [
     "attributes_of",
     "body_of",
     "dynamic_metadata_of",
+    "extend_timeout",
     "headers_of",
     "phase_of",
     "route_policy_of",
@@ -144,6 +145,14 @@ def _metadata(values: Mapping[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update({METADATA_NAMESPACE: dict(values)})
     return struct
+
+
+def extend_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Ask Envoy to wait longer for the reply to the pending message (up to its
+    max_message_timeout), e.g. while waiting on an identical in-flight request."""
+    response = pb.ProcessingResponse()
+    response.override_message_timeout.FromNanoseconds(int(seconds * 1e9))
+    return response
 
 
 def to_response(phase: Phase, decision: Decision) -> pb.ProcessingResponse:

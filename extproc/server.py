@@ -45,14 +45,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = RequestStream(self.gateway)
+    ) -> None:
+        async def extend(seconds: float) -> None:
+            await context.write(envoy_api.extend_timeout(seconds))
+
+        stream = RequestStream(self.gateway, extend=extend)
         try:
             async for request in request_iterator:
                 phase = envoy_api.phase_of(request)
                 if phase is None:
                     continue
-                yield envoy_api.to_response(phase, await _dispatch(stream, phase, request))
+                decision = await _dispatch(stream, phase, request)
+                await context.write(envoy_api.to_response(phase, decision))
         except ProtocolError as exc:
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
         finally:

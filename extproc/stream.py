@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +69,17 @@ class _Answer:
     error_type: str | None = None
 
 
+Extend = Callable[[float], Awaitable[None]]
+
+
+async def _no_extension(seconds: float) -> None:
+    return None
+
+
 class RequestStream:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, extend: Extend = _no_extension) -> None:
         self.gw = gateway
+        self.extend = extend
         self.started = gateway.clock()
         self.phase: str | None = None
         self.request_id = ""

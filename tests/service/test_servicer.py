@@ -82,6 +82,16 @@ def servicer(sink: ListSink) -> ExternalProcessor:
     return ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
 
 
+class Context:
+    """Collects what the servicer writes, as grpc.aio's ServicerContext would send it."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.ProcessingResponse] = []
+
+    async def write(self, response: pb.ProcessingResponse) -> None:
+        self.written.append(response)
+
+
 async def run(
     servicer: ExternalProcessor, requests: Sequence[pb.ProcessingRequest]
 ) -> list[pb.ProcessingResponse]:
@@ -89,7 +99,9 @@ async def run(
         for request in requests:
             yield request
 
-    return [response async for response in servicer.Process(iterate(), None)]
+    context = Context()
+    await servicer.Process(iterate(), context)
+    return context.written
 
 
 def set_headers(common: pb.CommonResponse) -> dict[str, str]:
