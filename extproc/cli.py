@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from extproc import keys_cli
+from extproc import admin_cli
 from extproc.config import Config, ConfigError, load_config
 
 log = logging.getLogger("extproc")
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?")
     render = commands.add_parser("render-envoy", help="print the Envoy bootstrap `up` runs")
     render.add_argument("--config")
-    keys_cli.add_parser(commands)
+    admin_cli.add_parser(commands)
+    admin_cli.add_cache_parser(commands)
     return parser
 
 
@@ -114,8 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
-    if args.command == "keys":
-        return keys_cli.run(_load(args.config), args)
+    if args.command in ("keys", "cache"):
+        return admin_cli.run(_load(args.config), args)
     from extproc import envoy_config, supervisor
 
     config = _load(args.config)

@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -260,6 +260,59 @@ class TierConfig(_Frozen):
     map: dict[str, str] = Field(default_factory=dict)
 
 
+class NormalizeRule(_Frozen):
+    """A cache-key normalisation rule: a built-in name, or a regex and its replacement."""
+
+    BUILTINS: ClassVar[dict[str, str]] = {
+        "timestamps": (
+            r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?"
+            r"(?:Z|[+-]\d{2}:?\d{2})?)?"
+        ),
+        "uuids": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        "hex_ids": r"(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])",
+        "numeric_ids": r"(?<![0-9A-Za-z.])\d{9,}(?![0-9A-Za-z])",
+    }
+    builtin: Literal["timestamps", "uuids", "hex_ids", "numeric_ids"] | None = None
+    pattern: str | None = None
+    replace: str = "<volatile>"
+
+    @model_validator(mode="after")
+    def _one(self) -> NormalizeRule:
+        if (self.builtin is None) == (self.pattern is None):
+            raise ValueError("set exactly one of builtin or pattern")
+        try:
+            re.compile(self.pattern or "")
+        except re.error as exc:
+            raise ValueError(f"pattern does not compile: {exc}") from exc
+        return self
+
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.BUILTINS[self.builtin] if self.builtin else self.pattern or "")
+
+
+class CacheConfig(_Frozen):
+    """A route's response cache (a profile's `cache:`)."""
+
+    enabled: bool = False
+    ttl_seconds: float = Field(default=3600, gt=0, le=30 * 86400)
+    # Share entries across tenants on this route (default: per team, else per key/user).
+    shared: bool = False
+    normalize: tuple[NormalizeRule, ...] = ()
+
+
+class CacheSettings(_Frozen):
+    """Process-wide cache limits (top-level `cache:`)."""
+
+    max_entry_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
+    # How long an identical request waits for the one in flight before going upstream
+    # itself; bounded by the ext_proc filter's max_message_timeout (120 s in envoy/).
+    wait_seconds: float = Field(default=60, ge=0, le=110)
+    lock_seconds: float = Field(default=600, gt=0, le=3600)
+    hygiene: bool = True
+    hygiene_window_seconds: float = Field(default=3600, gt=0, le=86400)
+    charge_budget_on_hit: bool = False
+
+
 class ProfileConfig(_Frozen):
     """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
     override these fields."""
@@ -269,6 +322,7 @@ class ProfileConfig(_Frozen):
     pin: str | None = None
     provider: str | None = None
     refuse: str | None = None
+    cache: CacheConfig = CacheConfig()
 
 
 class ModelRoute(_Frozen):
@@ -300,6 +354,7 @@ class Config(_Frozen):
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: {"default": ProfileConfig()})
     models: ModelsConfig = ModelsConfig()
+    cache: CacheSettings = CacheSettings()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.policies.auth import KeyDirectory
@@ -29,6 +30,7 @@ class Gateway:
     store: Store
     keys: KeyDirectory
     profiles: ProfileResolver
+    cache: ResponseCache
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     active: set[object] = field(default_factory=set)
@@ -57,6 +59,7 @@ class Gateway:
             store=store,
             keys=KeyDirectory(config.auth, store),
             profiles=ProfileResolver(config),
+            cache=ResponseCache(store, config.cache),
         )
 
     async def close(self) -> None:

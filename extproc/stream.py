@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from extproc import caching
 from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
 from extproc.apis import error_response as render_error
 from extproc.apis.sse import SseParser
@@ -35,6 +36,7 @@ from extproc.errors import (
 )
 from extproc.gateway import Gateway
 from extproc.policies import auth, models, routing
+from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.telemetry.record import account
 
@@ -67,6 +69,7 @@ class _Answer:
     first_token_at: float | None = None
     completion: Any = None
     error_type: str | None = None
+    json: dict[str, Any] | None = None
 
 
 Extend = Callable[[float], Awaitable[None]]
@@ -96,6 +99,9 @@ class RequestStream:
         self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
+        self.headers: Mapping[str, str] = {}
+        self.cache_run: caching.CacheRun | None = None
+        self.cache_stored = False
         self.answer = _Answer()
         self.sse: SseParser | None = None
         self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
@@ -110,11 +116,11 @@ class RequestStream:
             raise ProtocolError(f"{phase} after {self.phase}")
         self.phase = phase
 
-    def _reject(self, error: GatewayError) -> Respond:
+    async def _reject(self, error: GatewayError) -> Respond:
         self.rejection = error.reason
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
-        self._finish(f"rejected_{error.reason}")
+        await self._finish(f"rejected_{error.reason}")
         return render_error(self.api, error, self.request_id)
 
     # -- request -----------------------------------------------------------------------
@@ -133,6 +139,7 @@ class RequestStream:
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
         self.session_id = headers.get(SESSION_HEADER)
+        self.headers = headers
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
         try:
@@ -143,7 +150,7 @@ class RequestStream:
             await self._identify(headers, jwt_metadata or {})
             return self._after_request_headers(end_of_stream)
         except GatewayError as error:
-            return self._reject(error)
+            return await self._reject(error)
 
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
@@ -225,11 +232,11 @@ class RequestStream:
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
-            return self._on_request_body(body)
+            return await self._on_request_body(body)
         except GatewayError as error:
-            return self._reject(error)
+            return await self._reject(error)
 
-    def _on_request_body(self, body: bytes) -> Decision:
+    async def _on_request_body(self, body: bytes) -> Decision:
         assert self.route is not None
         limit = self.gw.config.limits.max_body_bytes
         if len(body) > limit:
@@ -245,10 +252,70 @@ class RequestStream:
         self.target = self._choose_target(served)
         self.served_model = served
         self.gw.metrics.model_mapping.labels(request.model, served, self.target.name).inc()
-        if served == request.model:
-            return self._forward()
-        request.body["model"] = served
-        return self._forward(body=orjson.dumps(request.body))
+        rewritten = served != request.model
+        if rewritten:
+            request.body["model"] = served
+        hit = await self._consult_cache()
+        if hit is not None:
+            return hit
+        return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    # -- cache ------------------------------------------------------------------------
+
+    async def _consult_cache(self) -> Respond | None:
+        config = self.profile.cache
+        assert self.route is not None
+        assert self.request is not None
+        if not config.enabled or not self.route.endpoint.generates:
+            return None
+        presented = (
+            auth.presented_key(self.headers) if self.identity.source == "anonymous" else None
+        )
+        scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
+        key = cache_policy.cache_key(
+            self.api, self.route.endpoint, scope, self.request.body, self.headers, config.normalize
+        )
+        read, write = caching.cache_control(self.headers)
+        self.cache_run = run = caching.CacheRun(
+            self.gw.cache, config, scope, key, self.request_id, read, write
+        )
+        hygiene = self.gw.config.cache.hygiene and read
+        shape = cache_policy.Shape.of(self.api, self.request.body) if hygiene else None
+        entry = await run.before_upstream(shape, self.extend)
+        if run.volatile:
+            self.gw.metrics.cache_volatile.inc()
+        return await self._serve_hit(entry) if entry is not None else None
+
+    async def _serve_hit(self, entry: cache_policy.Entry) -> Respond:
+        assert self.request is not None
+        assert self.cache_run is not None
+        answer = entry.answer
+        if self.request.stream:
+            unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
+            body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+        else:
+            body, content_type = orjson.dumps(answer), "application/json"
+        self._read_answer(answer)
+        self.answer.status = 200
+        self.answer.streamed = self.request.stream
+        await self._finish("cache_hit")
+        headers = (
+            ("content-type", content_type),
+            ("x-gateway-cache", "hit"),
+            ("age", str(int(self.cache_run.age))),
+            ("x-gateway-request-id", self.request_id),
+        )
+        return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
+
+    def _cacheable_answer(self) -> dict[str, Any] | None:
+        """The answer to store: complete and successful, in its JSON form."""
+        if self.answer.status != 200 or self.answer.error_type or self.outcome != "ok":
+            return None
+        if self.accumulator is not None:
+            if not self.accumulator.complete:
+                return None
+            return self.accumulator.folded_message()
+        return self.answer.json
 
     # -- response ----------------------------------------------------------------------
 
@@ -259,17 +326,27 @@ class RequestStream:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         content_type = headers.get("content-type", "")
-        extra = HeaderChanges(set=(("x-gateway-request-id", self.request_id),))
+        extra = HeaderChanges(set=self._response_headers())
         if end_of_stream:
-            self._finish(self._status_outcome())
+            await self._finish(self._status_outcome())
             return Continue(headers=extra)
         if content_type.startswith("text/event-stream"):
             self._start_stream()
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
-        self._finish(self._status_outcome())
+        await self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _response_headers(self) -> tuple[tuple[str, str], ...]:
+        headers: tuple[tuple[str, str], ...] = (("x-gateway-request-id", self.request_id),)
+        run = self.cache_run
+        if run is not None:
+            headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
+            if run.volatile:
+                hint = "volatile values defeat the cache at " + ", ".join(run.volatile[:5])
+                headers += (("x-gateway-cache-hint", hint),)
+        return headers
 
     def _reads_json_answer(self) -> bool:
         assert self.route is not None
@@ -298,7 +375,7 @@ class RequestStream:
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
         if end_of_stream:
-            self._finish(self._status_outcome())
+            await self._finish(self._status_outcome())
         return decision
 
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
@@ -357,6 +434,8 @@ class RequestStream:
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
         if self.gw.config.audit.record_text:
             self.answer.completion = body.get("content", body.get("choices"))
+        if self.cache_run is not None:
+            self.answer.json = body
 
     def _status_outcome(self) -> str:
         status = self.answer.status
@@ -369,11 +448,15 @@ class RequestStream:
     async def close(self) -> None:
         """The gRPC stream ended; account for a request that did not finish normally."""
         if self.outcome is None and self.phase is not None:
-            self._finish("aborted")
+            await self._finish("aborted")
 
-    def _finish(self, outcome: str) -> None:
+    async def _finish(self, outcome: str) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
         self.gw.metrics.active_streams.dec()
+        if self.cache_run is not None and outcome != "cache_hit":
+            self.cache_stored = await self.cache_run.after_upstream(
+                self._cacheable_answer(), self.api
+            )
         account(self, self.gw.clock())

@@ -58,6 +58,23 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.cache = Counter(
+            "extproc_cache_requests",
+            "Cache-enabled requests by result: hit, miss, bypass, wait_timeout.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_saved_tokens = Counter(
+            "extproc_cache_saved_tokens",
+            "Tokens a cache hit did not spend, by model and type.",
+            ["model", "type"],
+            registry=r,
+        )
+        self.cache_volatile = Counter(
+            "extproc_cache_volatile_misses",
+            "Misses that differ from a recent request of the caller only in volatile values.",
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",
@@ -65,12 +82,16 @@ class Metrics:
             registry=r,
         )
 
-    def count_tokens(self, model: str, provider: str, usage: Usage) -> None:
+    def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
         for kind, value in (
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),
             ("cache_creation", usage.cache_creation_input_tokens),
             ("cache_read", usage.cache_read_input_tokens),
         ):
-            if value:
+            if not value:
+                continue
+            if saved:
+                self.cache_saved_tokens.labels(model, kind).inc(value)
+            else:
                 self.tokens.labels(model, provider, kind).inc(value)

@@ -54,6 +54,14 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
+    run = stream.cache_run
+    if run is not None:
+        record["cache"] = run.result
+        record["cache_key"] = run.key
+        record["cache_scope"] = run.scope
+        record["cache_stored"] = stream.cache_stored
+        if run.volatile:
+            record["cache_volatile_paths"] = run.volatile
     if stream.gw.config.audit.record_text and request is not None:
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = answer.completion
@@ -63,6 +71,7 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
 def account(stream: RequestStream, now: float) -> None:
     record = audit_record(stream, now)
     stream.gw.audit.write(record)
+    run = stream.cache_run
     metrics = stream.gw.metrics
     model = record["served_model"] or ""
     provider = record["provider"] or ""
@@ -71,7 +80,9 @@ def account(stream: RequestStream, now: float) -> None:
     ).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
-    metrics.count_tokens(model, provider, stream.answer.usage)
+    if run is not None:
+        metrics.cache.labels(run.result).inc()
+    metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
     metrics.latency.labels(stream.api, record["endpoint"], str(stream.answer.streamed)).observe(
         now - stream.started
     )

@@ -1,4 +1,6 @@
-"""`extproc keys ...`: manage gateway keys in the store, or make one for the config file.
+"""Admin commands over the store: `extproc keys ...` and `extproc cache purge`.
+
+Gateway keys (in the store, or made for the config file):
 
     keys create --id ID [--user/--team/--project/--tier/--models/--expires/--label]
     keys list
@@ -8,6 +10,11 @@
     keys hash                  the hash of a key read from stdin
 
 A created or rotated key is printed once, on stdout; only its hash is stored.
+
+Response cache:
+
+    cache purge [--scope SCOPE] [--key KEY]   remove entries (a scope is team=NAME,
+                                              key=ID, user=NAME or shared)
 """
 
 from __future__ import annotations
@@ -23,12 +30,25 @@ from typing import Any
 
 import orjson
 
+from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.policies.auth import STORE_PREFIX, KeyRecord, hash_key, new_key, revoked
 from extproc.store import Store, StoreError, open_store
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_cache_parser(commands: Any) -> None:
+    cache = commands.add_parser("cache", help="manage the response cache")
+    cache.add_argument("--config", help="gateway config YAML (its store: holds the cache)")
+    actions = cache.add_subparsers(dest="action", required=True)
+    purge = actions.add_parser("purge", help="remove cached answers")
+    purge.add_argument("--scope", help="only this scope: team=NAME, key=ID, user=NAME, shared")
+    purge.add_argument("--key", help="only this cache key (the audit record's cache_key)")
+    purge.add_argument(
+        "--all", action="store_true", help="everything (needed without --scope/--key)"
+    )
 
 
 def add_parser(commands: Any) -> None:
@@ -54,7 +74,7 @@ def add_parser(commands: Any) -> None:
 
 
 class KeysError(Exception):
-    pass
+    """A command-line mistake, reported with exit status 2."""
 
 
 def parse_duration(text: str) -> float:
@@ -145,10 +165,19 @@ async def listing(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
+async def _purge(store: Store, config: Config, args: argparse.Namespace) -> str:
+    if not (args.scope or args.key or args.all):
+        raise KeysError("say what to purge: --scope, --key or --all")
+    removed = await ResponseCache(store, config.cache).purge(args.scope, args.key)
+    return f"purged {removed} cached answer(s)"
+
+
 async def _in_store(config: Config, args: argparse.Namespace) -> str:
     store = open_store(config.store)
     now = time.time()
     try:
+        if args.command == "cache":
+            return await _purge(store, config, args)
         if args.action == "create":
             return await create(store, args, now)
         if args.action == "rotate":
@@ -175,14 +204,15 @@ def run(config: Config, args: argparse.Namespace) -> int:
             return 0
         if not config.shared_store:
             raise KeysError(
-                "keys live in the store, and store: memory:// lasts one process; set store: "
-                "redis://... or declare keys in the config (`extproc keys generate --id ID`)"
+                f"{args.command} live in the store, and store: memory:// lasts one process; "
+                "set store: redis://... (keys can also be declared in the config: "
+                "`extproc keys generate --id ID`)"
             )
         print(asyncio.run(_in_store(config, args)))
         return 0
     except (KeysError, ValueError) as exc:
-        print(f"extproc keys: {exc}", file=sys.stderr)
+        print(f"extproc {args.command}: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:
-        print(f"extproc keys: the store {config.store} is unreachable: {exc}", file=sys.stderr)
+        print(f"extproc {args.command}: the store is unreachable: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,200 @@
+"""The response cache over the store: lookups, single-flight, writes, hygiene, purge.
+
+Store layout (one key each, so Redis Cluster needs no hash tags here):
+
+    extproc:cache:<scope>:<key>          a compressed `Entry`, with the route's TTL
+    extproc:cache-lock:<key>             single-flight lock, owner = request id
+    extproc:cache-shape:<scope>:<digest> the last request of that shape (hygiene)
+
+Single-flight: the first request for a key takes the lock and goes upstream; an
+identical request arriving meanwhile waits for the entry (polling the store, so it
+works across replicas). If the lock disappears without an entry (the first call
+failed, or was not cacheable), one waiter takes the lock and goes upstream itself,
+so waiters never all fail with the first call. A waiter that runs out of
+`cache.wait_seconds` goes upstream uncached.
+
+The cache never fails a request: a store error is logged, counted, and the
+request goes on as a bypass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from extproc.apis import ApiKind
+from extproc.config import CacheConfig, CacheSettings
+from extproc.policies.auth import Identity
+from extproc.policies.cache import Entry, Shape
+from extproc.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+ENTRY_PREFIX = "extproc:cache:"
+LOCK_PREFIX = "extproc:cache-lock:"
+SHAPE_PREFIX = "extproc:cache-shape:"
+_POLL = 0.05
+
+
+def entry_name(scope: str, key: str) -> str:
+    return f"{ENTRY_PREFIX}{quote(scope, safe='=')}:{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    entry: Entry | None
+    leader: bool
+
+
+class ResponseCache:
+    def __init__(
+        self, store: Store, settings: CacheSettings, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.wall = wall_clock
+
+    async def lookup(self, scope: str, key: str) -> Entry | None:
+        raw = await self.store.get(entry_name(scope, key))
+        return Entry.decode(raw) if raw is not None else None
+
+    async def acquire(self, key: str, owner: str) -> bool:
+        return await self.store.acquire_lock(LOCK_PREFIX + key, owner, self.settings.lock_seconds)
+
+    async def release(self, key: str, owner: str) -> None:
+        await self.store.release_lock(LOCK_PREFIX + key, owner)
+
+    async def wait(self, scope: str, key: str, owner: str, seconds: float) -> WaitResult:
+        """Wait for the in-flight identical request's entry, or take over its lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            entry = await self.lookup(scope, key)
+            if entry is not None:
+                return WaitResult(entry, leader=False)
+            if await self.store.get(LOCK_PREFIX + key) is None and await self.acquire(key, owner):
+                # The first call ended without an entry; this request goes upstream instead.
+                entry = await self.lookup(scope, key)
+                return WaitResult(entry, leader=entry is None)
+            await asyncio.sleep(_POLL)
+        return WaitResult(None, leader=False)
+
+    async def save(self, scope: str, key: str, entry: Entry, ttl: float) -> bool:
+        try:
+            raw = entry.encode()
+        except TypeError as exc:  # e.g. an integer JSON cannot carry: not cacheable
+            log.info("answer not cached: %s", exc)
+            return False
+        if len(raw) > self.settings.max_entry_bytes:
+            log.info("answer not cached: %d bytes compressed > cache.max_entry_bytes", len(raw))
+            return False
+        await self.store.set(entry_name(scope, key), raw, ttl)
+        return True
+
+    async def volatile_paths(self, scope: str, shape: Shape, key: str) -> list[str]:
+        """Paths whose volatile values alone separate this miss from a recent request."""
+        name = f"{SHAPE_PREFIX}{quote(scope, safe='=')}:{shape.digest}"
+        recent = await self.store.get(name)
+        await self.store.set(name, shape.encode(key), self.settings.hygiene_window_seconds)
+        return shape.defeated_by(recent, key) if recent is not None else []
+
+    async def purge(self, scope: str | None = None, key: str | None = None) -> int:
+        prefix = ENTRY_PREFIX + (f"{quote(scope, safe='=')}:" if scope else "")
+        names = await self.store.scan(prefix, limit=1_000_000)
+        removed = 0
+        for name in names:
+            if key is None or name.endswith(f":{key}"):
+                removed += bool(await self.store.delete(name))
+        return removed
+
+
+Extend = Callable[[float], Awaitable[None]]
+
+
+def tenant_scope(identity: Identity, presented: str | None) -> str:
+    """Whose answers a request may share: its team, else its key or user."""
+    if identity.team:
+        return f"team={identity.team}"
+    if identity.key_id:
+        return f"key={identity.key_id}"
+    if identity.user:
+        return f"user={identity.user}"
+    if presented:
+        # Anonymous pass-through callers are kept apart by their own provider key.
+        return "anon=" + hashlib.sha256(presented.encode()).hexdigest()[:16]
+    return "anon"
+
+
+def cache_control(headers: Mapping[str, str]) -> tuple[bool, bool]:
+    """(read, write) from the request's Cache-Control: no-cache skips the read,
+    no-store skips the write."""
+    directives = {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
+    return "no-cache" not in directives, "no-store" not in directives
+
+
+@dataclass
+class CacheRun:
+    """One request's dealings with the cache, from lookup to write."""
+
+    cache: ResponseCache
+    config: CacheConfig
+    scope: str
+    key: str
+    owner: str
+    read: bool
+    write: bool
+    result: str = "miss"  # miss | hit | bypass | wait_timeout
+    leader: bool = False
+    volatile: list[str] = field(default_factory=list)
+    age: float = 0.0
+
+    async def before_upstream(self, shape: Shape | None, extend: Extend) -> Entry | None:
+        """The cached answer, or None after arranging to store this one."""
+        try:
+            return await self._lookup(shape, extend)
+        except StoreError as exc:
+            log.warning("cache bypassed, store error: %s", exc)
+            self.result, self.write, self.leader = "bypass", False, False
+            return None
+
+    async def _lookup(self, shape: Shape | None, extend: Extend) -> Entry | None:
+        if not self.read:
+            self.result = "bypass"
+            self.leader = self.write and await self.cache.acquire(self.key, self.owner)
+            return None
+        entry = await self.cache.lookup(self.scope, self.key)
+        if entry is None:
+            self.leader = await self.cache.acquire(self.key, self.owner)
+        if entry is None and not self.leader:
+            wait = self.cache.settings.wait_seconds
+            await extend(wait + 5)
+            waited = await self.cache.wait(self.scope, self.key, self.owner, wait)
+            entry, self.leader = waited.entry, waited.leader
+            if entry is None and not self.leader:
+                self.result = "wait_timeout"
+        if entry is not None:
+            self.result = "hit"
+            self.age = max(0.0, self.cache.wall() - entry.created_at)
+            return entry
+        if shape is not None:
+            self.volatile = await self.cache.volatile_paths(self.scope, shape, self.key)
+        return None
+
+    async def after_upstream(self, answer: dict[str, Any] | None, api: ApiKind) -> bool:
+        """Store a complete successful answer (None: nothing to store) and free waiters."""
+        stored = False
+        try:
+            if answer is not None and self.write and self.result != "hit":
+                entry = Entry(api=api, answer=answer, created_at=self.cache.wall())
+                stored = await self.cache.save(self.scope, self.key, entry, self.config.ttl_seconds)
+            if self.leader:
+                await self.cache.release(self.key, self.owner)
+        except StoreError as exc:
+            log.warning("cache write skipped, store error: %s", exc)
+        return stored

@@ -1,0 +1,186 @@
+"""The response cache's pure parts: the key, the stored entry, and cache-key hygiene.
+
+The key (`cache_key`) is the SHA-256 of a canonical JSON document (keys sorted,
+no insignificant whitespace, so key order and formatting never matter) holding:
+
+- `v`: the key format version, `api`, `endpoint`;
+- `scope`: the tenant (team, else key id, else user; `shared` when the route opts in);
+- `body`: the request body after model mapping (so `model` is the *served* model:
+  system, messages, tools, tool_choice, temperature, top_p, top_k, max_tokens,
+  stop sequences, thinking, output config and any other field), minus per-run noise:
+  `stream` (a JSON answer and a stream are interchangeable), `metadata.user_id`
+  (Claude Code puts a fresh session id there every run), and for OpenAI also
+  `stream_options`, `user`, `store` and `metadata`;
+- `headers`: `anthropic-version` and `anthropic-beta` (beta flags sorted), which
+  change behaviour.
+
+Opt-in per-route `normalize` rules rewrite volatile values (timestamps, UUIDs,
+long hex or numeric ids, or custom regexes) in every string before hashing; the
+request sent upstream is never changed.
+
+Hygiene (`Shape`): a miss whose body matches a recent request of the same caller
+once volatile-looking values are masked was defeated by those values; the field
+paths that differed are reported so the prompt can be fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from extproc.apis import ApiKind, Endpoint
+from extproc.config import NormalizeRule
+
+KEY_VERSION = 1
+_OPENAI_NOISE = ("stream", "stream_options", "user", "store", "metadata")
+
+VOLATILE_PATTERNS = NormalizeRule.BUILTINS
+_VOLATILE = re.compile("|".join(f"(?:{p})" for p in VOLATILE_PATTERNS.values()))
+
+
+def _without_noise(api: ApiKind, body: Mapping[str, Any]) -> dict[str, Any]:
+    clean = dict(body)
+    if api == "openai":
+        for name in _OPENAI_NOISE:
+            clean.pop(name, None)
+        return clean
+    clean.pop("stream", None)
+    metadata = clean.get("metadata")
+    if isinstance(metadata, dict):
+        rest = {k: v for k, v in metadata.items() if k != "user_id"}
+        if rest:
+            clean["metadata"] = rest
+        else:
+            clean.pop("metadata")
+    return clean
+
+
+def _map_strings(value: Any, rules: Sequence[tuple[re.Pattern[str], str]]) -> Any:
+    if isinstance(value, str):
+        for regex, replacement in rules:
+            value = regex.sub(replacement, value)
+        return value
+    if isinstance(value, list):
+        return [_map_strings(item, rules) for item in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, rules) for k, v in value.items()}
+    return value
+
+
+def _beta(headers: Mapping[str, str]) -> str:
+    flags = (f.strip() for f in headers.get("anthropic-beta", "").split(","))
+    return ",".join(sorted(f for f in flags if f))
+
+
+def cache_key(
+    api: ApiKind,
+    endpoint: Endpoint,
+    scope: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    normalize: Sequence[NormalizeRule] = (),
+) -> str:
+    clean: Any = _without_noise(api, body)
+    if normalize:
+        clean = _map_strings(clean, [(rule.regex(), rule.replace) for rule in normalize])
+    document = {
+        "v": KEY_VERSION,
+        "api": api,
+        "endpoint": endpoint.value,
+        "scope": scope,
+        "body": clean,
+        "headers": {"version": headers.get("anthropic-version", ""), "beta": _beta(headers)},
+    }
+    return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# -- stored entries -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A complete, successful answer in its non-streaming form."""
+
+    api: ApiKind
+    answer: dict[str, Any]
+    created_at: float
+
+    def encode(self) -> bytes:
+        document = {"v": KEY_VERSION, "api": self.api, "at": self.created_at, "answer": self.answer}
+        return zlib.compress(orjson.dumps(document), 6)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry | None:
+        """None for anything unreadable (an old format, a corrupt value): a miss, not an error."""
+        try:
+            document = orjson.loads(zlib.decompress(raw))
+            if document.get("v") != KEY_VERSION:
+                return None
+            return cls(api=document["api"], answer=document["answer"], created_at=document["at"])
+        except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None
+
+
+# -- hygiene ----------------------------------------------------------------------------------
+
+Path = tuple[str | int, ...]
+
+
+def _strings(value: Any, path: Path) -> Iterator[tuple[Path, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, (*path, index))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, (*path, key))
+
+
+def format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A request with its volatile-looking values masked, and those values by field path."""
+
+    digest: str
+    volatile: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, api: ApiKind, body: Mapping[str, Any]) -> Shape:
+        clean = _without_noise(api, body)
+        volatile: dict[str, list[str]] = {}
+        hasher = hashlib.sha256()
+        for path, text in _strings(clean, ()):
+            found = _VOLATILE.findall(text)
+            if found:
+                volatile[format_path(path)] = found
+                text = _VOLATILE.sub("\0", text)
+            hasher.update(repr(path).encode())
+            hasher.update(text.encode())
+        return cls(digest=hasher.hexdigest(), volatile=volatile)
+
+    def encode(self, key: str) -> bytes:
+        return orjson.dumps({"key": key, "volatile": self.volatile})
+
+    def defeated_by(self, recent: bytes, key: str) -> list[str]:
+        """Field paths whose volatile values alone made this request miss a recent one."""
+        try:
+            previous = orjson.loads(recent)
+        except orjson.JSONDecodeError:
+            return []
+        if previous.get("key") == key:
+            return []
+        before = previous.get("volatile", {})
+        return sorted(path for path, values in self.volatile.items() if before.get(path) != values)
