@@ -154,8 +154,11 @@ class CacheRun:
     volatile: list[str] = field(default_factory=list)
     age: float = 0.0
 
-    async def before_upstream(self, shape: Shape | None, extend: Extend) -> Entry | None:
-        """The cached answer, or None after arranging to store this one."""
+    async def before_upstream(
+        self, shape: Callable[[], Shape] | None, extend: Extend
+    ) -> Entry | None:
+        """The cached answer, or None after arranging to store this one. `shape` is
+        called on a miss only (hygiene)."""
         try:
             return await self._lookup(shape, extend)
         except StoreError as exc:
@@ -163,7 +166,7 @@ class CacheRun:
             self.result, self.write, self.leader = "bypass", False, False
             return None
 
-    async def _lookup(self, shape: Shape | None, extend: Extend) -> Entry | None:
+    async def _lookup(self, shape: Callable[[], Shape] | None, extend: Extend) -> Entry | None:
         if not self.read:
             self.result = "bypass"
             self.leader = self.write and await self.cache.acquire(self.key, self.owner)
@@ -183,7 +186,7 @@ class CacheRun:
             self.age = max(0.0, self.cache.wall() - entry.created_at)
             return entry
         if shape is not None:
-            self.volatile = await self.cache.volatile_paths(self.scope, shape, self.key)
+            self.volatile = await self.cache.volatile_paths(self.scope, shape(), self.key)
         return None
 
     async def after_upstream(self, answer: dict[str, Any] | None, api: ApiKind) -> bool:

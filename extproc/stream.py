@@ -279,8 +279,13 @@ class RequestStream:
         self.cache_run = run = caching.CacheRun(
             self.gw.cache, config, scope, key, self.request_id, read, write
         )
-        hygiene = self.gw.config.cache.hygiene and read
-        shape = cache_policy.Shape.of(self.api, self.request.body) if hygiene else None
+        body = self.request.body
+        shape = None
+        if self.gw.config.cache.hygiene and read:
+
+            def shape() -> cache_policy.Shape:
+                return cache_policy.Shape.of(self.api, body)
+
         entry = await run.before_upstream(shape, self.extend)
         if run.volatile:
             self.gw.metrics.cache_volatile.inc()

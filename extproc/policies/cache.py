@@ -19,8 +19,9 @@ long hex or numeric ids, or custom regexes) in every string before hashing; the
 request sent upstream is never changed.
 
 Hygiene (`Shape`): a miss whose body matches a recent request of the same caller
-once volatile-looking values are masked was defeated by those values; the field
-paths that differed are reported so the prompt can be fixed.
+once digits and hex letters are masked was defeated by volatile values (timestamps,
+dates, UUIDs, hashes, numeric ids); the field paths that differed are reported so
+the prompt can be fixed.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ from extproc.config import NormalizeRule
 
 KEY_VERSION = 1
 _OPENAI_NOISE = ("stream", "stream_options", "user", "store", "metadata")
-
-VOLATILE_PATTERNS = NormalizeRule.BUILTINS
-_VOLATILE = re.compile("|".join(f"(?:{p})" for p in VOLATILE_PATTERNS.values()))
 
 
 def _without_noise(api: ApiKind, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,29 +148,33 @@ def format_path(path: Path) -> str:
     return out
 
 
+_HEXISH = bytes.maketrans(b"0123456789abcdefABCDEF", b"0" * 22)
+
+
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """A request with its volatile-looking values masked, and those values by field path."""
+    """A request with every digit and hex letter masked (its shape), and a checksum of
+    each string in it.
+
+    Two requests of the same shape whose strings differ can only differ in runs of
+    digits and hex letters: timestamps, dates, UUIDs, hashes, numeric ids. Masking
+    bytes (`bytes.translate`) and checksumming (`crc32`) keep this to about a
+    millisecond for a 117 KB request, where regexes over every string took 15 ms.
+    """
 
     digest: str
-    volatile: dict[str, list[str]]
+    checksums: list[int]
+    body: dict[str, Any]
 
     @classmethod
     def of(cls, api: ApiKind, body: Mapping[str, Any]) -> Shape:
         clean = _without_noise(api, body)
-        volatile: dict[str, list[str]] = {}
-        hasher = hashlib.sha256()
-        for path, text in _strings(clean, ()):
-            found = _VOLATILE.findall(text)
-            if found:
-                volatile[format_path(path)] = found
-                text = _VOLATILE.sub("\0", text)
-            hasher.update(repr(path).encode())
-            hasher.update(text.encode())
-        return cls(digest=hasher.hexdigest(), volatile=volatile)
+        digest = hashlib.sha256(orjson.dumps(clean).translate(_HEXISH)).hexdigest()
+        checksums = [zlib.crc32(text.encode()) for _, text in _strings(clean, ())]
+        return cls(digest=digest, checksums=checksums, body=clean)
 
     def encode(self, key: str) -> bytes:
-        return orjson.dumps({"key": key, "volatile": self.volatile})
+        return orjson.dumps({"key": key, "checksums": self.checksums})
 
     def defeated_by(self, recent: bytes, key: str) -> list[str]:
         """Field paths whose volatile values alone made this request miss a recent one."""
@@ -180,7 +182,11 @@ class Shape:
             previous = orjson.loads(recent)
         except orjson.JSONDecodeError:
             return []
-        if previous.get("key") == key:
+        before = previous.get("checksums") if isinstance(previous, dict) else None
+        if previous.get("key") == key or not isinstance(before, list):
             return []
-        before = previous.get("volatile", {})
-        return sorted(path for path, values in self.volatile.items() if before.get(path) != values)
+        if len(before) != len(self.checksums):
+            return []
+        changed = {i for i, (a, b) in enumerate(zip(before, self.checksums, strict=True)) if a != b}
+        paths = (path for i, (path, _) in enumerate(_strings(self.body, ())) if i in changed)
+        return sorted(format_path(path) for path in paths)

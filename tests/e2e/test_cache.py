@@ -156,8 +156,10 @@ def test_errors_and_aborted_streams_are_not_cached(cached: Stack, received: Fake
     assert post(cached, request, **{"x-fake-status": "429"}).status_code == 429
     assert post(cached, request).headers["x-gateway-cache"] == "miss"
     streamed = body("aborted", stream=True)
-    cut_short = post(cached, streamed, **{"x-fake-abort-after": "3"})
-    assert "message_stop" not in cut_short.text
+    try:  # Envoy ends the client's response early, or resets it, depending on timing
+        assert "message_stop" not in post(cached, streamed, **{"x-fake-abort-after": "3"}).text
+    except httpx.RemoteProtocolError:
+        pass
     assert post(cached, streamed).headers["x-gateway-cache"] == "miss"
     assert len(received.received) == 4
 
