@@ -190,7 +190,8 @@ def main() -> None:
         ("+cache key (miss)", CACHED, False, "opus"),
         ("cache hit", CACHED, True, "opus"),
     ]
-    rows, base = [], {}
+    rows: list[list[str]] = []
+    base: dict[str, float] = {}
     for size_name, size in (("2 KB", 2048), ("117 KB", 117 * 1024)):
         for name, config, prime, model in cases:
             body = _body(size, model)
