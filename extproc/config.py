@@ -26,6 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.policies.budget import BudgetConfig
+from extproc.policies.pricing import PricingConfig
+from extproc.policies.ratelimit import RateLimitConfig, Tier
+
 __all__ = [
     "AuditConfig",
     "Config",
@@ -168,6 +172,8 @@ class AuditConfig(_Frozen):
 
 class LimitsConfig(_Frozen):
     max_body_bytes: int = Field(default=32 * MiB, ge=1024, le=256 * MiB)
+    # The output tokens a budget reserves when a request sets no (or a larger) max_tokens.
+    max_output_tokens: int = Field(default=64_000, ge=1, le=1_000_000)
 
 
 class EnvoyConfig(_Frozen):
@@ -258,6 +264,16 @@ class TierConfig(_Frozen):
     models: Patterns | None = None
     # requested-model pattern -> served model, first match wins (e.g. {"claude-opus-*": ...}).
     map: dict[str, str] = Field(default_factory=dict)
+    # Daily request quota (UTC calendar day) for each key of this tier; null = unlimited.
+    requests_per_day: int | None = Field(default=None, ge=0)
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {
+        "free": TierConfig(requests_per_day=10),
+        "pro": TierConfig(requests_per_day=1000),
+        "enterprise": TierConfig(),
+    }
 
 
 class NormalizeRule(_Frozen):
@@ -351,10 +367,13 @@ class Config(_Frozen):
     envoy: EnvoyConfig = EnvoyConfig()
     auth: AuthConfig = AuthConfig()
     teams: dict[str, TeamConfig] = Field(default_factory=dict)
-    tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
     profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: {"default": ProfileConfig()})
     models: ModelsConfig = ModelsConfig()
     cache: CacheSettings = CacheSettings()
+    pricing: PricingConfig = PricingConfig()
+    budgets: BudgetConfig = BudgetConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -392,6 +411,8 @@ class Config(_Frozen):
             *self._unknown("providers", self._provider_refs(), self.providers),
             *self._unknown("tiers", self._tier_refs(), self.tiers),
         ]
+        if "tiers" in self.rate_limits.model_fields_set:
+            problems.append("rate_limits.tiers: set daily quotas as tiers.NAME.requests_per_day")
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]
@@ -421,6 +442,11 @@ class Config(_Frozen):
             for where, name in refs
             if name not in known
         ]
+
+    def rate_limit_config(self) -> RateLimitConfig:
+        """`rate_limits` with the daily quotas of `tiers` (one place to name a tier)."""
+        tiers = {name: Tier(requests_per_day=t.requests_per_day) for name, t in self.tiers.items()}
+        return self.rate_limits.model_copy(update={"tiers": tiers})
 
     @property
     def shared_store(self) -> bool:

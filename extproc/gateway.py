@@ -16,6 +16,7 @@ from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.policies.auth import KeyDirectory
 from extproc.policies.profiles import ProfileResolver
+from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
@@ -31,6 +32,7 @@ class Gateway:
     keys: KeyDirectory
     profiles: ProfileResolver
     cache: ResponseCache
+    spending: Spending
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     active: set[object] = field(default_factory=set)
@@ -51,15 +53,17 @@ class Gateway:
             if provider.credential is not None
         }
         store = store or open_store(config.store)
+        metrics = metrics or Metrics()
         return cls(
             config=config,
-            metrics=metrics or Metrics(),
+            metrics=metrics,
             audit=audit or open_sink(config.audit.sink),
             credentials=credentials,
             store=store,
             keys=KeyDirectory(config.auth, store),
             profiles=ProfileResolver(config),
             cache=ResponseCache(store, config.cache),
+            spending=Spending(config, store, metrics),
         )
 
     async def close(self) -> None:

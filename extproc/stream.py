@@ -38,6 +38,8 @@ from extproc.gateway import Gateway
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.spending import SpendRun
+from extproc.store import StoreError
 from extproc.telemetry.record import account
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class RequestStream:
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
         self.cache_run: caching.CacheRun | None = None
+        self.spend: SpendRun | None = None
         self.cache_stored = False
         self.answer = _Answer()
         self.sse: SseParser | None = None
@@ -148,7 +151,7 @@ class RequestStream:
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
             await self._identify(headers, jwt_metadata or {})
-            return self._after_request_headers(end_of_stream)
+            return await self._after_request_headers(end_of_stream)
         except GatewayError as error:
             return await self._reject(error)
 
@@ -185,8 +188,10 @@ class RequestStream:
         self.tier = models.tier_of(config, self.identity)
         self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
 
-    def _after_request_headers(self, end_of_stream: bool) -> Decision:
+    async def _after_request_headers(self, end_of_stream: bool) -> Decision:
         assert self.route is not None
+        if self.route.endpoint is Endpoint.QUOTA:
+            return await self._quota()
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
@@ -196,6 +201,16 @@ class RequestStream:
             raise NotFound(f"model {model_id!r} is not available to this caller")
         self.target = self._choose_target(None)
         return self._forward()
+
+    async def _quota(self) -> Respond:
+        try:
+            report = await self.gw.spending.quota(self.identity, self.headers, self._presented())
+        except StoreError as exc:
+            raise Unavailable("the quota store is unreachable", reason="store_down") from exc
+        self.answer.status = 200
+        await self._finish("quota")
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        return Respond(200, orjson.dumps(report), headers, details="extproc_quota")
 
     def _choose_target(self, model: str | None) -> routing.Target:
         try:
@@ -255,10 +270,22 @@ class RequestStream:
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
+        if self.route.endpoint.generates:
+            self.spend = self.gw.spending.start(
+                uuid.uuid4().hex, served, self.identity, self.headers, self._presented()
+            )
         hit = await self._consult_cache()
         if hit is not None:
             return hit
+        if self.spend is not None:
+            await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _presented(self) -> str | None:
+        """The caller's own provider key, for anonymous pass-through callers."""
+        if self.identity.source != "anonymous":
+            return None
+        return auth.presented_key(self.headers)
 
     # -- cache ------------------------------------------------------------------------
 
@@ -268,9 +295,7 @@ class RequestStream:
         assert self.request is not None
         if not config.enabled or not self.route.endpoint.generates:
             return None
-        presented = (
-            auth.presented_key(self.headers) if self.identity.source == "anonymous" else None
-        )
+        presented = self._presented()
         scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
         key = cache_policy.cache_key(
             self.api, self.route.endpoint, scope, self.request.body, self.headers, config.normalize
@@ -294,6 +319,11 @@ class RequestStream:
     async def _serve_hit(self, entry: cache_policy.Entry) -> Respond:
         assert self.request is not None
         assert self.cache_run is not None
+        if self.spend is not None:
+            if self.gw.config.cache.charge_budget_on_hit:
+                await self.gw.spending.admit(self.spend, self.request.body, 0)
+            else:
+                await self.gw.spending.admit_hit(self.spend)
         answer = entry.answer
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
@@ -464,4 +494,14 @@ class RequestStream:
             self.cache_stored = await self.cache_run.after_upstream(
                 self._cacheable_answer(), self.api
             )
+        if self.spend is not None:
+            await self.gw.spending.settle(self.spend, self._billable_usage(outcome))
         account(self, self.gw.clock())
+
+    def _billable_usage(self, outcome: str) -> Usage:
+        """What the request spent: nothing for a refusal or an uncharged cache hit."""
+        if outcome.startswith("rejected_"):
+            return Usage()
+        if outcome == "cache_hit" and not self.gw.config.cache.charge_budget_on_hit:
+            return Usage()
+        return self.answer.usage

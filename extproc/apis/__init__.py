@@ -27,6 +27,7 @@ class Endpoint(enum.Enum):
     COUNT_TOKENS = "count_tokens"
     MODELS = "models"
     CHAT_COMPLETIONS = "chat_completions"
+    QUOTA = "quota"
 
     @property
     def generates(self) -> bool:
@@ -46,6 +47,7 @@ _EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
     "/v1/messages/count_tokens": ("anthropic", Endpoint.COUNT_TOKENS, "POST"),
     "/v1/chat/completions": ("openai", Endpoint.CHAT_COMPLETIONS, "POST"),
     "/v1/models": (None, Endpoint.MODELS, "GET"),
+    "/v1/gateway/quota": (None, Endpoint.QUOTA, "GET"),
 }
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")
 

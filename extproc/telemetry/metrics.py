@@ -75,6 +75,25 @@ class Metrics:
             "Misses that differ from a recent request of the caller only in volatile values.",
             registry=r,
         )
+        self.spend = Counter(
+            "extproc_spend_usd",
+            "Settled spend in USD, by served model, team and project.",
+            ["model", "team", "project"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "extproc_budget_remaining",
+            "What a budget had left at its last reservation (USD or tokens).",
+            ["budget", "scope", "metric"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.store_errors = Counter(
+            "extproc_store_errors",
+            "Store failures on the request path, by operation (admit_fail_open: let through).",
+            ["operation"],
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
+from extproc.policies.pricing import cost_micros
+
 if TYPE_CHECKING:
     from extproc.stream import RequestStream
 
@@ -54,6 +56,13 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
+    spend = stream.spend
+    if spend is not None:
+        record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
+        record["cost_usd"] = float(spend.cost_usd) if spend.cost_usd is not None else None
+        if stream.outcome == "cache_hit" and spend.price is not None:
+            saved = cost_micros(usage, spend.price) / 1e6
+            record["cost_saved_usd"] = saved
     run = stream.cache_run
     if run is not None:
         record["cache"] = run.result

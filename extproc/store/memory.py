@@ -1,0 +1,422 @@
+"""In-process store for one gateway process (`memory://`).
+
+Every method runs to completion without awaiting (except `wait_for`), so each
+is atomic under asyncio exactly as a Lua script is atomic in Redis. The budget
+and rate arithmetic mirrors the Lua in `extproc.store.redis` line for line
+(same millisecond integers, same float formulas), and the shared contract suite
+checks that both give the same answers.
+
+Time is the injected `Clock`: TTLs, hold expiries, windows and GCRA all use it,
+so tests move time with `ManualClock.advance`. `wait_for`'s timeout is real
+elapsed time (it is a wait, not a window).
+
+Expired entries are dropped when touched and by a sweep every `SWEEP_EVERY`
+writes, so memory stays proportional to live keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from extproc.store import (
+    Clock,
+    Counter,
+    Gcra,
+    Hold,
+    HoldResult,
+    Quota,
+    RateItem,
+    RateState,
+    SettleOutcome,
+    StoreDataError,
+    StoreUnavailable,
+    SystemClock,
+    check_settle_args,
+    check_ttl,
+    now_ms,
+    px,
+    same_slot,
+    ttl_ms,
+)
+
+__all__ = ["MemoryStore"]
+
+SWEEP_EVERY = 1024
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    expires_at: int | None  # ms
+
+
+@dataclass(slots=True)
+class _Counter:
+    fields: dict[str, int] = field(default_factory=dict)
+    holds: dict[str, int] = field(default_factory=dict)  # member -> hold expiry (ms)
+    expires_at: int | None = None  # ms
+
+
+def _member_amount(member: str) -> int:
+    return int(member.rpartition(":")[2])
+
+
+def _fmt(value: float) -> bytes:
+    return format(value, ".17g").encode()
+
+
+class MemoryStore:
+    """A `Store` held in this process's memory."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or SystemClock()
+        self._kv: dict[str, _Entry] = {}
+        self._counters: dict[str, _Counter] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._writes = 0
+        self._closed = False
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        return now_ms(self._clock)
+
+    def _entry(self, key: str, now: int) -> _Entry | None:
+        if self._live_counter(key, now) is not None:
+            raise StoreDataError(f"{key!r} holds a budget counter, not a value")
+        entry = self._kv.get(key)
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= now:
+            del self._kv[key]
+            return None
+        return entry
+
+    def _live_counter(self, key: str, now: int) -> _Counter | None:
+        counter = self._counters.get(key)
+        if counter is not None and counter.expires_at is not None and counter.expires_at <= now:
+            del self._counters[key]
+            return None
+        return counter
+
+    def _put(self, key: str, value: bytes, expires_at: int | None) -> None:
+        self._kv[key] = _Entry(value, expires_at)
+        for waiter in self._waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        self._wrote()
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._writes % SWEEP_EVERY == 0:
+            self._sweep(now_ms(self._clock))
+
+    def _sweep(self, now: int) -> None:
+        for key in [k for k, e in self._kv.items() if e.expires_at is not None]:
+            self._entry(key, now)
+        for key in list(self._counters):
+            self._live_counter(key, now)
+
+    # ---- KV -------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        self._now()
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entry(key, self._now())
+        return None if entry is None else entry.value
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        ttl_seconds: float | None = None,
+        *,
+        only_if_absent: bool = False,
+    ) -> bool:
+        check_ttl(ttl_seconds)
+        now = self._now()
+        if only_if_absent and (
+            self._live_counter(key, now) is not None or self._entry(key, now) is not None
+        ):
+            return False
+        self._counters.pop(key, None)
+        self._put(key, bytes(value), None if ttl_seconds is None else now + px(ttl_seconds))
+        return True
+
+    async def delete(self, key: str) -> bool:
+        now = self._now()
+        found = self._live_counter(key, now) is not None
+        self._counters.pop(key, None)
+        entry = self._kv.pop(key, None)
+        return found or (entry is not None and (entry.expires_at is None or entry.expires_at > now))
+
+    async def scan(self, prefix: str, limit: int = 1000) -> list[str]:
+        now = self._now()
+        keys = [k for k in list(self._kv) if k.startswith(prefix) and self._entry(k, now)]
+        for key in list(self._counters):
+            counter = self._live_counter(key, now)
+            if counter is not None:
+                names = [key, key + ":holds"] if counter.holds else [key]
+                keys += [k for k in names if k.startswith(prefix)]
+        return sorted(keys)[:limit]
+
+    async def incr_by(self, key: str, amount: int, ttl_seconds: float | None = None) -> int:
+        check_ttl(ttl_seconds)
+        now = self._now()
+        entry = self._entry(key, now)
+        try:
+            value = (0 if entry is None else int(entry.value)) + amount
+        except ValueError as exc:
+            raise StoreDataError(f"{key!r} does not hold an integer") from exc
+        expires = entry.expires_at if entry is not None else None
+        if expires is None and ttl_seconds is not None:
+            expires = now + px(ttl_seconds)
+        self._put(key, str(value).encode(), expires)
+        return value
+
+    async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        return await self.set(key, owner.encode(), ttl_seconds, only_if_absent=True)
+
+    async def release_lock(self, key: str, owner: str) -> bool:
+        entry = self._entry(key, self._now())
+        if entry is None or entry.value != owner.encode():
+            return False
+        del self._kv[key]
+        return True
+
+    async def wait_for(self, key: str, timeout_seconds: float) -> bytes | None:
+        """Wake on the `set` of `key` (no polling); None after `timeout_seconds`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while True:
+            value = await self.get(key)
+            remaining = deadline - loop.time()
+            if value is not None or remaining <= 0:
+                return value
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(key, set()).add(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                return await self.get(key)
+            finally:
+                self._forget(key, waiter)
+
+    def _forget(self, key: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[key]
+
+    # ---- budget ---------------------------------------------------------------------------
+
+    def _counter(self, key: str, now: int, *, create: bool = True) -> _Counter:
+        """The live counter at `key`; a detached empty one when reading a missing key."""
+        counter = self._live_counter(key, now)
+        if counter is None:
+            entry = self._kv.get(key)
+            if entry is not None and (entry.expires_at is None or entry.expires_at > now):
+                raise StoreDataError(f"{key!r} holds a value, not a budget counter")
+            counter = _Counter()
+            if create:
+                self._counters[key] = counter
+        return counter
+
+    @staticmethod
+    def _purge(counter: _Counter, now: int) -> None:
+        expired = [m for m, until in counter.holds.items() if until <= now]
+        if expired:
+            freed = sum(_member_amount(m) for m in expired)
+            for member in expired:
+                del counter.holds[member]
+            counter.fields["held"] = counter.fields.get("held", 0) - freed
+
+    @staticmethod
+    def _used(counter: _Counter, window: Sequence[str]) -> int:
+        return counter.fields.get("held", 0) + sum(counter.fields.get(b, 0) for b in window)
+
+    @staticmethod
+    def _touch(counter: _Counter, spec: Counter, now: int) -> None:
+        ttl = ttl_ms(spec.expires_at, now)
+        if ttl > 0:
+            counter.expires_at = now + ttl
+
+    async def hold(
+        self,
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        *,
+        until: float,
+        record_ttl: float,
+    ) -> HoldResult:
+        same_slot([record_key, *(h.counter.key for h in holds)])
+        now = self._now()
+        result = self._hold_eval(record_key, holds, now)
+        if result.ok:
+            self._hold_apply(reservation, record_key, holds, until, record_ttl, now)
+        return result
+
+    def _hold_eval(self, record_key: str, holds: Sequence[Hold], now: int) -> HoldResult:
+        """Decide a hold; writes nothing except purging expired holds (as the Lua does)."""
+        if self._entry(record_key, now) is not None:
+            return HoldResult(ok=False, duplicate=True)
+        used: list[int] = []
+        for index, h in enumerate(holds):
+            counter = self._counter(h.counter.key, now, create=False)
+            self._purge(counter, now)
+            used.append(self._used(counter, h.counter.window))
+            if used[-1] >= h.counter.limit or used[-1] + h.amount > h.counter.limit:
+                return HoldResult(ok=False, used=tuple(used), failed=index)
+        return HoldResult(ok=True, used=tuple(used))
+
+    def _hold_apply(
+        self,
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        until: float,
+        record_ttl: float,
+        now: int,
+    ) -> None:
+        for h in holds:
+            self._apply_hold(reservation, h, int(until * 1000), now)
+        self._put(record_key, b"held", now + px(record_ttl))
+
+    def _apply_hold(self, reservation: str, h: Hold, until: int, now: int) -> None:
+        counter = self._counter(h.counter.key, now)
+        held = counter.fields["held"] = counter.fields.get("held", 0) + h.amount
+        counter.holds[f"{reservation}:{h.amount}"] = until
+        if held == h.amount:  # TTL is (re)set when held leaves zero, and on every settle
+            self._touch(counter, h.counter, now)
+
+    async def settle(
+        self,
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        actuals: Sequence[int],
+        *,
+        record_ttl: float,
+        release: bool = False,
+    ) -> SettleOutcome:
+        check_settle_args(holds, actuals)
+        same_slot([record_key, *(h.counter.key for h in holds)])
+        now = self._now()
+        entry = self._entry(record_key, now)
+        state = "unknown" if entry is None else entry.value.decode()
+        if state in ("settled", "released"):
+            return SettleOutcome(state)
+        for h, actual in zip(holds, actuals, strict=True):
+            self._settle_one(reservation, h, actual, now)
+        self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
+        return SettleOutcome(state)
+
+    def _settle_one(self, reservation: str, h: Hold, actual: int, now: int) -> None:
+        counter = self._counter(h.counter.key, now, create=actual != 0)
+        self._purge(counter, now)
+        if counter.holds.pop(f"{reservation}:{h.amount}", None) is not None:
+            counter.fields["held"] = counter.fields.get("held", 0) - h.amount
+        if actual != 0:
+            counter.fields[h.counter.bucket] = counter.fields.get(h.counter.bucket, 0) + actual
+        prune = h.counter.prune_before
+        if prune:
+            for name in [f for f in counter.fields if f.startswith("s:") and f < prune]:
+                del counter.fields[name]
+        self._touch(counter, h.counter, now)
+
+    async def usage(self, counters: Sequence[Counter]) -> list[int]:
+        same_slot([c.key for c in counters])
+        now = self._now()
+        result = []
+        for spec in counters:
+            counter = self._counter(spec.key, now, create=False)
+            expired = sum(_member_amount(m) for m, t in counter.holds.items() if t <= now)
+            result.append(self._used(counter, spec.window) - expired)
+        return result
+
+    # ---- rate -----------------------------------------------------------------------------
+
+    async def rate(self, items: Sequence[RateItem], *, force: bool = False) -> list[RateState]:
+        same_slot([i.key for i in items])
+        now = self._now()
+        planned = self._rate_eval(items, now)
+        if force or all(state.allowed for state, _ in planned):
+            self._rate_apply(items, planned, now)
+        return [state for state, _ in planned]
+
+    async def admit(
+        self,
+        items: Sequence[RateItem],
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        *,
+        until: float,
+        record_ttl: float,
+    ) -> tuple[list[RateState], HoldResult | None]:
+        same_slot([record_key, *(h.counter.key for h in holds), *(i.key for i in items)])
+        now = self._now()
+        planned = self._rate_eval(items, now)
+        states = [state for state, _ in planned]
+        if not all(state.allowed for state in states):
+            return states, None
+        result = self._hold_eval(record_key, holds, now)
+        if result.ok:
+            self._rate_apply(items, planned, now)
+            self._hold_apply(reservation, record_key, holds, until, record_ttl, now)
+        return states, result
+
+    def _rate_eval(self, items: Sequence[RateItem], now: int) -> list[tuple[RateState, float]]:
+        return [self._gcra(i, now) if isinstance(i, Gcra) else self._quota(i, now) for i in items]
+
+    def _rate_apply(
+        self, items: Sequence[RateItem], planned: Sequence[tuple[RateState, float]], now: int
+    ) -> None:
+        for item, (_, write) in zip(items, planned, strict=True):
+            self._rate_write(item, write, now)
+
+    def _gcra(self, item: Gcra, now: int) -> tuple[RateState, float]:
+        t = item.interval_ms
+        entry = self._entry(item.key, now)
+        tat = float(entry.value) if entry is not None else float(now)
+        tat = max(tat, now)
+        new_tat = max(tat + item.cost * t, now)
+        tau = item.burst * t
+        allow_at = new_tat - tau
+        if now >= allow_at:
+            remaining = math.floor((now + tau - new_tat) / t)
+            return RateState(True, remaining, 0.0, math.ceil(new_tat - now) / 1000), new_tat
+        remaining = max(0, math.floor((now + tau - tat) / t))
+        retry = math.ceil(allow_at - now) / 1000
+        return RateState(False, remaining, retry, math.ceil(tat - now) / 1000), new_tat
+
+    def _quota(self, item: Quota, now: int) -> tuple[RateState, float]:
+        entry = self._entry(item.key, now)
+        count = 0 if entry is None else int(entry.value)
+        reset = ttl_ms(item.resets_at, now)
+        if count + item.cost <= item.limit:
+            return RateState(True, item.limit - count - item.cost, 0.0, reset / 1000), 0.0
+        return RateState(False, max(0, item.limit - count), reset / 1000, reset / 1000), 0.0
+
+    def _rate_write(self, item: RateItem, new_tat: float, now: int) -> None:
+        if isinstance(item, Gcra):
+            self._put(item.key, _fmt(new_tat), now + max(1, math.ceil(new_tat - now)))
+            return
+        entry = self._entry(item.key, now)
+        count = (0 if entry is None else int(entry.value)) + item.cost
+        self._put(item.key, str(count).encode(), now + ttl_ms(item.resets_at, now))
+
+    async def close(self) -> None:
+        self._closed = True
+        self._kv.clear()
+        self._counters.clear()

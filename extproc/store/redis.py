@@ -1,0 +1,617 @@
+"""Redis store (`redis://`, `rediss://`, `unix://`) for many gateway processes.
+
+Every atomic operation is one Lua script: registered once per server (the
+SHA1 is computed locally, calls go out as EVALSHA, and a NOSCRIPT reply after a
+restart or SCRIPT FLUSH loads the script once and retries), so a budget or rate
+check is one round trip. All keys a script touches are passed in KEYS and
+share one Cluster hash tag (`same_slot` enforces it before sending).
+
+Failure is bounded: each call runs under `asyncio.timeout(timeout_seconds)`
+(default 1 s) on top of short socket timeouts, and the connection pool waits at
+most that long for a free connection. Connection errors, timeouts and
+LOADING/READONLY/BUSY replies become `StoreUnavailable` (`raise ... from`); the
+pool drops broken connections and dials again on the next call, so the store
+recovers by itself when Redis comes back (one immediate retry on a connection
+error hides the first stale pooled connection after a Redis restart).
+
+The scripts take the caller's time (`now`, in ms) and relative TTLs; see the
+package docstring for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from redis import exceptions as rexc
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from extproc.store import (
+    Clock,
+    Counter,
+    Gcra,
+    Hold,
+    HoldResult,
+    RateItem,
+    RateState,
+    SettleOutcome,
+    StoreConfigError,
+    StoreDataError,
+    StoreError,
+    StoreUnavailable,
+    SystemClock,
+    check_settle_args,
+    check_ttl,
+    now_ms,
+    px,
+    same_slot,
+    ttl_ms,
+)
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+_PRELUDE = """
+local function words(spec)
+  local out = {}
+  for w in string.gmatch(spec, '%S+') do out[#out + 1] = w end
+  return out
+end
+
+-- Each counter hash keeps `next`, a lower bound on its earliest hold expiry, so the
+-- expired-hold purge runs only when one may be due (not on every call).
+local function purge(c, z, now)
+  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  local freed = 0
+  for _, m in ipairs(expired) do
+    freed = freed + tonumber(string.match(m, ':(%-?%d+)$'))
+  end
+  if freed ~= 0 then redis.call('HINCRBY', c, 'held', string.format('%d', -freed)) end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
+  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  if first[2] then redis.call('HSET', c, 'next', first[2]) else redis.call('HDEL', c, 'next') end
+end
+
+local function due(next_expiry, now)
+  return next_expiry and tonumber(next_expiry) <= tonumber(now)
+end
+
+-- used = held + the window's buckets, after purging expired holds if any are due.
+-- Returns used and the (possibly refreshed) `next`.
+local function used(c, z, window, now)
+  local v = redis.call('HMGET', c, 'held', 'next', unpack(window))
+  if due(v[2], now) then
+    purge(c, z, now)
+    v = redis.call('HMGET', c, 'held', 'next', unpack(window))
+  end
+  local total = tonumber(v[1] or '0')
+  for j = 3, #v do
+    if v[j] then total = total + tonumber(v[j]) end
+  end
+  return total, v[2]
+end
+
+local function expire(c, z, ttl)
+  if tonumber(ttl) > 0 then
+    redis.call('PEXPIRE', c, ttl)
+    redis.call('PEXPIRE', z, ttl)
+  end
+end
+
+-- Rate items: 4 words each from a[p] for KEYS[first .. first + count - 1]; now is a[1].
+--   g interval_ms burst cost   (GCRA)   |   q limit cost reset_ms   (quota)
+local function rate_eval(a, p, first, count)
+  local now = tonumber(a[1])
+  local out, writes, all_ok = {}, {}, true
+  for i = 1, count do
+    local key, q = KEYS[first + i - 1], p + (i - 1) * 4
+    local ok, remaining, retry, reset
+    if a[q] == 'g' then
+      local t, burst, cost = tonumber(a[q + 1]), tonumber(a[q + 2]), tonumber(a[q + 3])
+      local tat = math.max(tonumber(redis.call('GET', key) or a[1]), now)
+      local new_tat = math.max(tat + cost * t, now)
+      local tau = burst * t
+      local allow_at = new_tat - tau
+      ok = now >= allow_at
+      if ok then
+        remaining, retry, reset = math.floor((now + tau - new_tat) / t), 0, math.ceil(new_tat - now)
+      else
+        remaining = math.max(0, math.floor((now + tau - tat) / t))
+        retry, reset = math.ceil(allow_at - now), math.ceil(tat - now)
+      end
+      writes[i] = new_tat
+    else
+      local limit, cost = tonumber(a[q + 1]), tonumber(a[q + 2])
+      local seen = tonumber(redis.call('GET', key) or '0')
+      reset = tonumber(a[q + 3])
+      ok = seen + cost <= limit
+      if ok then remaining, retry = limit - seen - cost, 0
+      else remaining, retry = math.max(0, limit - seen), reset end
+    end
+    all_ok = all_ok and ok
+    out[i] = string.format('%d %d %d %d', ok and 1 or 0, remaining, retry, reset)
+  end
+  return table.concat(out, ' '), writes, all_ok
+end
+
+local function rate_apply(a, p, first, count, writes)
+  local now = tonumber(a[1])
+  for i = 1, count do
+    local key, q = KEYS[first + i - 1], p + (i - 1) * 4
+    if a[q] == 'g' then
+      local v = writes[i]
+      redis.call('SET', key, string.format('%.17g', v), 'PX', math.max(1, math.ceil(v - now)))
+    else
+      redis.call('INCRBY', key, a[q + 2])
+      redis.call('PEXPIRE', key, a[q + 3])
+    end
+  end
+end
+
+-- Holds: from a[p], per hold "limit amount ttl n window[1..n]", for the KEYS[2 ..]
+-- pairs; KEYS[1] is the reservation record; now is a[1]. Returns the plan (nil when
+-- refused) and the reply: "-1" duplicate | "0 <index> <used...>" | "1 <used...>".
+local function hold_eval(a, p, n)
+  if redis.call('EXISTS', KEYS[1]) == 1 then return nil, '-1' end
+  local plan, used_list = {}, {}
+  for i = 1, n do
+    local c, z = KEYS[2 * i], KEYS[2 * i + 1]
+    local limit, amount, size = tonumber(a[p]), tonumber(a[p + 1]), tonumber(a[p + 3])
+    local window = {}
+    for j = 1, size do window[j] = a[p + 3 + j] end
+    local u, next_expiry = used(c, z, window, a[1])
+    used_list[i] = string.format('%d', u)
+    if u >= limit or u + amount > limit then
+      return nil, '0 ' .. (i - 1) .. ' ' .. table.concat(used_list, ' ')
+    end
+    plan[i] = {c, z, a[p + 1], a[p + 2], next_expiry}
+    p = p + 4 + size
+  end
+  return plan, '1 ' .. table.concat(used_list, ' ')
+end
+
+local function hold_apply(plan, reservation, until_ms, record_ttl)
+  for _, h in ipairs(plan) do
+    -- a counter's TTL is (re)set when its held sum leaves zero, and on every settle
+    local fresh = redis.call('HINCRBY', h[1], 'held', h[3]) == tonumber(h[3])
+    redis.call('ZADD', h[2], until_ms, reservation .. ':' .. h[3])
+    if not h[5] or tonumber(until_ms) < tonumber(h[5]) then
+      redis.call('HSET', h[1], 'next', until_ms)
+    end
+    if fresh then expire(h[1], h[2], h[4]) end
+  end
+  redis.call('SET', KEYS[1], 'held', 'PX', record_ttl)
+end
+"""
+
+# Arguments travel as one space-separated spec string and replies come back as one
+# string of integers: redis-py spends about a microsecond encoding each argument and
+# more parsing each element of an array reply, and a check has dozens of numbers.
+#
+# KEYS: record, then (counter, holds) per hold.  ARGV[1]: reservation id.
+# ARGV[2]: "now until record_ttl" then the holds.
+_HOLD = """
+local a = words(ARGV[2])
+local plan, reply = hold_eval(a, 4, (#KEYS - 1) / 2)
+if plan then hold_apply(plan, ARGV[1], a[2], a[3]) end
+return reply
+"""
+
+# KEYS: one per item.  ARGV[1]: "now force" then the rate items.
+_RATE = """
+local a = words(ARGV[1])
+local reply, writes, ok = rate_eval(a, 3, 1, #KEYS)
+if ok or a[2] == '1' then rate_apply(a, 3, 1, #KEYS, writes) end
+return reply
+"""
+
+# Rate limits and budget holds in one step, all or nothing: the rate items are decided
+# first (a refusal holds nothing, purges nothing), then the holds; a refused hold
+# consumes no rate allowance.
+# KEYS: record, (counter, holds) per hold, then one per rate item.  ARGV[1]: reservation.
+# ARGV[2]: "now until record_ttl n_holds n_items", the rate items, then the holds.
+_ADMIT = """
+local a = words(ARGV[2])
+local n_holds, n_items = tonumber(a[4]), tonumber(a[5])
+local first = 2 + 2 * n_holds
+local rate_reply, writes, ok = rate_eval(a, 6, first, n_items)
+if not ok then return rate_reply .. ';' end
+local plan, hold_reply = hold_eval(a, 6 + 4 * n_items, n_holds)
+if plan then
+  rate_apply(a, 6, first, n_items, writes)
+  hold_apply(plan, ARGV[1], a[2], a[3])
+end
+return rate_reply .. ';' .. hold_reply
+"""
+
+# KEYS: record, then (counter, holds) per hold.  ARGV[1]: reservation id, ARGV[2]: final
+# state.  ARGV[3]: "now record_ttl" then per hold "amount actual ttl bucket prune|-".
+_SETTLE = """
+local state = redis.call('GET', KEYS[1])
+if state == 'settled' or state == 'released' then return state end
+local a = words(ARGV[3])
+for i = 1, (#KEYS - 1) / 2 do
+  local c, z = KEYS[2 * i], KEYS[2 * i + 1]
+  local b = 3 + (i - 1) * 5
+  local amount, actual, prune = a[b], a[b + 1], a[b + 4]
+  if due(redis.call('HGET', c, 'next'), a[1]) then purge(c, z, a[1]) end
+  if redis.call('ZREM', z, ARGV[1] .. ':' .. amount) == 1 then
+    redis.call('HINCRBY', c, 'held', string.format('%d', -tonumber(amount)))
+  end
+  if tonumber(actual) ~= 0 then redis.call('HINCRBY', c, a[b + 3], actual) end
+  if prune ~= '-' then
+    for _, f in ipairs(redis.call('HKEYS', c)) do
+      if string.sub(f, 1, 2) == 's:' and f < prune then redis.call('HDEL', c, f) end
+    end
+  end
+  expire(c, z, a[b + 2])
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', a[2])
+return state or 'unknown'
+"""
+
+# KEYS: (counter, holds) pairs.  ARGV[1]: "now" then per counter "n window[1..n]".
+_USAGE = """
+local a = words(ARGV[1])
+local out, pos = {}, 2
+for i = 1, #KEYS / 2 do
+  local c, z = KEYS[2 * i - 1], KEYS[2 * i]
+  local size = tonumber(a[pos])
+  local window = {}
+  for j = 1, size do window[j] = a[pos + j] end
+  pos = pos + 1 + size
+  local v = redis.call('HMGET', c, 'held', unpack(window))
+  local total = 0
+  for _, x in ipairs(v) do
+    if x then total = total + tonumber(x) end
+  end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', a[1])) do
+    total = total - tonumber(string.match(m, ':(%-?%d+)$'))
+  end
+  out[i] = string.format('%d', total)
+end
+return table.concat(out, ' ')
+"""
+
+_INCR = """
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if ARGV[2] ~= '0' and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+"""
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ints(reply: bytes) -> list[int]:
+    return [int(word) for word in reply.split()]
+
+
+def _hold_words(holds: Sequence[Hold], now: int) -> tuple[list[str], list[str]]:
+    """KEYS (counter and holds key per hold) and spec words of `holds`."""
+    keys: list[str] = []
+    words: list[str] = []
+    for h in holds:
+        c = h.counter
+        keys += [c.key, c.holds_key]
+        words += [str(c.limit), str(h.amount), str(ttl_ms(c.expires_at, now))]
+        words += [str(len(c.window)), *c.window]
+    return keys, words
+
+
+def _hold_result(reply: bytes) -> HoldResult:
+    values = _ints(reply)
+    if values[0] == -1:
+        return HoldResult(ok=False, duplicate=True)
+    if values[0] == 0:
+        return HoldResult(ok=False, used=tuple(values[2:]), failed=values[1])
+    return HoldResult(ok=True, used=tuple(values[1:]))
+
+
+def _rate_words(items: Sequence[RateItem], now: int) -> list[str]:
+    words: list[str] = []
+    for i in items:
+        if isinstance(i, Gcra):
+            words += ["g", repr(i.interval_ms), str(i.burst), str(i.cost)]
+        else:
+            words += ["q", str(i.limit), str(i.cost), str(ttl_ms(i.resets_at, now))]
+    return words
+
+
+def _rate_states(reply: bytes) -> list[RateState]:
+    v = _ints(reply)
+    return [
+        RateState(v[j] == 1, v[j + 1], v[j + 2] / 1000, v[j + 3] / 1000)
+        for j in range(0, len(v), 4)
+    ]
+
+
+def _join(words: list[str]) -> str:
+    """One spec argument; bucket names are ours and never contain whitespace."""
+    return " ".join(words)
+
+
+class _Script:
+    """A Lua script called by SHA; loaded on the first NOSCRIPT, never per call."""
+
+    def __init__(self, body: str, *, prelude: bool = False) -> None:
+        self.source = (_PRELUDE + body) if prelude else body
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_SCRIPTS = {
+    "hold": _Script(_HOLD, prelude=True),
+    "settle": _Script(_SETTLE, prelude=True),
+    "usage": _Script(_USAGE, prelude=True),
+    "rate": _Script(_RATE, prelude=True),
+    "admit": _Script(_ADMIT, prelude=True),
+    "incr": _Script(_INCR),
+    "unlock": _Script(_UNLOCK),
+}
+
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "OOM",
+)
+_DATA_REPLIES = ("WRONGTYPE", "not an integer", "not a valid float")
+
+
+def _map_error(exc: Exception, timeout: float) -> StoreError:
+    """Translate a redis-py (or socket) error into the store hierarchy."""
+    if isinstance(exc, TimeoutError):
+        return StoreUnavailable(f"redis did not answer within {timeout:g}s")
+    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError):
+        return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
+    message = str(exc)
+    if message.startswith(_UNAVAILABLE_REPLIES):
+        return StoreUnavailable(f"redis unavailable: {message}")
+    if any(text in message for text in _DATA_REPLIES):
+        return StoreDataError(message)
+    return StoreError(f"redis error: {type(exc).__name__}: {message}")
+
+
+def _pool(url: str, timeout: float, max_connections: int) -> BlockingConnectionPool:
+    try:
+        return BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,  # wait for a free pooled connection at most this long
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            driver_info=None,  # no CLIENT SETINFO: one round trip less per new connection
+            # one immediate retry, on connection errors only: it redials a pooled
+            # connection that went stale when Redis restarted. Never on timeouts: the
+            # command may have run, and scripts are not all idempotent.
+            retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+            health_check_interval=0,
+        )
+    except (ValueError, TypeError) as exc:
+        raise StoreConfigError(f"{url!r}: {exc}") from exc
+
+
+class RedisStore:
+    """A `Store` backed by Redis (standalone, or Cluster-safe key layout)."""
+
+    def __init__(
+        self, client: Redis, *, clock: Clock | None = None, timeout_seconds: float = 1.0
+    ) -> None:
+        self._client = client
+        self._clock: Clock = clock or SystemClock()
+        self._timeout = timeout_seconds
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        timeout_seconds: float = 1.0,
+        max_connections: int = 128,
+    ) -> RedisStore:
+        """Build a client; query options in the URL (e.g. `?socket_timeout=2`) win."""
+        if not timeout_seconds > 0:
+            raise StoreConfigError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
+        client = Redis.from_pool(_pool(url, timeout_seconds, max_connections))
+        return cls(client, clock=clock, timeout_seconds=timeout_seconds)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    async def _run(self, op: Awaitable[T]) -> T:
+        """Await one redis call with the bounded timeout and mapped errors."""
+        if self._closed:
+            if asyncio.iscoroutine(op):
+                op.close()
+            raise StoreUnavailable("store is closed")
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await op
+        except (rexc.RedisError, OSError, TimeoutError) as exc:
+            raise _map_error(exc, self._timeout) from exc
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._run(_SCRIPTS[name](self._client, keys, args))
+
+    # ---- KV -------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._run(self._client.ping())
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._run(self._client.get(key))
+        return value.encode() if isinstance(value, str) else value
+
+    async def set(
+        self,
+        key: str,
+        value: bytes,
+        ttl_seconds: float | None = None,
+        *,
+        only_if_absent: bool = False,
+    ) -> bool:
+        check_ttl(ttl_seconds)
+        expiry = None if ttl_seconds is None else px(ttl_seconds)
+        done = await self._run(self._client.set(key, value, px=expiry, nx=only_if_absent))
+        return bool(done)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._run(self._client.delete(key)))
+
+    async def scan(self, prefix: str, limit: int = 1000) -> list[str]:
+        """At most `limit` keys starting with `prefix`, sorted; SCAN, never KEYS."""
+        pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+        found: set[str] = set()
+        cursor = 0
+        while True:
+            cursor, batch = await self._run(
+                self._client.scan(cursor, match=pattern, count=max(100, limit))
+            )
+            found.update(k.decode() if isinstance(k, bytes) else k for k in batch)
+            if cursor == 0 or len(found) >= limit:
+                return sorted(found)[:limit]
+
+    async def incr_by(self, key: str, amount: int, ttl_seconds: float | None = None) -> int:
+        """Add `amount`; a TTL is set only when the key has none (it starts a window)."""
+        check_ttl(ttl_seconds)
+        expiry = 0 if ttl_seconds is None else px(ttl_seconds)
+        return int(await self._script("incr", [key], [amount, expiry]))
+
+    async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        return await self.set(key, owner.encode(), ttl_seconds, only_if_absent=True)
+
+    async def release_lock(self, key: str, owner: str) -> bool:
+        """Delete the lock only if `owner` still holds it (compare-and-delete in one script)."""
+        return bool(await self._script("unlock", [key], [owner]))
+
+    async def wait_for(self, key: str, timeout_seconds: float) -> bytes | None:
+        """Poll `get` with backoff (5 ms doubling to 100 ms) until a value or the timeout.
+
+        Polling rather than pub/sub or keyspace notifications: single-flight
+        waiters are rare (identical concurrent requests) and wait on model calls
+        that take seconds, so 100 ms of extra latency is noise; pub/sub would
+        need a dedicated connection and a listener task per process, and
+        keyspace notifications need server config (`notify-keyspace-events`)
+        that managed Redis services often refuse. Polling needs neither.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        delay = 0.005
+        while True:
+            value = await self.get(key)
+            remaining = deadline - loop.time()
+            if value is not None or remaining <= 0:
+                return value
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
+
+    # ---- budget ---------------------------------------------------------------------------
+
+    async def hold(
+        self,
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        *,
+        until: float,
+        record_ttl: float,
+    ) -> HoldResult:
+        now = now_ms(self._clock)
+        keys, hold_words = _hold_words(holds, now)
+        keys.insert(0, record_key)
+        same_slot(keys)
+        spec = [str(now), str(int(until * 1000)), str(px(record_ttl)), *hold_words]
+        return _hold_result(await self._script("hold", keys, [reservation, _join(spec)]))
+
+    async def settle(
+        self,
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        actuals: Sequence[int],
+        *,
+        record_ttl: float,
+        release: bool = False,
+    ) -> SettleOutcome:
+        check_settle_args(holds, actuals)
+        keys = [record_key]
+        now = now_ms(self._clock)
+        spec = [str(now), str(px(record_ttl))]
+        for h, actual in zip(holds, actuals, strict=True):
+            c = h.counter
+            keys += [c.key, c.holds_key]
+            ttl = ttl_ms(c.expires_at, now)
+            spec += [str(h.amount), str(actual), str(ttl), c.bucket, c.prune_before or "-"]
+        same_slot(keys)
+        state = "released" if release else "settled"
+        reply = await self._script("settle", keys, [reservation, state, _join(spec)])
+        return SettleOutcome(reply.decode() if isinstance(reply, bytes) else str(reply))
+
+    async def usage(self, counters: Sequence[Counter]) -> list[int]:
+        keys: list[str] = []
+        spec = [str(now_ms(self._clock))]
+        for c in counters:
+            keys += [c.key, c.holds_key]
+            spec += [str(len(c.window)), *c.window]
+        same_slot(keys)
+        if not counters:
+            return []
+        return _ints(await self._script("usage", keys, [_join(spec)]))
+
+    # ---- rate -----------------------------------------------------------------------------
+
+    async def rate(self, items: Sequence[RateItem], *, force: bool = False) -> list[RateState]:
+        keys = [i.key for i in items]
+        same_slot(keys)
+        if not items:
+            return []
+        now = now_ms(self._clock)
+        spec = [str(now), "1" if force else "0", *_rate_words(items, now)]
+        return _rate_states(await self._script("rate", keys, [_join(spec)]))
+
+    async def admit(
+        self,
+        items: Sequence[RateItem],
+        reservation: str,
+        record_key: str,
+        holds: Sequence[Hold],
+        *,
+        until: float,
+        record_ttl: float,
+    ) -> tuple[list[RateState], HoldResult | None]:
+        now = now_ms(self._clock)
+        keys, hold_words = _hold_words(holds, now)
+        keys = [record_key, *keys, *(i.key for i in items)]
+        same_slot(keys)
+        head = [str(now), str(int(until * 1000)), str(px(record_ttl)), str(len(holds))]
+        spec = [*head, str(len(items)), *_rate_words(items, now), *hold_words]
+        reply = await self._script("admit", keys, [reservation, _join(spec)])
+        rate_part, _, hold_part = reply.partition(b";")
+        return _rate_states(rate_part), _hold_result(hold_part) if hold_part else None
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._client.aclose()
