@@ -27,9 +27,12 @@ def _body(text: str = "hello", **extra: Any) -> dict[str, Any]:
 
 
 def _post(
-    stack: Stack, key: str, body: dict[str, Any] | None = None, **headers: str
+    stack: Stack,
+    key: str,
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> httpx.Response:
-    all_headers = {"anthropic-version": "2023-06-01", "x-api-key": KEYS[key], **headers}
+    all_headers = {"anthropic-version": "2023-06-01", "x-api-key": KEYS[key], **(headers or {})}
     return httpx.post(
         f"{stack.url}/v1/messages", json=body or _body(), headers=all_headers, timeout=30
     )
