@@ -15,7 +15,6 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2, text_format
 
 from extproc.decisions import BodyMode, Continue, Decision, HeaderChanges, Respond
@@ -108,37 +107,33 @@ def dynamic_metadata_of(request: pb.ProcessingRequest, namespace: str) -> dict[s
     return json_format.MessageToDict(filter_metadata[namespace])
 
 
-def _header_mutation(changes: HeaderChanges) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
-                append_action=_OVERWRITE,
-            )
-            for key, value in changes.set
-        ],
-        remove_headers=list(changes.remove),
-    )
+def _fill_mutation(mutation: pb.HeaderMutation, changes: HeaderChanges) -> None:
+    """Fill `mutation` in place: building sub-messages and copying them costs twice as much."""
+    for key, value in changes.set:
+        option = mutation.set_headers.add()
+        option.header.key = key
+        option.header.raw_value = value.encode()
+        option.append_action = _OVERWRITE
+    mutation.remove_headers.extend(changes.remove)
 
 
-def _common(decision: Continue) -> pb.CommonResponse:
-    common = pb.CommonResponse(clear_route_cache=decision.clear_route_cache)
+def _fill_common(common: pb.CommonResponse, decision: Continue) -> None:
+    if decision.clear_route_cache:
+        common.clear_route_cache = True
     if decision.headers:
-        common.header_mutation.CopyFrom(_header_mutation(decision.headers))
+        _fill_mutation(common.header_mutation, decision.headers)
     if decision.body is not None:
         common.body_mutation.body = decision.body
-    return common
 
 
 def _immediate(decision: Respond) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=decision.status),
-            headers=_header_mutation(HeaderChanges(set=decision.headers)),
-            body=decision.body,
-            details=decision.details,
-        )
-    )
+    response = pb.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = decision.status
+    _fill_mutation(immediate.headers, HeaderChanges(set=decision.headers))
+    immediate.body = decision.body
+    immediate.details = decision.details
+    return response
 
 
 def _metadata(values: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -165,7 +160,8 @@ def to_response(phase: Phase, decision: Decision) -> pb.ProcessingResponse:
         return response
     message = getattr(response, phase.value)
     message.SetInParent()
-    message.response.CopyFrom(_common(decision))
+    message.response.SetInParent()
+    _fill_common(message.response, decision)
     if decision.response_body_mode is not None:
         response.mode_override.response_body_mode = _MODES[decision.response_body_mode]
     if decision.dynamic_metadata:
