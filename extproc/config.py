@@ -20,13 +20,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from extproc.credentials import CredentialSource
 from extproc.policies.budget import BudgetConfig
+from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier
 
@@ -84,32 +85,6 @@ def _host_port(value: object) -> HostPort:
 
 
 AddressField = Annotated[HostPort, Field(json_schema_extra={"format": "host:port"})]
-
-
-class CredentialSource(_Frozen):
-    """Where a provider credential comes from: exactly one of env, file or value.
-
-    A file is re-read when its modification time changes (mounted Kubernetes
-    Secrets are rotated in place).
-    """
-
-    env: str | None = None
-    file: Path | None = None
-    value: SecretStr | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> CredentialSource:
-        given = [k for k in ("env", "file", "value") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("set exactly one of env, file or value")
-        return self
-
-    def describe(self) -> str:
-        if self.env is not None:
-            return f"env {self.env}"
-        if self.file is not None:
-            return f"file {self.file}"
-        return "inline value"
 
 
 ApiKind = Literal["anthropic", "openai"]
@@ -339,6 +314,8 @@ class ProfileConfig(_Frozen):
     provider: str | None = None
     refuse: str | None = None
     cache: CacheConfig = CacheConfig()
+    # The guard profile for this route (guard.profiles); None: guard.default_profile.
+    guard: str | None = None
 
 
 class ModelRoute(_Frozen):
@@ -374,6 +351,8 @@ class Config(_Frozen):
     pricing: PricingConfig = PricingConfig()
     budgets: BudgetConfig = BudgetConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    # Guardrails (secret/PII redaction, injection and output screening); off when absent.
+    guard: GuardConfig | None = None
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -413,6 +392,12 @@ class Config(_Frozen):
         ]
         if "tiers" in self.rate_limits.model_fields_set:
             problems.append("rate_limits.tiers: set daily quotas as tiers.NAME.requests_per_day")
+        if self.guard is not None:
+            problems += self._unknown(
+                "guard.profiles",
+                [(f"profiles.{n}.guard", p.guard) for n, p in self.profiles.items() if p.guard],
+                self.guard.profiles,
+            )
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]

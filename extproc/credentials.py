@@ -12,9 +12,37 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from extproc.config import CredentialSource
+from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
 
 _RECHECK_SECONDS = 1.0
+
+
+class CredentialSource(BaseModel):
+    """Where a provider credential comes from: exactly one of env, file or value.
+
+    A file is re-read when its modification time changes (mounted Kubernetes
+    Secrets are rotated in place).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    env: str | None = None
+    file: Path | None = None
+    value: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialSource:
+        given = [k for k in ("env", "file", "value") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of env, file or value")
+        return self
+
+    def describe(self) -> str:
+        if self.env is not None:
+            return f"env {self.env}"
+        if self.file is not None:
+            return f"file {self.file}"
+        return "inline value"
 
 
 class CredentialMissing(Exception):

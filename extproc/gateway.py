@@ -15,6 +15,7 @@ from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.policies.auth import KeyDirectory
+from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
 from extproc.spending import Spending
 from extproc.store import Store, open_store
@@ -33,6 +34,7 @@ class Gateway:
     profiles: ProfileResolver
     cache: ResponseCache
     spending: Spending
+    guard: Guard | None = None
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     active: set[object] = field(default_factory=set)
@@ -64,8 +66,20 @@ class Gateway:
             profiles=ProfileResolver(config),
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
+            guard=_guard(config, environ),
         )
+
+    def guard_for(self, profile: str | None) -> ProfileGuard | None:
+        return self.guard.profile(profile) if self.guard is not None else None
 
     async def close(self) -> None:
         self.audit.close()
         await self.store.close()
+
+
+def _guard(config: Config, environ: Mapping[str, str] | None) -> Guard | None:
+    if config.guard is None:
+        return None
+    source = config.guard.hash_key
+    key = Credential(source, environ).get().encode() if source is not None else None
+    return Guard(config.guard, hash_key=key)

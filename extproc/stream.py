@@ -9,6 +9,7 @@ every request yields exactly one audit record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,7 +21,8 @@ import orjson
 from extproc import caching
 from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
 from extproc.apis import error_response as render_error
-from extproc.apis.sse import SseParser
+from extproc.apis.rewrite import SseTextRewriter
+from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
 from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
@@ -35,6 +37,7 @@ from extproc.errors import (
     Unavailable,
 )
 from extproc.gateway import Gateway
+from extproc.guarding import GuardRun
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
@@ -104,6 +107,9 @@ class RequestStream:
         self.headers: Mapping[str, str] = {}
         self.cache_run: caching.CacheRun | None = None
         self.spend: SpendRun | None = None
+        self.guard: GuardRun | None = None
+        self.rewriter: SseTextRewriter | None = None
+        self.rewritten_events = 0
         self.cache_stored = False
         self.answer = _Answer()
         self.sse: SseParser | None = None
@@ -270,6 +276,8 @@ class RequestStream:
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
+        if self._guard_request():
+            request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
                 uuid.uuid4().hex, served, self.identity, self.headers, self._presented()
@@ -280,6 +288,20 @@ class RequestStream:
         if self.spend is not None:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _guard_request(self) -> bool:
+        """Screen the prompt before it leaves; True if the body was rewritten."""
+        assert self.route is not None
+        assert self.request is not None
+        policy = self.gw.guard_for(self.profile.guard)
+        if policy is None or self.route.endpoint is Endpoint.MODELS:
+            return False
+        self.guard = GuardRun(policy, self.api, self.gw.metrics)
+        replaced = self.guard.inspect_request(self.request.body)
+        if replaced is None:
+            return False
+        self.request = dataclasses.replace(self.request, body=replaced)
+        return True
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
@@ -301,6 +323,10 @@ class RequestStream:
             self.api, self.route.endpoint, scope, self.request.body, self.headers, config.normalize
         )
         read, write = caching.cache_control(self.headers)
+        if self.guard is not None and self.guard.masks:
+            # The stored answer would hold this request's real values behind placeholders
+            # that another request's values map to as well.
+            write = False
         self.cache_run = run = caching.CacheRun(
             self.gw.cache, config, scope, key, self.request_id, read, write
         )
@@ -393,6 +419,8 @@ class RequestStream:
     def _start_stream(self) -> None:
         self.answer.streamed = True
         self.sse = SseParser()
+        if self.guard is not None:
+            self.rewriter = self.guard.rewriter()
         if self.api == "openai":
             self.accumulator = openai.StreamAccumulator()
         else:
@@ -403,7 +431,9 @@ class RequestStream:
         if self.outcome is not None:
             return CONTINUE
         decision = CONTINUE
-        if self.sse is not None:
+        if self.rewriter is not None:
+            decision = self._rewrite_stream(chunk, end_of_stream)
+        elif self.sse is not None:
             self._feed_stream(chunk, end_of_stream)
         else:
             self.json_chunks.append(chunk)
@@ -413,12 +443,30 @@ class RequestStream:
             await self._finish(self._status_outcome())
         return decision
 
+    def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
+        """Screen (and unmask) the answer's text; account for what the client receives."""
+        assert self.rewriter is not None
+        assert self.guard is not None
+        out = self.rewriter.feed(chunk)
+        if end_of_stream:
+            out += self.rewriter.close()
+            self.guard.finish_stream(self.rewriter)
+        sent = self.rewriter.sent
+        self._account_events(sent[self.rewritten_events :])
+        self.rewritten_events = len(sent)
+        if self.rewriter.stopped is not None:
+            self.answer.error_type = "output_blocked"
+        return Continue(body=out)
+
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
         assert self.sse is not None
-        assert self.accumulator is not None
         events = self.sse.feed(chunk)
         if end_of_stream:
             events += self.sse.close()
+        self._account_events(events)
+
+    def _account_events(self, events: list[SseEvent]) -> None:
+        assert self.accumulator is not None
         accumulator = self.accumulator
         for event in events:
             accumulator.feed(event)
@@ -440,8 +488,27 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint is Endpoint.MODELS:
             return self._filter_models(body)
+        if self.guard is not None and self.answer.status == 200:
+            return self._guard_answer(body)
         self._read_answer(body)
         return CONTINUE
+
+    def _guard_answer(self, body: dict[str, Any]) -> Continue:
+        assert self.guard is not None
+        replaced, blocked = self.guard.screen_answer(body)
+        self._read_answer(replaced or body)
+        if blocked is not None:
+            self.answer.error_type = "output_blocked"
+            self.answer.json = None
+            message = f"the answer was withheld by the gateway's output policy ({blocked})"
+            error = render_error(self.api, Unavailable(message, reason="output_blocked"))
+            headers = HeaderChanges(set=((":status", "502"),), remove=("content-length",))
+            return Continue(body=error.body, headers=headers)
+        if replaced is None:
+            return CONTINUE
+        return Continue(
+            body=orjson.dumps(replaced), headers=HeaderChanges(remove=("content-length",))
+        )
 
     def _filter_models(self, body: dict[str, Any]) -> Continue:
         listed = body.get("data")

@@ -44,6 +44,10 @@ that forwards headers:
     JSON and errors: N ms pass before the reply.
 ``x-fake-text: ...``
     The reply text (default ``"Hello from the fake provider."``).
+``x-fake-piece-chars: N``
+    SSE: stream the text in pieces of N characters instead of one per word.
+``x-fake-echo: 1``
+    The reply text is the last user message's text (to see what the provider received).
 ``x-fake-chunking: split``
     Write SSE in awkward pieces: events cut mid-line and straddling writes, and every
     other event written as ``event:x`` / ``data:{...}`` without the space after the colon.
@@ -222,6 +226,15 @@ def text_pieces(text: str) -> list[str]:
         return [lead] if lead else []
     pieces[0] = lead + pieces[0]
     return pieces
+
+
+def _pieces(call: Call, text: str) -> list[str]:
+    """Stream pieces: words, or fixed-size pieces with `x-fake-piece-chars: N` (so a
+    word, e.g. a secret, is split across deltas)."""
+    size = _int_header(call.headers, "x-fake-piece-chars", 1, 10_000)
+    if size is None:
+        return text_pieces(text)
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _new_id(prefix: str, length: int) -> str:
@@ -446,10 +459,21 @@ def _anthropic_message(call: Call, content: list[Json], usage: Json, done: bool)
     }
 
 
+def reply_text(call: Call) -> str:
+    """The reply: `x-fake-echo: 1` repeats the last user message's text, else x-fake-text."""
+    if call.headers.get("x-fake-echo") != "1":
+        return call.controls.text
+    messages = [m for m in call.payload.get("messages", []) if m.get("role") == "user"]
+    content = messages[-1].get("content", "") if messages else ""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content) or call.controls.text
+
+
 def anthropic_messages(call: Call) -> Reply:
     """POST /v1/messages."""
     _require_anthropic(call.payload, max_tokens=True)
-    text = call.controls.text
+    text = reply_text(call)
     if call.payload.get("stream") is True:
         return _anthropic_stream(call, text)
     content = [{"type": "text", "text": text}]
@@ -463,7 +487,8 @@ def _anthropic_stream(call: Call, text: str) -> list[SseEvent]:
         _sse("content_block_start", _block_start()),
         _sse("ping", {"type": "ping"}),
     ]
-    events += [_sse("content_block_delta", _text_delta(piece)) for piece in text_pieces(text)]
+    pieces = _pieces(call, text)
+    events += [_sse("content_block_delta", _text_delta(piece)) for piece in pieces]
     delta = {"stop_reason": "end_turn", "stop_sequence": None}
     usage = {"output_tokens": output_tokens(text)}
     return [
@@ -603,7 +628,7 @@ def _completion_base(call: Call, completion_id: str, obj: str) -> Json:
 def openai_chat(call: Call) -> Reply:
     """POST /v1/chat/completions."""
     _require_openai(call.payload)
-    text = call.controls.text
+    text = reply_text(call)
     completion_id = _new_id("chatcmpl-", 29)
     if call.payload.get("stream") is True:
         return _openai_stream(call, completion_id, text)
@@ -625,7 +650,7 @@ def _openai_stream(call: Call, completion_id: str, text: str) -> list[SseEvent]:
         return _sse(None, {**base, "choices": [choice]})
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": piece}) for piece in text_pieces(text)]
+    events += [chunk({"content": piece}) for piece in _pieces(call, text)]
     events.append(chunk({}, "stop"))
     if include_usage:
         events.append(_sse(None, {**base, "choices": [], "usage": openai_usage(call.body, text)}))

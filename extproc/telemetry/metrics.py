@@ -94,6 +94,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.guard = Counter(
+            "extproc_guard_findings",
+            "Guard findings by direction (input, injection, output), rule and action.",
+            ["direction", "rule", "action"],
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",

@@ -63,6 +63,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         if stream.outcome == "cache_hit" and spend.price is not None:
             saved = cost_micros(usage, spend.price) / 1e6
             record["cost_saved_usd"] = saved
+    if stream.guard is not None:
+        record["guard"] = stream.guard.audit()
     run = stream.cache_run
     if run is not None:
         record["cache"] = run.result

@@ -1,0 +1,141 @@
+"""Guardrails on the request path: screen the prompt going out, the answer coming back.
+
+One `GuardRun` per request, on routes whose profile has a guard profile (the
+`guard:` config section is present). Going out: secrets and PII are redacted,
+masked (reversibly) or block the request (400 naming the rule, never the
+value), and untrusted content is scored for prompt injection. Coming back: a
+JSON answer is screened whole; a streamed answer is screened delta by delta
+through `SseTextRewriter`, with a bounded hold-back so a secret split across
+chunks is still caught; masked values are restored after screening, so the
+provider never sees them and restored values are never "redacted back".
+Verdicts (rule, action, count) go to the audit record and metrics, never the
+matched text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.apis import ApiKind
+from extproc.apis.rewrite import SseTextRewriter, StopAnswer
+from extproc.errors import BadRequest
+from extproc.policies.guard import ProfileGuard, StreamScreener
+from extproc.policies.guard.redact import StreamUnmasker
+from extproc.telemetry.metrics import Metrics
+
+
+class GuardedText:
+    """Screen, then unmask, one content block's streamed text."""
+
+    def __init__(self, screener: StreamScreener, unmask: StreamUnmasker | None) -> None:
+        self.screener = screener
+        self.unmask = unmask
+
+    def feed(self, text: str) -> str:
+        return self._pass(self.screener.feed(text))
+
+    def flush(self) -> str:
+        out = self._pass(self.screener.flush())
+        return out + (self.unmask.flush() if self.unmask is not None else "")
+
+    def _pass(self, chunk: Any) -> str:
+        if chunk.blocked:
+            raise StopAnswer(
+                f"the answer was stopped by the gateway's output policy ({chunk.blocked})",
+                chunk.blocked,
+            )
+        return self.unmask.feed(chunk.text) if self.unmask is not None else str(chunk.text)
+
+
+@dataclass
+class GuardRun:
+    policy: ProfileGuard
+    api: ApiKind
+    metrics: Metrics
+    masks: Mapping[str, str] = field(default_factory=dict)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    injection: dict[str, Any] | None = None
+    output: list[dict[str, Any]] = field(default_factory=list)
+    screeners: list[StreamScreener] = field(default_factory=list)
+
+    def _verdict(self, direction: str, rule: str, action: str, count: int) -> None:
+        entry = {"rule": rule, "action": action, "count": count}
+        (self.verdicts if direction == "input" else self.output).append(entry)
+        self.metrics.guard.labels(direction, rule, action).inc(count)
+
+    def inspect_request(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The body to send instead (None: unchanged); `BadRequest` when a rule blocks."""
+        result = self.policy.redact_request(body, self.api)
+        for verdict in result.verdicts:
+            self._verdict("input", verdict.rule, verdict.action, verdict.count)
+        if result.blocked is not None:
+            raise BadRequest(
+                f"the request contains content the gateway does not let leave ({result.blocked}); "
+                "remove it and retry",
+                reason="guard_blocked",
+            )
+        self.masks = result.masks
+        screened = self.policy.screen_injection(result.body or body, self.api)
+        if screened.rules:
+            self.injection = {
+                "score": round(screened.score, 3),
+                "rules": list(screened.rules),
+                "source": screened.source,
+                "action": screened.action,
+            }
+            self.metrics.guard.labels("injection", screened.rules[0], screened.action).inc()
+        if screened.blocked:
+            raise BadRequest(
+                f"the request looks like a prompt-injection attempt ({', '.join(screened.rules)}) "
+                f"in {screened.source} content",
+                reason="prompt_injection",
+            )
+        return result.body
+
+    def _block_text(self) -> GuardedText:
+        screener = self.policy.output_stream()
+        self.screeners.append(screener)
+        unmask = self.policy.unmasker(self.masks).stream() if self.masks else None
+        return GuardedText(screener, unmask)
+
+    def rewriter(self) -> SseTextRewriter:
+        return SseTextRewriter(self.api, self._block_text)
+
+    def finish_stream(self, rewriter: SseTextRewriter) -> None:
+        counts: dict[tuple[str, str], int] = {}
+        for screener in self.screeners:
+            for finding in screener.findings:
+                key = (finding.rule, finding.action)
+                counts[key] = counts.get(key, 0) + finding.count
+        for (rule, action), count in counts.items():
+            self._verdict("output", rule, action, count)
+        if rewriter.stopped is not None and not counts:
+            self._verdict("output", rewriter.stopped.rule, "block", 1)
+
+    def screen_answer(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """(the answer to send instead, or None if unchanged; the rule that withheld it)."""
+        result = self.policy.screen_response(body, self.api)
+        for finding in result.findings:
+            self._verdict("output", finding.rule, finding.action, finding.count)
+        if result.blocked is not None:
+            return None, result.blocked
+        screened = result.body if result.body is not None else body
+        unmasked = (
+            self.policy.unmasker(self.masks).response(screened, self.api) if self.masks else None
+        )
+        final = unmasked if unmasked is not None else result.body
+        return final, None
+
+    def audit(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "profile": self.policy.name,
+            "input": self.verdicts,
+            "output": self.output,
+        }
+        if self.injection is not None:
+            record["injection"] = self.injection
+        if self.masks:
+            record["masked"] = len(self.masks)
+        return record

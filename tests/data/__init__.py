@@ -1,0 +1,1 @@
+"""Test fixtures and labelled data shared by tests and benchmarks."""
