@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="seconds to keep accepting streams after SIGTERM while health reports NOT_SERVING"
-        " (set above Envoy's health-check interval x unhealthy threshold, e.g. 11)",
+        " (above Envoy's health-check interval x unhealthy threshold + timeout: 15 for"
+        " envoy/front-proxy.yaml)",
     )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     up = commands.add_parser("up", help="run Envoy and the ext_proc server together")

@@ -8,7 +8,7 @@ clusters and fallback routes) and leaves every other setting as written.
 from __future__ import annotations
 
 import copy
-from importlib import resources
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,17 @@ class TemplateError(Exception):
     """The Envoy template lacks a part the renderer patches."""
 
 
+# A wheel installs the template as data under <prefix>/share/extproc/envoy/.
+_INSTALLED_TEMPLATE = Path(sys.prefix) / "share" / "extproc" / "envoy" / "front-proxy.yaml"
+
+
 def template_path(config: Config) -> Path:
+    """The configured bootstrap, else the repository's (editable install), else the wheel's."""
     if config.envoy.bootstrap is not None:
         return config.envoy.bootstrap
-    packaged = resources.files("extproc") / "envoy" / "front-proxy.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    return _REPO_TEMPLATE
+    if _REPO_TEMPLATE.is_file():
+        return _REPO_TEMPLATE
+    return _INSTALLED_TEMPLATE
 
 
 def load_template(path: Path) -> dict[str, Any]:
