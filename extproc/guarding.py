@@ -59,6 +59,7 @@ class GuardRun:
     injection: dict[str, Any] | None = None
     output: list[dict[str, Any]] = field(default_factory=list)
     screeners: list[StreamScreener] = field(default_factory=list)
+    schema: dict[str, Any] | None = None
 
     def _verdict(self, direction: str, rule: str, action: str, count: int) -> None:
         entry = {"rule": rule, "action": action, "count": count}
@@ -114,6 +115,19 @@ class GuardRun:
         if rewriter.stopped is not None and not counts:
             self._verdict("output", rewriter.stopped.rule, "block", 1)
 
+    def check_schema(self, answer: Mapping[str, Any]) -> bool:
+        """Check a structured answer against the profile's JSON schema (if it has one);
+        True when it fails and `schema_action` is block."""
+        verdict = self.policy.check_structured(answer_text(answer, self.api))
+        if verdict is None:
+            return False
+        self.schema = {"ok": verdict.ok, "errors": list(verdict.errors[:5])}
+        if verdict.ok:
+            return False
+        action = self.policy.config.output.schema_action
+        self._verdict("output", "json_schema", action, 1)
+        return action == "block"
+
     def screen_answer(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """(the answer to send instead, or None if unchanged; the rule that withheld it)."""
         result = self.policy.screen_response(body, self.api)
@@ -121,6 +135,8 @@ class GuardRun:
             self._verdict("output", finding.rule, finding.action, finding.count)
         if result.blocked is not None:
             return None, result.blocked
+        if self.check_schema(result.body or body):
+            return None, "json_schema"
         screened = result.body if result.body is not None else body
         unmasked = (
             self.policy.unmasker(self.masks).response(screened, self.api) if self.masks else None
@@ -138,4 +154,19 @@ class GuardRun:
             record["injection"] = self.injection
         if self.masks:
             record["masked"] = len(self.masks)
+        if self.schema is not None:
+            record["schema"] = self.schema
         return record
+
+
+def answer_text(answer: Mapping[str, Any], api: ApiKind) -> str:
+    """The text of an answer: its text blocks, or the first choice's content."""
+    if api == "anthropic":
+        blocks = answer.get("content") or ()
+        return "".join(
+            b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+        )
+    choices = answer.get("choices") or ()
+    message = choices[0].get("message", {}) if choices and isinstance(choices[0], dict) else {}
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""

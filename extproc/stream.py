@@ -454,9 +454,17 @@ class RequestStream:
         sent = self.rewriter.sent
         self._account_events(sent[self.rewritten_events :])
         self.rewritten_events = len(sent)
+        if end_of_stream:
+            self._check_streamed_schema()
         if self.rewriter.stopped is not None:
             self.answer.error_type = "output_blocked"
         return Continue(body=out)
+
+    def _check_streamed_schema(self) -> None:
+        """A streamed answer has left by now: a schema failure can only be recorded."""
+        assert self.guard is not None
+        if self.accumulator is not None and self.accumulator.complete:
+            self.guard.check_schema(self.accumulator.folded_message())
 
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
         assert self.sse is not None

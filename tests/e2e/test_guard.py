@@ -165,3 +165,41 @@ def test_masked_pii_round_trips_through_the_sdk(
     sent = received.received[0].body.decode()
     assert EMAIL not in sent  # the provider never sees it
     assert text == f"Write to {EMAIL} about the outage"  # the user does
+
+
+@pytest.fixture(scope="module")
+def structured(fake: FakeProvider) -> Iterator[Stack]:
+    schema = {
+        "type": "object",
+        "required": ["verdict"],
+        "properties": {"verdict": {"enum": ["approve", "reject"]}},
+    }
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": "sk-held"}
+    config["guard"] = {
+        "profiles": {
+            "default": {},
+            "review": {"output": {"schema": schema, "schema_action": "block"}},
+        }
+    }
+    config["profiles"] = {"default": {"guard": "review"}}
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+def test_structured_answers_are_checked_against_the_schema(
+    structured: Stack, received: FakeProvider
+) -> None:
+    good = _post(structured, _ask("review"), **{"x-fake-text": '{"verdict":"approve"}'})
+    assert good.status_code == 200
+    record = record_for(structured, good.headers["x-gateway-request-id"])
+    assert record["guard"]["schema"] == {"ok": True, "errors": []}
+    bad = _post(structured, _ask("review"), **{"x-fake-text": '{"verdict":"maybe"}'})
+    assert bad.status_code == 502
+    assert "json_schema" in bad.json()["error"]["message"]
+    streamed = _post(structured, _ask("review", stream=True), **{"x-fake-text": "not-json"})
+    record = record_for(structured, streamed.headers["x-gateway-request-id"])
+    assert record["guard"]["schema"]["ok"] is False  # a stream can only be flagged
+    assert {"rule": "json_schema", "action": "block", "count": 1} in record["guard"]["output"]
