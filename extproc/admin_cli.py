@@ -32,8 +32,9 @@ import orjson
 
 from extproc.caching import ResponseCache
 from extproc.config import Config
+from extproc.gateway import open_configured_store
 from extproc.policies.auth import STORE_PREFIX, KeyRecord, hash_key, new_key, revoked
-from extproc.store import Store, StoreError, open_store
+from extproc.store import Store, StoreError
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -173,7 +174,7 @@ async def _purge(store: Store, config: Config, args: argparse.Namespace) -> str:
 
 
 async def _in_store(config: Config, args: argparse.Namespace) -> str:
-    store = open_store(config.store)
+    store = open_configured_store(config)
     now = time.time()
     try:
         if args.command == "cache":

@@ -338,6 +338,9 @@ class Config(_Frozen):
     metrics_listen: AddressField | None = HostPort(host="127.0.0.1", port=9464)
     providers: dict[str, ProviderConfig] = Field(default_factory=_default_providers)
     store: str = "memory://"
+    # The Redis password from an env var or a mounted file, so it stays out of ConfigMaps
+    # (overrides a password in the `store` URL).
+    store_password: CredentialSource | None = None
     audit: AuditConfig = AuditConfig()
     limits: LimitsConfig = LimitsConfig()
     failure_mode_allow: bool = False

@@ -54,7 +54,7 @@ class Gateway:
             for name, provider in config.providers.items()
             if provider.credential is not None
         }
-        store = store or open_store(config.store)
+        store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()
         return cls(
             config=config,
@@ -83,3 +83,10 @@ def _guard(config: Config, environ: Mapping[str, str] | None) -> Guard | None:
     source = config.guard.hash_key
     key = Credential(source, environ).get().encode() if source is not None else None
     return Guard(config.guard, hash_key=key)
+
+
+def open_configured_store(config: Config, environ: Mapping[str, str] | None = None) -> Store:
+    """The config's store, with its password resolved from `store_password`."""
+    source = config.store_password
+    password = Credential(source, environ).get() if source is not None else None
+    return open_store(config.store, password=password)

@@ -32,9 +32,13 @@ def free_port() -> int:
         return port
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, password: str | None = None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            if password is not None:
+                sock.sendall(f"AUTH {password}\r\n".encode())
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
@@ -44,12 +48,13 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process on 127.0.0.1; use as a context manager or call start/stop."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.port = port or free_port()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="redis-test-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,6 +68,7 @@ class RedisServer:
             *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir),
             *("--save", "", "--appendonly", "no", "--daemonize", "no"),
             *("--protected-mode", "no", "--loglevel", "warning"),
+            *(("--requirepass", self.password) if self.password else ()),
         ]
 
     def start(self, timeout: float = 10.0) -> None:
@@ -70,7 +76,7 @@ class RedisServer:
         self.process = subprocess.Popen(self._command(), stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout
-        while not _ping(self.port):
+        while not _ping(self.port, self.password):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"redis-server did not start on port {self.port}")

@@ -358,6 +358,7 @@ def open_store(
     *,
     clock: Clock | None = None,
     timeout_seconds: float = 1.0,
+    password: str | None = None,
 ) -> Store:
     """Build a store from a URL; no I/O happens until the first call.
 
@@ -372,5 +373,7 @@ def open_store(
     if scheme in ("redis", "rediss", "unix"):
         from extproc.store.redis import RedisStore
 
-        return RedisStore.from_url(url, clock=clock, timeout_seconds=timeout_seconds)
+        return RedisStore.from_url(
+            url, clock=clock, timeout_seconds=timeout_seconds, password=password
+        )
     raise StoreConfigError(f"{url!r}: use memory:// or a redis://, rediss:// or unix:// URL")

@@ -391,10 +391,14 @@ def _map_error(exc: Exception, timeout: float) -> StoreError:
     return StoreError(f"redis error: {type(exc).__name__}: {message}")
 
 
-def _pool(url: str, timeout: float, max_connections: int) -> BlockingConnectionPool:
+def _pool(
+    url: str, timeout: float, max_connections: int, password: str | None = None
+) -> BlockingConnectionPool:
+    extra = {"password": password} if password is not None else {}
     try:
         return BlockingConnectionPool.from_url(
             url,
+            **extra,
             max_connections=max_connections,
             timeout=timeout,  # wait for a free pooled connection at most this long
             socket_timeout=timeout,
@@ -429,11 +433,14 @@ class RedisStore:
         clock: Clock | None = None,
         timeout_seconds: float = 1.0,
         max_connections: int = 128,
+        password: str | None = None,
     ) -> RedisStore:
-        """Build a client; query options in the URL (e.g. `?socket_timeout=2`) win."""
+        """Build a client; query options in the URL (e.g. `?socket_timeout=2`) win. A
+        `password` (from a file or env var, so it stays out of ConfigMaps) overrides one in
+        the URL."""
         if not timeout_seconds > 0:
             raise StoreConfigError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
-        client = Redis.from_pool(_pool(url, timeout_seconds, max_connections))
+        client = Redis.from_pool(_pool(url, timeout_seconds, max_connections, password))
         return cls(client, clock=clock, timeout_seconds=timeout_seconds)
 
     @property

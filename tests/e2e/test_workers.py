@@ -1,0 +1,65 @@
+"""`extproc serve --workers N`: processes sharing the port and a password-protected Redis."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack, gateway_config
+from tests.redis_server import RedisServer
+
+BODY = {"model": "claude-opus-4-8", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "caller-key"}
+
+
+def _children(pid: int) -> list[int]:
+    result = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(line) for line in result.stdout.split()]
+
+
+def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: Path) -> None:
+    password_file = tmp_path / "redis-password"
+    password_file.write_text("s3cret-from-a-mounted-file\n")
+    with RedisServer(password="s3cret-from-a-mounted-file") as redis:
+        config = gateway_config(
+            fake.url, store=redis.url, store_password={"file": str(password_file)}
+        )
+        config["profiles"] = {"default": {"cache": {"enabled": True}}}
+        stack = Stack(config)
+        try:
+            stack.start_extproc("--workers", "2")
+            stack.start_envoy()
+            supervisor = stack.processes["extproc"]
+            time.sleep(1)
+            workers = _children(supervisor.pid)
+            assert len(workers) == 2
+            fake.clear()
+            with httpx.Client(base_url=stack.url, timeout=10) as client:
+                statuses = [
+                    client.post("/v1/messages", json=BODY, headers=HEADERS).status_code
+                    for _ in range(20)
+                ]
+            assert statuses == [200] * 20
+            time.sleep(0.5)
+            metrics = stack.metrics_text()
+            served = sum(
+                float(value)
+                for value in re.findall(
+                    r'^extproc_requests_total\{.*status="200".*\} (\S+)$', metrics, re.M
+                )
+            )
+            assert served == 20  # the supervisor sums every worker's counters
+            # One provider call: the cache in Redis served every repeat, whichever worker
+            # Envoy's connections landed on.
+            assert len(fake.received) == 1
+        finally:
+            stack.close()
+        time.sleep(0.5)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
