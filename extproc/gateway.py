@@ -7,9 +7,11 @@ constructor so tests can substitute them.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from extproc.caching import ResponseCache
 from extproc.config import Config
@@ -37,7 +39,7 @@ class Gateway:
     guard: Guard | None = None
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
-    active: set[object] = field(default_factory=set)
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def from_config(
@@ -68,6 +70,17 @@ class Gateway:
             spending=Spending(config, store, metrics),
             guard=_guard(config, environ),
         )
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` as a task that outlives a cancelled RPC; kept until it is done."""
+        task = asyncio.ensure_future(work)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return task
+
+    async def settle_pending(self, seconds: float) -> None:
+        if self.pending:
+            await asyncio.wait(set(self.pending), timeout=seconds)
 
     def guard_for(self, profile: str | None) -> ProfileGuard | None:
         return self.guard.profile(profile) if self.guard is not None else None

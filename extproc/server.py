@@ -60,7 +60,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         except ProtocolError as exc:
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
         finally:
-            await stream.close()
+            # Envoy may cancel the RPC once its HTTP stream is done; settling the budget and
+            # writing the audit record must finish all the same.
+            await asyncio.shield(self.gateway.track(stream.close()))
 
 
 async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:
@@ -123,6 +125,7 @@ class Server:
         if drain > 0:
             await asyncio.sleep(drain)
         await self.server.stop(grace)
+        await self.gateway.settle_pending(grace)
         await self.gateway.close()
 
 

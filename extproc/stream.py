@@ -115,6 +115,8 @@ class RequestStream:
         self.sse: SseParser | None = None
         self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
         self.outcome: str | None = None
+        self.finished_at = self.started
+        self.settled = False
         self.rejection: str | None = None
         self.json_chunks: list[bytes] = []
 
@@ -129,7 +131,7 @@ class RequestStream:
         self.rejection = error.reason
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
-        await self._finish(f"rejected_{error.reason}")
+        self._finish(f"rejected_{error.reason}")
         return render_error(self.api, error, self.request_id)
 
     # -- request -----------------------------------------------------------------------
@@ -214,7 +216,7 @@ class RequestStream:
         except StoreError as exc:
             raise Unavailable("the quota store is unreachable", reason="store_down") from exc
         self.answer.status = 200
-        await self._finish("quota")
+        self._finish("quota")
         headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
         return Respond(200, orjson.dumps(report), headers, details="extproc_quota")
 
@@ -359,7 +361,7 @@ class RequestStream:
         self._read_answer(answer)
         self.answer.status = 200
         self.answer.streamed = self.request.stream
-        await self._finish("cache_hit")
+        self._finish("cache_hit")
         headers = (
             ("content-type", content_type),
             ("x-gateway-cache", "hit"),
@@ -389,14 +391,14 @@ class RequestStream:
         content_type = headers.get("content-type", "")
         extra = HeaderChanges(set=self._response_headers())
         if end_of_stream:
-            await self._finish(self._status_outcome())
+            self._finish(self._status_outcome())
             return Continue(headers=extra)
         if content_type.startswith("text/event-stream"):
             self._start_stream()
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
-        await self._finish(self._status_outcome())
+        self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
 
     def _response_headers(self) -> tuple[tuple[str, str], ...]:
@@ -440,7 +442,7 @@ class RequestStream:
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
         if end_of_stream:
-            await self._finish(self._status_outcome())
+            self._finish(self._status_outcome())
         return decision
 
     def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
@@ -556,22 +558,29 @@ class RequestStream:
     # -- end ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """The gRPC stream ended; account for a request that did not finish normally."""
-        if self.outcome is None and self.phase is not None:
-            await self._finish("aborted")
+        """The gRPC stream ended: settle and account for the request, however it ended.
 
-    async def _finish(self, outcome: str) -> None:
+        This runs after the last reply was written, so storing the answer, settling the
+        budget and writing the audit record never delay the response."""
+        if self.outcome is None and self.phase is not None:
+            self._finish("aborted")
+        if self.outcome is None or self.settled:
+            return
+        self.settled = True
+        if self.cache_run is not None and self.outcome != "cache_hit":
+            answer = self._cacheable_answer()
+            self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
+        if self.spend is not None:
+            await self.gw.spending.settle(self.spend, self._billable_usage(self.outcome))
+        account(self, self.finished_at)
+
+    def _finish(self, outcome: str) -> None:
+        """The request's outcome is known; the rest happens in `close`."""
         if self.outcome is not None:
             return
         self.outcome = outcome
+        self.finished_at = self.gw.clock()
         self.gw.metrics.active_streams.dec()
-        if self.cache_run is not None and outcome != "cache_hit":
-            self.cache_stored = await self.cache_run.after_upstream(
-                self._cacheable_answer(), self.api
-            )
-        if self.spend is not None:
-            await self.gw.spending.settle(self.spend, self._billable_usage(outcome))
-        account(self, self.gw.clock())
 
     def _billable_usage(self, outcome: str) -> Usage:
         """What the request spent: nothing for a refusal or an uncharged cache hit."""
