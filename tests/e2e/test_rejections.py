@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack
 
@@ -129,6 +130,6 @@ def test_rejections_are_audited(http: httpx.Client, stack: Stack) -> None:
     response = http.post("/v1/messages", content=b"{", headers=ANTHROPIC)
     request_id = response.headers["x-gateway-request-id"]
     assert response.headers["x-gateway-error"] == "invalid_json"
-    (record,) = [r for r in stack.audit_records(wait_for=1) if r["request_id"] == request_id]
+    record = record_for(stack, request_id)
     assert record["status"] == 400
     assert record["outcome"] == "rejected_invalid_json"

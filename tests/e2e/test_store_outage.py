@@ -82,6 +82,11 @@ def _used(stack: Stack) -> int:
     return used
 
 
+def _spent(stack: Stack) -> int:
+    settled = [r for r in stack.audit_records() if r["outcome"] == "ok"]
+    return sum(r["input_tokens"] + r["output_tokens"] for r in settled)
+
+
 @pytest.mark.parametrize("outage", ["kill", "pause"])
 def test_fail_closed_then_recover(fake: FakeProvider, redis: RedisServer, outage: str) -> None:
     stack = _stack(fake, redis, fail_open=False)
@@ -104,14 +109,12 @@ def test_fail_closed_then_recover(fake: FakeProvider, redis: RedisServer, outage
         assert set(load.since(after)) == {200}
         assert stack.processes["extproc"].poll() is None  # no crash
         if outage == "pause":  # data kept: the counters reconcile with what was settled
-            settled = [r for r in stack.audit_records() if r["outcome"] == "ok"]
-            spent = sum(r["input_tokens"] + r["output_tokens"] for r in settled)
             # A reserve sent into the paused server runs when it resumes although the
             # gateway had given up on it (503): that hold lives until it expires.
             deadline = time.monotonic() + 10
-            while _used(stack) != spent and time.monotonic() < deadline:
+            while _used(stack) != _spent(stack) and time.monotonic() < deadline:
                 time.sleep(0.5)
-            assert _used(stack) == spent
+            assert _used(stack) == _spent(stack)
     finally:
         stack.close()
 
