@@ -134,7 +134,17 @@ class Stack:
                 return records
             time.sleep(0.05)
 
-    def metrics_text(self) -> str:
+    def metrics_text(self, wait_for: str = "", timeout: float = 5.0) -> str:
+        """The /metrics page; waits until it contains `wait_for` (metrics of a request are
+        recorded just after its reply)."""
+        deadline = time.monotonic() + timeout
+        text = self._metrics()
+        while wait_for not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = self._metrics()
+        return text
+
+    def _metrics(self) -> str:
         import urllib.request
 
         assert self.config.metrics_listen is not None

@@ -100,9 +100,8 @@ def test_claude_code_sized_request_hits_across_runs(cached: Stack, received: Fak
     record = record_for(cached, hit.headers["x-gateway-request-id"])
     assert record["outcome"] == "cache_hit"
     assert record["input_tokens"] == fold(miss)["usage"]["input_tokens"] > 20_000
-    assert f'extproc_cache_saved_tokens_total{{model="{first["model"]}",type="input"}}' in (
-        cached.metrics_text()
-    )
+    saved = f'extproc_cache_saved_tokens_total{{model="{first["model"]}",type="input"}}'
+    assert saved in cached.metrics_text(wait_for=saved)
 
 
 def test_stream_replayed_from_json_and_json_from_stream(

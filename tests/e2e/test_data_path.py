@@ -213,7 +213,7 @@ def test_client_gone_mid_stream_is_audited_as_aborted(stack: Stack) -> None:
 
 def test_metrics_are_exported(claude: anthropic.Anthropic, stack: Stack) -> None:
     claude.messages.create(model=MODEL, max_tokens=8, messages=MESSAGES)
-    text = stack.metrics_text()
+    text = stack.metrics_text(wait_for="extproc_time_to_first_token_seconds_bucket")
     assert 'extproc_requests_total{api="anthropic",endpoint="messages"' in text
     assert 'extproc_tokens_total{model="claude-opus-4-8",provider="anthropic",type="input"}' in text
     assert "extproc_request_duration_seconds_bucket" in text

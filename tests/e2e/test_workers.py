@@ -24,6 +24,12 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in result.stdout.split()]
 
 
+def _served(stack: Stack) -> float:
+    metrics = stack.metrics_text()
+    pattern = r'^extproc_requests_total\{.*status="200".*\} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, metrics, re.M))
+
+
 def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: Path) -> None:
     password_file = tmp_path / "redis-password"
     password_file.write_text("s3cret-from-a-mounted-file\n")
@@ -47,14 +53,9 @@ def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: 
                     for _ in range(20)
                 ]
             assert statuses == [200] * 20
-            time.sleep(0.5)
-            metrics = stack.metrics_text()
-            served = sum(
-                float(value)
-                for value in re.findall(
-                    r'^extproc_requests_total\{.*status="200".*\} (\S+)$', metrics, re.M
-                )
-            )
+            deadline = time.monotonic() + 5
+            while (served := _served(stack)) < 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert served == 20  # the supervisor sums every worker's counters
             # One provider call: the cache in Redis served every repeat, whichever worker
             # Envoy's connections landed on.
