@@ -9,6 +9,9 @@ Importing this module puts the repository root on `sys.path`, so a script run as
 - `run_wrk` runs wrk with a Lua script whose `done()` hook prints one JSON line.
 - `CpuMeter` reads per-process (and per-thread) CPU time from /proc around a run.
 - `machine_facts`, `write_section` and `table` build the RESULTS.md report.
+- `wrk_rounds`, `lua_responder`, `start_redis`, `machine_table` and `guarded` serve
+  cache_bench, budget_bench and guard_ttft_bench (alternating runs with CPU, a Lua
+  responder, a throwaway redis-server, the machine table, clean Ctrl-C/time-limit exits).
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import yaml
 
@@ -36,6 +41,7 @@ from extproc import supervisor  # noqa: E402
 from extproc.config import HostPort  # noqa: E402
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_T = TypeVar("_T")
 
 # Debian package (or pip package for py-spy) that provides each tool.
 _PROVIDERS = {
@@ -386,3 +392,180 @@ def write_section(path: Path, name: str, text: str, title: str) -> None:
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new, encoding="utf-8")
+
+
+# -- rigs and runs shared by cache_bench, budget_bench and guard_ttft_bench --------------
+
+
+def address(port: int) -> dict[str, Any]:
+    """An Envoy `address` on loopback."""
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def hcm_of(bootstrap: Mapping[str, Any]) -> dict[str, Any]:
+    """The http_connection_manager config of a bootstrap's first listener."""
+    listener = bootstrap["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+# Reads the whole request body before answering: a reply sent on the headers alone makes
+# Envoy close an HTTP/1.1 connection whose body is unread (no keep-alive).
+_LUA_RESPONDER = """
+function envoy_on_request(handle)
+  handle:body()
+  handle:respond({[":status"] = "200", ["content-type"] = "%s"}, [==[%s]==])
+end
+"""
+
+
+def lua_responder(body: bytes, content_type: str) -> dict[str, Any]:
+    """An HTTP filter answering every request with 200 and `body` (after reading the request)."""
+    text = body.decode()
+    if "]==]" in text or '"' in content_type:
+        raise BenchError("the body cannot be embedded in a Lua long string")
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _LUA_RESPONDER % (content_type, text)},
+        },
+    }
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> bool:
+    """True once 127.0.0.1:`port` accepts connections; False if `process` exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A throwaway redis-server on a free loopback port that dies with the bench.
+
+    Same settings as tests/redis_server.py (no persistence), plus PR_SET_PDEATHSIG.
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is required: run `apt-get install -y redis-server`")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    command += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    command += ["--protected-mode", "no", "--loglevel", "warning"]
+    log_path = workdir / "redis.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+    if not wait_port(port, process, 10):
+        stop_all([process])
+        raise BenchError(f"redis-server did not start:\n{log_path.read_text()}")
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One wrk run and the CPU the watched processes used during it."""
+
+    wrk: WrkResult
+    cpu: CpuUse | None
+
+    def us_per_request(self, name: str, thread: str | None = None) -> float:
+        """CPU µs per completed request of process `name` (or of one of its threads)."""
+        if self.cpu is None or not self.wrk.requests:
+            return float("nan")
+        if thread is None:
+            seconds = self.cpu.seconds.get(name, 0.0)
+        else:
+            seconds = self.cpu.threads.get(name, {}).get(thread, 0.0)
+        return seconds / self.wrk.requests * 1e6
+
+
+def wrk_rounds(
+    wrk: str,
+    cases: Mapping[str, tuple[str, Path]],
+    connections: int,
+    seconds: float,
+    rounds: int,
+    pids: Mapping[str, int] | None = None,
+) -> dict[str, list[Measured]]:
+    """wrk runs of `seconds` per case (name -> (url, script)), cases alternating round by
+    round so background load drifts over all of them alike; with `pids`, the CPU each
+    of those processes used during each run."""
+    threads = 1 if connections == 1 else 2
+    out: dict[str, list[Measured]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (url, script) in cases.items():
+            command = wrk_command(wrk, url, script, threads, connections, seconds)
+            meter = CpuMeter(pids) if pids else None
+            if meter is not None:
+                meter.begin()
+            result = run_wrk(command, seconds)
+            out[name].append(Measured(result, meter.end() if meter is not None else None))
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def machine_table(facts: Mapping[str, str], load_before: str, load_after: str) -> str:
+    """The machine facts and load averages as a Markdown table, with a note if not idle."""
+    rows = [[k, f"`{v}`" if k == "extproc commit" else v] for k, v in facts.items()]
+    rows += [["load average (1/5/15 min) before", load_before]]
+    rows += [["load average (1/5/15 min) after", load_after]]
+    one = max(float(load_before.split("/")[0]), float(load_after.split("/")[0]))
+    cores = os.cpu_count() or 1
+    note = "The machine looked idle around the run."
+    if one >= 0.3 * cores:
+        note = (
+            f"**The machine was not idle** (1-minute load average up to {one:.2f} on {cores} "
+            "cores around the run, other engineers' tests included): absolute numbers are "
+            "pessimistic and noisy; compare the cases of one run with each other."
+        )
+    return table(["machine", ""], rows) + "\n\n" + note
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the bench."""
+
+
+def guarded(name: str, time_limit: int, work: Callable[[], _T]) -> _T | int:
+    """Run `work` with Ctrl-C/SIGTERM and a time limit turned into clean failures.
+
+    Returns `work()`'s value, or an exit code (1: failed, 130: interrupted) after
+    printing why. `work` must stop what it started in `finally` blocks.
+    """
+
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    def out_of_time(_signum: int, _frame: FrameType | None) -> None:
+        raise BenchError(f"the run took longer than {time_limit} s; stopped")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(time_limit)
+    try:
+        return work()
+    except (Interrupted, KeyboardInterrupt):
+        print(f"{name}: interrupted; every process it started was stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.alarm(0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
