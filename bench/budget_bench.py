@@ -417,9 +417,9 @@ def limits_lines(run: Run) -> str:
         f"CPU per request bounds throughput: {cpu_off:,.0f} µs without budgets vs "
         f"{cpu_on:,.0f} µs with them at 16 connections (ceiling {1e6 / cpu_off:,.0f} vs "
         f"{1e6 / cpu_on:,.0f} req/s per busy core).\n"
-        "- `settle` runs in the response's last body phase before its reply to Envoy, so its "
-        f"{c.percentile(rules.settle, 50):.3f} ms p50 also delays the end of every answer; "
-        "that is why the end-to-end Δp50 at 1 connection is close to admit + settle."
+        "- `settle` runs when the ext_proc stream closes, after the last reply went to Envoy, "
+        f"so its {c.percentile(rules.settle, 50):.3f} ms p50 costs CPU (throughput) but does "
+        "not delay the answer; only admit is on the request's path."
     )
 
 
