@@ -99,7 +99,6 @@ class RequestStream:
         self.target: routing.Target | None = None
         self.profile: ProfileConfig = gateway.config.profiles["default"]
         self.identity: auth.Identity = auth.ANONYMOUS
-        self.credential_sent = False
         self.tier: TierConfig | None = None
         self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
@@ -117,7 +116,6 @@ class RequestStream:
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
-        self.rejection: str | None = None
         self.json_chunks: list[bytes] = []
 
     # -- phase order -------------------------------------------------------------------
@@ -128,7 +126,6 @@ class RequestStream:
         self.phase = phase
 
     async def _reject(self, error: GatewayError) -> Respond:
-        self.rejection = error.reason
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
         self._finish(f"rejected_{error.reason}")
@@ -177,7 +174,6 @@ class RequestStream:
     async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
         config = self.gw.config
         key = auth.presented_key(headers)
-        self.credential_sent = key is not None
         identity = None
         if key is not None and auth.key_id_of(key) is not None:
             identity = await self.gw.keys.authenticate(key)
