@@ -180,12 +180,13 @@ async def _stream(client: httpx.AsyncClient, outcome: Outcome, origin: float) ->
     headers = {
         "anthropic-version": "2023-06-01",
         "x-api-key": "client-key",
-        "x-request-id": outcome.request_id,
         "x-fake-delay-ms": str(EVENT_GAP_MS),
     }
     try:
         async with client.stream("POST", "/v1/messages", json=BODY, headers=headers) as reply:
             outcome.status = reply.status_code
+            # The edge Envoy generates x-request-id; the gateway returns it (= the audit id).
+            outcome.request_id = reply.headers.get("x-gateway-request-id", outcome.request_id)
             body = b"".join([chunk async for chunk in reply.aiter_bytes()])
             outcome.complete = b"event: message_stop" in body
     except httpx.HTTPError as exc:
