@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.conftest import PROVIDER_SECRET
 from tests.fake_provider import FakeProvider
-from tests.harness import Stack
+from tests.harness import Stack, gateway_config
 
 MODEL = "claude-opus-4-8"
 MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
@@ -219,3 +219,19 @@ def test_metrics_are_exported(claude: anthropic.Anthropic, stack: Stack) -> None
     assert "extproc_request_duration_seconds_bucket" in text
     assert "extproc_time_to_first_token_seconds_bucket" in text
     assert "extproc_active_streams" in text
+
+
+def test_bodies_past_grpc_default_message_size_pass_intact(fake: FakeProvider) -> None:
+    """A 6 MB request (Claude Code with images) crosses the 4 MB gRPC default intact."""
+    stack = Stack(gateway_config(fake.url))  # default limits.max_body_bytes: 32 MiB
+    try:
+        stack.start()
+        fake.clear()
+        big = "x" * (6 * 1024 * 1024)
+        body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": big}]}
+        headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        response = httpx.post(f"{stack.url}/v1/messages", json=body, headers=headers, timeout=60)
+    finally:
+        stack.close()
+    assert response.status_code == 200, response.text
+    assert fake.received[0].json()["messages"][0]["content"] == big
