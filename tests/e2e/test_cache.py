@@ -227,3 +227,34 @@ def test_purge_from_the_cli(cached: Stack, received: FakeProvider) -> None:
     assert result.returncode == 0, result.stderr
     assert "purged" in result.stdout
     assert post(cached, request, "beta-1").headers["x-gateway-cache"] == "miss"
+
+
+def test_single_flight_across_replicas(fake: FakeProvider, redis: RedisServer) -> None:
+    """Identical requests arriving at two gateways sharing Redis make one provider call."""
+
+    def replica() -> Stack:
+        config = gateway_config(fake.url, store=redis.url)
+        config["providers"]["anthropic"]["credential"] = {"value": "sk-held"}
+        config["profiles"] = {"default": {"cache": {"enabled": True}}}
+        key = {"id": "alpha-1", "hash": hash_key(KEYS["alpha-1"]), "team": "alpha"}
+        config["auth"] = {"keys": [key]}
+        return Stack(config)
+
+    replicas = [replica(), replica()]
+    try:
+        for stack in replicas:
+            stack.start()
+        fake.clear()
+        request = body("single flight across replicas", stream=True)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(post, replicas[i % 2], request, **{"x-fake-delay-ms": "150"})
+                for i in range(6)
+            ]
+            responses = [f.result() for f in futures]
+    finally:
+        for stack in replicas:
+            stack.close()
+    assert [r.status_code for r in responses] == [200] * 6
+    assert sorted(r.headers["x-gateway-cache"] for r in responses) == ["hit"] * 5 + ["miss"]
+    assert len(fake.received) == 1
