@@ -103,15 +103,14 @@ def test_workers_refused_with_memory_store() -> None:
     assert "shared store" in result.stderr
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_ready(log: Path, process: subprocess.Popen[bytes]) -> None:
+    """Until `extproc up` announces that Envoy and the ext_proc server are both ready."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            httpx.post(f"{url}/v1/messages", json=BODY, headers=HEADERS, timeout=2)
+        if "gateway ready" in log.read_text(errors="replace"):
             return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise AssertionError("extproc up did not become ready")
+        time.sleep(0.1)
+    raise AssertionError(f"extproc up did not become ready:\n{log.read_text(errors='replace')}")
 
 
 def _children(pid: int) -> list[int]:
@@ -132,19 +131,21 @@ def _alive(pid: int) -> bool:
     return status != "Z"
 
 
-def _start_up(tmp_path: Path, fake: FakeProvider) -> tuple[subprocess.Popen[bytes], Stack]:
+def _start_up(tmp_path: Path, fake: FakeProvider) -> tuple[subprocess.Popen[bytes], Stack, Path]:
     stack = Stack(gateway_config(fake.url), workdir=tmp_path)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "up", "--config", str(stack.config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _wait_ready(stack.url, process)
-    return process, stack
+    log = tmp_path / "up.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "up", "--config", str(stack.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+        )
+    _wait_ready(log, process)
+    return process, stack, log
 
 
 def test_up_serves_and_ctrl_c_leaves_nothing_behind(tmp_path: Path, fake: FakeProvider) -> None:
-    process, stack = _start_up(tmp_path, fake)
+    process, stack, _log = _start_up(tmp_path, fake)
     children = _children(process.pid)
     assert len(children) == 2
     response = httpx.post(f"{stack.url}/v1/messages", json=BODY, headers=HEADERS, timeout=10)
@@ -157,11 +158,10 @@ def test_up_serves_and_ctrl_c_leaves_nothing_behind(tmp_path: Path, fake: FakePr
 
 
 def test_up_stops_the_other_when_one_dies(tmp_path: Path, fake: FakeProvider) -> None:
-    process, _stack = _start_up(tmp_path, fake)
+    process, _stack, log = _start_up(tmp_path, fake)
     server, envoy = _children(process.pid)
     os.kill(envoy, signal.SIGKILL)
     assert process.wait(timeout=30) == 1
-    assert process.stderr is not None
-    assert "exited with code" in process.stderr.read().decode()
+    assert "Envoy exited with code" in log.read_text()
     time.sleep(0.5)
     assert not _alive(server)
