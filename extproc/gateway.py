@@ -8,6 +8,7 @@ constructor so tests can substitute them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class Gateway:
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    open_streams: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def from_config(
@@ -71,16 +74,29 @@ class Gateway:
             guard=_guard(config, environ),
         )
 
-    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run `work` as a task that outlives a cancelled RPC; kept until it is done."""
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+        self.idle.clear()
+
+    def stream_closed(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a closed stream's `work` (settle, audit) as a task that outlives a cancelled
+        RPC; shutdown waits for it."""
         task = asyncio.ensure_future(work)
         self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+        task.add_done_callback(self._done)
+        self.open_streams -= 1
         return task
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.pending.discard(task)
+        if not self.pending and not self.open_streams:
+            self.idle.set()
+
     async def settle_pending(self, seconds: float) -> None:
-        if self.pending:
-            await asyncio.wait(set(self.pending), timeout=seconds)
+        """Wait until every stream has closed and its work is done (at most `seconds`)."""
+        if self.pending or self.open_streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), seconds)
 
     def guard_for(self, profile: str | None) -> ProfileGuard | None:
         return self.guard.profile(profile) if self.guard is not None else None

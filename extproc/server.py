@@ -50,6 +50,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             await context.write(envoy_api.extend_timeout(seconds))
 
         stream = RequestStream(self.gateway, extend=extend)
+        self.gateway.stream_opened()
         try:
             async for request in request_iterator:
                 phase = envoy_api.phase_of(request)
@@ -62,7 +63,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         finally:
             # Envoy may cancel the RPC once its HTTP stream is done; settling the budget and
             # writing the audit record must finish all the same.
-            await asyncio.shield(self.gateway.track(stream.close()))
+            await asyncio.shield(self.gateway.stream_closed(stream.close()))
 
 
 async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:
