@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from extproc import supervisor  # noqa: E402
 from extproc.config import HostPort  # noqa: E402
+from tests.harness import free_port as free_port  # noqa: E402  (re-exported)
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _T = TypeVar("_T")
@@ -93,13 +94,6 @@ def require_tools(tools: Iterable[str], install: bool) -> dict[str, str]:
 
 
 # -- processes --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class EnvoyProcess:
@@ -569,3 +563,24 @@ def guarded(name: str, time_limit: int, work: Callable[[], _T]) -> _T | int:
         signal.alarm(0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_and_report(
+    name: str,
+    time_limit: int,
+    work: Callable[[], _T],
+    render: Callable[[_T], str],
+    output: Path | None,
+    section: str,
+) -> int:
+    """`guarded(work)`, then print the rendered report and, unless `output` is None,
+    write it as `section` of that file. Returns the exit code."""
+    run = guarded(name, time_limit, work)
+    if isinstance(run, int):
+        return run
+    report = render(run)
+    print("\n" + report)
+    if output is not None:
+        write_section(output, section, report, "Benchmark results")
+        print(f"\nwrote {output}")
+    return 0

@@ -321,15 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="guard-ttft-bench-") as workdir:
             return measure(args, Path(workdir))
 
-    run = c.guarded("guard_ttft_bench", TIME_LIMIT, work)
-    if isinstance(run, int):
-        return run
-    report = render(run)
-    print("\n" + report)
-    if args.write:
-        c.write_section(args.output, SECTION, report, "Benchmark results")
-        print(f"\nwrote {args.output}")
-    return 0
+    output = args.output if args.write else None
+    return c.run_and_report("guard_ttft_bench", TIME_LIMIT, work, render, output, SECTION)
 
 
 if __name__ == "__main__":

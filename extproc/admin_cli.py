@@ -74,14 +74,14 @@ def add_parser(commands: Any) -> None:
     actions.add_parser("hash", help="print the hash of a key read from stdin")
 
 
-class KeysError(Exception):
+class AdminError(Exception):
     """A command-line mistake, reported with exit status 2."""
 
 
 def parse_duration(text: str) -> float:
     match = _DURATION.match(text.strip())
     if not match:
-        raise KeysError(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
+        raise AdminError(f"{text!r} is not a duration like 90s, 15m, 12h or 30d")
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -93,7 +93,7 @@ def parse_expiry(text: str | None, now: float) -> float | None:
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError as exc:
-        raise KeysError(f"--expires {text!r}: use an ISO date (2027-01-31) or 30d") from exc
+        raise AdminError(f"--expires {text!r}: use an ISO date (2027-01-31) or 30d") from exc
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
 
 
@@ -102,7 +102,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise KeysError(f"--label {pair!r}: use key=value")
+            raise AdminError(f"--label {pair!r}: use key=value")
         labels[key] = value
     return labels
 
@@ -110,7 +110,7 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 async def _load(store: Store, key_id: str) -> KeyRecord:
     raw = await store.get(STORE_PREFIX + key_id)
     if raw is None:
-        raise KeysError(f"no key {key_id!r} in the store")
+        raise AdminError(f"no key {key_id!r} in the store")
     return KeyRecord.from_json(raw)
 
 
@@ -130,14 +130,14 @@ async def create(store: Store, args: argparse.Namespace, now: float) -> str:
         created_at=now,
     )
     if not await store.set(STORE_PREFIX + args.id, record.to_json(), only_if_absent=True):
-        raise KeysError(f"key {args.id!r} already exists; rotate or revoke it instead")
+        raise AdminError(f"key {args.id!r} already exists; rotate or revoke it instead")
     return key
 
 
 async def rotate(store: Store, key_id: str, overlap: float, now: float) -> str:
     record = await _load(store, key_id)
     if record.disabled:
-        raise KeysError(f"key {key_id!r} is revoked; create a new one")
+        raise AdminError(f"key {key_id!r} is revoked; create a new one")
     key = new_key(key_id)
     rotated = replace(
         record,
@@ -168,7 +168,7 @@ async def listing(store: Store) -> list[dict[str, Any]]:
 
 async def _purge(store: Store, config: Config, args: argparse.Namespace) -> str:
     if not (args.scope or args.key or args.all):
-        raise KeysError("say what to purge: --scope, --key or --all")
+        raise AdminError("say what to purge: --scope, --key or --all")
     removed = await ResponseCache(store, config.cache).purge(args.scope, args.key)
     return f"purged {removed} cached answer(s)"
 
@@ -204,14 +204,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
             print(hash_key(sys.stdin.readline().strip()))
             return 0
         if not config.shared_store:
-            raise KeysError(
+            raise AdminError(
                 f"{args.command} live in the store, and store: memory:// lasts one process; "
                 "set store: redis://... (keys can also be declared in the config: "
                 "`extproc keys generate --id ID`)"
             )
         print(asyncio.run(_in_store(config, args)))
         return 0
-    except (KeysError, ValueError) as exc:
+    except (AdminError, ValueError) as exc:
         print(f"extproc {args.command}: {exc}", file=sys.stderr)
         return 2
     except StoreError as exc:

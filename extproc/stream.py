@@ -99,6 +99,7 @@ class RequestStream:
         self.target: routing.Target | None = None
         self.profile: ProfileConfig = gateway.config.profiles["default"]
         self.identity: auth.Identity = auth.ANONYMOUS
+        self.key: str | None = None  # the credential the caller presented
         self.tier: TierConfig | None = None
         self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
@@ -173,7 +174,7 @@ class RequestStream:
 
     async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
         config = self.gw.config
-        key = auth.presented_key(headers)
+        self.key = key = auth.presented_key(headers)
         identity = None
         if key is not None and auth.key_id_of(key) is not None:
             identity = await self.gw.keys.authenticate(key)
@@ -303,9 +304,7 @@ class RequestStream:
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
-        if self.identity.source != "anonymous":
-            return None
-        return auth.presented_key(self.headers)
+        return self.key if self.identity.source == "anonymous" else None
 
     # -- cache ------------------------------------------------------------------------
 
@@ -416,9 +415,10 @@ class RequestStream:
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
-        self.sse = SseParser()
         if self.guard is not None:
-            self.rewriter = self.guard.rewriter()
+            self.rewriter = self.guard.rewriter()  # it parses the events itself
+        else:
+            self.sse = SseParser()
         if self.api == "openai":
             self.accumulator = openai.StreamAccumulator()
         else:

@@ -33,6 +33,14 @@ def free_port() -> int:
         return port
 
 
+def child_pids(pid: int) -> list[int]:
+    """The pids of a process's direct children."""
+    result = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [int(line) for line in result.stdout.split()]
+
+
 def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
     """A config dict with one Anthropic and one OpenAI provider at `provider_url`."""
     data: dict[str, Any] = {

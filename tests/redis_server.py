@@ -16,20 +16,14 @@ import tempfile
 import time
 from types import TracebackType
 
+from tests.harness import free_port
+
 __all__ = ["RedisServer", "free_port", "redis_server_binary"]
 
 
 def redis_server_binary() -> str | None:
     """Path of `redis-server`, or None when it is not installed."""
     return shutil.which("redis-server")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _ping(port: int, password: str | None = None) -> bool:

@@ -15,7 +15,7 @@ import yaml
 
 from extproc import supervisor
 from tests.fake_provider import FakeProvider
-from tests.harness import Stack, gateway_config
+from tests.harness import Stack, child_pids, gateway_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
@@ -113,13 +113,6 @@ def _wait_ready(log: Path, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"extproc up did not become ready:\n{log.read_text(errors='replace')}")
 
 
-def _children(pid: int) -> list[int]:
-    result = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
-    )
-    return [int(line) for line in result.stdout.split()]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -146,7 +139,7 @@ def _start_up(tmp_path: Path, fake: FakeProvider) -> tuple[subprocess.Popen[byte
 
 def test_up_serves_and_ctrl_c_leaves_nothing_behind(tmp_path: Path, fake: FakeProvider) -> None:
     process, stack, _log = _start_up(tmp_path, fake)
-    children = _children(process.pid)
+    children = child_pids(process.pid)
     assert len(children) == 2
     response = httpx.post(f"{stack.url}/v1/messages", json=BODY, headers=HEADERS, timeout=10)
     assert response.status_code == 200
@@ -159,7 +152,7 @@ def test_up_serves_and_ctrl_c_leaves_nothing_behind(tmp_path: Path, fake: FakePr
 
 def test_up_stops_the_other_when_one_dies(tmp_path: Path, fake: FakeProvider) -> None:
     process, _stack, log = _start_up(tmp_path, fake)
-    server, envoy = _children(process.pid)
+    server, envoy = child_pids(process.pid)
     os.kill(envoy, signal.SIGKILL)
     assert process.wait(timeout=30) == 1
     assert "Envoy exited with code" in log.read_text()

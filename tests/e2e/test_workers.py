@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
 from tests.fake_provider import FakeProvider
-from tests.harness import Stack, gateway_config
+from tests.harness import Stack, child_pids, gateway_config
 from tests.redis_server import RedisServer
 
 BODY = {"model": "claude-opus-4-8", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
 HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "caller-key"}
-
-
-def _children(pid: int) -> list[int]:
-    result = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False
-    )
-    return [int(line) for line in result.stdout.split()]
 
 
 def _served(stack: Stack) -> float:
@@ -44,7 +36,7 @@ def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: 
             stack.start_envoy()
             supervisor = stack.processes["extproc"]
             time.sleep(1)
-            workers = _children(supervisor.pid)
+            workers = child_pids(supervisor.pid)
             assert len(workers) == 2
             fake.clear()
             with httpx.Client(base_url=stack.url, timeout=10) as client:

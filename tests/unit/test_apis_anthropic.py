@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -22,28 +20,12 @@ from extproc.apis.anthropic import (
 )
 from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def fixture_bytes(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def fixture_json(name: str) -> Any:
-    return orjson.loads(fixture_bytes(name))
+from tests.unit.api_fixtures import feed_chunked, fixture_bytes, fixture_json
 
 
 def accumulate(raw: bytes, cuts: list[int] | None = None) -> StreamAccumulator:
     """Parse `raw` as SSE, split at `cuts`, and feed every event to an accumulator."""
-    bounds = [0, *sorted({c % (len(raw) + 1) for c in cuts or []}), len(raw)]
-    parser, acc = SseParser(), StreamAccumulator()
-    for a, b in itertools.pairwise(bounds):
-        for event in parser.feed(raw[a:b]):
-            acc.feed(event)
-    for event in parser.close():
-        acc.feed(event)
-    return acc
+    return feed_chunked(raw, cuts, StreamAccumulator())
 
 
 def event(data: Any, name: str | None = None) -> SseEvent:
