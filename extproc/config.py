@@ -138,11 +138,39 @@ class ProviderConfig(_Frozen):
         return self.hostname if self.port == default else f"{self.hostname}:{self.port}"
 
 
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+
 class AuditConfig(_Frozen):
-    """One JSON line per request. `sink` is `stdout`, `none` or a file path."""
+    """One record per request. `sink` is `stdout`, `none`, a file path (JSON lines) or a
+    `postgresql://` URL (the durable store: batched, spooled to `spool_dir` while Postgres is
+    away). The other keys apply to a Postgres sink only."""
 
     sink: str = "stdout"
+    # The default for routes whose profile does not say (profiles.NAME.audit.record_text);
+    # a zero-data-retention profile never records text, whatever this says.
     record_text: bool = False
+    # The Postgres password from an env var or a file (overrides one in the URL).
+    password: CredentialSource | None = None
+    table: str = "extproc_audit"
+    spool_dir: Path = Path("audit-spool")
+    retention_days: int = Field(default=90, ge=1, le=3650)
+    partitions_ahead_days: int = Field(default=3, ge=1, le=60)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    flush_seconds: float = Field(default=1.0, gt=0, le=60)
+    queue_max: int = Field(default=20_000, ge=100, le=1_000_000)
+    retry_seconds: float = Field(default=5.0, gt=0, le=600)
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        if not _TABLE.match(value):
+            raise ValueError(f"{value!r}: use lower-case letters, digits and '_' (at most 41)")
+        return value
+
+    @property
+    def postgres(self) -> bool:
+        return urlsplit(self.sink).scheme in ("postgresql", "postgres")
 
 
 class LimitsConfig(_Frozen):
@@ -304,6 +332,11 @@ class CacheSettings(_Frozen):
     charge_budget_on_hit: bool = False
 
 
+class ProfileAuditConfig(_Frozen):
+    # None: the global audit.record_text.
+    record_text: bool | None = None
+
+
 class ProfileConfig(_Frozen):
     """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
     override these fields."""
@@ -316,6 +349,16 @@ class ProfileConfig(_Frozen):
     cache: CacheConfig = CacheConfig()
     # The guard profile for this route (guard.profiles); None: guard.default_profile.
     guard: str | None = None
+    audit: ProfileAuditConfig = ProfileAuditConfig()
+    # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
+    # audit.record_text or this profile's audit settings say.
+    zero_data_retention: bool = False
+
+    def records_text(self, default: bool) -> bool:
+        """Whether this route's audit records keep prompt and answer text."""
+        if self.zero_data_retention:
+            return False
+        return default if self.audit.record_text is None else self.audit.record_text
 
 
 class ModelRoute(_Frozen):
@@ -401,6 +444,12 @@ class Config(_Frozen):
                 [(f"profiles.{n}.guard", p.guard) for n, p in self.profiles.items() if p.guard],
                 self.guard.profiles,
             )
+        problems += [
+            f"profiles.{n}: zero_data_retention: true contradicts audit.record_text: true;"
+            " drop one of them"
+            for n, p in self.profiles.items()
+            if p.zero_data_retention and p.audit.record_text
+        ]
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]

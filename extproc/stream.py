@@ -540,7 +540,7 @@ class RequestStream:
         error = body.get("error")
         if isinstance(error, dict):
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
-        if self.gw.config.audit.record_text:
+        if self.profile.records_text(self.gw.config.audit.record_text):
             self.answer.completion = body.get("content", body.get("choices"))
         if self.cache_run is not None:
             self.answer.json = body

@@ -2,7 +2,8 @@
 
 Called exactly once per request by `RequestStream._finish`. The record holds
 who, what and how much, never credentials; prompt and completion text only when
-`audit.record_text` is on.
+the route's profile records text (`profiles.NAME.audit.record_text`, else the global
+`audit.record_text`; never on a `zero_data_retention` profile).
 """
 
 from __future__ import annotations
@@ -73,10 +74,21 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["cache_stored"] = stream.cache_stored
         if run.volatile:
             record["cache_volatile_paths"] = run.volatile
-    if stream.gw.config.audit.record_text and request is not None:
+    if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
-        record["completion"] = answer.completion
+        record["completion"] = _completion(stream)
     return record
+
+
+def _completion(stream: RequestStream) -> Any:
+    """The answer's content: the JSON body's, or the folded stream's when it completed."""
+    if stream.answer.completion is not None:
+        return stream.answer.completion
+    accumulator = stream.accumulator
+    if accumulator is None or not accumulator.complete:
+        return None
+    message = accumulator.folded_message()
+    return message.get("content", message.get("choices"))
 
 
 def account(stream: RequestStream, now: float) -> None:

@@ -1,0 +1,299 @@
+"""The durable audit sink: PostgreSQL, batched, with a local spool for outages.
+
+`write()` runs on the request path (stream close, after the reply): it appends the
+record to a bounded in-memory queue and returns; nothing there waits on the network.
+One writer thread takes batches off the queue (`batch_size` records or every
+`flush_seconds`) and inserts each as one statement. When Postgres is down, slow
+(statement timeout) or refuses the batch's connection, the batch goes to the spool
+(JSON lines, fsynced) and the thread retries every `retry_seconds`; once an insert
+succeeds again the spool is replayed. A full queue (Postgres slow for long) sends the
+overflowing record to the spool from the request path: a buffered file append, still
+no network. On start every spool file left by an earlier run is replayed, and on
+shutdown the queue is flushed to Postgres or, failing that, to the spool, so a
+Postgres outage or a gateway restart loses nothing; the insert is idempotent, so a
+replay never duplicates.
+
+The thread uses psycopg 3 (synchronous, its own connection): the insert work never
+runs on the gRPC event loop, and shutdown can drain the queue from a plain `close()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+from extproc.telemetry import audit_schema as schema
+from extproc.telemetry.spool import Spool
+
+log = logging.getLogger("extproc.audit")
+
+_MAINTAIN_SECONDS = 3600.0
+_JOIN_SECONDS = 20.0
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+class PostgresSettings:
+    """What the sink needs from `audit:` (kept apart from the pydantic model for tests)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        table: str = "extproc_audit",
+        spool_dir: Path = Path("audit-spool"),
+        retention_days: int = 90,
+        partitions_ahead_days: int = 3,
+        batch_size: int = 500,
+        flush_seconds: float = 1.0,
+        queue_max: int = 20_000,
+        retry_seconds: float = 5.0,
+        statement_timeout_ms: int = 5000,
+    ) -> None:
+        self.url = url
+        self.password = password
+        self.table = table
+        self.spool_dir = spool_dir
+        self.retention_days = retention_days
+        self.partitions_ahead_days = partitions_ahead_days
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.queue_max = queue_max
+        self.retry_seconds = retry_seconds
+        self.statement_timeout_ms = statement_timeout_ms
+
+
+def connect(settings: PostgresSettings, autocommit: bool = True) -> psycopg.Connection[Any]:
+    extra: dict[str, Any] = {} if settings.password is None else {"password": settings.password}
+    return psycopg.connect(
+        settings.url,
+        autocommit=autocommit,
+        connect_timeout=3,
+        options=f"-c statement_timeout={settings.statement_timeout_ms}",
+        application_name="extproc-audit",
+        **extra,
+    )
+
+
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+class _Undelivered(Exception):
+    """A spooled batch could not be delivered: keep its file."""
+
+
+class PostgresSink:
+    def __init__(
+        self,
+        settings: PostgresSettings,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self._wall_clock = wall_clock
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self.spool = Spool(settings.spool_dir)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._days: set[dt.date] = set()
+        self._retry_at = 0.0
+        self._maintained_at = -_MAINTAIN_SECONDS
+        self.inserted = 0
+        self.overflowed = 0
+        self.rejected = 0
+        self._thread = threading.Thread(target=self._run, name="audit-postgres", daemon=True)
+        self._thread.start()
+
+    # -- request path -------------------------------------------------------------------
+
+    def write(self, record: dict[str, Any]) -> None:
+        queue = self._queue
+        if len(queue) >= self.settings.queue_max:
+            self.overflowed += 1
+            self.spool.append([encode(record)], sync=False)
+            return
+        queue.append(record)
+        if len(queue) == self.settings.batch_size:
+            self._wake.set()
+
+    def close(self) -> None:
+        """Flush the queue (to Postgres, else the spool) and stop the writer thread."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(_JOIN_SECONDS)
+        leftover = self._take(len(self._queue))
+        if leftover:  # the thread is stuck: keep the records on disk
+            self.spool.append([encode(r) for r in leftover], sync=True)
+        self.spool.close()
+        if self._conn is not None and not self._thread.is_alive():
+            self._conn.close()
+
+    # -- writer thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._safely(self._replay)  # what an earlier run left behind
+        while True:
+            stopping = self._stopping.is_set()
+            batch = self._take(self.settings.batch_size)
+            if batch:
+                self._deliver([encode(r) for r in batch])
+            elif stopping:
+                return
+            if not stopping:
+                self._safely(self._idle)
+
+    def _safely(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # never let the writer die: every record would only spool
+            log.exception("audit: writer error; retrying in %.0fs", self.settings.retry_seconds)
+            self._retry_at = time.monotonic() + self.settings.retry_seconds
+
+    def _idle(self) -> None:
+        if len(self._queue) < self.settings.batch_size:
+            self._wake.wait(self.settings.flush_seconds)
+            self._wake.clear()
+        due = self._healthy() or time.monotonic() >= self._retry_at
+        if due and self.spool.waiting():
+            self._replay()
+
+    def _take(self, limit: int) -> list[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        queue = self._queue
+        while queue and len(batch) < limit:
+            batch.append(queue.popleft())
+        return batch
+
+    def _healthy(self) -> bool:
+        return self._retry_at == 0.0
+
+    def _deliver(self, lines: list[bytes]) -> None:
+        """Insert a batch, or spool it when Postgres cannot take it now."""
+        if not self._healthy() and time.monotonic() < self._retry_at:
+            self.spool.append(lines, sync=True)
+            return
+        try:
+            delivered = self._insert(lines)
+        except Exception:
+            log.exception("audit: writer error; spooling the batch")
+            delivered = False
+        if not delivered:
+            self.spool.append(lines, sync=True)
+
+    def _replay(self) -> None:
+        """Deliver every spool file no other process holds; stop at the first failure."""
+        self.spool.rotate()
+        for path in self.spool.pending():
+            if not self._replay_file(path):
+                return
+
+    def _replay_file(self, path: Path) -> bool:
+        size = self.settings.batch_size
+        try:
+            with self.spool.claim(path) as lines:  # deleted unless an exception leaves
+                for start in range(0, len(lines or ()), size):
+                    if not self._insert((lines or [])[start : start + size]):
+                        raise _Undelivered
+        except _Undelivered:
+            return False
+        if lines:
+            log.info("audit: delivered %d spooled records from %s", len(lines), path.name)
+        return True
+
+    def _insert(self, lines: list[bytes]) -> bool:
+        """True when Postgres stored (or already had) every record of the batch."""
+        try:
+            self._store(lines)
+        except psycopg.Error as exc:
+            self._failed(exc)
+            return False
+        if not self._healthy():
+            log.warning("audit: Postgres is back; delivering spooled records")
+        self._retry_at = 0.0
+        return True
+
+    def _store(self, lines: list[bytes]) -> None:
+        conn = self._connection()
+        self._ensure_days(conn, lines)
+        try:
+            self._execute(conn, lines)
+        except _UNAVAILABLE:
+            raise
+        except psycopg.Error as exc:  # a record Postgres refuses (e.g. a NUL in text)
+            log.warning("audit: Postgres refused a batch (%s); inserting one by one", exc)
+            for line in lines:
+                self._store_one(conn, line)
+
+    def _execute(self, conn: psycopg.Connection[Any], lines: list[bytes]) -> None:
+        payload = b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]"
+        conn.execute(schema.insert_statement(self.settings.table), (payload.decode(),))
+        self.inserted += len(lines)
+
+    def _store_one(self, conn: psycopg.Connection[Any], line: bytes) -> None:
+        try:
+            self._execute(conn, [line])
+        except _UNAVAILABLE:
+            raise
+        except psycopg.Error as exc:
+            self.rejected += 1
+            rejected = self.settings.spool_dir / "rejected.jsonl"
+            with rejected.open("ab") as stream:
+                stream.write(line if line.endswith(b"\n") else line + b"\n")
+            log.error("audit: Postgres refused a record (%s); kept in %s", exc, rejected)
+
+    def _failed(self, exc: Exception) -> None:
+        if self._healthy():
+            log.warning(
+                "audit: Postgres unavailable (%s); spooling to %s", exc, self.spool.directory
+            )
+        self._retry_at = time.monotonic() + self.settings.retry_seconds
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.settings)
+            self._days = set()
+            self._maintained_at = -_MAINTAIN_SECONDS
+        if time.monotonic() - self._maintained_at >= _MAINTAIN_SECONDS:
+            self._maintain(self._conn)
+        return self._conn
+
+    def _maintain(self, conn: psycopg.Connection[Any]) -> None:
+        """Schema, partitions ahead, retention: at connect and then hourly."""
+        today = dt.datetime.fromtimestamp(self._wall_clock(), dt.UTC).date()
+        settings = self.settings
+        try:
+            schema.migrate(conn, settings.table, today, settings.partitions_ahead_days)
+            dropped = schema.drop_expired(conn, settings.table, today, settings.retention_days)
+        except _UNAVAILABLE:
+            raise
+        except psycopg.Error as exc:  # e.g. no DDL privilege: `extproc audit migrate` did it
+            log.warning("audit: could not maintain %s (%s)", settings.table, exc)
+            dropped = []
+        if dropped:
+            log.info("audit: retention dropped partitions %s", ", ".join(dropped))
+        self._days.update(
+            today + dt.timedelta(days=n) for n in range(settings.partitions_ahead_days)
+        )
+        self._maintained_at = time.monotonic()
+
+    def _ensure_days(self, conn: psycopg.Connection[Any], lines: list[bytes]) -> None:
+        days = {day for line in lines if (day := schema.record_day(line)) is not None}
+        missing = days - self._days
+        if missing:
+            schema.ensure_partitions(conn, self.settings.table, missing)
+            self._days |= missing
