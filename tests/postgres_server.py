@@ -5,6 +5,9 @@ manager), as `nobody` when the tests run as root (postgres refuses root), with
 fsync off and trust authentication on 127.0.0.1 only. `crash()` is an immediate
 shutdown (SIGQUIT: backends die without a checkpoint, clients see their connections
 drop), `start()` brings it back on the same port with its data.
+
+Fixtures (import them into a test module): `postgres`, one server per session, and
+`pg_url`, a fresh database on it for one test.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import psycopg
+import pytest
 
 from tests.harness import free_port
 
-__all__ = ["PostgresServer", "postgres_bin_dir"]
+__all__ = ["PostgresServer", "pg_url", "postgres", "postgres_bin_dir"]
 
 
 def postgres_bin_dir() -> str | None:
@@ -133,3 +138,33 @@ class PostgresServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _started() -> PostgresServer:
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (scripts/test installs the Debian package)")
+    for _ in range(3):  # a free port can be taken between probe and bind
+        server = PostgresServer()
+        try:
+            server.start()
+        except RuntimeError:
+            server.close()
+            continue
+        return server
+    raise RuntimeError("could not start postgres")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session; tests take a database of their own."""
+    server = _started()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A fresh database on the session's server (which a previous test may have crashed)."""
+    if postgres.process is None or postgres.process.poll() is not None:
+        postgres.start()
+    return postgres.create_database()
