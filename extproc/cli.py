@@ -4,6 +4,8 @@ extproc serve --config FILE [--workers N]   the ext_proc gRPC server alone (mesh
 extproc up [--config FILE]                   Envoy + the ext_proc server, in the foreground
 extproc check-config FILE                    validate the config and the Envoy bootstrap
 extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
+extproc report [--source FILE|URL] [--html F] spend, savings, rejections from the audit store
+extproc audit migrate --config FILE          create the Postgres audit table and partitions
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from extproc import admin_cli
 from extproc.config import Config, ConfigError, load_config
+from extproc.report import cli as report_cli
 
 log = logging.getLogger("extproc")
 
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--config")
     admin_cli.add_parser(commands)
     admin_cli.add_cache_parser(commands)
+    report_cli.add_parsers(commands)
     return parser
 
 
@@ -118,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command in ("keys", "cache"):
         return admin_cli.run(_load(args.config), args)
+    if args.command == "report":
+        return report_cli.run_report(args, _load(args.config))
+    if args.command == "audit":
+        return report_cli.run_audit(args, _load(args.config))
     from extproc import envoy_config, supervisor
 
     config = _load(args.config)

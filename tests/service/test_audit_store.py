@@ -15,7 +15,7 @@ import pytest
 
 from extproc.config import parse_config
 from extproc.telemetry.audit import open_sink
-from extproc.telemetry.audit_store import PostgresSettings, PostgresSink
+from extproc.telemetry.audit_store import PostgresSettings, PostgresSink, encode
 from tests.harness import free_port
 from tests.postgres_server import PostgresServer, pg_url, postgres
 
@@ -204,3 +204,25 @@ def test_config_opens_a_postgres_sink_with_its_password_from_env(
     sink.write(record(1))
     sink.close()
     assert query(pg_url, "SELECT count(*) FROM calls")[0][0] == 1
+
+
+def test_report_reads_the_postgres_store_like_the_json_lines_file(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extproc.cli import main
+    from tests.unit.test_report import NOW, RECORDS
+
+    sink = PostgresSink(settings(pg_url, tmp_path / "spool"))
+    valid = [r for r in RECORDS if r["request_id"] != "bad"]
+    for r in valid:
+        sink.write(r)
+    wait_for(lambda: sink.inserted == len(valid))
+    sink.close()
+    lines = tmp_path / "audit.jsonl"
+    lines.write_bytes(b"".join(encode(r) for r in valid))
+    window = ["--until", NOW.isoformat(), "--since", "7d"]
+    assert main(["report", "--source", pg_url, *window]) == 0
+    from_postgres = capsys.readouterr().out
+    assert main(["report", "--source", str(lines), *window]) == 0
+    assert from_postgres == capsys.readouterr().out
+    assert "requests             7" in from_postgres
