@@ -138,3 +138,14 @@ def test_a_profile_cannot_be_both_zdr_and_recording() -> None:
                 }
             }
         )
+
+
+async def test_route_metadata_cannot_turn_zero_data_retention_off() -> None:
+    sink = ListSink()
+    replies = await run(
+        gateway(True, sink),
+        [on_route({"profile": "zdr", "zero_data_retention": False}), request_body(BODY)],
+    )
+    assert replies[0].immediate_response.status.code == 503
+    assert "zero_data_retention" in replies[0].immediate_response.body.decode()
+    assert "prompt" not in sink.records[0]
