@@ -2,7 +2,8 @@
 
 `PostgresServer` runs the Debian package's `postgres` binary directly (no cluster
 manager), as `nobody` when the tests run as root (postgres refuses root), with
-fsync off and trust authentication on 127.0.0.1 only. `crash()` is an immediate
+fsync off and trust authentication on 127.0.0.1 only. `pause()` / `resume()` hang and release it
+(SIGSTOP/SIGCONT on the postmaster and its backends); `crash()` is an immediate
 shutdown (SIGQUIT: backends die without a checkpoint, clients see their connections
 drop), `start()` brings it back on the same port with its data.
 
@@ -28,7 +29,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.harness import free_port
+from tests.harness import child_pids, free_port
 
 __all__ = ["PostgresServer", "pg_url", "postgres", "postgres_bin_dir"]
 
@@ -112,6 +113,19 @@ class PostgresServer:
             self.process.send_signal(signal.SIGQUIT)
             self.process.wait(15)
         self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP the server and every backend: ports stay open, nothing answers."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
+    def _pids(self) -> list[int]:
+        assert self.process is not None
+        return [self.process.pid, *child_pids(self.process.pid)]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

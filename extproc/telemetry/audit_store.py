@@ -37,7 +37,6 @@ from extproc.telemetry.spool import Spool
 log = logging.getLogger("extproc.audit")
 
 _MAINTAIN_SECONDS = 3600.0
-_JOIN_SECONDS = 20.0
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -61,6 +60,7 @@ class PostgresSettings:
         queue_max: int = 20_000,
         retry_seconds: float = 5.0,
         statement_timeout_ms: int = 5000,
+        close_seconds: float = 10.0,
     ) -> None:
         self.url = url
         self.password = password
@@ -73,6 +73,8 @@ class PostgresSettings:
         self.queue_max = queue_max
         self.retry_seconds = retry_seconds
         self.statement_timeout_ms = statement_timeout_ms
+        # How long close() waits for the writer before spooling what it holds.
+        self.close_seconds = close_seconds
 
 
 def connect(settings: PostgresSettings, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -109,6 +111,7 @@ class PostgresSink:
         self._conn: psycopg.Connection[Any] | None = None
         self._days: set[dt.date] = set()
         self._retry_at = 0.0
+        self._inflight: list[bytes] = []
         self._maintained_at = -_MAINTAIN_SECONDS
         self.inserted = 0
         self.overflowed = 0
@@ -128,14 +131,21 @@ class PostgresSink:
         if len(queue) == self.settings.batch_size:
             self._wake.set()
 
+    @property
+    def busy(self) -> bool:
+        """Whether the writer is delivering a batch right now."""
+        return bool(self._inflight)
+
     def close(self) -> None:
         """Flush the queue (to Postgres, else the spool) and stop the writer thread."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(_JOIN_SECONDS)
-        leftover = self._take(len(self._queue))
-        if leftover:  # the thread is stuck: keep the records on disk
-            self.spool.append([encode(r) for r in leftover], sync=True)
+        self._thread.join(self.settings.close_seconds)
+        leftover = [encode(r) for r in self._take(len(self._queue))]
+        if self._thread.is_alive():  # stuck on a hung Postgres: its batch may never land
+            leftover = self._inflight + leftover  # a replay that repeats it stores it once
+        if leftover:
+            self.spool.append(leftover, sync=True)
         self.spool.close()
         if self._conn is not None and not self._thread.is_alive():
             self._conn.close()
@@ -184,11 +194,13 @@ class PostgresSink:
         if not self._healthy() and time.monotonic() < self._retry_at:
             self.spool.append(lines, sync=True)
             return
+        self._inflight = lines
         try:
             delivered = self._insert(lines)
         except Exception:
             log.exception("audit: writer error; spooling the batch")
             delivered = False
+        self._inflight = []
         if not delivered:
             self.spool.append(lines, sync=True)
 

@@ -159,8 +159,7 @@ def test_write_never_waits_on_a_hung_postgres(
     sink = PostgresSink(settings(pg_url, tmp_path, queue_max=100, statement_timeout_ms=500))
     sink.write(record(0))
     wait_for(lambda: sink.inserted == 1)
-    assert postgres.process is not None
-    postgres.process.send_signal(19)  # SIGSTOP: the port stays open, nothing answers
+    postgres.pause()
     try:
         started = time.perf_counter()
         for n in range(1, 1001):
@@ -169,9 +168,32 @@ def test_write_never_waits_on_a_hung_postgres(
         assert elapsed < 0.5, f"1000 writes took {elapsed:.3f}s"
         assert sink.overflowed >= 800  # the memory queue stayed bounded
     finally:
-        postgres.process.send_signal(18)  # SIGCONT
+        postgres.resume()
     wait_for(lambda: count(pg_url) == 1001, timeout=30)
     sink.close()
+
+
+def test_shutdown_during_a_hang_spools_the_batch_in_flight(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    sink = PostgresSink(settings(pg_url, tmp_path, batch_size=20, close_seconds=0.5))
+    sink.write(record(0))
+    wait_for(lambda: sink.inserted == 1)
+    postgres.pause()
+    try:
+        for n in range(1, 101):
+            sink.write(record(n))
+        wait_for(lambda: sink.busy)  # the writer is stuck inside an INSERT
+        sink.close()
+        spooled = b"".join(p.read_bytes() for p in tmp_path.glob("audit-*.jsonl"))
+        assert len(set(spooled.splitlines())) == 100  # the batch in flight and the queue
+    finally:
+        postgres.resume()
+    restarted = PostgresSink(settings(pg_url, tmp_path))
+    wait_for(lambda: count(pg_url) == 101)
+    wait_for(lambda: not list(tmp_path.glob("audit-*.jsonl")))
+    restarted.close()
+    assert count(pg_url) == 101
 
 
 def test_a_record_postgres_refuses_is_kept_aside(pg_url: str, tmp_path: Path) -> None:
