@@ -83,15 +83,19 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         return supervisor.run_workers(args, config)
     server.install_event_loop_policy()
-    asyncio.run(
-        server.serve(
-            config,
-            grace=args.grace,
-            drain=args.drain,
-            reuse_port=args.worker,
-            serve_metrics=not args.worker,
+    try:
+        asyncio.run(
+            server.serve(
+                config,
+                grace=args.grace,
+                drain=args.drain,
+                reuse_port=args.worker,
+                serve_metrics=not args.worker,
+            )
         )
-    )
+    except ConfigError as exc:  # found when the runtime is built (e.g. an unwritable spool)
+        print(f"extproc: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

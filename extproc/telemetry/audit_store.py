@@ -116,6 +116,8 @@ class PostgresSink:
         self.inserted = 0
         self.overflowed = 0
         self.rejected = 0
+        self.lost = 0
+        _check_writable(settings.spool_dir)
         self._thread = threading.Thread(target=self._run, name="audit-postgres", daemon=True)
         self._thread.start()
 
@@ -125,7 +127,7 @@ class PostgresSink:
         queue = self._queue
         if len(queue) >= self.settings.queue_max:
             self.overflowed += 1
-            self.spool.append([encode(record)], sync=False)
+            self._spool([encode(record)], sync=False)
             return
         queue.append(record)
         if len(queue) == self.settings.batch_size:
@@ -145,10 +147,17 @@ class PostgresSink:
         if self._thread.is_alive():  # stuck on a hung Postgres: its batch may never land
             leftover = self._inflight + leftover  # a replay that repeats it stores it once
         if leftover:
-            self.spool.append(leftover, sync=True)
+            self._spool(leftover, sync=True)
         self.spool.close()
         if self._conn is not None and not self._thread.is_alive():
             self._conn.close()
+
+    def _spool(self, lines: list[bytes], *, sync: bool) -> None:
+        try:
+            self.spool.append(lines, sync=sync)
+        except OSError as exc:  # a full or read-only disk: nothing left to keep them in
+            self.lost += len(lines)
+            log.error("audit: %d records lost: cannot write the spool (%s)", len(lines), exc)
 
     # -- writer thread ------------------------------------------------------------------
 
@@ -192,7 +201,7 @@ class PostgresSink:
     def _deliver(self, lines: list[bytes]) -> None:
         """Insert a batch, or spool it when Postgres cannot take it now."""
         if not self._healthy() and time.monotonic() < self._retry_at:
-            self.spool.append(lines, sync=True)
+            self._spool(lines, sync=True)
             return
         self._inflight = lines
         try:
@@ -202,7 +211,7 @@ class PostgresSink:
             delivered = False
         self._inflight = []
         if not delivered:
-            self.spool.append(lines, sync=True)
+            self._spool(lines, sync=True)
 
     def _replay(self) -> None:
         """Deliver every spool file no other process holds; stop at the first failure."""
@@ -309,3 +318,17 @@ class PostgresSink:
         if missing:
             schema.ensure_partitions(conn, self.settings.table, missing)
             self._days |= missing
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse to start with a spool that could not take records during an outage."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{threading.get_native_id()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        from extproc.config import ConfigError
+
+        problem = f"audit.spool_dir: {exc}; point it at a writable, persistent directory"
+        raise ConfigError(str(directory), [problem]) from exc

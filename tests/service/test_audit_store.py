@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from extproc.config import parse_config
+from extproc.config import ConfigError, parse_config
 from extproc.telemetry.audit import open_sink
 from extproc.telemetry.audit_store import PostgresSettings, PostgresSink, encode
 from tests.harness import free_port
@@ -248,3 +248,10 @@ def test_report_reads_the_postgres_store_like_the_json_lines_file(
     assert main(["report", "--source", str(lines), *window]) == 0
     assert from_postgres == capsys.readouterr().out
     assert "requests             7" in from_postgres
+
+
+def test_an_unwritable_spool_stops_the_gateway_at_start(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"audit\.spool_dir"):
+        PostgresSink(settings(f"postgresql://u@127.0.0.1:{free_port()}/x", blocker / "spool"))
