@@ -46,11 +46,11 @@ def add_parsers(commands: Any) -> None:
     report.add_argument("--top", type=int, default=10, help="rows per ranking")
     report.add_argument("--html", help="also write a self-contained HTML page with charts here")
     audit = commands.add_parser("audit", help="manage the PostgreSQL audit store")
-    audit.add_argument("--config", required=False)
     actions = audit.add_subparsers(dest="action", required=True)
-    actions.add_parser(
+    migrate = actions.add_parser(
         "migrate", help="create the table, indexes and partitions; drop expired ones"
     )
+    migrate.add_argument("--config", required=True, help="gateway config with audit.sink")
 
 
 def window(args: argparse.Namespace, now: float) -> tuple[dt.datetime, dt.datetime]:

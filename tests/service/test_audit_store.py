@@ -255,3 +255,20 @@ def test_an_unwritable_spool_stops_the_gateway_at_start(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match=r"audit\.spool_dir"):
         PostgresSink(settings(f"postgresql://u@127.0.0.1:{free_port()}/x", blocker / "spool"))
+
+
+def test_audit_migrate_prepares_the_table_ahead_of_the_gateway(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from extproc.cli import main
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"audit: {{sink: '{pg_url}', spool_dir: '{tmp_path}', partitions_ahead_days: 5}}\n"
+    )
+    assert main(["audit", "migrate", "--config", str(config)]) == 0
+    assert "extproc_audit: 6 daily partitions" in capsys.readouterr().out
+    assert count(pg_url) == 0
+    config.write_text("audit: {sink: stdout}\n")
+    assert main(["audit", "migrate", "--config", str(config)]) == 2
+    assert "not a postgresql://" in capsys.readouterr().err
