@@ -1,6 +1,6 @@
 """The Postgres audit sink's local spool: JSON lines waiting for the database.
 
-Each process appends to its own file, `audit-<pid>-<n>.jsonl` in the spool directory,
+Each process appends to its own file, `audit-<pid>-<token>-<n>.jsonl` in the spool directory,
 and holds an exclusive `flock` on it while it is the current file, so several workers
 (or a restarted gateway) can share one directory: a file is replayed only by a process
 that can lock it, which is never one another live process is still appending to.
@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -38,6 +39,7 @@ class Spool:
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._seq = 0
+        self._token = uuid.uuid4().hex[:8]
         self.appended = 0
 
     def append(self, lines: list[bytes], *, sync: bool) -> None:
@@ -53,7 +55,9 @@ class Spool:
     def _open(self) -> IO[bytes]:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        self._path = self.directory / f"audit-{os.getpid()}-{self._seq}.jsonl"
+        # The pid and a token of this instance: a restarted container is pid 1 again, and
+        # must not append to the file it is about to replay.
+        self._path = self.directory / f"audit-{os.getpid()}-{self._token}-{self._seq}.jsonl"
         stream = self._path.open("ab")
         fcntl.flock(stream.fileno(), fcntl.LOCK_EX)
         self._file = stream
