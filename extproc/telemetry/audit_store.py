@@ -221,16 +221,17 @@ class PostgresSink:
                 return
 
     def _replay_file(self, path: Path) -> bool:
-        size = self.settings.batch_size
+        delivered = 0
         try:
-            with self.spool.claim(path) as lines:  # deleted unless an exception leaves
-                for start in range(0, len(lines or ()), size):
-                    if not self._insert((lines or [])[start : start + size]):
+            with self.spool.claim(path, self.settings.batch_size) as batches:
+                for lines in batches or ():  # the file is deleted unless an exception leaves
+                    if not self._insert(lines):
                         raise _Undelivered
+                    delivered += len(lines)
         except _Undelivered:
             return False
-        if lines:
-            log.info("audit: delivered %d spooled records from %s", len(lines), path.name)
+        if delivered:
+            log.info("audit: delivered %d spooled records from %s", delivered, path.name)
         return True
 
     def _insert(self, lines: list[bytes]) -> bool:

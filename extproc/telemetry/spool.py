@@ -86,9 +86,10 @@ class Spool:
         return self._file is not None or bool(self.pending())
 
     @contextlib.contextmanager
-    def claim(self, path: Path) -> Iterator[list[bytes] | None]:
-        """The lines of a spool file nobody else holds (None if someone does, or it is
-        gone); the file is deleted if the block finishes without an exception."""
+    def claim(self, path: Path, batch: int) -> Iterator[Iterator[list[bytes]] | None]:
+        """The lines of a spool file nobody else holds, in batches read as they are
+        consumed (None if someone holds it, or it is gone); the file is deleted if the
+        block finishes without an exception."""
         try:
             stream = path.open("rb")
         except FileNotFoundError:
@@ -103,8 +104,21 @@ class Spool:
             if not path.exists():  # replayed and deleted while we waited for the lock
                 yield None
                 return
-            yield [line for line in stream.read().splitlines() if line.strip()]
+            yield _batches(stream, batch)
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.rotate()
+
+
+def _batches(stream: IO[bytes], size: int) -> Iterator[list[bytes]]:
+    """Non-empty lines, `size` at a time: memory stays bounded whatever the file's size."""
+    batch: list[bytes] = []
+    for line in stream:
+        if line.strip():
+            batch.append(line.rstrip(b"\n"))
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

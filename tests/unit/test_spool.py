@@ -13,12 +13,12 @@ def test_a_file_being_appended_is_not_claimed_until_rotated(tmp_path: Path) -> N
     writer, replayer = Spool(tmp_path), Spool(tmp_path)
     writer.append([b'{"n":1}\n', b'{"n":2}\n'], sync=True)
     (held,) = replayer.pending()
-    with replayer.claim(held) as lines:
-        assert lines is None  # locked by the writer (another process, in production)
+    with replayer.claim(held, 10) as batches:
+        assert batches is None  # locked by the writer (another process, in production)
     assert held.exists()
     writer.rotate()
-    with replayer.claim(held) as lines:
-        assert lines == [b'{"n":1}', b'{"n":2}']
+    with replayer.claim(held, 1) as batches:
+        assert list(batches or ()) == [[b'{"n":1}'], [b'{"n":2}']]
     assert not held.exists()  # delivered: deleted
 
 
@@ -27,7 +27,7 @@ def test_a_failed_replay_keeps_the_file(tmp_path: Path) -> None:
     writer.append([b'{"n":1}\n'], sync=False)
     writer.rotate()
     (path,) = writer.pending()
-    with pytest.raises(RuntimeError), writer.claim(path):
+    with pytest.raises(RuntimeError), writer.claim(path, 10):
         raise RuntimeError("Postgres went away")
     assert path.exists()
 
