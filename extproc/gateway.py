@@ -64,7 +64,7 @@ class Gateway:
         return cls(
             config=config,
             metrics=metrics,
-            audit=audit or open_sink(config.audit, environ),
+            audit=audit or open_sink(config.audit, environ, metrics.registry),
             credentials=credentials,
             store=store,
             keys=KeyDirectory(config.auth, store),

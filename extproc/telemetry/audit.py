@@ -20,6 +20,8 @@ import orjson
 from extproc.credentials import Credential
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from extproc.config import AuditConfig
     from extproc.telemetry.audit_store import PostgresSettings
 
@@ -72,12 +74,17 @@ class JsonLinesSink:
                 self._stream.close()
 
 
-def open_sink(config: AuditConfig, environ: Mapping[str, str] | None = None) -> AuditSink:
-    """`stdout`, `none`, a file path, or a `postgresql://` URL (the durable store)."""
+def open_sink(
+    config: AuditConfig,
+    environ: Mapping[str, str] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AuditSink:
+    """`stdout`, `none`, a file path, or a `postgresql://` URL (the durable store, which
+    counts its records in `registry`)."""
     if config.postgres:
         from extproc.telemetry.audit_store import PostgresSink
 
-        return PostgresSink(postgres_settings(config, environ))
+        return PostgresSink(postgres_settings(config, environ), registry=registry)
     if config.sink == "none":
         return NullSink()
     return JsonLinesSink(config.sink)

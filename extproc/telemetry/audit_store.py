@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from prometheus_client import CollectorRegistry, Counter
 
 from extproc.telemetry import audit_schema as schema
 from extproc.telemetry.spool import Spool
@@ -101,8 +102,10 @@ class PostgresSink:
         self,
         settings: PostgresSettings,
         wall_clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self._records = _records_counter(registry)
         self._wall_clock = wall_clock
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = threading.Event()
@@ -152,11 +155,17 @@ class PostgresSink:
         if self._conn is not None and not self._thread.is_alive():
             self._conn.close()
 
+    def _count(self, result: str, n: int) -> None:
+        if self._records is not None:
+            self._records.labels(result).inc(n)
+
     def _spool(self, lines: list[bytes], *, sync: bool) -> None:
         try:
             self.spool.append(lines, sync=sync)
+            self._count("spooled", len(lines))
         except OSError as exc:  # a full or read-only disk: nothing left to keep them in
             self.lost += len(lines)
+            self._count("lost", len(lines))
             log.error("audit: %d records lost: cannot write the spool (%s)", len(lines), exc)
 
     # -- writer thread ------------------------------------------------------------------
@@ -262,6 +271,7 @@ class PostgresSink:
         payload = b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]"
         conn.execute(schema.insert_statement(self.settings.table), (payload.decode(),))
         self.inserted += len(lines)
+        self._count("stored", len(lines))
 
     def _store_one(self, conn: psycopg.Connection[Any], line: bytes) -> None:
         try:
@@ -270,6 +280,7 @@ class PostgresSink:
             raise
         except psycopg.Error as exc:
             self.rejected += 1
+            self._count("rejected", 1)
             rejected = self.settings.spool_dir / "rejected.jsonl"
             with rejected.open("ab") as stream:
                 stream.write(line if line.endswith(b"\n") else line + b"\n")
@@ -333,3 +344,16 @@ def _check_writable(directory: Path) -> None:
 
         problem = f"audit.spool_dir: {exc}; point it at a writable, persistent directory"
         raise ConfigError(str(directory), [problem]) from exc
+
+
+def _records_counter(registry: CollectorRegistry | None) -> Counter | None:
+    """`extproc_audit_records_total{result}`: stored (delivered to Postgres, replays
+    included), spooled, rejected (refused by Postgres, kept aside), lost (spool unwritable)."""
+    if registry is None:
+        return None
+    return Counter(
+        "extproc_audit_records",
+        "Audit records by what the Postgres sink did with them.",
+        ["result"],
+        registry=registry,
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from extproc.config import ConfigError, parse_config
 from extproc.telemetry.audit import open_sink
@@ -116,7 +117,8 @@ def test_retention_drops_old_day_partitions(pg_url: str, tmp_path: Path) -> None
 def test_outage_spools_and_delivers_when_postgres_returns(
     postgres: PostgresServer, pg_url: str, tmp_path: Path
 ) -> None:
-    sink = PostgresSink(settings(pg_url, tmp_path, batch_size=50))
+    registry = CollectorRegistry()
+    sink = PostgresSink(settings(pg_url, tmp_path, batch_size=50), registry=registry)
     for n in range(100):
         sink.write(record(n))
     wait_for(lambda: sink.inserted == 100)
@@ -130,6 +132,11 @@ def test_outage_spools_and_delivers_when_postgres_returns(
     wait_for(lambda: count(pg_url) == 300)
     sink.close()
     assert query(pg_url, "SELECT count(DISTINCT request_id) FROM extproc_audit")[0][0] == 300
+    counted = {
+        result: registry.get_sample_value("extproc_audit_records_total", {"result": result})
+        for result in ("stored", "spooled")
+    }
+    assert counted == {"stored": 300.0, "spooled": 200.0}
     assert not list(tmp_path.glob("audit-*.jsonl"))
 
 
