@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from extproc.admin_cli import AdminError, parse_duration, parse_expiry
+from extproc.admin_cli import AdminError, parse_duration
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.report import html, text
@@ -66,11 +66,10 @@ def window(args: argparse.Namespace, now: float) -> tuple[dt.datetime, dt.dateti
 
 def _moment(value: str, flag: str) -> dt.datetime:
     try:
-        stamp = parse_expiry(value, 0.0)
-    except AdminError as exc:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
         raise AdminError(f"{flag} {value!r}: use a duration (7d, 24h) or an ISO time") from exc
-    assert stamp is not None
-    return dt.datetime.fromtimestamp(stamp, dt.UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _sources(args: argparse.Namespace, config: Config) -> list[str]:

@@ -131,6 +131,7 @@ def test_cli_reads_json_lines_and_writes_html(
     ("args", "message"),
     [
         (["--since", "yesterday"], "--since 'yesterday'"),
+        (["--until", "1d"], "--until '1d'"),
         (["--since", "2026-12-02"], "is not before --until"),
         (["--by", "planet"], "--by takes"),
         (["--source", "/nonexistent/audit.jsonl"], "No such file"),
