@@ -19,7 +19,7 @@ from extproc.admin_cli import AdminError, parse_duration
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.report import html, text
-from extproc.report.sources import is_postgres, read_records
+from extproc.report.sources import SourceError, is_postgres, read_records
 from extproc.report.summary import SCOPES, summarize
 
 
@@ -105,12 +105,13 @@ def run_report(args: argparse.Namespace, config: Config) -> int:
         summary = summarize(
             _records(_sources(args, config), config, since, until), since, until, bucket
         )
-    except (AdminError, OSError) as exc:
+        if args.html:
+            Path(args.html).write_text(html.render(summary, scopes, args.top), encoding="utf-8")
+    except (AdminError, SourceError, OSError) as exc:
         print(f"extproc report: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(text.render(summary, scopes, args.top))
     if args.html:
-        Path(args.html).write_text(html.render(summary, scopes, args.top), encoding="utf-8")
         print(f"\nwrote {args.html}")
     return 0
 
@@ -126,12 +127,20 @@ def run_audit(args: argparse.Namespace, config: Config) -> int:
             file=sys.stderr,
         )
         return 2
+    import psycopg
+
     settings = postgres_settings(config.audit)
     today = dt.datetime.now(dt.UTC).date()
-    with connect(settings) as conn:
-        audit_schema.migrate(conn, settings.table, today, settings.partitions_ahead_days)
-        dropped = audit_schema.drop_expired(conn, settings.table, today, settings.retention_days)
-        kept = audit_schema.partitions(conn, settings.table)
+    try:
+        with connect(settings) as conn:
+            audit_schema.migrate(conn, settings.table, today, settings.partitions_ahead_days)
+            dropped = audit_schema.drop_expired(
+                conn, settings.table, today, settings.retention_days
+            )
+            kept = audit_schema.partitions(conn, settings.table)
+    except psycopg.Error as exc:
+        print(f"extproc audit migrate: {exc}".strip(), file=sys.stderr)
+        return 2
     print(f"{settings.table}: {len(kept)} daily partitions ({kept[0][1]} to {kept[-1][1]})")
     for name in dropped:
         print(f"dropped {name} (older than {settings.retention_days} days)")

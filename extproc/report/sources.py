@@ -14,6 +14,10 @@ import orjson
 log = logging.getLogger("extproc.report")
 
 
+class SourceError(Exception):
+    """The audit store cannot be read (unreachable database, missing table)."""
+
+
 def is_postgres(source: str) -> bool:
     return urlsplit(source).scheme in ("postgresql", "postgres")
 
@@ -62,11 +66,13 @@ def _postgres(
     query = sql.SQL("SELECT record FROM {} WHERE time >= %s AND time < %s").format(
         sql.Identifier(table)
     )
-    with (
-        psycopg.connect(url, connect_timeout=10, **extra) as conn,
-        conn.cursor(name="extproc_report") as cursor,
-    ):
-        cursor.itersize = 5000
-        cursor.execute(query, (since, until))
-        for (record,) in cursor:
-            yield record
+    try:
+        with (
+            psycopg.connect(url, connect_timeout=10, **extra) as conn,
+            conn.cursor(name="extproc_report") as cursor,
+        ):
+            cursor.itersize = 5000
+            cursor.execute(query, (since, until))
+            yield from (record for (record,) in cursor)
+    except psycopg.Error as exc:  # the message names host and database, never a password
+        raise SourceError(f"PostgreSQL {table}: {exc}".strip()) from exc

@@ -279,3 +279,9 @@ def test_audit_migrate_prepares_the_table_ahead_of_the_gateway(
     config.write_text("audit: {sink: stdout}\n")
     assert main(["audit", "migrate", "--config", str(config)]) == 2
     assert "not a postgresql://" in capsys.readouterr().err
+    down = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    config.write_text(f"audit: {{sink: '{down}', spool_dir: '{tmp_path}'}}\n")
+    assert main(["audit", "migrate", "--config", str(config)]) == 2
+    assert "Connection refused" in capsys.readouterr().err
+    assert main(["report", "--source", down]) == 2
+    assert "Connection refused" in capsys.readouterr().err
