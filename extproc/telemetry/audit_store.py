@@ -171,6 +171,7 @@ class PostgresSink:
     # -- writer thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._safely(self._prepare)  # schema and partitions before the first record
         self._safely(self._replay)  # what an earlier run left behind
         while True:
             stopping = self._stopping.is_set()
@@ -181,6 +182,12 @@ class PostgresSink:
                 return
             if not stopping:
                 self._safely(self._idle)
+
+    def _prepare(self) -> None:
+        try:
+            self._connection()
+        except psycopg.Error as exc:
+            self._failed(exc)
 
     def _safely(self, step: Callable[[], None]) -> None:
         try:
