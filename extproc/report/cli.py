@@ -43,6 +43,13 @@ def add_parsers(commands: Any) -> None:
     report.add_argument(
         "--by", default=",".join(SCOPES), help=f"scopes to break spend down by ({','.join(SCOPES)})"
     )
+    report.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="KIND=ID",
+        help="only this scope's requests, e.g. team=search (repeatable: all must match)",
+    )
     report.add_argument("--top", type=int, default=10, help="rows per ranking")
     report.add_argument("--html", help="also write a self-contained HTML page with charts here")
     audit = commands.add_parser("audit", help="manage the PostgreSQL audit store")
@@ -70,6 +77,16 @@ def _moment(value: str, flag: str) -> dt.datetime:
     except ValueError as exc:
         raise AdminError(f"{flag} {value!r}: use a duration (7d, 24h) or an ISO time") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _only(pairs: list[str]) -> dict[str, str]:
+    only = {}
+    for pair in pairs:
+        kind, sep, value = pair.partition("=")
+        if not sep or kind not in SCOPES or not value:
+            raise AdminError(f"--scope {pair!r}: use KIND=ID with KIND one of {', '.join(SCOPES)}")
+        only[kind] = value
+    return only
 
 
 def _sources(args: argparse.Namespace, config: Config) -> list[str]:
@@ -102,9 +119,8 @@ def run_report(args: argparse.Namespace, config: Config) -> int:
         if unknown or args.top < 1:
             raise AdminError(f"--by takes {', '.join(SCOPES)}; --top at least 1")
         bucket = args.bucket or ("hour" if until - since <= dt.timedelta(hours=48) else "day")
-        summary = summarize(
-            _records(_sources(args, config), config, since, until), since, until, bucket
-        )
+        records = _records(_sources(args, config), config, since, until)
+        summary = summarize(records, since, until, bucket, _only(args.scope))
         if args.html:
             Path(args.html).write_text(html.render(summary, scopes, args.top), encoding="utf-8")
     except (AdminError, SourceError, OSError) as exc:

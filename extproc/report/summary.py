@@ -41,6 +41,7 @@ class Summary:
     since: dt.datetime
     until: dt.datetime
     bucket: str
+    only: Mapping[str, str] = field(default_factory=dict)
     total: Tally = field(default_factory=Tally)
     by_scope: dict[str, dict[str, Tally]] = field(
         default_factory=lambda: {kind: defaultdict(Tally) for kind in SCOPES}
@@ -138,16 +139,21 @@ def bucket_start(when: dt.datetime, bucket: str) -> dt.datetime:
 
 
 def summarize(
-    records: Iterable[Mapping[str, Any]], since: dt.datetime, until: dt.datetime, bucket: str
+    records: Iterable[Mapping[str, Any]],
+    since: dt.datetime,
+    until: dt.datetime,
+    bucket: str,
+    only: Mapping[str, str] | None = None,
 ) -> Summary:
-    """Aggregate the records whose time falls in [since, until)."""
-    summary = Summary(since=since, until=until, bucket=bucket)
+    """Aggregate the records whose time falls in [since, until) and whose scopes match
+    every `only` entry (e.g. {"team": "search"})."""
+    summary = Summary(since=since, until=until, bucket=bucket, only=dict(only or {}))
     for record in records:
         try:
             when = record_time(record)
         except (TypeError, ValueError):
             continue
-        if since <= when < until:
+        if since <= when < until and all(scope_of(record, k) == v for k, v in summary.only.items()):
             summary.add(record)
     return summary
 

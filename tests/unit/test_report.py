@@ -125,6 +125,10 @@ def test_cli_reads_json_lines_and_writes_html(
     out = capsys.readouterr().out
     assert "requests             3" in out
     assert "by hour" in out
+    code = main(["report", "--source", str(source), "--until", until, "--scope", "team=pay"])
+    out = capsys.readouterr().out
+    assert "requests             2" in out
+    assert "spend                $3.00" in out
 
 
 @pytest.mark.parametrize(
@@ -134,6 +138,7 @@ def test_cli_reads_json_lines_and_writes_html(
         (["--until", "1d"], "--until '1d'"),
         (["--since", "2026-12-02"], "is not before --until"),
         (["--by", "planet"], "--by takes"),
+        (["--scope", "planet=mars"], "--scope 'planet=mars'"),
         (["--source", "/nonexistent/audit.jsonl"], "No such file"),
     ],
 )
