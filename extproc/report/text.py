@@ -44,9 +44,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def window_title(summary: Summary) -> str:
     span = summary.until - summary.since
     fmt = "%Y-%m-%d %H:%M"
-    return (
-        f"{summary.since:{fmt}} to {summary.until:{fmt}} UTC ({_span(span)}, by {summary.bucket})"
-    )
+    scope = "".join(f", {kind}={value}" for kind, value in summary.only.items())
+    window = f"{summary.since:{fmt}} to {summary.until:{fmt}} UTC"
+    return f"{window} ({_span(span)}, by {summary.bucket}{scope})"
 
 
 def _span(span: dt.timedelta) -> str:

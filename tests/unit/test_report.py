@@ -129,6 +129,7 @@ def test_cli_reads_json_lines_and_writes_html(
     out = capsys.readouterr().out
     assert "requests             2" in out
     assert "spend                $3.00" in out
+    assert "by day, team=pay)" in out
 
 
 @pytest.mark.parametrize(
