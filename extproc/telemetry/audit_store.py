@@ -90,9 +90,6 @@ def connect(settings: PostgresSettings, autocommit: bool = True) -> psycopg.Conn
     )
 
 
-_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
-
-
 class _Undelivered(Exception):
     """A spooled batch could not be delivered: keep its file."""
 
@@ -267,9 +264,7 @@ class PostgresSink:
         self._ensure_days(conn, lines)
         try:
             self._execute(conn, lines)
-        except _UNAVAILABLE:
-            raise
-        except psycopg.Error as exc:  # a record Postgres refuses (e.g. a NUL in text)
+        except psycopg.errors.DataError as exc:  # a record it refuses (a NUL, a torn line)
             log.warning("audit: Postgres refused a batch (%s); inserting one by one", exc)
             for line in lines:
                 self._store_one(conn, line)
@@ -283,9 +278,7 @@ class PostgresSink:
     def _store_one(self, conn: psycopg.Connection[Any], line: bytes) -> None:
         try:
             self._execute(conn, [line])
-        except _UNAVAILABLE:
-            raise
-        except psycopg.Error as exc:
+        except psycopg.errors.DataError as exc:  # anything else: spool the batch and retry
             self.rejected += 1
             self._count("rejected", 1)
             rejected = self.settings.spool_dir / "rejected.jsonl"
@@ -319,7 +312,7 @@ class PostgresSink:
         try:
             schema.migrate(conn, settings.table, today, settings.partitions_ahead_days)
             dropped = schema.drop_expired(conn, settings.table, today, settings.retention_days)
-        except _UNAVAILABLE:
+        except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except psycopg.Error as exc:  # e.g. no DDL privilege: `extproc audit migrate` did it
             log.warning("audit: could not maintain %s (%s)", settings.table, exc)

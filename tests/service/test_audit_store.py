@@ -51,7 +51,11 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 def count(url: str) -> int:
-    return int(query(url, "SELECT count(*) FROM extproc_audit")[0][0])
+    """Rows in the audit table (-1 while it does not exist)."""
+    try:
+        return int(query(url, "SELECT count(*) FROM extproc_audit")[0][0])
+    except psycopg.errors.UndefinedTable:
+        return -1
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -201,6 +205,21 @@ def test_shutdown_during_a_hang_spools_the_batch_in_flight(
     wait_for(lambda: not list(tmp_path.glob("audit-*.jsonl")))
     restarted.close()
     assert count(pg_url) == 101
+
+
+def test_a_dropped_table_is_recreated_and_nothing_is_set_aside(pg_url: str, tmp_path: Path) -> None:
+    sink = PostgresSink(settings(pg_url, tmp_path))
+    sink.write(record(0))
+    wait_for(lambda: sink.inserted == 1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE extproc_audit")
+    for n in range(1, 6):
+        sink.write(record(n))
+    wait_for(lambda: sink.spool.appended == 5)  # not a data error: spooled, retried
+    wait_for(lambda: count(pg_url) == 5)
+    sink.close()
+    assert sink.rejected == 0
+    assert not (tmp_path / "rejected.jsonl").exists()
 
 
 def test_a_record_postgres_refuses_is_kept_aside(pg_url: str, tmp_path: Path) -> None:
