@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.caching import ResponseCache
 from extproc.config import Config
@@ -24,6 +24,10 @@ from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.otel import NoOtel, open_otel
+
+if TYPE_CHECKING:
+    from extproc.telemetry.otel_sdk import Otel
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Gateway:
     cache: ResponseCache
     spending: Spending
     guard: Guard | None = None
+    otel: Otel | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -72,6 +77,7 @@ class Gateway:
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
             guard=_guard(config, environ),
+            otel=open_otel(config, environ),
         )
 
     def stream_opened(self) -> None:
@@ -103,6 +109,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.audit.close()
+        # Flushing the last spans and metrics may wait on the collector: not on the loop.
+        await asyncio.to_thread(self.otel.shutdown)
         await self.store.close()
 
 
