@@ -7,13 +7,13 @@ propagated, and the SDK is never imported) and otherwise the SDK-backed `Otel` f
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span
-
     from extproc.config import Config
     from extproc.telemetry.otel_sdk import Otel
 
@@ -22,13 +22,74 @@ class OtelUnavailable(Exception):
     """The OpenTelemetry packages cannot run (for example a stale `opentelemetry.proto`)."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestTrace:
-    """The span of one request and its W3C `traceparent`, for the provider and the client."""
+    """One request's span as decided on the request path: ids, sampling, its parent.
 
-    span: Span
-    traceparent: str
+    The SDK span itself is built later, off the request path, with these ids."""
+
+    trace_id: int
+    span_id: int
+    sampled: bool
     start_ns: int
+    parent: str | None  # the caller's valid `traceparent`
+    tracestate: str | None
+
+    @property
+    def traceparent(self) -> str:
+        """This span as a W3C `traceparent`: the provider's call and the client's view are
+        its children."""
+        flags = "01" if self.sampled else "00"
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{flags}"
+
+
+_HEX = frozenset("0123456789abcdef")
+TRACE_ID_LIMIT = (1 << 64) - 1
+
+
+def parse_traceparent(value: str | None) -> tuple[int, int, int] | None:
+    """(trace id, parent span id, flags) of a valid W3C `traceparent`, else None."""
+    if value is None or len(value) < 55:
+        return None
+    parts = value.split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    version, trace, span, flags = parts[:4]
+    if parts[0] == "00" and len(parts) != 4:
+        return None
+    if (len(trace), len(span), len(flags)) != (32, 16, 2):
+        return None
+    if not _HEX.issuperset(version + trace + span + flags):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(flags, 16)
+
+
+def start_trace(headers: Mapping[str, str], bound: int) -> RequestTrace:
+    """The request's span under the caller's `traceparent` (a new trace without a valid one).
+
+    A caller's sampling decision is followed; a new trace is sampled when the low 64 bits
+    of its id fall under `bound` (the rule of the SDK's TraceIdRatioBased sampler)."""
+    header = headers.get("traceparent")
+    parent = parse_traceparent(header)
+    span_id = random.getrandbits(64) or 1  # ids, not secrets
+    if parent is not None:
+        trace_id, _, flags = parent
+        sampled = bool(flags & 1)
+    else:
+        trace_id = random.getrandbits(128) or 1
+        sampled = trace_id & TRACE_ID_LIMIT < bound
+        header = None
+    return RequestTrace(
+        trace_id,
+        span_id,
+        sampled,
+        time.time_ns(),
+        header,
+        headers.get("tracestate") if header else None,
+    )
 
 
 class NoOtel:

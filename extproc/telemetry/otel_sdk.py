@@ -7,24 +7,26 @@ span named `{operation} {model}` with `gen_ai.*` attributes) plus the gateway's 
 `extproc.*` attributes: identity, cache, guard verdicts, budget scopes and cost.
 
 Everything is fed by the audit record (`extproc.telemetry.record`), so nothing here
-reads a request a second time. The span starts when the request headers arrive, so its
-id can go upstream in `traceparent` (the provider's call is the span's child) and back
-to the client; its parent is the caller's `traceparent` (Envoy's span when Envoy traces).
-
-Export never runs on the request path: the SDK's BatchSpanProcessor and
-PeriodicExportingMetricReader hold finished spans and aggregated metrics in memory and
-send them from their own threads; a full span queue drops spans instead of waiting.
+reads a request a second time. The request path only chooses the span's ids when the
+headers arrive (`extproc.telemetry.otel.start_trace`: the caller's `traceparent` is the
+parent, our span goes upstream and back to the client as the new `traceparent`) and
+queues the finished record. A daemon thread builds the metrics and the span (with those
+ids, through `_ChosenIds`) and the SDK's BatchSpanProcessor and
+PeriodicExportingMetricReader export them from their own threads. Nothing on the request
+path waits on the SDK or the collector: a full queue drops records instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
     OTLPMetricExporter as GrpcMetricExporter,
 )
@@ -42,13 +44,16 @@ from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMe
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc.config import Config, OtelConfig
 from extproc.credentials import Credential
-from extproc.telemetry.otel import RequestTrace
+from extproc.telemetry.otel import RequestTrace, start_trace
+
+log = logging.getLogger(__name__)
 
 # Bucket boundaries the conventions advise for each histogram.
 _TOKEN_BUCKETS = [4.0**i for i in range(14)]  # 1, 4, 16 ... 67108864
@@ -60,10 +65,35 @@ _TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
 # `gen_ai.operation.name` per endpoint (the conventions name "chat"; others keep ours).
 _OPERATION = {"messages": "chat", "chat_completions": "chat"}
 _SCOPE = "extproc"
+_BATCH_SECONDS = 0.1
+
+
+class _ChosenIds(IdGenerator):
+    """Hands the SDK the ids the request path already chose (and sent on in `traceparent`).
+
+    Only the recording thread creates spans, so one pending pair is enough."""
+
+    def __init__(self) -> None:
+        self.trace_id = 0
+        self.span_id = 0
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+_Item = tuple[RequestTrace | None, Mapping[str, Any], bool] | threading.Event | None
 
 
 class Otel:
-    """The OpenTelemetry SDK set up from `telemetry.otel`; one per process."""
+    """The OpenTelemetry SDK set up from `telemetry.otel`; one per process.
+
+    The request path only picks the span's ids (`start`) and queues the finished record
+    (`record`); a daemon thread turns records into SDK metrics and spans, and the SDK's
+    own threads export them. A full queue drops records, it never waits.
+    """
 
     def __init__(
         self, config: OtelConfig, gateway: Config, environ: Mapping[str, str] | None = None
@@ -81,14 +111,20 @@ class Otel:
         self._servers = {name: (p.hostname, p.port) for name, p in gateway.providers.items()}
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
+        self._bound = TraceIdRatioBased.get_bound_for_rate(config.sample_ratio)
         if config.traces:
             self._start_traces(resource, headers)
         if config.metrics:
             self._start_metrics(resource, headers)
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._drain, name="extproc-otel", daemon=True)
+        self._thread.start()
 
     def _start_traces(self, resource: Resource, headers: dict[str, str]) -> None:
-        sampler = ParentBased(TraceIdRatioBased(self.config.sample_ratio))
-        provider = TracerProvider(resource=resource, sampler=sampler)
+        # The request path samples (`start_trace`); the SDK records what it is given.
+        self._ids = _ChosenIds()
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=self._ids)
         processor = BatchSpanProcessor(
             _span_exporter(self.config, headers),
             max_queue_size=self.config.max_queue_size,
@@ -138,31 +174,53 @@ class Otel:
             "extproc.cache.saved", unit="USD", description="What cache hits did not spend, in USD."
         )
 
-    # -- per request ----------------------------------------------------------------------
+    # -- on the request path ---------------------------------------------------------------
 
     def start(self, headers: Mapping[str, str]) -> RequestTrace | None:
-        """Open the request's span under the caller's `traceparent` (a new trace without one)."""
+        """Choose the request's span ids under the caller's `traceparent` (a few µs)."""
         if self.tracer_provider is None:
             return None
-        parent: Context | None = None
-        if "traceparent" in headers:
-            parent = self._propagator.extract(headers)
-        start_ns = time.time_ns()
-        span = self._tracer.start_span(
-            "gen_ai", context=parent, kind=SpanKind.CLIENT, start_time=start_ns
-        )
-        ctx = span.get_span_context()
-        traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
-        return RequestTrace(span, traceparent, start_ns)
+        return start_trace(headers, self._bound)
 
     def record(
         self, trace: RequestTrace | None, record: Mapping[str, Any], generates: bool
     ) -> None:
-        """Record a finished request's metrics and end its span (called once, from `account`)."""
+        """Queue a finished request (called once, from `account`); never blocks."""
+        if self._queue.qsize() >= self.config.max_queue_size:
+            self.dropped += 1
+            return
+        self._queue.put((trace, record, generates))
+
+    # -- on the recording thread --------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Record queued requests in batches every `_BATCH_SECONDS`: waking once per batch,
+        not per request, keeps this thread from taking the GIL from the event loop each
+        time a request ends."""
+        while True:
+            time.sleep(_BATCH_SECONDS)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    return
+                if isinstance(item, threading.Event):
+                    item.set()
+                    continue
+                try:
+                    self._record_now(*item)
+                except Exception:  # one bad record must not stop telemetry for the rest
+                    log.exception("cannot record OpenTelemetry data for a request")
+
+    def _record_now(
+        self, trace: RequestTrace | None, record: Mapping[str, Any], generates: bool
+    ) -> None:
         if self.meter_provider is not None and generates:
             self._record_metrics(record)
-        if trace is not None:
-            self._end_span(trace, record)
+        if trace is not None and trace.sampled:
+            self._emit_span(trace, record)
 
     def _common(self, record: Mapping[str, Any]) -> dict[str, Any]:
         api = record["api"]
@@ -207,28 +265,44 @@ class Otel:
         if output > 1:
             self._tpot.record((record["latency_ms"] - ttft_ms) / 1000 / (output - 1), common)
 
-    def _end_span(self, trace: RequestTrace, record: Mapping[str, Any]) -> None:
-        span = trace.span
-        if span.is_recording():
-            attributes = self._common(record)
-            model = attributes["gen_ai.request.model"]
-            span.update_name(f"{attributes['gen_ai.operation.name']} {model}".rstrip())
-            attributes.update(span_attributes(record))
-            span.set_attributes({k: v for k, v in attributes.items() if v is not None})
-            error = _error_type(record)
-            if error is not None:
-                span.set_status(Status(StatusCode.ERROR, error))
+    def _emit_span(self, trace: RequestTrace, record: Mapping[str, Any]) -> None:
+        attributes = self._common(record)
+        name = f"{attributes['gen_ai.operation.name']} {attributes['gen_ai.request.model']}"
+        attributes.update(span_attributes(record))
+        parent = None
+        if trace.parent is not None:
+            carrier = {"traceparent": trace.parent, "tracestate": trace.tracestate or ""}
+            parent = self._propagator.extract(carrier)
+        self._ids.trace_id, self._ids.span_id = trace.trace_id, trace.span_id
+        span = self._tracer.start_span(
+            name.rstrip(),
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes={k: v for k, v in attributes.items() if v is not None},
+            start_time=trace.start_ns,
+        )
+        error = _error_type(record)
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=trace.start_ns + int(record["latency_ms"] * 1e6))
 
+    def _wait_recorded(self, seconds: float) -> None:
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(seconds)
+
     def shutdown(self) -> None:
-        """Flush what is queued (bounded by the export timeout) and stop the export threads."""
+        """Record and flush what is queued (bounded by the export timeout), then stop."""
+        self._wait_recorded(self.config.export_timeout_seconds)
+        self._queue.put(None)
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown(timeout_millis=self.config.export_timeout_seconds * 1000)
 
     def force_flush(self) -> None:
-        """Export everything now (tests and shutdown)."""
+        """Record and export everything queued now (tests)."""
+        self._wait_recorded(self.config.export_timeout_seconds)
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         if self.meter_provider is not None:
