@@ -87,9 +87,16 @@ async def _no_extension(seconds: float) -> None:
 
 
 class RequestStream:
-    def __init__(self, gateway: Gateway, extend: Extend = _no_extension) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        extend: Extend = _no_extension,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> None:
         self.gw = gateway
         self.extend = extend
+        # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
+        self.trace_context = trace_context
         self.started = gateway.clock()
         self.phase: str | None = None
         self.request_id = ""
@@ -153,7 +160,7 @@ class RequestStream:
         self.route_name = route_name
         self.session_id = headers.get(SESSION_HEADER)
         self.headers = headers
-        self.trace = self.gw.otel.start(headers)
+        self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
         try:

@@ -1,14 +1,17 @@
 """OpenTelemetry through the real stack: SDK client -> Envoy -> ext_proc -> fake provider,
 with the gateway exporting to a loopback OTLP receiver (tests/otlp_receiver.py).
 
-Checks the trace joins up (caller's span -> gateway span -> provider call), that the
-exported span and metrics carry the tokens the audit record has for the same request,
-and that the Prometheus counters the dashboard reads per scope appear on /metrics.
+Checks the trace joins up (caller's span -> gateway span -> provider call, and with
+Envoy's own tracing on: caller -> Envoy's spans -> gateway span), that the exported span
+and metrics carry the tokens the audit record has for the same request, and that the
+Prometheus counters the dashboard reads per scope appear on /metrics.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import pytest
@@ -125,3 +128,76 @@ def test_streamed_request_is_traced_end_to_end(
     metrics = traced.metrics_text(wait_for='extproc_scope_spend_usd_total{id="platform"')
     assert 'extproc_scope_tokens_total{id="ada",scope="user",type="output"}' in metrics
     assert 'extproc_scope_spend_usd_total{id="otel",scope="key"}' in metrics
+
+
+def _with_envoy_tracing(bootstrap: dict[str, Any], collector_port: int) -> dict[str, Any]:
+    """The stack's Envoy with its OpenTelemetry tracer on, exporting to the receiver."""
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["tracing"] = {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}},
+                "service_name": "front-envoy",
+            },
+        }
+    }
+    collector = copy.deepcopy(
+        next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "extproc")
+    )
+    collector["name"] = "otel_collector"
+    collector.pop("health_checks", None)
+    collector.pop("outlier_detection", None)
+    endpoint = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = collector_port
+    collector["load_assignment"]["cluster_name"] = "otel_collector"
+    bootstrap["static_resources"]["clusters"].append(collector)
+    # Envoy buffers spans (5 s or 5 spans by default): flush each one promptly.
+    layer = {"tracing.opentelemetry.min_flush_spans": 1}
+    layer["tracing.opentelemetry.flush_interval_ms"] = 200
+    bootstrap["layered_runtime"] = {"layers": [{"name": "static", "static_layer": layer}]}
+    return bootstrap
+
+
+def test_envoys_span_is_the_parent_when_envoy_traces(
+    fake: FakeProvider, receiver: Receiver
+) -> None:
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": "sk-ant-held-by-gateway"}
+    config["telemetry"] = {"otel": {"endpoint": receiver.grpc_url}}
+    stack = Stack(config)
+    try:
+        stack.start_extproc()
+        port = int(receiver.grpc_url.rsplit(":", 1)[1])
+        stack.start_envoy(_with_envoy_tracing(stack.bootstrap(), port))
+        client = anthropic.Anthropic(
+            api_key="client-key",
+            base_url=stack.url,
+            max_retries=0,
+            default_headers={"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"},
+        )
+        reply = client.messages.with_raw_response.create(
+            model="claude-sonnet-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        )
+        ours = _span_of(receiver, reply.headers["x-gateway-request-id"])
+
+        def envoys() -> list[Span]:
+            return [
+                s for s in receiver.received.spans() if s.resource["service.name"] == "front-envoy"
+            ]
+
+        # Envoy ends its ingress span after the answer: wait for both of its spans.
+        wait_until(lambda: len(envoys()) >= 2, seconds=15)
+    finally:
+        stack.close()
+    spans = {s.span_id: s for s in envoys()}
+    # client -> Envoy's ingress span -> Envoy's ext_proc call span -> the gateway's span
+    call = spans[ours.parent_span_id]
+    assert call.name.startswith("async envoy.service.ext_proc.v3.ExternalProcessor")
+    ingress = spans[call.parent_span_id]
+    assert ingress.parent_span_id == CALLER_SPAN
+    assert {ours.trace_id, call.trace_id, ingress.trace_id} == {TRACE_ID}
+    # Envoy's router writes its own span into the upstream request after the filters, so
+    # with Envoy tracing on the provider call hangs under Envoy's ingress span.
+    assert fake.received[-1].headers["traceparent"] == f"00-{TRACE_ID}-{ingress.span_id}-01"
