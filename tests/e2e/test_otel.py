@@ -15,12 +15,14 @@ from typing import Any
 
 import anthropic
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.policies.auth import hash_key, new_key
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
 from tests.otlp_receiver import Receiver, Span, otlp_receiver, wait_until
+from tests.unit.test_grafana_dashboard import emitted
 
 pytestmark = pytest.mark.e2e
 
@@ -128,6 +130,13 @@ def test_streamed_request_is_traced_end_to_end(
     metrics = traced.metrics_text(wait_for='extproc_scope_spend_usd_total{id="platform"')
     assert 'extproc_scope_tokens_total{id="ada",scope="user",type="output"}' in metrics
     assert 'extproc_scope_spend_usd_total{id="otel",scope="key"}' in metrics
+
+    # The dashboard test reads names and labels from the registry: they match the live page.
+    known = emitted()
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name.startswith("extproc_") and not sample.name.endswith("_created"):
+                assert set(sample.labels) == known[sample.name], sample
 
 
 def _with_envoy_tracing(bootstrap: dict[str, Any], collector_port: int) -> dict[str, Any]:
