@@ -128,6 +128,7 @@ class Otel:
         processor = BatchSpanProcessor(
             _span_exporter(self.config, headers),
             max_queue_size=self.config.max_queue_size,
+            max_export_batch_size=min(512, self.config.max_queue_size),
             schedule_delay_millis=1000,
             export_timeout_millis=self.config.export_timeout_seconds * 1000,
         )

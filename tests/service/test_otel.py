@@ -259,3 +259,16 @@ async def test_unreachable_collector_never_slows_a_request() -> None:
 def test_receiver_polling_is_bounded() -> None:
     with pytest.raises(AssertionError):
         wait_until(lambda: False, seconds=0.05)
+
+
+def test_a_full_queue_drops_records_instead_of_waiting(receiver: Receiver) -> None:
+    gateway = _gateway(receiver, max_queue_size=64)
+    otel = gateway.otel
+    assert isinstance(otel, Otel)
+    record = {"outcome": "ok"}  # never read: dropped or failing records stay off the loop
+    began = time.perf_counter()
+    for _ in range(5000):
+        otel.record(None, record, False)
+    assert time.perf_counter() - began < 0.5
+    assert otel.dropped >= 5000 - 64 * 2  # the recording thread may drain once meanwhile
+    otel.shutdown()
