@@ -32,6 +32,7 @@ from extproc.decisions import CONTINUE, Decision
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
 from extproc.stream import ProtocolError, RequestStream
+from extproc.telemetry.otel import NoOtel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         async def extend(seconds: float) -> None:
             await context.write(envoy_api.extend_timeout(seconds))
 
-        stream = RequestStream(self.gateway, extend=extend, trace_context=_trace_context(context))
+        traced = not isinstance(self.gateway.otel, NoOtel)
+        trace_context = _trace_context(context) if traced else None
+        stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
         self.gateway.stream_opened()
         try:
             async for request in request_iterator:
