@@ -56,6 +56,7 @@ class Span:
     resource: dict[str, Any]
     start_ns: int
     end_ns: int
+    trace_state: str
 
 
 @dataclass
@@ -112,6 +113,7 @@ def _spans(request: trace_pb.ExportTraceServiceRequest) -> Iterator[Span]:
                     resource,
                     s.start_time_unix_nano,
                     s.end_time_unix_nano,
+                    s.trace_state,
                 )
 
 

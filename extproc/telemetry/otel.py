@@ -32,7 +32,8 @@ class RequestTrace:
     span_id: int
     sampled: bool
     start_ns: int
-    parent: str | None  # the caller's valid `traceparent`
+    parent_id: int | None  # the caller's span, from a valid `traceparent`
+    parent_flags: int
     tracestate: str | None
 
     @property
@@ -72,24 +73,15 @@ def start_trace(headers: Mapping[str, str], bound: int) -> RequestTrace:
 
     A caller's sampling decision is followed; a new trace is sampled when the low 64 bits
     of its id fall under `bound` (the rule of the SDK's TraceIdRatioBased sampler)."""
-    header = headers.get("traceparent")
-    parent = parse_traceparent(header)
+    parent = parse_traceparent(headers.get("traceparent"))
     span_id = random.getrandbits(64) or 1  # ids, not secrets
-    if parent is not None:
-        trace_id, _, flags = parent
-        sampled = bool(flags & 1)
-    else:
+    if parent is None:
         trace_id = random.getrandbits(128) or 1
         sampled = trace_id & TRACE_ID_LIMIT < bound
-        header = None
-    return RequestTrace(
-        trace_id,
-        span_id,
-        sampled,
-        time.time_ns(),
-        header,
-        headers.get("tracestate") if header else None,
-    )
+        return RequestTrace(trace_id, span_id, sampled, time.time_ns(), None, 0, None)
+    trace_id, parent_id, flags = parent
+    state = headers.get("tracestate")
+    return RequestTrace(trace_id, span_id, bool(flags & 1), time.time_ns(), parent_id, flags, state)
 
 
 class NoOtel:

@@ -46,8 +46,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
+from opentelemetry.trace.span import TraceState
 
 from extproc.config import Config, OtelConfig
 from extproc.credentials import Credential
@@ -107,7 +115,6 @@ class Otel:
                 "service.instance.id": f"{uuid.uuid4().hex[:12]}-{os.getpid()}",
             }
         )
-        self._propagator = TraceContextTextMapPropagator()
         self._servers = {name: (p.hostname, p.port) for name, p in gateway.providers.items()}
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
@@ -271,9 +278,12 @@ class Otel:
         name = f"{attributes['gen_ai.operation.name']} {attributes['gen_ai.request.model']}"
         attributes.update(span_attributes(record))
         parent = None
-        if trace.parent is not None:
-            carrier = {"traceparent": trace.parent, "tracestate": trace.tracestate or ""}
-            parent = self._propagator.extract(carrier)
+        if trace.parent_id is not None:
+            state = TraceState.from_header([trace.tracestate]) if trace.tracestate else None
+            caller = SpanContext(
+                trace.trace_id, trace.parent_id, True, TraceFlags(trace.parent_flags), state
+            )
+            parent = set_span_in_context(NonRecordingSpan(caller))
         self._ids.trace_id, self._ids.span_id = trace.trace_id, trace.span_id
         span = self._tracer.start_span(
             name.rstrip(),

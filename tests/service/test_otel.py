@@ -91,7 +91,11 @@ async def test_json_request_exports_span_and_genai_metrics_over_grpc(receiver: R
         [
             request_headers(
                 "/v1/messages",
-                extra={"traceparent": TRACEPARENT, "x-claude-code-session-id": "sess-1"},
+                extra={
+                    "traceparent": TRACEPARENT,
+                    "tracestate": "vendor=opaque",
+                    "x-claude-code-session-id": "sess-1",
+                },
             ),
             request_body(BODY),
             response_headers(200, "application/json"),
@@ -103,6 +107,7 @@ async def test_json_request_exports_span_and_genai_metrics_over_grpc(receiver: R
     (span,) = received.spans("grpc")
     assert (span.trace_id, span.parent_span_id) == (TRACE_ID, PARENT_ID)
     assert span.name == "chat claude-opus-4-8"
+    assert span.trace_state == "vendor=opaque"
     assert span.kind == SPAN_KIND_CLIENT
     attributes = span.attributes
     assert attributes["gen_ai.operation.name"] == "chat"

@@ -36,7 +36,7 @@ def test_invalid_traceparent_is_ignored(value: str | None) -> None:
     assert parse_traceparent(value) is None
     headers = {"traceparent": value} if value is not None else {}
     trace = start_trace(headers, bound=TRACE_ID_LIMIT + 1)
-    assert trace.parent is None  # a new trace, not a broken one
+    assert trace.parent_id is None  # a new trace, not a broken one
     assert trace.traceparent != value
 
 
@@ -46,6 +46,7 @@ def test_child_keeps_trace_and_follows_the_callers_sampling() -> None:
         trace = start_trace(headers, bound=0 if sampled else TRACE_ID_LIMIT + 1)
         assert trace.sampled is sampled
         assert trace.tracestate == "vendor=1"
+        assert (trace.parent_id, trace.parent_flags) == (int(SPAN, 16), int(flags, 16))
         version, trace_id, span_id, out_flags = trace.traceparent.split("-")
         assert (version, trace_id, out_flags) == ("00", TRACE, flags)
         assert span_id != SPAN
