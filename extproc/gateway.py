@@ -77,7 +77,7 @@ class Gateway:
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
             guard=_guard(config, environ),
-            otel=open_otel(config, environ),
+            otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
     def stream_opened(self) -> None:

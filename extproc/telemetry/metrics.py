@@ -132,6 +132,11 @@ class Metrics:
             registry=r,
         )
         self._scope_ids: dict[str, set[str]] = {}
+        self.otel_dropped = Counter(
+            "extproc_otel_dropped",
+            "Requests left out of OpenTelemetry because its recording queue was full.",
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",

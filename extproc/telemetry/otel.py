@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,14 +99,19 @@ class NoOtel:
         return None
 
 
-def open_otel(config: Config, environ: Mapping[str, str] | None = None) -> Otel | NoOtel:
+def open_otel(
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    on_drop: Callable[[], None] | None = None,
+) -> Otel | NoOtel:
+    """`on_drop` is called (on the request path) for each request the full queue refuses."""
     otel = config.telemetry.otel
     if otel is None:
         return NoOtel()
     _check_proto()
     from extproc.telemetry.otel_sdk import Otel
 
-    return Otel(otel, config, environ)
+    return Otel(otel, config, environ, on_drop=on_drop)
 
 
 def _check_proto() -> None:

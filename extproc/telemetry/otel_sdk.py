@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -104,9 +104,15 @@ class Otel:
     """
 
     def __init__(
-        self, config: OtelConfig, gateway: Config, environ: Mapping[str, str] | None = None
+        self,
+        config: OtelConfig,
+        gateway: Config,
+        environ: Mapping[str, str] | None = None,
+        *,
+        on_drop: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_drop = on_drop
         headers = {name: Credential(src, environ).get() for name, src in config.headers.items()}
         resource = Resource.create(
             {
@@ -196,6 +202,8 @@ class Otel:
         """Queue a finished request (called once, from `account`); never blocks."""
         if self._queue.qsize() >= self.config.max_queue_size:
             self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
             return
         self._queue.put((trace, record, generates))
 

@@ -276,4 +276,6 @@ def test_a_full_queue_drops_records_instead_of_waiting(receiver: Receiver) -> No
         otel.record(None, record, False)
     assert time.perf_counter() - began < 0.5
     assert otel.dropped >= 5000 - 64 * 2  # the recording thread may drain once meanwhile
+    counted = gateway.metrics.registry.get_sample_value("extproc_otel_dropped_total")
+    assert counted == otel.dropped
     otel.shutdown()
