@@ -14,8 +14,8 @@ Per request it records the CPU time of the event-loop thread (`time.thread_time`
 is the hot path, where the span is started, attributes set and metrics recorded. The
 SDK's export threads (BatchSpanProcessor, PeriodicExportingMetricReader) run beside it;
 the process CPU per request, which includes them, is reported too. Cases alternate in
-rounds so a busy machine affects each alike. Target (issue 16): <= 0.1 ms CPU per
-request on the hot path. Run: `python bench/telemetry_bench.py [--quick]`; results go
+rounds, each round starting with a different case, so a busy machine affects each alike.
+Target (issue 16): <= 0.1 ms CPU per request on the hot path. Run: `python bench/telemetry_bench.py [--quick]`; results go
 to bench/RESULTS.md (section "telemetry").
 """
 
@@ -143,8 +143,11 @@ async def _measure(cases: dict[str, Gateway], runs: int, rounds: int) -> dict[st
     process: dict[str, float] = dict.fromkeys(cases, 0.0)
     for gateway in cases.values():
         await _round(gateway, 200)  # warm-up
-    for _ in range(rounds):
-        for name, gateway in cases.items():
+    names = list(cases)
+    for r in range(rounds):
+        # Each round starts with a different case, so no case always runs first.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            gateway = cases[name]
             began = time.process_time()
             thread[name] += await _round(gateway, runs)
             _recorded(gateway)  # this case's recording work counts here, not in the next case
@@ -156,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples, smoke run")
     args = parser.parse_args()
-    runs, rounds = (200, 3) if args.quick else (1000, 6)
+    runs, rounds = (200, 3) if args.quick else (600, 12)
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     child = ctx.Process(target=_receiver, args=(theirs,), daemon=True)
