@@ -163,7 +163,8 @@ class OtelConfig(_Frozen):
     export_timeout_seconds: float = Field(default=10, gt=0, le=60)
     traces: bool = True
     metrics: bool = True
-    # Spans waiting to be exported; past this they are dropped, never awaited.
+    # Finished requests buffered for the telemetry process (~2 KB each, within the kernel's
+    # socket buffer limit) and spans waiting for export; past this they are dropped.
     max_queue_size: int = Field(default=8192, ge=64, le=1_000_000)
 
     @field_validator("endpoint")

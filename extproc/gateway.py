@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from extproc.caching import ResponseCache
 from extproc.config import Config
@@ -24,10 +24,7 @@ from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
-from extproc.telemetry.otel import NoOtel, open_otel
-
-if TYPE_CHECKING:
-    from extproc.telemetry.otel_sdk import Otel
+from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 
 
 @dataclass
@@ -42,7 +39,7 @@ class Gateway:
     cache: ResponseCache
     spending: Spending
     guard: Guard | None = None
-    otel: Otel | NoOtel = field(default_factory=NoOtel)
+    otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)

@@ -1,4 +1,4 @@
-"""OpenTelemetry GenAI telemetry through the SDK (imported only when `telemetry.otel` is set).
+"""OpenTelemetry GenAI telemetry through the SDK, in the gateway's telemetry process.
 
 Follows the OpenTelemetry semantic conventions for generative AI (metrics
 `gen_ai.client.token.usage`, `gen_ai.client.operation.duration`,
@@ -7,26 +7,28 @@ span named `{operation} {model}` with `gen_ai.*` attributes) plus the gateway's 
 `extproc.*` attributes: identity, cache, guard verdicts, budget scopes and cost.
 
 Everything is fed by the audit record (`extproc.telemetry.record`), so nothing here
-reads a request a second time. The request path only chooses the span's ids when the
-headers arrive (`extproc.telemetry.otel.start_trace`: the caller's `traceparent` is the
-parent, our span goes upstream and back to the client as the new `traceparent`) and
-queues the finished record. A daemon thread builds the metrics and the span (with those
-ids, through `_ChosenIds`) and the SDK's BatchSpanProcessor and
-PeriodicExportingMetricReader export them from their own threads. Nothing on the request
-path waits on the SDK or the collector: a full queue drops records instead.
+reads a request a second time. The gateway's request path only chooses the span's ids
+when the headers arrive (`extproc.telemetry.otel.start_trace`: the caller's
+`traceparent` is the parent, our span goes upstream and back to the client as the new
+`traceparent`) and sends the finished record, in batches, to this process
+(`extproc.telemetry.otel.OtelProcess`). Here `main` builds the metrics and the span
+(with those ids, through `_ChosenIds`) and the SDK's BatchSpanProcessor and
+PeriodicExportingMetricReader export them from their own threads. The SDK's CPU work
+never competes with the gateway's event loop for a GIL, and nothing on the request path
+waits on it or on the collector.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-import time
+import socket
+import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
     OTLPMetricExporter as GrpcMetricExporter,
 )
@@ -45,7 +47,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -57,9 +59,8 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.span import TraceState
 
-from extproc.config import Config, OtelConfig
-from extproc.credentials import Credential
-from extproc.telemetry.otel import RequestTrace, start_trace
+from extproc.config import OtelConfig
+from extproc.telemetry.otel import MAX_MESSAGE, RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ _TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
 # `gen_ai.operation.name` per endpoint (the conventions name "chat"; others keep ours).
 _OPERATION = {"messages": "chat", "chat_completions": "chat"}
 _SCOPE = "extproc"
-_BATCH_SECONDS = 0.1
 
 
 class _ChosenIds(IdGenerator):
@@ -92,47 +92,32 @@ class _ChosenIds(IdGenerator):
         return self.trace_id
 
 
-_Item = tuple[RequestTrace | None, Mapping[str, Any], bool] | threading.Event | None
-
-
 class Otel:
-    """The OpenTelemetry SDK set up from `telemetry.otel`; one per process.
-
-    The request path only picks the span's ids (`start`) and queues the finished record
-    (`record`); a daemon thread turns records into SDK metrics and spans, and the SDK's
-    own threads export them. A full queue drops records, it never waits.
-    """
+    """The OpenTelemetry SDK set up from `telemetry.otel`: turns finished requests into
+    metrics and spans. It runs in the telemetry process (`main`), never in the gateway's,
+    so its work does not compete with the event loop for the GIL."""
 
     def __init__(
         self,
         config: OtelConfig,
-        gateway: Config,
-        environ: Mapping[str, str] | None = None,
-        *,
-        on_drop: Callable[[], None] | None = None,
+        headers: Mapping[str, str],
+        servers: Mapping[str, tuple[str, int]],
     ) -> None:
         self.config = config
-        self._on_drop = on_drop
-        headers = {name: Credential(src, environ).get() for name, src in config.headers.items()}
         resource = Resource.create(
             {
                 "service.name": config.service_name,
                 # Worker processes of one replica each export their own cumulative series.
-                "service.instance.id": f"{uuid.uuid4().hex[:12]}-{os.getpid()}",
+                "service.instance.id": f"{uuid.uuid4().hex[:12]}-{os.getppid()}",
             }
         )
-        self._servers = {name: (p.hostname, p.port) for name, p in gateway.providers.items()}
+        self._servers = dict(servers)
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
-        self._bound = TraceIdRatioBased.get_bound_for_rate(config.sample_ratio)
         if config.traces:
-            self._start_traces(resource, headers)
+            self._start_traces(resource, dict(headers))
         if config.metrics:
-            self._start_metrics(resource, headers)
-        self.dropped = 0
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._drain, name="extproc-otel", daemon=True)
-        self._thread.start()
+            self._start_metrics(resource, dict(headers))
 
     def _start_traces(self, resource: Resource, headers: dict[str, str]) -> None:
         # The request path samples (`start_trace`); the SDK records what it is given.
@@ -188,51 +173,10 @@ class Otel:
             "extproc.cache.saved", unit="USD", description="What cache hits did not spend, in USD."
         )
 
-    # -- on the request path ---------------------------------------------------------------
-
-    def start(self, headers: Mapping[str, str]) -> RequestTrace | None:
-        """Choose the request's span ids under the caller's `traceparent` (a few µs)."""
-        if self.tracer_provider is None:
-            return None
-        return start_trace(headers, self._bound)
-
     def record(
         self, trace: RequestTrace | None, record: Mapping[str, Any], generates: bool
     ) -> None:
-        """Queue a finished request (called once, from `account`); never blocks."""
-        if self._queue.qsize() >= self.config.max_queue_size:
-            self.dropped += 1
-            if self._on_drop is not None:
-                self._on_drop()
-            return
-        self._queue.put((trace, record, generates))
-
-    # -- on the recording thread --------------------------------------------------------
-
-    def _drain(self) -> None:
-        """Record queued requests in batches every `_BATCH_SECONDS`: waking once per batch,
-        not per request, keeps this thread from taking the GIL from the event loop each
-        time a request ends."""
-        while True:
-            time.sleep(_BATCH_SECONDS)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    return
-                if isinstance(item, threading.Event):
-                    item.set()
-                    continue
-                try:
-                    self._record_now(*item)
-                except Exception:  # one bad record must not stop telemetry for the rest
-                    log.exception("cannot record OpenTelemetry data for a request")
-
-    def _record_now(
-        self, trace: RequestTrace | None, record: Mapping[str, Any], generates: bool
-    ) -> None:
+        """Record one finished request's metrics and, if sampled, its span."""
         if self.meter_provider is not None and generates:
             self._record_metrics(record)
         if trace is not None and trace.sampled:
@@ -305,23 +249,15 @@ class Otel:
             span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=trace.start_ns + int(record["latency_ms"] * 1e6))
 
-    def _wait_recorded(self, seconds: float) -> None:
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(seconds)
-
     def shutdown(self) -> None:
-        """Record and flush what is queued (bounded by the export timeout), then stop."""
-        self._wait_recorded(self.config.export_timeout_seconds)
-        self._queue.put(None)
+        """Flush what is recorded (bounded by the export timeout) and stop exporting."""
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown(timeout_millis=self.config.export_timeout_seconds * 1000)
 
     def force_flush(self) -> None:
-        """Record and export everything queued now (tests)."""
-        self._wait_recorded(self.config.export_timeout_seconds)
+        """Export everything recorded now."""
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
         if self.meter_provider is not None:
@@ -424,3 +360,46 @@ def _metric_exporter(config: OtelConfig, headers: dict[str, str]) -> MetricExpor
         headers=tuple(headers.items()),
         timeout=timeout,
     )
+
+
+# -- the telemetry process ----------------------------------------------------------------
+
+
+def main() -> None:
+    """`python -m extproc.telemetry.otel_sdk FD`: the gateway's telemetry process.
+
+    Reads its setup (config, resolved headers, provider servers) as JSON on stdin, then
+    messages from the gateway on the SOCK_SEQPACKET socket FD (see `OtelProcess`)."""
+    setup = orjson.loads(sys.stdin.buffer.read())
+    channel = socket.socket(fileno=int(sys.argv[1]))
+    config = OtelConfig.model_validate(setup["otel"])
+    servers = {name: (host, port) for name, (host, port) in setup["servers"].items()}
+    otel = Otel(config, setup["headers"], servers)
+    while True:
+        message = channel.recv(MAX_MESSAGE)
+        if not message:  # the gateway is gone
+            otel.shutdown()
+            return
+        kind, *body = orjson.loads(message)
+        if kind == "records":
+            for trace, record, generates in body[0]:
+                ids = RequestTrace(int(trace[0], 16), *trace[1:]) if trace else None
+                _safely(otel.record, ids, record, generates)
+        elif kind == "flush":
+            otel.force_flush()
+            channel.send(b'"flushed"')
+        elif kind == "stop":
+            otel.shutdown()
+            channel.send(b'"stopped"')
+            return
+
+
+def _safely(record: Any, *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception:  # one bad record must not stop telemetry for the rest
+        log.exception("cannot record OpenTelemetry data for a request")
+
+
+if __name__ == "__main__":
+    main()

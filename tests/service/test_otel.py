@@ -8,6 +8,7 @@ token counts of a request whose usage the test chose.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from extproc.config import parse_config
 from extproc.gateway import Gateway
 from extproc.server import ExternalProcessor
 from extproc.telemetry.metrics import Metrics
-from extproc.telemetry.otel_sdk import Otel
+from extproc.telemetry.otel import OtelProcess
 from tests.otlp_receiver import Receiver, otlp_receiver, wait_until
 from tests.service.test_servicer import (
     BODY,
@@ -76,7 +77,7 @@ def _gateway(receiver: Receiver, protocol: str = "grpc", **otel: Any) -> Gateway
 
 
 def _flush(gateway: Gateway) -> None:
-    assert isinstance(gateway.otel, Otel)
+    assert isinstance(gateway.otel, OtelProcess)
     gateway.otel.force_flush()
 
 
@@ -269,13 +270,26 @@ def test_receiver_polling_is_bounded() -> None:
 def test_a_full_queue_drops_records_instead_of_waiting(receiver: Receiver) -> None:
     gateway = _gateway(receiver, max_queue_size=64)
     otel = gateway.otel
-    assert isinstance(otel, Otel)
-    record = {"outcome": "ok"}  # never read: dropped or failing records stay off the loop
-    began = time.perf_counter()
-    for _ in range(5000):
-        otel.record(None, record, False)
-    assert time.perf_counter() - began < 0.5
-    assert otel.dropped >= 5000 - 64 * 2  # the recording thread may drain once meanwhile
+    assert isinstance(otel, OtelProcess)
+    otel.process.send_signal(signal.SIGSTOP)  # a telemetry process that reads nothing
+    try:
+        record = {"outcome": "ok", "padding": "x" * 1024}
+        began = time.perf_counter()
+        for _ in range(5000):
+            otel.record(None, record, False)
+        assert time.perf_counter() - began < 0.5
+    finally:
+        otel.process.send_signal(signal.SIGCONT)
+    assert 0 < otel.dropped < 5000
     counted = gateway.metrics.registry.get_sample_value("extproc_otel_dropped_total")
     assert counted == otel.dropped
     otel.shutdown()
+    assert otel.process.returncode == 0
+
+
+def test_telemetry_process_ends_with_the_gateway(receiver: Receiver) -> None:
+    gateway = _gateway(receiver)
+    otel = gateway.otel
+    assert isinstance(otel, OtelProcess)
+    otel._socket.close()  # as when the gateway process dies: the socket reads EOF
+    assert otel.process.wait(20) == 0

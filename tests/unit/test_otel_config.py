@@ -11,8 +11,7 @@ from extproc.config import Config, ConfigError, parse_config
 from extproc.credentials import CredentialMissing
 from extproc.gateway import Gateway
 from extproc.telemetry import otel
-from extproc.telemetry.otel import NoOtel, OtelUnavailable, open_otel
-from extproc.telemetry.otel_sdk import Otel
+from extproc.telemetry.otel import NoOtel, OtelProcess, OtelUnavailable, open_otel
 
 
 def problems(data: Any) -> list[str]:
@@ -64,7 +63,7 @@ def test_headers_come_from_env_and_file(tmp_path: Path) -> None:
     assert config.telemetry.otel is not None
     assert config.telemetry.otel.endpoint == "http://127.0.0.1:4318"
     telemetry = open_otel(config, {"OTLP_KEY": "from-env"})
-    assert isinstance(telemetry, Otel)
+    assert isinstance(telemetry, OtelProcess)
     telemetry.shutdown()
     with pytest.raises(CredentialMissing, match="OTLP_KEY"):
         Gateway.from_config(config, environ={})
