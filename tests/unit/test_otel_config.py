@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,20 @@ def test_a_stale_opentelemetry_proto_is_refused_with_the_fix(
     config = parse_config({"telemetry": {"otel": {"endpoint": "http://127.0.0.1:4317"}}})
     with pytest.raises(OtelUnavailable, match="force-reinstall --no-deps opentelemetry-proto"):
         otel.open_otel(config)
+
+
+def test_the_gateway_process_never_imports_the_sdk() -> None:
+    """The SDK runs in the telemetry process; the gateway's interpreter stays lean."""
+    script = (
+        "import sys\n"
+        "from extproc.config import parse_config\n"
+        "from extproc.gateway import Gateway\n"
+        "config = parse_config({'telemetry': {'otel': {'endpoint': 'http://127.0.0.1:9'}}})\n"
+        "gateway = Gateway.from_config(config)\n"
+        "gateway.otel.shutdown()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"
