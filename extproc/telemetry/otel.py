@@ -123,9 +123,9 @@ class OtelProcess:
     """The gateway's side of OpenTelemetry: span ids on the request path, the rest in a
     telemetry process (`python -m extproc.telemetry.otel_sdk`).
 
-    `record` sends the finished audit record over a non-blocking SOCK_SEQPACKET socket
-    (one message per request, boundaries kept); a full socket buffer drops the record
-    (`on_drop`) instead of waiting. The SDK's CPU work (metrics, spans, OTLP encoding)
+    `record` sends finished audit records, in batches, over a non-blocking SOCK_SEQPACKET
+    socket (message boundaries kept, so no framing); a full socket buffer drops the batch
+    (`on_drop` per request) instead of waiting. The SDK's CPU work (metrics, spans, OTLP encoding)
     runs in that process, on another core, without the gateway's GIL. It dies with the
     gateway (PR_SET_PDEATHSIG) and reads EOF if the gateway's socket closes."""
 
