@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--config")
     admin_cli.add_parser(commands)
     admin_cli.add_cache_parser(commands)
+    admin_cli.add_sso_parser(commands)
     return parser
 
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
-    if args.command in ("keys", "cache"):
+    if args.command in ("keys", "cache", "sso"):
         return admin_cli.run(_load(args.config), args)
     from extproc import envoy_config, supervisor
 
