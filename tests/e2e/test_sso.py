@@ -19,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from extproc.policies.auth import hash_key, new_key
 from extproc.signin.managed import checksum
 from extproc.signin.tokens import generate_pem
 from tests import oidc_issuer
@@ -35,6 +36,7 @@ OPUS_SETTINGS = {
     "permissions": {"deny": ["Bash(rm -rf *)"]},
 }
 AGENT = {"user-agent": "claude-code/2.1.197"}
+CI_KEY = new_key("ci-bot")
 
 
 class Collector:
@@ -109,16 +111,31 @@ def sso_config(fake: FakeProvider, issuer: Issuer, store: str, **sso: Any) -> di
 
 
 @pytest.fixture(scope="module")
-def gateway(
+def replicas(
     fake: FakeProvider, issuer: Issuer, redis: RedisServer, collector: Collector
-) -> Iterator[Stack]:
+) -> Iterator[list[Stack]]:
+    """Two gateways (Envoy + ext_proc each) sharing one redis-server and one signing key."""
     config = sso_config(fake, issuer, redis.url)
     config["otlp_relay"] = {"endpoint": collector.url}
-    stack = Stack(config)
-    issuer.redirect_uris.add(f"{stack.url}/device/callback")
-    stack.start()
-    yield stack
-    stack.close()
+    config["auth"]["keys"] = [{"id": "ci-bot", "hash": hash_key(CI_KEY), "user": "ci-bot"}]
+    config["budgets"] = {"rules": [{"scope": "user", "id": "*", "window": "daily", "usd": 5}]}
+    stacks: list[Stack] = []
+    try:
+        for _ in range(2):
+            ports = gateway_config(fake.url)  # fresh free ports for this replica
+            keys = ("listen", "grpc_listen", "metrics_listen", "envoy")
+            stack = Stack({**config, **{key: ports[key] for key in keys}})
+            issuer.redirect_uris.add(f"{stack.url}/device/callback")
+            stacks.append(stack.start())
+        yield stacks
+    finally:
+        for stack in stacks:
+            stack.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(replicas: list[Stack]) -> Stack:
+    return replicas[0]
 
 
 # -- the developer's side: what Claude Code and the browser do ------------------------------
@@ -215,8 +232,9 @@ def test_device_codes_are_long_and_user_codes_base20(gateway: Stack) -> None:
 
 
 def test_sign_in_then_claude_code_runs_then_refresh_then_revoke(
-    gateway: Stack, issuer: Issuer, received: FakeProvider
+    replicas: list[Stack], issuer: Issuer, received: FakeProvider
 ) -> None:
+    gateway, other = replicas
     tokens = sign_in(gateway.url, issuer, OPUS_DEV)
     assert tokens["token_type"] == "Bearer"
     assert tokens["email"] == OPUS_DEV.email
@@ -235,12 +253,16 @@ def test_sign_in_then_claude_code_runs_then_refresh_then_revoke(
     renewed = refresh(gateway.url, tokens["refresh_token"])
     assert renewed.status_code == 200, renewed.text
     fresh = renewed.json()
-    assert messages(gateway.url, fresh["access_token"]).status_code == 200
+    for replica in replicas:  # one signing key: every replica takes the token
+        assert messages(replica.url, fresh["access_token"]).status_code == 200
     replayed = refresh(gateway.url, tokens["refresh_token"])
     assert (replayed.status_code, replayed.json()["error"]) == (401, "invalid_grant")
 
     revoke_user(gateway, OPUS_DEV.email)
+    started = time.monotonic()
+    wait_for_status(other.url, fresh["access_token"], 401, limit=5)
     refused = wait_for_status(gateway.url, fresh["access_token"], 401, limit=5)
+    assert time.monotonic() - started < 3  # auth.cache_seconds is 1 here
     assert refused.headers["x-should-retry"] == "false"
     assert refused.json()["error"]["type"] == "authentication_error"
     assert "revoked" in refused.json()["error"]["message"]
@@ -278,6 +300,33 @@ def wait_for_status(base: str, token: str, status: int, limit: float) -> httpx.R
         answer = messages(base, token)
     assert answer.status_code == status, answer.text
     return answer
+
+
+def test_sso_and_key_requests_are_audited_and_budgeted_alike(
+    gateway: Stack, issuer: Issuer
+) -> None:
+    token = sign_in(gateway.url, issuer, SONNET_DEV)["access_token"]
+    by_sso = messages(gateway.url, token)
+    by_key = messages(gateway.url, CI_KEY)
+    assert by_sso.status_code == by_key.status_code == 200
+    ids = {by_sso.headers["x-gateway-request-id"], by_key.headers["x-gateway-request-id"]}
+    records = [r for r in gateway.audit_records(wait_for=2) if r["request_id"] in ids]
+    deadline = time.monotonic() + 5
+    while len(records) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        records = [r for r in gateway.audit_records() if r["request_id"] in ids]
+    sso_record, key_record = sorted(records, key=lambda r: r["identity"] != "sso")
+    assert sso_record["identity"] == "sso"
+    assert key_record["identity"] == "key"
+    assert sso_record["scopes"]["user"] == SONNET_DEV.email
+    assert key_record["scopes"]["user"] == "ci-bot"
+    assert sso_record["cost_usd"] is not None
+    assert key_record["cost_usd"] is not None
+    quota = httpx.get(
+        f"{gateway.url}/v1/gateway/quota", headers={"authorization": f"Bearer {token}"}
+    )
+    assert quota.status_code == 200, quota.text
+    assert SONNET_DEV.email in quota.text
 
 
 def test_group_policy_opus_for_one_group_sonnet_only_for_the_other(
