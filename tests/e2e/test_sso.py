@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,9 +19,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 
+from extproc.credentials import CredentialSource
 from extproc.policies.auth import hash_key, new_key
+from extproc.signin.config import OidcConfig
 from extproc.signin.managed import checksum
+from extproc.signin.oidc import LoginStart, OidcClient, OidcError
 from extproc.signin.tokens import generate_pem
 from tests import oidc_issuer
 from tests.claude_cli import claude_env, claude_path
@@ -461,3 +466,50 @@ def test_a_forged_or_foreign_token_is_refused(gateway: Stack) -> None:
     answer = messages(gateway.url, forged)
     assert answer.status_code == 401
     assert answer.headers["x-should-retry"] == "false"
+
+
+# -- the gateway as the IdP's client: what a strict IdP refuses -----------------------------
+
+
+def _oidc_client(issuer: Issuer, secret: str = oidc_issuer.CLIENT_SECRET) -> OidcClient:
+    config = OidcConfig(
+        issuer=issuer.url,
+        client_id=oidc_issuer.CLIENT_ID,
+        client_secret=CredentialSource(value=SecretStr(secret)),
+    )
+    return OidcClient(config, lambda: secret)
+
+
+async def _code_for(client: OidcClient, login: LoginStart, redirect: str) -> str:
+    async with httpx.AsyncClient() as browser:
+        answer = await browser.get(await client.authorize_url(login, redirect))
+    assert answer.status_code == 302, answer.text
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(answer.headers["location"]).query))
+    assert query["state"] == login.state
+    return query["code"]
+
+
+async def test_idp_login_checks_secret_pkce_redirect_and_nonce(issuer: Issuer) -> None:
+    redirect = "https://gw.test/device/callback"
+    issuer.redirect_uris.add(redirect)
+    issuer.next_user = User("fay@example.com", ["eng"])
+    client = _oidc_client(issuer)
+    login = LoginStart.new()
+    user = await client.finish(await _code_for(client, login, redirect), login, redirect)
+    assert (user.user, user.groups) == ("fay@example.com", ("eng",))
+
+    wrong_secret = _oidc_client(issuer, "guessed")
+    login = LoginStart.new()
+    with pytest.raises(OidcError, match="401"):
+        await wrong_secret.finish(await _code_for(client, login, redirect), login, redirect)
+    login = LoginStart.new()
+    code = await _code_for(client, login, redirect)
+    other_verifier = LoginStart(login.state, login.nonce, LoginStart.new().verifier)
+    with pytest.raises(OidcError, match="invalid_grant"):
+        await client.finish(code, other_verifier, redirect)
+    login = LoginStart.new()
+    code = await _code_for(client, login, redirect)
+    with pytest.raises(OidcError, match="nonce"):
+        await client.finish(code, LoginStart(login.state, "forged", login.verifier), redirect)
+    with pytest.raises(AssertionError):  # an unregistered redirect URI never gets a code
+        await _code_for(client, LoginStart.new(), "https://evil.test/cb")
