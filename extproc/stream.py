@@ -42,6 +42,7 @@ from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
+from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
 from extproc.signin.tokens import looks_like_jwt
 from extproc.spending import SpendRun
@@ -255,15 +256,8 @@ class RequestStream:
 
     def _managed_settings(self) -> Respond:
         """Claude Code's managed settings for the caller's group (404: no policy)."""
-        sso = self.gw.config.sso
         group = self.identity.labels.get("sso_group") if self.identity.source == "sso" else None
-        policy = None
-        if sso is not None and group is not None:
-            policy = (
-                sso.default
-                if group == "default"
-                else next((p for p in sso.groups if p.group == group), None)
-            )
+        policy = policy_named(self.gw.config.sso, group)
         settings = policy.settings if policy is not None else None
         answer = managed.answer(group or "", settings, self.headers.get("if-none-match"))
         return self._answer(answer, "managed_settings")

@@ -26,6 +26,14 @@ def policy_for(config: SsoConfig, groups: Sequence[str]) -> tuple[str, GroupPoli
     return ("default", config.default) if config.default is not None else None
 
 
+def policy_named(config: SsoConfig | None, name: str | None) -> GroupPolicy | None:
+    """The policy an identity's `sso_group` label names (what `policy_for` chose)."""
+    if config is None or name is None:
+        return None
+    chosen = next((p for p in config.groups if p.group == name), None)
+    return chosen if chosen is not None or name != "default" else config.default
+
+
 def identity_of(session: Session, name: str, policy: GroupPolicy) -> Identity:
     return Identity(
         source="sso",
