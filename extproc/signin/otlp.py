@@ -20,7 +20,6 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import orjson
 
@@ -176,6 +175,3 @@ class OtlpRelay:
             log.warning("OTLP relay: the collector refused or is unreachable: %s", exc)
         finally:
             self.in_flight -= 1
-
-    def stats(self) -> dict[str, Any]:
-        return {"forwarded": self.forwarded, "dropped": self.dropped, "in_flight": self.in_flight}
