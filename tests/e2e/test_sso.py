@@ -166,12 +166,7 @@ def start_device(base: str, **form: str) -> dict[str, Any]:
 
 def approve_in_browser(device: dict[str, Any]) -> httpx.Response:
     """Open verification_uri_complete, confirm the code, sign in at the IdP, come back."""
-    page = httpx.get(device["verification_uri_complete"])
-    assert page.status_code == 200
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
-    assert csrf is not None
-    cookie = page.headers["set-cookie"].split(";", 1)[0]
-    form = {"user_code": device["user_code"], "csrf": csrf.group(1)}
+    form, cookie = page_form(device)
     confirmed = httpx.post(device["verification_uri"], data=form, headers={"cookie": cookie})
     assert confirmed.status_code == 303, confirmed.text
     at_idp = httpx.get(confirmed.headers["location"])
@@ -513,3 +508,46 @@ async def test_idp_login_checks_secret_pkce_redirect_and_nonce(issuer: Issuer) -
         await client.finish(code, LoginStart(login.state, "forged", login.verifier), redirect)
     with pytest.raises(AssertionError):  # an unregistered redirect URI never gets a code
         await _code_for(client, LoginStart.new(), "https://evil.test/cb")
+
+
+def test_sign_out_revokes_the_session(gateway: Stack, issuer: Issuer) -> None:
+    tokens = sign_in(gateway.url, issuer, User("gil@example.com", ["eng"]))
+    assert messages(gateway.url, tokens["access_token"]).status_code == 200
+    endpoint = discover(gateway.url)["revocation_endpoint"]
+    for form in (
+        {"token": tokens["access_token"]},
+        {"token": tokens["refresh_token"], "token_type_hint": "refresh_token"},
+        {"token": "not-a-token"},
+    ):
+        assert httpx.post(endpoint, data=form, headers=AGENT).status_code == 200
+    refused = wait_for_status(gateway.url, tokens["access_token"], 401, limit=5)
+    assert "revoked" in refused.json()["error"]["message"]
+    assert refresh(gateway.url, tokens["refresh_token"]).status_code == 401
+
+
+def page_form(device: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """The verification page's form for this device code, and its CSRF cookie."""
+    page = httpx.get(device["verification_uri_complete"])
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert csrf is not None
+    cookie = page.headers["set-cookie"].split(";", 1)[0]
+    return {"user_code": device["user_code"], "csrf": csrf.group(1)}, cookie
+
+
+def test_denied_at_the_page_or_at_the_idp(gateway: Stack) -> None:
+    device = start_device(gateway.url)
+    form, cookie = page_form(device)
+    denied = httpx.post(f"{gateway.url}/device/deny", data=form, headers={"cookie": cookie})
+    assert denied.status_code == 200
+    assert poll(gateway.url, device["device_code"]).json()["error"] == "access_denied"
+
+    device = start_device(gateway.url)
+    form, cookie = page_form(device)
+    confirmed = httpx.post(device["verification_uri"], data=form, headers={"cookie": cookie})
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(confirmed.headers["location"]).query))
+    back = httpx.get(
+        f"{gateway.url}/device/callback",
+        params={"state": state["state"], "error": "access_denied"},
+    )
+    assert back.status_code == 403
+    assert poll(gateway.url, device["device_code"]).json()["error"] == "access_denied"
