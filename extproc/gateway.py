@@ -128,9 +128,9 @@ def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> 
     from extproc.signin.tokens import TokenSigner, load_private_key
 
     pem = Credential(sso.signing_key, environ).get() if sso.signing_key is not None else None
-    signer = TokenSigner(
-        load_private_key(pem), sso.public_url or "extproc-gateway", sso.access_token_seconds
-    )
+    previous = [load_private_key(Credential(s, environ).get()) for s in sso.previous_signing_keys]
+    issuer = sso.public_url or "extproc-gateway"
+    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, previous=previous)
     secret = Credential(sso.oidc.client_secret, environ)
     oidc = OidcClient(sso.oidc, secret.get)
     return SignIn(sso, store, signer, oidc, config.auth.cache_seconds)

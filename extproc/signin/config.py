@@ -71,6 +71,8 @@ class SsoConfig(_Frozen):
     # Ed25519 private key (PEM) that signs access tokens. Every replica needs the same
     # one; unset, each process makes its own at start (one replica, memory:// only).
     signing_key: CredentialSource | None = None
+    # Keys signed with before a rotation: their tokens are accepted until they expire.
+    previous_signing_keys: tuple[CredentialSource, ...] = ()
     access_token_seconds: int = Field(default=3600, ge=60, le=86400)
     refresh_token_seconds: int = Field(default=30 * 86400, ge=300, le=365 * 86400)
     device_code_seconds: int = Field(default=600, ge=60, le=1800)

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,11 @@ def generate_pem() -> str:
     return raw.decode()
 
 
+def key_id(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def looks_like_jwt(token: str) -> bool:
     return token.startswith("eyJ") and token.count(".") == 2
 
@@ -88,11 +93,13 @@ class TokenSigner:
         issuer: str,
         lifetime: int,
         clock: Callable[[], float] = time.time,
+        previous: Sequence[Ed25519PrivateKey] = (),
     ) -> None:
         self._key = key
-        self._public = key.public_key()
-        raw = self._public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.kid = hashlib.sha256(raw).hexdigest()[:16]
+        self.kid = key_id(key)
+        # Tokens signed by a previous key stay valid until they expire, so rotating
+        # `sso.signing_key` signs nobody out.
+        self._verifiers = {key_id(k): k.public_key() for k in (*previous, key)}
         self.issuer = issuer
         self.lifetime = lifetime
         self._clock = clock
@@ -125,9 +132,13 @@ class TokenSigner:
 
     def _verify(self, token: str) -> Claims:
         try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            public = self._verifiers.get(kid) if isinstance(kid, str) else None
+            if public is None:
+                raise InvalidToken("invalid token (unknown signing key); run /login again")
             claims = jwt.decode(
                 token,
-                self._public,
+                public,
                 algorithms=["EdDSA"],
                 audience=AUDIENCE,
                 issuer=self.issuer,

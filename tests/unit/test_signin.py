@@ -126,6 +126,14 @@ def test_tokens_expire_and_need_our_key() -> None:
         signer.check(token)
 
 
+def test_tokens_of_a_previous_key_stay_valid_after_rotation() -> None:
+    old, new = load_private_key(None), load_private_key(None)
+    token = TokenSigner(old, "gw", 60).mint(ALICE)
+    assert TokenSigner(new, "gw", 60, previous=[old]).check(token).session == ALICE
+    with pytest.raises(InvalidToken, match="unknown signing key"):
+        TokenSigner(new, "gw", 60).check(token)
+
+
 async def test_revocation_reaches_a_replica_after_its_cache() -> None:
     store = MemoryStore()
     service = SignIn(sso(), store, TokenSigner(load_private_key(None), "gw", 600), _oidc(), 3)
