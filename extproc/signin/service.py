@@ -89,11 +89,16 @@ def parse_form(body: bytes, limit: int) -> dict[str, str]:
     return dict(pairs)
 
 
-def csrf_ok(headers: Mapping[str, str], form: Mapping[str, str]) -> bool:
-    """The double-submit check: the form's token equals the page's cookie."""
+def browser_token(headers: Mapping[str, str]) -> str:
+    """The verification page's cookie: it ties a form and a login to one browser."""
     cookies = headers.get("cookie", "").split(";")
     pairs = dict(part.strip().split("=", 1) for part in cookies if "=" in part)
-    expected = pairs.get(CSRF_COOKIE, "")
+    return pairs.get(CSRF_COOKIE, "")
+
+
+def csrf_ok(headers: Mapping[str, str], form: Mapping[str, str]) -> bool:
+    """The double-submit check: the form's token equals the page's cookie."""
+    expected = browser_token(headers)
     return bool(expected) and secrets.compare_digest(expected, form.get("csrf", ""))
 
 
@@ -181,7 +186,7 @@ class SignIn:
         if path == "/.well-known/oauth-authorization-server":
             return self._allow(method, "GET") or self.metadata(base)
         if path == "/device/callback":
-            return self._allow(method, "GET") or await self.callback(query, base)
+            return self._allow(method, "GET") or await self.callback(query, headers, base)
         if path == "/device":
             if method == "GET":
                 return self.verification_page(query, base)
@@ -306,9 +311,7 @@ class SignIn:
         user_code = dict(urllib.parse.parse_qsl(query)).get("user_code", "")[:32]
         csrf = secrets.token_urlsafe(24)
         secure = "; Secure" if base.startswith("https:") else ""
-        cookie = (
-            f"{CSRF_COOKIE}={csrf}; Path=/device; HttpOnly; SameSite=Strict; Max-Age=900{secure}"
-        )
+        cookie = f"{CSRF_COOKIE}={csrf}; Path=/device; HttpOnly; SameSite=Lax; Max-Age=900{secure}"
         return pages.code_form(user_code, csrf, cookie)
 
     async def verify(self, headers: Mapping[str, str], body: bytes, base: str) -> Respond:
@@ -321,7 +324,12 @@ class SignIn:
         if found is None:
             return pages.message(400, "Unknown code", "That code is unknown, used or expired.")
         login = LoginStart.new()
-        record = {"device": found[0], "nonce": login.nonce, "verifier": login.verifier}
+        record = {
+            "device": found[0],
+            "nonce": login.nonce,
+            "verifier": login.verifier,
+            "browser": form["csrf"],
+        }
         await self.store.set(flow.LOGIN + login.state, orjson.dumps(record), 600)
         try:
             url = await self.oidc.authorize_url(login, f"{base}/device/callback")
@@ -339,29 +347,36 @@ class SignIn:
             await self.flow.decide(*found, None, self.clock())
         return pages.message(200, "Sign-in denied", "The device was not signed in.")
 
-    async def callback(self, query: str, base: str) -> Respond:
+    async def callback(self, query: str, headers: Mapping[str, str], base: str) -> Respond:
+        """The IdP sent the browser back: finish the login it started, approve the device."""
         params = dict(urllib.parse.parse_qsl(query))
-        raw = await self.store.get(flow.LOGIN + params.get("state", "")[:128])
-        if raw is None or not await self.store.delete(flow.LOGIN + params.get("state", "")[:128]):
-            return pages.message(400, "Sign-in expired", "Start again from your terminal.")
-        record = orjson.loads(raw)
-        device = await self._device(record["device"])
-        if device is None:
+        record = await self._take_login(params.get("state", "")[:128], browser_token(headers))
+        device = await self._device(record["device"]) if record is not None else None
+        if record is None or device is None:
             return pages.message(400, "Sign-in expired", "Start again from your terminal.")
         if "error" in params or "code" not in params:
             await self.flow.decide(record["device"], device, None, self.clock())
-            return pages.message(
-                403, "Sign-in refused", "The identity provider did not sign you in."
-            )
+            text = "The identity provider did not sign you in."
+            return pages.message(403, "Sign-in refused", text)
         login = LoginStart(params["state"], record["nonce"], record["verifier"])
         try:
             user = await self.oidc.finish(params["code"], login, f"{base}/device/callback")
         except OidcError as exc:
             log.warning("sign-in failed at the identity provider: %s", exc)
             return pages.message(502, "Sign-in failed", str(exc))
-        return await self._approve(
-            record["device"], device, Session.new(user.user, user.email, user.groups)
-        )
+        session = Session.new(user.user, user.email, user.groups)
+        return await self._approve(record["device"], device, session)
+
+    async def _take_login(self, state: str, browser: str) -> dict[str, Any] | None:
+        """The login `state` names, used up, if this browser started it (the page's cookie
+        travels with the IdP's redirect back: SameSite=Lax)."""
+        raw = await self.store.get(flow.LOGIN + state)
+        if raw is None:
+            return None
+        record: dict[str, Any] = orjson.loads(raw)
+        if not browser or not secrets.compare_digest(str(record.get("browser", "")), browser):
+            return None
+        return record if await self.store.delete(flow.LOGIN + state) else None
 
     async def _device(self, key: str) -> flow.Device | None:
         raw = await self.store.get(key)

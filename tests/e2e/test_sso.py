@@ -171,7 +171,9 @@ def approve_in_browser(device: dict[str, Any]) -> httpx.Response:
     assert confirmed.status_code == 303, confirmed.text
     at_idp = httpx.get(confirmed.headers["location"])
     assert at_idp.status_code == 302, at_idp.text
-    return httpx.get(at_idp.headers["location"])
+    back = at_idp.headers["location"]
+    assert httpx.get(back).status_code == 400  # another browser cannot finish this login
+    return httpx.get(back, headers={"cookie": cookie})
 
 
 def poll(base: str, device_code: str, **form: str) -> httpx.Response:
@@ -548,6 +550,7 @@ def test_denied_at_the_page_or_at_the_idp(gateway: Stack) -> None:
     back = httpx.get(
         f"{gateway.url}/device/callback",
         params={"state": state["state"], "error": "access_denied"},
+        headers={"cookie": cookie},
     )
     assert back.status_code == 403
     assert poll(gateway.url, device["device_code"]).json()["error"] == "access_denied"
