@@ -97,6 +97,7 @@ def sso_config(fake: FakeProvider, issuer: Issuer, store: str, **sso: Any) -> di
     config["providers"]["anthropic"]["credential"] = {"value": "sk-held-by-gateway"}
     config["auth"] = {"required": True, "cache_seconds": 1}
     config["teams"] = {"platform": {"models": ["claude-*"]}, "eng": {}}
+    config["tiers"] = {"thrifty": {"map": {"claude-opus-*": "claude-sonnet-4-6"}}}
     config["sso"] = {
         "oidc": {
             "issuer": issuer.url,
@@ -109,6 +110,7 @@ def sso_config(fake: FakeProvider, issuer: Issuer, store: str, **sso: Any) -> di
         "groups": [
             {"group": "opus-devs", "team": "platform", "settings": OPUS_SETTINGS},
             {"group": "eng", "team": "eng", "models": ["claude-sonnet-*"]},
+            {"group": "interns", "tier": "thrifty"},
         ],
         **sso,
     }
@@ -341,6 +343,10 @@ def test_group_policy_opus_for_one_group_sonnet_only_for_the_other(
     assert refused.status_code == 403
     assert "claude-sonnet-*" in refused.json()["error"]["message"]
     assert messages(gateway.url, sonnet, "claude-sonnet-4-6").status_code == 200
+    intern = sign_in(gateway.url, issuer, User("ivy@example.com", ["interns"]))["access_token"]
+    mapped = messages(gateway.url, intern, "claude-opus-4-8")  # the group's tier maps it
+    assert mapped.status_code == 200
+    assert received.received[-1].json()["model"] == "claude-sonnet-4-6"
 
 
 def test_user_in_no_group_is_refused_at_sign_in(gateway: Stack, issuer: Issuer) -> None:
