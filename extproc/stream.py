@@ -44,7 +44,6 @@ from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.signin.tokens import looks_like_jwt
 from extproc.spending import SpendRun
 from extproc.store import StoreError
 from extproc.telemetry.record import account
@@ -209,7 +208,7 @@ class RequestStream:
         identity = None
         if key is not None and auth.key_id_of(key) is not None:
             identity = await self.gw.keys.authenticate(key)
-        elif key is not None and self.gw.signin is not None and looks_like_jwt(key):
+        elif key is not None and self.gw.signin is not None and self.gw.signin.signer.owns(key):
             identity = await self.gw.signin.authenticate(key)
         elif config.auth.jwt is not None:
             claims = jwt_metadata.get(config.auth.jwt.payload_key)

@@ -108,6 +108,16 @@ class TokenSigner:
         # expiry and revocation are still checked on every request.
         self._verified: dict[str, Claims] = {}
 
+    def owns(self, token: str) -> bool:
+        """Whether a bearer is one of our tokens (by its key id), rather than, say, an IdP
+        JWT that Envoy's jwt_authn checks (`auth.jwt`)."""
+        if not looks_like_jwt(token):
+            return False
+        try:
+            return jwt.get_unverified_header(token).get("kid") in self._verifiers
+        except jwt.PyJWTError:
+            return False
+
     def mint(self, session: Session) -> str:
         now = int(self._clock())
         claims: dict[str, Any] = {

@@ -464,11 +464,14 @@ def test_verification_page_bad_input(gateway: Stack) -> None:
     assert httpx.put(f"{gateway.url}/oauth/token").status_code == 405
 
 
-def test_a_forged_or_foreign_token_is_refused(gateway: Stack) -> None:
-    forged = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJldmUifQ."
-    answer = messages(gateway.url, forged)
-    assert answer.status_code == 401
-    assert answer.headers["x-should-retry"] == "false"
+def test_a_forged_or_foreign_token_is_refused(gateway: Stack, issuer: Issuer) -> None:
+    token = sign_in(gateway.url, issuer, SONNET_DEV)["access_token"]
+    header, payload, _ = token.split(".")
+    forged = messages(gateway.url, f"{header}.{payload}.{'A' * 86}")
+    assert forged.status_code == 401
+    assert forged.headers["x-should-retry"] == "false"
+    foreign = messages(gateway.url, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJldmUifQ.")
+    assert foreign.status_code == 401
 
 
 # -- the gateway as the IdP's client: what a strict IdP refuses -----------------------------

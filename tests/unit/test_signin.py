@@ -132,6 +132,8 @@ def test_tokens_of_a_previous_key_stay_valid_after_rotation() -> None:
     assert TokenSigner(new, "gw", 60, previous=[old]).check(token).session == ALICE
     with pytest.raises(InvalidToken, match="unknown signing key"):
         TokenSigner(new, "gw", 60).check(token)
+    assert not TokenSigner(new, "gw", 60).owns(token)  # e.g. an IdP's JWT for auth.jwt
+    assert not TokenSigner(new, "gw", 60).owns("sk-ant-api03-xyz")
 
 
 async def test_revocation_reaches_a_replica_after_its_cache() -> None:
