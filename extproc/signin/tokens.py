@@ -10,6 +10,7 @@ reaches every replica within that bound, like a revoked gateway key.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -184,14 +185,13 @@ class Revocations:
         store: Store,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._ttl = ttl
         self._clock = clock
-        self._wall = wall_clock
         self._entries: dict[str, float] = {}
         self._read_at: float | None = None
+        self._reading: asyncio.Future[None] | None = None
 
     async def revoked(self, session: Session, issued_at: float) -> bool:
         """Whether a token (or refresh token) issued at `issued_at` has been revoked."""
@@ -203,12 +203,21 @@ class Revocations:
         now = self._clock()
         if self._read_at is not None and now - self._read_at < self._ttl:
             return self._entries
+        if self._reading is None:  # one read per replica, however many requests wait
+            self._reading = asyncio.ensure_future(self._read(now))
+        reading = self._reading
+        await asyncio.shield(reading)
+        return self._entries
+
+    async def _read(self, now: float) -> None:
         # On a store outage keep the list last read: revoked tokens stay refused and
         # everyone else keeps working.
-        with contextlib.suppress(StoreError):
-            self._entries = parse(await self._store.get(REVOKED_KEY))
-        self._read_at = now
-        return self._entries
+        try:
+            with contextlib.suppress(StoreError):
+                self._entries = parse(await self._store.get(REVOKED_KEY))
+            self._read_at = now
+        finally:
+            self._reading = None
 
 
 def parse(raw: bytes | None) -> dict[str, float]:

@@ -149,6 +149,22 @@ async def test_revocation_reaches_a_replica_after_its_cache() -> None:
     assert ("x-should-retry", "false") in refused.value.headers
 
 
+async def test_revocation_list_is_read_once_however_many_requests_wait() -> None:
+    reads = 0
+
+    class Counting(MemoryStore):
+        async def get(self, key: str) -> bytes | None:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.01)
+            return await super().get(key)
+
+    revocations = Revocations(Counting(), 60)
+    verdicts = await asyncio.gather(*(revocations.revoked(ALICE, NOW) for _ in range(50)))
+    assert not any(verdicts)
+    assert reads == 1
+
+
 def test_first_matching_group_wins_then_default_or_refusal() -> None:
     config = sso()
     assert policy_for(config, ["eng", "opus-devs"]) == ("opus-*", config.groups[0])
