@@ -266,7 +266,7 @@ def test_sign_in_then_claude_code_runs_then_refresh_then_revoke(
     started = time.monotonic()
     wait_for_status(other.url, fresh["access_token"], 401, limit=5)
     refused = wait_for_status(gateway.url, fresh["access_token"], 401, limit=5)
-    assert time.monotonic() - started < 3  # auth.cache_seconds is 1 here
+    assert time.monotonic() - started < 4  # auth.cache_seconds is 1 here
     assert refused.headers["x-should-retry"] == "false"
     assert refused.json()["error"]["type"] == "authentication_error"
     assert "revoked" in refused.json()["error"]["message"]
