@@ -26,6 +26,7 @@ from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Gateway:
     guard: Guard | None = None
     signin: SignIn | None = None
     otlp: OtlpRelay | None = None
+    otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -78,6 +80,7 @@ class Gateway:
             guard=_guard(config, environ),
             signin=_signin(config, store, environ),
             otlp=OtlpRelay(config.otlp_relay),
+            otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
     def stream_opened(self) -> None:
@@ -109,6 +112,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.audit.close()
+        # Flushing the last spans and metrics may wait on the collector: not on the loop.
+        await asyncio.to_thread(self.otel.shutdown)
         await self.store.close()
 
 
