@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_cli.add_parser(commands)
     admin_cli.add_cache_parser(commands)
     report_cli.add_parsers(commands)
+    admin_cli.add_sso_parser(commands)
     return parser
 
 
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
-    if args.command in ("keys", "cache"):
+    if args.command in ("keys", "cache", "sso"):
         return admin_cli.run(_load(args.config), args)
     if args.command == "report":
         return report_cli.run_report(args, _load(args.config))

@@ -30,6 +30,7 @@ from extproc.policies.budget import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier
+from extproc.signin.config import OtlpRelayConfig, SsoConfig, check_references
 
 __all__ = [
     "AuditConfig",
@@ -446,6 +447,9 @@ class Config(_Frozen):
     rate_limits: RateLimitConfig = RateLimitConfig()
     # Guardrails (secret/PII redaction, injection and output screening); off when absent.
     guard: GuardConfig | None = None
+    # Sign in with the company's SSO (the Claude Code gateway protocol); off when absent.
+    sso: SsoConfig | None = None
+    otlp_relay: OtlpRelayConfig = OtlpRelayConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -497,6 +501,13 @@ class Config(_Frozen):
             for n, p in self.profiles.items()
             if p.zero_data_retention and p.audit.record_text
         ]
+        if self.sso is not None:
+            problems += check_references(self.sso, self.teams, self.tiers)
+            if self.sso.signing_key is None and self.shared_store:
+                problems.append(
+                    "sso.signing_key: replicas sharing a store need one signing key; "
+                    "set it (an Ed25519 PEM: `extproc sso keygen`)"
+                )
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]

@@ -41,6 +41,9 @@ from extproc.guarding import GuardRun
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.signin import managed, otlp
+from extproc.signin.policy import policy_named
+from extproc.signin.service import SignIn
 from extproc.spending import SpendRun
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
@@ -127,6 +130,7 @@ class RequestStream:
         self.finished_at = self.started
         self.settled = False
         self.json_chunks: list[bytes] = []
+        self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
         self.trace: RequestTrace | None = None
 
     # -- phase order -------------------------------------------------------------------
@@ -163,6 +167,8 @@ class RequestStream:
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
+        if self.gw.signin is not None and SignIn.serves(self.path):
+            return await self._sign_in(headers, end_of_stream)
         try:
             self._classify(headers)
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
@@ -172,6 +178,30 @@ class RequestStream:
             return await self._after_request_headers(end_of_stream)
         except GatewayError as error:
             return await self._reject(error)
+
+    async def _sign_in(self, headers: Mapping[str, str], end_of_stream: bool) -> Decision:
+        """The unauthenticated sign-in endpoints: answered by `extproc.signin`."""
+        assert self.gw.signin is not None
+        self.signing_in = True
+        method = headers.get(":method", "GET")
+        length = headers.get("content-length", "0")
+        limit = self.gw.signin.config.max_form_bytes
+        if length.isdigit() and int(length) > limit:
+            return self._answer(self.gw.signin.too_large(), "signin")
+        if end_of_stream or not SignIn.needs_body(method, self.path):
+            return await self._signed_in(b"")
+        return CONTINUE
+
+    async def _signed_in(self, body: bytes) -> Respond:
+        assert self.gw.signin is not None
+        method = self.headers.get(":method", "GET")
+        answer = await self.gw.signin.handle(method, self.path, self.headers, body)
+        return self._answer(answer, "signin")
+
+    def _answer(self, answer: Respond, outcome: str) -> Respond:
+        self.answer.status = answer.status
+        self._finish(outcome)
+        return answer
 
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
@@ -190,6 +220,8 @@ class RequestStream:
         identity = None
         if key is not None and auth.key_id_of(key) is not None:
             identity = await self.gw.keys.authenticate(key)
+        elif key is not None and self.gw.signin is not None and self.gw.signin.signer.owns(key):
+            identity = await self.gw.signin.authenticate(key)
         elif config.auth.jwt is not None:
             claims = jwt_metadata.get(config.auth.jwt.payload_key)
             if isinstance(claims, Mapping):
@@ -209,6 +241,10 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint is Endpoint.QUOTA:
             return await self._quota()
+        if self.route.endpoint is Endpoint.MANAGED_SETTINGS:
+            return self._managed_settings()
+        if self.route.endpoint is Endpoint.OTLP and end_of_stream:
+            return self._relay(b"")
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
@@ -228,6 +264,30 @@ class RequestStream:
         self._finish("quota")
         headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
         return Respond(200, orjson.dumps(report), headers, details="extproc_quota")
+
+    def _managed_settings(self) -> Respond:
+        """Claude Code's managed settings for the caller's group (404: no policy)."""
+        group = self.identity.labels.get("sso_group") if self.identity.source == "sso" else None
+        policy = policy_named(self.gw.config.sso, group)
+        settings = policy.settings if policy is not None else None
+        answer = managed.answer(group or "", settings, self.headers.get("if-none-match"))
+        return self._answer(answer, "managed_settings")
+
+    def _relay(self, body: bytes) -> Respond:
+        """Accept an OTLP export from Claude Code; stamp and forward it (or drop it)."""
+        caller = self.identity.user or self.identity.caller
+        relay = self.gw.otlp
+        if relay is not None and caller is not None:
+            attributes = {"enduser.id": caller}
+            if "sso_group" in self.identity.labels:
+                attributes["extproc.sso_group"] = self.identity.labels["sso_group"]
+            try:
+                path = self.path.split("?", 1)[0]
+                relay.submit(path, self.headers.get("content-type", ""), body, attributes)
+            except otlp.OtlpFormatError as exc:
+                raise BadRequest(f"not an OTLP export: {exc}", reason="invalid_otlp") from exc
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
         try:
@@ -261,6 +321,8 @@ class RequestStream:
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
         self._enter("request_body")
+        if self.signing_in and self.outcome is None:
+            return await self._signed_in(body)
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
@@ -273,6 +335,8 @@ class RequestStream:
         limit = self.gw.config.limits.max_body_bytes
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
+        if self.route.endpoint is Endpoint.OTLP:
+            return self._relay(body)
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = parse_request(body, self.route.endpoint)

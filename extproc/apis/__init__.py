@@ -28,6 +28,8 @@ class Endpoint(enum.Enum):
     MODELS = "models"
     CHAT_COMPLETIONS = "chat_completions"
     QUOTA = "quota"
+    MANAGED_SETTINGS = "managed_settings"  # Claude Code's gateway protocol (extproc.signin)
+    OTLP = "otlp"
 
     @property
     def generates(self) -> bool:
@@ -48,6 +50,8 @@ _EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
     "/v1/chat/completions": ("openai", Endpoint.CHAT_COMPLETIONS, "POST"),
     "/v1/models": (None, Endpoint.MODELS, "GET"),
     "/v1/gateway/quota": (None, Endpoint.QUOTA, "GET"),
+    "/managed/settings": ("anthropic", Endpoint.MANAGED_SETTINGS, "GET"),
+    **{f"/v1/{s}": ("anthropic", Endpoint.OTLP, "POST") for s in ("metrics", "logs", "traces")},
 }
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")
 

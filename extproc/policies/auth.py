@@ -107,7 +107,7 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    source: str  # "key", "jwt" or "anonymous"
+    source: str  # "key", "jwt", "sso" (our own sign-in tokens) or "anonymous"
     key_id: str | None = None
     user: str | None = None
     team: str | None = None

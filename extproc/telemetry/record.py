@@ -58,6 +58,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
+    if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
+        record["sso_group"] = identity.labels["sso_group"]
     spend = stream.spend
     if spend is not None:
         record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
