@@ -28,6 +28,7 @@ from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
+    AnswerWithheld,
     BadRequest,
     Forbidden,
     GatewayError,
@@ -223,7 +224,9 @@ class RequestStream:
                 return routing.default_target(self.gw.config, self.api)
             return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
         except routing.NoProvider as exc:
-            raise Unavailable(f"{exc}; add one under providers:", reason="no_provider") from exc
+            raise Unavailable(
+                f"{exc}; add one under providers:", reason="no_provider", retryable=False
+            ) from exc
 
     def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
@@ -236,6 +239,7 @@ class RequestStream:
             raise Unavailable(
                 f"provider {self.target.name!r} has no credential configured",
                 reason="no_credential",
+                retryable=False,
             ) from exc
         changes = routing.upstream_headers(self.target, self.path, secret)
         remove = list(changes.remove)
@@ -507,8 +511,9 @@ class RequestStream:
             self.answer.error_type = "output_blocked"
             self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.api, Unavailable(message, reason="output_blocked"))
-            headers = HeaderChanges(set=((":status", "502"),), remove=("content-length",))
+            error = render_error(self.api, AnswerWithheld(message), self.request_id)
+            status = ((":status", str(error.status)),)
+            headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
             return Continue(body=error.body, headers=headers)
         if replaced is None:
             return CONTINUE

@@ -79,7 +79,9 @@ def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
 
 
 def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> Respond:
-    """A gateway error as an immediate response in the caller's API error shape."""
+    """A gateway error as an immediate response in the caller's API error shape: the
+    `error.type` its status has at the provider, `x-gateway-error: <reason>`,
+    `x-gateway-request-id` and `x-should-retry` (see `extproc.errors`)."""
     if api == "openai":
         body = openai.error_body(error.status, error.message, code=error.reason)
     else:
@@ -87,6 +89,8 @@ def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> R
     headers: tuple[tuple[str, str], ...] = (
         ("content-type", "application/json"),
         ("x-gateway-error", error.reason),
+        # The SDKs and Claude Code obey this over their own status rules.
+        ("x-should-retry", "true" if error.retryable else "false"),
     )
     if request_id:
         headers += (("x-gateway-request-id", request_id),)

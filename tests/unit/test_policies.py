@@ -115,7 +115,7 @@ def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
 
 
 def test_two_different_keys_are_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="two different keys"):
+    with pytest.raises(BadRequest, match="two different credentials"):
         auth.presented_key({"x-api-key": "a", "authorization": "Bearer b"})
 
 
