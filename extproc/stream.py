@@ -19,7 +19,16 @@ from typing import Any
 import orjson
 
 from extproc import caching
-from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import (
+    ApiKind,
+    Endpoint,
+    Route,
+    anthropic,
+    api_of_path,
+    classify,
+    encoding,
+    openai,
+)
 from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
@@ -79,6 +88,8 @@ class _Answer:
 
 
 Extend = Callable[[float], Awaitable[None]]
+# A compressed answer may decode to this many times the request body limit.
+_ANSWER_DECODE_FACTOR = 4
 
 
 async def _no_extension(seconds: float) -> None:
@@ -119,6 +130,10 @@ class RequestStream:
         self.finished_at = self.started
         self.settled = False
         self.json_chunks: list[bytes] = []
+        self.decoded_request = False  # the client's body arrived compressed and was decoded
+        self.raw_body = b""
+        self.answer_decoder: encoding.StreamDecoder | None = None
+        self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
 
     # -- phase order -------------------------------------------------------------------
 
@@ -165,6 +180,7 @@ class RequestStream:
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
         self.api = self.route.api
+        encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > limit:
@@ -246,8 +262,12 @@ class RequestStream:
         if secret is None and self.identity.source != "anonymous":
             # A gateway key or an SSO token is ours, never the provider's.
             remove += ["x-api-key", "authorization"]
+        if self.decoded_request and body is None:
+            body = self.raw_body
         if body is not None:
             remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
         changes = HeaderChanges(set=changes.set, remove=tuple(remove))
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
@@ -265,6 +285,9 @@ class RequestStream:
         limit = self.gw.config.limits.max_body_bytes
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
+        if encoding.encodings(self.headers.get("content-encoding", "")):
+            body = encoding.decode_body(body, self.headers["content-encoding"], limit)
+            self.decoded_request, self.raw_body = True, body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = parse_request(body, self.route.endpoint)
@@ -388,7 +411,10 @@ class RequestStream:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         content_type = headers.get("content-type", "")
-        extra = HeaderChanges(set=self._response_headers())
+        if not self._decode_answer(headers.get("content-encoding", "")):
+            return self._withhold_answer(headers.get("content-encoding", ""))
+        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
             return Continue(headers=extra)
@@ -399,6 +425,35 @@ class RequestStream:
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _decode_answer(self, label: str) -> bool:
+        """An answer compressed despite `accept-encoding: identity` is decoded before any
+        policy reads it; False when the gateway cannot decode it."""
+        codings = encoding.encodings(label)
+        if not codings:
+            return True
+        if len(codings) != 1 or not encoding.is_decodable(label):
+            return False
+        limit = _ANSWER_DECODE_FACTOR * self.gw.config.limits.max_body_bytes
+        self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
+        return True
+
+    def _withhold_answer(self, label: str) -> Continue:
+        """An answer no policy could read never reaches the client: it becomes a 502."""
+        log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
+        message = (
+            f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
+            "cannot read, although it asked for identity; the answer was withheld"
+        )
+        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
+        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
+        self.withheld = error.body
+        status = ((":status", str(error.status)),)
+        headers = HeaderChanges(
+            set=status + error.headers + self._response_headers(),
+            remove=("content-encoding", "content-length"),
+        )
+        return Continue(headers=headers, response_body_mode=BodyMode.STREAMED)
 
     def _response_headers(self) -> tuple[tuple[str, str], ...]:
         headers: tuple[tuple[str, str], ...] = (("x-gateway-request-id", self.request_id),)
@@ -432,7 +487,33 @@ class RequestStream:
         self._enter("response_body")
         if self.outcome is not None:
             return CONTINUE
-        decision = CONTINUE
+        if self.withheld is not None:
+            body, self.withheld = self.withheld, b""
+            if end_of_stream:
+                self._finish("error")
+            return Continue(body=body)
+        if self.answer_decoder is not None:
+            return self._decoded_body(chunk, end_of_stream)
+        return self._on_response_body(chunk, end_of_stream)
+
+    def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        """Policy on the decoded answer; the client gets the decoded bytes."""
+        assert self.answer_decoder is not None
+        try:
+            plain = self.answer_decoder.feed(chunk)
+            plain += self.answer_decoder.close() if end_of_stream else b""
+        except GatewayError as error:
+            log.warning("provider answer could not be decoded: %s", error.message)
+            self.answer.error_type = "undecodable_answer"
+            self._finish("error")
+            return Continue(body=b"")
+        decision = self._on_response_body(plain, end_of_stream)
+        if isinstance(decision, Continue) and decision.body is None:
+            return dataclasses.replace(decision, body=plain)
+        return decision
+
+    def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        decision: Decision = CONTINUE
         if self.rewriter is not None:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:

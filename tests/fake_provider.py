@@ -54,6 +54,12 @@ that forwards headers:
 ``x-fake-abort-after: N``
     SSE only: write N complete events, then close the connection without ending the
     chunked body, as an upstream reset would.
+``x-fake-compress: allowed | gzip | deflate | br | zstd``
+    Compress the reply body (JSON and SSE, flushed per event): ``allowed`` picks the
+    first coding the request's ``Accept-Encoding`` allows (none with ``identity``), as
+    OpenAI and many proxies do; a coding name compresses with it whatever the request
+    accepts (a misbehaving proxy). ``FakeProvider(compress=True)`` makes ``allowed`` the
+    default for every request. br and zstd need the ``brotli`` / ``zstandard`` modules.
 
 Checks run in the real APIs' order after the fake's own: unknown path (404), then
 ``x-fake-status``, then credentials (401), then the JSON body (400).
@@ -71,6 +77,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import random
 import re
@@ -78,6 +85,7 @@ import signal
 import string
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -701,6 +709,68 @@ def _id_headers(shape: Shape) -> dict[str, str]:
     return {"x-request-id": _new_id("req_", 32)}
 
 
+# --------------------------------------------------------------------------- compression
+
+CODINGS: tuple[str, ...] = ("gzip", "br", "zstd", "deflate")
+
+
+class Compressor:
+    """Compresses a body written in pieces; each piece is flushed so a reader can decode
+    every SSE event as it arrives."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._impl: Any
+        if coding in ("gzip", "deflate"):
+            self._impl = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+        elif coding == "br":
+            self._impl = importlib.import_module("brotli").Compressor()
+        else:
+            self._impl = importlib.import_module("zstandard").ZstdCompressor().compressobj()
+
+    def piece(self, data: bytes) -> bytes:
+        if self.coding in ("gzip", "deflate"):
+            out: bytes = self._impl.compress(data) + self._impl.flush(zlib.Z_SYNC_FLUSH)
+        elif self.coding == "br":
+            out = self._impl.process(data) + self._impl.flush()
+        else:
+            out = self._impl.compress(data) + self._impl.flush(1)  # COMPRESSOBJ_FLUSH_BLOCK
+        return out
+
+    def finish(self) -> bytes:
+        if self.coding == "br":
+            tail: bytes = self._impl.finish()
+        else:
+            tail = self._impl.flush()
+        return tail
+
+
+def choose_coding(headers: Mapping[str, str], default: str) -> str | None:
+    """The coding to compress a reply with (see ``x-fake-compress``), or None."""
+    mode = headers.get("x-fake-compress", default).strip().lower()
+    if mode in CODINGS:
+        return mode
+    if mode != "allowed":
+        return None
+    accepted = [
+        c.split(";")[0].strip().lower() for c in headers.get("accept-encoding", "").split(",")
+    ]
+    return next((c for c in accepted if c in CODINGS), None)
+
+
+class _CompressingSink:
+    """A `ByteSink` that compresses what it is given before writing it."""
+
+    def __init__(self, response: web.StreamResponse, compressor: Compressor) -> None:
+        self._response, self._compressor = response, compressor
+
+    async def write(self, data: bytes) -> None:
+        await self._response.write(self._compressor.piece(data))
+
+    async def finish(self) -> None:
+        await self._response.write(self._compressor.finish())
+
+
 class FakeProvider:
     """The fake provider server; see the module docstring for what it answers."""
 
@@ -710,10 +780,12 @@ class FakeProvider:
         *,
         text: str = DEFAULT_TEXT,
         record: bool = True,
+        compress: bool = False,
     ) -> None:
         self.models: tuple[str, ...] = tuple(models) if models is not None else DEFAULT_MODELS
         self.text = text
         self.record = record
+        self.compress = "allowed" if compress else "none"
         self.received: list[ReceivedRequest] = []
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -767,10 +839,16 @@ class FakeProvider:
         except ApiError as error:
             await asyncio.sleep(_delay_of(headers))
             return _error_response(shape, error, ids)
+        coding = choose_coding(headers, self.compress)
         if isinstance(reply, list):
-            return await _stream(request, reply, controls, ids)
+            return await _stream(request, reply, controls, ids, coding)
         await asyncio.sleep(controls.delay_s)
-        return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=ids)
+        body = orjson.dumps(reply)
+        if coding is not None:
+            compressor = Compressor(coding)
+            body = compressor.piece(body) + compressor.finish()
+            ids = {**ids, "content-encoding": coding}
+        return web.Response(body=body, content_type="application/json", headers=ids)
 
     def _call(
         self,
@@ -804,13 +882,21 @@ def _error_response(shape: Shape, error: ApiError, ids: dict[str, str]) -> web.R
 
 
 async def _stream(
-    request: web.Request, events: list[SseEvent], controls: Controls, ids: dict[str, str]
+    request: web.Request,
+    events: list[SseEvent],
+    controls: Controls,
+    ids: dict[str, str],
+    coding: str | None = None,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers={**ids, "cache-control": "no-cache"})
+    headers = {**ids, "cache-control": "no-cache"}
+    if coding is not None:
+        headers["content-encoding"] = coding
+    response = web.StreamResponse(headers=headers)
     response.content_type = "text/event-stream"
     response.charset = "utf-8"
     await response.prepare(request)
-    writer = SseWriter(response, split=controls.split)
+    sink = _CompressingSink(response, Compressor(coding)) if coding else None
+    writer = SseWriter(sink or response, split=controls.split)
     for index, event in enumerate(events):
         if index == controls.abort_after:
             return await _abort(request, writer, response)
@@ -818,6 +904,8 @@ async def _stream(
             await asyncio.sleep(controls.delay_s)
         await writer.send(event)
     await writer.flush()
+    if sink is not None:
+        await sink.finish()
     await response.write_eof()
     return response
 
@@ -881,9 +969,10 @@ def run_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     text: str = DEFAULT_TEXT,
+    compress: bool = False,
 ) -> Iterator[FakeProvider]:
     """Run a FakeProvider in a background thread for the ``with`` block (for sync clients)."""
-    provider = FakeProvider(models, text=text)
+    provider = FakeProvider(models, text=text, compress=compress)
     runner = _ThreadRunner(provider, host, port)
     runner.start()
     try:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from extproc.policies.auth import hash_key, new_key
 from tests.claude_cli import claude_env, claude_path
-from tests.fake_provider import FakeProvider
+from tests.e2e.test_data_path import record_for
+from tests.fake_provider import Compressor, FakeProvider
 from tests.harness import Stack, gateway_config
 
 KEY = new_key("dev")
@@ -111,3 +113,155 @@ def test_cli_with_two_different_keys_is_told_which_variables(
     assert "ANTHROPIC_API_KEY" in message
     assert "ANTHROPIC_AUTH_TOKEN" in message
     assert response.headers["x-should-retry"] == "false"
+
+
+# -- items 1 and 2: the gateway only ever sees plain bytes ----------------------------------
+
+GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+CLAUDE_ACCEPT = "gzip, deflate, br, zstd"
+
+
+@pytest.fixture(scope="module")
+def policed(fake: FakeProvider) -> Iterator[Stack]:
+    """Every answer-side policy on: guard, cache, spend accounting."""
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": PROVIDER_SECRET}
+    config["providers"]["openai"]["credential"] = {"value": "sk-oai-held"}
+    config["guard"] = {}
+    config["profiles"] = {"default": {"cache": {"enabled": True}}}
+    config["limits"] = {"max_body_bytes": 1024 * 1024}
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+def _ask(api: str, text: str, *, stream: bool) -> tuple[str, dict[str, Any]]:
+    if api == "openai":
+        body: dict[str, Any] = {"model": "gpt-5", "messages": [{"role": "user", "content": text}]}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        return "/v1/chat/completions", body
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": text}],
+    }
+    return "/v1/messages", body | ({"stream": True} if stream else {})
+
+
+def _post_raw(stack: Stack, path: str, content: bytes, **headers: str) -> httpx.Response:
+    base = {**HEADERS, "content-type": "application/json", "x-api-key": "client-key"}
+    if path.startswith("/v1/chat"):
+        base = {"content-type": "application/json", "authorization": "Bearer client-key"}
+    with httpx.Client(timeout=20) as client:
+        request = client.build_request(
+            "POST", stack.url + path, content=content, headers={**base, **headers}
+        )
+        response = client.send(request, stream=True)
+        response.read()
+        return response
+
+
+@pytest.mark.parametrize("coding", ["allowed", "gzip", "deflate"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+def test_compressed_answers_pass_every_answer_policy(
+    policed: Stack, received: FakeProvider, api: str, stream: bool, coding: str
+) -> None:
+    path, body = _ask(api, f"token please ({api} {stream} {coding})", stream=stream)
+    answer = f"Here it is: {GITHUB_TOKEN} keep it safe"
+    headers = {"accept-encoding": CLAUDE_ACCEPT, "x-fake-compress": coding, "x-fake-text": answer}
+    first = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert first.status_code == 200, first.text
+    assert "content-encoding" not in first.headers  # decoded for the client too
+    assert GITHUB_TOKEN not in first.text
+    assert "[REDACTED:" in first.text
+    assert "safe" in first.text
+    assert received.received[-1].headers["accept-encoding"] == "identity"
+    record = record_for(policed, first.headers["x-gateway-request-id"])
+    assert record["outcome"] == "ok"
+    assert record["input_tokens"] > 0
+    assert record["output_tokens"] > 0
+    assert record["cost_usd"] > 0
+    assert record["cache_stored"] is True
+    again = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert again.headers["x-gateway-cache"] == "hit"
+    assert GITHUB_TOKEN not in again.text
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, br"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_the_gateway_cannot_read_is_withheld(
+    policed: Stack, received: FakeProvider, stream: bool, coding: str
+) -> None:
+    path, body = _ask("anthropic", f"token please ({stream} {coding})", stream=stream)
+    headers = {"x-fake-compress": coding.split(",")[-1].strip(), "x-fake-text": GITHUB_TOKEN}
+    response = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert response.status_code == 502
+    assert "content-encoding" not in response.headers
+    assert response.json()["error"]["type"] == "api_error"
+    assert "'br'" in response.text or "'zstd'" in response.text
+    assert response.headers["x-gateway-error"] == "undecodable_answer"
+    assert response.headers["x-should-retry"] == "false"
+    record = record_for(policed, response.headers["x-gateway-request-id"])
+    assert record["error_type"] == "undecodable_answer"
+
+
+def _compress(coding: str, data: bytes) -> bytes:
+    compressor = Compressor(coding)
+    return compressor.piece(data) + compressor.finish()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_request_bodies_are_decoded_before_policy(
+    policed: Stack, received: FakeProvider, coding: str
+) -> None:
+    path, body = _ask("anthropic", f"my token is {GITHUB_TOKEN} ({coding})", stream=False)
+    content = _compress(coding, orjson.dumps(body))
+    response = _post_raw(policed, path, content, **{"content-encoding": coding})
+    assert response.status_code == 200, response.text
+    (request,) = received.received
+    assert "content-encoding" not in request.headers
+    sent = request.json()
+    assert GITHUB_TOKEN not in request.body.decode()
+    assert sent["model"] == "claude-sonnet-4-6"
+    record = record_for(policed, response.headers["x-gateway-request-id"])
+    assert record["guard"]["input"]
+
+
+def test_a_plain_body_labelled_gzip_is_a_clear_400(policed: Stack, received: FakeProvider) -> None:
+    path, body = _ask("anthropic", "labelled", stream=False)
+    response = _post_raw(policed, path, orjson.dumps(body), **{"content-encoding": "gzip"})
+    assert response.status_code == 400
+    assert "not valid gzip" in response.json()["error"]["message"]
+    assert response.headers["x-should-retry"] == "false"
+    assert received.received == []
+
+
+def test_an_unknown_request_encoding_is_415_naming_it(
+    policed: Stack, received: FakeProvider
+) -> None:
+    path, body = _ask("anthropic", "lzw", stream=False)
+    response = _post_raw(policed, path, orjson.dumps(body), **{"content-encoding": "compress"})
+    assert response.status_code == 415
+    assert "'compress'" in response.json()["error"]["message"]
+    assert response.headers["x-gateway-error"] == "unsupported_encoding"
+    assert response.headers["x-should-retry"] == "false"
+    assert received.received == []
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "zstd", "br"])
+def test_a_compression_bomb_is_refused_never_held(
+    policed: Stack, received: FakeProvider, coding: str
+) -> None:
+    bomb = _compress(coding, b'{"model": "' + b"a" * (64 * 1024 * 1024) + b'"}')
+    assert len(bomb) < 1024 * 1024
+    response = _post_raw(policed, "/v1/messages", bomb, **{"content-encoding": coding})
+    if coding in ("gzip", "deflate"):  # decoded by the gateway, in bounded steps
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "request_too_large"
+    else:  # Envoy's decompressor stops at its inflate-ratio guard: the body is cut short
+        assert response.status_code in (400, 413)
+    assert response.headers["x-should-retry"] == "false"
+    assert received.received == []
