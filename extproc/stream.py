@@ -27,6 +27,7 @@ from extproc.apis import (
     api_of_path,
     classify,
     encoding,
+    model_list,
     openai,
 )
 from extproc.apis import error_response as render_error
@@ -132,6 +133,8 @@ class RequestStream:
         self.json_chunks: list[bytes] = []
         self.decoded_request = False  # the client's body arrived compressed and was decoded
         self.raw_body = b""
+        self.model_page: model_list.PageRequest | None = None  # /v1/models paged here
+        self.upstream_path: str | None = None  # when it differs from the caller's path
         self.answer_decoder: encoding.StreamDecoder | None = None
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
 
@@ -169,6 +172,8 @@ class RequestStream:
         self.api = api_of_path(self.path, headers)
         try:
             self._classify(headers)
+            if self.route is not None and self.route.endpoint is Endpoint.PROBE:
+                return await self._probe()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -221,8 +226,33 @@ class RequestStream:
         model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
         if model_id and not models.visible(model_id, self.allow):
             raise NotFound(f"model {model_id!r} is not available to this caller")
+        if not model_id and self.api == "anthropic":
+            query = self.path.partition("?")[2]
+            self.model_page = model_list.PageRequest.parse(query)
+            self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
         self.target = self._choose_target(None)
         return self._forward()
+
+    async def _probe(self) -> Respond:
+        """`/` and `/health` (liveness; `?deep=1` also pings the store): no provider call."""
+        status, body = 200, {"status": "ok"}
+        if "deep=1" in self.path.partition("?")[2].split("&"):
+            try:
+                await self.gw.store.ping()
+                body["store"] = "ok"
+            except StoreError as exc:
+                log.warning("health: store unreachable: %s", exc)
+                status, body = 503, {"status": "degraded", "store": "unreachable"}
+        self.answer.status = status
+        self._finish("probe")
+        headers: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+        )
+        if status != 200:
+            headers += (("x-should-retry", "true"),)
+        payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
+        return Respond(status, payload, headers, details="extproc_probe")
 
     async def _quota(self) -> Respond:
         try:
@@ -257,7 +287,9 @@ class RequestStream:
                 reason="no_credential",
                 retryable=False,
             ) from exc
-        changes = routing.upstream_headers(self.target, self.path, secret)
+        changes = routing.upstream_headers(self.target, self.upstream_path or self.path, secret)
+        if self.upstream_path and not self.target.provider.path_prefix:
+            changes = HeaderChanges(set=((":path", self.upstream_path), *changes.set))
         remove = list(changes.remove)
         if secret is None and self.identity.source != "anonymous":
             # A gateway key or an SSO token is ours, never the provider's.
@@ -469,8 +501,10 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use.
-        return self.route.endpoint is Endpoint.MODELS and bool(self.allow)
+        # A model list is filtered down to what this caller may use, and paged here.
+        return self.route.endpoint is Endpoint.MODELS and (
+            bool(self.allow) or self.model_page is not None
+        )
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -606,6 +640,13 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        if self.model_page is not None:
+            paged = model_list.page(
+                listed, self.model_page, lambda m: models.visible(m, self.allow)
+            )
+            return Continue(
+                body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
+            )
         body["data"] = [
             m
             for m in listed

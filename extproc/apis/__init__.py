@@ -28,6 +28,7 @@ class Endpoint(enum.Enum):
     MODELS = "models"
     CHAT_COMPLETIONS = "chat_completions"
     QUOTA = "quota"
+    PROBE = "probe"  # `/`, `/health`: answered by the gateway, no credential needed
 
     @property
     def generates(self) -> bool:
@@ -48,6 +49,9 @@ _EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
     "/v1/chat/completions": ("openai", Endpoint.CHAT_COMPLETIONS, "POST"),
     "/v1/models": (None, Endpoint.MODELS, "GET"),
     "/v1/gateway/quota": (None, Endpoint.QUOTA, "GET"),
+    "/quota": (None, Endpoint.QUOTA, "GET"),
+    "/": (None, Endpoint.PROBE, "GET HEAD"),
+    "/health": (None, Endpoint.PROBE, "GET HEAD"),
 }
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
@@ -73,8 +77,8 @@ def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
     if entry is None:
         raise NotFound(f"the gateway does not serve {path!r}; see the README for the paths it does")
     kind, endpoint, allowed = entry
-    if method != allowed:
-        raise MethodNotAllowed(f"{path} accepts {allowed}, not {method}")
+    if method not in allowed.split():
+        raise MethodNotAllowed(f"{path} accepts {allowed.replace(' ', ' or ')}, not {method}")
     return Route(api=kind or api, endpoint=endpoint, method=method)
 
 

@@ -265,3 +265,67 @@ def test_a_compression_bomb_is_refused_never_held(
         assert response.status_code in (400, 413)
     assert response.headers["x-should-retry"] == "false"
     assert received.received == []
+
+
+# -- item 5: probes and the endpoints the platform docs name ---------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/", "/health", "/health?deep=1"])
+def test_probes_answer_without_a_provider_or_a_key(
+    keyed: Stack, received: FakeProvider, method: str, path: str
+) -> None:
+    response = httpx.request(method, keyed.url + path, timeout=10)
+    assert response.status_code == 200
+    if method == "GET":
+        assert response.json()["status"] == "ok"
+        assert ("store" in response.json()) == ("deep" in path)
+    else:
+        assert response.content == b""
+    assert received.received == []
+
+
+def test_quota_at_the_short_path_is_the_gateway_quota(keyed: Stack, received: FakeProvider) -> None:
+    headers = {"x-api-key": KEY}
+    short = httpx.get(keyed.url + "/quota", headers=headers, timeout=10)
+    long = httpx.get(keyed.url + "/v1/gateway/quota", headers=headers, timeout=10)
+    assert short.status_code == long.status_code == 200
+    assert short.json() == long.json()
+    refused = httpx.get(keyed.url + "/quota", timeout=10)
+    assert refused.status_code == 401
+    assert refused.headers["x-should-retry"] == "false"
+    assert received.received == []
+
+
+def _models(stack: Stack, query: str, key: str = KEY) -> httpx.Response:
+    headers = {**HEADERS, "x-api-key": key, "anthropic-beta": "oauth-2025-04-20"}
+    return httpx.get(f"{stack.url}/v1/models{query}", headers=headers, timeout=10)
+
+
+def test_model_discovery_lists_in_the_anthropic_shape(keyed: Stack, received: FakeProvider) -> None:
+    response = _models(keyed, "?limit=1000")
+    assert response.status_code == 200
+    listing = response.json()
+    ids = [m["id"] for m in listing["data"]]
+    assert ids == list(received.models)
+    assert all(m["type"] == "model" and m["display_name"] for m in listing["data"])
+    assert (listing["first_id"], listing["last_id"], listing["has_more"]) == (
+        ids[0],
+        ids[-1],
+        False,
+    )
+    (request,) = received.received
+    assert request.query == "limit=1000"
+
+
+def test_model_listing_pages_with_the_api_cursors(keyed: Stack, received: FakeProvider) -> None:
+    every = [m["id"] for m in _models(keyed, "?limit=1000").json()["data"]]
+    first = _models(keyed, "?limit=2").json()
+    assert [m["id"] for m in first["data"]] == every[:2]
+    assert first["has_more"] is True
+    second = _models(keyed, f"?limit=2&after_id={first['last_id']}").json()
+    assert [m["id"] for m in second["data"]] == every[2:4]
+    back = _models(keyed, f"?limit=2&before_id={second['first_id']}").json()
+    assert back["data"] == first["data"]
+    assert _models(keyed, "?limit=2000").status_code == 400
+    assert _models(keyed, "?limit=0").headers["x-should-retry"] == "false"
