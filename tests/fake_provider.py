@@ -54,6 +54,10 @@ that forwards headers:
 ``x-fake-abort-after: N``
     SSE only: write N complete events, then close the connection without ending the
     chunked body, as an upstream reset would.
+``x-fake-usage: {JSON object}``
+    Merged over the final usage block (JSON answers, Anthropic's ``message_delta``,
+    OpenAI's usage chunk), e.g. to report 1-hour cache writes, web searches or reasoning
+    tokens the way the real APIs do.
 ``x-fake-compress: allowed | gzip | deflate | br | zstd``
     Compress the reply body (JSON and SSE, flushed per event): ``allowed`` picks the
     first coding the request's ``Accept-Encoding`` allows (none with ``identity``), as
@@ -454,6 +458,20 @@ def anthropic_usage(body: bytes, text: str | None) -> Json:
     }
 
 
+def usage_override(call: Call) -> Json:
+    """The ``x-fake-usage`` object to merge over the final usage block."""
+    raw = call.headers.get("x-fake-usage")
+    if raw is None:
+        return {}
+    try:
+        extra = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"x-fake-usage is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ApiError(400, "x-fake-usage must be a JSON object")
+    return extra
+
+
 def _anthropic_message(call: Call, content: list[Json], usage: Json, done: bool) -> Json:
     return {
         "id": _new_id("msg_01", 22),
@@ -485,7 +503,8 @@ def anthropic_messages(call: Call) -> Reply:
     if call.payload.get("stream") is True:
         return _anthropic_stream(call, text)
     content = [{"type": "text", "text": text}]
-    return _anthropic_message(call, content, anthropic_usage(call.body, text), done=True)
+    usage = anthropic_usage(call.body, text) | usage_override(call)
+    return _anthropic_message(call, content, usage, done=True)
 
 
 def _anthropic_stream(call: Call, text: str) -> list[SseEvent]:
@@ -498,7 +517,7 @@ def _anthropic_stream(call: Call, text: str) -> list[SseEvent]:
     pieces = _pieces(call, text)
     events += [_sse("content_block_delta", _text_delta(piece)) for piece in pieces]
     delta = {"stop_reason": "end_turn", "stop_sequence": None}
-    usage = {"output_tokens": output_tokens(text)}
+    usage = {"output_tokens": output_tokens(text)} | usage_override(call)
     return [
         *events,
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
@@ -643,7 +662,8 @@ def openai_chat(call: Call) -> Reply:
     message: Json = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
     base = _completion_base(call, completion_id, "chat.completion")
-    return {**base, "choices": [choice], "usage": openai_usage(call.body, text)}
+    usage = openai_usage(call.body, text) | usage_override(call)
+    return {**base, "choices": [choice], "usage": usage}
 
 
 def _openai_stream(call: Call, completion_id: str, text: str) -> list[SseEvent]:
@@ -661,7 +681,8 @@ def _openai_stream(call: Call, completion_id: str, text: str) -> list[SseEvent]:
     events += [chunk({"content": piece}) for piece in _pieces(call, text)]
     events.append(chunk({}, "stop"))
     if include_usage:
-        events.append(_sse(None, {**base, "choices": [], "usage": openai_usage(call.body, text)}))
+        usage = openai_usage(call.body, text) | usage_override(call)
+        events.append(_sse(None, {**base, "choices": [], "usage": usage}))
     return [*events, _sse(None, "[DONE]")]
 
 

@@ -71,6 +71,7 @@ _DELTA_USAGE_KEYS: Final = (
     "cache_read_input_tokens",
     "server_tool_use",
     "output_tokens_details",
+    "cache_creation",
 )
 # Handled by StreamAccumulator.feed; a parse error in them is a malformed event.
 _MALFORMED: Final = (LookupError, TypeError, ValueError, AttributeError)
@@ -94,11 +95,18 @@ def usage_from_mapping(usage: object) -> Usage:
     """`Usage` from an Anthropic `usage` object; anything missing or null counts 0."""
     if not isinstance(usage, Mapping):
         return Usage()
+    created = as_count(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    one_hour = as_count(split.get("ephemeral_1h_input_tokens")) if isinstance(split, Mapping) else 0
+    tools = usage.get("server_tool_use")
+    searches = as_count(tools.get("web_search_requests")) if isinstance(tools, Mapping) else 0
     return Usage(
         input_tokens=as_count(usage.get("input_tokens")),
         output_tokens=as_count(usage.get("output_tokens")),
-        cache_creation_input_tokens=as_count(usage.get("cache_creation_input_tokens")),
+        cache_creation_input_tokens=created,
         cache_read_input_tokens=as_count(usage.get("cache_read_input_tokens")),
+        cache_creation_1h_input_tokens=min(one_hour, created),
+        web_search_requests=searches,
     )
 
 

@@ -329,3 +329,67 @@ def test_model_listing_pages_with_the_api_cursors(keyed: Stack, received: FakePr
     assert back["data"] == first["data"]
     assert _models(keyed, "?limit=2000").status_code == 400
     assert _models(keyed, "?limit=0").headers["x-should-retry"] == "false"
+
+
+# -- item 6: prices that match the invoice ---------------------------------------------------
+
+PRICED_USAGE = [
+    # Sonnet 4.6: 5-minute and 1-hour cache writes apart, 3 web searches.
+    (
+        "anthropic",
+        "claude-sonnet-4-6",
+        {
+            "input_tokens": 1000,
+            "output_tokens": 100,
+            "cache_creation_input_tokens": 3000,
+            "cache_read_input_tokens": 0,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 1000,
+                "ephemeral_1h_input_tokens": 2000,
+            },
+            "server_tool_use": {"web_search_requests": 3},
+        },
+        # 1000 x 3 + 100 x 15 + 1000 x 3.75 + 2000 x 6 micro-USD + 3 x $0.01
+        0.05025,
+    ),
+    # Sonnet 4.5 past 200K: the whole call at $6 / $22.50.
+    (
+        "anthropic",
+        "claude-sonnet-4-5",
+        {"input_tokens": 798_265, "output_tokens": 1000, "cache_creation_input_tokens": 0},
+        4.81209,
+    ),
+    # OpenAI: 8,000 of 10,000 prompt tokens cached; 2,500 reasoning tokens inside 3,000.
+    (
+        "openai",
+        "gpt-5",
+        {
+            "prompt_tokens": 10_000,
+            "completion_tokens": 3_000,
+            "total_tokens": 13_000,
+            "prompt_tokens_details": {"cached_tokens": 8_000},
+            "completion_tokens_details": {"reasoning_tokens": 2_500},
+        },
+        0.0335,
+    ),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("api", "model", "usage", "usd"), PRICED_USAGE)
+def test_the_audit_record_prices_usage_as_the_invoice(
+    policed: Stack,
+    received: FakeProvider,
+    api: str,
+    model: str,
+    usage: dict[str, Any],
+    usd: float,
+    stream: bool,
+) -> None:
+    path, body = _ask(api, f"price me {model} {stream}", stream=stream)
+    body["model"] = model
+    headers = {"x-fake-usage": orjson.dumps(usage).decode(), "cache-control": "no-store"}
+    response = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert response.status_code == 200, response.text
+    record = record_for(policed, response.headers["x-gateway-request-id"])
+    assert record["cost_usd"] == pytest.approx(usd, abs=1e-6)
