@@ -59,6 +59,16 @@ from extproc.telemetry.record import account
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-claude-code-session-id"
+AGENT_HEADER = "x-claude-code-agent-id"  # subagents
+PARENT_AGENT_HEADER = "x-claude-code-parent-agent-id"
+# A header value copied into a record is cut to this many characters: callers choose them.
+MAX_RECORDED_HEADER = 128
+
+
+def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A caller's header value as the audit record keeps it: bounded, None when absent."""
+    value = headers.get(name, "").strip()
+    return value[:MAX_RECORDED_HEADER] or None
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
@@ -106,6 +116,8 @@ class RequestStream:
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
+        self.agent_id: str | None = None
+        self.parent_agent_id: str | None = None
         self.api: ApiKind = "anthropic"
         self.route: Route | None = None
         self.path = ""
@@ -166,7 +178,9 @@ class RequestStream:
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
-        self.session_id = headers.get(SESSION_HEADER)
+        self.session_id = recorded_header(headers, SESSION_HEADER)
+        self.agent_id = recorded_header(headers, AGENT_HEADER)
+        self.parent_agent_id = recorded_header(headers, PARENT_AGENT_HEADER)
         self.headers = headers
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)

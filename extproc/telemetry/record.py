@@ -41,6 +41,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "project": identity.project,
         "tier": identity.tier,
         "session_id": stream.session_id,
+        "agent_id": stream.agent_id,
+        "parent_agent_id": stream.parent_agent_id,
         "provider": stream.target.name if stream.target else None,
         "requested_model": request.model if request else None,
         "served_model": answer.served_model or stream.served_model,
@@ -51,6 +53,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "output_tokens": usage.output_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
         "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+        "web_search_requests": usage.web_search_requests,
         "latency_ms": _ms(now - stream.started),
         "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
     }
@@ -91,6 +95,8 @@ def account(stream: RequestStream, now: float) -> None:
     ).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
+    if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
+        metrics.subagent_requests.labels(record["endpoint"]).inc()
     if run is not None:
         metrics.cache.labels(run.result).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")

@@ -82,6 +82,11 @@ def test_cli_with_the_right_key_answers(
     result, _ = run_claude(tmp_path, keyed, ANTHROPIC_API_KEY=KEY)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Hello from the fake provider." in result.stdout
+    (call,) = [r for r in received.received if r.path == "/v1/messages"][-1:]
+    session = call.headers["x-claude-code-session-id"]
+    records = [r for r in keyed.audit_records() if r["session_id"] == session]
+    assert records
+    assert all(r["key_id"] == "dev" for r in records)
 
 
 @needs_cli
@@ -393,3 +398,26 @@ def test_the_audit_record_prices_usage_as_the_invoice(
     assert response.status_code == 200, response.text
     record = record_for(policed, response.headers["x-gateway-request-id"])
     assert record["cost_usd"] == pytest.approx(usd, abs=1e-6)
+
+
+# -- item 4: Claude Code's own headers in the record ----------------------------------------
+
+
+def test_subagent_headers_are_recorded_bounded_and_counted(
+    policed: Stack, received: FakeProvider
+) -> None:
+    path, body = _ask("anthropic", "subagent at work", stream=False)
+    headers = {
+        "x-claude-code-session-id": "session-1",
+        "x-claude-code-agent-id": "agent-" + "a" * 5000,
+        "x-claude-code-parent-agent-id": "parent-7",
+    }
+    response = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert response.status_code == 200
+    record = record_for(policed, response.headers["x-gateway-request-id"])
+    assert record["session_id"] == "session-1"
+    assert record["parent_agent_id"] == "parent-7"
+    assert record["agent_id"] == ("agent-" + "a" * 5000)[:128]
+    metrics = policed.metrics_text(wait_for="extproc_subagent_requests_total")
+    assert 'extproc_subagent_requests_total{endpoint="messages"}' in metrics
+    assert "agent-aaa" not in metrics  # no per-id label
