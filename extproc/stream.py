@@ -369,9 +369,12 @@ class RequestStream:
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
         self.guard = GuardRun(policy, self.api, self.gw.metrics)
-        replaced = self.guard.inspect_request(self.request.body)
+        screened, billing = anthropic.split_billing_block(self.request.body)
+        replaced = self.guard.inspect_request(screened if billing else self.request.body)
         if replaced is None:
             return False
+        if billing is not None:  # forwarded as it came, whatever the guard did
+            replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
 

@@ -110,6 +110,23 @@ def usage_from_mapping(usage: object) -> Usage:
     )
 
 
+BILLING_PREFIX: Final = "x-anthropic-billing-header:"
+
+
+def split_billing_block(body: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Claude Code's `system[0]` attribution block (`x-anthropic-billing-header:
+    cc_version=...`), which the provider strips by position, held out of `body`:
+    (the body without it, the block) or (the body, None). No policy may change it."""
+    system = body.get("system")
+    if not isinstance(system, list) or not system:
+        return dict(body), None
+    first = system[0]
+    text = first.get("text") if isinstance(first, Mapping) else None
+    if not isinstance(text, str) or not text.startswith(BILLING_PREFIX):
+        return dict(body), None
+    return {**body, "system": system[1:]}, first
+
+
 def usage_from_message(message: Mapping[str, Any]) -> Usage:
     """`Usage` of a non-streaming `/v1/messages` response body."""
     return usage_from_mapping(message.get("usage"))

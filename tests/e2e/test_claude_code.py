@@ -421,3 +421,73 @@ def test_subagent_headers_are_recorded_bounded_and_counted(
     metrics = policed.metrics_text(wait_for="extproc_subagent_requests_total")
     assert 'extproc_subagent_requests_total{endpoint="messages"}' in metrics
     assert "agent-aaa" not in metrics  # no per-id label
+
+
+# -- item 8: Claude Code's own text is not a finding -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict(fake: FakeProvider) -> Iterator[Stack]:
+    """IP addresses and PII redacted, so a false positive would show."""
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": PROVIDER_SECRET}
+    deny = [{"id": "no_rm_rf", "phrase": "rm -rf /", "action": "block"}]
+    profile = {"actions": {"ipv4": "redact", "pii": "redact"}, "output": {"deny": deny}}
+    config["guard"] = {"profiles": {"default": profile}}
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+@needs_cli
+def test_cli_billing_block_passes_the_guard_untouched(
+    tmp_path: Path, strict: Stack, received: FakeProvider
+) -> None:
+    result, _ = run_claude(tmp_path, strict, ANTHROPIC_API_KEY="client-key")
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [r for r in received.received if r.path == "/v1/messages"]
+    assert calls
+    for call in calls:
+        first = call.json()["system"][0]["text"]
+        assert first.startswith("x-anthropic-billing-header:")
+        assert "cc_version=" in first
+        assert "REDACTED" not in first
+    records = [r for r in strict.audit_records() if r["endpoint"] == "messages"]
+    findings = [v["rule"] for r in records for v in r.get("guard", {}).get("input", [])]
+    assert "ipv4" not in findings
+
+
+def test_first_system_block_is_forwarded_as_sent_whatever_the_guard_does(
+    strict: Stack, received: FakeProvider
+) -> None:
+    billing = {
+        "type": "text",
+        "text": "x-anthropic-billing-header: cc_version=2.1.197.123; cc_entrypoint=cli; "
+        "owner=ana@example.org host=8.8.8.8",
+    }
+    system = [
+        billing,
+        {"type": "text", "text": "mail ops@acmecorp.io; app v10.0.19041.1; ip 8.8.4.4"},
+    ]
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 20, "system": system, "messages": MESSAGES}
+    response = _post_raw(strict, "/v1/messages", orjson.dumps(body))
+    assert response.status_code == 200, response.text
+    (call,) = received.received
+    sent = call.json()["system"]
+    assert sent[0] == billing
+    assert "ops@acmecorp.io" not in sent[1]["text"]
+    assert "8.8.4.4" not in sent[1]["text"]
+    assert "v10.0.19041.1" in sent[1]["text"]
+
+
+def test_a_withheld_answer_says_not_to_retry(strict: Stack, received: FakeProvider) -> None:
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 20, "messages": MESSAGES}
+    response = _post_raw(
+        strict, "/v1/messages", orjson.dumps(body), **{"x-fake-text": "run rm -rf / now"}
+    )
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "api_error"  # not overloaded: not transient
+    assert response.headers["x-gateway-error"] == "output_blocked"
+    assert response.headers["x-should-retry"] == "false"
+    assert response.headers["x-gateway-request-id"]
