@@ -16,6 +16,7 @@ boundary with `raise ... from`.
     ├── PayloadTooLarge       413  body over limits.max_body_bytes (decoded size)
     ├── UnsupportedEncoding   415  a request Content-Encoding the gateway does not decode
     ├── RateLimited           429  budget, quota or rate limit exhausted
+    ├── HeadersTooLarge       431  request headers over the gateway's bound
     ├── AnswerWithheld        502  the answer was blocked by the output policy
     └── Unavailable           503  a dependency (store) is down and policy fails closed
 
@@ -91,6 +92,11 @@ class RateLimited(GatewayError):
     status = 429
     reason = "rate_limited"
     retryable = True
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    reason = "headers_too_large"
 
 
 class AnswerWithheld(GatewayError):

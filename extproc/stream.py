@@ -42,6 +42,7 @@ from extproc.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    HeadersTooLarge,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -63,12 +64,18 @@ AGENT_HEADER = "x-claude-code-agent-id"  # subagents
 PARENT_AGENT_HEADER = "x-claude-code-parent-agent-id"
 # A header value copied into a record is cut to this many characters: callers choose them.
 MAX_RECORDED_HEADER = 128
+# Request headers the gateway accepts (431 past them, in the caller's shape). Envoy's own
+# limits (max_request_headers_kb / _count in the shipped configs) sit above these, so
+# the caller gets an answer rather than a reset connection.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 150
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
     """A caller's header value as the audit record keeps it: bounded, None when absent."""
     value = headers.get(name, "").strip()
     return value[:MAX_RECORDED_HEADER] or None
+
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
@@ -78,6 +85,16 @@ _NEXT: dict[str | None, frozenset[str]] = {
     "response_headers": frozenset({"response_body"}),
     "response_body": frozenset({"response_body"}),
 }
+
+
+def _check_header_size(headers: Mapping[str, str]) -> None:
+    size = sum(len(name) + len(value) for name, value in headers.items())
+    if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
+        raise HeadersTooLarge(
+            f"the request headers are {size} bytes in {len(headers)} headers; the gateway "
+            f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
+            "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
+        )
 
 
 class ProtocolError(Exception):
@@ -199,6 +216,7 @@ class RequestStream:
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
         self.api = self.route.api
+        _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
         length = headers.get("content-length", "0")

@@ -6,7 +6,9 @@ The CLI retries a 401 and every 5xx ten times with backoff unless the answer car
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import httpx
 import orjson
 import pytest
 
+from extproc import supervisor
 from extproc.policies.auth import hash_key, new_key
 from tests.claude_cli import claude_env, claude_path
 from tests.e2e.test_data_path import record_for
@@ -491,3 +494,81 @@ def test_a_withheld_answer_says_not_to_retry(strict: Stack, received: FakeProvid
     assert response.headers["x-gateway-error"] == "output_blocked"
     assert response.headers["x-should-retry"] == "false"
     assert response.headers["x-gateway-request-id"]
+
+
+# -- item 9: `extproc up` with a port in use; oversized headers ------------------------------
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai"])
+@pytest.mark.parametrize("shape", ["bytes", "count"])
+def test_oversized_headers_get_431_in_the_callers_shape(
+    policed: Stack, received: FakeProvider, api: str, shape: str
+) -> None:
+    path, body = _ask(api, "big headers", stream=False)
+    many = {f"x-h{i}": "v" for i in range(200)}
+    extra = {"x-big": "a" * 200_000} if shape == "bytes" else many
+    response = _post_raw(policed, path, orjson.dumps(body), **extra)
+    assert response.status_code == 431
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "headers" in error["message"]
+    assert response.headers["x-should-retry"] == "false"
+    assert received.received == []
+
+
+@needs_cli
+def test_cli_with_oversized_custom_headers_fails_fast(
+    tmp_path: Path, keyed: Stack, received: FakeProvider
+) -> None:
+    big = "x-team-notes: " + "n" * 100_000
+    result, elapsed = run_claude(
+        tmp_path, keyed, ANTHROPIC_API_KEY=KEY, ANTHROPIC_CUSTOM_HEADERS=big
+    )
+    assert result.returncode != 0
+    assert elapsed < 5, f"the CLI took {elapsed:.1f}s"
+    assert received.received == []
+
+
+def _up(stack: Stack) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "extproc", "up", "--config", str(stack.config_path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_up_names_the_key_of_a_port_in_use(fake: FakeProvider, tmp_path: Path) -> None:
+    stack = Stack(gateway_config(fake.url), workdir=tmp_path)
+    with socket.socket() as holder:
+        holder.bind((stack.config.listen.host, stack.config.listen.port))
+        holder.listen()
+        started = time.monotonic()
+        result = _up(stack)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 10
+    assert f"{stack.config.listen} (listen) is already in use" in result.stderr
+    assert "`listen`" in result.stderr
+    assert "gateway ready" not in result.stderr
+
+
+def test_up_does_not_mistake_another_envoy_for_its_own(fake: FakeProvider, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "mine").mkdir()
+    other = Stack(gateway_config(fake.url), workdir=tmp_path / "other")
+    other.start_envoy()  # an Envoy already answering on the admin port
+    try:
+        data = gateway_config(fake.url)
+        data["envoy"] = {"admin": str(other.config.envoy.admin)}
+        mine = Stack(data, workdir=tmp_path / "mine")
+        result = _up(mine)
+        assert result.returncode == 1
+        assert "(envoy.admin) is already in use" in result.stderr
+        assert "gateway ready" not in result.stderr
+        # And the readiness check itself asks for the Envoy it started, by node id.
+        sleeper = subprocess.Popen(["sleep", "30"])
+        try:
+            admin = other.config.envoy.admin
+            assert supervisor.wait_envoy_ready(admin, 2, sleeper) is True
+            assert supervisor.wait_envoy_ready(admin, 2, sleeper, "extproc-up-not-it") is False
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        other.close()

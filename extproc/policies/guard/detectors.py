@@ -765,9 +765,7 @@ def _phone_digits_ok(raw: str, lo: int, hi: int) -> bool:
 
 
 # What precedes a dotted version number: "version=", "_ver: ", "v", "Version ".
-_VERSION_BEFORE = re.compile(
-    r"(?:(?<![A-Za-z])(?i:version|ver)\s*[=:]?\s*|(?<![A-Za-z0-9])[vV])\Z"
-)
+_VERSION_BEFORE = re.compile(r"(?:(?<![A-Za-z])(?i:version|ver)\s*[=:]?\s*|(?<![A-Za-z0-9])[vV])\Z")
 
 
 def _ipv4_ok(raw: str) -> bool:
