@@ -262,8 +262,17 @@ class NormalizeRule(_Frozen):
         "uuids": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
         "hex_ids": r"(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])",
         "numeric_ids": r"(?<![0-9A-Za-z.])\d{9,}(?![0-9A-Za-z])",
+        # A home or temporary directory (the first component under it), e.g. a fresh
+        # HOME per CI job in Claude Code's system prompt: /home/runner-7, /tmp/job-42,
+        # and the project directory Claude Code names after it (.claude/projects/-tmp-...).
+        "paths": (
+            r"(?:/home|/Users|/tmp)/[^/\s\"'`]+"
+            r"|(?<=/\.claude/projects/)[^/\s\"'`]+"
+            r"|/(?:private/)?var/folders/[^/\s\"'`]+/[^/\s\"'`]+/T/[^/\s\"'`]+"
+            r"|[A-Za-z]:\\Users\\[^\\\s\"'`]+"
+        ),
     }
-    builtin: Literal["timestamps", "uuids", "hex_ids", "numeric_ids"] | None = None
+    builtin: Literal["timestamps", "uuids", "hex_ids", "numeric_ids", "paths"] | None = None
     pattern: str | None = None
     replace: str = "<volatile>"
 

@@ -529,6 +529,12 @@ class RequestStream:
             headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
             if run.volatile:
                 hint = "volatile values defeat the cache at " + ", ".join(run.volatile[:5])
+                if run.volatile_directories:
+                    hint += (
+                        "; home or temporary directory paths differ at "
+                        + ", ".join(run.volatile_directories[:5])
+                        + ": add cache.normalize {builtin: paths} to the route's profile"
+                    )
                 headers += (("x-gateway-cache-hint", hint),)
         return headers
 

@@ -77,6 +77,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["cache_stored"] = stream.cache_stored
         if run.volatile:
             record["cache_volatile_paths"] = run.volatile
+        if run.volatile_directories:
+            record["cache_volatile_directories"] = run.volatile_directories
     if stream.gw.config.audit.record_text and request is not None:
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = answer.completion

@@ -6,9 +6,11 @@ The CLI retries a 401 and every 5xx ten times with backoff unless the answer car
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +47,7 @@ def keyed(fake: FakeProvider) -> Iterator[Stack]:
 
 
 def run_claude(
-    tmp_path: Path, stack: Stack, **env: str
+    tmp_path: Path, stack: Stack, *, cwd: Path | None = None, **env: str
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """`claude -p hi` through the stack; the result and how long it took."""
     cli = claude_path()
@@ -54,6 +56,7 @@ def run_claude(
     started = time.monotonic()
     result = subprocess.run(
         [cli, "-p", "hi", "--model", "claude-sonnet-4-6"],
+        cwd=cwd,
         env=environment,
         capture_output=True,
         text=True,
@@ -572,3 +575,68 @@ def test_up_does_not_mistake_another_envoy_for_its_own(fake: FakeProvider, tmp_p
             sleeper.wait()
     finally:
         other.close()
+
+
+# -- item 7: a fresh HOME per CI job explains (and can be normalised out of) a cache miss ----
+
+
+@pytest.fixture(scope="module")
+def normalized(fake: FakeProvider) -> Iterator[Stack]:
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": PROVIDER_SECRET}
+    config["profiles"] = {
+        "default": {"cache": {"enabled": True, "normalize": [{"builtin": "paths"}]}}
+    }
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+def _ci_job(stack: Stack) -> list[dict[str, Any]]:
+    """One `claude -p` run with a fresh HOME and working directory, as a CI job has;
+    the audit records of its model calls."""
+    home = Path(tempfile.mkdtemp(prefix="ci-home-", dir="/tmp"))
+    try:
+        before = len(stack.audit_records())
+        result, _ = run_claude(home, stack, cwd=home, ANTHROPIC_API_KEY="client-key")
+        assert result.returncode == 0, result.stdout + result.stderr
+        records = stack.audit_records()[before:]
+        return [r for r in records if r["endpoint"] == "messages"]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@needs_cli
+def test_a_fresh_home_per_ci_job_is_named_in_the_hint(
+    policed: Stack, received: FakeProvider
+) -> None:
+    _ci_job(policed)
+    second = _ci_job(policed)
+    explained = [r for r in second if r.get("cache_volatile_directories")]
+    assert explained, [r.get("cache_volatile_paths") for r in second]
+    fields = {p for r in explained for p in r["cache_volatile_directories"]}
+    assert fields <= {p for r in explained for p in r["cache_volatile_paths"]}
+    assert any(p.startswith("system") for p in fields)
+
+
+@needs_cli
+def test_the_paths_rule_turns_those_misses_into_hits(
+    normalized: Stack, received: FakeProvider
+) -> None:
+    _ci_job(normalized)
+    second = _ci_job(normalized)
+    assert "hit" in [r["cache"] for r in second]
+
+
+def test_the_hint_header_offers_the_paths_rule(policed: Stack, received: FakeProvider) -> None:
+    def ask(home: str) -> httpx.Response:
+        path, body = _ask("anthropic", f"list {home}/project/src please", stream=False)
+        return _post_raw(policed, path, orjson.dumps(body))
+
+    ask("/home/runner-qwerty")
+    hinted = ask("/home/runner-zxcvbn")
+    assert hinted.headers["x-gateway-cache"] == "miss"
+    hint = hinted.headers["x-gateway-cache-hint"]
+    assert "messages[0].content" in hint
+    assert "{builtin: paths}" in hint
