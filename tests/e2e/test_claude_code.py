@@ -640,3 +640,33 @@ def test_the_hint_header_offers_the_paths_rule(policed: Stack, received: FakePro
     hint = hinted.headers["x-gateway-cache-hint"]
     assert "messages[0].content" in hint
     assert "{builtin: paths}" in hint
+
+
+@needs_cli
+def test_cli_reads_a_compressed_answer_screened(
+    tmp_path: Path, policed: Stack, received: FakeProvider
+) -> None:
+    custom = f"x-fake-compress: gzip\nx-fake-text: the token is {GITHUB_TOKEN} ok"
+    result, _ = run_claude(
+        tmp_path, policed, ANTHROPIC_API_KEY="client-key", ANTHROPIC_CUSTOM_HEADERS=custom
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert GITHUB_TOKEN not in result.stdout
+    assert "[REDACTED:" in result.stdout
+    calls = [r for r in received.received if r.path == "/v1/messages"]
+    assert calls
+    assert all(r.headers["accept-encoding"] == "identity" for r in calls)
+
+
+@needs_cli
+def test_cli_model_discovery_lists_through_the_gateway(
+    tmp_path: Path, keyed: Stack, received: FakeProvider
+) -> None:
+    result, _ = run_claude(
+        tmp_path, keyed, ANTHROPIC_API_KEY=KEY, CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY="1"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = [r for r in received.received if r.path == "/v1/models"]
+    if not listed:
+        pytest.skip("this CLI version does not ask for the model list in -p mode")
+    assert all(r.query == "limit=1000" for r in listed)
