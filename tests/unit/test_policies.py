@@ -42,7 +42,9 @@ def test_classify(
     ("method", "path", "error"),
     [
         ("POST", "/v1/complete", NotFound),
-        ("GET", "/", NotFound),
+        ("GET", "/v2", NotFound),
+        ("POST", "/", MethodNotAllowed),
+        ("POST", "/health", MethodNotAllowed),
         ("GET", "/v1/models/a/b", NotFound),
         ("GET", "/v1/messages", MethodNotAllowed),
         ("DELETE", "/v1/models", MethodNotAllowed),
