@@ -26,6 +26,7 @@ from tests.claude_cli import claude_env, claude_path
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import Compressor, FakeProvider
 from tests.harness import Stack, gateway_config
+from tests.redis_server import RedisServer
 
 KEY = new_key("dev")
 PROVIDER_SECRET = "sk-ant-held"
@@ -670,3 +671,18 @@ def test_cli_model_discovery_lists_through_the_gateway(
     if not listed:
         pytest.skip("this CLI version does not ask for the model list in -p mode")
     assert all(r.query == "limit=1000" for r in listed)
+
+
+def test_deep_health_reports_a_store_that_does_not_answer(fake: FakeProvider) -> None:
+    with RedisServer() as redis:
+        stack = Stack(gateway_config(fake.url, store=redis.url))
+        stack.start()
+        try:
+            assert httpx.get(f"{stack.url}/health?deep=1", timeout=10).json()["store"] == "ok"
+            redis.kill()
+            deep = httpx.get(f"{stack.url}/health?deep=1", timeout=10)
+            assert deep.status_code == 503
+            assert deep.json() == {"status": "degraded", "store": "unreachable"}
+            assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
+        finally:
+            stack.close()
