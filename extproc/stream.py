@@ -97,6 +97,13 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
         )
 
 
+def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
+    """An error body as the final SSE event of a stream, in the API's shape."""
+    if api == "openai":
+        return b"data: " + error_body + b"\n\n"
+    return b"event: error\ndata: " + error_body + b"\n\n"
+
+
 class ProtocolError(Exception):
     """Envoy sent phases out of order; the stream is passed through untouched."""
 
@@ -505,15 +512,20 @@ class RequestStream:
         self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
         return True
 
+    def _undecodable(self, why: str) -> Respond:
+        """The 502 sent in place of an answer no policy could read."""
+        message = f"{why}; the answer was withheld"
+        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
+        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
+        return error
+
     def _withhold_answer(self, label: str) -> Continue:
         """An answer no policy could read never reaches the client: it becomes a 502."""
         log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
-        message = (
+        error = self._undecodable(
             f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
-            "cannot read, although it asked for identity; the answer was withheld"
+            "cannot read, although it asked for identity"
         )
-        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
-        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
         self.withheld = error.body
         status = ((":status", str(error.status)),)
         headers = HeaderChanges(
@@ -560,13 +572,13 @@ class RequestStream:
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
-        if self.outcome is not None:
-            return CONTINUE
-        if self.withheld is not None:
+        if self.withheld is not None:  # nothing of an unreadable answer passes
             body, self.withheld = self.withheld, b""
             if end_of_stream:
                 self._finish("error")
             return Continue(body=body)
+        if self.outcome is not None:
+            return CONTINUE
         if self.answer_decoder is not None:
             return self._decoded_body(chunk, end_of_stream)
         return self._on_response_body(chunk, end_of_stream)
@@ -579,9 +591,15 @@ class RequestStream:
             plain += self.answer_decoder.close() if end_of_stream else b""
         except GatewayError as error:
             log.warning("provider answer could not be decoded: %s", error.message)
-            self.answer.error_type = "undecodable_answer"
-            self._finish("error")
-            return Continue(body=b"")
+            self.withheld = b""  # and the rest of it is dropped too
+            if end_of_stream:
+                self._finish("error")
+            withheld = self._undecodable(f"the provider's answer {error.message}")
+            if self.answer.streamed:  # the status has left: end the stream with an error
+                return Continue(body=_sse_error(self.api, withheld.body))
+            status = ((":status", str(withheld.status)),)
+            headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
+            return Continue(body=withheld.body, headers=headers)
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)

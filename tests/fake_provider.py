@@ -58,12 +58,13 @@ that forwards headers:
     Merged over the final usage block (JSON answers, Anthropic's ``message_delta``,
     OpenAI's usage chunk), e.g. to report 1-hour cache writes, web searches or reasoning
     tokens the way the real APIs do.
-``x-fake-compress: allowed | gzip | deflate | br | zstd``
+``x-fake-compress: allowed | gzip | deflate | br | zstd | mislabelled``
     Compress the reply body (JSON and SSE, flushed per event): ``allowed`` picks the
     first coding the request's ``Accept-Encoding`` allows (none with ``identity``), as
     OpenAI and many proxies do; a coding name compresses with it whatever the request
     accepts (a misbehaving proxy). ``FakeProvider(compress=True)`` makes ``allowed`` the
     default for every request. br and zstd need the ``brotli`` / ``zstandard`` modules.
+    ``mislabelled`` labels the plain body ``gzip`` (a broken proxy).
 
 Checks run in the real APIs' order after the fake's own: unknown path (404), then
 ``x-fake-status``, then credentials (401), then the JSON body (400).
@@ -733,6 +734,7 @@ def _id_headers(shape: Shape) -> dict[str, str]:
 # --------------------------------------------------------------------------- compression
 
 CODINGS: tuple[str, ...] = ("gzip", "br", "zstd", "deflate")
+_FORCED = (*CODINGS, "mislabelled")
 
 
 class Compressor:
@@ -741,7 +743,9 @@ class Compressor:
 
     def __init__(self, coding: str) -> None:
         self.coding = coding
-        self._impl: Any
+        self._impl: Any = None
+        if coding == "mislabelled":
+            return
         if coding in ("gzip", "deflate"):
             self._impl = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
         elif coding == "br":
@@ -750,6 +754,8 @@ class Compressor:
             self._impl = importlib.import_module("zstandard").ZstdCompressor().compressobj()
 
     def piece(self, data: bytes) -> bytes:
+        if self._impl is None:
+            return data
         if self.coding in ("gzip", "deflate"):
             out: bytes = self._impl.compress(data) + self._impl.flush(zlib.Z_SYNC_FLUSH)
         elif self.coding == "br":
@@ -759,6 +765,8 @@ class Compressor:
         return out
 
     def finish(self) -> bytes:
+        if self._impl is None:
+            return b""
         if self.coding == "br":
             tail: bytes = self._impl.finish()
         else:
@@ -769,7 +777,7 @@ class Compressor:
 def choose_coding(headers: Mapping[str, str], default: str) -> str | None:
     """The coding to compress a reply with (see ``x-fake-compress``), or None."""
     mode = headers.get("x-fake-compress", default).strip().lower()
-    if mode in CODINGS:
+    if mode in _FORCED:
         return mode
     if mode != "allowed":
         return None
@@ -777,6 +785,10 @@ def choose_coding(headers: Mapping[str, str], default: str) -> str | None:
         c.split(";")[0].strip().lower() for c in headers.get("accept-encoding", "").split(",")
     ]
     return next((c for c in accepted if c in CODINGS), None)
+
+
+def _label(coding: str) -> str:
+    return "gzip" if coding == "mislabelled" else coding
 
 
 class _CompressingSink:
@@ -868,7 +880,7 @@ class FakeProvider:
         if coding is not None:
             compressor = Compressor(coding)
             body = compressor.piece(body) + compressor.finish()
-            ids = {**ids, "content-encoding": coding}
+            ids = {**ids, "content-encoding": _label(coding)}
         return web.Response(body=body, content_type="application/json", headers=ids)
 
     def _call(
@@ -911,7 +923,7 @@ async def _stream(
 ) -> web.StreamResponse:
     headers = {**ids, "cache-control": "no-cache"}
     if coding is not None:
-        headers["content-encoding"] = coding
+        headers["content-encoding"] = _label(coding)
     response = web.StreamResponse(headers=headers)
     response.content_type = "text/event-stream"
     response.charset = "utf-8"

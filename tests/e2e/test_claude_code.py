@@ -686,3 +686,22 @@ def test_deep_health_reports_a_store_that_does_not_answer(fake: FakeProvider) ->
             assert httpx.get(f"{stack.url}/health", timeout=10).status_code == 200
         finally:
             stack.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_mislabelled_answer_is_withheld_not_passed_on(
+    policed: Stack, received: FakeProvider, stream: bool
+) -> None:
+    path, body = _ask("anthropic", f"mislabelled {stream}", stream=stream)
+    headers = {"x-fake-compress": "mislabelled", "x-fake-text": f"it is {GITHUB_TOKEN}"}
+    response = _post_raw(policed, path, orjson.dumps(body), **headers)
+    assert GITHUB_TOKEN not in response.text
+    assert "content-encoding" not in response.headers
+    assert "not valid gzip" in response.text
+    if stream:
+        assert "event: error" in response.text
+    else:
+        assert response.status_code == 502
+        assert response.headers["x-gateway-error"] == "undecodable_answer"
+    record = record_for(policed, response.headers["x-gateway-request-id"])
+    assert record["error_type"] == "undecodable_answer"
