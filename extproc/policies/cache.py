@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 
 from extproc.apis import ApiKind, Endpoint
-from extproc.config import NormalizeRule
+from extproc.config import UNIX_DIRECTORIES, WINDOWS_DIRECTORIES, NormalizeRule
 
 KEY_VERSION = 1
 _OPENAI_NOISE = ("stream", "stream_options", "user", "store", "metadata")
@@ -151,10 +151,13 @@ def format_path(path: Path) -> str:
 
 _HEXISH = bytes.maketrans(b"0123456789abcdefABCDEF", b"0" * 22)
 # Home and temporary directories (the `paths` normalize rule), masked in the shape so a
-# miss caused by a fresh HOME or TMPDIR per run is explained too.
+# miss caused by a fresh HOME or TMPDIR per run is explained too: one literal-led pattern
+# per pass over the serialized body (where a Windows path's backslashes are escaped).
 DIRECTORIES = NormalizeRule(builtin="paths").regex()
-# The same in serialized JSON, where a Windows path's backslashes are escaped.
-_DIRECTORIES_JSON = re.compile(DIRECTORIES.pattern.replace(r"\\Users\\", r"\\\\Users\\\\").encode())
+_DIRECTORIES_JSON = (
+    re.compile(UNIX_DIRECTORIES.encode()),
+    re.compile(WINDOWS_DIRECTORIES.replace(r"\\", r"\\\\", 2).encode()),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +178,9 @@ class Shape:
     @classmethod
     def of(cls, api: ApiKind, body: Mapping[str, Any]) -> Shape:
         clean = _without_noise(api, body)
-        dumped = _DIRECTORIES_JSON.sub(b"~", orjson.dumps(clean))
+        dumped = orjson.dumps(clean)
+        for directories in _DIRECTORIES_JSON:
+            dumped = directories.sub(b"~", dumped)
         digest = hashlib.sha256(dumped.translate(_HEXISH)).hexdigest()
         checksums = [zlib.crc32(text.encode()) for _, text in _strings(clean, ())]
         return cls(digest=digest, checksums=checksums, body=clean)
