@@ -152,6 +152,7 @@ class CacheRun:
     result: str = "miss"  # miss | hit | bypass | wait_timeout
     leader: bool = False
     volatile: list[str] = field(default_factory=list)
+    volatile_directories: list[str] = field(default_factory=list)  # of `volatile`
     age: float = 0.0
 
     async def before_upstream(
@@ -186,7 +187,10 @@ class CacheRun:
             self.age = max(0.0, self.cache.wall() - entry.created_at)
             return entry
         if shape is not None:
-            self.volatile = await self.cache.volatile_paths(self.scope, shape(), self.key)
+            made = shape()
+            self.volatile = await self.cache.volatile_paths(self.scope, made, self.key)
+            if self.volatile:
+                self.volatile_directories = made.directory_fields(self.volatile)
         return None
 
     async def after_upstream(self, answer: dict[str, Any] | None, api: ApiKind) -> bool:

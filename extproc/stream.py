@@ -19,7 +19,17 @@ from typing import Any
 import orjson
 
 from extproc import caching
-from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import (
+    ApiKind,
+    Endpoint,
+    Route,
+    anthropic,
+    api_of_path,
+    classify,
+    encoding,
+    model_list,
+    openai,
+)
 from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
@@ -28,9 +38,11 @@ from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
+    AnswerWithheld,
     BadRequest,
     Forbidden,
     GatewayError,
+    HeadersTooLarge,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -52,6 +64,22 @@ from extproc.telemetry.record import account
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-claude-code-session-id"
+AGENT_HEADER = "x-claude-code-agent-id"  # subagents
+PARENT_AGENT_HEADER = "x-claude-code-parent-agent-id"
+# A header value copied into a record is cut to this many characters: callers choose them.
+MAX_RECORDED_HEADER = 128
+# Request headers the gateway accepts (431 past them, in the caller's shape). Envoy's own
+# limits (max_request_headers_kb / _count in the shipped configs) sit above these, so
+# the caller gets an answer rather than a reset connection.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 150
+
+
+def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A caller's header value as the audit record keeps it: bounded, None when absent."""
+    value = headers.get(name, "").strip()
+    return value[:MAX_RECORDED_HEADER] or None
+
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
@@ -61,6 +89,23 @@ _NEXT: dict[str | None, frozenset[str]] = {
     "response_headers": frozenset({"response_body"}),
     "response_body": frozenset({"response_body"}),
 }
+
+
+def _check_header_size(headers: Mapping[str, str]) -> None:
+    size = sum(len(name) + len(value) for name, value in headers.items())
+    if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
+        raise HeadersTooLarge(
+            f"the request headers are {size} bytes in {len(headers)} headers; the gateway "
+            f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
+            "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
+        )
+
+
+def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
+    """An error body as the final SSE event of a stream, in the API's shape."""
+    if api == "openai":
+        return b"data: " + error_body + b"\n\n"
+    return b"event: error\ndata: " + error_body + b"\n\n"
 
 
 class ProtocolError(Exception):
@@ -83,6 +128,8 @@ class _Answer:
 
 
 Extend = Callable[[float], Awaitable[None]]
+# A compressed answer may decode to this many times the request body limit.
+_ANSWER_DECODE_FACTOR = 4
 
 
 async def _no_extension(seconds: float) -> None:
@@ -105,6 +152,8 @@ class RequestStream:
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
+        self.agent_id: str | None = None
+        self.parent_agent_id: str | None = None
         self.api: ApiKind = "anthropic"
         self.route: Route | None = None
         self.path = ""
@@ -131,6 +180,12 @@ class RequestStream:
         self.settled = False
         self.json_chunks: list[bytes] = []
         self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
+        self.decoded_request = False  # the client's body arrived compressed and was decoded
+        self.raw_body = b""
+        self.model_page: model_list.PageRequest | None = None  # /v1/models paged here
+        self.upstream_path: str | None = None  # when it differs from the caller's path
+        self.answer_decoder: encoding.StreamDecoder | None = None
+        self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
 
     # -- phase order -------------------------------------------------------------------
@@ -162,7 +217,9 @@ class RequestStream:
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
-        self.session_id = headers.get(SESSION_HEADER)
+        self.session_id = recorded_header(headers, SESSION_HEADER)
+        self.agent_id = recorded_header(headers, AGENT_HEADER)
+        self.parent_agent_id = recorded_header(headers, PARENT_AGENT_HEADER)
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
@@ -171,6 +228,8 @@ class RequestStream:
             return await self._sign_in(headers, end_of_stream)
         try:
             self._classify(headers)
+            if self.route is not None and self.route.endpoint is Endpoint.PROBE:
+                return await self._probe()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -206,6 +265,8 @@ class RequestStream:
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
         self.api = self.route.api
+        _check_header_size(headers)
+        encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > limit:
@@ -252,8 +313,33 @@ class RequestStream:
         model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
         if model_id and not models.visible(model_id, self.allow):
             raise NotFound(f"model {model_id!r} is not available to this caller")
+        if not model_id and self.api == "anthropic":
+            query = self.path.partition("?")[2]
+            self.model_page = model_list.PageRequest.parse(query)
+            self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
         self.target = self._choose_target(None)
         return self._forward()
+
+    async def _probe(self) -> Respond:
+        """`/` and `/health` (liveness; `?deep=1` also pings the store): no provider call."""
+        status, body = 200, {"status": "ok"}
+        if "deep=1" in self.path.partition("?")[2].split("&"):
+            try:
+                await self.gw.store.ping()
+                body["store"] = "ok"
+            except StoreError as exc:
+                log.warning("health: store unreachable: %s", exc)
+                status, body = 503, {"status": "degraded", "store": "unreachable"}
+        self.answer.status = status
+        self._finish("probe")
+        headers: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+        )
+        if status != 200:
+            headers += (("x-should-retry", "true"),)
+        payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
+        return Respond(status, payload, headers, details="extproc_probe")
 
     async def _quota(self) -> Respond:
         try:
@@ -295,7 +381,9 @@ class RequestStream:
                 return routing.default_target(self.gw.config, self.api)
             return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
         except routing.NoProvider as exc:
-            raise Unavailable(f"{exc}; add one under providers:", reason="no_provider") from exc
+            raise Unavailable(
+                f"{exc}; add one under providers:", reason="no_provider", retryable=False
+            ) from exc
 
     def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
@@ -308,14 +396,21 @@ class RequestStream:
             raise Unavailable(
                 f"provider {self.target.name!r} has no credential configured",
                 reason="no_credential",
+                retryable=False,
             ) from exc
-        changes = routing.upstream_headers(self.target, self.path, secret)
+        changes = routing.upstream_headers(self.target, self.upstream_path or self.path, secret)
+        if self.upstream_path and not self.target.provider.path_prefix:
+            changes = HeaderChanges(set=((":path", self.upstream_path), *changes.set))
         remove = list(changes.remove)
         if secret is None and self.identity.source != "anonymous":
             # A gateway key or an SSO token is ours, never the provider's.
             remove += ["x-api-key", "authorization"]
+        if self.decoded_request and body is None:
+            body = self.raw_body
         if body is not None:
             remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
         changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
@@ -337,6 +432,9 @@ class RequestStream:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
         if self.route.endpoint is Endpoint.OTLP:
             return self._relay(body)
+        if encoding.encodings(self.headers.get("content-encoding", "")):
+            body = encoding.decode_body(body, self.headers["content-encoding"], limit)
+            self.decoded_request, self.raw_body = True, body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = parse_request(body, self.route.endpoint)
@@ -372,9 +470,12 @@ class RequestStream:
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
         self.guard = GuardRun(policy, self.api, self.gw.metrics)
-        replaced = self.guard.inspect_request(self.request.body)
+        screened, billing = anthropic.split_billing_block(self.request.body)
+        replaced = self.guard.inspect_request(screened if billing else self.request.body)
         if replaced is None:
             return False
+        if billing is not None:  # forwarded as it came, whatever the guard did
+            replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
 
@@ -461,7 +562,10 @@ class RequestStream:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         content_type = headers.get("content-type", "")
-        extra = HeaderChanges(set=self._response_headers())
+        if not self._decode_answer(headers.get("content-encoding", "")):
+            return self._withhold_answer(headers.get("content-encoding", ""))
+        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
             return Continue(headers=extra)
@@ -472,6 +576,40 @@ class RequestStream:
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _decode_answer(self, label: str) -> bool:
+        """An answer compressed despite `accept-encoding: identity` is decoded before any
+        policy reads it; False when the gateway cannot decode it."""
+        codings = encoding.encodings(label)
+        if not codings:
+            return True
+        if len(codings) != 1 or not encoding.is_decodable(label):
+            return False
+        limit = _ANSWER_DECODE_FACTOR * self.gw.config.limits.max_body_bytes
+        self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
+        return True
+
+    def _undecodable(self, why: str) -> Respond:
+        """The 502 sent in place of an answer no policy could read."""
+        message = f"{why}; the answer was withheld"
+        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
+        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
+        return error
+
+    def _withhold_answer(self, label: str) -> Continue:
+        """An answer no policy could read never reaches the client: it becomes a 502."""
+        log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
+        error = self._undecodable(
+            f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
+            "cannot read, although it asked for identity"
+        )
+        self.withheld = error.body
+        status = ((":status", str(error.status)),)
+        headers = HeaderChanges(
+            set=status + error.headers + self._response_headers(),
+            remove=("content-encoding", "content-length"),
+        )
+        return Continue(headers=headers, response_body_mode=BodyMode.STREAMED)
 
     def _trace_header(self) -> tuple[tuple[str, str], ...]:
         """Our span as the `traceparent`: the provider's call and the client's view are its
@@ -485,6 +623,12 @@ class RequestStream:
             headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
             if run.volatile:
                 hint = "volatile values defeat the cache at " + ", ".join(run.volatile[:5])
+                if run.volatile_directories:
+                    hint += (
+                        "; home or temporary directory paths differ at "
+                        + ", ".join(run.volatile_directories[:5])
+                        + ": add cache.normalize {builtin: paths} to the route's profile"
+                    )
                 headers += (("x-gateway-cache-hint", hint),)
         return headers
 
@@ -492,8 +636,10 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use.
-        return self.route.endpoint is Endpoint.MODELS and bool(self.allow)
+        # A model list is filtered down to what this caller may use, and paged here.
+        return self.route.endpoint is Endpoint.MODELS and (
+            bool(self.allow) or self.model_page is not None
+        )
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -508,9 +654,41 @@ class RequestStream:
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
+        if self.withheld is not None:  # nothing of an unreadable answer passes
+            body, self.withheld = self.withheld, b""
+            if end_of_stream:
+                self._finish("error")
+            return Continue(body=body)
         if self.outcome is not None:
             return CONTINUE
-        decision = CONTINUE
+        if self.answer_decoder is not None:
+            return self._decoded_body(chunk, end_of_stream)
+        return self._on_response_body(chunk, end_of_stream)
+
+    def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        """Policy on the decoded answer; the client gets the decoded bytes."""
+        assert self.answer_decoder is not None
+        try:
+            plain = self.answer_decoder.feed(chunk)
+            plain += self.answer_decoder.close() if end_of_stream else b""
+        except GatewayError as error:
+            log.warning("provider answer could not be decoded: %s", error.message)
+            self.withheld = b""  # and the rest of it is dropped too
+            if end_of_stream:
+                self._finish("error")
+            withheld = self._undecodable(f"the provider's answer {error.message}")
+            if self.answer.streamed:  # the status has left: end the stream with an error
+                return Continue(body=_sse_error(self.api, withheld.body))
+            status = ((":status", str(withheld.status)),)
+            headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
+            return Continue(body=withheld.body, headers=headers)
+        decision = self._on_response_body(plain, end_of_stream)
+        if isinstance(decision, Continue) and decision.body is None:
+            return dataclasses.replace(decision, body=plain)
+        return decision
+
+    def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        decision: Decision = CONTINUE
         if self.rewriter is not None:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:
@@ -589,8 +767,9 @@ class RequestStream:
             self.answer.error_type = "output_blocked"
             self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.api, Unavailable(message, reason="output_blocked"))
-            headers = HeaderChanges(set=((":status", "502"),), remove=("content-length",))
+            error = render_error(self.api, AnswerWithheld(message), self.request_id)
+            status = ((":status", str(error.status)),)
+            headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
             return Continue(body=error.body, headers=headers)
         if replaced is None:
             return CONTINUE
@@ -602,6 +781,13 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        if self.model_page is not None:
+            paged = model_list.page(
+                listed, self.model_page, lambda m: models.visible(m, self.allow)
+            )
+            return Continue(
+                body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
+            )
         body["data"] = [
             m
             for m in listed

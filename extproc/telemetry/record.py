@@ -42,6 +42,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "project": identity.project,
         "tier": identity.tier,
         "session_id": stream.session_id,
+        "agent_id": stream.agent_id,
+        "parent_agent_id": stream.parent_agent_id,
         "provider": stream.target.name if stream.target else None,
         "requested_model": request.model if request else None,
         "served_model": answer.served_model or stream.served_model,
@@ -52,6 +54,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "output_tokens": usage.output_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
         "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+        "web_search_requests": usage.web_search_requests,
         "latency_ms": _ms(now - stream.started),
         "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
         "finish_reasons": _finish_reasons(stream),
@@ -77,6 +81,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["cache_stored"] = stream.cache_stored
         if run.volatile:
             record["cache_volatile_paths"] = run.volatile
+        if run.volatile_directories:
+            record["cache_volatile_directories"] = run.volatile_directories
     if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = _completion(stream)
@@ -115,6 +121,8 @@ def account(stream: RequestStream, now: float) -> None:
     ).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
+    if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
+        metrics.subagent_requests.labels(record["endpoint"]).inc()
     if run is not None:
         metrics.cache.labels(run.result).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
