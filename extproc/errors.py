@@ -15,7 +15,8 @@ boundary with `raise ... from`.
     ├── MethodNotAllowed      405
     ├── PayloadTooLarge       413  body over limits.max_body_bytes
     ├── RateLimited           429  budget, quota or rate limit exhausted
-    └── Unavailable           503  a dependency (store) is down and policy fails closed
+    ├── Unavailable           503  a dependency (store) is down and policy fails closed
+    └── GatewayTimeout        504  the provider sent nothing within the first-byte timeout
 """
 
 from __future__ import annotations
@@ -77,3 +78,8 @@ class RateLimited(GatewayError):
 class Unavailable(GatewayError):
     status = 503
     reason = "unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    reason = "upstream_timeout"

@@ -82,7 +82,10 @@ async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingR
     if phase is Phase.REQUEST_BODY:
         return await stream.request_body(*envoy_api.body_of(request, phase))
     if phase is Phase.RESPONSE_HEADERS:
-        return await stream.response_headers(*envoy_api.headers_of(request, phase))
+        details = envoy_api.attributes_of(request).get("response.code_details", "")
+        return await stream.response_headers(
+            *envoy_api.headers_of(request, phase), details=str(details)
+        )
     if phase is Phase.RESPONSE_BODY:
         return await stream.response_body(*envoy_api.body_of(request, phase))
     return CONTINUE

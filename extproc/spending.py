@@ -23,6 +23,8 @@ and counted, and its hold expires by itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -62,6 +64,12 @@ IMAGE_TOKENS = 1600  # a full-size image; documents are charged like their text
 _BYTES_PER_TOKEN = 3
 
 
+def tokens_for_bytes(size: int) -> int:
+    """The one token estimate: UTF-8 bytes over three, rounded up (an over-estimate for
+    prose and code in every language the providers document, ~4 characters a token)."""
+    return -(-max(size, 0) // _BYTES_PER_TOKEN)
+
+
 def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
     """An over-estimate of the input tokens of a request body of `size` bytes."""
     images, blob_bytes = 0, 0
@@ -72,15 +80,63 @@ def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
             data = source.get("data") if isinstance(source, dict) else None
             if isinstance(data, str) and block.get("type") == "image":
                 images, blob_bytes = images + 1, blob_bytes + len(data)
-    return max(1, (size - blob_bytes) // _BYTES_PER_TOKEN + images * IMAGE_TOKENS)
+    return max(1, tokens_for_bytes(size - blob_bytes) + images * IMAGE_TOKENS)
+
+
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    """OpenAI's `n`: every choice is generated (and billed) up to the output limit."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def requested_output(body: Mapping[str, Any], cap: int) -> int:
-    for name in ("max_tokens", "max_completion_tokens"):
+    """The output tokens to reserve: the request's limit (at most `cap`) times its choices.
+
+    After `cap_output` the request cannot produce more than this, so the reservation is
+    an upper bound on what the provider bills."""
+    limits = [body.get(name) for name in _OUTPUT_FIELDS]
+    asked = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min([*asked, cap]) * _choices(body)
+
+
+def cap_output(body: dict[str, Any], cap: int, api: str) -> bool:
+    """Make `cap` the most the request may generate; True if the body was changed.
+
+    A larger `max_tokens`/`max_completion_tokens` is lowered to `cap`; an OpenAI request
+    with neither (the model's own maximum, possibly beyond `cap`) gets
+    `max_completion_tokens: cap`. An Anthropic request without `max_tokens` is invalid
+    and refused by the provider before it generates anything."""
+    changed = False
+    for name in _OUTPUT_FIELDS:
         value = body.get(name)
-        if isinstance(value, int) and value > 0:
-            return min(value, cap)
-    return cap
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            body[name] = cap
+            changed = True
+    if api == "openai" and not any(name in body for name in _OUTPUT_FIELDS):
+        body["max_completion_tokens"] = cap
+        changed = True
+    thinking = body.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if changed and isinstance(budget, int) and budget >= cap:
+        # Anthropic requires budget_tokens < max_tokens.
+        body["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}  # type: ignore[dict-item]
+    return changed
+
+
+def cut_short_usage(seen: Usage, input_estimate: int, content_bytes: int) -> Usage:
+    """What a call whose final usage never arrived is billed: the input the provider
+    reported (else the request's estimate) and the output that was streamed, counted from
+    its content and rounded up (never less than a count the provider already sent)."""
+    reported_input = seen.input_tokens + seen.cache_read_input_tokens
+    reported_input += seen.cache_creation_input_tokens
+    input_tokens = seen.input_tokens if reported_input else input_estimate
+    output = max(seen.output_tokens, tokens_for_bytes(content_bytes))
+    return Usage(
+        input_tokens, output, seen.cache_creation_input_tokens, seen.cache_read_input_tokens
+    )
 
 
 def scopes_of(identity: Identity, headers: Mapping[str, str], pipeline_header: str) -> list[Scope]:
@@ -160,6 +216,9 @@ class SpendRun:
     admitted_tokens: int = 0
     cost_usd: Decimal | None = None
     statuses: tuple[BudgetStatus, ...] = field(default_factory=tuple)
+    # The admission's store call, shielded: a request cancelled while it runs must not
+    # leave a hold nobody settles (settle waits for it).
+    admission: asyncio.Future[None] | None = None
 
 
 class Spending:
@@ -212,7 +271,14 @@ class Spending:
             raise Unavailable("the rate-limit store is unreachable", reason="store_down") from exc
 
     async def admit(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
-        """Rate limits and budget reservation in one round trip; raises `RateLimited`."""
+        """Rate limits and budget reservation in one round trip; raises `RateLimited`.
+
+        The store call runs to its end even if the request is cancelled meanwhile (the
+        client hung up): the hold it makes is then settled by `settle`, not leaked."""
+        run.admission = asyncio.ensure_future(self._admit_run(run, body, size))
+        await asyncio.shield(run.admission)
+
+    async def _admit_run(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
         run.estimate_tokens = estimate_input_tokens(body, size)
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
@@ -255,6 +321,9 @@ class Spending:
 
     async def settle(self, run: SpendRun, usage: Usage) -> None:
         """Charge what the call actually used (nothing if it failed before spending)."""
+        if run.admission is not None:
+            with contextlib.suppress(Exception):  # a refusal was already answered
+                await run.admission
         if run.price is not None:
             run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
         actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)

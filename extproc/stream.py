@@ -31,6 +31,7 @@ from extproc.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    GatewayTimeout,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -41,7 +42,7 @@ from extproc.guarding import GuardRun
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
-from extproc.spending import SpendRun
+from extproc.spending import SpendRun, cap_output, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.record import account
 
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 SESSION_HEADER = "x-claude-code-session-id"
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
+# Envoy's response code details when the provider sent no response headers in time
+# (the dispatch route's retry_policy.per_try_timeout; see limits.first_byte_timeout_seconds).
+FIRST_BYTE_TIMEOUTS = frozenset({"upstream_per_try_timeout", "response_timeout"})
+
 _NEXT: dict[str | None, frozenset[str]] = {
     None: frozenset({"request_headers"}),
     "request_headers": frozenset({"request_body", "response_headers"}),
@@ -75,6 +80,7 @@ class _Answer:
     completion: Any = None
     error_type: str | None = None
     json: dict[str, Any] | None = None
+    usage_estimated: bool = False  # the final usage never came: billed from what was seen
 
 
 Extend = Callable[[float], Awaitable[None]]
@@ -117,11 +123,17 @@ class RequestStream:
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
+        self.forwarded = False  # the request body went on to the provider
+        self.usage_dropper: openai.UsageChunkDropper | None = None
         self.json_chunks: list[bytes] = []
 
     # -- phase order -------------------------------------------------------------------
 
     def _enter(self, phase: str) -> None:
+        if self.outcome is not None and phase.startswith("response"):
+            # An immediate response we sent comes back through the response phases.
+            self.phase = phase
+            return
         if phase not in _NEXT.get(self.phase, frozenset()):
             raise ProtocolError(f"{phase} after {self.phase}")
         self.phase = phase
@@ -245,6 +257,7 @@ class RequestStream:
         if body is not None:
             remove.append("content-length")
         changes = HeaderChanges(set=changes.set, remove=tuple(remove))
+        self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
@@ -275,6 +288,8 @@ class RequestStream:
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
+        if self.route.endpoint.generates and self._bound_spend(request):
+            rewritten = True
         if self._guard_request():
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
@@ -287,6 +302,16 @@ class RequestStream:
         if self.spend is not None:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _bound_spend(self, request: ParsedRequest) -> bool:
+        """Make the request's cost knowable: its output capped at what the reservation
+        covers, and a streamed OpenAI answer carrying its usage. True if changed."""
+        changed = cap_output(request.body, self.gw.config.limits.max_output_tokens, self.api)
+        if self.api == "openai" and request.stream:
+            if not openai.asks_for_usage(request.body):
+                self.usage_dropper = openai.UsageChunkDropper()
+            changed = openai.request_usage(request.body) or changed
+        return changed
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -351,6 +376,8 @@ class RequestStream:
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
             body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+            if self.usage_dropper is not None:
+                body = self.usage_dropper.feed(body) + self.usage_dropper.close()
         else:
             body, content_type = orjson.dumps(answer), "application/json"
         self._read_answer(answer)
@@ -377,12 +404,22 @@ class RequestStream:
 
     # -- response ----------------------------------------------------------------------
 
-    async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+    async def response_headers(
+        self, headers: dict[str, str], end_of_stream: bool, *, details: str = ""
+    ) -> Decision:
         self._enter("response_headers")
         if self.outcome is not None or self.route is None:
             return CONTINUE
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if details in FIRST_BYTE_TIMEOUTS:
+            seconds = self.gw.config.limits.first_byte_timeout_seconds
+            return await self._reject(
+                GatewayTimeout(
+                    f"the provider sent nothing for {seconds:g} s "
+                    "(limits.first_byte_timeout_seconds); nothing was charged"
+                )
+            )
         content_type = headers.get("content-type", "")
         extra = HeaderChanges(set=self._response_headers())
         if end_of_stream:
@@ -390,6 +427,8 @@ class RequestStream:
             return Continue(headers=extra)
         if content_type.startswith("text/event-stream"):
             self._start_stream()
+            if self.usage_dropper is not None:  # the body changes length
+                extra = HeaderChanges(set=extra.set, remove=("content-length",))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -428,18 +467,32 @@ class RequestStream:
         self._enter("response_body")
         if self.outcome is not None:
             return CONTINUE
-        decision = CONTINUE
+        decision: Decision = CONTINUE
         if self.rewriter is not None:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:
             self._feed_stream(chunk, end_of_stream)
+            if self.usage_dropper is not None:
+                decision = Continue(body=chunk)
         else:
             self.json_chunks.append(chunk)
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
+        if self.usage_dropper is not None and isinstance(decision, Continue):
+            decision = self._drop_usage_chunk(decision, end_of_stream)
         if end_of_stream:
             self._finish(self._status_outcome())
         return decision
+
+    def _drop_usage_chunk(self, decision: Continue, end_of_stream: bool) -> Continue:
+        """The gateway asked for usage; a client that did not gets no usage-only chunk."""
+        assert self.usage_dropper is not None
+        if decision.body is None:
+            return decision
+        out = self.usage_dropper.feed(decision.body)
+        if end_of_stream:
+            out += self.usage_dropper.close()
+        return dataclasses.replace(decision, body=out)
 
     def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
         """Screen (and unmask) the answer's text; account for what the client receives."""
@@ -547,9 +600,13 @@ class RequestStream:
 
     def _status_outcome(self) -> str:
         status = self.answer.status
-        if 200 <= status < 400:
-            return "error" if self.answer.error_type else "ok"
-        return "provider_error"
+        if not 200 <= status < 400:
+            return "provider_error"
+        if self.answer.error_type:
+            return "error"
+        if self.accumulator is not None and not self.accumulator.complete:
+            return "truncated"  # the provider ended the body without its final event
+        return "ok"
 
     # -- end ---------------------------------------------------------------------------
 
@@ -559,7 +616,10 @@ class RequestStream:
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
         if self.outcome is None and self.phase is not None:
-            self._finish("aborted")
+            # Before any answer the client is the one gone (a provider failure comes back
+            # as a response); mid-answer it may be either side, which Envoy's access log
+            # (response flags DC vs UR/UC) tells apart: see docs/operations.md.
+            self._finish("client_abort" if self.answer.status == 0 else "interrupted")
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -567,7 +627,10 @@ class RequestStream:
             answer = self._cacheable_answer()
             self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
         if self.spend is not None:
-            await self.gw.spending.settle(self.spend, self._billable_usage(self.outcome))
+            usage = self._billable_usage(self.outcome)
+            if usage != self.answer.usage and self.outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = usage, True
+            await self.gw.spending.settle(self.spend, usage)
         account(self, self.finished_at)
 
     def _finish(self, outcome: str) -> None:
@@ -582,6 +645,16 @@ class RequestStream:
         """What the request spent: nothing for a refusal or an uncharged cache hit."""
         if outcome.startswith("rejected_"):
             return Usage()
-        if outcome == "cache_hit" and not self.gw.config.cache.charge_budget_on_hit:
-            return Usage()
+        if outcome == "cache_hit":
+            return self.answer.usage if self.gw.config.cache.charge_budget_on_hit else Usage()
+        if not self.forwarded or self.spend is None:
+            return self.answer.usage
+        estimate = self.spend.estimate_tokens
+        if self.answer.status == 0:
+            # Gone before the provider answered: it may have read the prompt.
+            return Usage(input_tokens=estimate)
+        folder = self.accumulator
+        if folder is not None and 200 <= self.answer.status < 300 and not folder.final_usage_seen:
+            # A client gone mid-stream pays for what was streamed.
+            return cut_short_usage(self.answer.usage, estimate, folder.content_bytes)
         return self.answer.usage

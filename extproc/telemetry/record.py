@@ -56,6 +56,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
+    if answer.usage_estimated:
+        record["usage_estimated"] = True
     spend = stream.spend
     if spend is not None:
         record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
