@@ -71,9 +71,9 @@ async def run(
 
 
 def anthropic_events(text: str, *, final: bool) -> bytes:
-    start = {"type": "message_start", "message": {"model": "claude-opus-4-8", "usage": {}}}
-    start["message"]["usage"] = {"input_tokens": 20, "output_tokens": 1}  # type: ignore[index]
-    events = [
+    usage = {"input_tokens": 20, "output_tokens": 1}
+    start = {"type": "message_start", "message": {"model": "claude-opus-4-8", "usage": usage}}
+    events: list[dict[str, Any]] = [
         start,
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     ]
@@ -84,10 +84,13 @@ def anthropic_events(text: str, *, final: bool) -> bytes:
     if final:
         events += [
             {"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 5},
+            },
             {"type": "message_stop"},
         ]
-        events[-2]["usage"] = {"output_tokens": 5}
     return b"".join(
         f"event: {e['type']}\ndata: ".encode() + orjson.dumps(e) + b"\n\n" for e in events
     )
