@@ -162,6 +162,8 @@ class EnvoyConfig(_Frozen):
     admin: AddressField = HostPort(host="127.0.0.1", port=9901)
     bootstrap: Path | None = None
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    # Where Envoy writes its access log (one JSON line per request; see `extproc reconcile`).
+    access_log: str = Field(default="/dev/stdout", min_length=1, max_length=4096)
 
     @field_validator("admin", mode="before")
     @classmethod

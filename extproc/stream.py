@@ -615,6 +615,9 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
+        first = "none" if self.phase is None else "request_headers"
+        if not self.settled:
+            self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase is not None:
             # Before any answer the client is the one gone (a provider failure comes back
             # as a response); mid-answer it may be either side, which Envoy's access log

@@ -1,0 +1,212 @@
+"""Spend and settlement through real Envoy and a real redis-server (issue 11, items 7-8).
+
+A provider that hangs before its first byte is cut by Envoy's per-try timeout and answered
+in the caller's shape, with the reservation released; clients that hang up within
+milliseconds of sending leave every stream audited and no reservation held; Envoy's
+access log names every request, so audit and access log reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+
+from extproc.policies.auth import hash_key, new_key
+from tests.e2e.test_data_path import record_for
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack, gateway_config
+from tests.redis_server import RedisServer
+
+KEY = new_key("settler")
+MODEL = "claude-sonnet-4-6"
+HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": KEY}
+
+
+def _config(fake: FakeProvider, redis_url: str, workdir: Path) -> dict[str, Any]:
+    config = gateway_config(fake.url, store=redis_url)
+    config["envoy"]["access_log"] = str(workdir / "access.log")
+    config["providers"]["anthropic"]["credential"] = {"value": "sk-held"}
+    config["providers"]["openai"]["credential"] = {"value": "sk-oai"}
+    config["auth"] = {"required": True, "keys": [{"id": "settler", "hash": hash_key(KEY)}]}
+    config["budgets"] = {"rules": [{"scope": "key", "window": "daily", "usd": 50}]}
+    config["limits"] = {"first_byte_timeout_seconds": 1}
+    return config
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(
+    fake: FakeProvider, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("settle")
+    gateway = Stack(_config(fake, redis.url, workdir), workdir=workdir)
+    gateway.start()
+    yield gateway
+    gateway.close()
+
+
+def _body(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+        **extra,
+    }
+
+
+def _held(redis: RedisServer) -> int:
+    """Live reservation holds across every budget counter."""
+    client = Redis.from_url(redis.url)
+    try:
+        return sum(int(client.zcard(k)) for k in client.scan_iter("*:holds"))
+    finally:
+        client.close()
+
+
+def _used_usd(stack: Stack) -> float:
+    quota = httpx.get(f"{stack.url}/v1/gateway/quota", headers=HEADERS, timeout=10).json()
+    return float(quota["budgets"][0]["used"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_provider_silent_before_first_byte_gets_504_in_callers_shape(
+    stack: Stack, redis: RedisServer, stream: bool
+) -> None:
+    before = _used_usd(stack)
+    started = time.monotonic()
+    response = httpx.post(
+        f"{stack.url}/v1/messages",
+        json=_body(stream=stream),
+        headers={**HEADERS, "x-fake-stall-ms": "5000"},
+        timeout=30,
+    )
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert 0.9 < elapsed < 4
+    assert response.headers["x-gateway-error"] == "upstream_timeout"
+    assert response.json()["error"]["type"] == "timeout_error"
+    request_id = response.headers["x-gateway-request-id"]
+    record = record_for(stack, request_id)
+    assert record["outcome"] == "rejected_upstream_timeout"
+    assert _held(redis) == 0
+    assert _used_usd(stack) == before  # released, nothing charged
+
+
+def test_openai_caller_gets_the_timeout_in_openai_shape(stack: Stack) -> None:
+    body = {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEY}", "x-fake-stall-ms": "5000"},
+        timeout=30,
+    )
+    assert response.status_code == 504
+    assert response.headers["x-gateway-error"] == "upstream_timeout"
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_slow_stream_after_first_byte_is_not_cut(stack: Stack) -> None:
+    """The first-byte timeout ends at the response headers: a stream whose events take
+    longer than it in all still completes."""
+    headers = {**HEADERS, "x-fake-delay-ms": "300", "x-fake-text": "one two three four five"}
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/messages", json=_body(stream=True), headers=headers, timeout=30
+    ) as response:
+        text = b"".join(response.iter_bytes())
+    assert response.status_code == 200
+    assert b"message_stop" in text
+
+
+def _hang_up(url: str, body: bytes, delay: float) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/messages?beta=hangup HTTP/1.1\r\nhost: {host}\r\n"
+        "content-type: application/json\r\n"
+        f"anthropic-version: 2023-06-01\r\nx-api-key: {KEY}\r\nx-fake-delay-ms: 200\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        time.sleep(delay)
+    # closed: the client is gone
+
+
+async def _hang_up_all(url: str, count: int) -> None:
+    body = json.dumps(_body(stream=True)).encode()
+    delays = [0.0005 + (i % 16) * 0.0005 for i in range(count)]  # 0.5-8 ms after sending
+    await asyncio.gather(*(asyncio.to_thread(_hang_up, url, body, d) for d in delays))
+
+
+def _access_log(stack: Stack, path: str) -> list[dict[str, Any]]:
+    lines = Path(stack.data["envoy"]["access_log"]).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{") and path in line]
+
+
+def test_clients_hanging_up_leave_every_stream_audited_and_nothing_held(
+    stack: Stack, redis: RedisServer
+) -> None:
+    count = 50
+    seen = len(stack.audit_records())
+    logged = len(_access_log(stack, "hangup"))
+    before = _streams(stack)["request_headers"]
+    asyncio.run(_hang_up_all(stack.url, count))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # Envoy logs a request when its stream ends
+        entries = _access_log(stack, "hangup")[logged:]
+        if len(entries) >= count and _held(redis) == 0:
+            break
+        time.sleep(0.1)
+    assert len(entries) == count
+    ids = {e["request_id"] for e in entries}
+    records = {r["request_id"]: r for r in stack.audit_records()[seen:] if r["request_id"] in ids}
+    opened = _streams(stack)["request_headers"] - before
+    # Every stream whose first message ext_proc read was audited ...
+    assert sum(1 for e in entries if e["request_id"] in records) == opened
+    outcomes = {r["outcome"] for r in records.values()}
+    assert outcomes <= {"client_abort", "interrupted", "ok"}, outcomes
+    # ... and the rest (cancelled before the server read anything) are in Envoy's log, which
+    # `extproc reconcile` turns into records: together, one for every request.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "reconcile",
+            stack.data["envoy"]["access_log"],
+            str(stack.audit_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    added = [json.loads(line) for line in result.stdout.splitlines()]
+    missing = {r["request_id"] for r in added if r["reconciled"] == "missing"}
+    assert ids == set(records) | missing
+    assert {r["outcome"] for r in added if r["request_id"] in missing} == {"client_abort"}
+    assert _held(redis) == 0  # no reservation waits for its TTL
+
+
+def _streams(stack: Stack) -> dict[str, int]:
+    counts = {"none": 0, "request_headers": 0}
+    for line in stack.metrics_text().splitlines():
+        if line.startswith("extproc_streams_total{"):
+            phase = line.split('"')[1]
+            counts[phase] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
