@@ -139,11 +139,30 @@ def cut_short_usage(seen: Usage, input_estimate: int, content_bytes: int) -> Usa
     )
 
 
+def pipeline_namespace(identity: Identity) -> str | None:
+    """Whose pipelines a caller's header names: its team, else project, else key or user.
+
+    A pipeline id is only a label the caller chooses, so it is bound to the caller: the
+    same `x-ci-pipeline-id` from two teams is two budgets, and no header can charge (or
+    exhaust) another team's pipeline. Anonymous callers have no pipeline scope."""
+    for kind, value in (
+        ("team", identity.team),
+        ("project", identity.project),
+        ("key", identity.key_id),
+        ("user", identity.user),
+    ):
+        if value:
+            return value if kind == "team" else f"{kind}:{value}"
+    return None
+
+
 def scopes_of(identity: Identity, headers: Mapping[str, str], pipeline_header: str) -> list[Scope]:
+    """The caller's own scopes (always: no header removes one), plus its pipeline's."""
     scopes = [Scope(kind, value) for kind, value in identity.scopes().items() if value]  # type: ignore[arg-type]
     pipeline = headers.get(pipeline_header, "").strip()
-    if pipeline:
-        scopes.append(Scope("pipeline", pipeline[:256]))
+    namespace = pipeline_namespace(identity)
+    if pipeline and namespace is not None:
+        scopes.append(Scope("pipeline", f"{namespace}/{pipeline[:256]}"))
     return scopes
 
 

@@ -335,3 +335,87 @@ async def test_request_cancelled_during_admission_leaves_no_hold() -> None:
     (record,) = sink.records
     assert record["outcome"] == "client_abort"
     assert await team_used(servicer) == 0  # released (nothing was forwarded)
+
+
+# ---- pipeline budgets are bound to the caller ---------------------------------------------------
+
+BOB = "gwk_bob_" + "b" * 40
+
+
+def two_teams(sink: ListSink, rules: list[dict[str, Any]]) -> ExternalProcessor:
+    from extproc.policies.auth import hash_key
+
+    config = parse_config(
+        {
+            "providers": {
+                "main": {
+                    "api": "anthropic",
+                    "base_url": "https://llm.internal",
+                    "credential": {"value": "sk-held"},
+                }
+            },
+            "auth": {
+                "keys": [
+                    {"id": "alice", "hash": hash_key(KEY), "team": "red"},
+                    {"id": "bob", "hash": hash_key(BOB), "team": "blue"},
+                ]
+            },
+            "budgets": {"rules": rules},
+        }
+    )
+    return ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
+
+
+def json_call(key: str, extra: dict[str, str], output_tokens: int) -> list[pb.ProcessingRequest]:
+    body = orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 100, "messages": []})
+    usage = {"input_tokens": 10, "output_tokens": output_tokens}
+    answer = orjson.dumps({"model": "claude-opus-4-8", "usage": usage, "content": []})
+    return [
+        request_headers("/v1/messages", extra={"x-api-key": key, **extra}),
+        request_body(body),
+        response_headers(200, "application/json"),
+        response_body(answer, eos=True),
+    ]
+
+
+async def test_a_pipeline_header_cannot_charge_another_teams_pipeline() -> None:
+    sink = ListSink()
+    rules = [{"scope": "pipeline", "id": "blue/release-prod", "window": "lifetime", "tokens": 300}]
+    servicer = two_teams(sink, rules)
+    header = {"x-ci-pipeline-id": "release-prod"}
+    for _ in range(5):  # alice (team red) names Bob's pipeline
+        await run(servicer, json_call(KEY, header, output_tokens=100))
+    assert {r["outcome"] for r in sink.records} == {"ok"}
+    assert sink.records[0]["scopes"]["pipeline"] == "red/release-prod"
+    ledger = servicer.gateway.spending.ledger
+    (blue,) = await ledger.status([Scope("pipeline", "blue/release-prod")])
+    assert blue.used == 0  # Bob's pipeline budget is untouched
+    replies = await run(servicer, json_call(BOB, header, output_tokens=100))
+    assert not replies[1].HasField("immediate_response")
+
+
+async def test_a_new_pipeline_id_each_time_escapes_no_budget_of_the_caller() -> None:
+    sink = ListSink()
+    rules = [
+        {"scope": "pipeline", "window": "lifetime", "tokens": 10_000},
+        {"scope": "key", "window": "lifetime", "tokens": 1_000},
+    ]
+    servicer = two_teams(sink, rules)
+    statuses = []
+    for i in range(12):
+        replies = await run(
+            servicer, json_call(KEY, {"x-ci-pipeline-id": f"rand-{i}"}, output_tokens=100)
+        )
+        immediate = replies[1].immediate_response
+        statuses.append(immediate.status.code if replies[1].HasField("immediate_response") else 200)
+    assert statuses[0] == 200
+    assert statuses[-1] == 429  # the key's own budget applies whatever the header says
+    (key,) = await servicer.gateway.spending.ledger.status([Scope("key", "alice")])
+    assert key.used <= 1_000
+
+
+def test_anonymous_callers_get_no_pipeline_scope() -> None:
+    from extproc.policies.auth import ANONYMOUS
+    from extproc.spending import scopes_of
+
+    assert scopes_of(ANONYMOUS, {"x-ci-pipeline-id": "p"}, "x-ci-pipeline-id") == []
