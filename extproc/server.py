@@ -31,6 +31,7 @@ from extproc.config import Config
 from extproc.decisions import CONTINUE, Decision
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
+from extproc.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,12 @@ async def serve(
 ) -> None:
     """Run one server process until SIGTERM or SIGINT."""
     gateway = Gateway.from_config(config)
+    if anonymous_unlimited(config):
+        log.warning(
+            "auth.required is false and a provider credential is held by the gateway, but no "
+            "rate limit applies to anonymous callers: set rate_limits.key or "
+            "rate_limits.default_tier (they apply per client address, rate_limits.anonymous)"
+        )
     if serve_metrics and config.metrics_listen is not None:
         address = config.metrics_listen
         start_http_server(address.port, addr=address.host, registry=gateway.metrics.registry)

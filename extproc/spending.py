@@ -54,7 +54,13 @@ from extproc.policies.pricing import (
     estimate_micros,
     micros_to_usd,
 )
-from extproc.policies.ratelimit import RateDecision, RateLimiter, RateSubject, UnknownTier
+from extproc.policies.ratelimit import (
+    RateDecision,
+    RateLimitConfig,
+    RateLimiter,
+    RateSubject,
+    UnknownTier,
+)
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
@@ -166,8 +172,25 @@ def scopes_of(identity: Identity, headers: Mapping[str, str], pipeline_header: s
     return scopes
 
 
-def subject_of(identity: Identity, presented: str | None) -> RateSubject | None:
-    """Who the rate limits count: the key, else the SSO user, else an anonymous key's hash."""
+def client_address(headers: Mapping[str, str], trusted_hops: int) -> str | None:
+    """The caller's address: the x-forwarded-for entry Envoy appended (it is the edge:
+    use_remote_address), or the one `trusted_hops` proxies before it."""
+    hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")]
+    hops = [hop for hop in hops if hop]
+    index = len(hops) - 1 - trusted_hops
+    return hops[index][:64] if 0 <= index < len(hops) else None
+
+
+def subject_of(
+    identity: Identity,
+    presented: str | None,
+    headers: Mapping[str, str],
+    limits: RateLimitConfig,
+) -> RateSubject:
+    """Who the rate limits count: the key, else the SSO user, else for an anonymous caller
+    the provider key it pays with (`presented`), else its address or the one shared
+    anonymous subject (`rate_limits.anonymous`): a rotated or missing `x-api-key` never
+    escapes the limits on the gateway's own credential."""
     if identity.key_id:
         ident = identity.key_id
     elif identity.user:
@@ -175,8 +198,25 @@ def subject_of(identity: Identity, presented: str | None) -> RateSubject | None:
     elif presented:
         ident = "anon=" + hashlib.sha256(presented.encode()).hexdigest()[:16]
     else:
-        return None
+        address = client_address(headers, limits.xff_trusted_hops)
+        shared = limits.anonymous == "shared" or address is None
+        ident = "anon=shared" if shared else f"anon=ip:{address}"
     return RateSubject(ident, identity.team, identity.tier)
+
+
+def anonymous_unlimited(config: Config) -> bool:
+    """Anonymous callers may use a gateway-held credential and nothing limits them."""
+    if config.auth.required or not any(p.credential for p in config.providers.values()):
+        return False
+    limits = config.rate_limit_config()
+    return (
+        limits.key.requests_per_minute is None
+        and limits.key.tokens_per_minute is None
+        and (
+            limits.default_tier is None
+            or config.tiers[limits.default_tier].requests_per_day is None
+        )
+    )
 
 
 def _reset_iso(seconds_from_now: float, now: float) -> str:
@@ -226,7 +266,7 @@ class SpendRun:
 
     request_id: str
     model: str
-    subject: RateSubject | None
+    subject: RateSubject
     checks: Sequence[BudgetCheck]
     price: Price | None
     scopes: list[Scope]
@@ -247,7 +287,8 @@ class Spending:
         self.config = config
         self.prices = PriceTable.from_config(config.pricing)
         self.ledger = BudgetLedger(config.budgets, store)
-        self.limiter = RateLimiter(config.rate_limit_config(), store)
+        self.limiter_config = config.rate_limit_config()
+        self.limiter = RateLimiter(self.limiter_config, store)
         self.metrics = metrics
         self.clock = store.clock
 
@@ -270,16 +311,24 @@ class Spending:
                     f"{exc}: a USD budget applies to this request and the model is unpriced",
                     reason="unpriced_model",
                 ) from exc
-        subject = subject_of(identity, presented)
+        subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes)
 
     async def admit_hit(self, run: SpendRun) -> None:
         """A cache hit: counts as a request for the rate limits and quota, spends nothing."""
-        if run.subject is None:
-            return
-        decision = await self._rate(run.subject)
+        await self.count_request(run.subject)
+
+    async def count_request(self, subject: RateSubject) -> None:
+        """One request against the request limits and the daily quota, no tokens, no budget
+        (a cache hit, a count_tokens call); raises `RateLimited`."""
+        decision = await self._rate(subject)
         if not decision.allowed:
             raise rate_refusal(decision, self.clock.time())
+
+    def subject(
+        self, identity: Identity, presented: str | None, headers: Mapping[str, str]
+    ) -> RateSubject:
+        return subject_of(identity, presented, headers, self.limiter_config)
 
     async def _rate(self, subject: RateSubject, tokens: int = 0) -> RateDecision:
         try:
@@ -329,8 +378,6 @@ class Spending:
     async def _admit(
         self, run: SpendRun, amount: Amount, tokens: int
     ) -> tuple[RateDecision, Reservation | Denied | None]:
-        if run.subject is None:
-            return RateDecision(True), await self.ledger.reserve(run.request_id, run.checks, amount)
         try:
             return await self.limiter.check_and_reserve(
                 run.subject, self.ledger, run.request_id, run.checks, amount, tokens=tokens
@@ -349,7 +396,7 @@ class Spending:
         try:
             if run.reservation is not None:
                 await self.ledger.settle(run.reservation, actual)
-            if run.subject is not None and run.admitted_tokens:
+            if run.admitted_tokens:
                 await self.limiter.record_tokens(
                     run.subject, usage.total_tokens - run.admitted_tokens
                 )
@@ -378,8 +425,9 @@ class Spending:
         """What the caller has left: budgets, rate limits and the daily quota."""
         scopes = scopes_of(identity, headers, self.config.budgets.pipeline_header)
         budgets = await self.ledger.status(scopes)
-        subject = subject_of(identity, presented)
-        limits = await self.limiter.peek(subject) if subject else RateDecision(True)
+        limits = await self.limiter.peek(
+            subject_of(identity, presented, headers, self.limiter_config)
+        )
         now = self.clock.time()
         return {
             "caller": identity.caller,

@@ -294,8 +294,13 @@ class RequestStream:
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._presented()
+                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
             )
+        elif self.route.endpoint is Endpoint.COUNT_TOKENS:
+            # Free at the provider, but a call on its credential: it counts as a request
+            # for the per-minute request limits and the tier's daily quota (README).
+            subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
+            await self.gw.spending.count_request(subject)
         hit = await self._consult_cache()
         if hit is not None:
             return hit
@@ -326,6 +331,15 @@ class RequestStream:
             return False
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
+
+    def _payer(self) -> str | None:
+        """The provider key an anonymous caller pays with: its own, passed through when
+        the provider has no gateway-held credential. On the gateway's credential the key
+        a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        assert self.target is not None
+        if self.target.name in self.gw.credentials:
+            return None
+        return self._presented()
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""

@@ -210,3 +210,30 @@ def _streams(stack: Stack) -> dict[str, int]:
             phase = line.split('"')[1]
             counts[phase] = int(float(line.rsplit(" ", 1)[1]))
     return counts
+
+
+def test_anonymous_callers_on_the_gateway_credential_are_rate_limited(fake: FakeProvider) -> None:
+    """auth.required false with a gateway-held credential: rotating x-api-key or sending
+    a made-up x-forwarded-for does not escape the per-address limit (Envoy appends the
+    connection's address)."""
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": "sk-held"}
+    config["rate_limits"] = {"key": {"requests_per_minute": 2}}
+    stack = Stack(config)
+    try:
+        stack.start()
+        statuses = []
+        for i in range(4):
+            headers = {
+                "anthropic-version": "2023-06-01",
+                "x-api-key": f"rotated-{i}",
+                "x-forwarded-for": f"192.0.2.{i}",
+            }
+            response = httpx.post(
+                f"{stack.url}/v1/messages", json=_body(), headers=headers, timeout=30
+            )
+            statuses.append(response.status_code)
+    finally:
+        stack.close()
+    assert statuses == [200, 200, 429, 429]
+    assert response.headers["x-gateway-limit"] == "key.requests_per_minute"

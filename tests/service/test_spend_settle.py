@@ -419,3 +419,115 @@ def test_anonymous_callers_get_no_pipeline_scope() -> None:
     from extproc.spending import scopes_of
 
     assert scopes_of(ANONYMOUS, {"x-ci-pipeline-id": "p"}, "x-ci-pipeline-id") == []
+
+
+# ---- anonymous callers on the gateway's credential are limited ---------------------------------
+
+
+def anonymous_gateway(sink: ListSink, **limits: Any) -> ExternalProcessor:
+    config = parse_config(
+        {
+            "providers": {
+                "main": {
+                    "api": "anthropic",
+                    "base_url": "https://llm.internal",
+                    "credential": {"value": "sk-held"},
+                }
+            },
+            "auth": {"required": False},
+            "rate_limits": {"key": {"requests_per_minute": 2}, **limits},
+        }
+    )
+    return ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
+
+
+async def anonymous_status(servicer: ExternalProcessor, headers: dict[str, str]) -> int:
+    body = orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 5, "messages": []})
+    replies = await run(
+        servicer, [request_headers("/v1/messages", extra=headers), request_body(body)]
+    )
+    reply = replies[1]
+    return reply.immediate_response.status.code if reply.HasField("immediate_response") else 200
+
+
+async def test_anonymous_callers_rotating_keys_are_limited_per_address() -> None:
+    servicer = anonymous_gateway(ListSink())
+    statuses = [
+        await anonymous_status(
+            servicer, {"x-api-key": f"rotated-{i}", "x-forwarded-for": "198.51.100.7"}
+        )
+        for i in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    assert await anonymous_status(servicer, {"x-forwarded-for": "198.51.100.7"}) == 429
+    assert await anonymous_status(servicer, {"x-forwarded-for": "203.0.113.9"}) == 200
+    # A client's own x-forwarded-for entries come before the one Envoy appends: ignored.
+    spoofed = {"x-forwarded-for": "192.0.2.1, 198.51.100.7"}
+    assert await anonymous_status(servicer, spoofed) == 429
+
+
+async def test_anonymous_callers_can_share_one_subject() -> None:
+    servicer = anonymous_gateway(ListSink(), anonymous="shared")
+    addresses = ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+    statuses = [await anonymous_status(servicer, {"x-forwarded-for": a}) for a in addresses]
+    assert statuses == [200, 200, 429]
+
+
+async def test_trusted_hops_pick_the_address_before_the_load_balancer() -> None:
+    servicer = anonymous_gateway(ListSink(), xff_trusted_hops=1)
+    lb = "10.0.0.2"
+    assert await anonymous_status(servicer, {"x-forwarded-for": f"198.51.100.1, {lb}"}) == 200
+    assert await anonymous_status(servicer, {"x-forwarded-for": f"198.51.100.1, {lb}"}) == 200
+    assert await anonymous_status(servicer, {"x-forwarded-for": f"198.51.100.1, {lb}"}) == 429
+    assert await anonymous_status(servicer, {"x-forwarded-for": f"198.51.100.2, {lb}"}) == 200
+
+
+# ---- count_tokens counts against the request limits and the daily quota ---------------------
+
+
+async def test_count_tokens_counts_against_the_tier_quota() -> None:
+    from extproc.policies.auth import hash_key
+
+    sink = ListSink()
+    config = parse_config(
+        {
+            "providers": {
+                "main": {
+                    "api": "anthropic",
+                    "base_url": "https://llm.internal",
+                    "credential": {"value": "sk-held"},
+                }
+            },
+            "auth": {"keys": [{"id": "alice", "hash": hash_key(KEY), "tier": "tiny"}]},
+            "tiers": {"tiny": {"requests_per_day": 3}},
+        }
+    )
+    servicer = ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
+    body = orjson.dumps({"model": "claude-opus-4-8", "messages": []})
+    statuses = []
+    for _ in range(4):
+        replies = await run(
+            servicer,
+            [request_headers("/v1/messages/count_tokens", extra=AUTH), request_body(body)],
+        )
+        reply = replies[1]
+        ok = not reply.HasField("immediate_response")
+        statuses.append(200 if ok else reply.immediate_response.status.code)
+    assert statuses == [200, 200, 200, 429]
+    refused = [r for r in sink.records if r["outcome"].startswith("rejected")]
+    assert refused[0]["outcome"] == "rejected_quota_exhausted"
+    assert await anonymous_status(servicer, AUTH) == 429  # the quota is spent for messages too
+
+
+def test_unlimited_anonymous_use_of_a_gateway_credential_is_detected() -> None:
+    from extproc.spending import anonymous_unlimited
+
+    provider = {"api": "anthropic", "base_url": "https://x", "credential": {"value": "s"}}
+    open_config = parse_config({"providers": {"main": provider}})
+    assert anonymous_unlimited(open_config)
+    limited = parse_config(
+        {"providers": {"main": provider}, "rate_limits": {"key": {"requests_per_minute": 5}}}
+    )
+    assert not anonymous_unlimited(limited)
+    passthrough = parse_config({"providers": {"main": {**provider, "credential": None}}})
+    assert not anonymous_unlimited(passthrough)
