@@ -492,16 +492,16 @@ class RequestStream:
             self.json_chunks.append(chunk)
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
-        if self.usage_dropper is not None and isinstance(decision, Continue):
+        if self.usage_dropper is not None and self.answer.streamed:
             decision = self._drop_usage_chunk(decision, end_of_stream)
         if end_of_stream:
             self._finish(self._status_outcome())
         return decision
 
-    def _drop_usage_chunk(self, decision: Continue, end_of_stream: bool) -> Continue:
+    def _drop_usage_chunk(self, decision: Decision, end_of_stream: bool) -> Decision:
         """The gateway asked for usage; a client that did not gets no usage-only chunk."""
         assert self.usage_dropper is not None
-        if decision.body is None:
+        if not isinstance(decision, Continue) or decision.body is None:
             return decision
         out = self.usage_dropper.feed(decision.body)
         if end_of_stream:
@@ -674,4 +674,6 @@ class RequestStream:
         if folder is not None and 200 <= self.answer.status < 300 and not folder.final_usage_seen:
             # A client gone mid-stream pays for what was streamed.
             return cut_short_usage(self.answer.usage, estimate, folder.content_bytes)
+        if outcome == "interrupted" and not self.answer.usage.total_tokens:
+            return Usage(input_tokens=estimate)  # a JSON answer cut before its body
         return self.answer.usage

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from redis import Redis
 
 from extproc.policies.auth import hash_key, new_key
+from extproc.telemetry.reconcile import read_json_lines, reconcile
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
@@ -237,3 +239,101 @@ def test_anonymous_callers_on_the_gateway_credential_are_rate_limited(fake: Fake
         stack.close()
     assert statuses == [200, 200, 429, 429]
     assert response.headers["x-gateway-limit"] == "key.requests_per_minute"
+
+
+# ---- billing what was streamed, through Envoy ------------------------------------------------
+
+
+def test_client_gone_mid_stream_pays_for_what_it_read(stack: Stack) -> None:
+    words = [f"token{i:04d}" for i in range(200)]
+    headers = {
+        **HEADERS,
+        "x-fake-text": " ".join(words),
+        "x-fake-delay-ms": "5",
+    }
+    seen_words = 0
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/messages", json=_body(stream=True), headers=headers, timeout=30
+    ) as response:
+        request_id = response.headers["x-gateway-request-id"]
+        for line in response.iter_lines():
+            seen_words += line.count('"text_delta"')
+            if seen_words >= 190:  # 95 % of the answer, then the client is gone
+                break
+    record = record_for(stack, request_id)
+    assert record["outcome"] == "interrupted"
+    assert record["usage_estimated"] is True
+    assert record["output_tokens"] >= seen_words  # the fake bills one token a word
+    assert record["cost_usd"] >= record["output_tokens"] * 15 / 1e6  # $15 / M output
+    assert _cause(stack, request_id) == ["client_abort"]
+
+
+def _cause(stack: Stack, request_id: str) -> list[str]:
+    """What `extproc reconcile` says ended a stream (Envoy flushes its log every second)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        access = read_json_lines(Path(stack.data["envoy"]["access_log"]))
+        found = [
+            r for r in reconcile(access, stack.audit_records()) if r["request_id"] == request_id
+        ]
+        if found:
+            return [str(r["outcome"]) for r in found]
+        time.sleep(0.2)
+    return []
+
+
+def test_provider_reset_mid_stream_is_told_apart_from_a_client_abort(stack: Stack) -> None:
+    headers = {
+        **HEADERS,
+        "x-fake-abort-after": "6",
+        "x-fake-delay-ms": "100",  # the client has the headers and some events first
+        "x-fake-text": "alpha beta gamma delta epsilon zeta eta theta",
+    }
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/messages", json=_body(stream=True), headers=headers, timeout=30
+    ) as response:
+        request_id = response.headers["x-gateway-request-id"]
+        with pytest.raises(httpx.HTTPError):
+            for _ in response.iter_bytes():
+                pass
+    record = record_for(stack, request_id)
+    assert record["outcome"] == "interrupted"
+    assert record["output_tokens"] >= 2  # the deltas that went through
+    assert _cause(stack, request_id) == ["provider_reset"]
+
+
+def test_openai_stream_without_include_usage_is_billed_and_client_sees_no_usage(
+    stack: Stack, received: FakeProvider
+) -> None:
+    client = openai.OpenAI(api_key=KEY, base_url=f"{stack.url}/v1", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-5",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-fake-text": "one two three"},
+        )
+    )
+    assert all(chunk.usage is None for chunk in chunks)
+    assert all(chunk.choices for chunk in chunks)
+    sent = received.received[-1].json()
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["max_completion_tokens"] == 64_000  # the reserved cap, made explicit
+    record = record_for(stack, chunks[0].id and stack.audit_records()[-1]["request_id"])
+    assert record["output_tokens"] == 3
+    assert record["cost_usd"] > 0
+
+
+def test_output_limit_above_the_cap_is_rewritten(stack: Stack, received: FakeProvider) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={
+            "model": "gpt-5",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 128_000,
+        },
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert received.received[-1].json()["max_completion_tokens"] == 64_000

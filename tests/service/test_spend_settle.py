@@ -531,3 +531,18 @@ def test_unlimited_anonymous_use_of_a_gateway_credential_is_detected() -> None:
     assert not anonymous_unlimited(limited)
     passthrough = parse_config({"providers": {"main": {**provider, "credential": None}}})
     assert not anonymous_unlimited(passthrough)
+
+
+async def test_openai_stream_answered_with_a_json_error_passes_intact() -> None:
+    body = {"model": "gpt-5", "stream": True, "max_completion_tokens": 10, "messages": []}
+    error = orjson.dumps({"error": {"message": "bad", "type": "invalid_request_error"}})
+    replies = await run(
+        gateway(ListSink()),
+        [
+            *oai_request(body),
+            response_headers(400, "application/json"),
+            response_body(error, eos=True),
+        ],
+    )
+    reply = replies[3].response_body.response
+    assert not reply.HasField("body_mutation") or reply.body_mutation.body == error
