@@ -221,7 +221,7 @@ class RequestStream:
 
     async def _quota(self) -> Respond:
         try:
-            report = await self.gw.spending.quota(self.identity, self.headers, self._presented())
+            report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
         except StoreError as exc:
             raise Unavailable("the quota store is unreachable", reason="store_down") from exc
         self.answer.status = 200
@@ -336,8 +336,8 @@ class RequestStream:
         """The provider key an anonymous caller pays with: its own, passed through when
         the provider has no gateway-held credential. On the gateway's credential the key
         a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
-        assert self.target is not None
-        if self.target.name in self.gw.credentials:
+        target = self.target or self._choose_target(None)
+        if target.name in self.gw.credentials:
             return None
         return self._presented()
 

@@ -319,9 +319,10 @@ async def test_request_cancelled_during_admission_leaves_no_hold() -> None:
     original = store.hold
 
     async def slow_hold(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)  # applied in the store ...
         entered.set()
-        await release.wait()
-        return await original(*args, **kwargs)
+        await release.wait()  # ... but its reply comes after the client hung up
+        return result
 
     store.hold = slow_hold  # type: ignore[method-assign]
     task = asyncio.ensure_future(
@@ -332,9 +333,9 @@ async def test_request_cancelled_during_admission_leaves_no_hold() -> None:
     await asyncio.sleep(0)
     release.set()
     await asyncio.wait_for(servicer.gateway.settle_pending(5), 6)
+    assert await team_used(servicer) == 0  # released (nothing was forwarded)
     (record,) = sink.records
     assert record["outcome"] == "client_abort"
-    assert await team_used(servicer) == 0  # released (nothing was forwarded)
 
 
 # ---- pipeline budgets are bound to the caller ---------------------------------------------------
