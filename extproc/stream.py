@@ -635,7 +635,7 @@ class RequestStream:
         if self.outcome is None and self.phase is not None:
             # Before any answer the client is the one gone (a provider failure comes back
             # as a response); mid-answer it may be either side, which Envoy's access log
-            # (response flags DC vs UR/UC) tells apart: see docs/operations.md.
+            # (response flags DC vs UR/UC) tells apart: `extproc reconcile`.
             self._finish("client_abort" if self.answer.status == 0 else "interrupted")
         if self.outcome is None or self.settled:
             return
