@@ -13,18 +13,25 @@ Per request (`SpendRun`):
    by the difference from the estimate: `settle`.
 
 The estimate is an upper bound: input tokens from the body (a third of its
-bytes, images and documents counted at a fixed size instead of their base64),
-plus `max_tokens` capped by `limits.max_output_tokens`, priced at the dearest
-input rate. Refusals are 429s that say which limit, what is left and when it
-resets. A store outage fails closed for budgets (503) and open for rate limits
-unless configured otherwise; a settle that cannot reach the store is logged
-and counted, and its hold expires by itself.
+bytes, rounded up, images counted at a fixed size instead of their base64) at the
+dearest input rate, plus the output the request may generate: `cap_output` first
+rewrites a larger (or, on OpenAI, a missing) output limit down to
+`limits.max_output_tokens`, so the provider cannot bill more than was reserved.
+When the final usage never arrives (a stream cut short), `cut_short_usage` bills the
+output streamed so far with the same token estimate. Refusals are 429s that say
+which limit, what is left and when it resets. A store outage fails closed for
+budgets (503) and open for rate limits unless configured otherwise; a settle that
+cannot reach the store is logged and counted, and its hold expires by itself into
+spend at its estimate.
+
+Who the rate limits count (`subject_of`): the key, else the SSO user, else for an
+anonymous caller the provider key it passes through, else its client address (or one
+shared anonymous subject): never a key it could rotate on the gateway's credential.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -125,10 +132,11 @@ def cap_output(body: dict[str, Any], cap: int, api: str) -> bool:
         body["max_completion_tokens"] = cap
         changed = True
     thinking = body.get("thinking")
-    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if changed and isinstance(budget, int) and budget >= cap:
-        # Anthropic requires budget_tokens < max_tokens.
-        body["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}  # type: ignore[dict-item]
+    if changed and isinstance(thinking, dict):
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and budget >= cap:
+            # Anthropic requires budget_tokens < max_tokens.
+            body["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
     return changed
 
 
@@ -278,6 +286,8 @@ class SpendRun:
     # The admission's store call, shielded: a request cancelled while it runs must not
     # leave a hold nobody settles (settle waits for it).
     admission: asyncio.Future[None] | None = None
+    # The holds an admission that timed out may have made after all (released by id).
+    uncertain: Reservation | None = None
 
 
 class Spending:
@@ -358,6 +368,9 @@ class Spending:
         try:
             decision, held = await self._admit(run, Amount(usd, tokens), tokens)
         except StoreUnavailable as exc:
+            # A timed-out call may still have applied in the store: release by id in settle.
+            plan = self.ledger.plan(run.request_id, run.checks, Amount(usd, tokens))
+            run.uncertain = Reservation(plan.request_id, plan.lines, plan.amount, plan.until)
             self.metrics.store_errors.labels("admit").inc()
             raise Unavailable(
                 "the budget store is unreachable and budgets fail closed (budgets.fail_open)",
@@ -388,14 +401,17 @@ class Spending:
     async def settle(self, run: SpendRun, usage: Usage) -> None:
         """Charge what the call actually used (nothing if it failed before spending)."""
         if run.admission is not None:
-            with contextlib.suppress(Exception):  # a refusal was already answered
-                await run.admission
+            await asyncio.wait([run.admission])  # its hold, if any, is settled below
+            if not run.admission.cancelled():
+                run.admission.exception()  # a refusal was already answered
         if run.price is not None:
             run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
         actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
         try:
             if run.reservation is not None:
                 await self.ledger.settle(run.reservation, actual)
+            elif run.uncertain is not None:
+                await self.ledger.release(run.uncertain)
             if run.admitted_tokens:
                 await self.limiter.record_tokens(
                     run.subject, usage.total_tokens - run.admitted_tokens

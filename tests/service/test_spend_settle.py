@@ -547,3 +547,25 @@ async def test_openai_stream_answered_with_a_json_error_passes_intact() -> None:
     )
     reply = replies[3].response_body.response
     assert not reply.HasField("body_mutation") or reply.body_mutation.body == error
+
+
+async def test_admission_that_timed_out_after_holding_is_released_by_id() -> None:
+    """The store applied the hold but its reply timed out (503 to the client): the hold is
+    released by the request's spend id when the stream closes, not left until its TTL."""
+    from extproc.store import StoreUnavailable
+
+    sink = ListSink()
+    servicer = gateway(sink)
+    store = servicer.gateway.store
+    original = store.hold
+
+    async def late_hold(*args: Any, **kwargs: Any) -> Any:
+        await original(*args, **kwargs)
+        raise StoreUnavailable("timed out after applying")
+
+    store.hold = late_hold  # type: ignore[method-assign]
+    replies = await run(
+        servicer, [request_headers("/v1/messages", extra=AUTH), request_body(STREAM_BODY)]
+    )
+    assert replies[1].immediate_response.status.code == 503
+    assert await team_used(servicer) == 0
