@@ -9,7 +9,9 @@ access log names every request, so audit and access log reconcile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -337,3 +339,64 @@ def test_output_limit_above_the_cap_is_rewritten(stack: Stack, received: FakePro
     )
     assert response.status_code == 200, response.text
     assert received.received[-1].json()["max_completion_tokens"] == 64_000
+
+
+def test_a_killed_replicas_streams_are_reconciled_and_charged(
+    fake: FakeProvider, tmp_path: Path
+) -> None:
+    """SIGKILL one ext_proc with streams open: the dead replica writes no audit record, so
+    Envoy's access log names them; their holds expire into spend at their estimate
+    instead of vanishing."""
+    with RedisServer() as redis:
+        config = _config(fake, redis.url, tmp_path)
+        config["budgets"]["reservation_ttl_seconds"] = 1
+        stack = Stack(config, workdir=tmp_path)
+        try:
+            stack.start()
+            headers = {**HEADERS, "x-fake-delay-ms": "200", "x-fake-text": "a b c d e f"}
+            client = httpx.Client(base_url=stack.url, timeout=30)
+            ids, responses = [], []
+            for _ in range(3):
+                request = client.build_request(
+                    "POST", "/v1/messages", json=_body(stream=True), headers=headers
+                )
+                response = client.send(request, stream=True)
+                ids.append(response.headers["x-gateway-request-id"])
+                chunks = response.iter_bytes()
+                next(chunks)  # streaming, its budget held
+                responses.append((response, chunks))
+            stack.stop_process("extproc", signal.SIGKILL)
+            for response, chunks in responses:
+                with contextlib.suppress(httpx.HTTPError):
+                    for _ in chunks:  # cut by Envoy, or ended unscreened (fail open)
+                        pass
+                response.close()
+            client.close()
+            deadline = time.monotonic() + 10
+            missing: set[str] = set()
+            while time.monotonic() < deadline and not set(ids) <= missing:
+                access = read_json_lines(Path(config["envoy"]["access_log"]))
+                added = reconcile(access, stack.audit_records())
+                missing = {r["request_id"] for r in added if r["reconciled"] == "missing"}
+                time.sleep(0.2)
+            assert set(ids) <= missing  # every stream the dead replica held is on record
+            time.sleep(1.2)  # past the reservation TTL
+            used = asyncio.run(_key_usage(redis.url, config))
+            assert used > 0  # what the provider generated for them was not forgotten
+        finally:
+            stack.close()
+
+
+async def _key_usage(url: str, config: dict[str, Any]) -> int:
+    from extproc.policies.budget import Amount, BudgetConfig, BudgetLedger, Scope
+    from extproc.store.redis import RedisStore
+
+    store = RedisStore.from_url(url)
+    try:
+        ledger = BudgetLedger(BudgetConfig.model_validate(config["budgets"]), store)
+        checks = ledger.checks_for([Scope("key", "settler")])
+        await ledger.reserve("probe", checks, Amount(1))  # purges the expired holds
+        (status,) = await ledger.status([Scope("key", "settler")])
+        return status.used - 1
+    finally:
+        await store.close()
