@@ -50,11 +50,11 @@ log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-claude-code-session-id"
 
-# Allowed phase order (h11-style table): the phase that may follow each one.
 # Envoy's response code details when the provider sent no response headers in time
 # (the dispatch route's retry_policy.per_try_timeout; see limits.first_byte_timeout_seconds).
 FIRST_BYTE_TIMEOUTS = frozenset({"upstream_per_try_timeout", "response_timeout"})
 
+# Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
     None: frozenset({"request_headers"}),
     "request_headers": frozenset({"request_body", "response_headers"}),
