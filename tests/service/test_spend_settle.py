@@ -569,3 +569,23 @@ async def test_admission_that_timed_out_after_holding_is_released_by_id() -> Non
     )
     assert replies[1].immediate_response.status.code == 503
     assert await team_used(servicer) == 0
+
+
+async def test_usage_chunk_is_dropped_after_answer_screening_too() -> None:
+    sink = ListSink()
+    servicer = gateway(sink, guard={})
+    body = {"model": "gpt-5", "stream": True, "max_completion_tokens": 100, "messages": []}
+    replies = await run(
+        servicer,
+        [
+            *oai_request(body),
+            response_headers(200, "text/event-stream"),
+            response_body(CONTENT_CHUNK + USAGE_CHUNK + b"data: [DONE]\n\n", eos=True),
+        ],
+    )
+    out = replies[3].response_body.response.body_mutation.body
+    assert b'"usage"' not in out
+    assert b"[DONE]" in out
+    assert b'"hi"' in out
+    (record,) = sink.records
+    assert (record["input_tokens"], record["output_tokens"]) == (9, 4)
