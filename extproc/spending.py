@@ -35,6 +35,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -73,6 +74,7 @@ from extproc.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+RETRY_GRACE = 600.0  # a settle is retried this long past the hold's expiry (records last 1 h)
 IMAGE_TOKENS = 1600  # a full-size image; documents are charged like their text
 _BYTES_PER_TOKEN = 3
 
@@ -301,6 +303,7 @@ class Spending:
         self.limiter = RateLimiter(self.limiter_config, store)
         self.metrics = metrics
         self.clock = store.clock
+        self._retries: set[asyncio.Task[None]] = set()
 
     def start(
         self,
@@ -407,19 +410,51 @@ class Spending:
         if run.price is not None:
             run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
         actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
+        held = run.reservation or run.uncertain
         try:
-            if run.reservation is not None:
-                await self.ledger.settle(run.reservation, actual)
-            elif run.uncertain is not None:
-                await self.ledger.release(run.uncertain)
+            if held is not None:
+                await self._finish_hold(held, actual, release=run.reservation is None)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("settle").inc()
+            log.warning("settle of %s failed (retried in the background): %s", run.request_id, exc)
+            assert held is not None
+            self._retry_later(held, actual, release=run.reservation is None)
+        try:
             if run.admitted_tokens:
                 await self.limiter.record_tokens(
                     run.subject, usage.total_tokens - run.admitted_tokens
                 )
         except StoreError as exc:
-            self.metrics.store_errors.labels("settle").inc()
-            log.warning("settle of %s failed (its hold expires by itself): %s", run.request_id, exc)
+            log.warning("token count of %s not recorded: %s", run.request_id, exc)
         self._count_spend(run)
+
+    async def _finish_hold(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+        if release:  # an admission that timed out: its hold, if it was made after all
+            await self.ledger.release(held)
+        else:
+            await self.ledger.settle(held, actual)
+
+    def _retry_later(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+        """Settle (or release) again once the store is back: otherwise the hold would
+        expire into spend at its estimate. Settling is idempotent, and a settle after the
+        hold expired corrects the charge, so retrying is always safe."""
+        task = asyncio.ensure_future(self._retry(held, actual, release))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, held: Reservation, actual: Amount, release: bool) -> None:
+        deadline = time.monotonic() + self.config.budgets.reservation_ttl_seconds + RETRY_GRACE
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._finish_hold(held, actual, release=release)
+                return
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("gave up settling %s: %s", held.request_id, exc)
+                    return
+            delay = min(delay * 2, 10.0)
 
     def _count_spend(self, run: SpendRun) -> None:
         if run.cost_usd is None:

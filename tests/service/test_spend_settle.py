@@ -589,3 +589,36 @@ async def test_usage_chunk_is_dropped_after_answer_screening_too() -> None:
     assert b'"hi"' in out
     (record,) = sink.records
     assert (record["input_tokens"], record["output_tokens"]) == (9, 4)
+
+
+async def test_settle_the_store_missed_is_retried_when_it_is_back() -> None:
+    from extproc.store import StoreUnavailable
+
+    sink = ListSink()
+    servicer = gateway(sink)
+    store = servicer.gateway.store
+    original = store.settle
+    failures = [StoreUnavailable("down"), StoreUnavailable("still down")]
+
+    async def flaky_settle(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return await original(*args, **kwargs)
+
+    store.settle = flaky_settle  # type: ignore[method-assign]
+    await run(
+        servicer,
+        [
+            request_headers("/v1/messages", extra=AUTH),
+            request_body(STREAM_BODY),
+            response_headers(200, "text/event-stream"),
+            response_body(anthropic_events("a b c d e", final=True), eos=True),
+        ],
+    )
+    (record,) = sink.records
+    expected = round(record["cost_usd"] * 1e6)
+    for _ in range(50):  # retried after 0.25 s, then 0.5 s
+        if await team_used(servicer) == expected:
+            break
+        await asyncio.sleep(0.1)
+    assert await team_used(servicer) == expected  # the estimate's hold was replaced
