@@ -352,7 +352,8 @@ class UsageChunkDropper:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
-        ends = [m.end() for m in _EVENT_END.finditer(data)]
+        # A CR at the very end may be the first half of a CRLF: wait for the next byte.
+        ends = [m.end() for m in _EVENT_END.finditer(data.removesuffix(b"\r"))]
         if not ends:
             self._pending = data
             return b""
