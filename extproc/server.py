@@ -52,6 +52,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
         stream = RequestStream(self.gateway, extend=extend)
         self.gateway.stream_opened()
+        cancelled = False
         try:
             async for request in request_iterator:
                 phase = envoy_api.phase_of(request)
@@ -61,10 +62,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await context.write(envoy_api.to_response(phase, decision))
         except ProtocolError as exc:
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
+        except asyncio.CancelledError:
+            cancelled = True  # Envoy reset the RPC (vs. ending it: see RequestStream.close)
+            raise
         finally:
             # Envoy may cancel the RPC once its HTTP stream is done; settling the budget and
             # writing the audit record must finish all the same.
-            await asyncio.shield(self.gateway.stream_closed(stream.close()))
+            await asyncio.shield(self.gateway.stream_closed(stream.close(cancelled=cancelled)))
 
 
 async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:

@@ -54,6 +54,19 @@ SESSION_HEADER = "x-claude-code-session-id"
 # (the dispatch route's retry_policy.per_try_timeout; see limits.first_byte_timeout_seconds).
 FIRST_BYTE_TIMEOUTS = frozenset({"upstream_per_try_timeout", "response_timeout"})
 
+# Outcomes of a request whose stream ended before the answer did.
+CUT_SHORT = frozenset({"client_abort", "provider_reset"})
+
+
+def _cut_short_outcome(status: int, cancelled: bool) -> str:
+    """Who ended a stream that stopped without its end. Envoy ends ext_proc's gRPC stream
+    when the client goes away, and resets it when the provider's connection resets
+    mid-answer (measured with the pinned Envoy; tests/e2e/test_spend_settle.py). Before
+    any answer a provider failure would come back as a response, so it is the client.
+    Envoy's access log (response flags DC vs UR/UC/UPE) confirms: `extproc reconcile`."""
+    return "provider_reset" if cancelled and status else "client_abort"
+
+
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
     None: frozenset({"request_headers"}),
@@ -624,8 +637,10 @@ class RequestStream:
 
     # -- end ---------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, *, cancelled: bool = False) -> None:
         """The gRPC stream ended: settle and account for the request, however it ended.
+
+        `cancelled`: Envoy reset the gRPC stream rather than ending it.
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
@@ -633,10 +648,7 @@ class RequestStream:
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase is not None:
-            # Before any answer the client is the one gone (a provider failure comes back
-            # as a response); mid-answer it may be either side, which Envoy's access log
-            # (response flags DC vs UR/UC) tells apart: `extproc reconcile`.
-            self._finish("client_abort" if self.answer.status == 0 else "interrupted")
+            self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -674,6 +686,6 @@ class RequestStream:
         if folder is not None and 200 <= self.answer.status < 300 and not folder.final_usage_seen:
             # A client gone mid-stream pays for what was streamed.
             return cut_short_usage(self.answer.usage, estimate, folder.content_bytes)
-        if outcome == "interrupted" and not self.answer.usage.total_tokens:
+        if outcome in CUT_SHORT and not self.answer.usage.total_tokens:
             return Usage(input_tokens=estimate)  # a JSON answer cut before its body
         return self.answer.usage

@@ -2,18 +2,19 @@
 
 The ext_proc server audits every request whose first message it read. A client that
 hangs up within milliseconds of sending can have its gRPC stream cancelled before that
-(the server then never learns the request id); and mid-answer, a client abort and a
-provider reset look the same from the server (both just end the stream: `interrupted`).
-Envoy's access log (envoy/front-proxy.yaml, `envoy.access_log`) has one line per request
-with `x-request-id` (the audit `request_id`) and the response flags, which say which side
+(the server then never learns the request id); and the server tells a client abort from
+a provider reset only by how Envoy ended its gRPC stream. Envoy's access log
+(envoy/front-proxy.yaml, `envoy.access_log`) has one line per request with
+`x-request-id` (the audit `request_id`) and the response flags, which say which side
 ended it. `reconcile` joins the two (pure; `extproc reconcile` is the command):
 
 * a request in the access log without an audit record gets one, `source: envoy`, with its
   outcome from the flags. Nothing was admitted or charged for it: the server never saw
   its body, so no budget was held.
-* an audit record `interrupted` gets its cause: `client_abort` (flag DC, downstream
-  connection termination) or `provider_reset` (UR, UC, UPE, ...: the upstream reset or
-  closed the connection, or broke the protocol).
+* an audit record `client_abort` or `provider_reset` whose flags name the other side
+  is corrected: `client_abort` (flag DC, downstream connection termination) or
+  `provider_reset` (UR, UC, UPE, ...: the upstream reset or closed the connection, or
+  broke the protocol).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["cause", "read_json_lines", "reconcile"]
 # Envoy response flags (access log %RESPONSE_FLAGS%) that put the end on the provider side.
 _PROVIDER_FLAGS = frozenset({"UR", "UC", "UF", "UH", "UO", "UPE", "URX", "UT", "UMSDR"})
 _CLIENT_FLAGS = frozenset({"DC", "DPE", "DT"})
+_CUT = frozenset({"client_abort", "provider_reset", "interrupted"})
 
 
 def cause(flags: str | None) -> str | None:
@@ -57,7 +59,7 @@ def _missing_record(entry: Mapping[str, Any]) -> dict[str, Any]:
 def reconcile(
     access: Iterable[Mapping[str, Any]], audit: Iterable[Mapping[str, Any]]
 ) -> Iterator[dict[str, Any]]:
-    """Records to add (requests only Envoy saw) and causes of `interrupted` records."""
+    """Records to add (requests only Envoy saw) and corrected causes of cut streams."""
     audited = {str(r.get("request_id")): r for r in audit}
     for entry in access:
         request_id = str(entry.get("request_id") or "")
@@ -66,12 +68,15 @@ def reconcile(
         record = audited.get(request_id)
         if record is None:
             yield _missing_record(entry)
-        elif record.get("outcome") == "interrupted" and cause(entry.get("flags")):
+        elif record.get("outcome") in _CUT and cause(entry.get("flags")) not in (
+            None,
+            record.get("outcome"),
+        ):
             yield {
                 "request_id": request_id,
                 "outcome": cause(entry.get("flags")),
                 "flags": entry.get("flags"),
-                "reconciled": "interrupted",
+                "reconciled": "cause",
             }
 
 

@@ -121,13 +121,38 @@ async def test_stream_aborted_before_message_delta_pays_for_what_was_streamed() 
         ],
     )
     (record,) = sink.records
-    assert record["outcome"] == "interrupted"
+    assert record["outcome"] == "client_abort"
     assert record["usage_estimated"] is True
     streamed = len(text.strip().replace(" ", "").encode())
     assert record["output_tokens"] == tokens_for_bytes(streamed) > 1
     assert record["input_tokens"] == 20  # message_start reported it
     assert record["cost_usd"] > 0.0001  # no longer the price of one token
     assert await team_used(servicer) == round(record["cost_usd"] * 1e6)
+
+
+async def test_stream_reset_mid_answer_is_a_provider_reset_billed_for_what_was_seen() -> None:
+    """Envoy resets (cancels) the gRPC stream when the provider's connection resets."""
+    sink = ListSink()
+    servicer = gateway(sink)
+    context, more = Context(), asyncio.Event()
+
+    async def script() -> AsyncIterator[pb.ProcessingRequest]:
+        yield request_headers("/v1/messages", extra=AUTH)
+        yield request_body(STREAM_BODY)
+        yield response_headers(200, "text/event-stream")
+        yield response_body(anthropic_events("one two three", final=False), eos=False)
+        await more.wait()  # Envoy resets the RPC here
+
+    task = asyncio.ensure_future(servicer.Process(script(), context))
+    for _ in range(100):
+        if len(context.written) == 4:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait_for(servicer.gateway.settle_pending(5), 6)
+    (record,) = sink.records
+    assert record["outcome"] == "provider_reset"
+    assert record["output_tokens"] == tokens_for_bytes(len(b"onetwothree"))
 
 
 async def test_stream_with_final_usage_is_billed_as_reported() -> None:

@@ -17,14 +17,19 @@ def test_flags_name_the_side_that_ended_the_stream() -> None:
     assert cause(None) is None
 
 
-def test_requests_only_envoy_saw_get_a_record_and_interrupted_ones_a_cause() -> None:
+def test_requests_only_envoy_saw_get_a_record_and_wrong_causes_are_corrected() -> None:
     access = [
         {"request_id": "a", "path": "/v1/messages?beta=true", "status": 0, "flags": "DC"},
         {"request_id": "b", "status": 200, "flags": "UR"},
         {"request_id": "c", "status": 200, "flags": "-"},
+        {"request_id": "d", "status": 200, "flags": "DC"},
         {"request_id": "-", "status": 400, "flags": "-"},
     ]
-    audit = [{"request_id": "b", "outcome": "interrupted"}, {"request_id": "c", "outcome": "ok"}]
+    audit = [
+        {"request_id": "b", "outcome": "client_abort"},
+        {"request_id": "c", "outcome": "ok"},
+        {"request_id": "d", "outcome": "client_abort"},  # agrees: nothing to say
+    ]
     added = list(reconcile(access, audit))
     assert added[0]["request_id"] == "a"
     assert (added[0]["outcome"], added[0]["path"], added[0]["source"]) == (
@@ -36,7 +41,7 @@ def test_requests_only_envoy_saw_get_a_record_and_interrupted_ones_a_cause() -> 
         "request_id": "b",
         "outcome": "provider_reset",
         "flags": "UR",
-        "reconciled": "interrupted",
+        "reconciled": "cause",
     }
     assert len(added) == 2
 
