@@ -31,6 +31,7 @@ from extproc.config import Config
 from extproc.decisions import CONTINUE, Decision
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
+from extproc.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
 
@@ -54,6 +55,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         trace_context = _trace_context(context) if traced else None
         stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
         self.gateway.stream_opened()
+        cancelled = False
         try:
             async for request in request_iterator:
                 phase = envoy_api.phase_of(request)
@@ -63,10 +65,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await context.write(envoy_api.to_response(phase, decision))
         except ProtocolError as exc:
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
+        except asyncio.CancelledError:
+            cancelled = True  # Envoy reset the RPC (vs. ending it: see RequestStream.close)
+            raise
         finally:
             # Envoy may cancel the RPC once its HTTP stream is done; settling the budget and
             # writing the audit record must finish all the same.
-            await asyncio.shield(self.gateway.stream_closed(stream.close()))
+            await asyncio.shield(self.gateway.stream_closed(stream.close(cancelled=cancelled)))
 
 
 def _trace_context(context: Any) -> dict[str, str]:
@@ -92,7 +97,10 @@ async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingR
     if phase is Phase.REQUEST_BODY:
         return await stream.request_body(*envoy_api.body_of(request, phase))
     if phase is Phase.RESPONSE_HEADERS:
-        return await stream.response_headers(*envoy_api.headers_of(request, phase))
+        details = envoy_api.attributes_of(request).get("response.code_details", "")
+        return await stream.response_headers(
+            *envoy_api.headers_of(request, phase), details=str(details)
+        )
     if phase is Phase.RESPONSE_BODY:
         return await stream.response_body(*envoy_api.body_of(request, phase))
     return CONTINUE
@@ -157,6 +165,12 @@ async def serve(
 ) -> None:
     """Run one server process until SIGTERM or SIGINT."""
     gateway = Gateway.from_config(config)
+    if anonymous_unlimited(config):
+        log.warning(
+            "auth.required is false and a provider credential is held by the gateway, but no "
+            "rate limit applies to anonymous callers: set rate_limits.key or "
+            "rate_limits.default_tier (they apply per client address, rate_limits.anonymous)"
+        )
     if serve_metrics and config.metrics_listen is not None:
         address = config.metrics_listen
         start_http_server(address.port, addr=address.host, registry=gateway.metrics.registry)

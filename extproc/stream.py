@@ -43,6 +43,7 @@ from extproc.errors import (
     Forbidden,
     GatewayError,
     HeadersTooLarge,
+    GatewayTimeout,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -56,7 +57,7 @@ from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun
+from extproc.spending import SpendRun, cap_output, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
@@ -79,6 +80,23 @@ def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
     """A caller's header value as the audit record keeps it: bounded, None when absent."""
     value = headers.get(name, "").strip()
     return value[:MAX_RECORDED_HEADER] or None
+
+
+# Envoy's response code details when the provider sent no response headers in time
+# (the dispatch route's retry_policy.per_try_timeout; see limits.first_byte_timeout_seconds).
+FIRST_BYTE_TIMEOUTS = frozenset({"upstream_per_try_timeout", "response_timeout"})
+
+# Outcomes of a request whose stream ended before the answer did.
+CUT_SHORT = frozenset({"client_abort", "provider_reset"})
+
+
+def _cut_short_outcome(status: int, cancelled: bool) -> str:
+    """Who ended a stream that stopped without its end. Envoy ends ext_proc's gRPC stream
+    when the client goes away, and resets it when the provider's connection resets
+    mid-answer (measured with the pinned Envoy; tests/e2e/test_spend_settle.py). Before
+    any answer a provider failure would come back as a response, so it is the client.
+    Envoy's access log (response flags DC vs UR/UC/UPE) confirms: `extproc reconcile`."""
+    return "provider_reset" if cancelled and status else "client_abort"
 
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
@@ -124,6 +142,7 @@ class _Answer:
     completion: Any = None
     error_type: str | None = None
     json: dict[str, Any] | None = None
+    usage_estimated: bool = False  # the final usage never came: billed from what was seen
     finish_reasons: list[str] = field(default_factory=list)
 
 
@@ -178,6 +197,8 @@ class RequestStream:
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
+        self.forwarded = False  # the request body went on to the provider
+        self.usage_dropper: openai.UsageChunkDropper | None = None
         self.json_chunks: list[bytes] = []
         self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
         self.decoded_request = False  # the client's body arrived compressed and was decoded
@@ -191,6 +212,10 @@ class RequestStream:
     # -- phase order -------------------------------------------------------------------
 
     def _enter(self, phase: str) -> None:
+        if self.outcome is not None and phase.startswith("response"):
+            # An immediate response we sent comes back through the response phases.
+            self.phase = phase
+            return
         if phase not in _NEXT.get(self.phase, frozenset()):
             raise ProtocolError(f"{phase} after {self.phase}")
         self.phase = phase
@@ -343,7 +368,7 @@ class RequestStream:
 
     async def _quota(self) -> Respond:
         try:
-            report = await self.gw.spending.quota(self.identity, self.headers, self._presented())
+            report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
         except StoreError as exc:
             raise Unavailable("the quota store is unreachable", reason="store_down") from exc
         self.answer.status = 200
@@ -412,6 +437,7 @@ class RequestStream:
         if self.decoded_request:
             remove.append("content-encoding")
         changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
+        self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
@@ -449,18 +475,35 @@ class RequestStream:
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
+        if self.route.endpoint.generates and self._bound_spend(request):
+            rewritten = True
         if self._guard_request():
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._presented()
+                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
             )
+        elif self.route.endpoint is Endpoint.COUNT_TOKENS:
+            # Free at the provider, but a call on its credential: it counts as a request
+            # for the per-minute request limits and the tier's daily quota (README).
+            subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
+            await self.gw.spending.count_request(subject)
         hit = await self._consult_cache()
         if hit is not None:
             return hit
         if self.spend is not None:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _bound_spend(self, request: ParsedRequest) -> bool:
+        """Make the request's cost knowable: its output capped at what the reservation
+        covers, and a streamed OpenAI answer carrying its usage. True if changed."""
+        changed = cap_output(request.body, self.gw.config.limits.max_output_tokens, self.api)
+        if self.api == "openai" and request.stream:
+            if not openai.asks_for_usage(request.body):
+                self.usage_dropper = openai.UsageChunkDropper()
+            changed = openai.request_usage(request.body) or changed
+        return changed
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -478,6 +521,15 @@ class RequestStream:
             replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
+
+    def _payer(self) -> str | None:
+        """The provider key an anonymous caller pays with: its own, passed through when
+        the provider has no gateway-held credential. On the gateway's credential the key
+        a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        target = self.target or self._choose_target(None)
+        if target.name in self.gw.credentials:
+            return None
+        return self._presented()
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
@@ -528,6 +580,8 @@ class RequestStream:
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
             body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+            if self.usage_dropper is not None:
+                body = self.usage_dropper.feed(body) + self.usage_dropper.close()
         else:
             body, content_type = orjson.dumps(answer), "application/json"
         self._read_answer(answer)
@@ -555,12 +609,22 @@ class RequestStream:
 
     # -- response ----------------------------------------------------------------------
 
-    async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+    async def response_headers(
+        self, headers: dict[str, str], end_of_stream: bool, *, details: str = ""
+    ) -> Decision:
         self._enter("response_headers")
         if self.outcome is not None or self.route is None:
             return CONTINUE
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if details in FIRST_BYTE_TIMEOUTS:
+            seconds = self.gw.config.limits.first_byte_timeout_seconds
+            return await self._reject(
+                GatewayTimeout(
+                    f"the provider sent nothing for {seconds:g} s "
+                    "(limits.first_byte_timeout_seconds); nothing was charged"
+                )
+            )
         content_type = headers.get("content-type", "")
         if not self._decode_answer(headers.get("content-encoding", "")):
             return self._withhold_answer(headers.get("content-encoding", ""))
@@ -571,6 +635,8 @@ class RequestStream:
             return Continue(headers=extra)
         if content_type.startswith("text/event-stream"):
             self._start_stream()
+            if self.usage_dropper is not None:  # the body changes length
+                extra = HeaderChanges(set=extra.set, remove=("content-length",))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -693,13 +759,27 @@ class RequestStream:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:
             self._feed_stream(chunk, end_of_stream)
+            if self.usage_dropper is not None:
+                decision = Continue(body=chunk)
         else:
             self.json_chunks.append(chunk)
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
+        if self.usage_dropper is not None and self.answer.streamed:
+            decision = self._drop_usage_chunk(decision, end_of_stream)
         if end_of_stream:
             self._finish(self._status_outcome())
         return decision
+
+    def _drop_usage_chunk(self, decision: Decision, end_of_stream: bool) -> Decision:
+        """The gateway asked for usage; a client that did not gets no usage-only chunk."""
+        assert self.usage_dropper is not None
+        if not isinstance(decision, Continue) or decision.body is None:
+            return decision
+        out = self.usage_dropper.feed(decision.body)
+        if end_of_stream:
+            out += self.usage_dropper.close()
+        return dataclasses.replace(decision, body=out)
 
     def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
         """Screen (and unmask) the answer's text; account for what the client receives."""
@@ -817,19 +897,28 @@ class RequestStream:
 
     def _status_outcome(self) -> str:
         status = self.answer.status
-        if 200 <= status < 400:
-            return "error" if self.answer.error_type else "ok"
-        return "provider_error"
+        if not 200 <= status < 400:
+            return "provider_error"
+        if self.answer.error_type:
+            return "error"
+        if self.accumulator is not None and not self.accumulator.complete:
+            return "truncated"  # the provider ended the body without its final event
+        return "ok"
 
     # -- end ---------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, *, cancelled: bool = False) -> None:
         """The gRPC stream ended: settle and account for the request, however it ended.
+
+        `cancelled`: Envoy reset the gRPC stream rather than ending it.
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
+        first = "none" if self.phase is None else "request_headers"
+        if not self.settled:
+            self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase is not None:
-            self._finish("aborted")
+            self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -837,7 +926,10 @@ class RequestStream:
             answer = self._cacheable_answer()
             self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
         if self.spend is not None:
-            await self.gw.spending.settle(self.spend, self._billable_usage(self.outcome))
+            usage = self._billable_usage(self.outcome)
+            if usage != self.answer.usage and self.outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = usage, True
+            await self.gw.spending.settle(self.spend, usage)
         account(self, self.finished_at)
 
     def _finish(self, outcome: str) -> None:
@@ -852,6 +944,18 @@ class RequestStream:
         """What the request spent: nothing for a refusal or an uncharged cache hit."""
         if outcome.startswith("rejected_"):
             return Usage()
-        if outcome == "cache_hit" and not self.gw.config.cache.charge_budget_on_hit:
-            return Usage()
+        if outcome == "cache_hit":
+            return self.answer.usage if self.gw.config.cache.charge_budget_on_hit else Usage()
+        if not self.forwarded or self.spend is None:
+            return self.answer.usage
+        estimate = self.spend.estimate_tokens
+        if self.answer.status == 0:
+            # Gone before the provider answered: it may have read the prompt.
+            return Usage(input_tokens=estimate)
+        folder = self.accumulator
+        if folder is not None and 200 <= self.answer.status < 300 and not folder.final_usage_seen:
+            # A client gone mid-stream pays for what was streamed.
+            return cut_short_usage(self.answer.usage, estimate, folder.content_bytes)
+        if outcome in CUT_SHORT and not self.answer.usage.total_tokens:
+            return Usage(input_tokens=estimate)  # a JSON answer cut before its body
         return self.answer.usage

@@ -51,6 +51,9 @@ that forwards headers:
 ``x-fake-chunking: split``
     Write SSE in awkward pieces: events cut mid-line and straddling writes, and every
     other event written as ``event:x`` / ``data:{...}`` without the space after the colon.
+``x-fake-stall-ms: N``
+    Send nothing at all (not even response headers) for N ms first: a provider that
+    hangs before its first byte.
 ``x-fake-abort-after: N``
     SSE only: write N complete events, then close the connection without ending the
     chunked body, as an upstream reset would.
@@ -178,6 +181,7 @@ class Controls:
     text: str = DEFAULT_TEXT
     split: bool = False
     abort_after: int | None = None
+    stall_s: float = 0.0
 
 
 def _int_header(headers: Mapping[str, str], name: str, low: int, high: int) -> int | None:
@@ -209,6 +213,7 @@ def parse_controls(headers: Mapping[str, str], default_text: str = DEFAULT_TEXT)
         text=headers.get("x-fake-text", default_text),
         split=_chunking(headers),
         abort_after=_int_header(headers, "x-fake-abort-after", 0, 1_000_000),
+        stall_s=(_int_header(headers, "x-fake-stall-ms", 0, 600_000) or 0) / 1000,
     )
 
 
@@ -869,6 +874,7 @@ class FakeProvider:
             controls = parse_controls(headers, self.text)
             call = self._call(request, headers, body, controls, shape)
             reply = handle(call)
+            await asyncio.sleep(controls.stall_s)
         except ApiError as error:
             await asyncio.sleep(_delay_of(headers))
             return _error_response(shape, error, ids)

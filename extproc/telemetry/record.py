@@ -64,6 +64,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["error_type"] = answer.error_type
     if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
         record["sso_group"] = identity.labels["sso_group"]
+    if answer.usage_estimated:
+        record["usage_estimated"] = True
     spend = stream.spend
     if spend is not None:
         record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
