@@ -8,6 +8,7 @@ never a 500 or an injected header.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,54 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}", reason="invalid_json") from exc
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", reason="invalid_json")
+    check_unique_keys(raw, value)
     return value
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def check_unique_keys(raw: bytes, parsed: Any) -> None:
+    """`BadRequest` naming the key when an object in `raw` repeats one.
+
+    orjson keeps the last of two equal keys, so the gateway would check one value while
+    the provider (which sees the bytes) may use the other. Every key is followed by a
+    colon and every other colon is inside a string, so re-encoding the parsed value
+    loses exactly one colon per dropped key: equal colon counts prove the keys unique
+    (C-speed, tens of µs on a 117 KB request). Only an escaped colon (`\\u003a`) in
+    the body, or a count that differs, takes the slow exact check that finds the key.
+    """
+    if b"\\u003" not in raw:
+        try:
+            again = orjson.dumps(parsed)
+        except orjson.JSONEncodeError:
+            again = b""
+        if again and raw.count(b":") == again.count(b":"):
+            return
+    try:
+        json.loads(raw, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as dup:
+        shown = dup.key if len(dup.key) <= 64 else dup.key[:64] + "..."
+        raise BadRequest(
+            f"request body repeats the key {shown!r} in one object; send each key once",
+            reason="duplicate_key",
+        ) from None
+    except ValueError:
+        return  # orjson accepted it; any difference in dialect is not a duplicate
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
 
 
 def check_model(model: object) -> str:
