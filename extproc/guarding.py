@@ -21,8 +21,8 @@ from typing import Any
 from extproc.apis import ApiKind
 from extproc.apis.rewrite import SseTextRewriter, StopAnswer
 from extproc.errors import BadRequest
-from extproc.policies.guard import ProfileGuard, StreamScreener
-from extproc.policies.guard.redact import StreamUnmasker
+from extproc.policies.guard import Inspection, ProfileGuard, StreamScreener
+from extproc.policies.guard.redact import StreamUnmasker, apply_plan
 from extproc.telemetry.metrics import Metrics
 
 
@@ -66,9 +66,14 @@ class GuardRun:
         (self.verdicts if direction == "input" else self.output).append(entry)
         self.metrics.guard.labels(direction, rule, action).inc(count)
 
-    def inspect_request(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The body to send instead (None: unchanged); `BadRequest` when a rule blocks."""
-        result = self.policy.redact_request(body, self.api)
+    def inspect_request(
+        self, body: dict[str, Any], inspection: Inspection | None = None
+    ) -> dict[str, Any] | None:
+        """The body to send instead (None: unchanged); `BadRequest` when a rule blocks.
+        `inspection`: the screening already done elsewhere (a worker process)."""
+        if inspection is None:
+            inspection = self.policy.inspect(body, self.api)
+        result = apply_plan(body, inspection.redaction)
         for verdict in result.verdicts:
             self._verdict("input", verdict.rule, verdict.action, verdict.count)
         if result.blocked is not None:
@@ -78,7 +83,7 @@ class GuardRun:
                 reason="guard_blocked",
             )
         self.masks = result.masks
-        screened = self.policy.screen_injection(result.body or body, self.api)
+        screened = inspection.injection
         if screened.rules:
             self.injection = {
                 "score": round(screened.score, 3),
