@@ -347,7 +347,7 @@ class RequestStream:
                 await self.gw.spending.admit(self.spend, self.request.body, 0)
             else:
                 await self.gw.spending.admit_hit(self.spend)
-        answer = entry.answer
+        answer = self._screen_hit(entry.answer)
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
             body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
@@ -364,6 +364,17 @@ class RequestStream:
             ("x-gateway-request-id", self.request_id),
         )
         return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
+
+    def _screen_hit(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """A cached answer is screened like a fresh one: it may have been stored by a
+        route with another guard profile, or none."""
+        if self.guard is None:
+            return answer
+        screened, blocked = self.guard.screen_answer(answer)
+        if blocked is not None:
+            message = f"the answer was withheld by the gateway's output policy ({blocked})"
+            raise Unavailable(message, reason="output_blocked")
+        return screened if screened is not None else answer
 
     def _cacheable_answer(self) -> dict[str, Any] | None:
         """The answer to store: complete and successful, in its JSON form."""

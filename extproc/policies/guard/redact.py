@@ -391,30 +391,44 @@ class StreamUnmasker:
         return out
 
 
+_ANSWER_INPUTS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+_ANSWER_FIELDS = ("content", "refusal", "reasoning_content")
+
+
 def _answer_texts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, str, bool]]:
-    """(path, text, is-JSON-text) for every answer text a placeholder may appear in."""
+    """(path, text, is-JSON-text) for every answer text a client renders or executes:
+    text, thinking and tool inputs; OpenAI content, refusal, reasoning and arguments."""
     if api == "anthropic":
         for i, block in enumerate(body.get("content") or ()):
             if not isinstance(block, dict):
                 continue
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                yield ("content", i, "text"), block["text"], False
-            elif block.get("type") == "tool_use":
+            kind = block.get("type")
+            for name in ("text", "thinking"):
+                if kind == name and isinstance(block.get(name), str):
+                    yield ("content", i, name), block[name], False
+            if kind in _ANSWER_INPUTS:
                 found: list[tuple[PathT, str]] = []
                 _json_strings(block.get("input"), ("content", i, "input"), found)
                 yield from ((p, t, False) for p, t in found)
         return
     for i, choice in enumerate(body.get("choices") or ()):
         msg = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(msg, dict):
-            continue
-        if isinstance(msg.get("content"), str):
-            yield ("choices", i, "message", "content"), msg["content"], False
-        for j, call in enumerate(msg.get("tool_calls") or ()):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                path = ("choices", i, "message", "tool_calls", j, "function", "arguments")
-                yield path, fn["arguments"], True
+        if isinstance(msg, dict):
+            yield from _openai_answer_texts(msg, ("choices", i, "message"))
+
+
+def _openai_answer_texts(msg: Mapping[str, Any], at: PathT) -> Iterator[tuple[PathT, str, bool]]:
+    for name in _ANSWER_FIELDS:
+        if isinstance(msg.get(name), str):
+            yield (*at, name), msg[name], False
+    calls: list[tuple[PathT, Any]] = [
+        (("tool_calls", j, "function"), c.get("function") if isinstance(c, dict) else None)
+        for j, c in enumerate(msg.get("tool_calls") or ())
+    ]
+    calls.append((("function_call",), msg.get("function_call")))
+    for where, fn in calls:
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            yield (*at, *where, "arguments"), fn["arguments"], True
 
 
 _ = BUILTIN_RULES  # labels for built-in rules come from here via the policy
