@@ -17,6 +17,7 @@ from typing import Any
 from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
+from extproc.offload import Offload
 from extproc.policies.auth import KeyDirectory
 from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
@@ -38,6 +39,7 @@ class Gateway:
     cache: ResponseCache
     spending: Spending
     guard: Guard | None = None
+    offload: Offload | None = None  # heavy bodies are checked in a worker process
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -61,6 +63,7 @@ class Gateway:
         }
         store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()
+        hash_key = _hash_key(config, environ)
         return cls(
             config=config,
             metrics=metrics,
@@ -71,7 +74,8 @@ class Gateway:
             profiles=ProfileResolver(config),
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
-            guard=_guard(config, environ),
+            guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
+            offload=Offload(config.guard, hash_key),
         )
 
     def stream_opened(self) -> None:
@@ -102,16 +106,15 @@ class Gateway:
         return self.guard.profile(profile) if self.guard is not None else None
 
     async def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
         self.audit.close()
         await self.store.close()
 
 
-def _guard(config: Config, environ: Mapping[str, str] | None) -> Guard | None:
-    if config.guard is None:
-        return None
-    source = config.guard.hash_key
-    key = Credential(source, environ).get().encode() if source is not None else None
-    return Guard(config.guard, hash_key=key)
+def _hash_key(config: Config, environ: Mapping[str, str] | None) -> bytes | None:
+    source = config.guard.hash_key if config.guard is not None else None
+    return Credential(source, environ).get().encode() if source is not None else None
 
 
 def open_configured_store(config: Config, environ: Mapping[str, str] | None = None) -> Store:

@@ -20,6 +20,7 @@ from typing import Any
 
 from extproc.apis import ApiKind
 from extproc.apis.rewrite import SseTextRewriter, StopAnswer
+from extproc.apis.walk import WalkLimits
 from extproc.errors import BadRequest
 from extproc.policies.guard import Inspection, ProfileGuard, StreamScreener
 from extproc.policies.guard.redact import StreamUnmasker, apply_plan
@@ -60,6 +61,7 @@ class GuardRun:
     output: list[dict[str, Any]] = field(default_factory=list)
     screeners: list[StreamScreener] = field(default_factory=list)
     schema: dict[str, Any] | None = None
+    limits: WalkLimits | None = None
 
     def _verdict(self, direction: str, rule: str, action: str, count: int) -> None:
         entry = {"rule": rule, "action": action, "count": count}
@@ -72,7 +74,7 @@ class GuardRun:
         """The body to send instead (None: unchanged); `BadRequest` when a rule blocks.
         `inspection`: the screening already done elsewhere (a worker process)."""
         if inspection is None:
-            inspection = self.policy.inspect(body, self.api)
+            inspection = self.policy.inspect(body, self.api, self.limits)
         result = apply_plan(body, inspection.redaction)
         for verdict in result.verdicts:
             self._verdict("input", verdict.rule, verdict.action, verdict.count)

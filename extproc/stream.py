@@ -24,6 +24,7 @@ from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
+from extproc.apis.walk import WalkLimits
 from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
@@ -38,8 +39,10 @@ from extproc.errors import (
 )
 from extproc.gateway import Gateway
 from extproc.guarding import GuardRun
+from extproc.offload import INLINE_VALUES, OFFLOAD_BYTES, check_values, value_bound
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.guard import Inspection
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.spending import SpendRun
 from extproc.store import StoreError
@@ -108,6 +111,8 @@ class RequestStream:
         self.cache_run: caching.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
+        self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
+        self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
         self.cache_stored = False
@@ -263,7 +268,7 @@ class RequestStream:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = parse_request(body, self.route.endpoint)
+        self.request = request = await self._parse(body)
         if request.model is None:
             self.target = self._choose_target(None)
             return self._forward()
@@ -288,6 +293,25 @@ class RequestStream:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
+    async def _parse(self, raw: bytes) -> ParsedRequest:
+        """Parse the body; a heavy one is bounded and screened in the worker process first,
+        so the event loop's share of any request stays small (extproc/offload.py)."""
+        assert self.route is not None
+        self.body_size = len(raw)
+        limits = self.gw.config.limits
+        bound = min(INLINE_VALUES, limits.max_json_values)
+        if len(raw) <= OFFLOAD_BYTES and value_bound(raw) <= bound:
+            return parse_request(raw, self.route.endpoint)
+        if self.gw.offload is None:
+            request = parse_request(raw, self.route.endpoint)
+            check_values(request.body, limits.max_json_values)
+            return request
+        guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
+        self.inspection = await self.gw.offload.check(
+            raw, self.api, self.profile.guard, guarded, limits
+        )
+        return parse_request(raw, self.route.endpoint, check_keys=False)
+
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
         assert self.route is not None
@@ -295,8 +319,9 @@ class RequestStream:
         policy = self.gw.guard_for(self.profile.guard)
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
-        self.guard = GuardRun(policy, self.api, self.gw.metrics)
-        replaced = self.guard.inspect_request(self.request.body)
+        limits = WalkLimits(self.gw.config.limits.max_scan_chars)
+        self.guard = GuardRun(policy, self.api, self.gw.metrics, limits=limits)
+        replaced = self.guard.inspect_request(self.request.body, self.inspection)
         if replaced is None:
             return False
         self.request = dataclasses.replace(self.request, body=replaced)
@@ -329,7 +354,7 @@ class RequestStream:
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read:
+        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
                 return cache_policy.Shape.of(self.api, body)

@@ -31,14 +31,15 @@ class ParsedRequest:
     stream: bool
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+def parse_json_object(raw: bytes, *, check_keys: bool = True) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", reason="invalid_json") from exc
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object", reason="invalid_json")
-    check_unique_keys(raw, value)
+    if check_keys:
+        check_unique_keys(raw, value)
     return value
 
 
@@ -112,8 +113,9 @@ def check_model(model: object) -> str:
     return model
 
 
-def parse_request(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
-    body = parse_json_object(raw)
+def parse_request(raw: bytes, endpoint: Endpoint, *, check_keys: bool = True) -> ParsedRequest:
+    """`check_keys=False`: the duplicate-key check was already done (in the worker)."""
+    body = parse_json_object(raw, check_keys=check_keys)
     model = check_model(body.get("model")) if "model" in body or endpoint.generates else None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

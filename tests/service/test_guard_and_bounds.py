@@ -3,9 +3,11 @@ screened on replay, and only screened answers are stored."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from extproc.apis import anthropic
 from extproc.apis.sse import SseParser
@@ -122,3 +124,138 @@ async def test_only_the_screened_stream_is_stored() -> None:
     assert isinstance(hit, Respond)
     assert dict(hit.headers)["x-gateway-cache"] == "hit"
     assert GH not in hit.body.decode()
+
+
+# -- bounded work per request ------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def worst_legal_body() -> bytes:
+    """As heavy as the default limits allow: ~31 MiB, 180,000 JSON values, 15 M characters
+    for the guard to scan (text blocks) and 15 MiB it must skip (base64 images)."""
+    blocks: list[dict[str, Any]] = [
+        {"type": "text", "text": f"line {i} " + "lorem ipsum " * 20} for i in range(60_000)
+    ]
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "QUJD" * (MiB // 4)},
+    }
+    content = blocks + [image] * 15
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": content}],
+    }
+    raw = orjson.dumps(body)
+    assert 30 * MiB < len(raw) < 32 * MiB
+    return raw
+
+
+def tiny_blocks_body() -> bytes:
+    """The attack: 31 MiB of 1.2 million tiny content blocks."""
+    block = b'{"type":"text","text":"hi"},'
+    count = (31 * MiB) // len(block)
+    head = b'{"model":"claude-opus-4-8","max_tokens":5,"messages":[{"role":"user","content":['
+    return head + block * (count - 1) + block[:-1] + b"]}]}"
+
+
+async def probe(gw: Gateway) -> float:
+    """One small request from another caller, start to finish: its latency in seconds."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await call(gw, ask(), orjson.dumps({**ANSWER, "content": [{"type": "text", "text": "ok"}]}))
+    return loop.time() - start
+
+
+async def latencies_while(gw: Gateway, work: asyncio.Task[Any]) -> list[float]:
+    seen: list[float] = []
+    deadline = asyncio.get_running_loop().time() + 120
+    while (not work.done() or len(seen) < 20) and asyncio.get_running_loop().time() < deadline:
+        seen.append(await probe(gw))
+        await asyncio.sleep(0.005)
+    return seen
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@pytest.mark.parametrize("shape", ["worst_legal", "tiny_blocks"])
+async def test_a_huge_request_does_not_stall_other_callers(shape: str) -> None:
+    raw = worst_legal_body() if shape == "worst_legal" else tiny_blocks_body()
+    gw = gateway(MemoryStore(), guard=True, cache={"hygiene": True})
+    assert gw.offload is not None
+    await gw.offload.warm()
+    try:
+        for _ in range(20):  # warm paths and caches before measuring
+            await probe(gw)
+        heavy = asyncio.ensure_future(call(gw, raw, orjson.dumps(ANSWER)))
+        seen = await latencies_while(gw, heavy)
+        decision, _ = await heavy
+    finally:
+        await gw.close()
+    if shape == "tiny_blocks":
+        assert isinstance(decision, Respond)
+        assert decision.status == 413
+        assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
+    else:
+        assert not isinstance(decision, Respond)
+    print(shape, f"p99 {p99(seen) * 1000:.1f} ms max {max(seen) * 1000:.1f} ms over {len(seen)}")
+    assert p99(seen) < 0.050, f"p99 {p99(seen) * 1000:.1f} ms over {len(seen)} requests"
+
+
+async def test_duplicate_key_is_a_400_in_the_callers_shape() -> None:
+    gw = gateway(MemoryStore(), guard=False)
+    body = b'{"model":"claude-haiku-4-5","max_tokens":5,"model":"claude-opus-4-8","messages":[]}'
+    decision, _ = await call(gw, body)
+    assert isinstance(decision, Respond)
+    assert decision.status == 400
+    assert dict(decision.headers)["x-gateway-error"] == "duplicate_key"
+    error = orjson.loads(decision.body)
+    assert error["type"] == "error"
+    assert "'model'" in error["error"]["message"]
+
+
+async def test_too_much_text_to_screen_is_a_413() -> None:
+    gw = gateway(MemoryStore(), guard=True, limits={"max_scan_chars": 4096})
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x" * 5000}],
+    }
+    decision, _ = await call(gw, orjson.dumps(body))
+    assert isinstance(decision, Respond)
+    assert decision.status == 413
+    assert dict(decision.headers)["x-gateway-error"] == "too_much_text"
+    assert "limits.max_scan_chars" in orjson.loads(decision.body)["error"]["message"]
+
+
+async def test_too_many_values_in_a_small_body_is_a_413_without_the_worker() -> None:
+    gw = gateway(MemoryStore(), guard=False, limits={"max_json_values": 1000})
+    gw.offload = None  # the in-process path enforces the same cap
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 400}],
+    }
+    decision, _ = await call(gw, orjson.dumps(body))
+    assert isinstance(decision, Respond)
+    assert (decision.status, dict(decision.headers)["x-gateway-error"]) == (413, "too_many_values")
+
+
+async def test_a_big_body_is_refused_by_the_worker_in_the_callers_shape() -> None:
+    gw = gateway(MemoryStore(), guard=True)
+    padding = orjson.dumps("x" * (2 * MiB)).decode()
+    body = f'{{"model":"gpt-5","messages":[{{"role":"user","content":{padding}}}],"messages":[]}}'
+    try:
+        s = RequestStream(gw)
+        await s.request_headers({**HEADERS, ":path": "/v1/chat/completions"}, False)
+        decision = await s.request_body(body.encode(), True)
+        await s.close()
+    finally:
+        await gw.close()
+    assert isinstance(decision, Respond)
+    assert (decision.status, dict(decision.headers)["x-gateway-error"]) == (400, "duplicate_key")
+    assert "'messages'" in orjson.loads(decision.body)["error"]["message"]  # OpenAI shape
