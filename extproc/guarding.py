@@ -3,11 +3,13 @@
 One `GuardRun` per request, on routes whose profile has a guard profile (the
 `guard:` config section is present). Going out: secrets and PII are redacted,
 masked (reversibly) or block the request (400 naming the rule, never the
-value), and untrusted content is scored for prompt injection. Coming back: a
-JSON answer is screened whole; a streamed answer is screened delta by delta
-through `SseTextRewriter`, with a bounded hold-back so a secret split across
-chunks is still caught; masked values are restored after screening, so the
-provider never sees them and restored values are never "redacted back".
+value), and untrusted content is scored for prompt injection, both over one walk
+of every model-visible text (`extproc.apis.walk`). Coming back: a JSON answer
+(or a cached one, on replay) is screened whole; a streamed answer is screened
+delta by delta (text, thinking, tool-call input) through `SseTextRewriter`,
+with a bounded hold-back so a secret split across chunks is still caught;
+masked values are restored after screening, so the provider never sees them
+and restored values are never "redacted back".
 Verdicts (rule, action, count) go to the audit record and metrics, never the
 matched text.
 """

@@ -21,7 +21,8 @@ Pure and I/O-free. Build a `Guard` once from `GuardConfig` at start; per request
     # act on a failure per policy.config.output.schema_action ("block" or "log")
 
 Order: screen output first, then unmask, so restored PII is never "redacted back".
-Leave `thinking_delta`/`signature_delta` alone: the signature covers that text.
+Streamed thinking and tool-call input are screened too (`extproc.apis.rewrite`); a
+`signature_delta` passes untouched.
 Verdicts, findings and results carry rule ids and counts only, never matched text.
 """
 
