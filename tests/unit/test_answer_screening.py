@@ -110,7 +110,7 @@ def test_json_answer_thinking_and_tool_input_are_redacted() -> None:
     assert blocked is None
     assert replaced is not None
     assert replaced["content"][0]["thinking"] == f"the user's key is {TAG}."
-    assert replaced["content"][2]["input"]["command"] == f"export T=\n{TAG} && deploy"
+    assert replaced["content"][2]["input"] == REDACTED_INPUT  # as the stream gives it
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -173,7 +173,10 @@ def test_json_answer_openai_refusal_and_legacy_function_call_are_redacted() -> N
                 "message": {
                     "role": "assistant",
                     "refusal": f"key {GH}",
-                    "function_call": {"name": "f", "arguments": orjson.dumps({"k": GH}).decode()},
+                    "function_call": {
+                        "name": "f",
+                        "arguments": orjson.dumps({"k": f"line\n{GH}", GH: 1}).decode(),
+                    },
                 },
             }
         ]
@@ -183,7 +186,8 @@ def test_json_answer_openai_refusal_and_legacy_function_call_are_redacted() -> N
     assert GH not in orjson.dumps(replaced).decode()
     message = replaced["choices"][0]["message"]
     assert message["refusal"] == f"key {TAG}"
-    assert orjson.loads(message["function_call"]["arguments"]) == {"k": TAG}
+    # After an escaped line break, and as a key: the arguments are screened decoded.
+    assert orjson.loads(message["function_call"]["arguments"]) == {"k": f"line\n{TAG}", TAG: 1}
 
 
 class Upper:
