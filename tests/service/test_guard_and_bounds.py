@@ -259,3 +259,26 @@ async def test_a_big_body_is_refused_by_the_worker_in_the_callers_shape() -> Non
     assert isinstance(decision, Respond)
     assert (decision.status, dict(decision.headers)["x-gateway-error"]) == (400, "duplicate_key")
     assert "'messages'" in orjson.loads(decision.body)["error"]["message"]  # OpenAI shape
+
+
+async def test_cache_hygiene_records_stay_small() -> None:
+    from extproc.caching import SHAPE_MAX_ENTRY, SHAPE_PREFIX
+
+    store = MemoryStore()
+    gw = gateway(store, guard=False, cache={"hygiene": True})
+    small = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    many = [{"type": "text", "text": f"block {i}"} for i in range(12_000)]  # a 130 KB record
+    large = "x" * (3 * MiB)  # over the body cap
+    for content in ("hi", many, large):
+        body = {**small, "messages": [{"role": "user", "content": content}]}
+        await call(gw, orjson.dumps(body), orjson.dumps(ANSWER))
+    names = await store.scan(SHAPE_PREFIX, limit=100)
+    assert len(names) == 1  # only the small request was shaped
+    raw = await store.get(names[0])
+    assert raw is not None
+    assert len(raw) <= SHAPE_MAX_ENTRY
+    await gw.close()
