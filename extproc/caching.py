@@ -41,7 +41,7 @@ LOCK_PREFIX = "extproc:cache-lock:"
 SHAPE_PREFIX = "extproc:cache-shape:"
 # Hygiene is bounded: bodies over SHAPE_MAX_BODY bytes are not shaped (the work grows with
 # the body), and a shape record over SHAPE_MAX_ENTRY bytes is not stored.
-SHAPE_MAX_BODY = 2 << 20
+SHAPE_MAX_BODY = 1 << 20
 SHAPE_MAX_ENTRY = 64 << 10
 _POLL = 0.05
 

@@ -36,7 +36,7 @@ from extproc.policies.request import parse_json_object
 
 log = logging.getLogger(__name__)
 
-OFFLOAD_BYTES = 1 << 20  # bodies over 1 MiB are parsed and screened in the worker first
+OFFLOAD_BYTES = 256 << 10  # bodies over 256 KiB are parsed and screened in the worker first
 INLINE_VALUES = 20_000  # ...and bodies that may hold more JSON values than this
 
 

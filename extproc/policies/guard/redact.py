@@ -268,8 +268,8 @@ def _rebuild(body: Mapping[str, Any], edits: Sequence[Edit]) -> dict[str, Any]:
             _record(edit.inner, edit.new, edit.key, values, keys)
     for path, (values, keys) in inner.items():
         parsed = orjson.loads(_get(body, path))
-        changes[path] = orjson.dumps(_renamed(_apply(parsed, values), keys)).decode()
-    rebuilt: dict[str, Any] = _renamed(_apply(dict(body), changes), renames)
+        changes[path] = orjson.dumps(_apply(parsed, values, keys)).decode()
+    rebuilt: dict[str, Any] = _apply(dict(body), changes, renames)
     return rebuilt
 
 
@@ -282,30 +282,19 @@ def _record(
         changes[path] = new
 
 
-def _renamed(root: Any, renames: Sequence[Rename]) -> Any:
-    """Rename keys, deepest first so outer paths still name the old keys."""
-    for path, old, new in sorted(renames, key=lambda r: -len(r[0])):
-        root = _rename(root, path, old, new)
-    return root
-
-
-def _rename(node: Any, path: PathT, old: str, new: str) -> Any:
-    if not path:
-        return {(new if k == old else k): v for k, v in node.items()}
-    copy: Any = list(node) if isinstance(node, list) else dict(node)
-    copy[path[0]] = _rename(node[path[0]], path[1:], old, new)
-    return copy
-
-
 def _get(node: Any, path: PathT) -> Any:
     for key in path:
         node = node[key]
     return node
 
 
-def _apply(root: Any, changes: Mapping[PathT, Any]) -> Any:
-    """Copy-on-write: copy only the containers on changed paths."""
-    if not changes:
+_RENAME = object()  # in a change tree: the key renames of that object
+
+
+def _apply(root: Any, changes: Mapping[PathT, Any], renames: Sequence[Rename] = ()) -> Any:
+    """Copy-on-write: copy only the containers on changed paths, once each (linear in
+    the changes however many share a container); renamed keys keep their place."""
+    if not changes and not renames:
         return root
     tree: dict[Any, Any] = {}
     for path, value in changes.items():
@@ -315,6 +304,11 @@ def _apply(root: Any, changes: Mapping[PathT, Any]) -> Any:
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = _Leaf(value)
+    for path, old, new in renames:
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node.setdefault(_RENAME, {})[old] = new
     return _apply_tree(root, tree)
 
 
@@ -326,7 +320,11 @@ class _Leaf:
 def _apply_tree(node: Any, tree: Mapping[Any, Any]) -> Any:
     copy: Any = list(node) if isinstance(node, list) else dict(node)
     for key, sub in tree.items():
-        copy[key] = sub.value if isinstance(sub, _Leaf) else _apply_tree(node[key], sub)
+        if key is not _RENAME:
+            copy[key] = sub.value if isinstance(sub, _Leaf) else _apply_tree(node[key], sub)
+    names = tree.get(_RENAME)
+    if names:
+        copy = {names.get(k, k): v for k, v in copy.items()}
     return copy
 
 
