@@ -300,7 +300,7 @@ class RequestStream:
         self.body_size = len(raw)
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
-        if len(raw) <= OFFLOAD_BYTES and value_bound(raw) <= bound:
+        if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
             return parse_request(raw, self.route.endpoint)
         if self.gw.offload is None:
             request = parse_request(raw, self.route.endpoint)

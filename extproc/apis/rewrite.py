@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from extproc.apis.sse import SseEvent, SseParser, encode_event
+from extproc.apis.walk import value_texts
 
 Api = Literal["anthropic", "openai"]
 
@@ -209,7 +210,21 @@ class SseTextRewriter:
                 return [self._send(_anthropic_delta(index, kind, text))] if text else []
         if kind == "content_block_stop" and isinstance(index, int):
             return [self._flush(index), self._send(event)]
+        if kind == "content_block_start" and self._screen_whole(payload, "content_block"):
+            return [self._send(SseEvent(event.event, orjson.dumps(payload).decode(), event.id))]
         return [self._send(event)]
+
+    def _screen_whole(self, payload: dict[str, Any], name: str) -> bool:
+        """Screen every text of a part that arrives whole (a server tool's result block,
+        say) in place; True if one changed."""
+        changed = False
+        for path, text in value_texts(payload.get(name)):
+            transform = self._make()
+            new = transform.feed(text) + transform.flush()
+            if new != text:
+                _set(payload, (name, *path), new)
+                changed = True
+        return changed
 
     def _block(self, index: int, kind: str) -> TextTransform:
         transform = self._blocks.get(index)
@@ -299,6 +314,12 @@ class SseTextRewriter:
             return SseEvent("error", orjson.dumps(error).decode())
         body = {"error": {"message": stop.message, "type": "content_filter", "code": stop.rule}}
         return SseEvent(None, orjson.dumps(body).decode())
+
+
+def _set(root: Any, path: tuple[str | int, ...], value: str) -> None:
+    for key in path[:-1]:
+        root = root[key]
+    root[path[-1]] = value
 
 
 def _json(data: str) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ import orjson
 
 from extproc.errors import PayloadTooLarge
 
-__all__ = ["Path", "Source", "Text", "WalkLimits", "model_texts"]
+__all__ = ["Path", "Source", "Text", "WalkLimits", "model_texts", "value_texts"]
 
 Path = tuple[str | int, ...]
 Api = Literal["anthropic", "openai"]
@@ -301,6 +301,14 @@ def _openai_call(call: Any, path: Path, walk: _Walk, *, nested: bool = True) -> 
             walk.arguments(v, (*at, k))
         else:
             walk.value(v, (*at, k))
+
+
+def value_texts(value: Any) -> list[tuple[Path, str]]:
+    """Every text in one value (an answer's content block): (path inside it, text); ids,
+    types, signatures, payloads and encrypted contents left out, as in requests."""
+    walk = _Walk(WalkLimits(), tools=False)
+    walk.value(value, ())
+    return [(t.path, t.text) for t in walk.out if t.text]
 
 
 def model_texts(

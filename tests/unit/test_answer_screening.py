@@ -233,3 +233,45 @@ def _upper(value: Any) -> Any:
     if isinstance(value, dict):
         return {_upper(k): _upper(v) for k, v in value.items()}
     return value
+
+
+SEARCH_RESULT = {
+    "type": "web_search_tool_result",
+    "tool_use_id": "srvtoolu_1",
+    "content": [
+        {
+            "type": "web_search_result",
+            "title": f"leak {GH}",
+            "url": "https://e.test",
+            "encrypted_content": "enc",
+        }
+    ],
+}
+
+
+def test_blocks_that_arrive_whole_are_screened_json_and_streamed() -> None:
+    message = {**MESSAGE, "content": [SEARCH_RESULT, {"type": "text", "text": "found it"}]}
+    replaced, _ = _run("anthropic").screen_answer(message)
+    assert replaced is not None
+    assert replaced["content"][0]["content"][0]["title"] == f"leak {TAG}"
+    assert replaced["content"][0]["content"][0]["encrypted_content"] == "enc"
+    rewriter = _run("anthropic").rewriter()
+    out = rewriter.feed(anthropic.unfold_message(message)) + rewriter.close()
+    assert GH.encode() not in out
+    assert TAG.encode() in out
+
+
+def test_masked_values_are_restored_inside_streamed_tool_input() -> None:
+    original = 'Ann "the boss" <ann@corp.example>'
+    message = {
+        **MESSAGE,
+        "content": [{"type": "tool_use", "id": "t", "name": "Mail", "input": {"to": "[EMAIL_1]"}}],
+    }
+    stream = _split_deltas(anthropic.unfold_message(message), 2)
+    rewriter = _run("anthropic", masks={"[EMAIL_1]": original}).rewriter()
+    out = rewriter.feed(stream) + rewriter.close()
+    accumulator = anthropic.StreamAccumulator()
+    parser = SseParser()
+    for event in parser.feed(out) + parser.close():
+        accumulator.feed(event)
+    assert accumulator.folded_message()["content"][0]["input"] == {"to": original}

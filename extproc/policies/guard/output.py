@@ -33,6 +33,7 @@ from typing import Any, Literal
 import orjson
 
 from extproc.apis.rewrite import JsonStrings
+from extproc.apis.walk import value_texts
 
 from .detectors import TOKEN_SPECS, Detector, TokenSpec
 from .redact import Api, PathT, _answer_texts, _apply, redaction_placeholder
@@ -402,6 +403,9 @@ def _screened_parts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, 
             yield ("content", i, kind), block[kind], "text"
         elif kind in _INPUT_BLOCKS and "input" in block:
             yield ("content", i, "input"), block["input"], "json_value"
+        else:  # server tool results and any other block: every text in it
+            for path, text in value_texts(block):
+                yield ("content", i, *path), text, "text"
 
 
 def _count(hits: Sequence[str]) -> tuple[OutputFinding, ...]:
