@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 OFFLOAD_BYTES = 256 << 10  # bodies over 256 KiB are parsed and screened in the worker first
 INLINE_VALUES = 20_000  # ...and bodies that may hold more JSON values than this
+OFFLOAD_SECONDS = 60.0  # Envoy's message timeout is extended by this while the worker works
 
 
 def value_bound(raw: bytes, enough: int) -> int:

@@ -39,7 +39,13 @@ from extproc.errors import (
 )
 from extproc.gateway import Gateway
 from extproc.guarding import GuardRun
-from extproc.offload import INLINE_VALUES, OFFLOAD_BYTES, check_values, value_bound
+from extproc.offload import (
+    INLINE_VALUES,
+    OFFLOAD_BYTES,
+    OFFLOAD_SECONDS,
+    check_values,
+    value_bound,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.guard import Inspection
@@ -307,6 +313,7 @@ class RequestStream:
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
+        await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
         self.inspection = await self.gw.offload.check(
             raw, self.api, self.profile.guard, guarded, limits
         )

@@ -168,10 +168,12 @@ async def probe(gw: Gateway) -> float:
     return loop.time() - start
 
 
-async def latencies_while(gw: Gateway, work: asyncio.Task[Any]) -> list[float]:
+async def latencies_while(gw: Gateway, work: asyncio.Future[Any] | None) -> list[float]:
+    """Another caller's latencies while `work` runs (None: for one second, as a baseline)."""
     seen: list[float] = []
-    deadline = asyncio.get_running_loop().time() + 120
-    while (not work.done() or len(seen) < 20) and asyncio.get_running_loop().time() < deadline:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (120 if work is not None else 1)
+    while loop.time() < deadline and (work is None or not work.done() or len(seen) < 20):
         seen.append(await probe(gw))
         await asyncio.sleep(0.005)
     return seen
@@ -184,13 +186,14 @@ def p99(values: list[float]) -> float:
 
 @pytest.mark.parametrize("shape", ["worst_legal", "tiny_blocks"])
 async def test_a_huge_request_does_not_stall_other_callers(shape: str) -> None:
+    """Another caller's p99 stays under 50 ms (over its own p99 on this machine, which is
+    a few ms on an idle one: a shared, oversubscribed machine slows every request)."""
     raw = worst_legal_body() if shape == "worst_legal" else tiny_blocks_body()
     gw = gateway(MemoryStore(), guard=True, cache={"hygiene": True})
     assert gw.offload is not None
     await gw.offload.warm()
     try:
-        for _ in range(20):  # warm paths and caches before measuring
-            await probe(gw)
+        baseline = await latencies_while(gw, None)
         heavy = asyncio.ensure_future(call(gw, raw, orjson.dumps(ANSWER)))
         seen = await latencies_while(gw, heavy)
         decision, _ = await heavy
@@ -202,8 +205,9 @@ async def test_a_huge_request_does_not_stall_other_callers(shape: str) -> None:
         assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
     else:
         assert not isinstance(decision, Respond)
-    print(shape, f"p99 {p99(seen) * 1000:.1f} ms max {max(seen) * 1000:.1f} ms over {len(seen)}")
-    assert p99(seen) < 0.050, f"p99 {p99(seen) * 1000:.1f} ms over {len(seen)} requests"
+    report = f"p99 {p99(seen) * 1e3:.1f} ms over {len(seen)}, alone {p99(baseline) * 1e3:.1f} ms"
+    print(shape, report, f"max {max(seen) * 1e3:.1f} ms")
+    assert p99(seen) < 0.050 + p99(baseline), report
 
 
 async def test_duplicate_key_is_a_400_in_the_callers_shape() -> None:
