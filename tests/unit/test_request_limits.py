@@ -1,14 +1,20 @@
-"""Request bodies the gateway must refuse before any policy reads them: duplicate keys."""
+"""Request bodies the gateway must refuse before any policy reads them: duplicate keys,
+too many JSON values."""
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.apis import Endpoint
-from extproc.errors import BadRequest
+from extproc.errors import BadRequest, PayloadTooLarge
+from extproc.offload import _values, check_values, value_bound
 from extproc.policies.request import parse_request
 from tests.data.claude_code_request import build_request_bytes
 
@@ -57,3 +63,23 @@ def test_duplicate_check_costs_tens_of_microseconds_on_a_claude_code_request() -
             check_unique_keys(raw, parsed)
         best = min(best, (time.perf_counter() - start) / 50)
     assert best < 1e-3, f"{best * 1e6:.0f} µs"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=3), c, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_values, spaced=st.booleans())
+def test_value_bound_is_never_below_the_real_count(value: Any, spaced: bool) -> None:
+    raw = json.dumps(value, indent=1 if spaced else None).encode()
+    real = sum(1 for _ in _values(orjson.loads(raw)))
+    assert value_bound(raw, 0) >= real
+    assert value_bound(raw, 10**9) >= real  # the length bound too
+    if real > 1:
+        with pytest.raises(PayloadTooLarge):
+            check_values(orjson.loads(raw), real - 1)
+    check_values(orjson.loads(raw), real)

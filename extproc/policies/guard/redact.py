@@ -390,7 +390,7 @@ class StreamUnmasker:
 
 
 _ANSWER_INPUTS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
-_ANSWER_FIELDS = ("content", "refusal", "reasoning_content")
+_ANSWER_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 
 
 def _answer_texts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, str, bool]]:
