@@ -236,10 +236,12 @@ def _anthropic_message(msg: Mapping[str, Any], turn: int, walk: _Walk) -> None:
 
 
 def _block_source(role: Any, block: Any) -> Source:
-    if role == "assistant":
-        return "assistant"
     kind = block.get("type") if isinstance(block, dict) else None
     kind = kind if isinstance(kind, str) else None
+    if role == "assistant":
+        # A server tool's result (web search, fetch, MCP, code execution) sits in the
+        # assistant's turn, but its text comes from outside: untrusted.
+        return "tool_result" if kind is not None and kind.endswith("_result") else "assistant"
     if kind in _DOCUMENT_BLOCKS:
         return "document"
     if kind in _TEXT_BLOCKS or not isinstance(block, dict):

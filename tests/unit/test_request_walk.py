@@ -148,6 +148,26 @@ ANTHROPIC: list[tuple[str, str, dict[str, Any], str | None]] = [
         None,
     ),
     ("assistant_text", "assistant", {"type": "text", "text": S, "citations": []}, None),
+    (
+        "server_tool_result_in_assistant_turn",
+        "assistant",
+        {
+            "type": "web_fetch_tool_result",
+            "tool_use_id": "s1",
+            "content": {
+                "type": "web_fetch_result",
+                "url": "https://e.test",
+                "content": {"type": "document", "title": S},
+            },
+        },
+        "tool_result",
+    ),
+    (
+        "mcp_tool_result_in_assistant_turn",
+        "assistant",
+        {"type": "mcp_tool_result", "tool_use_id": "m1", "content": [{"type": "text", "text": S}]},
+        "tool_result",
+    ),
 ]
 
 # Top-level fields (not in a message): (name, body fragment)

@@ -526,8 +526,8 @@ class InjectionScreener:
         self, texts: Sequence[Text], body: Mapping[str, Any]
     ) -> Iterator[tuple[Source, str]]:
         """Untrusted texts (from `model_texts`), one per block: a tool result, search
-        result, fetched page, document or user text; after the last assistant turn
-        if scoped."""
+        result, fetched page, document or user text; if scoped, those after the last
+        assistant turn and the server tool results in it."""
         last = -1
         if self.scope == "last_turn":
             messages = body.get("messages") or ()
@@ -535,7 +535,7 @@ class InjectionScreener:
             last = max((i for i, role in enumerate(roles) if role == "assistant"), default=-1)
         groups: dict[int, tuple[str, list[str]]] = {}
         for t in texts:
-            if t.source in self.sources and t.turn > last and t.text:
+            if t.source in self.sources and t.turn >= last and t.text:
                 groups.setdefault(t.group, (t.source, []))[1].append(t.text)
         for source, parts in groups.values():
             yield cast(Source, source), "\n".join(parts)
