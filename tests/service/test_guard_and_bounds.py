@@ -4,6 +4,8 @@ screened on replay, and only screened answers are stored."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import orjson
@@ -286,3 +288,27 @@ async def test_cache_hygiene_records_stay_small() -> None:
     assert raw is not None
     assert len(raw) <= SHAPE_MAX_ENTRY
     await gw.close()
+
+
+async def test_a_dead_worker_is_a_503_and_the_next_request_gets_a_new_one() -> None:
+    gw = gateway(MemoryStore(), guard=True)
+    offload = gw.offload
+    assert offload is not None
+    await offload.warm()
+    pool = offload._pool
+    assert pool is not None
+    (pid,) = list(pool._processes)  # the worker this test started
+    os.kill(pid, signal.SIGKILL)
+    dup = b'{"model":"m","model":"n","pad":"' + b"x" * (300 << 10) + b'"}'
+    try:
+        decision, _ = await call(gw, dup)
+        assert isinstance(decision, Respond)
+        assert (decision.status, dict(decision.headers)["x-gateway-error"]) == (503, "worker_died")
+        decision, _ = await call(gw, dup)  # a new worker checks it
+        assert isinstance(decision, Respond)
+        assert (decision.status, dict(decision.headers)["x-gateway-error"]) == (
+            400,
+            "duplicate_key",
+        )
+    finally:
+        await gw.close()
