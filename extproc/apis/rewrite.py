@@ -201,17 +201,23 @@ class SseTextRewriter:
     def _anthropic(self, event: SseEvent, payload: dict[str, Any]) -> list[bytes]:
         kind = payload.get("type")
         index = payload.get("index")
-        if kind == "content_block_delta" and isinstance(index, int):
-            delta = payload.get("delta")
-            kind = delta.get("type") if isinstance(delta, dict) else None
-            if isinstance(kind, str) and kind in _ANTHROPIC_DELTAS:
-                field, _ = _ANTHROPIC_DELTAS[kind]
-                text = self._block(index, kind).feed(str(delta.get(field, "")))  # type: ignore[union-attr]
-                return [self._send(_anthropic_delta(index, kind, text))] if text else []
+        delta = payload.get("delta")
+        if kind == "content_block_delta" and isinstance(index, int) and isinstance(delta, dict):
+            return self._anthropic_delta(event, index, delta)
         if kind == "content_block_stop" and isinstance(index, int):
             return [self._flush(index), self._send(event)]
         if kind == "content_block_start" and self._screen_whole(payload, "content_block"):
             return [self._send(SseEvent(event.event, orjson.dumps(payload).decode(), event.id))]
+        return [self._send(event)]
+
+    def _anthropic_delta(self, event: SseEvent, index: int, delta: dict[str, Any]) -> list[bytes]:
+        kind = delta.get("type")
+        if isinstance(kind, str) and kind in _ANTHROPIC_DELTAS:
+            field, _ = _ANTHROPIC_DELTAS[kind]
+            text = self._block(index, kind).feed(str(delta.get(field, "")))
+            return [self._send(_anthropic_delta(index, kind, text))] if text else []
+        if kind == "signature_delta":  # the held thinking goes out before its signature
+            return [self._flush(index), self._send(event)]
         return [self._send(event)]
 
     def _screen_whole(self, payload: dict[str, Any], name: str) -> bool:

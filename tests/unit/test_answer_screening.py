@@ -94,8 +94,13 @@ def test_streamed_tool_input_and_thinking_are_redacted_as_valid_json(
     out = b"".join(rewriter.feed(c) for c in _cut(stream, cuts)) + rewriter.close()
     accumulator = anthropic.StreamAccumulator()
     parser = SseParser()
-    for event in parser.feed(out) + parser.close():
+    events = parser.feed(out) + parser.close()
+    for event in events:
         accumulator.feed(event)
+    kinds = [orjson.loads(e.data).get("delta", {}).get("type") for e in events]
+    assert max(i for i, k in enumerate(kinds) if k == "thinking_delta") < kinds.index(
+        "signature_delta"
+    )
     folded = accumulator.folded_message()
     assert GH not in orjson.dumps(folded).decode()
     thinking, text, tool = folded["content"]
