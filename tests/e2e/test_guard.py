@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import anthropic
@@ -13,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.claude_cli import claude_env, claude_path
 from tests.data.claude_code_request import build_request
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
@@ -267,3 +270,29 @@ def test_streamed_openai_tool_arguments_are_screened(
     got = orjson.loads("".join(pieces))
     assert got["cmd"].startswith("export GH=[REDACTED:github_token:")
     assert len(received.received) == 1
+
+
+def test_a_real_claude_code_session_passes_the_guard_untouched(
+    guarded: Stack, received: FakeProvider, tmp_path: Path
+) -> None:
+    """The CLI's real request (system prompt, tools and their schemas, reminders) goes
+    through every field the walker scans without a single redaction or block."""
+    cli = claude_path()
+    if cli is None:
+        pytest.skip("the Claude Code CLI is not installed (scripts/test installs it)")
+    env = claude_env(tmp_path, ANTHROPIC_BASE_URL=guarded.url, ANTHROPIC_API_KEY="caller-key")
+    done = subprocess.run(
+        [cli, "-p", "say hello"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert "Hello from the fake provider" in done.stdout.decode()
+    sent = [r for r in received.received if r.path.startswith("/v1/messages")]
+    assert sent
+    for request in sent:
+        assert b"[REDACTED:" not in request.body
+        assert b'"tools"' in request.body or b"count_tokens" in request.path.encode()
