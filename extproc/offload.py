@@ -16,6 +16,10 @@ Measured on an idle 2-core machine (tests/service/test_guard_and_bounds.py): whi
 characters to scan) was screened, 3.1 ms (its worst 49 ms: the loop still parses that
 body once and hashes it for the cache key). One worker: huge bodies queue for it, and
 the event loop stays free for everyone else.
+
+The worker is started with `spawn` (the server runs gRPC threads, which a fork would
+not carry): a program that embeds the server must guard its entry point with
+`if __name__ == "__main__":`, as `extproc`'s own entry points do.
 """
 
 from __future__ import annotations
