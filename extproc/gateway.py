@@ -25,6 +25,7 @@ from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Gateway:
     spending: Spending
     guard: Guard | None = None
     offload: Offload | None = None  # heavy bodies are checked in a worker process
+    otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -76,6 +78,7 @@ class Gateway:
             spending=Spending(config, store, metrics),
             guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
             offload=Offload(config.guard, hash_key),
+            otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
     def stream_opened(self) -> None:
@@ -109,6 +112,8 @@ class Gateway:
         if self.offload is not None:
             self.offload.close()
         self.audit.close()
+        # Flushing the last spans and metrics may wait on the collector: not on the loop.
+        await asyncio.to_thread(self.otel.shutdown)
         await self.store.close()
 
 
