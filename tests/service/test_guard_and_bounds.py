@@ -9,7 +9,6 @@ import signal
 from typing import Any
 
 import orjson
-import pytest
 
 from extproc.apis import anthropic
 from extproc.apis.sse import SseParser
@@ -162,23 +161,29 @@ def tiny_blocks_body() -> bytes:
     return head + block * (count - 1) + block[:-1] + b"]}]}"
 
 
-async def probe(gw: Gateway) -> float:
-    """One small request from another caller, start to finish: its latency in seconds."""
+async def probe(gw: Gateway, due: float) -> float:
+    """One small request from another caller that arrives at `due` (loop time): its
+    latency from then, so time the loop spent busy before it could start counts too."""
     loop = asyncio.get_running_loop()
-    start = loop.time()
     await call(gw, ask(), orjson.dumps({**ANSWER, "content": [{"type": "text", "text": "ok"}]}))
-    return loop.time() - start
+    return loop.time() - due
 
 
 async def latencies_while(gw: Gateway, work: asyncio.Future[Any] | None) -> list[float]:
-    """Another caller's latencies while `work` runs (None: for one second, as a baseline)."""
-    seen: list[float] = []
+    """Another caller's latencies, one request due every 5 ms whatever the loop is doing
+    (open loop), while `work` runs (None: for one second, as a baseline)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + (120 if work is not None else 1)
-    while loop.time() < deadline and (work is None or not work.done() or len(seen) < 20):
-        seen.append(await probe(gw))
-        await asyncio.sleep(0.005)
-    return seen
+    start = loop.time()
+    end = start + (120 if work is not None else 1)
+    probes: list[asyncio.Future[float]] = []
+    while (due := start + len(probes) * 0.005) < end:
+        finished = work is None or (work.done() and len(probes) >= 20)
+        if due > loop.time():
+            if finished and work is not None:
+                break  # every request due while the work ran has been sent
+            await asyncio.sleep(due - loop.time())
+        probes.append(asyncio.ensure_future(probe(gw, due)))
+    return list(await asyncio.gather(*probes))
 
 
 def p99(values: list[float]) -> float:
@@ -186,11 +191,8 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-@pytest.mark.parametrize("shape", ["worst_legal", "tiny_blocks"])
-async def test_a_huge_request_does_not_stall_other_callers(shape: str) -> None:
-    """Another caller's p99 stays under 50 ms (over its own p99 on this machine, which is
-    a few ms on an idle one: a shared, oversubscribed machine slows every request)."""
-    raw = worst_legal_body() if shape == "worst_legal" else tiny_blocks_body()
+async def measure(raw: bytes) -> tuple[Decision, list[float], list[float]]:
+    """(the heavy request's decision, another caller's latencies alone, and meanwhile)."""
     gw = gateway(MemoryStore(), guard=True, cache={"hygiene": True})
     assert gw.offload is not None
     await gw.offload.warm()
@@ -201,15 +203,37 @@ async def test_a_huge_request_does_not_stall_other_callers(shape: str) -> None:
         decision, _ = await heavy
     finally:
         await gw.close()
-    if shape == "tiny_blocks":
-        assert isinstance(decision, Respond)
-        assert decision.status == 413
-        assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
-    else:
-        assert not isinstance(decision, Respond)
-    report = f"p99 {p99(seen) * 1e3:.1f} ms over {len(seen)}, alone {p99(baseline) * 1e3:.1f} ms"
-    print(shape, report, f"max {max(seen) * 1e3:.1f} ms")
-    assert p99(seen) < 0.050 + p99(baseline), report
+    return decision, baseline, seen
+
+
+def summary(baseline: list[float], seen: list[float]) -> str:
+    return (
+        f"p99 {p99(seen) * 1e3:.1f} ms, worst {max(seen) * 1e3:.1f} ms over {len(seen)} "
+        f"requests; alone p99 {p99(baseline) * 1e3:.1f} ms"
+    )
+
+
+async def test_a_flood_of_tiny_blocks_does_not_stall_other_callers() -> None:
+    """The attack: 31 MiB of 1.2 million tiny blocks. Refused with 413 by the worker;
+    another caller's p99 stays under 50 ms (over its own p99 on this machine, a few ms
+    on an idle one: an oversubscribed machine slows every request)."""
+    decision, baseline, seen = await measure(tiny_blocks_body())
+    print("tiny blocks:", summary(baseline, seen))
+    assert isinstance(decision, Respond)
+    assert decision.status == 413
+    assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
+    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen)
+
+
+async def test_the_heaviest_legal_request_pauses_other_callers_only_briefly() -> None:
+    """31 MiB, 180,000 values, 15 M characters to screen: checked and screened in the
+    worker (seconds of CPU); the loop still parses the body once and hashes it for the
+    cache key, single pauses of ~100-150 ms on an idle 2-core machine, so another
+    caller's worst latency stays well under a second (it was the whole scan before)."""
+    decision, baseline, seen = await measure(worst_legal_body())
+    print("heaviest legal:", summary(baseline, seen))
+    assert not isinstance(decision, Respond)
+    assert max(seen) < 0.5 + p99(baseline), summary(baseline, seen)
 
 
 async def test_duplicate_key_is_a_400_in_the_callers_shape() -> None:
