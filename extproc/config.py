@@ -222,6 +222,10 @@ class TelemetryConfig(_Frozen):
 
 class LimitsConfig(_Frozen):
     max_body_bytes: int = Field(default=32 * MiB, ge=1024, le=256 * MiB)
+    # Work per request is bounded: JSON values in a body (blocks, strings, numbers...) and
+    # characters of text a guard scans; past either, 413. See extproc/offload.py.
+    max_json_values: int = Field(default=200_000, ge=1_000, le=10_000_000)
+    max_scan_chars: int = Field(default=16 * MiB, ge=1024, le=256 * MiB)
     # The most output one request may generate: a larger max_tokens / max_completion_tokens
     # (or none, on OpenAI) is rewritten to it, so the budget reservation is an upper bound.
     max_output_tokens: int = Field(default=64_000, ge=1, le=1_000_000)

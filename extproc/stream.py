@@ -34,6 +34,7 @@ from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
+from extproc.apis.walk import WalkLimits
 from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
@@ -51,8 +52,16 @@ from extproc.errors import (
 )
 from extproc.gateway import Gateway
 from extproc.guarding import GuardRun
+from extproc.offload import (
+    INLINE_VALUES,
+    OFFLOAD_BYTES,
+    OFFLOAD_SECONDS,
+    check_values,
+    value_bound,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.guard import Inspection
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
@@ -188,6 +197,8 @@ class RequestStream:
         self.cache_run: caching.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
+        self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
+        self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
         self.cache_stored = False
@@ -463,7 +474,7 @@ class RequestStream:
             self.decoded_request, self.raw_body = True, body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = parse_request(body, self.route.endpoint)
+        self.request = request = await self._parse(body)
         if request.model is None:
             self.target = self._choose_target(None)
             return self._forward()
@@ -505,6 +516,26 @@ class RequestStream:
             changed = openai.request_usage(request.body) or changed
         return changed
 
+    async def _parse(self, raw: bytes) -> ParsedRequest:
+        """Parse the body; a heavy one is bounded and screened in the worker process first,
+        so the event loop's share of any request stays small (extproc/offload.py)."""
+        assert self.route is not None
+        self.body_size = len(raw)
+        limits = self.gw.config.limits
+        bound = min(INLINE_VALUES, limits.max_json_values)
+        if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
+            return parse_request(raw, self.route.endpoint)
+        if self.gw.offload is None:
+            request = parse_request(raw, self.route.endpoint)
+            check_values(request.body, limits.max_json_values)
+            return request
+        guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
+        await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
+        self.inspection = await self.gw.offload.check(
+            raw, self.api, self.profile.guard, guarded, limits
+        )
+        return parse_request(raw, self.route.endpoint, check_keys=False)
+
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
         assert self.route is not None
@@ -512,9 +543,12 @@ class RequestStream:
         policy = self.gw.guard_for(self.profile.guard)
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
-        self.guard = GuardRun(policy, self.api, self.gw.metrics)
+        limits = WalkLimits(self.gw.config.limits.max_scan_chars)
+        self.guard = GuardRun(policy, self.api, self.gw.metrics, limits=limits)
+        # The worker's inspection (if any) was made without the billing block too.
         screened, billing = anthropic.split_billing_block(self.request.body)
-        replaced = self.guard.inspect_request(screened if billing else self.request.body)
+        body = screened if billing is not None else self.request.body
+        replaced = self.guard.inspect_request(body, self.inspection)
         if replaced is None:
             return False
         if billing is not None:  # forwarded as it came, whatever the guard did
@@ -558,7 +592,7 @@ class RequestStream:
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read:
+        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
                 return cache_policy.Shape.of(self.api, body)
@@ -576,7 +610,7 @@ class RequestStream:
                 await self.gw.spending.admit(self.spend, self.request.body, 0)
             else:
                 await self.gw.spending.admit_hit(self.spend)
-        answer = entry.answer
+        answer = self._screen_hit(entry.answer)
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
             body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
@@ -596,6 +630,17 @@ class RequestStream:
             *self._trace_header(),
         )
         return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
+
+    def _screen_hit(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """A cached answer is screened like a fresh one: it may have been stored by a
+        route with another guard profile, or none."""
+        if self.guard is None:
+            return answer
+        screened, blocked = self.guard.screen_answer(answer)
+        if blocked is not None:
+            message = f"the answer was withheld by the gateway's output policy ({blocked})"
+            raise Unavailable(message, reason="output_blocked")
+        return screened if screened is not None else answer
 
     def _cacheable_answer(self) -> dict[str, Any] | None:
         """The answer to store: complete and successful, in its JSON form."""
