@@ -157,6 +157,9 @@ class EnvoyConfig(_Frozen):
     admin: AddressField = HostPort(host="127.0.0.1", port=9901)
     bootstrap: Path | None = None
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    # Envoy's cap on open downstream connections; None: derived from the file-descriptor
+    # limit at start (extproc.fdlimit), which must hold two descriptors per connection.
+    max_connections: int | None = Field(default=None, ge=16, le=10_000_000)
 
     @field_validator("admin", mode="before")
     @classmethod

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import envoy_config
+from extproc import envoy_config, fdlimit
 from extproc.config import Config, HostPort
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,27 @@ class _Signals:
         self.received = signum
 
 
+def with_connection_cap(config: Config) -> Config:
+    """The config with Envoy's downstream connection cap fitted to the descriptor limit
+    (raised to its hard limit first); `FdLimitError` when it cannot fit."""
+    template = envoy_config.load_template(envoy_config.template_path(config))
+    template_cap = envoy_config.max_connections(template)
+    if template_cap is None and config.envoy.max_connections is None:
+        return config
+    cap = fdlimit.connection_cap(
+        config.envoy.max_connections, template_cap, fdlimit.raise_soft_limit()
+    )
+    envoy = config.envoy.model_copy(update={"max_connections": cap})
+    return config.model_copy(update={"envoy": envoy})
+
+
 def up(config_path: str | None, config: Config, grace: float) -> int:
     """Envoy and the ext_proc server in the foreground until Ctrl-C or one of them exits."""
+    try:
+        config = with_connection_cap(config)
+    except fdlimit.FdLimitError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     signals = _Signals()
     bootstrap = write_bootstrap(config)
     server = spawn(_serve_command(config_path, grace, worker=False))
