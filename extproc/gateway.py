@@ -23,6 +23,7 @@ from extproc.policies.profiles import ProfileResolver
 from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
+from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
 
 
@@ -61,6 +62,7 @@ class Gateway:
         }
         store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()
+        metrics.bounds = LabelBounds.from_config(config)
         return cls(
             config=config,
             metrics=metrics,

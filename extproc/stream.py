@@ -51,7 +51,8 @@ SESSION_HEADER = "x-claude-code-session-id"
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers"}),
+    None: frozenset({"request_headers", "local_reply"}),
+    "local_reply": frozenset({"response_body"}),
     "request_headers": frozenset({"request_body", "response_headers"}),
     "request_body": frozenset({"request_body", "response_headers"}),
     "response_headers": frozenset({"response_body"}),
@@ -197,13 +198,15 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint is Endpoint.QUOTA:
             return await self._quota()
+        if self.route.endpoint is Endpoint.MODELS:
+            # Before the body check: a GET with a body must not skip it.
+            model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
+            if model_id and not models.visible(model_id, self.allow):
+                raise NotFound(f"model {model_id!r} is not available to this caller")
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
-        if model_id and not models.visible(model_id, self.allow):
-            raise NotFound(f"model {model_id!r} is not available to this caller")
         self.target = self._choose_target(None)
         return self._forward()
 
@@ -239,8 +242,9 @@ class RequestStream:
             ) from exc
         changes = routing.upstream_headers(self.target, self.path, secret)
         remove = list(changes.remove)
-        if secret is None and self.identity.source != "anonymous":
-            # A gateway key or an SSO token is ours, never the provider's.
+        ours = self.identity.source != "anonymous" or auth.key_id_of(self.key or "") is not None
+        if secret is None and ours:
+            # A gateway key (even an unknown one) or an SSO token is ours, never the provider's.
             remove += ["x-api-key", "authorization"]
         if body is not None:
             remove.append("content-length")
@@ -271,7 +275,6 @@ class RequestStream:
         models.check_allowed(request.model, served, self.allow)
         self.target = self._choose_target(served)
         self.served_model = served
-        self.gw.metrics.model_mapping.labels(request.model, served, self.target.name).inc()
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
@@ -378,6 +381,11 @@ class RequestStream:
     # -- response ----------------------------------------------------------------------
 
     async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+        if self.phase is None:
+            # Envoy answered before the request reached the gateway (`OPTIONS *` is
+            # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
+            self._enter("local_reply")
+            return CONTINUE
         self._enter("response_headers")
         if self.outcome is not None or self.route is None:
             return CONTINUE
@@ -426,7 +434,7 @@ class RequestStream:
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
-        if self.outcome is not None:
+        if self.outcome is not None or self.route is None:
             return CONTINUE
         decision = CONTINUE
         if self.rewriter is not None:
@@ -558,7 +566,7 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        if self.outcome is None and self.phase is not None:
+        if self.outcome is None and self.phase not in (None, "local_reply"):
             self._finish("aborted")
         if self.outcome is None or self.settled:
             return

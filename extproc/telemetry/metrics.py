@@ -1,7 +1,8 @@
 """Prometheus metrics. One `Metrics` object per process, passed in (never a global).
 
-Label values are bounded: models and providers come from the config or the
-provider's answer (a bounded set in practice), reasons from `GatewayError.reason`.
+Label values are bounded: model names and pipeline scopes pass through
+`LabelBounds` (names the config declares, else `other`; telemetry/labels.py),
+providers, teams and rules come from the config, reasons from `GatewayError.reason`.
 With `--workers N` the supervisor serves every worker's metrics through
 prometheus_client's multiprocess mode (see `extproc.server`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from extproc.apis.usage import Usage
+from extproc.telemetry.labels import LabelBounds
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
@@ -19,6 +21,7 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.bounds = LabelBounds()  # set from the config by Gateway.from_config
         r = self.registry
         self.requests = Counter(
             "extproc_requests",

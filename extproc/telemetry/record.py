@@ -73,6 +73,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["cache_stored"] = stream.cache_stored
         if run.volatile:
             record["cache_volatile_paths"] = run.volatile
+        if run.replaced:
+            record["cache_replaced"] = True
     if stream.gw.config.audit.record_text and request is not None:
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = answer.completion
@@ -84,11 +86,18 @@ def account(stream: RequestStream, now: float) -> None:
     stream.gw.audit.write(record)
     run = stream.cache_run
     metrics = stream.gw.metrics
-    model = record["served_model"] or ""
+    outcome = stream.outcome or ""
+    rejected = outcome.startswith("rejected_")
+    # A rejected request's model is whatever the caller wrote: never a label value.
+    model = "" if rejected else metrics.bounds.model(record["served_model"])
     provider = record["provider"] or ""
     metrics.requests.labels(
-        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), stream.outcome
+        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), outcome
     ).inc()
+    requested = metrics.bounds.model(record["requested_model"])
+    if requested and stream.served_model and not rejected:
+        served = metrics.bounds.model(stream.served_model)
+        metrics.model_mapping.labels(requested, served, provider).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
     if run is not None:

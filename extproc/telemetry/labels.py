@@ -1,0 +1,63 @@
+"""Bounded metric label values: only names the configuration declares, else `other`.
+
+A label value a caller can choose (a model name in a body, a pipeline id in a
+header) would give an attacker one new time series per request: /metrics grows
+without bound and Prometheus with it. So a model label is the name itself only
+when the configuration names it (aliases, maps, pins, allow-lists, routes, the
+price table); a pipeline scope only when a budget rule names that pipeline.
+Everything else is counted under `other`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from extproc.config import Config, ProfileConfig, TierConfig
+
+OTHER = "other"
+_GLOB = frozenset("*?[")
+
+
+def _literal(names: Iterable[str | None]) -> set[str]:
+    return {n for n in names if n and not _GLOB & set(n)}
+
+
+def configured_models(config: Config) -> frozenset[str]:
+    """Every exact model name the configuration mentions."""
+    names: set[str] = set()
+    names |= _literal(config.models.aliases)
+    names |= _literal(config.models.aliases.values())
+    names |= _literal(route.match for route in config.models.routes)
+    names |= _literal(config.pricing.merged())
+    policies: list[ProfileConfig | TierConfig] = [*config.profiles.values()]
+    policies += config.tiers.values()
+    for policy in policies:
+        names |= _literal(policy.map.values())
+        names |= _literal(policy.models or ())
+    names |= _literal(profile.pin for profile in config.profiles.values())
+    names |= _literal(model for team in config.teams.values() for model in team.models or ())
+    names |= _literal(model for key in config.auth.keys for model in key.models or ())
+    return frozenset(names)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelBounds:
+    models: frozenset[str] = frozenset()
+    pipelines: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: Config) -> LabelBounds:
+        pipelines = {r.id for r in config.budgets.rules if r.scope == "pipeline" and r.id != "*"}
+        return cls(models=configured_models(config), pipelines=frozenset(pipelines))
+
+    def model(self, name: str | None) -> str:
+        if not name:
+            return ""
+        return name if name in self.models else OTHER
+
+    def scope(self, kind: str, scope_id: str) -> str:
+        """A budget scope label; pipelines come from a header, so only named ones pass."""
+        if kind == "pipeline" and scope_id not in self.pipelines:
+            scope_id = OTHER
+        return f"{kind}={scope_id}"
