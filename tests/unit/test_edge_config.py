@@ -102,7 +102,7 @@ def test_connection_cap_fits_the_descriptor_limit() -> None:
     assert fdlimit.connection_cap(None, 50_000, 1_048_576) == 50_000
     assert fdlimit.connection_cap(None, 50_000, 20_000) == (20_000 - fdlimit.RESERVE) // 2
     assert fdlimit.connection_cap(1_000, 50_000, 20_000) == 1_000
-    with pytest.raises(fdlimit.FdLimitError, match="envoy.max_connections is 50000"):
+    with pytest.raises(fdlimit.FdLimitError, match=r"envoy\.max_connections is 50000"):
         fdlimit.connection_cap(50_000, 50_000, 20_000)
     with pytest.raises(fdlimit.FdLimitError, match="too low"):
         fdlimit.connection_cap(None, 50_000, 200)
