@@ -196,7 +196,7 @@ async def _exchange(stub: Any, number: int) -> None:
     for message in one_request(number):
         await queue.put(message)
         reply = await call.read()
-        if reply is grpc.aio.EOF:
+        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]
             raise c.BenchError("the server ended a stream early")
         if reply.HasField("immediate_response"):
             raise c.BenchError(f"refused: {reply.immediate_response.body[:200]!r}")
