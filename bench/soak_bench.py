@@ -45,6 +45,7 @@ import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
 
 from extproc import server, supervisor
 from extproc.config import Config, HostPort
@@ -106,7 +107,7 @@ def serve_null(port: int) -> None:
 def gateway_config(port: int, workdir: Path, budgets: bool = True) -> dict[str, Any]:
     config: dict[str, Any] = {
         "grpc_listen": f"127.0.0.1:{port}",
-        "metrics_listen": None,
+        "metrics_listen": f"127.0.0.1:{c.free_port()}",
         "audit": {"sink": os.environ.get("SOAK_AUDIT") or str(workdir / "audit.jsonl")},
         "providers": {
             "anthropic": {
@@ -165,6 +166,18 @@ def _headers(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
     return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values), end_of_stream=eos)
 
 
+def _attributes() -> dict[str, struct_pb2.Struct]:
+    """The request attributes Envoy sends with the headers (route name and metadata)."""
+    values = struct_pb2.Struct()
+    metadata = 'filter_metadata { key: "extproc" value { fields { key: "profile" '
+    metadata += 'value { string_value: "default" } } } }'
+    values.update({"xds.route_name": "anthropic", "xds.route_metadata": metadata})
+    return {"envoy.filters.http.ext_proc": values}
+
+
+ATTRIBUTES = _attributes()
+
+
 def one_request(number: int) -> list[pb.ProcessingRequest]:
     request = {
         ":method": "POST",
@@ -177,7 +190,7 @@ def one_request(number: int) -> list[pb.ProcessingRequest]:
     }
     response = {":status": "200", "content-type": "application/json"}
     return [
-        pb.ProcessingRequest(request_headers=_headers(request)),
+        pb.ProcessingRequest(request_headers=_headers(request), attributes=ATTRIBUTES),
         pb.ProcessingRequest(request_body=pb.HttpBody(body=BODY, end_of_stream=True)),
         pb.ProcessingRequest(response_headers=_headers(response)),
         pb.ProcessingRequest(response_body=pb.HttpBody(body=ANSWER, end_of_stream=True)),

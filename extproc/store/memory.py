@@ -50,7 +50,7 @@ from extproc.store import (
 __all__ = ["MemoryStore"]
 
 SWEEP_EVERY = 1024
-FINISHED_RECORDS = 65_536
+FINISHED_RECORDS = 10_000
 
 
 @dataclass(slots=True)

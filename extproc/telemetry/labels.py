@@ -4,18 +4,21 @@ A label value a caller can choose (a model name in a body, a pipeline id in a
 header) would give an attacker one new time series per request: /metrics grows
 without bound and Prometheus with it. So a model label is the name itself only
 when the configuration names it (aliases, maps, pins, allow-lists, routes, the
-price table); a pipeline scope only when a budget rule names that pipeline.
+price table), or when a provider answered successfully under that name (a dated
+snapshot such as claude-sonnet-4-5-20250929), for at most `MAX_ANSWERED` such
+names per process; a pipeline scope only when a budget rule names that pipeline.
 Everything else is counted under `other`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from extproc.config import Config, ProfileConfig, TierConfig
 
 OTHER = "other"
+MAX_ANSWERED = 64
 _GLOB = frozenset("*?[")
 
 
@@ -45,16 +48,23 @@ def configured_models(config: Config) -> frozenset[str]:
 class LabelBounds:
     models: frozenset[str] = frozenset()
     pipelines: frozenset[str] = frozenset()
+    answered: set[str] = field(default_factory=set)  # names providers answered with
 
     @classmethod
     def from_config(cls, config: Config) -> LabelBounds:
         pipelines = {r.id for r in config.budgets.rules if r.scope == "pipeline" and r.id != "*"}
         return cls(models=configured_models(config), pipelines=frozenset(pipelines))
 
-    def model(self, name: str | None) -> str:
+    def model(self, name: str | None, *, answered: bool = False) -> str:
+        """`answered`: the name comes from a provider's successful answer."""
         if not name:
             return ""
-        return name if name in self.models else OTHER
+        if name in self.models or name in self.answered:
+            return name
+        if answered and len(self.answered) < MAX_ANSWERED:
+            self.answered.add(name)
+            return name
+        return OTHER
 
     def scope(self, kind: str, scope_id: str) -> str:
         """A budget scope label; pipelines come from a header, so only named ones pass."""

@@ -89,7 +89,8 @@ def account(stream: RequestStream, now: float) -> None:
     outcome = stream.outcome or ""
     rejected = outcome.startswith("rejected_")
     # A rejected request's model is whatever the caller wrote: never a label value.
-    model = "" if rejected else metrics.bounds.model(record["served_model"])
+    answered = outcome in ("ok", "cache_hit") and stream.answer.served_model is not None
+    model = "" if rejected else metrics.bounds.model(record["served_model"], answered=answered)
     provider = record["provider"] or ""
     metrics.requests.labels(
         stream.api, record["endpoint"] or "", model, provider, str(record["status"]), outcome
