@@ -242,9 +242,8 @@ class RequestStream:
             ) from exc
         changes = routing.upstream_headers(self.target, self.path, secret)
         remove = list(changes.remove)
-        ours = self.identity.source != "anonymous" or auth.key_id_of(self.key or "") is not None
-        if secret is None and ours:
-            # A gateway key (even an unknown one) or an SSO token is ours, never the provider's.
+        if secret is None and self.identity.source != "anonymous":
+            # A gateway key or an SSO token is ours, never the provider's.
             remove += ["x-api-key", "authorization"]
         if body is not None:
             remove.append("content-length")

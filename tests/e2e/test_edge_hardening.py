@@ -178,6 +178,20 @@ def test_a_get_with_a_body_still_checks_model_visibility(fake: FakeProvider) -> 
         assert fake.received == []
 
 
+def test_options_asterisk_logs_nothing(stack: Stack) -> None:
+    """Envoy answers `OPTIONS *` itself; the gateway sees only that reply and stays quiet."""
+    for _ in range(3):
+        with socket.create_connection((stack.config.listen.host, stack.config.listen.port)) as s:
+            s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 4")
+    # A later request's audit record is written after any log line of those streams.
+    count = len(stack.audit_records())
+    headers = {**HEADERS, "x-api-key": "k"}
+    assert httpx.post(f"{stack.url}/v1/messages", json=BODY, headers=headers).status_code == 200
+    stack.audit_records(wait_for=count + 1)
+    assert "protocol error" not in stack.log_text("extproc")
+
+
 # --------------------------------------------------------------------------- 16 failure modes
 
 
