@@ -18,9 +18,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 COPY deploy/requirements.lock /tmp/requirements.lock
 # --no-deps: the lock is complete, so nothing unpinned can slip in.
+# xds-protos ships an old copy of opentelemetry/proto; the locked opentelemetry-proto is
+# installed again afterwards so the OTLP exporters get theirs.
 RUN python -m venv /opt/extproc \
     && /opt/extproc/bin/pip install --no-cache-dir --require-hashes --no-deps \
-       -r /tmp/requirements.lock
+       -r /tmp/requirements.lock \
+    && awk '/^[a-z]/{keep = /^opentelemetry-proto==/} keep' /tmp/requirements.lock \
+       > /tmp/otel-proto.lock \
+    && /opt/extproc/bin/pip install --no-cache-dir --require-hashes --no-deps \
+       --force-reinstall -r /tmp/otel-proto.lock
 COPY pyproject.toml README.md /src/
 COPY extproc /src/extproc
 # The project itself, built with the locked setuptools (no build isolation, so no

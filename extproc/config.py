@@ -38,6 +38,7 @@ __all__ = [
     "CredentialSource",
     "HostPort",
     "LimitsConfig",
+    "OtelConfig",
     "ProviderConfig",
     "load_config",
     "parse_config",
@@ -143,6 +144,51 @@ class AuditConfig(_Frozen):
 
     sink: str = "stdout"
     record_text: bool = False
+
+
+class OtelConfig(_Frozen):
+    """OpenTelemetry export (GenAI metrics and one span per request) to an OTLP collector."""
+
+    # grpc: `http://host:4317` (https:// for TLS); http: the base URL, `http://host:4318`
+    # (`/v1/traces` and `/v1/metrics` are appended).
+    endpoint: str
+    protocol: Literal["grpc", "http"] = "grpc"
+    # Header name -> value from `env:`, `file:` or `value:` (an API key for a SaaS backend);
+    # read once at start.
+    headers: dict[str, CredentialSource] = Field(default_factory=dict)
+    service_name: str = "extproc"
+    # The share of new traces recorded (a caller's sampled `traceparent` is always followed).
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    export_interval_seconds: float = Field(default=15, ge=1, le=3600)
+    export_timeout_seconds: float = Field(default=10, gt=0, le=60)
+    traces: bool = True
+    metrics: bool = True
+    # Finished requests buffered for the telemetry process (~2 KB each, within the kernel's
+    # socket buffer limit) and spans waiting for export; past this they are dropped.
+    max_queue_size: int = Field(default=8192, ge=64, le=1_000_000)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, CredentialSource]) -> dict[str, CredentialSource]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,128}", name):
+                raise ValueError(f"header name {name!r}: use letters, digits and '-'")
+        return value
+
+
+class TelemetryConfig(_Frozen):
+    """Telemetry beyond Prometheus and the audit log."""
+
+    # OTLP export; off when absent.
+    otel: OtelConfig | None = None
 
 
 class LimitsConfig(_Frozen):
@@ -345,6 +391,7 @@ class Config(_Frozen):
     # (overrides a password in the `store` URL).
     store_password: CredentialSource | None = None
     audit: AuditConfig = AuditConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     limits: LimitsConfig = LimitsConfig()
     failure_mode_allow: bool = False
     envoy: EnvoyConfig = EnvoyConfig()

@@ -25,6 +25,7 @@ from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
+from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Gateway:
     cache: ResponseCache
     spending: Spending
     guard: Guard | None = None
+    otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)
@@ -74,6 +76,7 @@ class Gateway:
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
             guard=_guard(config, environ),
+            otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
     def stream_opened(self) -> None:
@@ -105,6 +108,8 @@ class Gateway:
 
     async def close(self) -> None:
         self.audit.close()
+        # Flushing the last spans and metrics may wait on the collector: not on the loop.
+        await asyncio.to_thread(self.otel.shutdown)
         await self.store.close()
 
 

@@ -32,6 +32,7 @@ from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
 from extproc.stream import ProtocolError, RequestStream
+from extproc.telemetry.otel import NoOtel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         async def extend(seconds: float) -> None:
             await context.write(envoy_api.extend_timeout(seconds))
 
-        stream = RequestStream(self.gateway, extend=extend)
+        traced = not isinstance(self.gateway.otel, NoOtel)
+        trace_context = _trace_context(context) if traced else None
+        stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
         self.gateway.stream_opened()
         try:
             async for request in request_iterator:
@@ -85,6 +88,13 @@ def _last_reply(phase: Phase, request: pb.ProcessingRequest, decision: Decision)
         streamed = (BodyMode.BUFFERED, BodyMode.STREAMED)
         return request.response_headers.end_of_stream or decision.response_body_mode not in streamed
     return False
+
+
+def _trace_context(context: Any) -> dict[str, str]:
+    """W3C trace context Envoy sends with the ext_proc call when its tracing is on: the
+    context of Envoy's span for this call, so the gateway's span becomes its child."""
+    metadata = context.invocation_metadata() if hasattr(context, "invocation_metadata") else ()
+    return {k: v for k, v in metadata or () if k in ("traceparent", "tracestate")}
 
 
 async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:

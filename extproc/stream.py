@@ -43,6 +43,7 @@ from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.spending import SpendRun
 from extproc.store import StoreError
+from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class _Answer:
     completion: Any = None
     error_type: str | None = None
     json: dict[str, Any] | None = None
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 Extend = Callable[[float], Awaitable[None]]
@@ -86,9 +88,16 @@ async def _no_extension(seconds: float) -> None:
 
 
 class RequestStream:
-    def __init__(self, gateway: Gateway, extend: Extend = _no_extension) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        extend: Extend = _no_extension,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> None:
         self.gw = gateway
         self.extend = extend
+        # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
+        self.trace_context = trace_context
         self.started = gateway.clock()
         self.phase: str | None = None
         self.request_id = ""
@@ -119,6 +128,7 @@ class RequestStream:
         self.finished_at = self.started
         self.settled = False
         self.json_chunks: list[bytes] = []
+        self.trace: RequestTrace | None = None
 
     # -- phase order -------------------------------------------------------------------
 
@@ -131,7 +141,8 @@ class RequestStream:
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
         self._finish(f"rejected_{error.reason}")
-        return render_error(self.api, error, self.request_id)
+        response = render_error(self.api, error, self.request_id)
+        return dataclasses.replace(response, headers=response.headers + self._trace_header())
 
     # -- request -----------------------------------------------------------------------
 
@@ -150,6 +161,7 @@ class RequestStream:
         self.route_name = route_name
         self.session_id = headers.get(SESSION_HEADER)
         self.headers = headers
+        self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
         try:
@@ -247,7 +259,7 @@ class RequestStream:
             remove += ["x-api-key", "authorization"]
         if body is not None:
             remove.append("content-length")
-        changes = HeaderChanges(set=changes.set, remove=tuple(remove))
+        changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
@@ -364,6 +376,7 @@ class RequestStream:
             ("x-gateway-cache", "hit"),
             ("age", str(int(self.cache_run.age))),
             ("x-gateway-request-id", self.request_id),
+            *self._trace_header(),
         )
         return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
 
@@ -403,8 +416,13 @@ class RequestStream:
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
 
+    def _trace_header(self) -> tuple[tuple[str, str], ...]:
+        """Our span as the `traceparent`: the provider's call and the client's view are its
+        children."""
+        return (("traceparent", self.trace.traceparent),) if self.trace is not None else ()
+
     def _response_headers(self) -> tuple[tuple[str, str], ...]:
-        headers: tuple[tuple[str, str], ...] = (("x-gateway-request-id", self.request_id),)
+        headers = (("x-gateway-request-id", self.request_id), *self._trace_header())
         run = self.cache_run
         if run is not None:
             headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
@@ -540,8 +558,10 @@ class RequestStream:
     def _read_answer(self, body: dict[str, Any]) -> None:
         if self.api == "openai":
             self.answer.usage = openai.usage_from_completion(body)
+            self.answer.finish_reasons = openai.finish_reasons(body)
         else:
             self.answer.usage = anthropic.usage_from_message(body)
+            self.answer.finish_reasons = anthropic.finish_reasons(body)
         model = body.get("model")
         self.answer.served_model = model if isinstance(model, str) else None
         error = body.get("error")

@@ -28,6 +28,7 @@ __all__ = [
     "StreamAccumulator",
     "error_body",
     "error_type_for_status",
+    "finish_reasons",
     "unfold_message",
     "usage_from_mapping",
     "usage_from_message",
@@ -105,6 +106,12 @@ def usage_from_mapping(usage: object) -> Usage:
 def usage_from_message(message: Mapping[str, Any]) -> Usage:
     """`Usage` of a non-streaming `/v1/messages` response body."""
     return usage_from_mapping(message.get("usage"))
+
+
+def finish_reasons(message: Mapping[str, Any]) -> list[str]:
+    """Why the model stopped (`stop_reason`), as a list like OpenAI's per-choice reasons."""
+    reason = message.get("stop_reason")
+    return [reason] if isinstance(reason, str) else []
 
 
 class _Block:
@@ -188,6 +195,9 @@ class StreamAccumulator:
         message["content"] = [dict(self._blocks[i].data) for i in sorted(self._blocks)]
         message["usage"] = dict(self._usage)
         return message
+
+    def finish_reasons(self) -> list[str]:
+        return finish_reasons(self._message)
 
     def _on_message_start(self, payload: Mapping[str, Any]) -> None:
         message = payload["message"]

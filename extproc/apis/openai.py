@@ -31,6 +31,7 @@ __all__ = [
     "StreamAccumulator",
     "error_body",
     "error_type_for_status",
+    "finish_reasons",
     "unfold_completion",
     "usage_from_completion",
     "usage_from_mapping",
@@ -95,6 +96,18 @@ def usage_from_mapping(usage: object) -> Usage:
 def usage_from_completion(body: Mapping[str, Any]) -> Usage:
     """`Usage` of a non-streaming `chat.completion` body."""
     return usage_from_mapping(body.get("usage"))
+
+
+def finish_reasons(body: Mapping[str, Any]) -> list[str]:
+    """Each choice's `finish_reason`, in choice order."""
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [
+        c["finish_reason"]
+        for c in choices
+        if isinstance(c, Mapping) and isinstance(c.get("finish_reason"), str)
+    ]
 
 
 class _Choice:
@@ -230,6 +243,10 @@ class StreamAccumulator:
             raise ValueError("the stream has not completed (no [DONE] seen)")
         choices = [self._choices[i].folded(i) for i in sorted(self._choices)]
         return {**self._meta, "object": "chat.completion", "choices": choices, "usage": self._usage}
+
+    def finish_reasons(self) -> list[str]:
+        reasons = (self._choices[i].finish_reason for i in sorted(self._choices))
+        return [r for r in reasons if isinstance(r, str)]
 
     def _feed_chunk(self, chunk: Mapping[str, Any]) -> None:
         for key, value in chunk.items():

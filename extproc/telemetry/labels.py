@@ -66,8 +66,12 @@ class LabelBounds:
             return name
         return OTHER
 
-    def scope(self, kind: str, scope_id: str) -> str:
-        """A budget scope label; pipelines come from a header, so only named ones pass."""
+    def scope_id(self, kind: str, scope_id: str) -> str:
+        """A scope id as a label; pipelines come from a header, so only named ones pass."""
         if kind == "pipeline" and scope_id not in self.pipelines:
-            scope_id = OTHER
-        return f"{kind}={scope_id}"
+            return OTHER
+        return scope_id
+
+    def scope(self, kind: str, scope_id: str) -> str:
+        """A budget's `scope` label, `kind=id`."""
+        return f"{kind}={self.scope_id(kind, scope_id)}"

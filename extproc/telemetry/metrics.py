@@ -14,8 +14,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from extproc.apis.usage import Usage
 from extproc.telemetry.labels import LabelBounds
 
+# Distinct ids a scope kind may label per process; further ids are counted as `other`, so
+# a client-chosen value (a pipeline header) cannot grow the series without bound.
+SCOPE_IDS_PER_KIND = 500
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+
+
+def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
+    return (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_creation", usage.cache_creation_input_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+    )
 
 
 class Metrics:
@@ -103,6 +116,30 @@ class Metrics:
             ["direction", "rule", "action"],
             registry=r,
         )
+        self.scope_spend = Counter(
+            "extproc_scope_spend_usd",
+            "Settled spend in USD per budget scope (key, user, team, project, pipeline).",
+            ["scope", "id"],
+            registry=r,
+        )
+        self.scope_tokens = Counter(
+            "extproc_scope_tokens",
+            "Tokens reported by providers per budget scope and type (input, output, cache_*).",
+            ["scope", "id", "type"],
+            registry=r,
+        )
+        self.cache_saved_usd = Counter(
+            "extproc_cache_saved_usd",
+            "What cache hits did not spend, in USD, by served model.",
+            ["model"],
+            registry=r,
+        )
+        self._scope_ids: dict[str, set[str]] = {}
+        self.otel_dropped = Counter(
+            "extproc_otel_dropped",
+            "Requests left out of OpenTelemetry because its recording queue was full.",
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",
@@ -111,15 +148,30 @@ class Metrics:
         )
 
     def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
-        for kind, value in (
-            ("input", usage.input_tokens),
-            ("output", usage.output_tokens),
-            ("cache_creation", usage.cache_creation_input_tokens),
-            ("cache_read", usage.cache_read_input_tokens),
-        ):
+        for kind, value in _by_type(usage):
             if not value:
                 continue
             if saved:
                 self.cache_saved_tokens.labels(model, kind).inc(value)
             else:
                 self.tokens.labels(model, provider, kind).inc(value)
+
+    def scope_id(self, kind: str, value: str) -> str:
+        """`value` as a label, or `other` once this kind has SCOPE_IDS_PER_KIND ids."""
+        seen = self._scope_ids.setdefault(kind, set())
+        if value in seen:
+            return value
+        if len(seen) >= SCOPE_IDS_PER_KIND:
+            return "other"
+        seen.add(value)
+        return value
+
+    def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
+        """Spend and tokens per scope of one settled request."""
+        for kind, value in scopes.items():
+            label = self.scope_id(kind, self.bounds.scope_id(kind, value))
+            if cost_usd:
+                self.scope_spend.labels(kind, label).inc(cost_usd)
+            for token_type, count in _by_type(usage):
+                if count:
+                    self.scope_tokens.labels(kind, label, token_type).inc(count)

@@ -53,6 +53,7 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "cache_read_input_tokens": usage.cache_read_input_tokens,
         "latency_ms": _ms(now - stream.started),
         "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
+        "finish_reasons": _finish_reasons(stream),
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
@@ -81,9 +82,18 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     return record
 
 
+def _finish_reasons(stream: RequestStream) -> list[str]:
+    """Why the model stopped: from the folded stream, or the JSON answer."""
+    if stream.accumulator is not None:
+        return stream.accumulator.finish_reasons()
+    return stream.answer.finish_reasons
+
+
 def account(stream: RequestStream, now: float) -> None:
     record = audit_record(stream, now)
     stream.gw.audit.write(record)
+    generates = stream.route is not None and stream.route.endpoint.generates
+    stream.gw.otel.record(stream.trace, record, generates)
     run = stream.cache_run
     metrics = stream.gw.metrics
     outcome = stream.outcome or ""
@@ -104,6 +114,11 @@ def account(stream: RequestStream, now: float) -> None:
     if run is not None:
         metrics.cache.labels(run.result).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
+    if stream.outcome == "cache_hit":
+        if record.get("cost_saved_usd"):
+            metrics.cache_saved_usd.labels(model).inc(record["cost_saved_usd"])
+    elif record.get("scopes") and not rejected:
+        metrics.count_scopes(record["scopes"], stream.answer.usage, record.get("cost_usd"))
     metrics.latency.labels(stream.api, record["endpoint"], str(stream.answer.streamed)).observe(
         now - stream.started
     )
