@@ -103,6 +103,7 @@ async def _iterate(
 async def _one(servicer: ExternalProcessor, messages: Sequence[pb.ProcessingRequest]) -> float:
     started = time.perf_counter()
     await servicer.Process(_iterate(messages), _Context())
+    await servicer.gateway.settle_pending(10)  # the stream's settle and audit task
     return time.perf_counter() - started
 
 
@@ -157,6 +158,7 @@ async def _prime(
             yield message
 
     await servicer.Process(iterate(), _Context())
+    await servicer.gateway.settle_pending(10)  # the answer is stored by the close task
 
 
 def _body(size: int, model: str) -> bytes:

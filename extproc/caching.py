@@ -68,6 +68,9 @@ class ResponseCache:
         raw = await self.store.get(entry_name(scope, key))
         return Entry.decode(raw) if raw is not None else None
 
+    async def exists(self, scope: str, key: str) -> bool:
+        return await self.store.get(entry_name(scope, key)) is not None
+
     async def acquire(self, key: str, owner: str) -> bool:
         return await self.store.acquire_lock(LOCK_PREFIX + key, owner, self.settings.lock_seconds)
 
@@ -161,6 +164,10 @@ class CacheRun:
     volatile: list[str] = field(default_factory=list)
     volatile_directories: list[str] = field(default_factory=list)  # of `volatile`
     age: float = 0.0
+    # A no-cache request of a shared scope (a team) found a fresh entry and, if it stores
+    # its own answer, replaces it for everyone: the audit record says so (cache_replaced).
+    found_fresh: bool = False
+    replaced: bool = False
 
     async def before_upstream(
         self, shape: Callable[[], Shape] | None, extend: Extend
@@ -177,6 +184,8 @@ class CacheRun:
     async def _lookup(self, shape: Callable[[], Shape] | None, extend: Extend) -> Entry | None:
         if not self.read:
             self.result = "bypass"
+            if self.write:
+                self.found_fresh = await self.cache.exists(self.scope, self.key)
             self.leader = self.write and await self.cache.acquire(self.key, self.owner)
             return None
         entry = await self.cache.lookup(self.scope, self.key)
@@ -207,6 +216,7 @@ class CacheRun:
             if answer is not None and self.write and self.result != "hit":
                 entry = Entry(api=api, answer=answer, created_at=self.cache.wall())
                 stored = await self.cache.save(self.scope, self.key, entry, self.config.ttl_seconds)
+                self.replaced = stored and self.found_fresh
             if self.leader:
                 await self.cache.release(self.key, self.owner)
         except StoreError as exc:

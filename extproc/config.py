@@ -243,6 +243,9 @@ class EnvoyConfig(_Frozen):
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     # Where Envoy writes its access log (one JSON line per request; see `extproc reconcile`).
     access_log: str = Field(default="/dev/stdout", min_length=1, max_length=4096)
+    # Envoy's cap on open downstream connections; None: derived from the file-descriptor
+    # limit at start (extproc.fdlimit), which must hold two descriptors per connection.
+    max_connections: int | None = Field(default=None, ge=16, le=10_000_000)
 
     @field_validator("admin", mode="before")
     @classmethod

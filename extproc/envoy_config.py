@@ -132,10 +132,31 @@ def _patch_listener(bootstrap: dict[str, Any], config: Config) -> dict[str, Any]
     return hcm
 
 
+_DOWNSTREAM_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
+
+
+def connection_monitor(bootstrap: dict[str, Any]) -> dict[str, Any] | None:
+    """The overload manager's downstream connection cap settings, if the bootstrap has one."""
+    monitors = bootstrap.get("overload_manager", {}).get("resource_monitors", [])
+    for monitor in monitors:
+        if monitor.get("name") == _DOWNSTREAM_CONNECTIONS:
+            settings: dict[str, Any] = monitor["typed_config"]
+            return settings
+    return None
+
+
+def max_connections(bootstrap: dict[str, Any]) -> int | None:
+    monitor = connection_monitor(bootstrap)
+    return None if monitor is None else int(monitor["max_active_downstream_connections"])
+
+
 def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
     """The bootstrap for `config`, leaving the template untouched."""
     bootstrap = copy.deepcopy(template)
     bootstrap["admin"]["address"] = _socket(config.envoy.admin)
+    monitor = connection_monitor(bootstrap)
+    if monitor is not None and config.envoy.max_connections is not None:
+        monitor["max_active_downstream_connections"] = config.envoy.max_connections
     hcm = _patch_listener(bootstrap, config)
     _patch_routes(hcm, config)
     _patch_dispatch(hcm, config)

@@ -26,6 +26,7 @@ from extproc.signin.service import SignIn
 from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
+from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 
@@ -70,6 +71,7 @@ class Gateway:
         store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()
         hash_key = _hash_key(config, environ)
+        metrics.bounds = LabelBounds.from_config(config)
         return cls(
             config=config,
             metrics=metrics,

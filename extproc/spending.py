@@ -464,14 +464,14 @@ class Spending:
         if run.cost_usd is None:
             return
         labels = {s.kind: s.id for s in run.scopes}
-        self.metrics.spend.labels(run.model, labels.get("team", ""), labels.get("project", "")).inc(
-            float(run.cost_usd)
-        )
+        model = self.metrics.bounds.model(run.model)
+        team, project = labels.get("team", ""), labels.get("project", "")
+        self.metrics.spend.labels(model, team, project).inc(float(run.cost_usd))
 
     def _gauge(self, statuses: Sequence[BudgetStatus]) -> None:
         for status in statuses:
             value = status.remaining / 1e6 if status.metric == "usd" else status.remaining
-            scope = f"{status.scope.kind}={status.scope.id}"
+            scope = self.metrics.bounds.scope(status.scope.kind, status.scope.id)
             self.metrics.budget_remaining.labels(status.budget, scope, status.metric).set(value)
 
     async def quota(

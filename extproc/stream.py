@@ -43,8 +43,8 @@ from extproc.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
-    HeadersTooLarge,
     GatewayTimeout,
+    HeadersTooLarge,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -110,7 +110,8 @@ def _cut_short_outcome(status: int, cancelled: bool) -> str:
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers"}),
+    None: frozenset({"request_headers", "local_reply"}),
+    "local_reply": frozenset({"response_body"}),
     "request_headers": frozenset({"request_body", "response_headers"}),
     "request_body": frozenset({"request_body", "response_headers"}),
     "response_headers": frozenset({"response_body"}),
@@ -342,14 +343,17 @@ class RequestStream:
             return self._managed_settings()
         if self.route.endpoint is Endpoint.OTLP and end_of_stream:
             return self._relay(b"")
+        model_id = ""
+        if self.route.endpoint is Endpoint.MODELS:
+            # Before the body check: a GET with a body must not skip it.
+            model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
+            if model_id and not models.visible(model_id, self.allow):
+                raise NotFound(f"model {model_id!r} is not available to this caller")
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
-        if model_id and not models.visible(model_id, self.allow):
-            raise NotFound(f"model {model_id!r} is not available to this caller")
-        if not model_id and self.api == "anthropic":
+        if self.route.endpoint is Endpoint.MODELS and not model_id and self.api == "anthropic":
             query = self.path.partition("?")[2]
             self.model_page = model_list.PageRequest.parse(query)
             self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
@@ -482,7 +486,6 @@ class RequestStream:
         models.check_allowed(request.model, served, self.allow)
         self.target = self._choose_target(served)
         self.served_model = served
-        self.gw.metrics.model_mapping.labels(request.model, served, self.target.name).inc()
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
@@ -657,6 +660,11 @@ class RequestStream:
     async def response_headers(
         self, headers: dict[str, str], end_of_stream: bool, *, details: str = ""
     ) -> Decision:
+        if self.phase is None:
+            # Envoy answered before the request reached the gateway (`OPTIONS *` is
+            # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
+            self._enter("local_reply")
+            return CONTINUE
         self._enter("response_headers")
         if self.outcome is not None or self.route is None:
             return CONTINUE
@@ -770,7 +778,7 @@ class RequestStream:
             if end_of_stream:
                 self._finish("error")
             return Continue(body=body)
-        if self.outcome is not None:
+        if self.outcome is not None or self.route is None:
             return CONTINUE
         if self.answer_decoder is not None:
             return self._decoded_body(chunk, end_of_stream)
@@ -959,10 +967,10 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        first = "none" if self.phase is None else "request_headers"
+        first = "none" if self.phase in (None, "local_reply") else "request_headers"
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
-        if self.outcome is None and self.phase is not None:
+        if self.outcome is None and self.phase not in (None, "local_reply"):
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return

@@ -30,7 +30,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc import envoy_config
+from extproc import envoy_config, fdlimit
 from extproc.config import Config, HostPort
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,20 @@ class _Signals:
         self.received = signum
 
 
+def with_connection_cap(config: Config) -> Config:
+    """The config with Envoy's downstream connection cap fitted to the descriptor limit
+    (raised to its hard limit first); `FdLimitError` when it cannot fit."""
+    template = envoy_config.load_template(envoy_config.template_path(config))
+    template_cap = envoy_config.max_connections(template)
+    if template_cap is None and config.envoy.max_connections is None:
+        return config
+    cap = fdlimit.connection_cap(
+        config.envoy.max_connections, template_cap, fdlimit.raise_soft_limit()
+    )
+    envoy = config.envoy.model_copy(update={"max_connections": cap})
+    return config.model_copy(update={"envoy": envoy})
+
+
 def up(config_path: str | None, config: Config, grace: float) -> int:
     """Envoy and the ext_proc server in the foreground until Ctrl-C or one of them exits."""
     problems = busy_ports(config)
@@ -215,6 +229,11 @@ def up(config_path: str | None, config: Config, grace: float) -> int:
         print(f"extproc: {problem}", file=sys.stderr)
     if problems:
         return 1
+    try:
+        config = with_connection_cap(config)
+    except fdlimit.FdLimitError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     signals = _Signals()
     node_id = f"extproc-up-{uuid.uuid4().hex[:12]}"
     bootstrap = write_bootstrap(config, node_id)

@@ -9,13 +9,14 @@ it is the only place gateway errors become response bodies.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from extproc.apis import anthropic, openai
 from extproc.decisions import Respond
-from extproc.errors import GatewayError, MethodNotAllowed, NotFound
+from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 
 ApiKind = Literal["anthropic", "openai"]
 
@@ -71,11 +72,26 @@ def api_of_path(path: str, headers: Mapping[str, str]) -> ApiKind:
     return "anthropic"
 
 
+# A model id in a path segment: what check_model allows in a body, minus `/`, and never a
+# dot segment or an encoded byte (Envoy normalises paths first; this holds without it).
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+\-]{0,255}")
+
+
+def check_model_id(model_id: str) -> None:
+    """`BadRequest` unless `model_id` (empty: the listing) is a plain model id."""
+    if model_id and (not _MODEL_ID.fullmatch(model_id) or ".." in model_id):
+        raise BadRequest(
+            "the model id in /v1/models/<id> may contain only letters, digits and . _ : @ + -",
+            reason="invalid_model",
+        )
+
+
 def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
     """The endpoint a request is for; `NotFound`/`MethodNotAllowed` for anything else."""
     path = raw_path.split("?", 1)[0]
     api = api_of_path(path, headers)
     if path.startswith("/v1/models/") and path.count("/") == 3:
+        check_model_id(path.removeprefix("/v1/models/"))
         path = "/v1/models"
     entry = _EXACT.get(path.rstrip("/") or "/")
     if entry is None:

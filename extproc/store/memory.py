@@ -11,7 +11,12 @@ so tests move time with `ManualClock.advance`. `wait_for`'s timeout is real
 elapsed time (it is a wait, not a window).
 
 Expired entries are dropped when touched and by a sweep every `SWEEP_EVERY`
-writes, so memory stays proportional to live keys.
+writes, so memory stays proportional to live keys. A finished (settled or
+released) reservation's record only guards against a repeated settle of that
+request, which comes within seconds if at all; it would otherwise stay for its
+hour-long TTL, ~250 B per request (~900 MB an hour at 1,000 req/s), so only the
+newest `FINISHED_RECORDS` of them are kept (one process has no other replica
+that could settle an older one).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from extproc.store import (
 __all__ = ["MemoryStore"]
 
 SWEEP_EVERY = 1024
+FINISHED_RECORDS = 10_000
 
 
 @dataclass(slots=True)
@@ -71,9 +77,13 @@ def _fmt(value: float) -> bytes:
 class MemoryStore:
     """A `Store` held in this process's memory."""
 
-    def __init__(self, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self, *, clock: Clock | None = None, finished_records: int = FINISHED_RECORDS
+    ) -> None:
         self._clock: Clock = clock or SystemClock()
         self._kv: dict[str, _Entry] = {}
+        self._finished: dict[str, None] = {}  # finished reservation records, oldest first
+        self._finished_limit = finished_records
         self._counters: dict[str, _Counter] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._writes = 0
@@ -323,7 +333,19 @@ class MemoryStore:
         for h, actual in zip(holds, actuals, strict=True):
             self._settle_one(reservation, h, actual, now, held=state == "held")
         self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
+        self._remember_finished(record_key)
         return SettleOutcome(state)
+
+    def _remember_finished(self, record_key: str) -> None:
+        """Keep the newest finished records only; the oldest are forgotten first."""
+        self._finished.pop(record_key, None)
+        self._finished[record_key] = None
+        while len(self._finished) > self._finished_limit:
+            oldest = next(iter(self._finished))
+            del self._finished[oldest]
+            entry = self._kv.get(oldest)
+            if entry is not None and entry.value in (b"settled", b"released"):
+                del self._kv[oldest]
 
     def _settle_one(self, reservation: str, h: Hold, actual: int, now: int, *, held: bool) -> None:
         counter = self._counter(h.counter.key, now, create=actual != 0 or held)
@@ -424,4 +446,5 @@ class MemoryStore:
     async def close(self) -> None:
         self._closed = True
         self._kv.clear()
+        self._finished.clear()
         self._counters.clear()

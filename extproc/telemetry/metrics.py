@@ -1,7 +1,8 @@
 """Prometheus metrics. One `Metrics` object per process, passed in (never a global).
 
-Label values are bounded: models and providers come from the config or the
-provider's answer (a bounded set in practice), reasons from `GatewayError.reason`.
+Label values are bounded: model names and pipeline scopes pass through
+`LabelBounds` (names the config declares, else `other`; telemetry/labels.py),
+providers, teams and rules come from the config, reasons from `GatewayError.reason`.
 With `--workers N` the supervisor serves every worker's metrics through
 prometheus_client's multiprocess mode (see `extproc.server`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from extproc.apis.usage import Usage
+from extproc.telemetry.labels import LabelBounds
 
 # Distinct ids a scope kind may label per process; further ids are counted as `other`, so
 # a client-chosen value (a pipeline header) cannot grow the series without bound.
@@ -32,6 +34,7 @@ def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.bounds = LabelBounds()  # set from the config by Gateway.from_config
         r = self.registry
         self.requests = Counter(
             "extproc_requests",
@@ -180,7 +183,7 @@ class Metrics:
     def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
         """Spend and tokens per scope of one settled request."""
         for kind, value in scopes.items():
-            label = self.scope_id(kind, value)
+            label = self.scope_id(kind, self.bounds.scope_id(kind, value))
             if cost_usd:
                 self.scope_spend.labels(kind, label).inc(cost_usd)
             for token_type, count in _by_type(usage):

@@ -85,6 +85,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
             record["cache_volatile_paths"] = run.volatile
         if run.volatile_directories:
             record["cache_volatile_directories"] = run.volatile_directories
+        if run.replaced:
+            record["cache_replaced"] = True
     if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = _completion(stream)
@@ -116,11 +118,19 @@ def account(stream: RequestStream, now: float) -> None:
     stream.gw.otel.record(stream.trace, record, generates)
     run = stream.cache_run
     metrics = stream.gw.metrics
-    model = record["served_model"] or ""
+    outcome = stream.outcome or ""
+    rejected = outcome.startswith("rejected_")
+    # A rejected request's model is whatever the caller wrote: never a label value.
+    answered = outcome in ("ok", "cache_hit") and stream.answer.served_model is not None
+    model = "" if rejected else metrics.bounds.model(record["served_model"], answered=answered)
     provider = record["provider"] or ""
     metrics.requests.labels(
-        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), stream.outcome
+        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), outcome
     ).inc()
+    requested = metrics.bounds.model(record["requested_model"])
+    if requested and stream.served_model and not rejected:
+        served = metrics.bounds.model(stream.served_model)
+        metrics.model_mapping.labels(requested, served, provider).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
     if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
@@ -131,7 +141,7 @@ def account(stream: RequestStream, now: float) -> None:
     if stream.outcome == "cache_hit":
         if record.get("cost_saved_usd"):
             metrics.cache_saved_usd.labels(model).inc(record["cost_saved_usd"])
-    elif record.get("scopes"):
+    elif record.get("scopes") and not rejected:
         metrics.count_scopes(record["scopes"], stream.answer.usage, record.get("cost_usd"))
     metrics.latency.labels(stream.api, record["endpoint"], str(stream.answer.streamed)).observe(
         now - stream.started

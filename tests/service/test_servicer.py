@@ -101,6 +101,7 @@ async def run(
 
     context = Context()
     await servicer.Process(iterate(), context)
+    await servicer.gateway.settle_pending(10)  # the settle and audit task of the stream
     return context.written
 
 

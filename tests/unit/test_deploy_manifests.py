@@ -59,6 +59,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 EXT_PROC = "envoy.filters.http.ext_proc"
 ROUTER = "envoy.filters.http.router"
+LUA = "envoy.filters.http.lua"
 HCM = "envoy.filters.network.http_connection_manager"
 
 Json = dict[str, Any]
@@ -86,7 +87,8 @@ def _flag(args: list[str], name: str) -> str:
 
 
 def _hcm(listener: Json) -> Json:
-    hcm: Json = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    found = (f for f in listener["filter_chains"][0]["filters"] if f["name"] == HCM)
+    hcm: Json = next(found)["typed_config"]
     return hcm
 
 
@@ -568,9 +570,15 @@ def _equivalent_bootstrap(envoy_filter: Json) -> Json:
     router = {"name": ROUTER, "typed_config": {"@type": router_type}}
     filters: list[Json] = [router]
     routes: list[Json] = []
+    hcm_merge: Json = {}
+    network: list[Json] = []
     for patch in patches:
         value = copy.deepcopy(patch["patch"]["value"])
-        if patch["applyTo"] == "HTTP_FILTER":
+        if patch["applyTo"] == "NETWORK_FILTER" and patch["patch"]["operation"] == "MERGE":
+            hcm_merge = value["typed_config"]
+        elif patch["applyTo"] == "NETWORK_FILTER":
+            network.append(value)
+        elif patch["applyTo"] == "HTTP_FILTER":
             filters.insert(filters.index(router), value)
         elif patch["applyTo"] == "HTTP_ROUTE":
             match = patch["match"]["routeConfiguration"].get("vhost", {}).get("route", {})
@@ -585,11 +593,12 @@ def _equivalent_bootstrap(envoy_filter: Json) -> Json:
         "stat_prefix": "istio",
         "route_config": {"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]},
         "http_filters": filters,
+        **{k: v for k, v in hcm_merge.items() if k != "@type"},
     }
     listener = {
         "name": "listener",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 15443}},
-        "filter_chains": [{"filters": [{"name": HCM, "typed_config": hcm}]}],
+        "filter_chains": [{"filters": [*network, {"name": HCM, "typed_config": hcm}]}],
     }
     clusters = [_static_cluster(name, http2=True) for name in cluster_names]
     clusters.append(_static_cluster("upstream", http2=False))
@@ -619,7 +628,7 @@ def test_istio_envoy_filter_config_is_valid_envoy(path: Path, tmp_path: Path) ->
     envoy_filter = _docs(path)[0]
     bootstrap = _equivalent_bootstrap(envoy_filter)
     names = [f["name"] for f in _hcm(bootstrap["static_resources"]["listeners"][0])["http_filters"]]
-    assert names[-2:] == [EXT_PROC, ROUTER]
+    assert names[-3:] == [EXT_PROC, LUA, ROUTER]
     _envoy_validate(bootstrap, tmp_path)
 
 

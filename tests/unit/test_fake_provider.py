@@ -681,6 +681,8 @@ def test_compression_follows_accept_encoding_or_the_forced_coding() -> None:
     compressor = Compressor("gzip")
     data = compressor.piece(b"event one\n\n") + compressor.piece(b"event two\n\n")
     assert gzip.decompress(data + compressor.finish()) == b"event one\n\nevent two\n\n"
+
+
 # --------------------------------------------------------------------------- tool calls
 
 TOOL_INPUT = {"command": "ls -la\n/tmp", "n": 2}

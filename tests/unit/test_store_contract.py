@@ -564,3 +564,18 @@ async def test_hung_redis_times_out_then_recovers_without_mixing_replies(
     finally:
         fresh_redis.resume()
         await store.close()
+
+
+async def test_memory_store_keeps_a_bounded_number_of_finished_records() -> None:
+    """~250 B per request for an hour is unbounded under load: only the newest finished
+    reservation records stay (issue 11, Memory); the newest still dedupe a late settle."""
+    store = MemoryStore(finished_records=100)
+    c = counter(limit=10**9)
+    now = store.clock.time()
+    for i in range(1_000):
+        await store.hold(f"r{i}", rec(f"r{i}"), [Hold(c, 5)], until=now + 60, record_ttl=600)
+        await store.settle(f"r{i}", rec(f"r{i}"), [Hold(c, 5)], [3], record_ttl=600)
+    assert len(await store.scan(rec(""), limit=10_000)) == 100
+    again = await store.settle("r999", rec("r999"), [Hold(c, 5)], [3], record_ttl=600)
+    assert again is SettleOutcome.ALREADY_SETTLED
+    assert await store.usage([c]) == [3_000]
