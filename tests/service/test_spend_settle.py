@@ -67,6 +67,7 @@ async def run(
 
     context = Context()
     await servicer.Process(iterate(), context)
+    await servicer.gateway.settle_pending(10)  # the stream's settle and audit task
     return context.written
 
 
@@ -308,7 +309,12 @@ async def test_concurrent_large_requests_never_pass_the_budget() -> None:
         limits={"max_output_tokens": 64_000},
     )
     body = {"model": "gpt-5", "max_completion_tokens": 128_000, "messages": []}
-    everyone_admitted = asyncio.Barrier(12)
+    arrived, everyone_decided = [0], asyncio.Event()
+
+    def arrive() -> None:  # an admission was decided (held or refused)
+        arrived[0] += 1
+        if arrived[0] == 12:
+            everyone_decided.set()
 
     async def one() -> bool:
         context = Context()
@@ -316,10 +322,9 @@ async def test_concurrent_large_requests_never_pass_the_budget() -> None:
         async def script() -> AsyncIterator[pb.ProcessingRequest]:
             for request in oai_request(body):
                 yield request
-            await everyone_admitted.wait()  # every hold is in place before anyone settles
+            arrive()
+            await everyone_decided.wait()  # every hold is in place before anyone settles
             reply = context.written[-1]
-            if reply.HasField("immediate_response"):
-                return
             mutation = reply.request_body.response.body_mutation.body
             allowed = orjson.loads(mutation or orjson.dumps(body))["max_completion_tokens"]
             usage = {"prompt_tokens": 10, "completion_tokens": allowed}  # generates it all
@@ -327,9 +332,14 @@ async def test_concurrent_large_requests_never_pass_the_budget() -> None:
             yield response_body(orjson.dumps({"model": "gpt-5", "usage": usage}), eos=True)
 
         await servicer.Process(script(), context)
-        return not context.written[1].HasField("immediate_response")
+        refused = context.written[1].HasField("immediate_response")
+        if refused:  # the server ended the RPC after its refusal
+            arrive()
+        await everyone_decided.wait()
+        return not refused
 
-    admitted = await asyncio.gather(*(one() for _ in range(12)))
+    admitted = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(12))), 30)
+    await servicer.gateway.settle_pending(10)
     assert 0 < sum(admitted) < 12
     assert await team_used(servicer) <= 5_000_000
 
