@@ -195,6 +195,9 @@ def test_options_asterisk_logs_nothing(stack: Stack) -> None:
 # --------------------------------------------------------------------------- 16 failure modes
 
 
+SSO_TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+
+
 def _post_with_key(stack: Stack) -> httpx.Response:
     headers = {**HEADERS, "x-api-key": KEY}
     return httpx.post(f"{stack.url}/v1/messages", json=BODY, headers=headers, timeout=30)
@@ -237,12 +240,15 @@ def test_fail_open_never_forwards_a_gateway_key(keyed: Stack, fake: FakeProvider
         fake.clear()
         _post_with_key(keyed)
         _openai_with_key(keyed)
+        sso = {**HEADERS, "authorization": f"Bearer {SSO_TOKEN}"}  # a sign-in token (a JWT)
+        httpx.post(f"{keyed.url}/v1/messages", json=BODY, headers=sso, timeout=30)
     finally:
         _resume(keyed)
-    assert len(fake.received) == 2  # failing open: forwarded, policies skipped ...
-    for request in fake.received:  # ... but never with the gateway key
+    assert len(fake.received) == 3  # failing open: forwarded, policies skipped ...
+    for request in fake.received:  # ... but never with a gateway key or SSO token
         assert KEY not in str(request.headers)
         assert "gwk_" not in str(request.headers)
+        assert "eyJ" not in str(request.headers)
 
 
 @pytest.mark.parametrize("how", ["killed", "hung"])
@@ -282,11 +288,13 @@ def test_rejected_models_and_random_pipelines_add_no_series(fake: FakeProvider) 
         budgets={"rules": [{"scope": "pipeline", "window": "daily", "usd": 100}]},
     )
     config["providers"]["anthropic"]["credential"] = {"value": PROVIDER_SECRET}
+    # A keyed caller: pipeline budgets are bound to who calls (anonymous callers have none).
+    config["auth"] = {"keys": [{"id": "alice", "hash": hash_key(KEY)}]}
     rejected = ["claude-" + secrets.token_hex(8) for _ in range(300)]
     answered = ["claude-" + secrets.token_hex(8) for _ in range(MAX_ANSWERED + 36)]
     pipelines = [secrets.token_hex(8) for _ in range(100)]
     with running(config) as stack, httpx.Client(base_url=stack.url, timeout=10) as client:
-        headers = {**HEADERS, "x-api-key": "k"}
+        headers = {**HEADERS, "x-api-key": KEY}
         assert client.post("/v1/messages", json=BODY, headers=headers).status_code == 200
         for model, pipeline in zip(rejected, pipelines * 3, strict=True):
             # No price: refused while a USD (pipeline) budget applies.
