@@ -288,11 +288,13 @@ def test_rejected_models_and_random_pipelines_add_no_series(fake: FakeProvider) 
         budgets={"rules": [{"scope": "pipeline", "window": "daily", "usd": 100}]},
     )
     config["providers"]["anthropic"]["credential"] = {"value": PROVIDER_SECRET}
+    # A keyed caller: pipeline budgets are bound to who calls (anonymous callers have none).
+    config["auth"] = {"keys": [{"id": "alice", "hash": hash_key(KEY)}]}
     rejected = ["claude-" + secrets.token_hex(8) for _ in range(300)]
     answered = ["claude-" + secrets.token_hex(8) for _ in range(MAX_ANSWERED + 36)]
     pipelines = [secrets.token_hex(8) for _ in range(100)]
     with running(config) as stack, httpx.Client(base_url=stack.url, timeout=10) as client:
-        headers = {**HEADERS, "x-api-key": "k"}
+        headers = {**HEADERS, "x-api-key": KEY}
         assert client.post("/v1/messages", json=BODY, headers=headers).status_code == 200
         for model, pipeline in zip(rejected, pipelines * 3, strict=True):
             # No price: refused while a USD (pipeline) budget applies.
