@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -96,6 +97,10 @@ _worker_guard: Guard | None = None
 
 def _init_worker(config: GuardConfig | None, hash_key: bytes | None) -> None:
     global _worker_guard
+    # Bulk checking yields the CPU to the event loop's process: when cores are short,
+    # the callers waiting on the loop come first.
+    with contextlib.suppress(OSError):
+        os.nice(10)
     _worker_guard = Guard(config, hash_key=hash_key) if config is not None else None
 
 
