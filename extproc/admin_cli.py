@@ -11,6 +11,12 @@ Gateway keys (in the store, or made for the config file):
 
 A created or rotated key is printed once, on stdout; only its hash is stored.
 
+SSO sign-in (`sso:` in the config):
+
+    sso revoke USER     refuse USER's tokens on every replica within auth.cache_seconds
+                        (and their refresh tokens: Claude Code sends them back to /login)
+    sso keygen          an Ed25519 private key (PEM) for sso.signing_key
+
 Response cache:
 
     cache purge [--scope SCOPE] [--key KEY]   remove entries (a scope is team=NAME,
@@ -34,6 +40,7 @@ from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.gateway import open_configured_store
 from extproc.policies.auth import STORE_PREFIX, KeyRecord, hash_key, new_key, revoked
+from extproc.signin.tokens import add_revocation, generate_pem
 from extproc.store import Store, StoreError
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -50,6 +57,24 @@ def add_cache_parser(commands: Any) -> None:
     purge.add_argument(
         "--all", action="store_true", help="everything (needed without --scope/--key)"
     )
+
+
+def add_sso_parser(commands: Any) -> None:
+    sso = commands.add_parser("sso", help="SSO sign-in: revoke a user, make a signing key")
+    sso.add_argument("--config", help="gateway config YAML (its store: holds the sessions)")
+    actions = sso.add_subparsers(dest="action", required=True)
+    revoke = actions.add_parser("revoke", help="refuse a user's tokens everywhere within seconds")
+    revoke.add_argument("user", help="the user as the token names them (sso.oidc.user_claim)")
+    actions.add_parser("keygen", help="print a new Ed25519 private key (PEM) for sso.signing_key")
+
+
+async def _revoke_user(store: Store, config: Config, user: str) -> str:
+    if config.sso is None:
+        raise AdminError("the config has no sso: section")
+    keep = {"u:": config.sso.refresh_token_seconds, "s:": config.sso.access_token_seconds}
+    await add_revocation(store, "u:" + user, time.time(), keep)
+    bound = config.auth.cache_seconds
+    return f"revoked {user}; every replica refuses their tokens within {bound:g} s"
 
 
 def add_parser(commands: Any) -> None:
@@ -179,6 +204,8 @@ async def _in_store(config: Config, args: argparse.Namespace) -> str:
     try:
         if args.command == "cache":
             return await _purge(store, config, args)
+        if args.command == "sso":
+            return await _revoke_user(store, config, args.user)
         if args.action == "create":
             return await create(store, args, now)
         if args.action == "rotate":
@@ -199,6 +226,9 @@ def run(config: Config, args: argparse.Namespace) -> int:
             key = new_key(args.id)
             print(f"key:  {key}\nhash: {hash_key(key)}")
             print(f"config:\n  auth:\n    keys:\n    - id: {args.id}\n      hash: {hash_key(key)}")
+            return 0
+        if args.command == "sso" and args.action == "keygen":
+            print(generate_pem(), end="")
             return 0
         if args.action == "hash":
             print(hash_key(sys.stdin.readline().strip()))

@@ -155,6 +155,7 @@ class CacheRun:
     result: str = "miss"  # miss | hit | bypass | wait_timeout
     leader: bool = False
     volatile: list[str] = field(default_factory=list)
+    volatile_directories: list[str] = field(default_factory=list)  # of `volatile`
     age: float = 0.0
     # A no-cache request of a shared scope (a team) found a fresh entry and, if it stores
     # its own answer, replaces it for everyone: the audit record says so (cache_replaced).
@@ -195,7 +196,10 @@ class CacheRun:
             self.age = max(0.0, self.cache.wall() - entry.created_at)
             return entry
         if shape is not None:
-            self.volatile = await self.cache.volatile_paths(self.scope, shape(), self.key)
+            made = shape()
+            self.volatile = await self.cache.volatile_paths(self.scope, made, self.key)
+            if self.volatile:
+                self.volatile_directories = made.directory_fields(self.volatile)
         return None
 
     async def after_upstream(self, answer: dict[str, Any] | None, api: ApiKind) -> bool:

@@ -4,6 +4,8 @@ extproc serve --config FILE [--workers N]   the ext_proc gRPC server alone (mesh
 extproc up [--config FILE]                   Envoy + the ext_proc server, in the foreground
 extproc check-config FILE                    validate the config and the Envoy bootstrap
 extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
+extproc report [--source FILE|URL] [--html F] spend, savings, rejections from the audit store
+extproc audit migrate --config FILE          create the Postgres audit table and partitions
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from extproc import admin_cli
 from extproc.config import Config, ConfigError, load_config
+from extproc.report import cli as report_cli
 
 log = logging.getLogger("extproc")
 
@@ -48,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--config")
     admin_cli.add_parser(commands)
     admin_cli.add_cache_parser(commands)
+    report_cli.add_parsers(commands)
+    admin_cli.add_sso_parser(commands)
     return parser
 
 
@@ -79,15 +84,19 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         return supervisor.run_workers(args, config)
     server.install_event_loop_policy()
-    asyncio.run(
-        server.serve(
-            config,
-            grace=args.grace,
-            drain=args.drain,
-            reuse_port=args.worker,
-            serve_metrics=not args.worker,
+    try:
+        asyncio.run(
+            server.serve(
+                config,
+                grace=args.grace,
+                drain=args.drain,
+                reuse_port=args.worker,
+                serve_metrics=not args.worker,
+            )
         )
-    )
+    except ConfigError as exc:  # found when the runtime is built (e.g. an unwritable spool)
+        print(f"extproc: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -116,8 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
-    if args.command in ("keys", "cache"):
+    if args.command in ("keys", "cache", "sso"):
         return admin_cli.run(_load(args.config), args)
+    if args.command == "report":
+        return report_cli.run_report(args, _load(args.config))
+    if args.command == "audit":
+        return report_cli.run_audit(args, _load(args.config))
     from extproc import envoy_config, supervisor
 
     config = _load(args.config)

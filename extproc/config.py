@@ -30,6 +30,7 @@ from extproc.policies.budget import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier
+from extproc.signin.config import OtlpRelayConfig, SsoConfig, check_references
 
 __all__ = [
     "AuditConfig",
@@ -139,11 +140,39 @@ class ProviderConfig(_Frozen):
         return self.hostname if self.port == default else f"{self.hostname}:{self.port}"
 
 
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+
 class AuditConfig(_Frozen):
-    """One JSON line per request. `sink` is `stdout`, `none` or a file path."""
+    """One record per request. `sink` is `stdout`, `none`, a file path (JSON lines) or a
+    `postgresql://` URL (the durable store: batched, spooled to `spool_dir` while Postgres is
+    away). The other keys apply to a Postgres sink only."""
 
     sink: str = "stdout"
+    # The default for routes whose profile does not say (profiles.NAME.audit.record_text);
+    # a zero-data-retention profile never records text, whatever this says.
     record_text: bool = False
+    # The Postgres password from an env var or a file (overrides one in the URL).
+    password: CredentialSource | None = None
+    table: str = "extproc_audit"
+    spool_dir: Path = Path("audit-spool")
+    retention_days: int = Field(default=90, ge=1, le=3650)
+    partitions_ahead_days: int = Field(default=3, ge=1, le=60)
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    flush_seconds: float = Field(default=1.0, gt=0, le=60)
+    queue_max: int = Field(default=20_000, ge=100, le=1_000_000)
+    retry_seconds: float = Field(default=5.0, gt=0, le=600)
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        if not _TABLE.match(value):
+            raise ValueError(f"{value!r}: use lower-case letters, digits and '_' (at most 41)")
+        return value
+
+    @property
+    def postgres(self) -> bool:
+        return urlsplit(self.sink).scheme in ("postgresql", "postgres")
 
 
 class OtelConfig(_Frozen):
@@ -300,6 +329,17 @@ def _default_tiers() -> dict[str, TierConfig]:
     }
 
 
+# The first component under a home or temporary directory (/home/runner-7, /tmp/job-42,
+# macOS $TMPDIR) and the project directory Claude Code names after it
+# (.claude/projects/-tmp-job-42). Each starts with a literal, so a 120 KB request is
+# scanned in a tenth of a millisecond per pattern (an alternation of the two: 0.9 ms).
+UNIX_DIRECTORIES = (
+    r"/(?:home/|Users/|tmp/|\.claude/projects/"
+    r"|(?:private/)?var/folders/[^/\s\"'`]+/[^/\s\"'`]+/T/)[^/\s\"'`\\]+"
+)
+WINDOWS_DIRECTORIES = r":\\Users\\[^\\/\s\"'`]+"  # C:\Users\NAME (after the drive letter)
+
+
 class NormalizeRule(_Frozen):
     """A cache-key normalisation rule: a built-in name, or a regex and its replacement."""
 
@@ -311,8 +351,11 @@ class NormalizeRule(_Frozen):
         "uuids": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
         "hex_ids": r"(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])",
         "numeric_ids": r"(?<![0-9A-Za-z.])\d{9,}(?![0-9A-Za-z])",
+        # Home and temporary directories, e.g. a fresh HOME per CI job in Claude Code's
+        # system prompt (see UNIX_DIRECTORIES, WINDOWS_DIRECTORIES).
+        "paths": f"{UNIX_DIRECTORIES}|{WINDOWS_DIRECTORIES}",
     }
-    builtin: Literal["timestamps", "uuids", "hex_ids", "numeric_ids"] | None = None
+    builtin: Literal["timestamps", "uuids", "hex_ids", "numeric_ids", "paths"] | None = None
     pattern: str | None = None
     replace: str = "<volatile>"
 
@@ -353,6 +396,11 @@ class CacheSettings(_Frozen):
     charge_budget_on_hit: bool = False
 
 
+class ProfileAuditConfig(_Frozen):
+    # None: the global audit.record_text.
+    record_text: bool | None = None
+
+
 class ProfileConfig(_Frozen):
     """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
     override these fields."""
@@ -365,6 +413,16 @@ class ProfileConfig(_Frozen):
     cache: CacheConfig = CacheConfig()
     # The guard profile for this route (guard.profiles); None: guard.default_profile.
     guard: str | None = None
+    audit: ProfileAuditConfig = ProfileAuditConfig()
+    # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
+    # audit.record_text or this profile's audit settings say.
+    zero_data_retention: bool = False
+
+    def records_text(self, default: bool) -> bool:
+        """Whether this route's audit records keep prompt and answer text."""
+        if self.zero_data_retention:
+            return False
+        return default if self.audit.record_text is None else self.audit.record_text
 
 
 class ModelRoute(_Frozen):
@@ -406,6 +464,9 @@ class Config(_Frozen):
     rate_limits: RateLimitConfig = RateLimitConfig()
     # Guardrails (secret/PII redaction, injection and output screening); off when absent.
     guard: GuardConfig | None = None
+    # Sign in with the company's SSO (the Claude Code gateway protocol); off when absent.
+    sso: SsoConfig | None = None
+    otlp_relay: OtlpRelayConfig = OtlpRelayConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -451,6 +512,19 @@ class Config(_Frozen):
                 [(f"profiles.{n}.guard", p.guard) for n, p in self.profiles.items() if p.guard],
                 self.guard.profiles,
             )
+        problems += [
+            f"profiles.{n}: zero_data_retention: true contradicts audit.record_text: true;"
+            " drop one of them"
+            for n, p in self.profiles.items()
+            if p.zero_data_retention and p.audit.record_text
+        ]
+        if self.sso is not None:
+            problems += check_references(self.sso, self.teams, self.tiers)
+            if self.sso.signing_key is None and self.shared_store:
+                problems.append(
+                    "sso.signing_key: replicas sharing a store need one signing key; "
+                    "set it (an Ed25519 PEM: `extproc sso keygen`)"
+                )
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]

@@ -13,9 +13,19 @@ boundary with `raise ... from`.
     ├── Forbidden             403  model or route not allowed
     ├── NotFound              404  path the gateway does not serve
     ├── MethodNotAllowed      405
-    ├── PayloadTooLarge       413  body over limits.max_body_bytes
+    ├── PayloadTooLarge       413  body over limits.max_body_bytes (decoded size)
+    ├── UnsupportedEncoding   415  a request Content-Encoding the gateway does not decode
     ├── RateLimited           429  budget, quota or rate limit exhausted
+    ├── HeadersTooLarge       431  request headers over the gateway's bound
+    ├── AnswerWithheld        502  the answer was blocked by the output policy
     └── Unavailable           503  a dependency (store) is down and policy fails closed
+
+`retryable` says whether the same request could succeed if sent again. The SDKs and
+Claude Code retry 401s, 429s and 5xx up to ten times with backoff unless the answer
+says `x-should-retry: false`, so every refusal a retry cannot fix must say so: a wrong
+key otherwise hangs the CLI for minutes. It is a class attribute (4xx refusals: no;
+rate limits and outages: yes) that a raise site may override (an exhausted budget is
+a 429 that no retry within minutes can fix).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 class GatewayError(Exception):
     status = 500
     reason = "internal"
+    retryable = False
 
     def __init__(
         self,
@@ -31,11 +42,14 @@ class GatewayError(Exception):
         *,
         reason: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        if retryable is not None:
+            self.retryable = retryable
         self.headers = headers
 
 
@@ -69,11 +83,28 @@ class PayloadTooLarge(GatewayError):
     reason = "payload_too_large"
 
 
+class UnsupportedEncoding(GatewayError):
+    status = 415
+    reason = "unsupported_encoding"
+
+
 class RateLimited(GatewayError):
     status = 429
     reason = "rate_limited"
+    retryable = True
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    reason = "headers_too_large"
+
+
+class AnswerWithheld(GatewayError):
+    status = 502
+    reason = "output_blocked"
 
 
 class Unavailable(GatewayError):
     status = 503
     reason = "unavailable"
+    retryable = True

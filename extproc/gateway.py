@@ -20,6 +20,8 @@ from extproc.credentials import Credential
 from extproc.policies.auth import KeyDirectory
 from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
+from extproc.signin.otlp import OtlpRelay
+from extproc.signin.service import SignIn
 from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
@@ -40,6 +42,8 @@ class Gateway:
     cache: ResponseCache
     spending: Spending
     guard: Guard | None = None
+    signin: SignIn | None = None
+    otlp: OtlpRelay | None = None
     otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
@@ -68,7 +72,7 @@ class Gateway:
         return cls(
             config=config,
             metrics=metrics,
-            audit=audit or open_sink(config.audit.sink),
+            audit=audit or open_sink(config.audit, environ, metrics.registry),
             credentials=credentials,
             store=store,
             keys=KeyDirectory(config.auth, store),
@@ -76,6 +80,8 @@ class Gateway:
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
             guard=_guard(config, environ),
+            signin=_signin(config, store, environ),
+            otlp=OtlpRelay(config.otlp_relay),
             otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
@@ -119,6 +125,22 @@ def _guard(config: Config, environ: Mapping[str, str] | None) -> Guard | None:
     source = config.guard.hash_key
     key = Credential(source, environ).get().encode() if source is not None else None
     return Guard(config.guard, hash_key=key)
+
+
+def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> SignIn | None:
+    sso = config.sso
+    if sso is None:
+        return None
+    from extproc.signin.oidc import OidcClient
+    from extproc.signin.tokens import TokenSigner, load_private_key
+
+    pem = Credential(sso.signing_key, environ).get() if sso.signing_key is not None else None
+    previous = [load_private_key(Credential(s, environ).get()) for s in sso.previous_signing_keys]
+    issuer = sso.public_url or "extproc-gateway"
+    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, previous=previous)
+    secret = Credential(sso.oidc.client_secret, environ)
+    oidc = OidcClient(sso.oidc, secret.get)
+    return SignIn(sso, store, signer, oidc, config.auth.cache_seconds)
 
 
 def open_configured_store(config: Config, environ: Mapping[str, str] | None = None) -> Store:

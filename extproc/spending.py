@@ -125,6 +125,8 @@ def rate_refusal(decision: RateDecision, now: float) -> RateLimited:
         f"{what} exhausted ({binding.limit}); retry after {decision.retry_after_header} s",
         reason="quota_exhausted" if quota else "rate_limited",
         headers=headers,
+        # A daily quota comes back tomorrow, not within an SDK's backoff.
+        retryable=not quota,
     )
 
 
@@ -138,7 +140,9 @@ def budget_refusal(denied: Denied) -> RateLimited:
             ("retry-after", str(denied.retry_after)),
             ("x-gateway-budget-reset", _reset_iso(denied.resets_at or 0, 0)),
         )
-    return RateLimited(denied.message(), reason="budget_exhausted", headers=headers)
+    return RateLimited(
+        denied.message(), reason="budget_exhausted", headers=headers, retryable=False
+    )
 
 
 def _amount(metric: str, value: int) -> str:

@@ -19,7 +19,17 @@ from typing import Any
 import orjson
 
 from extproc import caching
-from extproc.apis import ApiKind, Endpoint, Route, anthropic, api_of_path, classify, openai
+from extproc.apis import (
+    ApiKind,
+    Endpoint,
+    Route,
+    anthropic,
+    api_of_path,
+    classify,
+    encoding,
+    model_list,
+    openai,
+)
 from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
@@ -28,9 +38,11 @@ from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
+    AnswerWithheld,
     BadRequest,
     Forbidden,
     GatewayError,
+    HeadersTooLarge,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -41,6 +53,9 @@ from extproc.guarding import GuardRun
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.signin import managed, otlp
+from extproc.signin.policy import policy_named
+from extproc.signin.service import SignIn
 from extproc.spending import SpendRun
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
@@ -49,6 +64,22 @@ from extproc.telemetry.record import account
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = "x-claude-code-session-id"
+AGENT_HEADER = "x-claude-code-agent-id"  # subagents
+PARENT_AGENT_HEADER = "x-claude-code-parent-agent-id"
+# A header value copied into a record is cut to this many characters: callers choose them.
+MAX_RECORDED_HEADER = 128
+# Request headers the gateway accepts (431 past them, in the caller's shape). Envoy's own
+# limits (max_request_headers_kb / _count in the shipped configs) sit above these, so
+# the caller gets an answer rather than a reset connection.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_COUNT = 150
+
+
+def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A caller's header value as the audit record keeps it: bounded, None when absent."""
+    value = headers.get(name, "").strip()
+    return value[:MAX_RECORDED_HEADER] or None
+
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
 _NEXT: dict[str | None, frozenset[str]] = {
@@ -59,6 +90,23 @@ _NEXT: dict[str | None, frozenset[str]] = {
     "response_headers": frozenset({"response_body"}),
     "response_body": frozenset({"response_body"}),
 }
+
+
+def _check_header_size(headers: Mapping[str, str]) -> None:
+    size = sum(len(name) + len(value) for name, value in headers.items())
+    if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADER_COUNT:
+        raise HeadersTooLarge(
+            f"the request headers are {size} bytes in {len(headers)} headers; the gateway "
+            f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
+            "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
+        )
+
+
+def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
+    """An error body as the final SSE event of a stream, in the API's shape."""
+    if api == "openai":
+        return b"data: " + error_body + b"\n\n"
+    return b"event: error\ndata: " + error_body + b"\n\n"
 
 
 class ProtocolError(Exception):
@@ -81,6 +129,8 @@ class _Answer:
 
 
 Extend = Callable[[float], Awaitable[None]]
+# A compressed answer may decode to this many times the request body limit.
+_ANSWER_DECODE_FACTOR = 4
 
 
 async def _no_extension(seconds: float) -> None:
@@ -103,6 +153,8 @@ class RequestStream:
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
+        self.agent_id: str | None = None
+        self.parent_agent_id: str | None = None
         self.api: ApiKind = "anthropic"
         self.route: Route | None = None
         self.path = ""
@@ -128,6 +180,13 @@ class RequestStream:
         self.finished_at = self.started
         self.settled = False
         self.json_chunks: list[bytes] = []
+        self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
+        self.decoded_request = False  # the client's body arrived compressed and was decoded
+        self.raw_body = b""
+        self.model_page: model_list.PageRequest | None = None  # /v1/models paged here
+        self.upstream_path: str | None = None  # when it differs from the caller's path
+        self.answer_decoder: encoding.StreamDecoder | None = None
+        self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
 
     # -- phase order -------------------------------------------------------------------
@@ -159,13 +218,19 @@ class RequestStream:
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
-        self.session_id = headers.get(SESSION_HEADER)
+        self.session_id = recorded_header(headers, SESSION_HEADER)
+        self.agent_id = recorded_header(headers, AGENT_HEADER)
+        self.parent_agent_id = recorded_header(headers, PARENT_AGENT_HEADER)
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
         self.api = api_of_path(self.path, headers)
+        if self.gw.signin is not None and SignIn.serves(self.path):
+            return await self._sign_in(headers, end_of_stream)
         try:
             self._classify(headers)
+            if self.route is not None and self.route.endpoint is Endpoint.PROBE:
+                return await self._probe()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -174,9 +239,35 @@ class RequestStream:
         except GatewayError as error:
             return await self._reject(error)
 
+    async def _sign_in(self, headers: Mapping[str, str], end_of_stream: bool) -> Decision:
+        """The unauthenticated sign-in endpoints: answered by `extproc.signin`."""
+        assert self.gw.signin is not None
+        self.signing_in = True
+        method = headers.get(":method", "GET")
+        length = headers.get("content-length", "0")
+        limit = self.gw.signin.config.max_form_bytes
+        if length.isdigit() and int(length) > limit:
+            return self._answer(self.gw.signin.too_large(), "signin")
+        if end_of_stream or not SignIn.needs_body(method, self.path):
+            return await self._signed_in(b"")
+        return CONTINUE
+
+    async def _signed_in(self, body: bytes) -> Respond:
+        assert self.gw.signin is not None
+        method = self.headers.get(":method", "GET")
+        answer = await self.gw.signin.handle(method, self.path, self.headers, body)
+        return self._answer(answer, "signin")
+
+    def _answer(self, answer: Respond, outcome: str) -> Respond:
+        self.answer.status = answer.status
+        self._finish(outcome)
+        return answer
+
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
         self.api = self.route.api
+        _check_header_size(headers)
+        encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > limit:
@@ -191,6 +282,8 @@ class RequestStream:
         identity = None
         if key is not None and auth.key_id_of(key) is not None:
             identity = await self.gw.keys.authenticate(key)
+        elif key is not None and self.gw.signin is not None and self.gw.signin.signer.owns(key):
+            identity = await self.gw.signin.authenticate(key)
         elif config.auth.jwt is not None:
             claims = jwt_metadata.get(config.auth.jwt.payload_key)
             if isinstance(claims, Mapping):
@@ -215,12 +308,42 @@ class RequestStream:
             model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
             if model_id and not models.visible(model_id, self.allow):
                 raise NotFound(f"model {model_id!r} is not available to this caller")
+        if self.route.endpoint is Endpoint.MANAGED_SETTINGS:
+            return self._managed_settings()
+        if self.route.endpoint is Endpoint.OTLP and end_of_stream:
+            return self._relay(b"")
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
+        model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
+        if not model_id and self.api == "anthropic":
+            query = self.path.partition("?")[2]
+            self.model_page = model_list.PageRequest.parse(query)
+            self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
         self.target = self._choose_target(None)
         return self._forward()
+
+    async def _probe(self) -> Respond:
+        """`/` and `/health` (liveness; `?deep=1` also pings the store): no provider call."""
+        status, body = 200, {"status": "ok"}
+        if "deep=1" in self.path.partition("?")[2].split("&"):
+            try:
+                await self.gw.store.ping()
+                body["store"] = "ok"
+            except StoreError as exc:
+                log.warning("health: store unreachable: %s", exc)
+                status, body = 503, {"status": "degraded", "store": "unreachable"}
+        self.answer.status = status
+        self._finish("probe")
+        headers: tuple[tuple[str, str], ...] = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+        )
+        if status != 200:
+            headers += (("x-should-retry", "true"),)
+        payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
+        return Respond(status, payload, headers, details="extproc_probe")
 
     async def _quota(self) -> Respond:
         try:
@@ -232,13 +355,39 @@ class RequestStream:
         headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
         return Respond(200, orjson.dumps(report), headers, details="extproc_quota")
 
+    def _managed_settings(self) -> Respond:
+        """Claude Code's managed settings for the caller's group (404: no policy)."""
+        group = self.identity.labels.get("sso_group") if self.identity.source == "sso" else None
+        policy = policy_named(self.gw.config.sso, group)
+        settings = policy.settings if policy is not None else None
+        answer = managed.answer(group or "", settings, self.headers.get("if-none-match"))
+        return self._answer(answer, "managed_settings")
+
+    def _relay(self, body: bytes) -> Respond:
+        """Accept an OTLP export from Claude Code; stamp and forward it (or drop it)."""
+        caller = self.identity.user or self.identity.caller
+        relay = self.gw.otlp
+        if relay is not None and caller is not None:
+            attributes = {"enduser.id": caller}
+            if "sso_group" in self.identity.labels:
+                attributes["extproc.sso_group"] = self.identity.labels["sso_group"]
+            try:
+                path = self.path.split("?", 1)[0]
+                relay.submit(path, self.headers.get("content-type", ""), body, attributes)
+            except otlp.OtlpFormatError as exc:
+                raise BadRequest(f"not an OTLP export: {exc}", reason="invalid_otlp") from exc
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
+
     def _choose_target(self, model: str | None) -> routing.Target:
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, self.api)
             return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
         except routing.NoProvider as exc:
-            raise Unavailable(f"{exc}; add one under providers:", reason="no_provider") from exc
+            raise Unavailable(
+                f"{exc}; add one under providers:", reason="no_provider", retryable=False
+            ) from exc
 
     def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
@@ -251,19 +400,28 @@ class RequestStream:
             raise Unavailable(
                 f"provider {self.target.name!r} has no credential configured",
                 reason="no_credential",
+                retryable=False,
             ) from exc
-        changes = routing.upstream_headers(self.target, self.path, secret)
+        changes = routing.upstream_headers(self.target, self.upstream_path or self.path, secret)
+        if self.upstream_path and not self.target.provider.path_prefix:
+            changes = HeaderChanges(set=((":path", self.upstream_path), *changes.set))
         remove = list(changes.remove)
         if secret is None and self.identity.source != "anonymous":
             # A gateway key or an SSO token is ours, never the provider's.
             remove += ["x-api-key", "authorization"]
+        if self.decoded_request and body is None:
+            body = self.raw_body
         if body is not None:
             remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
         changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
         self._enter("request_body")
+        if self.signing_in and self.outcome is None:
+            return await self._signed_in(body)
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
@@ -276,6 +434,11 @@ class RequestStream:
         limit = self.gw.config.limits.max_body_bytes
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
+        if self.route.endpoint is Endpoint.OTLP:
+            return self._relay(body)
+        if encoding.encodings(self.headers.get("content-encoding", "")):
+            body = encoding.decode_body(body, self.headers["content-encoding"], limit)
+            self.decoded_request, self.raw_body = True, body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = parse_request(body, self.route.endpoint)
@@ -310,9 +473,12 @@ class RequestStream:
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
         self.guard = GuardRun(policy, self.api, self.gw.metrics)
-        replaced = self.guard.inspect_request(self.request.body)
+        screened, billing = anthropic.split_billing_block(self.request.body)
+        replaced = self.guard.inspect_request(screened if billing else self.request.body)
         if replaced is None:
             return False
+        if billing is not None:  # forwarded as it came, whatever the guard did
+            replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
 
@@ -404,7 +570,10 @@ class RequestStream:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         content_type = headers.get("content-type", "")
-        extra = HeaderChanges(set=self._response_headers())
+        if not self._decode_answer(headers.get("content-encoding", "")):
+            return self._withhold_answer(headers.get("content-encoding", ""))
+        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
             return Continue(headers=extra)
@@ -415,6 +584,40 @@ class RequestStream:
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _decode_answer(self, label: str) -> bool:
+        """An answer compressed despite `accept-encoding: identity` is decoded before any
+        policy reads it; False when the gateway cannot decode it."""
+        codings = encoding.encodings(label)
+        if not codings:
+            return True
+        if len(codings) != 1 or not encoding.is_decodable(label):
+            return False
+        limit = _ANSWER_DECODE_FACTOR * self.gw.config.limits.max_body_bytes
+        self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
+        return True
+
+    def _undecodable(self, why: str) -> Respond:
+        """The 502 sent in place of an answer no policy could read."""
+        message = f"{why}; the answer was withheld"
+        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
+        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
+        return error
+
+    def _withhold_answer(self, label: str) -> Continue:
+        """An answer no policy could read never reaches the client: it becomes a 502."""
+        log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
+        error = self._undecodable(
+            f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
+            "cannot read, although it asked for identity"
+        )
+        self.withheld = error.body
+        status = ((":status", str(error.status)),)
+        headers = HeaderChanges(
+            set=status + error.headers + self._response_headers(),
+            remove=("content-encoding", "content-length"),
+        )
+        return Continue(headers=headers, response_body_mode=BodyMode.STREAMED)
 
     def _trace_header(self) -> tuple[tuple[str, str], ...]:
         """Our span as the `traceparent`: the provider's call and the client's view are its
@@ -428,6 +631,12 @@ class RequestStream:
             headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
             if run.volatile:
                 hint = "volatile values defeat the cache at " + ", ".join(run.volatile[:5])
+                if run.volatile_directories:
+                    hint += (
+                        "; home or temporary directory paths differ at "
+                        + ", ".join(run.volatile_directories[:5])
+                        + ": add cache.normalize {builtin: paths} to the route's profile"
+                    )
                 headers += (("x-gateway-cache-hint", hint),)
         return headers
 
@@ -435,8 +644,10 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use.
-        return self.route.endpoint is Endpoint.MODELS and bool(self.allow)
+        # A model list is filtered down to what this caller may use, and paged here.
+        return self.route.endpoint is Endpoint.MODELS and (
+            bool(self.allow) or self.model_page is not None
+        )
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -451,9 +662,41 @@ class RequestStream:
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
+        if self.withheld is not None:  # nothing of an unreadable answer passes
+            body, self.withheld = self.withheld, b""
+            if end_of_stream:
+                self._finish("error")
+            return Continue(body=body)
         if self.outcome is not None or self.route is None:
             return CONTINUE
-        decision = CONTINUE
+        if self.answer_decoder is not None:
+            return self._decoded_body(chunk, end_of_stream)
+        return self._on_response_body(chunk, end_of_stream)
+
+    def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        """Policy on the decoded answer; the client gets the decoded bytes."""
+        assert self.answer_decoder is not None
+        try:
+            plain = self.answer_decoder.feed(chunk)
+            plain += self.answer_decoder.close() if end_of_stream else b""
+        except GatewayError as error:
+            log.warning("provider answer could not be decoded: %s", error.message)
+            self.withheld = b""  # and the rest of it is dropped too
+            if end_of_stream:
+                self._finish("error")
+            withheld = self._undecodable(f"the provider's answer {error.message}")
+            if self.answer.streamed:  # the status has left: end the stream with an error
+                return Continue(body=_sse_error(self.api, withheld.body))
+            status = ((":status", str(withheld.status)),)
+            headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
+            return Continue(body=withheld.body, headers=headers)
+        decision = self._on_response_body(plain, end_of_stream)
+        if isinstance(decision, Continue) and decision.body is None:
+            return dataclasses.replace(decision, body=plain)
+        return decision
+
+    def _on_response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        decision: Decision = CONTINUE
         if self.rewriter is not None:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:
@@ -532,8 +775,9 @@ class RequestStream:
             self.answer.error_type = "output_blocked"
             self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.api, Unavailable(message, reason="output_blocked"))
-            headers = HeaderChanges(set=((":status", "502"),), remove=("content-length",))
+            error = render_error(self.api, AnswerWithheld(message), self.request_id)
+            status = ((":status", str(error.status)),)
+            headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
             return Continue(body=error.body, headers=headers)
         if replaced is None:
             return CONTINUE
@@ -545,6 +789,13 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        if self.model_page is not None:
+            paged = model_list.page(
+                listed, self.model_page, lambda m: models.visible(m, self.allow)
+            )
+            return Continue(
+                body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
+            )
         body["data"] = [
             m
             for m in listed
@@ -567,7 +818,7 @@ class RequestStream:
         error = body.get("error")
         if isinstance(error, dict):
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
-        if self.gw.config.audit.record_text:
+        if self.profile.records_text(self.gw.config.audit.record_text):
             self.answer.completion = body.get("content", body.get("choices"))
         if self.cache_run is not None:
             self.answer.json = body

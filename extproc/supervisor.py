@@ -11,19 +11,23 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import envoy_config, fdlimit
@@ -90,24 +94,71 @@ def wait_grpc_serving(address: HostPort, timeout: float) -> bool:
     return False
 
 
-def wait_envoy_ready(admin: HostPort, timeout: float, process: subprocess.Popen[bytes]) -> bool:
+def wait_envoy_ready(
+    admin: HostPort, timeout: float, process: subprocess.Popen[bytes], node_id: str | None = None
+) -> bool:
+    """Envoy's admin says ready, and (with `node_id`) it is the Envoy we started: another
+    Envoy on the same admin port would otherwise pass for it."""
     deadline = time.monotonic() + timeout
-    url = f"http://{admin}/ready"
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=1) as reply:
-                if reply.status == 200:
-                    return True
+            with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as reply:
+                if reply.status == 200 and (node_id is None or _node_id(admin) == node_id):
+                    return process.poll() is None
         except OSError:
             pass
         time.sleep(0.1)
     return False
 
 
-def write_bootstrap(config: Config) -> Path:
+def _node_id(admin: HostPort) -> str | None:
+    with urllib.request.urlopen(f"http://{admin}/server_info", timeout=1) as reply:
+        info = json.loads(reply.read())
+    node = info.get("node") if isinstance(info, dict) else None
+    return node.get("id") if isinstance(node, dict) else None
+
+
+def busy_ports(config: Config) -> list[str]:
+    """The configured addresses `extproc up` cannot listen on, each naming its key."""
+    wanted = [("listen", config.listen), ("grpc_listen", config.grpc_listen)]
+    wanted += [("envoy.admin", config.envoy.admin)]
+    if config.metrics_listen is not None:
+        wanted.append(("metrics_listen", config.metrics_listen))
+    problems: list[str] = []
+    seen: dict[tuple[str, int], str] = {}
+    for key, address in wanted:
+        other = seen.setdefault((address.host, address.port), key)
+        if other != key:
+            problems.append(f"{key} and {other} are both {address}; give {key} another port")
+        elif address.port and not _can_bind(address):
+            problems.append(
+                f"{address} ({key}) is already in use; stop what holds it or change "
+                f"`{key}` in the config"
+            )
+    return problems
+
+
+def _can_bind(address: HostPort) -> bool:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError:
+            return False
+    return True
+
+
+def write_bootstrap(config: Config, node_id: str | None = None) -> Path:
+    """The rendered bootstrap in a temporary file; `node_id` marks the Envoy we start."""
+    rendered = envoy_config.render(
+        config, envoy_config.load_template(envoy_config.template_path(config))
+    )
+    if node_id is not None:
+        rendered["node"] = {**rendered.get("node", {}), "id": node_id}
     handle, name = tempfile.mkstemp(prefix="extproc-envoy-", suffix=".yaml")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
-        file.write(envoy_config.render_yaml(config))
+        yaml.safe_dump(rendered, file, sort_keys=False)
     return Path(name)
 
 
@@ -178,8 +229,14 @@ def up(config_path: str | None, config: Config, grace: float) -> int:
     except fdlimit.FdLimitError as exc:
         print(f"extproc: {exc}", file=sys.stderr)
         return 2
+    problems = busy_ports(config)
+    for problem in problems:
+        print(f"extproc: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     signals = _Signals()
-    bootstrap = write_bootstrap(config)
+    node_id = f"extproc-up-{uuid.uuid4().hex[:12]}"
+    bootstrap = write_bootstrap(config, node_id)
     server = spawn(_serve_command(config_path, grace, worker=False))
     children = [server]
     try:
@@ -199,14 +256,26 @@ def up(config_path: str | None, config: Config, grace: float) -> int:
             ]
         )
         children.append(envoy)
-        if not wait_envoy_ready(config.envoy.admin, 30, envoy):
-            print("extproc: Envoy did not become ready (see its log above)", file=sys.stderr)
+        if not wait_envoy_ready(config.envoy.admin, 30, envoy, node_id):
+            _not_ready(envoy, config)
             return 1
         _announce(config)
         return _supervise({"ext_proc server": server, "Envoy": envoy}, signals)
     finally:
         stop(list(reversed(children)), grace)
         bootstrap.unlink(missing_ok=True)
+
+
+def _not_ready(envoy: subprocess.Popen[bytes], config: Config) -> None:
+    code = envoy.poll()
+    if code is not None:
+        why = f"Envoy exited with code {code} before it was ready (its log is above)"
+    else:
+        why = (
+            f"Envoy did not become ready within 30 s on its admin address {config.envoy.admin} "
+            "(`envoy.admin`); raise `envoy.log_level` to see why"
+        )
+    print(f"extproc: {why}", file=sys.stderr)
 
 
 def _announce(config: Config) -> None:

@@ -54,6 +54,17 @@ that forwards headers:
 ``x-fake-abort-after: N``
     SSE only: write N complete events, then close the connection without ending the
     chunked body, as an upstream reset would.
+``x-fake-usage: {JSON object}``
+    Merged over the final usage block (JSON answers, Anthropic's ``message_delta``,
+    OpenAI's usage chunk), e.g. to report 1-hour cache writes, web searches or reasoning
+    tokens the way the real APIs do.
+``x-fake-compress: allowed | gzip | deflate | br | zstd | mislabelled``
+    Compress the reply body (JSON and SSE, flushed per event): ``allowed`` picks the
+    first coding the request's ``Accept-Encoding`` allows (none with ``identity``), as
+    OpenAI and many proxies do; a coding name compresses with it whatever the request
+    accepts (a misbehaving proxy). ``FakeProvider(compress=True)`` makes ``allowed`` the
+    default for every request. br and zstd need the ``brotli`` / ``zstandard`` modules.
+    ``mislabelled`` labels the plain body ``gzip`` (a broken proxy).
 
 Checks run in the real APIs' order after the fake's own: unknown path (404), then
 ``x-fake-status``, then credentials (401), then the JSON body (400).
@@ -71,6 +82,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import random
 import re
@@ -78,6 +90,7 @@ import signal
 import string
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -446,6 +459,20 @@ def anthropic_usage(body: bytes, text: str | None) -> Json:
     }
 
 
+def usage_override(call: Call) -> Json:
+    """The ``x-fake-usage`` object to merge over the final usage block."""
+    raw = call.headers.get("x-fake-usage")
+    if raw is None:
+        return {}
+    try:
+        extra = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"x-fake-usage is not JSON: {exc}") from exc
+    if not isinstance(extra, dict):
+        raise ApiError(400, "x-fake-usage must be a JSON object")
+    return extra
+
+
 def _anthropic_message(call: Call, content: list[Json], usage: Json, done: bool) -> Json:
     return {
         "id": _new_id("msg_01", 22),
@@ -477,7 +504,8 @@ def anthropic_messages(call: Call) -> Reply:
     if call.payload.get("stream") is True:
         return _anthropic_stream(call, text)
     content = [{"type": "text", "text": text}]
-    return _anthropic_message(call, content, anthropic_usage(call.body, text), done=True)
+    usage = anthropic_usage(call.body, text) | usage_override(call)
+    return _anthropic_message(call, content, usage, done=True)
 
 
 def _anthropic_stream(call: Call, text: str) -> list[SseEvent]:
@@ -490,7 +518,7 @@ def _anthropic_stream(call: Call, text: str) -> list[SseEvent]:
     pieces = _pieces(call, text)
     events += [_sse("content_block_delta", _text_delta(piece)) for piece in pieces]
     delta = {"stop_reason": "end_turn", "stop_sequence": None}
-    usage = {"output_tokens": output_tokens(text)}
+    usage = {"output_tokens": output_tokens(text)} | usage_override(call)
     return [
         *events,
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
@@ -635,7 +663,8 @@ def openai_chat(call: Call) -> Reply:
     message: Json = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
     base = _completion_base(call, completion_id, "chat.completion")
-    return {**base, "choices": [choice], "usage": openai_usage(call.body, text)}
+    usage = openai_usage(call.body, text) | usage_override(call)
+    return {**base, "choices": [choice], "usage": usage}
 
 
 def _openai_stream(call: Call, completion_id: str, text: str) -> list[SseEvent]:
@@ -653,7 +682,8 @@ def _openai_stream(call: Call, completion_id: str, text: str) -> list[SseEvent]:
     events += [chunk({"content": piece}) for piece in _pieces(call, text)]
     events.append(chunk({}, "stop"))
     if include_usage:
-        events.append(_sse(None, {**base, "choices": [], "usage": openai_usage(call.body, text)}))
+        usage = openai_usage(call.body, text) | usage_override(call)
+        events.append(_sse(None, {**base, "choices": [], "usage": usage}))
     return [*events, _sse(None, "[DONE]")]
 
 
@@ -701,6 +731,79 @@ def _id_headers(shape: Shape) -> dict[str, str]:
     return {"x-request-id": _new_id("req_", 32)}
 
 
+# --------------------------------------------------------------------------- compression
+
+CODINGS: tuple[str, ...] = ("gzip", "br", "zstd", "deflate")
+_FORCED = (*CODINGS, "mislabelled")
+
+
+class Compressor:
+    """Compresses a body written in pieces; each piece is flushed so a reader can decode
+    every SSE event as it arrives."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._impl: Any = None
+        if coding == "mislabelled":
+            return
+        if coding in ("gzip", "deflate"):
+            self._impl = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+        elif coding == "br":
+            self._impl = importlib.import_module("brotli").Compressor()
+        else:
+            self._impl = importlib.import_module("zstandard").ZstdCompressor().compressobj()
+
+    def piece(self, data: bytes) -> bytes:
+        if self._impl is None:
+            return data
+        if self.coding in ("gzip", "deflate"):
+            out: bytes = self._impl.compress(data) + self._impl.flush(zlib.Z_SYNC_FLUSH)
+        elif self.coding == "br":
+            out = self._impl.process(data) + self._impl.flush()
+        else:
+            out = self._impl.compress(data) + self._impl.flush(1)  # COMPRESSOBJ_FLUSH_BLOCK
+        return out
+
+    def finish(self) -> bytes:
+        if self._impl is None:
+            return b""
+        if self.coding == "br":
+            tail: bytes = self._impl.finish()
+        else:
+            tail = self._impl.flush()
+        return tail
+
+
+def choose_coding(headers: Mapping[str, str], default: str) -> str | None:
+    """The coding to compress a reply with (see ``x-fake-compress``), or None."""
+    mode = headers.get("x-fake-compress", default).strip().lower()
+    if mode in _FORCED:
+        return mode
+    if mode != "allowed":
+        return None
+    accepted = [
+        c.split(";")[0].strip().lower() for c in headers.get("accept-encoding", "").split(",")
+    ]
+    return next((c for c in accepted if c in CODINGS), None)
+
+
+def _label(coding: str) -> str:
+    return "gzip" if coding == "mislabelled" else coding
+
+
+class _CompressingSink:
+    """A `ByteSink` that compresses what it is given before writing it."""
+
+    def __init__(self, response: web.StreamResponse, compressor: Compressor) -> None:
+        self._response, self._compressor = response, compressor
+
+    async def write(self, data: bytes) -> None:
+        await self._response.write(self._compressor.piece(data))
+
+    async def finish(self) -> None:
+        await self._response.write(self._compressor.finish())
+
+
 class FakeProvider:
     """The fake provider server; see the module docstring for what it answers."""
 
@@ -710,10 +813,12 @@ class FakeProvider:
         *,
         text: str = DEFAULT_TEXT,
         record: bool = True,
+        compress: bool = False,
     ) -> None:
         self.models: tuple[str, ...] = tuple(models) if models is not None else DEFAULT_MODELS
         self.text = text
         self.record = record
+        self.compress = "allowed" if compress else "none"
         self.received: list[ReceivedRequest] = []
         self._runner: web.AppRunner | None = None
         self._host = "127.0.0.1"
@@ -767,10 +872,16 @@ class FakeProvider:
         except ApiError as error:
             await asyncio.sleep(_delay_of(headers))
             return _error_response(shape, error, ids)
+        coding = choose_coding(headers, self.compress)
         if isinstance(reply, list):
-            return await _stream(request, reply, controls, ids)
+            return await _stream(request, reply, controls, ids, coding)
         await asyncio.sleep(controls.delay_s)
-        return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=ids)
+        body = orjson.dumps(reply)
+        if coding is not None:
+            compressor = Compressor(coding)
+            body = compressor.piece(body) + compressor.finish()
+            ids = {**ids, "content-encoding": _label(coding)}
+        return web.Response(body=body, content_type="application/json", headers=ids)
 
     def _call(
         self,
@@ -804,13 +915,21 @@ def _error_response(shape: Shape, error: ApiError, ids: dict[str, str]) -> web.R
 
 
 async def _stream(
-    request: web.Request, events: list[SseEvent], controls: Controls, ids: dict[str, str]
+    request: web.Request,
+    events: list[SseEvent],
+    controls: Controls,
+    ids: dict[str, str],
+    coding: str | None = None,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(headers={**ids, "cache-control": "no-cache"})
+    headers = {**ids, "cache-control": "no-cache"}
+    if coding is not None:
+        headers["content-encoding"] = _label(coding)
+    response = web.StreamResponse(headers=headers)
     response.content_type = "text/event-stream"
     response.charset = "utf-8"
     await response.prepare(request)
-    writer = SseWriter(response, split=controls.split)
+    sink = _CompressingSink(response, Compressor(coding)) if coding else None
+    writer = SseWriter(sink or response, split=controls.split)
     for index, event in enumerate(events):
         if index == controls.abort_after:
             return await _abort(request, writer, response)
@@ -818,6 +937,8 @@ async def _stream(
             await asyncio.sleep(controls.delay_s)
         await writer.send(event)
     await writer.flush()
+    if sink is not None:
+        await sink.finish()
     await response.write_eof()
     return response
 
@@ -881,9 +1002,10 @@ def run_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     text: str = DEFAULT_TEXT,
+    compress: bool = False,
 ) -> Iterator[FakeProvider]:
     """Run a FakeProvider in a background thread for the ``with`` block (for sync clients)."""
-    provider = FakeProvider(models, text=text)
+    provider = FakeProvider(models, text=text, compress=compress)
     runner = _ThreadRunner(provider, host, port)
     runner.start()
     try:

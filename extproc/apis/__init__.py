@@ -29,6 +29,9 @@ class Endpoint(enum.Enum):
     MODELS = "models"
     CHAT_COMPLETIONS = "chat_completions"
     QUOTA = "quota"
+    MANAGED_SETTINGS = "managed_settings"  # Claude Code's gateway protocol (extproc.signin)
+    OTLP = "otlp"
+    PROBE = "probe"  # `/`, `/health`: answered by the gateway, no credential needed
 
     @property
     def generates(self) -> bool:
@@ -49,6 +52,11 @@ _EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
     "/v1/chat/completions": ("openai", Endpoint.CHAT_COMPLETIONS, "POST"),
     "/v1/models": (None, Endpoint.MODELS, "GET"),
     "/v1/gateway/quota": (None, Endpoint.QUOTA, "GET"),
+    "/managed/settings": ("anthropic", Endpoint.MANAGED_SETTINGS, "GET"),
+    **{f"/v1/{s}": ("anthropic", Endpoint.OTLP, "POST") for s in ("metrics", "logs", "traces")},
+    "/quota": (None, Endpoint.QUOTA, "GET"),
+    "/": (None, Endpoint.PROBE, "GET HEAD"),
+    "/health": (None, Endpoint.PROBE, "GET HEAD"),
 }
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
@@ -89,13 +97,15 @@ def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
     if entry is None:
         raise NotFound(f"the gateway does not serve {path!r}; see the README for the paths it does")
     kind, endpoint, allowed = entry
-    if method != allowed:
-        raise MethodNotAllowed(f"{path} accepts {allowed}, not {method}")
+    if method not in allowed.split():
+        raise MethodNotAllowed(f"{path} accepts {allowed.replace(' ', ' or ')}, not {method}")
     return Route(api=kind or api, endpoint=endpoint, method=method)
 
 
 def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> Respond:
-    """A gateway error as an immediate response in the caller's API error shape."""
+    """A gateway error as an immediate response in the caller's API error shape: the
+    `error.type` its status has at the provider, `x-gateway-error: <reason>`,
+    `x-gateway-request-id` and `x-should-retry` (see `extproc.errors`)."""
     if api == "openai":
         body = openai.error_body(error.status, error.message, code=error.reason)
     else:
@@ -103,6 +113,8 @@ def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> R
     headers: tuple[tuple[str, str], ...] = (
         ("content-type", "application/json"),
         ("x-gateway-error", error.reason),
+        # The SDKs and Claude Code obey this over their own status rules.
+        ("x-should-retry", "true" if error.retryable else "false"),
     )
     if request_id:
         headers += (("x-gateway-request-id", request_id),)

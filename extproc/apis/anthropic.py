@@ -72,6 +72,7 @@ _DELTA_USAGE_KEYS: Final = (
     "cache_read_input_tokens",
     "server_tool_use",
     "output_tokens_details",
+    "cache_creation",
 )
 # Handled by StreamAccumulator.feed; a parse error in them is a malformed event.
 _MALFORMED: Final = (LookupError, TypeError, ValueError, AttributeError)
@@ -95,12 +96,36 @@ def usage_from_mapping(usage: object) -> Usage:
     """`Usage` from an Anthropic `usage` object; anything missing or null counts 0."""
     if not isinstance(usage, Mapping):
         return Usage()
+    created = as_count(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    one_hour = as_count(split.get("ephemeral_1h_input_tokens")) if isinstance(split, Mapping) else 0
+    tools = usage.get("server_tool_use")
+    searches = as_count(tools.get("web_search_requests")) if isinstance(tools, Mapping) else 0
     return Usage(
         input_tokens=as_count(usage.get("input_tokens")),
         output_tokens=as_count(usage.get("output_tokens")),
-        cache_creation_input_tokens=as_count(usage.get("cache_creation_input_tokens")),
+        cache_creation_input_tokens=created,
         cache_read_input_tokens=as_count(usage.get("cache_read_input_tokens")),
+        cache_creation_1h_input_tokens=min(one_hour, created),
+        web_search_requests=searches,
     )
+
+
+BILLING_PREFIX: Final = "x-anthropic-billing-header:"
+
+
+def split_billing_block(body: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Claude Code's `system[0]` attribution block (`x-anthropic-billing-header:
+    cc_version=...`), which the provider strips by position, held out of `body`:
+    (the body without it, the block) or (the body, None). No policy may change it."""
+    system = body.get("system")
+    if not isinstance(system, list) or not system:
+        return dict(body), None
+    first = system[0]
+    text = first.get("text") if isinstance(first, Mapping) else None
+    if not isinstance(text, str) or not text.startswith(BILLING_PREFIX):
+        return dict(body), None
+    return {**body, "system": system[1:]}, first
 
 
 def usage_from_message(message: Mapping[str, Any]) -> Usage:

@@ -28,6 +28,10 @@ class Usage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    # The part of cache_creation_input_tokens written for one hour (dearer than 5 minutes).
+    cache_creation_1h_input_tokens: int = 0
+    # Server tools billed per use (Anthropic's web search).
+    web_search_requests: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -37,7 +41,14 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.cache_creation_input_tokens + other.cache_creation_input_tokens,
             self.cache_read_input_tokens + other.cache_read_input_tokens,
+            self.cache_creation_1h_input_tokens + other.cache_creation_1h_input_tokens,
+            self.web_search_requests + other.web_search_requests,
         )
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every input token of the call, cached or not (what a long-context tier counts)."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     @property
     def total_tokens(self) -> int:

@@ -107,7 +107,7 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    source: str  # "key", "jwt" or "anonymous"
+    source: str  # "key", "jwt", "sso" (our own sign-in tokens) or "anonymous"
     key_id: str | None = None
     user: str | None = None
     team: str | None = None
@@ -136,7 +136,10 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
         bearer = authorization[7:].strip() or None
     if api_key and bearer and api_key != bearer:
         raise BadRequest(
-            "the request carries two different keys (x-api-key and Authorization); send one",
+            "the request carries two different credentials, x-api-key and Authorization: "
+            "Bearer; send one (Claude Code sends ANTHROPIC_API_KEY as x-api-key and "
+            "ANTHROPIC_AUTH_TOKEN as Authorization: unset one of them, or set both to the "
+            "same key)",
             reason="two_keys",
         )
     return api_key or bearer

@@ -19,9 +19,10 @@ long hex or numeric ids, or custom regexes) in every string before hashing; the
 request sent upstream is never changed.
 
 Hygiene (`Shape`): a miss whose body matches a recent request of the same caller
-once digits and hex letters are masked was defeated by volatile values (timestamps,
-dates, UUIDs, hashes, numeric ids); the field paths that differed are reported so
-the prompt can be fixed.
+once digits, hex letters and home/temporary directories are masked was defeated by
+volatile values (timestamps, dates, UUIDs, hashes, numeric ids, a fresh HOME or
+TMPDIR per run); the field paths that differed are reported so the prompt can be
+fixed or the values normalised (`{builtin: paths}` for directories).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import orjson
 
 from extproc.apis import ApiKind, Endpoint
-from extproc.config import NormalizeRule
+from extproc.config import UNIX_DIRECTORIES, WINDOWS_DIRECTORIES, NormalizeRule
 
 KEY_VERSION = 1
 _OPENAI_NOISE = ("stream", "stream_options", "user", "store", "metadata")
@@ -149,6 +150,14 @@ def format_path(path: Path) -> str:
 
 
 _HEXISH = bytes.maketrans(b"0123456789abcdefABCDEF", b"0" * 22)
+# Home and temporary directories (the `paths` normalize rule), masked in the shape so a
+# miss caused by a fresh HOME or TMPDIR per run is explained too: one literal-led pattern
+# per pass over the serialized body (where a Windows path's backslashes are escaped).
+DIRECTORIES = NormalizeRule(builtin="paths").regex()
+_DIRECTORIES_JSON = (
+    re.compile(UNIX_DIRECTORIES.encode()),
+    re.compile(WINDOWS_DIRECTORIES.replace(r"\\", r"\\\\", 2).encode()),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +178,10 @@ class Shape:
     @classmethod
     def of(cls, api: ApiKind, body: Mapping[str, Any]) -> Shape:
         clean = _without_noise(api, body)
-        digest = hashlib.sha256(orjson.dumps(clean).translate(_HEXISH)).hexdigest()
+        dumped = orjson.dumps(clean)
+        for directories in _DIRECTORIES_JSON:
+            dumped = directories.sub(b"~", dumped)
+        digest = hashlib.sha256(dumped.translate(_HEXISH)).hexdigest()
         checksums = [zlib.crc32(text.encode()) for _, text in _strings(clean, ())]
         return cls(digest=digest, checksums=checksums, body=clean)
 
@@ -190,3 +202,12 @@ class Shape:
         changed = {i for i, (a, b) in enumerate(zip(before, self.checksums, strict=True)) if a != b}
         paths = (path for i, (path, _) in enumerate(_strings(self.body, ())) if i in changed)
         return sorted(format_path(path) for path in paths)
+
+    def directory_fields(self, fields: Sequence[str]) -> list[str]:
+        """Which of `fields` hold a home or temporary directory path (see `paths`)."""
+        wanted = set(fields)
+        return sorted(
+            format_path(path)
+            for path, text in _strings(self.body, ())
+            if format_path(path) in wanted and DIRECTORIES.search(text)
+        )

@@ -7,32 +7,44 @@ so budgets never under-count. Integers are what the store adds atomically
 (HINCRBY); a budget of $1e9 is still far below 2**53 micro-USD.
 
 `Usage` is the provider-neutral shape from `extproc.apis.usage`: uncached input,
-output, cache writes and cache reads never overlap, so each count is priced
-once at its own rate. Anthropic's 1-hour cache writes cost more than 5-minute
-ones; usage does not split them, so `cache_write` is the 5-minute rate (a
-deployment that uses 1-hour caching can override the price).
+output, cache writes and cache reads never overlap, so each count is priced once at
+its own rate. Cache writes are split into 5-minute (`cache_write`) and 1-hour
+(`cache_write_1h`) writes as Anthropic reports them (`cache_creation.ephemeral_1h_
+input_tokens`); server tools are priced per use (`web_search`, USD per search). A
+`long_context` tier replaces every rate of a call whose prompt (input + cache writes
++ cache reads) is over its threshold: Anthropic bills the whole request at the
+premium, not only the tokens past 200K.
 
 Lookup order for a model name: exact entry, then glob patterns (`fnmatch`,
 case-sensitive) from most to least specific (more literal characters, then
-fewer `*`),
-then the unknown-model rule: `refuse` (raise `UnknownModel`; the gateway answers
-400 before spending anything) or `{price_as: <model>}`.
+fewer `*`), then the unknown-model rule: `refuse` (raise `UnknownModel`; the
+gateway answers 400 before spending anything) or `{price_as: <model>}`.
 
-Shipped defaults (verify against the providers' pages before billing on them):
+Shipped defaults, read 2026-12-01 (verify against the providers' pages before
+billing on them):
 
-* Anthropic, from platform.claude.com/docs/en/about-claude/pricing (the
-  "Model pricing" table, read via the docs search): Opus 4.5 and later
-  (4.5-4.8) $5 in / $25 out / $6.25 5-minute cache write / $0.50 cache read;
-  Opus 4 and 4.1 keep the older $15 / $75 / $18.75 / $1.50. Sonnet 4.x
-  $3 / $15 / $3.75 / $0.30 and Haiku 4.5 $1 / $5 / $1.25 / $0.10 follow the
-  model overview pages; the cache rates assume Anthropic's usual 1.25x input
-  (5-minute write) and 0.1x input (read) multipliers.
-* OpenAI, per openai.com/api/pricing as mirrored in public price tables
-  (github/docs Copilot models-and-pricing, openai-cost): gpt-5 $1.25 / $10 /
-  cached $0.125; gpt-5-mini $0.25 / $2 / $0.025; gpt-4.1 $2 / $8 / $0.50;
-  gpt-4o $2.50 / $10 / $1.25; gpt-4o-mini $0.15 / $0.60 / $0.075. OpenAI does
-  not bill cache writes separately, so `cache_write` equals the input rate
-  (its usage never reports cache-creation tokens anyway).
+| model | input | 5m write | 1h write | read | output | > 200K prompt (in / out) |
+| --- | --- | --- | --- | --- | --- | --- |
+| Claude Opus 4.5-4.8 | 5 | 6.25 | 10 | 0.50 | 25 | none |
+| Claude Opus 4, 4.1 | 15 | 18.75 | 30 | 1.50 | 75 | none |
+| Claude Sonnet 4.6 | 3 | 3.75 | 6 | 0.30 | 15 | none (1M context at standard rates) |
+| Claude Sonnet 4, 4.5 | 3 | 3.75 | 6 | 0.30 | 15 | 6 / 22.50 (writes 7.50 / 12, read 0.60) |
+| Claude Haiku 4.5 | 1 | 1.25 | 2 | 0.10 | 5 | none |
+| web search (Anthropic) | $10 per 1,000 searches | | | | | |
+| gpt-5 | 1.25 | = input | = input | 0.125 | 10 | |
+| gpt-5-mini | 0.25 | = input | = input | 0.025 | 2 | |
+| gpt-4.1 | 2 | = input | = input | 0.50 | 8 | |
+| gpt-4o / gpt-4o-mini | 2.50 / 0.15 | = input | = input | 1.25 / 0.075 | 10 / 0.60 | |
+
+USD per million tokens. Sources: Anthropic, platform.claude.com/docs/en/about-claude/
+pricing ("Model pricing": 5m writes 1.25x, 1h writes 2x, reads 0.1x input; "Long
+context pricing": Sonnet 4 and 4.5 with the 1M context beta, $6 / $22.50 above 200K
+input tokens, the cache multipliers applying to the premium input rate; "Web search
+tool": $10 per 1,000 searches) and the model overview pages (Sonnet 4.6 and Opus 4.6
+list a 1M context at their standard rates since the window became generally available
+on 2026-03-13). OpenAI, openai.com/api/pricing (cached input at the cached rate;
+reasoning tokens are part of `completion_tokens` and billed as output); OpenAI does
+not bill cache writes, so both write rates equal the input rate.
 """
 
 from __future__ import annotations
@@ -51,10 +63,12 @@ from extproc.apis.usage import Usage
 __all__ = [
     "DEFAULT_PRICES",
     "MICROS_PER_USD",
+    "LongContext",
     "Price",
     "PriceAs",
     "PriceTable",
     "PricingConfig",
+    "Rates",
     "UnknownModel",
     "cost_micros",
     "cost_usd",
@@ -70,13 +84,46 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Price(_Frozen):
+class Rates(_Frozen):
     """USD per million tokens (= micro-USD per token) for each kind of token."""
 
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cache_write: Decimal = Field(ge=0)
     cache_read: Decimal = Field(ge=0)
+    # 1-hour cache writes; absent: Anthropic's 2x the input rate.
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)
+
+    @property
+    def write_1h(self) -> Decimal:
+        return self.cache_write_1h if self.cache_write_1h is not None else 2 * self.input
+
+    @property
+    def dearest_input(self) -> Decimal:
+        """The most a prompt token can cost (a cache hit only makes it cheaper)."""
+        return max(self.input, self.cache_write, self.write_1h)
+
+
+class LongContext(Rates):
+    """Rates for a whole call whose prompt is over `threshold_tokens`."""
+
+    threshold_tokens: int = Field(default=200_000, gt=0)
+
+
+class Price(Rates):
+    """A model's rates, its long-context tier and its per-use server tool prices."""
+
+    long_context: LongContext | None = None
+    web_search: Decimal = Field(default=Decimal("0.01"), ge=0)  # USD per search
+
+    def rates_for(self, prompt_tokens: int) -> Rates:
+        tier = self.long_context
+        return tier if tier is not None and prompt_tokens > tier.threshold_tokens else self
+
+    @property
+    def dearest(self) -> Rates:
+        """The dearest rates that can apply to a call of this model (for reservations)."""
+        return self.long_context or self
 
 
 class PriceAs(_Frozen):
@@ -85,18 +132,34 @@ class PriceAs(_Frozen):
     price_as: str
 
 
-def _p(input_: str, output: str, cache_write: str, cache_read: str) -> Price:
+def _p(input_: str, output: str, cache_write: str, cache_read: str, **extra: object) -> Price:
+    """Anthropic rates (1h writes at 2x input); OpenAI's pass cache_write = input."""
+    write_1h = extra.pop("cache_write_1h", None) or str(2 * Decimal(input_))
     return Price(
         input=Decimal(input_),
         output=Decimal(output),
         cache_write=Decimal(cache_write),
         cache_read=Decimal(cache_read),
+        cache_write_1h=Decimal(str(write_1h)),
+        **extra,  # type: ignore[arg-type]
     )
+
+
+def _oai(input_: str, output: str, cache_read: str) -> Price:
+    return _p(input_, output, input_, cache_read, cache_write_1h=input_)
 
 
 _OPUS_NEW = _p("5", "25", "6.25", "0.50")
 _OPUS_OLD = _p("15", "75", "18.75", "1.50")
-_SONNET_4 = _p("3", "15", "3.75", "0.30")
+_SONNET_4_6 = _p("3", "15", "3.75", "0.30")
+_SONNET_4_LONG = LongContext(
+    input=Decimal("6"),
+    output=Decimal("22.50"),
+    cache_write=Decimal("7.50"),
+    cache_write_1h=Decimal("12"),
+    cache_read=Decimal("0.60"),
+)
+_SONNET_4 = _p("3", "15", "3.75", "0.30", long_context=_SONNET_4_LONG)
 _HAIKU_4_5 = _p("1", "5", "1.25", "0.10")
 
 DEFAULT_PRICES: Mapping[str, Price] = {
@@ -109,21 +172,22 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "claude-opus-4-1-*": _OPUS_OLD,
     "claude-opus-4-0": _OPUS_OLD,
     "claude-opus-4-2025*": _OPUS_OLD,  # Opus 4 by dated id (claude-opus-4-20250514)
-    "claude-sonnet-4-6": _SONNET_4,
+    "claude-sonnet-4-6": _SONNET_4_6,
+    "claude-sonnet-4-6-*": _SONNET_4_6,
     "claude-sonnet-4-5": _SONNET_4,
     "claude-sonnet-4-*": _SONNET_4,
     "claude-haiku-4-5": _HAIKU_4_5,
     "claude-haiku-4-5-*": _HAIKU_4_5,
-    "gpt-5": _p("1.25", "10", "1.25", "0.125"),
-    "gpt-5-2*": _p("1.25", "10", "1.25", "0.125"),  # dated snapshots (gpt-5-2025-08-07)
-    "gpt-5-mini": _p("0.25", "2", "0.25", "0.025"),
-    "gpt-5-mini-*": _p("0.25", "2", "0.25", "0.025"),
-    "gpt-4.1": _p("2", "8", "2", "0.50"),
-    "gpt-4.1-2*": _p("2", "8", "2", "0.50"),
-    "gpt-4o": _p("2.50", "10", "2.50", "1.25"),
-    "gpt-4o-2*": _p("2.50", "10", "2.50", "1.25"),
-    "gpt-4o-mini": _p("0.15", "0.60", "0.15", "0.075"),
-    "gpt-4o-mini-*": _p("0.15", "0.60", "0.15", "0.075"),
+    "gpt-5": _oai("1.25", "10", "0.125"),
+    "gpt-5-2*": _oai("1.25", "10", "0.125"),  # dated snapshots (gpt-5-2025-08-07)
+    "gpt-5-mini": _oai("0.25", "2", "0.025"),
+    "gpt-5-mini-*": _oai("0.25", "2", "0.025"),
+    "gpt-4.1": _oai("2", "8", "0.50"),
+    "gpt-4.1-2*": _oai("2", "8", "0.50"),
+    "gpt-4o": _oai("2.50", "10", "1.25"),
+    "gpt-4o-2*": _oai("2.50", "10", "1.25"),
+    "gpt-4o-mini": _oai("0.15", "0.60", "0.075"),
+    "gpt-4o-mini-*": _oai("0.15", "0.60", "0.075"),
 }
 
 _WILDCARDS = re.compile(r"[*?\[]")
@@ -225,11 +289,15 @@ def cost_usd(usage: Usage, price: Price) -> Decimal:
 
 
 def _cost_micros_exact(usage: Usage, price: Price) -> Decimal:
+    rates = price.rates_for(usage.prompt_tokens)
+    one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
     return (
-        usage.input_tokens * price.input
-        + usage.output_tokens * price.output
-        + usage.cache_creation_input_tokens * price.cache_write
-        + usage.cache_read_input_tokens * price.cache_read
+        usage.input_tokens * rates.input
+        + usage.output_tokens * rates.output
+        + (usage.cache_creation_input_tokens - one_hour) * rates.cache_write
+        + one_hour * rates.write_1h
+        + usage.cache_read_input_tokens * rates.cache_read
+        + usage.web_search_requests * price.web_search * MICROS_PER_USD
     )
 
 
@@ -239,11 +307,13 @@ def cost_micros(usage: Usage, price: Price) -> int:
 
 
 def estimate_micros(price: Price, *, input_tokens: int, max_output_tokens: int) -> int:
-    """An upper-bound cost to reserve before a call: every input token at the dearer of
-    the input and cache-write rates (a cache hit only makes it cheaper), and the full
-    `max_output_tokens` at the output rate."""
-    per_input = max(price.input, price.cache_write)
-    return math.ceil(input_tokens * per_input + max_output_tokens * price.output)
+    """An upper-bound cost to reserve before a call: every input token at the dearest
+    rate that can apply to it (1-hour cache write, long-context tier), and the full
+    `max_output_tokens` at the dearest output rate."""
+    dearest = price.dearest
+    per_input = max(price.dearest_input, dearest.dearest_input)
+    per_output = max(price.output, dearest.output)
+    return math.ceil(input_tokens * per_input + max_output_tokens * per_output)
 
 
 def usd_to_micros(usd: Decimal | int | str) -> int:

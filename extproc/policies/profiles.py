@@ -38,6 +38,8 @@ def _compile(config: Config, raw: bytes) -> ProfileConfig:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"{where}: {first['msg']}") from exc
+    if base.zero_data_retention and not profile.zero_data_retention:
+        raise ValueError(f"route metadata cannot turn off zero_data_retention of profile {name!r}")
     if profile.provider is not None and profile.provider not in config.providers:
         raise ValueError(f"provider {profile.provider!r} is not in the config's providers")
     return profile

@@ -39,7 +39,11 @@ def default_target(config: Config, api: ApiKind) -> Target:
 
 def upstream_headers(target: Target, path: str, credential: str | None) -> HeaderChanges:
     """Route to the target's cluster, rebase the path, and swap in its credential."""
-    changes: list[tuple[str, str]] = [(ROUTING_HEADER, target.cluster)]
+    # The gateway reads every answer: ask for it uncompressed, whatever the client accepts.
+    changes: list[tuple[str, str]] = [
+        (ROUTING_HEADER, target.cluster),
+        ("accept-encoding", "identity"),
+    ]
     prefix = target.provider.path_prefix
     if prefix:
         changes.append((":path", prefix + path))

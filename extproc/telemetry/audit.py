@@ -1,7 +1,8 @@
-"""Audit records: one JSON line per request, written to stdout or a file.
+"""Audit records: one JSON line per request, written to stdout or a file, or rows in
+PostgreSQL (`audit_store.PostgresSink`).
 
-Records never hold credentials. Prompt and completion text appear only when
-`audit.record_text` is true. Writes are small appends of one line each; a file
+Records never hold credentials. Prompt and completion text appear only on routes
+that record text (see `record.py`). Writes are small appends of one line each; a file
 sink is opened in append mode and flushed per record so a crash loses at most
 the line being written, and `reopen()` (on SIGHUP) supports log rotation.
 """
@@ -10,10 +11,19 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import orjson
+
+from extproc.credentials import Credential
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from extproc.config import AuditConfig
+    from extproc.telemetry.audit_store import PostgresSettings
 
 
 class AuditSink(Protocol):
@@ -64,8 +74,37 @@ class JsonLinesSink:
                 self._stream.close()
 
 
-def open_sink(target: str) -> AuditSink:
-    """`stdout`, `none`, or a file path."""
-    if target == "none":
+def open_sink(
+    config: AuditConfig,
+    environ: Mapping[str, str] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AuditSink:
+    """`stdout`, `none`, a file path, or a `postgresql://` URL (the durable store, which
+    counts its records in `registry`)."""
+    if config.postgres:
+        from extproc.telemetry.audit_store import PostgresSink
+
+        return PostgresSink(postgres_settings(config, environ), registry=registry)
+    if config.sink == "none":
         return NullSink()
-    return JsonLinesSink(target)
+    return JsonLinesSink(config.sink)
+
+
+def postgres_settings(
+    config: AuditConfig, environ: Mapping[str, str] | None = None
+) -> PostgresSettings:
+    from extproc.telemetry.audit_store import PostgresSettings
+
+    source = config.password
+    return PostgresSettings(
+        config.sink,
+        password=Credential(source, environ).get() if source is not None else None,
+        table=config.table,
+        spool_dir=config.spool_dir,
+        retention_days=config.retention_days,
+        partitions_ahead_days=config.partitions_ahead_days,
+        batch_size=config.batch_size,
+        flush_seconds=config.flush_seconds,
+        queue_max=config.queue_max,
+        retry_seconds=config.retry_seconds,
+    )

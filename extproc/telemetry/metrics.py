@@ -146,6 +146,12 @@ class Metrics:
             ["requested", "served", "provider"],
             registry=r,
         )
+        self.subagent_requests = Counter(
+            "extproc_subagent_requests",
+            "Model calls made by Claude Code subagents (x-claude-code-agent-id present).",
+            ["endpoint"],
+            registry=r,
+        )
 
     def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
         for kind, value in _by_type(usage):

@@ -2,7 +2,8 @@
 
 Called exactly once per request by `RequestStream._finish`. The record holds
 who, what and how much, never credentials; prompt and completion text only when
-`audit.record_text` is on.
+the route's profile records text (`profiles.NAME.audit.record_text`, else the global
+`audit.record_text`; never on a `zero_data_retention` profile).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "project": identity.project,
         "tier": identity.tier,
         "session_id": stream.session_id,
+        "agent_id": stream.agent_id,
+        "parent_agent_id": stream.parent_agent_id,
         "provider": stream.target.name if stream.target else None,
         "requested_model": request.model if request else None,
         "served_model": answer.served_model or stream.served_model,
@@ -51,12 +54,16 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         "output_tokens": usage.output_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
         "cache_read_input_tokens": usage.cache_read_input_tokens,
+        "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+        "web_search_requests": usage.web_search_requests,
         "latency_ms": _ms(now - stream.started),
         "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
         "finish_reasons": _finish_reasons(stream),
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
+    if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
+        record["sso_group"] = identity.labels["sso_group"]
     spend = stream.spend
     if spend is not None:
         record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
@@ -76,10 +83,23 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
             record["cache_volatile_paths"] = run.volatile
         if run.replaced:
             record["cache_replaced"] = True
-    if stream.gw.config.audit.record_text and request is not None:
+        if run.volatile_directories:
+            record["cache_volatile_directories"] = run.volatile_directories
+    if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
-        record["completion"] = answer.completion
+        record["completion"] = _completion(stream)
     return record
+
+
+def _completion(stream: RequestStream) -> Any:
+    """The answer's content: the JSON body's, or the folded stream's when it completed."""
+    if stream.answer.completion is not None:
+        return stream.answer.completion
+    accumulator = stream.accumulator
+    if accumulator is None or not accumulator.complete:
+        return None
+    message = accumulator.folded_message()
+    return message.get("content", message.get("choices"))
 
 
 def _finish_reasons(stream: RequestStream) -> list[str]:
@@ -111,6 +131,8 @@ def account(stream: RequestStream, now: float) -> None:
         metrics.model_mapping.labels(requested, served, provider).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
+    if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
+        metrics.subagent_requests.labels(record["endpoint"]).inc()
     if run is not None:
         metrics.cache.labels(run.result).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")

@@ -72,7 +72,7 @@ def _post(stack: Stack, headers: dict[str, str]) -> httpx.Response:
         ({"x-api-key": "gwk_nobody_secret"}, 401, "invalid gateway key"),
         ({"x-api-key": KEYS["off"]}, 401, "disabled"),
         ({"x-api-key": KEYS["old"]}, 401, "expired at 2020-01-01"),
-        ({"x-api-key": KEYS["dev"], "authorization": "Bearer other"}, 400, "two different keys"),
+        ({"x-api-key": KEYS["dev"], "authorization": "Bearer other"}, 400, "ANTHROPIC_AUTH_TOKEN"),
     ],
 )
 def test_refused_callers_never_reach_the_provider(
@@ -81,6 +81,10 @@ def test_refused_callers_never_reach_the_provider(
     response = _post(secured, headers)
     assert response.status_code == status
     assert fragment in response.json()["error"]["message"]
+    # A retry cannot fix a refused credential: the SDKs and Claude Code must not retry.
+    assert response.headers["x-should-retry"] == "false"
+    assert response.headers["x-gateway-error"]
+    assert response.headers["x-gateway-request-id"]
     assert "gwk_" not in response.text
     assert received.received == []
 

@@ -102,3 +102,31 @@ def test_render_patches_only_what_the_config_owns() -> None:
     assert by_name["openai"]["route"]["cluster"] == "provider_local"
     assert by_name["anthropic"]["route"]["cluster"] == "provider_claude"
     assert template != rendered  # the template itself is untouched
+
+
+_SSO: Any = {
+    "oidc": {"issuer": "https://idp.example.com", "client_id": "gw", "client_secret": {"env": "S"}}
+}
+
+
+def test_sso_example_config_is_valid() -> None:
+    config = load_config(Path(__file__).parents[2] / "examples" / "sso.yaml")
+    assert config.sso is not None
+    assert [p.group for p in config.sso.groups] == ["ml-platform", "eng-*"]
+    assert config.otlp_relay.endpoint == "http://otel-collector:4318"
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"store": "redis://r:6379/0", "sso": _SSO}, "sso.signing_key: replicas sharing a store"),
+        ({"sso": {**_SSO, "groups": [{"group": "g", "team": "nope"}]}}, "team 'nope'"),
+        ({"sso": {**_SSO, "default": {"tier": "gold"}}}, "tier 'gold'"),
+        ({"sso": {**_SSO, "oidc": {**_SSO["oidc"], "issuer": "ftp://x"}}}, "http:// or https://"),
+        ({"otlp_relay": {"endpoint": "collector:4318"}}, "http:// or https://"),
+    ],
+)
+def test_sso_config_errors(data: Any, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert fragment in "; ".join(caught.value.problems)

@@ -664,3 +664,20 @@ def test_display_name(model_id: str, name: str) -> None:
 def test_input_tokens_are_deterministic_and_at_least_one() -> None:
     assert input_tokens(b"") == 1
     assert input_tokens(b"x" * 400) == 100
+
+
+def test_compression_follows_accept_encoding_or_the_forced_coding() -> None:
+    import gzip
+
+    from tests.fake_provider import Compressor, choose_coding
+
+    accepts = {"accept-encoding": "br;q=1.0, gzip", "x-fake-compress": "allowed"}
+    assert choose_coding(accepts, "none") == "br"
+    assert choose_coding({"accept-encoding": "identity"}, "allowed") is None
+    assert (
+        choose_coding({"accept-encoding": "identity", "x-fake-compress": "gzip"}, "none") == "gzip"
+    )
+    assert choose_coding({}, "none") is None
+    compressor = Compressor("gzip")
+    data = compressor.piece(b"event one\n\n") + compressor.piece(b"event two\n\n")
+    assert gzip.decompress(data + compressor.finish()) == b"event one\n\nevent two\n\n"

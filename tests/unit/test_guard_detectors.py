@@ -70,3 +70,26 @@ def test_validators() -> None:
     assert not iban_ok("GB82WEST12345698765433")
     assert ssn_ok("536-22-8714")
     assert not ssn_ok("078-05-1120")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x-anthropic-billing-header: cc_version=2.1.197.123; cc_entrypoint=cli",
+        "Windows version 10.0.19041.1",
+        "release v1.2.3.4 is out",
+        "ver: 4.3.2.1",
+    ],
+)
+def test_version_strings_are_not_addresses(text: str) -> None:
+    from extproc.policies.guard import detectors
+
+    detector = detectors.Detector(enabled=frozenset({"ipv4"}))
+    assert [f.rule for f in detector.scan(text)] == []
+
+
+def test_an_address_after_server_is_still_an_address() -> None:
+    from extproc.policies.guard import detectors
+
+    detector = detectors.Detector(enabled=frozenset({"ipv4"}))
+    assert [f.rule for f in detector.scan("server=8.8.8.8")] == ["ipv4"]

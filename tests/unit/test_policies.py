@@ -42,7 +42,9 @@ def test_classify(
     ("method", "path", "error"),
     [
         ("POST", "/v1/complete", NotFound),
-        ("GET", "/", NotFound),
+        ("GET", "/v2", NotFound),
+        ("POST", "/", MethodNotAllowed),
+        ("POST", "/health", MethodNotAllowed),
         ("GET", "/v1/models/a/b", NotFound),
         ("GET", "/v1/messages", MethodNotAllowed),
         ("DELETE", "/v1/models", MethodNotAllowed),
@@ -115,7 +117,7 @@ def test_presented_key(headers: dict[str, str], expected: str | None) -> None:
 
 
 def test_two_different_keys_are_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="two different keys"):
+    with pytest.raises(BadRequest, match="two different credentials"):
         auth.presented_key({"x-api-key": "a", "authorization": "Bearer b"})
 
 

@@ -123,7 +123,7 @@ def test_config_errors(data: dict[str, object], message: str) -> None:
 
 
 def test_cost_is_exact_and_rounded_up() -> None:
-    sonnet = PriceTable.default().lookup("claude-sonnet-4-5")
+    sonnet = PriceTable.default().lookup("claude-sonnet-4-6")  # no long-context tier
     usage = Usage(
         input_tokens=1_000_000,
         output_tokens=2_000,
@@ -153,7 +153,8 @@ prices = st.sampled_from(sorted(DEFAULT_PRICES.items()))
 
 @given(usages, usages, prices)
 def test_cost_micros_bounds_and_additivity(a: Usage, b: Usage, named: tuple[str, Price]) -> None:
-    p = named[1]
+    # Within one rate tier: a long-context tier prices a whole call by its prompt size.
+    p = named[1].model_copy(update={"long_context": None})
     exact = cost_usd(a, p) * 1_000_000
     assert exact <= cost_micros(a, p) < exact + 1
     total = cost_micros(a + b, p)
@@ -168,3 +169,80 @@ def test_estimate_bounds_any_split_of_the_same_prompt(u: Usage, named: tuple[str
     prompt = u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens
     estimate = estimate_micros(p, input_tokens=prompt, max_output_tokens=u.output_tokens)
     assert cost_micros(u, p) <= estimate
+
+
+# Usage blocks as the providers send them, and the cost each must give (USD), from the
+# pages and dates cited in extproc/policies/pricing.py.
+INVOICE_CASES = [
+    # Anthropic: plain call, Sonnet 4.6: 1,000 in x $3 + 500 out x $15.
+    ("anthropic", "claude-sonnet-4-6", {"input_tokens": 1000, "output_tokens": 500}, "0.0105"),
+    # 5-minute and 1-hour cache writes apart: 10K x 3.75 + 20K x 6 + 100K reads x 0.30.
+    (
+        "anthropic",
+        "claude-sonnet-4-6",
+        {
+            "input_tokens": 50,
+            "output_tokens": 100,
+            "cache_creation_input_tokens": 30_000,
+            "cache_read_input_tokens": 100_000,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 10_000,
+                "ephemeral_1h_input_tokens": 20_000,
+            },
+        },
+        "0.18915",
+    ),
+    # Sonnet 4.5 with the 1M beta: a 798,265-token prompt is billed whole at $6 / $22.50.
+    ("anthropic", "claude-sonnet-4-5", {"input_tokens": 798_265, "output_tokens": 1000}, "4.81209"),
+    # ... and exactly 200K is still the base rate; cache reads count toward the threshold.
+    ("anthropic", "claude-sonnet-4-5", {"input_tokens": 200_000}, "0.6"),
+    (
+        "anthropic",
+        "claude-sonnet-4-5",
+        {"input_tokens": 100_001, "cache_read_input_tokens": 100_000},
+        "0.660006",
+    ),
+    # Sonnet 4.6 and Opus 4.6+ have a 1M window at standard rates.
+    ("anthropic", "claude-sonnet-4-6", {"input_tokens": 798_265}, "2.394795"),
+    ("anthropic", "claude-opus-4-8", {"input_tokens": 300_000, "output_tokens": 10}, "1.50025"),
+    # Web search: $10 per 1,000 searches, on top of tokens.
+    (
+        "anthropic",
+        "claude-haiku-4-5",
+        {"input_tokens": 1000, "output_tokens": 0, "server_tool_use": {"web_search_requests": 3}},
+        "0.031",
+    ),
+    # OpenAI: cached prompt tokens at the cached rate, reasoning tokens inside
+    # completion_tokens billed as output (never twice).
+    (
+        "openai",
+        "gpt-5",
+        {
+            "prompt_tokens": 10_000,
+            "completion_tokens": 3_000,
+            "prompt_tokens_details": {"cached_tokens": 8_000},
+            "completion_tokens_details": {"reasoning_tokens": 2_500},
+        },
+        "0.0335",
+    ),
+    ("openai", "gpt-5-mini", {"prompt_tokens": 1_000_000, "completion_tokens": 0}, "0.25"),
+]
+
+
+@pytest.mark.parametrize(("api", "model", "usage", "usd"), INVOICE_CASES)
+def test_usage_blocks_price_as_the_invoice(
+    api: str, model: str, usage: dict[str, object], usd: str
+) -> None:
+    from extproc.apis import anthropic, openai
+
+    parse = anthropic.usage_from_mapping if api == "anthropic" else openai.usage_from_mapping
+    price = PriceTable.default().lookup(model)
+    assert cost_usd(parse(usage), price) == Decimal(usd)
+
+
+def test_reservations_use_the_dearest_rate_that_can_apply() -> None:
+    sonnet_45 = PriceTable.default().lookup("claude-sonnet-4-5")
+    # Long context 1h write ($12) and long-context output ($22.50).
+    assert estimate_micros(sonnet_45, input_tokens=1, max_output_tokens=1) == 12 + 23
+    sonnet_46 = PriceTable.default().lookup("claude-sonnet-4-6")
+    assert estimate_micros(sonnet_46, input_tokens=1, max_output_tokens=1) == 6 + 15

@@ -764,6 +764,10 @@ def _phone_digits_ok(raw: str, lo: int, hi: int) -> bool:
     return lo <= len(digits) <= hi and len(set(digits)) > 2
 
 
+# What precedes a dotted version number: "version=", "_ver: ", "v", "Version ".
+_VERSION_BEFORE = re.compile(r"(?:(?<![A-Za-z])(?i:version|ver)\s*[=:]?\s*|(?<![A-Za-z0-9])[vV])\Z")
+
+
 def _ipv4_ok(raw: str) -> bool:
     parts = raw.split(".")
     if any(len(p) > 1 and p[0] == "0" for p in parts) or any(int(p) > 255 for p in parts):
@@ -864,6 +868,8 @@ def _scan_numbers(data: bytes, text: str, det: Detector, out: list[Finding]) -> 
             continue
         start = m.start(group) - _NUMBER_BACK[group]
         raw = text[start : m.end(group)]
+        if rule == "ipv4" and _VERSION_BEFORE.search(text, max(0, start - 24), start):
+            continue  # cc_version=2.1.197.123, v10.0.19041.1: a version, not an address
         if check(raw) and raw not in det.options.allow_values:
             out.append(Finding(rule, "pii", start, m.end(group)))
             end = m.end(group)
