@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 ENTRY_PREFIX = "extproc:cache:"
 LOCK_PREFIX = "extproc:cache-lock:"
 SHAPE_PREFIX = "extproc:cache-shape:"
+# Hygiene is bounded: bodies over SHAPE_MAX_BODY bytes are not shaped (the work grows with
+# the body), and a shape record over SHAPE_MAX_ENTRY bytes is not stored.
+SHAPE_MAX_BODY = 1 << 20
+SHAPE_MAX_ENTRY = 64 << 10
 _POLL = 0.05
 
 
@@ -103,8 +107,11 @@ class ResponseCache:
     async def volatile_paths(self, scope: str, shape: Shape, key: str) -> list[str]:
         """Paths whose volatile values alone separate this miss from a recent request."""
         name = f"{SHAPE_PREFIX}{quote(scope, safe='=')}:{shape.digest}"
+        record = shape.encode(key)
+        if len(record) > SHAPE_MAX_ENTRY:
+            return []
         recent = await self.store.get(name)
-        await self.store.set(name, shape.encode(key), self.settings.hygiene_window_seconds)
+        await self.store.set(name, record, self.settings.hygiene_window_seconds)
         return shape.defeated_by(recent, key) if recent is not None else []
 
     async def purge(self, scope: str | None = None, key: str | None = None) -> int:

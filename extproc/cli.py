@@ -6,6 +6,7 @@ extproc check-config FILE                    validate the config and the Envoy b
 extproc render-envoy [--config FILE]         print the Envoy bootstrap `up` would run
 extproc report [--source FILE|URL] [--html F] spend, savings, rejections from the audit store
 extproc audit migrate --config FILE          create the Postgres audit table and partitions
+extproc reconcile ACCESS_LOG AUDIT_LOG       records for requests only Envoy's log has
 """
 
 from __future__ import annotations
@@ -49,11 +50,31 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?")
     render = commands.add_parser("render-envoy", help="print the Envoy bootstrap `up` runs")
     render.add_argument("--config")
+    reconcile = commands.add_parser(
+        "reconcile", help="audit records for streams only Envoy's access log has"
+    )
+    reconcile.add_argument("access_log")
+    reconcile.add_argument("audit_log")
     admin_cli.add_parser(commands)
     admin_cli.add_cache_parser(commands)
     report_cli.add_parsers(commands)
     admin_cli.add_sso_parser(commands)
     return parser
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from extproc.telemetry.reconcile import read_json_lines, reconcile
+
+    access = read_json_lines(Path(args.access_log))
+    found = 0
+    for record in reconcile(access, read_json_lines(Path(args.audit_log))):
+        print(json.dumps(record, sort_keys=True))
+        found += 1
+    print(f"extproc: {found} record(s) reconciled", file=sys.stderr)
+    return 0
 
 
 def _load(path: str | None) -> Config:
@@ -125,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check(args)
+    if args.command == "reconcile":
+        return _reconcile(args)
     if args.command in ("keys", "cache", "sso"):
         return admin_cli.run(_load(args.config), args)
     if args.command == "report":

@@ -222,8 +222,17 @@ class TelemetryConfig(_Frozen):
 
 class LimitsConfig(_Frozen):
     max_body_bytes: int = Field(default=32 * MiB, ge=1024, le=256 * MiB)
-    # The output tokens a budget reserves when a request sets no (or a larger) max_tokens.
+    # Work per request is bounded: JSON values in a body (blocks, strings, numbers...) and
+    # characters of text a guard scans; past either, 413. See extproc/offload.py.
+    max_json_values: int = Field(default=200_000, ge=1_000, le=10_000_000)
+    max_scan_chars: int = Field(default=16 * MiB, ge=1024, le=256 * MiB)
+    # The most output one request may generate: a larger max_tokens / max_completion_tokens
+    # (or none, on OpenAI) is rewritten to it, so the budget reservation is an upper bound.
     max_output_tokens: int = Field(default=64_000, ge=1, le=1_000_000)
+    # A provider that sends no response headers for this long gets a 504 (streamed or
+    # not). Rendered into the dispatch route's retry_policy.per_try_timeout; it must stay
+    # below the route's idle_timeout (600 s), which would otherwise fire first.
+    first_byte_timeout_seconds: float = Field(default=90.0, ge=1, le=590)
 
 
 class EnvoyConfig(_Frozen):
@@ -232,6 +241,8 @@ class EnvoyConfig(_Frozen):
     admin: AddressField = HostPort(host="127.0.0.1", port=9901)
     bootstrap: Path | None = None
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    # Where Envoy writes its access log (one JSON line per request; see `extproc reconcile`).
+    access_log: str = Field(default="/dev/stdout", min_length=1, max_length=4096)
     # Envoy's cap on open downstream connections; None: derived from the file-descriptor
     # limit at start (extproc.fdlimit), which must hold two descriptors per connection.
     max_connections: int | None = Field(default=None, ge=16, le=10_000_000)

@@ -111,6 +111,17 @@ def _patch_routes(hcm: dict[str, Any], config: Config) -> None:
         route["route"]["cluster"] = provider.cluster or f"provider_{name}"
 
 
+def _patch_dispatch(hcm: dict[str, Any], config: Config) -> None:
+    """The first-byte timeout on the route that reaches providers, and the access log path."""
+    for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+        if route.get("name") == "dispatch":
+            retry = route["route"].setdefault("retry_policy", {"num_retries": 0})
+            retry["per_try_timeout"] = f"{config.limits.first_byte_timeout_seconds:g}s"
+    for log in hcm.get("access_log", ()):
+        if log.get("name") == "envoy.access_loggers.file":
+            log["typed_config"]["path"] = config.envoy.access_log
+
+
 def _patch_listener(bootstrap: dict[str, Any], config: Config) -> dict[str, Any]:
     listener = _find(bootstrap["static_resources"]["listeners"], "gateway", "listener")
     listener["address"] = _socket(config.listen)
@@ -148,6 +159,7 @@ def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
         monitor["max_active_downstream_connections"] = config.envoy.max_connections
     hcm = _patch_listener(bootstrap, config)
     _patch_routes(hcm, config)
+    _patch_dispatch(hcm, config)
     clusters = bootstrap["static_resources"]["clusters"]
     ext_proc = _find(clusters, "extproc", "cluster")
     endpoint = ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]

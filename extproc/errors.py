@@ -18,7 +18,8 @@ boundary with `raise ... from`.
     ├── RateLimited           429  budget, quota or rate limit exhausted
     ├── HeadersTooLarge       431  request headers over the gateway's bound
     ├── AnswerWithheld        502  the answer was blocked by the output policy
-    └── Unavailable           503  a dependency (store) is down and policy fails closed
+    ├── Unavailable           503  a dependency (store) is down and policy fails closed
+    └── GatewayTimeout        504  the provider sent nothing within the first-byte timeout
 
 `retryable` says whether the same request could succeed if sent again. The SDKs and
 Claude Code retry 401s, 429s and 5xx up to ten times with backoff unless the answer
@@ -108,3 +109,9 @@ class Unavailable(GatewayError):
     status = 503
     reason = "unavailable"
     retryable = True
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+    reason = "upstream_timeout"
+    retryable = True  # a hung provider is usually a passing fault

@@ -17,6 +17,7 @@ from typing import Any
 from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
+from extproc.offload import Offload
 from extproc.policies.auth import KeyDirectory
 from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
@@ -44,6 +45,7 @@ class Gateway:
     guard: Guard | None = None
     signin: SignIn | None = None
     otlp: OtlpRelay | None = None
+    offload: Offload | None = None  # heavy bodies are checked in a worker process
     otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
@@ -68,6 +70,7 @@ class Gateway:
         }
         store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()
+        hash_key = _hash_key(config, environ)
         metrics.bounds = LabelBounds.from_config(config)
         return cls(
             config=config,
@@ -79,9 +82,10 @@ class Gateway:
             profiles=ProfileResolver(config),
             cache=ResponseCache(store, config.cache),
             spending=Spending(config, store, metrics),
-            guard=_guard(config, environ),
             signin=_signin(config, store, environ),
             otlp=OtlpRelay(config.otlp_relay),
+            guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
+            offload=Offload(config.guard, hash_key),
             otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
         )
 
@@ -113,18 +117,17 @@ class Gateway:
         return self.guard.profile(profile) if self.guard is not None else None
 
     async def close(self) -> None:
+        if self.offload is not None:
+            self.offload.close()
         self.audit.close()
         # Flushing the last spans and metrics may wait on the collector: not on the loop.
         await asyncio.to_thread(self.otel.shutdown)
         await self.store.close()
 
 
-def _guard(config: Config, environ: Mapping[str, str] | None) -> Guard | None:
-    if config.guard is None:
-        return None
-    source = config.guard.hash_key
-    key = Credential(source, environ).get().encode() if source is not None else None
-    return Guard(config.guard, hash_key=key)
+def _hash_key(config: Config, environ: Mapping[str, str] | None) -> bytes | None:
+    source = config.guard.hash_key if config.guard is not None else None
+    return Credential(source, environ).get().encode() if source is not None else None
 
 
 def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> SignIn | None:

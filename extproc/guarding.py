@@ -3,11 +3,13 @@
 One `GuardRun` per request, on routes whose profile has a guard profile (the
 `guard:` config section is present). Going out: secrets and PII are redacted,
 masked (reversibly) or block the request (400 naming the rule, never the
-value), and untrusted content is scored for prompt injection. Coming back: a
-JSON answer is screened whole; a streamed answer is screened delta by delta
-through `SseTextRewriter`, with a bounded hold-back so a secret split across
-chunks is still caught; masked values are restored after screening, so the
-provider never sees them and restored values are never "redacted back".
+value), and untrusted content is scored for prompt injection, both over one walk
+of every model-visible text (`extproc.apis.walk`). Coming back: a JSON answer
+(or a cached one, on replay) is screened whole; a streamed answer is screened
+delta by delta (text, thinking, tool-call input) through `SseTextRewriter`,
+with a bounded hold-back so a secret split across chunks is still caught;
+masked values are restored after screening, so the provider never sees them
+and restored values are never "redacted back".
 Verdicts (rule, action, count) go to the audit record and metrics, never the
 matched text.
 """
@@ -20,9 +22,10 @@ from typing import Any
 
 from extproc.apis import ApiKind
 from extproc.apis.rewrite import SseTextRewriter, StopAnswer
+from extproc.apis.walk import WalkLimits
 from extproc.errors import BadRequest
-from extproc.policies.guard import ProfileGuard, StreamScreener
-from extproc.policies.guard.redact import StreamUnmasker
+from extproc.policies.guard import Inspection, ProfileGuard, StreamScreener
+from extproc.policies.guard.redact import StreamUnmasker, apply_plan
 from extproc.telemetry.metrics import Metrics
 
 
@@ -60,15 +63,21 @@ class GuardRun:
     output: list[dict[str, Any]] = field(default_factory=list)
     screeners: list[StreamScreener] = field(default_factory=list)
     schema: dict[str, Any] | None = None
+    limits: WalkLimits | None = None
 
     def _verdict(self, direction: str, rule: str, action: str, count: int) -> None:
         entry = {"rule": rule, "action": action, "count": count}
         (self.verdicts if direction == "input" else self.output).append(entry)
         self.metrics.guard.labels(direction, rule, action).inc(count)
 
-    def inspect_request(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The body to send instead (None: unchanged); `BadRequest` when a rule blocks."""
-        result = self.policy.redact_request(body, self.api)
+    def inspect_request(
+        self, body: dict[str, Any], inspection: Inspection | None = None
+    ) -> dict[str, Any] | None:
+        """The body to send instead (None: unchanged); `BadRequest` when a rule blocks.
+        `inspection`: the screening already done elsewhere (a worker process)."""
+        if inspection is None:
+            inspection = self.policy.inspect(body, self.api, self.limits)
+        result = apply_plan(body, inspection.redaction)
         for verdict in result.verdicts:
             self._verdict("input", verdict.rule, verdict.action, verdict.count)
         if result.blocked is not None:
@@ -78,7 +87,7 @@ class GuardRun:
                 reason="guard_blocked",
             )
         self.masks = result.masks
-        screened = self.policy.screen_injection(result.body or body, self.api)
+        screened = inspection.injection
         if screened.rules:
             self.injection = {
                 "score": round(screened.score, 3),

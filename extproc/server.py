@@ -31,6 +31,7 @@ from extproc.config import Config
 from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
+from extproc.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
 
@@ -54,6 +55,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         trace_context = _trace_context(context) if traced else None
         stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
         self.gateway.stream_opened()
+        cancelled = False
         try:
             async for request in request_iterator:
                 phase = envoy_api.phase_of(request)
@@ -69,12 +71,15 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     break
         except ProtocolError as exc:
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
+        except asyncio.CancelledError:
+            cancelled = True  # Envoy reset the RPC (vs. ending it: see RequestStream.close)
+            raise
         finally:
             # Settling the budget and writing the audit record run as a task the gateway
             # tracks (shutdown waits for it), not in this handler: the RPC's status goes
             # out at once, before Envoy resets the stream, and a reset (cancelled) RPC is
             # not kept waiting (nor its work cut short).
-            self.gateway.stream_closed(stream.close())
+            self.gateway.stream_closed(stream.close(cancelled=cancelled))
 
 
 def _last_reply(phase: Phase, request: pb.ProcessingRequest, decision: Decision) -> bool:
@@ -113,7 +118,10 @@ async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingR
     if phase is Phase.REQUEST_BODY:
         return await stream.request_body(*envoy_api.body_of(request, phase))
     if phase is Phase.RESPONSE_HEADERS:
-        return await stream.response_headers(*envoy_api.headers_of(request, phase))
+        details = envoy_api.attributes_of(request).get("response.code_details", "")
+        return await stream.response_headers(
+            *envoy_api.headers_of(request, phase), details=str(details)
+        )
     if phase is Phase.RESPONSE_BODY:
         return await stream.response_body(*envoy_api.body_of(request, phase))
     return CONTINUE
@@ -178,6 +186,12 @@ async def serve(
 ) -> None:
     """Run one server process until SIGTERM or SIGINT."""
     gateway = Gateway.from_config(config)
+    if anonymous_unlimited(config):
+        log.warning(
+            "auth.required is false and a provider credential is held by the gateway, but no "
+            "rate limit applies to anonymous callers: set rate_limits.key or "
+            "rate_limits.default_tier (they apply per client address, rate_limits.anonymous)"
+        )
     if serve_metrics and config.metrics_listen is not None:
         address = config.metrics_listen
         start_http_server(address.port, addr=address.host, registry=gateway.metrics.registry)

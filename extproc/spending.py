@@ -13,19 +13,29 @@ Per request (`SpendRun`):
    by the difference from the estimate: `settle`.
 
 The estimate is an upper bound: input tokens from the body (a third of its
-bytes, images and documents counted at a fixed size instead of their base64),
-plus `max_tokens` capped by `limits.max_output_tokens`, priced at the dearest
-input rate. Refusals are 429s that say which limit, what is left and when it
-resets. A store outage fails closed for budgets (503) and open for rate limits
-unless configured otherwise; a settle that cannot reach the store is logged
-and counted, and its hold expires by itself.
+bytes, rounded up, images counted at a fixed size instead of their base64) at the
+dearest input rate, plus the output the request may generate: `cap_output` first
+rewrites a larger (or, on OpenAI, a missing) output limit down to
+`limits.max_output_tokens`, so the provider cannot bill more than was reserved.
+When the final usage never arrives (a stream cut short), `cut_short_usage` bills the
+output streamed so far with the same token estimate. Refusals are 429s that say
+which limit, what is left and when it resets. A store outage fails closed for
+budgets (503) and open for rate limits unless configured otherwise; a settle that
+cannot reach the store is logged and counted, and its hold expires by itself into
+spend at its estimate.
+
+Who the rate limits count (`subject_of`): the key, else the SSO user, else for an
+anonymous caller the provider key it passes through, else its client address (or one
+shared anonymous subject): never a key it could rotate on the gateway's credential.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,14 +62,27 @@ from extproc.policies.pricing import (
     estimate_micros,
     micros_to_usd,
 )
-from extproc.policies.ratelimit import RateDecision, RateLimiter, RateSubject, UnknownTier
+from extproc.policies.ratelimit import (
+    RateDecision,
+    RateLimitConfig,
+    RateLimiter,
+    RateSubject,
+    UnknownTier,
+)
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+RETRY_GRACE = 600.0  # a settle is retried this long past the hold's expiry (records last 1 h)
 IMAGE_TOKENS = 1600  # a full-size image; documents are charged like their text
 _BYTES_PER_TOKEN = 3
+
+
+def tokens_for_bytes(size: int) -> int:
+    """The one token estimate: UTF-8 bytes over three, rounded up (an over-estimate for
+    prose and code in every language the providers document, ~4 characters a token)."""
+    return -(-max(size, 0) // _BYTES_PER_TOKEN)
 
 
 def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
@@ -72,27 +95,112 @@ def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
             data = source.get("data") if isinstance(source, dict) else None
             if isinstance(data, str) and block.get("type") == "image":
                 images, blob_bytes = images + 1, blob_bytes + len(data)
-    return max(1, (size - blob_bytes) // _BYTES_PER_TOKEN + images * IMAGE_TOKENS)
+    return max(1, tokens_for_bytes(size - blob_bytes) + images * IMAGE_TOKENS)
+
+
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    """OpenAI's `n`: every choice is generated (and billed) up to the output limit."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 def requested_output(body: Mapping[str, Any], cap: int) -> int:
-    for name in ("max_tokens", "max_completion_tokens"):
+    """The output tokens to reserve: the request's limit (at most `cap`) times its choices.
+
+    After `cap_output` the request cannot produce more than this, so the reservation is
+    an upper bound on what the provider bills."""
+    limits = [body.get(name) for name in _OUTPUT_FIELDS]
+    asked = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min([*asked, cap]) * _choices(body)
+
+
+def cap_output(body: dict[str, Any], cap: int, api: str) -> bool:
+    """Make `cap` the most the request may generate; True if the body was changed.
+
+    A larger `max_tokens`/`max_completion_tokens` is lowered to `cap`; an OpenAI request
+    with neither (the model's own maximum, possibly beyond `cap`) gets
+    `max_completion_tokens: cap`. An Anthropic request without `max_tokens` is invalid
+    and refused by the provider before it generates anything."""
+    changed = False
+    for name in _OUTPUT_FIELDS:
         value = body.get(name)
-        if isinstance(value, int) and value > 0:
-            return min(value, cap)
-    return cap
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            body[name] = cap
+            changed = True
+    if api == "openai" and not any(name in body for name in _OUTPUT_FIELDS):
+        body["max_completion_tokens"] = cap
+        changed = True
+    thinking = body.get("thinking")
+    if changed and isinstance(thinking, dict):
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, int) and budget >= cap:
+            # Anthropic requires budget_tokens < max_tokens.
+            body["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
+    return changed
+
+
+def cut_short_usage(seen: Usage, input_estimate: int, content_bytes: int) -> Usage:
+    """What a call whose final usage never arrived is billed: the input the provider
+    reported (else the request's estimate) and the output that was streamed, counted from
+    its content and rounded up (never less than a count the provider already sent)."""
+    reported_input = seen.input_tokens + seen.cache_read_input_tokens
+    reported_input += seen.cache_creation_input_tokens
+    input_tokens = seen.input_tokens if reported_input else input_estimate
+    output = max(seen.output_tokens, tokens_for_bytes(content_bytes))
+    return Usage(
+        input_tokens, output, seen.cache_creation_input_tokens, seen.cache_read_input_tokens
+    )
+
+
+def pipeline_namespace(identity: Identity) -> str | None:
+    """Whose pipelines a caller's header names: its team, else project, else key or user.
+
+    A pipeline id is only a label the caller chooses, so it is bound to the caller: the
+    same `x-ci-pipeline-id` from two teams is two budgets, and no header can charge (or
+    exhaust) another team's pipeline. Anonymous callers have no pipeline scope."""
+    for kind, value in (
+        ("team", identity.team),
+        ("project", identity.project),
+        ("key", identity.key_id),
+        ("user", identity.user),
+    ):
+        if value:
+            return value if kind == "team" else f"{kind}:{value}"
+    return None
 
 
 def scopes_of(identity: Identity, headers: Mapping[str, str], pipeline_header: str) -> list[Scope]:
+    """The caller's own scopes (always: no header removes one), plus its pipeline's."""
     scopes = [Scope(kind, value) for kind, value in identity.scopes().items() if value]  # type: ignore[arg-type]
     pipeline = headers.get(pipeline_header, "").strip()
-    if pipeline:
-        scopes.append(Scope("pipeline", pipeline[:256]))
+    namespace = pipeline_namespace(identity)
+    if pipeline and namespace is not None:
+        scopes.append(Scope("pipeline", f"{namespace}/{pipeline[:256]}"))
     return scopes
 
 
-def subject_of(identity: Identity, presented: str | None) -> RateSubject | None:
-    """Who the rate limits count: the key, else the SSO user, else an anonymous key's hash."""
+def client_address(headers: Mapping[str, str], trusted_hops: int) -> str | None:
+    """The caller's address: the x-forwarded-for entry Envoy appended (it is the edge:
+    use_remote_address), or the one `trusted_hops` proxies before it."""
+    hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")]
+    hops = [hop for hop in hops if hop]
+    index = len(hops) - 1 - trusted_hops
+    return hops[index][:64] if 0 <= index < len(hops) else None
+
+
+def subject_of(
+    identity: Identity,
+    presented: str | None,
+    headers: Mapping[str, str],
+    limits: RateLimitConfig,
+) -> RateSubject:
+    """Who the rate limits count: the key, else the SSO user, else for an anonymous caller
+    the provider key it pays with (`presented`), else its address or the one shared
+    anonymous subject (`rate_limits.anonymous`): a rotated or missing `x-api-key` never
+    escapes the limits on the gateway's own credential."""
     if identity.key_id:
         ident = identity.key_id
     elif identity.user:
@@ -100,8 +208,25 @@ def subject_of(identity: Identity, presented: str | None) -> RateSubject | None:
     elif presented:
         ident = "anon=" + hashlib.sha256(presented.encode()).hexdigest()[:16]
     else:
-        return None
+        address = client_address(headers, limits.xff_trusted_hops)
+        shared = limits.anonymous == "shared" or address is None
+        ident = "anon=shared" if shared else f"anon=ip:{address}"
     return RateSubject(ident, identity.team, identity.tier)
+
+
+def anonymous_unlimited(config: Config) -> bool:
+    """Anonymous callers may use a gateway-held credential and nothing limits them."""
+    if config.auth.required or not any(p.credential for p in config.providers.values()):
+        return False
+    limits = config.rate_limit_config()
+    return (
+        limits.key.requests_per_minute is None
+        and limits.key.tokens_per_minute is None
+        and (
+            limits.default_tier is None
+            or config.tiers[limits.default_tier].requests_per_day is None
+        )
+    )
 
 
 def _reset_iso(seconds_from_now: float, now: float) -> str:
@@ -155,7 +280,7 @@ class SpendRun:
 
     request_id: str
     model: str
-    subject: RateSubject | None
+    subject: RateSubject
     checks: Sequence[BudgetCheck]
     price: Price | None
     scopes: list[Scope]
@@ -164,6 +289,11 @@ class SpendRun:
     admitted_tokens: int = 0
     cost_usd: Decimal | None = None
     statuses: tuple[BudgetStatus, ...] = field(default_factory=tuple)
+    # The admission's store call, shielded: a request cancelled while it runs must not
+    # leave a hold nobody settles (settle waits for it).
+    admission: asyncio.Future[None] | None = None
+    # The holds an admission that timed out may have made after all (released by id).
+    uncertain: Reservation | None = None
 
 
 class Spending:
@@ -173,9 +303,11 @@ class Spending:
         self.config = config
         self.prices = PriceTable.from_config(config.pricing)
         self.ledger = BudgetLedger(config.budgets, store)
-        self.limiter = RateLimiter(config.rate_limit_config(), store)
+        self.limiter_config = config.rate_limit_config()
+        self.limiter = RateLimiter(self.limiter_config, store)
         self.metrics = metrics
         self.clock = store.clock
+        self._retries: set[asyncio.Task[None]] = set()
 
     def start(
         self,
@@ -196,16 +328,24 @@ class Spending:
                     f"{exc}: a USD budget applies to this request and the model is unpriced",
                     reason="unpriced_model",
                 ) from exc
-        subject = subject_of(identity, presented)
+        subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes)
 
     async def admit_hit(self, run: SpendRun) -> None:
         """A cache hit: counts as a request for the rate limits and quota, spends nothing."""
-        if run.subject is None:
-            return
-        decision = await self._rate(run.subject)
+        await self.count_request(run.subject)
+
+    async def count_request(self, subject: RateSubject) -> None:
+        """One request against the request limits and the daily quota, no tokens, no budget
+        (a cache hit, a count_tokens call); raises `RateLimited`."""
+        decision = await self._rate(subject)
         if not decision.allowed:
             raise rate_refusal(decision, self.clock.time())
+
+    def subject(
+        self, identity: Identity, presented: str | None, headers: Mapping[str, str]
+    ) -> RateSubject:
+        return subject_of(identity, presented, headers, self.limiter_config)
 
     async def _rate(self, subject: RateSubject, tokens: int = 0) -> RateDecision:
         try:
@@ -216,7 +356,14 @@ class Spending:
             raise Unavailable("the rate-limit store is unreachable", reason="store_down") from exc
 
     async def admit(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
-        """Rate limits and budget reservation in one round trip; raises `RateLimited`."""
+        """Rate limits and budget reservation in one round trip; raises `RateLimited`.
+
+        The store call runs to its end even if the request is cancelled meanwhile (the
+        client hung up): the hold it makes is then settled by `settle`, not leaked."""
+        run.admission = asyncio.ensure_future(self._admit_run(run, body, size))
+        await asyncio.shield(run.admission)
+
+    async def _admit_run(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
         run.estimate_tokens = estimate_input_tokens(body, size)
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
@@ -228,6 +375,9 @@ class Spending:
         try:
             decision, held = await self._admit(run, Amount(usd, tokens), tokens)
         except StoreUnavailable as exc:
+            # A timed-out call may still have applied in the store: release by id in settle.
+            plan = self.ledger.plan(run.request_id, run.checks, Amount(usd, tokens))
+            run.uncertain = Reservation(plan.request_id, plan.lines, plan.amount, plan.until)
             self.metrics.store_errors.labels("admit").inc()
             raise Unavailable(
                 "the budget store is unreachable and budgets fail closed (budgets.fail_open)",
@@ -248,8 +398,6 @@ class Spending:
     async def _admit(
         self, run: SpendRun, amount: Amount, tokens: int
     ) -> tuple[RateDecision, Reservation | Denied | None]:
-        if run.subject is None:
-            return RateDecision(True), await self.ledger.reserve(run.request_id, run.checks, amount)
         try:
             return await self.limiter.check_and_reserve(
                 run.subject, self.ledger, run.request_id, run.checks, amount, tokens=tokens
@@ -259,20 +407,58 @@ class Spending:
 
     async def settle(self, run: SpendRun, usage: Usage) -> None:
         """Charge what the call actually used (nothing if it failed before spending)."""
+        if run.admission is not None:
+            await asyncio.wait([run.admission])  # its hold, if any, is settled below
+            if not run.admission.cancelled():
+                run.admission.exception()  # a refusal was already answered
         if run.price is not None:
             run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
         actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
+        held = run.reservation or run.uncertain
         try:
-            if run.reservation is not None:
-                await self.ledger.settle(run.reservation, actual)
-            if run.subject is not None and run.admitted_tokens:
+            if held is not None:
+                await self._finish_hold(held, actual, release=run.reservation is None)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("settle").inc()
+            log.warning("settle of %s failed (retried in the background): %s", run.request_id, exc)
+            assert held is not None
+            self._retry_later(held, actual, release=run.reservation is None)
+        try:
+            if run.admitted_tokens:
                 await self.limiter.record_tokens(
                     run.subject, usage.total_tokens - run.admitted_tokens
                 )
         except StoreError as exc:
-            self.metrics.store_errors.labels("settle").inc()
-            log.warning("settle of %s failed (its hold expires by itself): %s", run.request_id, exc)
+            log.warning("token count of %s not recorded: %s", run.request_id, exc)
         self._count_spend(run)
+
+    async def _finish_hold(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+        if release:  # an admission that timed out: its hold, if it was made after all
+            await self.ledger.release(held)
+        else:
+            await self.ledger.settle(held, actual)
+
+    def _retry_later(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+        """Settle (or release) again once the store is back: otherwise the hold would
+        expire into spend at its estimate. Settling is idempotent, and a settle after the
+        hold expired corrects the charge, so retrying is always safe."""
+        task = asyncio.ensure_future(self._retry(held, actual, release))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, held: Reservation, actual: Amount, release: bool) -> None:
+        deadline = time.monotonic() + self.config.budgets.reservation_ttl_seconds + RETRY_GRACE
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._finish_hold(held, actual, release=release)
+                return
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("gave up settling %s: %s", held.request_id, exc)
+                    return
+            delay = min(delay * 2, 10.0)
 
     def _count_spend(self, run: SpendRun) -> None:
         if run.cost_usd is None:
@@ -294,8 +480,9 @@ class Spending:
         """What the caller has left: budgets, rate limits and the daily quota."""
         scopes = scopes_of(identity, headers, self.config.budgets.pipeline_header)
         budgets = await self.ledger.status(scopes)
-        subject = subject_of(identity, presented)
-        limits = await self.limiter.peek(subject) if subject else RateDecision(True)
+        limits = await self.limiter.peek(
+            subject_of(identity, presented, headers, self.limiter_config)
+        )
         now = self.clock.time()
         return {
             "caller": identity.caller,

@@ -34,6 +34,7 @@ from extproc.apis import error_response as render_error
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
+from extproc.apis.walk import WalkLimits
 from extproc.config import ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
@@ -42,6 +43,7 @@ from extproc.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
+    GatewayTimeout,
     HeadersTooLarge,
     NotFound,
     PayloadTooLarge,
@@ -50,13 +52,21 @@ from extproc.errors import (
 )
 from extproc.gateway import Gateway
 from extproc.guarding import GuardRun
+from extproc.offload import (
+    INLINE_VALUES,
+    OFFLOAD_BYTES,
+    OFFLOAD_SECONDS,
+    check_values,
+    value_bound,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.guard import Inspection
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun
+from extproc.spending import SpendRun, cap_output, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
@@ -79,6 +89,23 @@ def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
     """A caller's header value as the audit record keeps it: bounded, None when absent."""
     value = headers.get(name, "").strip()
     return value[:MAX_RECORDED_HEADER] or None
+
+
+# Envoy's response code details when the provider sent no response headers in time
+# (the dispatch route's retry_policy.per_try_timeout; see limits.first_byte_timeout_seconds).
+FIRST_BYTE_TIMEOUTS = frozenset({"upstream_per_try_timeout", "response_timeout"})
+
+# Outcomes of a request whose stream ended before the answer did.
+CUT_SHORT = frozenset({"client_abort", "provider_reset"})
+
+
+def _cut_short_outcome(status: int, cancelled: bool) -> str:
+    """Who ended a stream that stopped without its end. Envoy ends ext_proc's gRPC stream
+    when the client goes away, and resets it when the provider's connection resets
+    mid-answer (measured with the pinned Envoy; tests/e2e/test_spend_settle.py). Before
+    any answer a provider failure would come back as a response, so it is the client.
+    Envoy's access log (response flags DC vs UR/UC/UPE) confirms: `extproc reconcile`."""
+    return "provider_reset" if cancelled and status else "client_abort"
 
 
 # Allowed phase order (h11-style table): the phase that may follow each one.
@@ -125,6 +152,7 @@ class _Answer:
     completion: Any = None
     error_type: str | None = None
     json: dict[str, Any] | None = None
+    usage_estimated: bool = False  # the final usage never came: billed from what was seen
     finish_reasons: list[str] = field(default_factory=list)
 
 
@@ -170,6 +198,8 @@ class RequestStream:
         self.cache_run: caching.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
+        self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
+        self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
         self.cache_stored = False
@@ -179,6 +209,8 @@ class RequestStream:
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
+        self.forwarded = False  # the request body went on to the provider
+        self.usage_dropper: openai.UsageChunkDropper | None = None
         self.json_chunks: list[bytes] = []
         self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
         self.decoded_request = False  # the client's body arrived compressed and was decoded
@@ -192,6 +224,10 @@ class RequestStream:
     # -- phase order -------------------------------------------------------------------
 
     def _enter(self, phase: str) -> None:
+        if self.outcome is not None and phase.startswith("response"):
+            # An immediate response we sent comes back through the response phases.
+            self.phase = phase
+            return
         if phase not in _NEXT.get(self.phase, frozenset()):
             raise ProtocolError(f"{phase} after {self.phase}")
         self.phase = phase
@@ -303,21 +339,21 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint is Endpoint.QUOTA:
             return await self._quota()
+        if self.route.endpoint is Endpoint.MANAGED_SETTINGS:
+            return self._managed_settings()
+        if self.route.endpoint is Endpoint.OTLP and end_of_stream:
+            return self._relay(b"")
+        model_id = ""
         if self.route.endpoint is Endpoint.MODELS:
             # Before the body check: a GET with a body must not skip it.
             model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
             if model_id and not models.visible(model_id, self.allow):
                 raise NotFound(f"model {model_id!r} is not available to this caller")
-        if self.route.endpoint is Endpoint.MANAGED_SETTINGS:
-            return self._managed_settings()
-        if self.route.endpoint is Endpoint.OTLP and end_of_stream:
-            return self._relay(b"")
         if not end_of_stream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
-        if not model_id and self.api == "anthropic":
+        if self.route.endpoint is Endpoint.MODELS and not model_id and self.api == "anthropic":
             query = self.path.partition("?")[2]
             self.model_page = model_list.PageRequest.parse(query)
             self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
@@ -347,7 +383,7 @@ class RequestStream:
 
     async def _quota(self) -> Respond:
         try:
-            report = await self.gw.spending.quota(self.identity, self.headers, self._presented())
+            report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
         except StoreError as exc:
             raise Unavailable("the quota store is unreachable", reason="store_down") from exc
         self.answer.status = 200
@@ -416,6 +452,7 @@ class RequestStream:
         if self.decoded_request:
             remove.append("content-encoding")
         changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
+        self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
@@ -441,7 +478,7 @@ class RequestStream:
             self.decoded_request, self.raw_body = True, body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = parse_request(body, self.route.endpoint)
+        self.request = request = await self._parse(body)
         if request.model is None:
             self.target = self._choose_target(None)
             return self._forward()
@@ -452,18 +489,55 @@ class RequestStream:
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
+        if self.route.endpoint.generates and self._bound_spend(request):
+            rewritten = True
         if self._guard_request():
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._presented()
+                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
             )
+        elif self.route.endpoint is Endpoint.COUNT_TOKENS:
+            # Free at the provider, but a call on its credential: it counts as a request
+            # for the per-minute request limits and the tier's daily quota (README).
+            subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
+            await self.gw.spending.count_request(subject)
         hit = await self._consult_cache()
         if hit is not None:
             return hit
         if self.spend is not None:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _bound_spend(self, request: ParsedRequest) -> bool:
+        """Make the request's cost knowable: its output capped at what the reservation
+        covers, and a streamed OpenAI answer carrying its usage. True if changed."""
+        changed = cap_output(request.body, self.gw.config.limits.max_output_tokens, self.api)
+        if self.api == "openai" and request.stream:
+            if not openai.asks_for_usage(request.body):
+                self.usage_dropper = openai.UsageChunkDropper()
+            changed = openai.request_usage(request.body) or changed
+        return changed
+
+    async def _parse(self, raw: bytes) -> ParsedRequest:
+        """Parse the body; a heavy one is bounded and screened in the worker process first,
+        so the event loop's share of any request stays small (extproc/offload.py)."""
+        assert self.route is not None
+        self.body_size = len(raw)
+        limits = self.gw.config.limits
+        bound = min(INLINE_VALUES, limits.max_json_values)
+        if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
+            return parse_request(raw, self.route.endpoint)
+        if self.gw.offload is None:
+            request = parse_request(raw, self.route.endpoint)
+            check_values(request.body, limits.max_json_values)
+            return request
+        guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
+        await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
+        self.inspection = await self.gw.offload.check(
+            raw, self.api, self.profile.guard, guarded, limits
+        )
+        return parse_request(raw, self.route.endpoint, check_keys=False)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -472,15 +546,27 @@ class RequestStream:
         policy = self.gw.guard_for(self.profile.guard)
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
-        self.guard = GuardRun(policy, self.api, self.gw.metrics)
+        limits = WalkLimits(self.gw.config.limits.max_scan_chars)
+        self.guard = GuardRun(policy, self.api, self.gw.metrics, limits=limits)
+        # The worker's inspection (if any) was made without the billing block too.
         screened, billing = anthropic.split_billing_block(self.request.body)
-        replaced = self.guard.inspect_request(screened if billing else self.request.body)
+        body = screened if billing is not None else self.request.body
+        replaced = self.guard.inspect_request(body, self.inspection)
         if replaced is None:
             return False
         if billing is not None:  # forwarded as it came, whatever the guard did
             replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
         return True
+
+    def _payer(self) -> str | None:
+        """The provider key an anonymous caller pays with: its own, passed through when
+        the provider has no gateway-held credential. On the gateway's credential the key
+        a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        target = self.target or self._choose_target(None)
+        if target.name in self.gw.credentials:
+            return None
+        return self._presented()
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
@@ -509,7 +595,7 @@ class RequestStream:
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read:
+        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
                 return cache_policy.Shape.of(self.api, body)
@@ -527,10 +613,12 @@ class RequestStream:
                 await self.gw.spending.admit(self.spend, self.request.body, 0)
             else:
                 await self.gw.spending.admit_hit(self.spend)
-        answer = entry.answer
+        answer = self._screen_hit(entry.answer)
         if self.request.stream:
             unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
             body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+            if self.usage_dropper is not None:
+                body = self.usage_dropper.feed(body) + self.usage_dropper.close()
         else:
             body, content_type = orjson.dumps(answer), "application/json"
         self._read_answer(answer)
@@ -546,6 +634,17 @@ class RequestStream:
         )
         return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
 
+    def _screen_hit(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """A cached answer is screened like a fresh one: it may have been stored by a
+        route with another guard profile, or none."""
+        if self.guard is None:
+            return answer
+        screened, blocked = self.guard.screen_answer(answer)
+        if blocked is not None:
+            message = f"the answer was withheld by the gateway's output policy ({blocked})"
+            raise Unavailable(message, reason="output_blocked")
+        return screened if screened is not None else answer
+
     def _cacheable_answer(self) -> dict[str, Any] | None:
         """The answer to store: complete and successful, in its JSON form."""
         if self.answer.status != 200 or self.answer.error_type or self.outcome != "ok":
@@ -558,7 +657,9 @@ class RequestStream:
 
     # -- response ----------------------------------------------------------------------
 
-    async def response_headers(self, headers: dict[str, str], end_of_stream: bool) -> Decision:
+    async def response_headers(
+        self, headers: dict[str, str], end_of_stream: bool, *, details: str = ""
+    ) -> Decision:
         if self.phase is None:
             # Envoy answered before the request reached the gateway (`OPTIONS *` is
             # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
@@ -569,6 +670,14 @@ class RequestStream:
             return CONTINUE
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if details in FIRST_BYTE_TIMEOUTS:
+            seconds = self.gw.config.limits.first_byte_timeout_seconds
+            return await self._reject(
+                GatewayTimeout(
+                    f"the provider sent nothing for {seconds:g} s "
+                    "(limits.first_byte_timeout_seconds); nothing was charged"
+                )
+            )
         content_type = headers.get("content-type", "")
         if not self._decode_answer(headers.get("content-encoding", "")):
             return self._withhold_answer(headers.get("content-encoding", ""))
@@ -579,6 +688,8 @@ class RequestStream:
             return Continue(headers=extra)
         if content_type.startswith("text/event-stream"):
             self._start_stream()
+            if self.usage_dropper is not None:  # the body changes length
+                extra = HeaderChanges(set=extra.set, remove=("content-length",))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -701,13 +812,27 @@ class RequestStream:
             decision = self._rewrite_stream(chunk, end_of_stream)
         elif self.sse is not None:
             self._feed_stream(chunk, end_of_stream)
+            if self.usage_dropper is not None:
+                decision = Continue(body=chunk)
         else:
             self.json_chunks.append(chunk)
             if end_of_stream:
                 decision = self._read_json(b"".join(self.json_chunks))
+        if self.usage_dropper is not None and self.answer.streamed:
+            decision = self._drop_usage_chunk(decision, end_of_stream)
         if end_of_stream:
             self._finish(self._status_outcome())
         return decision
+
+    def _drop_usage_chunk(self, decision: Decision, end_of_stream: bool) -> Decision:
+        """The gateway asked for usage; a client that did not gets no usage-only chunk."""
+        assert self.usage_dropper is not None
+        if not isinstance(decision, Continue) or decision.body is None:
+            return decision
+        out = self.usage_dropper.feed(decision.body)
+        if end_of_stream:
+            out += self.usage_dropper.close()
+        return dataclasses.replace(decision, body=out)
 
     def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
         """Screen (and unmask) the answer's text; account for what the client receives."""
@@ -825,19 +950,28 @@ class RequestStream:
 
     def _status_outcome(self) -> str:
         status = self.answer.status
-        if 200 <= status < 400:
-            return "error" if self.answer.error_type else "ok"
-        return "provider_error"
+        if not 200 <= status < 400:
+            return "provider_error"
+        if self.answer.error_type:
+            return "error"
+        if self.accumulator is not None and not self.accumulator.complete:
+            return "truncated"  # the provider ended the body without its final event
+        return "ok"
 
     # -- end ---------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, *, cancelled: bool = False) -> None:
         """The gRPC stream ended: settle and account for the request, however it ended.
+
+        `cancelled`: Envoy reset the gRPC stream rather than ending it.
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
+        first = "none" if self.phase in (None, "local_reply") else "request_headers"
+        if not self.settled:
+            self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase not in (None, "local_reply"):
-            self._finish("aborted")
+            self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -845,7 +979,10 @@ class RequestStream:
             answer = self._cacheable_answer()
             self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
         if self.spend is not None:
-            await self.gw.spending.settle(self.spend, self._billable_usage(self.outcome))
+            usage = self._billable_usage(self.outcome)
+            if usage != self.answer.usage and self.outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = usage, True
+            await self.gw.spending.settle(self.spend, usage)
         account(self, self.finished_at)
 
     def _finish(self, outcome: str) -> None:
@@ -860,6 +997,18 @@ class RequestStream:
         """What the request spent: nothing for a refusal or an uncharged cache hit."""
         if outcome.startswith("rejected_"):
             return Usage()
-        if outcome == "cache_hit" and not self.gw.config.cache.charge_budget_on_hit:
-            return Usage()
+        if outcome == "cache_hit":
+            return self.answer.usage if self.gw.config.cache.charge_budget_on_hit else Usage()
+        if not self.forwarded or self.spend is None:
+            return self.answer.usage
+        estimate = self.spend.estimate_tokens
+        if self.answer.status == 0:
+            # Gone before the provider answered: it may have read the prompt.
+            return Usage(input_tokens=estimate)
+        folder = self.accumulator
+        if folder is not None and 200 <= self.answer.status < 300 and not folder.final_usage_seen:
+            # A client gone mid-stream pays for what was streamed.
+            return cut_short_usage(self.answer.usage, estimate, folder.content_bytes)
+        if outcome in CUT_SHORT and not self.answer.usage.total_tokens:
+            return Usage(input_tokens=estimate)  # a JSON answer cut before its body
         return self.answer.usage

@@ -224,16 +224,16 @@ def with_connection_cap(config: Config) -> Config:
 
 def up(config_path: str | None, config: Config, grace: float) -> int:
     """Envoy and the ext_proc server in the foreground until Ctrl-C or one of them exits."""
-    try:
-        config = with_connection_cap(config)
-    except fdlimit.FdLimitError as exc:
-        print(f"extproc: {exc}", file=sys.stderr)
-        return 2
     problems = busy_ports(config)
     for problem in problems:
         print(f"extproc: {problem}", file=sys.stderr)
     if problems:
         return 1
+    try:
+        config = with_connection_cap(config)
+    except fdlimit.FdLimitError as exc:
+        print(f"extproc: {exc}", file=sys.stderr)
+        return 2
     signals = _Signals()
     node_id = f"extproc-up-{uuid.uuid4().hex[:12]}"
     bootstrap = write_bootstrap(config, node_id)

@@ -48,9 +48,16 @@ that forwards headers:
     SSE: stream the text in pieces of N characters instead of one per word.
 ``x-fake-echo: 1``
     The reply text is the last user message's text (to see what the provider received).
+``x-fake-tool-input: {JSON object}``
+    The answer is one call of a tool named ``Bash`` with this input instead of text
+    (Anthropic ``tool_use``, streamed as ``input_json_delta``; OpenAI ``tool_calls``,
+    streamed as argument pieces), cut like the text by ``x-fake-piece-chars``.
 ``x-fake-chunking: split``
     Write SSE in awkward pieces: events cut mid-line and straddling writes, and every
     other event written as ``event:x`` / ``data:{...}`` without the space after the colon.
+``x-fake-stall-ms: N``
+    Send nothing at all (not even response headers) for N ms first: a provider that
+    hangs before its first byte.
 ``x-fake-abort-after: N``
     SSE only: write N complete events, then close the connection without ending the
     chunked body, as an upstream reset would.
@@ -178,6 +185,7 @@ class Controls:
     text: str = DEFAULT_TEXT
     split: bool = False
     abort_after: int | None = None
+    stall_s: float = 0.0
 
 
 def _int_header(headers: Mapping[str, str], name: str, low: int, high: int) -> int | None:
@@ -209,6 +217,7 @@ def parse_controls(headers: Mapping[str, str], default_text: str = DEFAULT_TEXT)
         text=headers.get("x-fake-text", default_text),
         split=_chunking(headers),
         abort_after=_int_header(headers, "x-fake-abort-after", 0, 1_000_000),
+        stall_s=(_int_header(headers, "x-fake-stall-ms", 0, 600_000) or 0) / 1000,
     )
 
 
@@ -497,9 +506,64 @@ def reply_text(call: Call) -> str:
     return str(content) or call.controls.text
 
 
+def tool_input(call: Call) -> str | None:
+    """The `x-fake-tool-input` JSON object, compact; None without the header."""
+    raw = call.headers.get("x-fake-tool-input")
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ApiError(400, "x-fake-tool-input must be a JSON object")
+    return orjson.dumps(value).decode()
+
+
+def _anthropic_tool_call(call: Call, arguments: str) -> Reply:
+    block = {"type": "tool_use", "id": _new_id("toolu_01", 22), "name": "Bash", "input": {}}
+    if call.payload.get("stream") is not True:
+        usage = anthropic_usage(call.body, arguments)
+        message = _anthropic_message(
+            call, [{**block, "input": orjson.loads(arguments)}], usage, True
+        )
+        return {**message, "stop_reason": "tool_use"}
+    start = _anthropic_message(call, [], anthropic_usage(call.body, None), done=False)
+    deltas = [
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": piece},
+        }
+        for piece in _pieces(call, arguments)
+    ]
+    delta = {"stop_reason": "tool_use", "stop_sequence": None}
+    return [
+        _sse("message_start", {"type": "message_start", "message": start}),
+        _sse(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": block},
+        ),
+        *(_sse("content_block_delta", d) for d in deltas),
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": delta,
+                "usage": {"output_tokens": output_tokens(arguments)},
+            },
+        ),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
 def anthropic_messages(call: Call) -> Reply:
     """POST /v1/messages."""
     _require_anthropic(call.payload, max_tokens=True)
+    arguments = tool_input(call)
+    if arguments is not None:
+        return _anthropic_tool_call(call, arguments)
     text = reply_text(call)
     if call.payload.get("stream") is True:
         return _anthropic_stream(call, text)
@@ -653,11 +717,35 @@ def _completion_base(call: Call, completion_id: str, obj: str) -> Json:
     }
 
 
+def _openai_tool_call(call: Call, completion_id: str, arguments: str) -> Reply:
+    function = {"name": "Bash", "arguments": arguments}
+    tool_call = {"id": _new_id("call_", 24), "type": "function", "function": function}
+    if call.payload.get("stream") is not True:
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        base = _completion_base(call, completion_id, "chat.completion")
+        return {**base, "choices": [choice], "usage": openai_usage(call.body, arguments)}
+    base = _completion_base(call, completion_id, "chat.completion.chunk")
+
+    def chunk(delta: Json, finish: str | None = None) -> SseEvent:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse(None, {**base, "choices": [choice]})
+
+    opening = {**tool_call, "index": 0, "function": {"name": "Bash", "arguments": ""}}
+    events = [chunk({"role": "assistant", "content": None}), chunk({"tool_calls": [opening]})]
+    for piece in _pieces(call, arguments):
+        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    return [*events, chunk({}, "tool_calls"), _sse(None, "[DONE]")]
+
+
 def openai_chat(call: Call) -> Reply:
     """POST /v1/chat/completions."""
     _require_openai(call.payload)
-    text = reply_text(call)
     completion_id = _new_id("chatcmpl-", 29)
+    arguments = tool_input(call)
+    if arguments is not None:
+        return _openai_tool_call(call, completion_id, arguments)
+    text = reply_text(call)
     if call.payload.get("stream") is True:
         return _openai_stream(call, completion_id, text)
     message: Json = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
@@ -869,6 +957,7 @@ class FakeProvider:
             controls = parse_controls(headers, self.text)
             call = self._call(request, headers, body, controls, shape)
             reply = handle(call)
+            await asyncio.sleep(controls.stall_s)
         except ApiError as error:
             await asyncio.sleep(_delay_of(headers))
             return _error_response(shape, error, ids)

@@ -179,7 +179,9 @@ class StreamAccumulator:
         "_message",
         "_usage",
         "complete",
+        "content_bytes",
         "error",
+        "final_usage_seen",
         "first_content_seen",
         "malformed_events",
         "model",
@@ -193,6 +195,10 @@ class StreamAccumulator:
         self.error: dict[str, Any] | None = None
         self.first_content_seen = False
         self.malformed_events = 0
+        # Bytes of generated content seen so far (text, thinking, tool input): what an
+        # aborted stream is billed from when its final usage never arrives.
+        self.content_bytes = 0
+        self.final_usage_seen = False  # message_delta carries the final output count
         self._message: dict[str, Any] = {}
         self._usage: dict[str, Any] = {}
         self._blocks: dict[int, _Block] = {}
@@ -242,8 +248,10 @@ class StreamAccumulator:
         kind = delta["type"]
         target = _DELTA_FIELD.get(kind)
         if target is not None:
+            fragment = _expect_str(delta[target[1]])
+            self.content_bytes += len(fragment.encode())
             if block.field == target[0]:
-                block.parts.append(_expect_str(delta[target[1]]))
+                block.parts.append(fragment)
         elif kind == "signature_delta":
             block.data["signature"] = _expect_str(delta["signature"])
         elif kind == "citations_delta":
@@ -260,7 +268,9 @@ class StreamAccumulator:
         for key, value in (payload.get("delta") or {}).items():
             if value is not None or key != "container":  # as the SDK: null keeps container
                 self._message[key] = value
-        self._merge_usage(payload.get("usage") or {})
+        usage = payload.get("usage") or {}
+        self.final_usage_seen = self.final_usage_seen or "output_tokens" in usage
+        self._merge_usage(usage)
 
     def _on_message_stop(self, payload: Mapping[str, Any]) -> None:
         self.complete = True

@@ -19,6 +19,7 @@ Pure functions and one small state machine, no I/O:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
@@ -204,7 +205,9 @@ class StreamAccumulator:
         "_meta",
         "_usage",
         "complete",
+        "content_bytes",
         "error",
+        "final_usage_seen",
         "first_content_seen",
         "malformed_events",
         "model",
@@ -218,6 +221,10 @@ class StreamAccumulator:
         self.error: dict[str, Any] | None = None
         self.first_content_seen = False
         self.malformed_events = 0
+        # Bytes of generated content seen (content, refusal, reasoning, tool arguments):
+        # what an aborted stream is billed from when the usage chunk never arrives.
+        self.content_bytes = 0
+        self.final_usage_seen = False
         self._meta: dict[str, Any] = {}
         self._usage: dict[str, Any] | None = None
         self._choices: dict[int, _Choice] = {}
@@ -260,6 +267,7 @@ class StreamAccumulator:
         if isinstance(usage, Mapping):
             self._usage = dict(usage)
             self.usage = usage_from_mapping(usage)
+            self.final_usage_seen = True
 
     def _feed_choice(self, choice: Mapping[str, Any]) -> None:
         index = int(choice.get("index") or 0)
@@ -267,9 +275,21 @@ class StreamAccumulator:
         if state is None:
             state = self._choices[index] = _Choice()
         state.feed(choice)
+        self.content_bytes += _content_bytes(choice.get("delta") or {})
         if not self.first_content_seen:
             delta = choice.get("delta") or {}
             self.first_content_seen = any(delta.get(key) for key in _CONTENT_KEYS)
+
+
+def _content_bytes(delta: Mapping[str, Any]) -> int:
+    """UTF-8 bytes of the generated text in one delta (tool arguments included)."""
+    size = sum(len(v.encode()) for k in _CONTENT_KEYS if isinstance(v := delta.get(k), str))
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            size += len(arguments.encode())
+    return size
 
 
 def _copy_list(value: Any) -> Any:
@@ -314,3 +334,72 @@ def _chunk_choice(index: int, delta: Mapping[str, Any]) -> dict[str, Any]:
 
 def _sse(chunk: Mapping[str, Any]) -> bytes:
     return encode_event(None, orjson.dumps(chunk).decode())
+
+
+_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
+
+
+def asks_for_usage(body: Mapping[str, Any]) -> bool:
+    """Whether a streamed request set `stream_options.include_usage: true` itself."""
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def request_usage(body: dict[str, Any]) -> bool:
+    """Set `stream_options.include_usage: true` (the provider sends no usage otherwise);
+    True if the body changed."""
+    if asks_for_usage(body):
+        return False
+    options = body.get("stream_options")
+    kept = options if isinstance(options, dict) else {}
+    body["stream_options"] = {**kept, "include_usage": True}
+    return True
+
+
+class UsageChunkDropper:
+    """Removes the usage-only chunk (empty `choices`, a `usage`) from a chunk stream, for a
+    client that did not ask for it. Events pass byte for byte; one that is not yet complete
+    is held until its blank line arrives (its bytes are of no use to a client before)."""
+
+    __slots__ = ("_pending", "dropped")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        # A CR at the very end may be the first half of a CRLF: wait for the next byte.
+        ends = [m.end() for m in _EVENT_END.finditer(data.removesuffix(b"\r"))]
+        if not ends:
+            self._pending = data
+            return b""
+        self._pending = data[ends[-1] :]
+        out, start = [], 0
+        for end in ends:
+            event = data[start:end]
+            start = end
+            if _usage_only(event):
+                self.dropped += 1
+            else:
+                out.append(event)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        if _usage_only(rest):
+            self.dropped += 1
+            return b""
+        return rest
+
+
+def _usage_only(event: bytes) -> bool:
+    if b'"usage"' not in event:
+        return False
+    lines = event.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    data = b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None

@@ -3,13 +3,22 @@
 Output screening and unmasking change answer text, and a streamed answer
 arrives as SSE events cut at arbitrary byte boundaries. `SseTextRewriter` is
 fed raw body chunks and returns the bytes to send on now: every event is
-re-emitted as it came, except text deltas, whose text goes through a
-`TextTransform` per content block (Anthropic `content_block_delta` /
-`text_delta`, OpenAI `choices[i].delta.content`). A transform may hold text
-back (a secret may be split across deltas); what it holds is released before
-the block ends (`content_block_stop`, or the OpenAI chunk with
-`finish_reason`). A delta whose text is entirely held back is dropped, so the
-client sees fewer, later deltas, never different framing.
+re-emitted as it came, except the deltas a client renders or executes, whose
+text goes through a `TextTransform` per content block:
+
+- Anthropic `content_block_delta`: `text_delta` (text), `thinking_delta`
+  (thinking) and `input_json_delta` (a tool call's input, as partial JSON);
+- OpenAI `choices[i].delta`: `content`, `refusal`, `reasoning_content` and each
+  `tool_calls[k].function.arguments` (partial JSON).
+
+Partial JSON goes through `JsonStrings`: only the contents of JSON strings are
+transformed (decoded first, so `\n` is a line break to the screener, and
+re-encoded after), so a redacted tool input is still valid JSON when the
+client joins the deltas. A transform may hold text back (a secret may be split
+across deltas); what it holds is released before the block ends
+(`content_block_stop`, or the OpenAI chunk with `finish_reason`). A delta whose
+text is entirely held back is dropped, so the client sees fewer, later deltas,
+never different framing.
 
 A transform that decides the answer must stop raises `StopAnswer`: an `error`
 event in the provider's shape is sent and the rest of the stream is dropped.
@@ -18,12 +27,15 @@ No I/O here; the caller also gets the events it sent, for accounting.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 import orjson
 
 from extproc.apis.sse import SseEvent, SseParser, encode_event
+from extproc.apis.walk import value_texts
 
 Api = Literal["anthropic", "openai"]
 
@@ -43,12 +55,111 @@ class StopAnswer(Exception):
         self.rule = rule
 
 
+_SPECIAL = re.compile(r'["\\]')
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/", "\\": "\\", '"': '"'}
+_encode = json.encoder.encode_basestring
+
+
+def _json_text(text: str) -> str:
+    """`text` as the inside of a JSON string (lone surrogates as \\u escapes)."""
+    if not text:
+        return ""
+    out: str = _encode(text)[1:-1]
+    if _SURROGATE.search(out):
+        out = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
+    return out
+
+
+class JsonStrings:
+    """A `TextTransform` for partial JSON: a fresh transform from `make` sees the decoded
+    contents of each string (flushed at its closing quote: a match cannot span two
+    strings, nor see the end of the last one as its left neighbour); numbers, quotes
+    and punctuation pass through unchanged."""
+
+    def __init__(self, make: Callable[[], TextTransform]) -> None:
+        self.make = make
+        self.inner: TextTransform | None = None  # set while inside a string
+        self.pending = ""  # an escape sequence cut by a delta boundary
+
+    def feed(self, text: str) -> str:
+        buf, self.pending = self.pending + text, ""
+        out: list[str] = []
+        i = 0
+        while i < len(buf):
+            if self.inner is None:
+                i = self._outside(buf, i, out)
+            else:
+                i = self._string(self.inner, buf, i, out)
+        return "".join(out)
+
+    def _outside(self, buf: str, i: int, out: list[str]) -> int:
+        j = buf.find('"', i)
+        if j < 0:
+            out.append(buf[i:])
+            return len(buf)
+        out.append(buf[i : j + 1])
+        self.inner = self.make()
+        return j + 1
+
+    def _string(self, inner: TextTransform, buf: str, i: int, out: list[str]) -> int:
+        m = _SPECIAL.search(buf, i)
+        j = m.start() if m is not None else len(buf)
+        if j > i:
+            out.append(_json_text(inner.feed(buf[i:j])))
+        if m is None:
+            return j
+        if buf[j] == '"':
+            out.append(_json_text(inner.flush()) + '"')
+            self.inner = None
+            return j + 1
+        decoded, end = _unescape(buf, j)
+        if decoded is None:
+            self.pending = buf[j:]
+            return len(buf)
+        out.append(_json_text(inner.feed(decoded)))
+        return end
+
+    def flush(self) -> str:
+        held = _json_text(self.inner.flush()) if self.inner is not None else ""
+        out, self.pending = held + self.pending, ""
+        return out
+
+
+def _unescape(buf: str, j: int) -> tuple[str | None, int]:
+    """The character the escape at `buf[j]` stands for, and where it ends; None when
+    the escape is cut off (wait for the next delta)."""
+    if j + 1 >= len(buf):
+        return None, j
+    kind = buf[j + 1]
+    if kind != "u":
+        return _ESCAPES.get(kind, kind), j + 2
+    digits = buf[j + 2 : j + 6]
+    if len(digits) < 4:
+        return None, j
+    try:
+        return chr(int(digits, 16)), j + 6
+    except ValueError:
+        return digits, j + 6  # invalid escape: pass the text on for the provider's parser
+
+
+# Anthropic delta types a client renders or executes: (field, is partial JSON)
+_ANTHROPIC_DELTAS = {
+    "text_delta": ("text", False),
+    "thinking_delta": ("thinking", False),
+    "input_json_delta": ("partial_json", True),
+}
+_OPENAI_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 class SseTextRewriter:
     def __init__(self, api: Api, make: Callable[[], TextTransform]) -> None:
         self.api = api
         self._make = make
         self._parser = SseParser()
         self._blocks: dict[int, TextTransform] = {}
+        self._kinds: dict[int, str] = {}  # Anthropic block index -> its delta type
+        self._fields: dict[tuple[int, str], TextTransform] = {}  # OpenAI (choice, field)
         self.stopped: StopAnswer | None = None
         self.sent: list[SseEvent] = []
 
@@ -58,7 +169,7 @@ class SseTextRewriter:
     def close(self) -> bytes:
         out = self._emit(self._parser.close())
         if self.stopped is None:
-            out += b"".join(self._flush(index) for index in sorted(self._blocks))
+            out += self._flush_all()
         return out
 
     def _emit(self, events: list[SseEvent]) -> bytes:
@@ -90,29 +201,63 @@ class SseTextRewriter:
     def _anthropic(self, event: SseEvent, payload: dict[str, Any]) -> list[bytes]:
         kind = payload.get("type")
         index = payload.get("index")
-        if kind == "content_block_delta" and isinstance(index, int):
-            delta = payload.get("delta")
-            if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                text = self._block(index).feed(str(delta.get("text", "")))
-                return [self._send(_text_delta(index, text))] if text else []
+        delta = payload.get("delta")
+        if kind == "content_block_delta" and isinstance(index, int) and isinstance(delta, dict):
+            return self._anthropic_delta(event, index, delta)
         if kind == "content_block_stop" and isinstance(index, int):
+            return [self._flush(index), self._send(event)]
+        if kind == "content_block_start" and self._screen_whole(payload, "content_block"):
+            return [self._send(SseEvent(event.event, orjson.dumps(payload).decode(), event.id))]
+        return [self._send(event)]
+
+    def _anthropic_delta(self, event: SseEvent, index: int, delta: dict[str, Any]) -> list[bytes]:
+        kind = delta.get("type")
+        if isinstance(kind, str) and kind in _ANTHROPIC_DELTAS:
+            field, _ = _ANTHROPIC_DELTAS[kind]
+            text = self._block(index, kind).feed(str(delta.get(field, "")))
+            return [self._send(_anthropic_delta(index, kind, text))] if text else []
+        if kind == "signature_delta":  # the held thinking goes out before its signature
             return [self._flush(index), self._send(event)]
         return [self._send(event)]
 
-    def _block(self, index: int) -> TextTransform:
+    def _screen_whole(self, payload: dict[str, Any], name: str) -> bool:
+        """Screen every text of a part that arrives whole (a server tool's result block,
+        say) in place; True if one changed."""
+        changed = False
+        for path, text in value_texts(payload.get(name)):
+            transform = self._make()
+            new = transform.feed(text) + transform.flush()
+            if new != text:
+                _set(payload, (name, *path), new)
+                changed = True
+        return changed
+
+    def _block(self, index: int, kind: str) -> TextTransform:
         transform = self._blocks.get(index)
         if transform is None:
-            transform = self._blocks[index] = self._make()
+            transform = self._blocks[index] = self._new(_ANTHROPIC_DELTAS[kind][1])
+            self._kinds[index] = kind
         return transform
+
+    def _new(self, partial_json: bool) -> TextTransform:
+        return JsonStrings(self._make) if partial_json else self._make()
 
     def _flush(self, index: int) -> bytes:
         transform = self._blocks.pop(index, None)
         text = transform.flush() if transform is not None else ""
         if not text:
             return b""
-        if self.api == "anthropic":
-            return self._send(_text_delta(index, text))
-        return self._send(_openai_delta(index, text))
+        return self._send(_anthropic_delta(index, self._kinds[index], text))
+
+    def _flush_all(self) -> bytes:
+        """End of stream without the blocks' ends: release what is held."""
+        out = b"".join(self._flush(index) for index in sorted(self._blocks))
+        held = [(key, t.flush()) for key, t in sorted(self._fields.items())]
+        self._fields.clear()
+        for (choice, field), text in held:
+            if text:
+                out += self._send(_openai_delta(choice, field, text))
+        return out
 
     # -- OpenAI ---------------------------------------------------------------------------
 
@@ -126,18 +271,48 @@ class SseTextRewriter:
         return [self._send(SseEvent(event.event, orjson.dumps(payload).decode(), event.id))]
 
     def _openai_choice(self, choice: dict[str, Any]) -> None:
-        """Transform a choice's content in place; its last chunk also carries what was held."""
+        """Transform a choice's texts in place; its last chunk also carries what was held."""
         index: int = choice["index"]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             delta = choice["delta"] = {}
-        content = delta.get("content")
-        text = self._block(index).feed(content) if isinstance(content, str) else ""
-        if choice.get("finish_reason") is not None:
-            transform = self._blocks.pop(index, None)
-            text += transform.flush() if transform is not None else ""
-        if isinstance(content, str) or text:
-            delta["content"] = text
+        done = choice.get("finish_reason") is not None
+        for name in _OPENAI_FIELDS:
+            value = delta.get(name)
+            text = self._field(index, name, False).feed(value) if isinstance(value, str) else ""
+            text += self._release(index, name) if done else ""
+            if isinstance(value, str) or text:
+                delta[name] = text
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                name = f"tool_calls.{call.get('index', 0)}"
+                fn["arguments"] = self._field(index, name, True).feed(fn["arguments"])
+        if done:
+            self._release_calls(index, delta)
+
+    def _field(self, choice: int, name: str, partial_json: bool) -> TextTransform:
+        transform = self._fields.get((choice, name))
+        if transform is None:
+            transform = self._fields[(choice, name)] = self._new(partial_json)
+        return transform
+
+    def _release(self, choice: int, name: str) -> str:
+        transform = self._fields.pop((choice, name), None)
+        return transform.flush() if transform is not None else ""
+
+    def _release_calls(self, choice: int, delta: dict[str, Any]) -> None:
+        """Held tool-call arguments go out with the choice's last chunk."""
+        held = [name for c, name in self._fields if c == choice and name.startswith("tool_calls.")]
+        extra = []
+        for name in sorted(held):
+            text = self._release(choice, name)
+            if text:
+                call = int(name.split(".", 1)[1]) if name.split(".", 1)[1].isdigit() else 0
+                extra.append({"index": call, "function": {"arguments": text}})
+        if extra:
+            delta["tool_calls"] = [*(delta.get("tool_calls") or []), *extra]
 
     def _error_event(self, stop: StopAnswer) -> SseEvent:
         if self.api == "anthropic":
@@ -145,6 +320,12 @@ class SseTextRewriter:
             return SseEvent("error", orjson.dumps(error).decode())
         body = {"error": {"message": stop.message, "type": "content_filter", "code": stop.rule}}
         return SseEvent(None, orjson.dumps(body).decode())
+
+
+def _set(root: Any, path: tuple[str | int, ...], value: str) -> None:
+    for key in path[:-1]:
+        root = root[key]
+    root[path[-1]] = value
 
 
 def _json(data: str) -> dict[str, Any] | None:
@@ -157,18 +338,24 @@ def _json(data: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _text_delta(index: int, text: str) -> SseEvent:
+def _anthropic_delta(index: int, kind: str, text: str) -> SseEvent:
+    field, _ = _ANTHROPIC_DELTAS[kind]
     payload = {
         "type": "content_block_delta",
         "index": index,
-        "delta": {"type": "text_delta", "text": text},
+        "delta": {"type": kind, field: text},
     }
     return SseEvent("content_block_delta", orjson.dumps(payload).decode())
 
 
-def _openai_delta(index: int, text: str) -> SseEvent:
+def _openai_delta(index: int, field: str, text: str) -> SseEvent:
+    if field.startswith("tool_calls."):
+        call = int(field.split(".", 1)[1]) if field.split(".", 1)[1].isdigit() else 0
+        delta: dict[str, Any] = {"tool_calls": [{"index": call, "function": {"arguments": text}}]}
+    else:
+        delta = {field: text}
     payload = {
         "object": "chat.completion.chunk",
-        "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": None}],
     }
     return SseEvent(None, orjson.dumps(payload).decode())

@@ -81,6 +81,8 @@ class StreamFolder(Protocol):
     error: dict[str, Any] | None
     first_content_seen: bool
     malformed_events: int
+    content_bytes: int  # generated content seen, for billing a stream cut short
+    final_usage_seen: bool  # the provider's final usage (output count) arrived
 
     def feed(self, event: SseEvent) -> None: ...
 

@@ -117,6 +117,12 @@ class RateLimitConfig(_Frozen):
     hash_tag: str = Field(default="gateway", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     fail_open: bool = True
+    # Callers without a gateway key or JWT (auth.required: false) on a gateway-held provider
+    # credential are limited like a key (`key` limits, `default_tier` quota) per client
+    # address (`address`: the x-forwarded-for entry Envoy appended, skipping
+    # `xff_trusted_hops` proxies in front of it) or all together (`shared`).
+    anonymous: Literal["address", "shared"] = "address"
+    xff_trusted_hops: int = Field(default=0, ge=0, le=10)
 
     @field_validator("tiers")
     @classmethod

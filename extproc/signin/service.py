@@ -54,8 +54,6 @@ PATHS = frozenset(
 _POST = frozenset({"/oauth/device_authorization", "/oauth/token", "/oauth/revoke", "/device/deny"})
 CSRF_COOKIE = "extproc_device_csrf"
 _NO_STORE = (("cache-control", "no-store"), ("pragma", "no-cache"))
-# A refused bearer: Claude Code prompts to sign in again at once instead of retrying.
-NO_RETRY = (("x-should-retry", "false"),)
 
 
 def oauth_json(
@@ -128,23 +126,22 @@ class SignIn:
     # -- the hot path ---------------------------------------------------------------------
 
     async def authenticate(self, token: str) -> Identity:
-        """A bearer access token as an identity; `Unauthorized` (never retried) otherwise."""
+        """A bearer access token as an identity; `Unauthorized` otherwise (rendered with
+        `x-should-retry: false`, so Claude Code asks to sign in again at once)."""
         try:
             claims = self.signer.check(token)
         except InvalidToken as exc:
-            raise Unauthorized(str(exc), reason="invalid_token", headers=NO_RETRY) from exc
+            raise Unauthorized(str(exc), reason="invalid_token") from exc
         if await self.revocations.revoked(claims.session, claims.issued_at):
             raise Unauthorized(
                 "this sign-in was revoked; run /login again",
                 reason="token_revoked",
-                headers=NO_RETRY,
             )
         chosen = policy_for(self.config, claims.session.groups)
         if chosen is None:
             raise Unauthorized(
                 f"user {claims.session.user!r} is in no group allowed to use this gateway",
                 reason="no_group_policy",
-                headers=NO_RETRY,
             )
         return identity_of(claims.session, *chosen)
 

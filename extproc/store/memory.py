@@ -242,13 +242,17 @@ class MemoryStore:
         return counter
 
     @staticmethod
-    def _purge(counter: _Counter, now: int) -> None:
+    def _purge(counter: _Counter, now: int, bucket: str) -> None:
+        """Expired holds count as spent at their estimate (charged to `bucket`): the
+        process that held them died without settling, and the provider may have
+        generated all of it. A settle that still comes corrects the difference."""
         expired = [m for m, until in counter.holds.items() if until <= now]
         if expired:
             freed = sum(_member_amount(m) for m in expired)
             for member in expired:
                 del counter.holds[member]
             counter.fields["held"] = counter.fields.get("held", 0) - freed
+            counter.fields[bucket] = counter.fields.get(bucket, 0) + freed
 
     @staticmethod
     def _used(counter: _Counter, window: Sequence[str]) -> int:
@@ -283,7 +287,7 @@ class MemoryStore:
         used: list[int] = []
         for index, h in enumerate(holds):
             counter = self._counter(h.counter.key, now, create=False)
-            self._purge(counter, now)
+            self._purge(counter, now, h.counter.bucket)
             used.append(self._used(counter, h.counter.window))
             if used[-1] >= h.counter.limit or used[-1] + h.amount > h.counter.limit:
                 return HoldResult(ok=False, used=tuple(used), failed=index)
@@ -327,7 +331,7 @@ class MemoryStore:
         if state in ("settled", "released"):
             return SettleOutcome(state)
         for h, actual in zip(holds, actuals, strict=True):
-            self._settle_one(reservation, h, actual, now)
+            self._settle_one(reservation, h, actual, now, held=state == "held")
         self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
         self._remember_finished(record_key)
         return SettleOutcome(state)
@@ -343,11 +347,13 @@ class MemoryStore:
             if entry is not None and entry.value in (b"settled", b"released"):
                 del self._kv[oldest]
 
-    def _settle_one(self, reservation: str, h: Hold, actual: int, now: int) -> None:
-        counter = self._counter(h.counter.key, now, create=actual != 0)
-        self._purge(counter, now)
+    def _settle_one(self, reservation: str, h: Hold, actual: int, now: int, *, held: bool) -> None:
+        counter = self._counter(h.counter.key, now, create=actual != 0 or held)
+        self._purge(counter, now, h.counter.bucket)
         if counter.holds.pop(f"{reservation}:{h.amount}", None) is not None:
             counter.fields["held"] = counter.fields.get("held", 0) - h.amount
+        elif held:  # the hold expired and was charged at its amount: charge the difference
+            actual -= h.amount
         if actual != 0:
             counter.fields[h.counter.bucket] = counter.fields.get(h.counter.bucket, 0) + actual
         prune = h.counter.prune_before
@@ -362,8 +368,7 @@ class MemoryStore:
         result = []
         for spec in counters:
             counter = self._counter(spec.key, now, create=False)
-            expired = sum(_member_amount(m) for m, t in counter.holds.items() if t <= now)
-            result.append(self._used(counter, spec.window) - expired)
+            result.append(self._used(counter, spec.window))  # expired holds count as spent
         return result
 
     # ---- rate -----------------------------------------------------------------------------

@@ -64,14 +64,18 @@ local function words(spec)
 end
 
 -- Each counter hash keeps `next`, a lower bound on its earliest hold expiry, so the
--- expired-hold purge runs only when one may be due (not on every call).
-local function purge(c, z, now)
+-- expired-hold purge runs only when one may be due (not on every call). An expired hold
+-- counts as spent at its estimate, charged to `bucket` (its process died unsettled).
+local function purge(c, z, now, bucket)
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
   local freed = 0
   for _, m in ipairs(expired) do
     freed = freed + tonumber(string.match(m, ':(%-?%d+)$'))
   end
-  if freed ~= 0 then redis.call('HINCRBY', c, 'held', string.format('%d', -freed)) end
+  if freed ~= 0 then
+    redis.call('HINCRBY', c, 'held', string.format('%d', -freed))
+    redis.call('HINCRBY', c, bucket, string.format('%d', freed))
+  end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
   local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
   if first[2] then redis.call('HSET', c, 'next', first[2]) else redis.call('HDEL', c, 'next') end
@@ -86,7 +90,7 @@ end
 local function used(c, z, window, now)
   local v = redis.call('HMGET', c, 'held', 'next', unpack(window))
   if due(v[2], now) then
-    purge(c, z, now)
+    purge(c, z, now, window[1])
     v = redis.call('HMGET', c, 'held', 'next', unpack(window))
   end
   local total = tonumber(v[1] or '0')
@@ -239,9 +243,12 @@ for i = 1, (#KEYS - 1) / 2 do
   local c, z = KEYS[2 * i], KEYS[2 * i + 1]
   local b = 3 + (i - 1) * 5
   local amount, actual, prune = a[b], a[b + 1], a[b + 4]
-  if due(redis.call('HGET', c, 'next'), a[1]) then purge(c, z, a[1]) end
+  if due(redis.call('HGET', c, 'next'), a[1]) then purge(c, z, a[1], a[b + 3]) end
   if redis.call('ZREM', z, ARGV[1] .. ':' .. amount) == 1 then
     redis.call('HINCRBY', c, 'held', string.format('%d', -tonumber(amount)))
+  elseif state == 'held' then
+    -- the hold expired and was charged at its amount: charge only the difference
+    actual = string.format('%d', tonumber(actual) - tonumber(amount))
   end
   if tonumber(actual) ~= 0 then redis.call('HINCRBY', c, a[b + 3], actual) end
   if prune ~= '-' then
@@ -266,12 +273,9 @@ for i = 1, #KEYS / 2 do
   for j = 1, size do window[j] = a[pos + j] end
   pos = pos + 1 + size
   local v = redis.call('HMGET', c, 'held', unpack(window))
-  local total = 0
+  local total = 0  -- expired holds still in `held` count as spent, as a purge charges them
   for _, x in ipairs(v) do
     if x then total = total + tonumber(x) end
-  end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', z, '-inf', a[1])) do
-    total = total - tonumber(string.match(m, ':(%-?%d+)$'))
   end
   out[i] = string.format('%d', total)
 end

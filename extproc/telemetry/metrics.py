@@ -68,6 +68,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.streams = Counter(
+            "extproc_streams",
+            "ext_proc streams Envoy opened, by the first phase the server read: request_headers"
+            " (audited), or none (cancelled before its first message: only Envoy's access log"
+            " has it; see extproc reconcile).",
+            ["first_phase"],
+            registry=r,
+        )
         self.gateway_errors = Counter(
             "extproc_gateway_errors",
             "Requests the gateway rejected or failed itself, by reason.",

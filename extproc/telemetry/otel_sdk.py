@@ -329,8 +329,8 @@ def _error_type(record: Mapping[str, Any]) -> str | None:
     status = record["status"] or 0
     if status >= 400:
         return str(status)
-    if outcome == "aborted":
-        return "aborted"
+    if outcome in ("client_abort", "provider_reset", "truncated"):
+        return outcome  # the answer was cut short
     return None
 
 

@@ -64,6 +64,8 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["error_type"] = answer.error_type
     if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
         record["sso_group"] = identity.labels["sso_group"]
+    if answer.usage_estimated:
+        record["usage_estimated"] = True
     spend = stream.spend
     if spend is not None:
         record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
@@ -81,10 +83,10 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         record["cache_stored"] = stream.cache_stored
         if run.volatile:
             record["cache_volatile_paths"] = run.volatile
-        if run.replaced:
-            record["cache_replaced"] = True
         if run.volatile_directories:
             record["cache_volatile_directories"] = run.volatile_directories
+        if run.replaced:
+            record["cache_replaced"] = True
     if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
         record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
         record["completion"] = _completion(stream)

@@ -197,7 +197,7 @@ def test_provider_errors_pass_through_and_are_audited(
     assert record["error_type"] == "rate_limit_error"
 
 
-def test_client_gone_mid_stream_is_audited_as_aborted(stack: Stack) -> None:
+def test_client_gone_mid_stream_is_audited_as_client_abort(stack: Stack) -> None:
     body = {"model": MODEL, "max_tokens": 64, "stream": True, "messages": MESSAGES}
     headers = {"x-api-key": "k", "anthropic-version": "2023-06-01", "x-fake-delay-ms": "400"}
     with (
@@ -207,7 +207,7 @@ def test_client_gone_mid_stream_is_audited_as_aborted(stack: Stack) -> None:
         request_id = response.headers["x-gateway-request-id"]
         next(response.iter_bytes())
     record = record_for(stack, request_id)
-    assert record["outcome"] == "aborted"
+    assert record["outcome"] == "client_abort"
     assert record["input_tokens"] > 0
 
 

@@ -195,6 +195,9 @@ def test_options_asterisk_logs_nothing(stack: Stack) -> None:
 # --------------------------------------------------------------------------- 16 failure modes
 
 
+SSO_TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+
+
 def _post_with_key(stack: Stack) -> httpx.Response:
     headers = {**HEADERS, "x-api-key": KEY}
     return httpx.post(f"{stack.url}/v1/messages", json=BODY, headers=headers, timeout=30)
@@ -237,12 +240,15 @@ def test_fail_open_never_forwards_a_gateway_key(keyed: Stack, fake: FakeProvider
         fake.clear()
         _post_with_key(keyed)
         _openai_with_key(keyed)
+        sso = {**HEADERS, "authorization": f"Bearer {SSO_TOKEN}"}  # a sign-in token (a JWT)
+        httpx.post(f"{keyed.url}/v1/messages", json=BODY, headers=sso, timeout=30)
     finally:
         _resume(keyed)
-    assert len(fake.received) == 2  # failing open: forwarded, policies skipped ...
-    for request in fake.received:  # ... but never with the gateway key
+    assert len(fake.received) == 3  # failing open: forwarded, policies skipped ...
+    for request in fake.received:  # ... but never with a gateway key or SSO token
         assert KEY not in str(request.headers)
         assert "gwk_" not in str(request.headers)
+        assert "eyJ" not in str(request.headers)
 
 
 @pytest.mark.parametrize("how", ["killed", "hung"])

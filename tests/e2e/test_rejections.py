@@ -126,6 +126,33 @@ def test_chunked_body_over_limit_is_413_json(http: httpx.Client, received: FakeP
     assert received.received == []
 
 
+def test_duplicate_keys_get_400_naming_the_key(http: httpx.Client, received: FakeProvider) -> None:
+    body = b'{"model": "claude-haiku-4-5", "max_tokens": 5, "model": "claude-opus-4-8"}'
+    message = _anthropic_error(
+        http.post("/v1/messages", content=body, headers=ANTHROPIC), 400, "invalid_request_error"
+    )
+    assert "'model'" in message
+    body = b'{"model": "gpt-5", "messages": [{"role": "user", "content": "a", "content": "b"}]}'
+    error = _openai_error(http.post("/v1/chat/completions", content=body, headers=OPENAI), 400)
+    assert (error["code"], "'content'" in error["message"]) == ("duplicate_key", True)
+    assert received.received == []
+
+
+def test_many_values_are_checked_in_the_worker_and_forwarded(
+    http: httpx.Client, received: FakeProvider
+) -> None:
+    """30,000 values: over the in-loop bound, so the server's worker process checks it."""
+    blocks = [{"type": "text", "text": str(i)} for i in range(10_000)]
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": blocks}],
+    }
+    response = http.post("/v1/messages", json=body, headers=ANTHROPIC, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(received.received) == 1
+
+
 def test_rejections_are_audited(http: httpx.Client, stack: Stack) -> None:
     response = http.post("/v1/messages", content=b"{", headers=ANTHROPIC)
     request_id = response.headers["x-gateway-request-id"]

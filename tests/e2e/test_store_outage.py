@@ -110,7 +110,8 @@ def test_fail_closed_then_recover(fake: FakeProvider, redis: RedisServer, outage
         assert stack.processes["extproc"].poll() is None  # no crash
         if outage == "pause":  # data kept: the counters reconcile with what was settled
             # A reserve sent into the paused server runs when it resumes although the
-            # gateway had given up on it (503): that hold lives until it expires.
+            # gateway had given up on it (503): the gateway releases it by id once the
+            # store answers again (an expired hold would count as spent).
             deadline = time.monotonic() + 10
             while _used(stack) != _spent(stack) and time.monotonic() < deadline:
                 time.sleep(0.5)

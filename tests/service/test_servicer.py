@@ -214,7 +214,7 @@ async def test_openai_provider_gets_bearer_and_no_x_api_key(servicer: ExternalPr
     assert "authorization" not in changes  # no credential held: the caller's passes
 
 
-async def test_stream_cut_short_is_audited_as_aborted(
+async def test_stream_ended_by_envoy_mid_answer_is_a_client_abort(
     servicer: ExternalProcessor, sink: ListSink
 ) -> None:
     await run(
@@ -226,7 +226,7 @@ async def test_stream_cut_short_is_audited_as_aborted(
             response_body(b"event: ping\ndata: {}\n\n", eos=False),
         ],
     )
-    assert [r["outcome"] for r in sink.records] == ["aborted"]
+    assert [r["outcome"] for r in sink.records] == ["client_abort"]
 
 
 async def test_out_of_order_phases_do_not_crash(

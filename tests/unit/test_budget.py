@@ -250,15 +250,19 @@ async def test_window_rollover_settles_into_the_admitting_window(harness: StoreH
     assert [s.used for s in await ledger.status([KEY])] == [950_000, 950_000]
 
 
-async def test_crashed_reservations_expire(harness: StoreHarness) -> None:
+async def test_crashed_reservations_expire_into_spend(harness: StoreHarness) -> None:
+    """A dead replica's hold is charged at its estimate when it expires, not forgotten;
+    a settle arriving late (the replica came back) corrects it to the actual."""
     ledger = ledger_for(
-        harness, rule(scope="key", window="lifetime", usd=1), reservation_ttl_seconds=60
+        harness, rule(scope="key", window="lifetime", usd=2), reservation_ttl_seconds=60
     )
     checks = ledger.checks_for([KEY])
-    reserved(await ledger.reserve("lost", checks, Amount(USD)))
-    assert isinstance(await ledger.reserve("r2", checks, Amount(1)), Denied)
+    lost = reserved(await ledger.reserve("lost", checks, Amount(USD)))
     harness.clock.advance(60)
-    assert (await ledger.status([KEY]))[0].used == 0
+    assert (await ledger.status([KEY]))[0].used == USD
+    assert isinstance(await ledger.reserve("r2", checks, Amount(USD + 1)), Denied)
+    await ledger.settle(lost, Amount(USD // 4))
+    assert (await ledger.status([KEY]))[0].used == USD // 4
     reserved(await ledger.reserve("r3", checks, Amount(USD)))
 
 

@@ -790,3 +790,32 @@ def test_sidecar_prestop_drain_waits_for_open_streams(fake: FakeProvider) -> Non
     assert result.returncode == 0, result.stderr
     assert ended, "the stream did not complete"
     assert returned >= ended[0], "drain.sh returned while a request was still open"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML loader that refuses a mapping key given twice (YAML keeps the last silently)."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges are allowed
+            continue
+        key = loader.construct_object(key_node)
+        assert key not in seen, f"{key!r} given twice at {node.start_mark}"
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+SHIPPED_YAML = sorted(
+    [*ROOT.glob("envoy/*.yaml"), *DEPLOY.rglob("*.yaml"), *ROOT.glob("examples/*.yaml"), COMPOSE]
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_yaml_names_no_key_twice(path: Path) -> None:
+    # Two edits adding the same section (e.g. common_http_protocol_options) would
+    # otherwise silently drop one of them.
+    list(yaml.load_all(path.read_text(encoding="utf-8"), Loader=_StrictLoader))

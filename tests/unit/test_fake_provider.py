@@ -681,3 +681,58 @@ def test_compression_follows_accept_encoding_or_the_forced_coding() -> None:
     compressor = Compressor("gzip")
     data = compressor.piece(b"event one\n\n") + compressor.piece(b"event two\n\n")
     assert gzip.decompress(data + compressor.finish()) == b"event one\n\nevent two\n\n"
+
+
+# --------------------------------------------------------------------------- tool calls
+
+TOOL_INPUT = {"command": "ls -la\n/tmp", "n": 2}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_tool_call_control(claude: anthropic.AsyncAnthropic, stream: bool) -> None:
+    headers = {"x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(), "x-fake-piece-chars": "3"}
+    message: Any
+    if stream:
+        async with claude.messages.stream(
+            model="claude-opus-4-8", max_tokens=64, messages=USER, extra_headers=headers
+        ) as events:
+            message = await events.get_final_message()
+    else:
+        message = await claude.messages.create(
+            model="claude-opus-4-8", max_tokens=64, messages=USER, extra_headers=headers
+        )
+    (block,) = message.content
+    assert block.type == "tool_use"
+    assert block.model_dump()["input"] == TOOL_INPUT
+    assert message.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_tool_call_control(gpt: openai.AsyncOpenAI, stream: bool) -> None:
+    headers = {"x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(), "x-fake-piece-chars": "3"}
+    if stream:
+        chunks = await gpt.chat.completions.create(
+            model="gpt-5", messages=USER, stream=True, extra_headers=headers
+        )
+        parts = [
+            call.function.arguments or ""
+            async for chunk in chunks
+            for choice in chunk.choices
+            for call in choice.delta.tool_calls or ()
+            if call.function is not None
+        ]
+        arguments = "".join(parts)
+    else:
+        completion = await gpt.chat.completions.create(
+            model="gpt-5", messages=USER, extra_headers=headers
+        )
+        calls: Any = completion.choices[0].message.tool_calls
+        assert completion.choices[0].finish_reason == "tool_calls"
+        arguments = calls[0].function.arguments
+    assert orjson.loads(arguments) == TOOL_INPUT
+
+
+async def test_tool_input_control_must_be_a_json_object(raw: httpx.AsyncClient) -> None:
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01", "x-fake-tool-input": "[1]"}
+    response = await raw.post("/v1/messages", json=MESSAGE_BODY, headers=headers)
+    assert response.status_code == 400

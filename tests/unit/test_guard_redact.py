@@ -109,11 +109,13 @@ def test_redaction_replaces_only_matches_and_keeps_everything_else() -> None:
     }
     assert user[1] == body["messages"][0]["content"][1]  # image untouched
     thinking, tool_use = new["messages"][1]["content"]
-    assert thinking == body["messages"][1]["content"][0]  # signed thinking untouched
-    assert tool_use["input"] == {"command": f"echo {tag}", "timeout": 5, GH: "key stays"}
+    # Thinking reaches the model too: redacted, its signature left as it was.
+    assert thinking == {"type": "thinking", "thinking": f"the key is {tag}", "signature": "sig"}
+    # A tool input's keys are the caller's text as much as its values.
+    assert tool_use["input"] == {"command": f"echo {tag}", "timeout": 5, tag: "key stays"}
     assert new["messages"][2]["content"][0]["content"][0]["text"] == tag
     assert {(v.rule, v.action, v.count) for v in result.verdicts} == {
-        ("github_token", "redact", 3),
+        ("github_token", "redact", 5),
         ("email", "redact", 2),
     }
     # untouched subtrees are shared, not copied
@@ -165,7 +167,8 @@ def test_tool_definitions_are_scanned_unless_disabled() -> None:
         ],
         "messages": [],
     }
-    assert len(collect_texts(body, "anthropic")) == 2
+    # name, description, the property name and its description
+    assert collect_texts(body, "anthropic") == ["t", f"ask {MAIL}", "x", f"or {MAIL}"]
     assert _guard().profile().redact_request(body, "anthropic").changed
     assert (
         not _guard({"scan_tool_definitions": False})

@@ -220,15 +220,34 @@ async def test_duplicate_reservation_changes_nothing(harness: StoreHarness) -> N
     assert await s.usage([c]) == [10]
 
 
-async def test_holds_expire_by_themselves(harness: StoreHarness) -> None:
+async def test_expired_hold_counts_as_spent_at_its_estimate(harness: StoreHarness) -> None:
+    """A replica that died holding budget never settles: what the provider generated for it
+    is unknown, so the hold's estimate (an upper bound) is charged, not forgotten."""
     s, now = harness.store, harness.clock.time()
-    c = counter(limit=100)
+    c = counter(limit=150)
     assert (await s.hold("r1", rec("r1"), [Hold(c, 100)], until=now + 30, record_ttl=600)).ok
     harness.clock.advance(29.9)
     assert await s.usage([c]) == [100]
-    harness.clock.advance(0.1)  # expiry is inclusive: at `until` the hold is gone
-    assert await s.usage([c]) == [0]
-    assert (await s.hold("r2", rec("r2"), [Hold(c, 100)], until=now + 90, record_ttl=600)).ok
+    harness.clock.advance(0.1)  # expiry is inclusive: at `until` the hold is spent
+    assert await s.usage([c]) == [100]
+    refused = await s.hold("r2", rec("r2"), [Hold(c, 60)], until=now + 90, record_ttl=600)
+    assert not refused.ok
+    assert refused.used == (100,)
+    assert (await s.hold("r3", rec("r3"), [Hold(c, 50)], until=now + 90, record_ttl=600)).ok
+    assert await s.usage([c]) == [150]
+
+
+async def test_release_after_expiry_refunds_the_charged_estimate(harness: StoreHarness) -> None:
+    s, now = harness.store, harness.clock.time()
+    c = counter(limit=100)
+    holds = [Hold(c, 40)]
+    await s.hold("r", rec("r"), holds, until=now + 10, record_ttl=600)
+    harness.clock.advance(11)
+    await s.hold("x", rec("x"), [Hold(c, 1)], until=now + 60, record_ttl=600)  # purges r
+    assert await s.usage([c]) == [41]
+    released = await s.settle("r", rec("r"), holds, [0], record_ttl=600, release=True)
+    assert released is SettleOutcome.SETTLED
+    assert await s.usage([c]) == [1]
 
 
 async def test_expiry_bookkeeping_survives_out_of_order_settles(harness: StoreHarness) -> None:
@@ -242,11 +261,11 @@ async def test_expiry_bookkeeping_survives_out_of_order_settles(harness: StoreHa
     assert (await s.hold("c", rec("c"), [Hold(c, 1)], until=now + 200, record_ttl=600)).used == (
         30,
     )
-    harness.clock.advance(60)  # b expired; c still held
+    harness.clock.advance(60)  # b expired (charged at its 20); c still held
     assert (await s.hold("d", rec("d"), [Hold(c, 1)], until=now + 200, record_ttl=600)).used == (
-        11,
+        31,
     )
-    assert await s.usage([c]) == [12]
+    assert await s.usage([c]) == [32]
 
 
 async def test_settle_replaces_hold_and_is_idempotent(harness: StoreHarness) -> None:
@@ -283,7 +302,7 @@ async def test_settle_after_hold_expired_still_records_spend(harness: StoreHarne
     await s.hold("r", rec("r"), holds, until=now + 10, record_ttl=600)
     harness.clock.advance(11)
     assert await s.settle("r", rec("r"), holds, [25], record_ttl=600) is SettleOutcome.SETTLED
-    assert await s.usage([c]) == [25]  # the expired hold is not subtracted twice
+    assert await s.usage([c]) == [25]  # the expired hold's charge is corrected, not doubled
 
 
 async def test_settle_without_record_records_spend(harness: StoreHarness) -> None:

@@ -21,7 +21,8 @@ Pure and I/O-free. Build a `Guard` once from `GuardConfig` at start; per request
     # act on a failure per policy.config.output.schema_action ("block" or "log")
 
 Order: screen output first, then unmask, so restored PII is never "redacted back".
-Leave `thinking_delta`/`signature_delta` alone: the signature covers that text.
+Streamed thinking and tool-call input are screened too (`extproc.apis.rewrite`); a
+`signature_delta` passes untouched.
 Verdicts, findings and results carry rule ids and counts only, never matched text.
 """
 
@@ -30,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from extproc.apis.walk import WalkLimits, model_texts
 
 from .config import GuardConfig, GuardProfileConfig
 from .detectors import BUILTIN_RULES, Detector, DetectorOptions, RegexRule, WordRule
@@ -45,13 +48,22 @@ from .output import (
     validate_json_schema,
     validate_structured,
 )
-from .redact import Api, RedactPolicy, RedactResult, Unmasker, redact_request
+from .redact import (
+    Api,
+    RedactPlan,
+    RedactPolicy,
+    RedactResult,
+    Unmasker,
+    plan_redaction,
+    redact_request,
+)
 
 __all__ = [
     "Guard",
     "GuardConfig",
     "GuardProfileConfig",
     "InjectionVerdict",
+    "Inspection",
     "OutputResult",
     "ProfileGuard",
     "RedactResult",
@@ -59,6 +71,14 @@ __all__ = [
     "StreamScreener",
     "Unmasker",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """A request's screening, small enough to come back from a worker process."""
+
+    redaction: RedactPlan
+    injection: InjectionVerdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +96,15 @@ class ProfileGuard:
 
     def screen_injection(self, body: Mapping[str, Any], api: Api) -> InjectionVerdict:
         return self.injection.screen(body, api)
+
+    def inspect(
+        self, body: Mapping[str, Any], api: Api, limits: WalkLimits | None = None
+    ) -> Inspection:
+        """Redaction and injection scoring over one walk of the request's texts."""
+        tools = self.redaction.scan_tool_definitions
+        texts = model_texts(body, api, tools=tools, limits=limits)
+        plan = plan_redaction(texts, self.redaction)
+        return Inspection(plan, self.injection.screen_texts(texts, body))
 
     def unmasker(self, masks: Mapping[str, str]) -> Unmasker:
         return Unmasker(masks)

@@ -27,7 +27,9 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
+
+from extproc.apis.walk import Text, model_texts
 
 from .redact import Api
 
@@ -499,47 +501,6 @@ class InjectionVerdict:
     action: Literal["block", "log", "off"] = "log"
 
 
-def _block_texts(content: Any, out: list[str]) -> None:
-    if isinstance(content, str):
-        out.append(content)
-    elif isinstance(content, list):
-        for block in content:
-            if isinstance(block, dict) and block.get("type") == "text":
-                out.append(str(block.get("text", "")))
-
-
-def _anthropic_items(msg: Mapping[str, Any]) -> Iterator[tuple[Source, str]]:
-    content = msg.get("content")
-    if isinstance(content, str):
-        yield "user", content
-        return
-    for block in content if isinstance(content, list) else ():
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        texts: list[str] = []
-        if kind == "text":
-            yield "user", str(block.get("text", ""))
-        elif kind == "tool_result":
-            _block_texts(block.get("content"), texts)
-            yield "tool_result", "\n".join(texts)
-        elif kind == "document" and isinstance(block.get("source"), dict):
-            source = block["source"]
-            if source.get("type") == "text":
-                yield "document", str(source.get("data", ""))
-            elif source.get("type") == "content":
-                _block_texts(source.get("content"), texts)
-                yield "document", "\n".join(texts)
-
-
-def _openai_items(msg: Mapping[str, Any]) -> Iterator[tuple[Source, str]]:
-    texts: list[str] = []
-    _block_texts(msg.get("content"), texts)
-    source: Source = "tool_result" if msg.get("role") in ("tool", "function") else "user"
-    if texts:
-        yield source, "\n".join(texts)
-
-
 class InjectionScreener:
     """One profile's screening settings applied to a request body."""
 
@@ -559,24 +520,34 @@ class InjectionScreener:
         self.weights = dict(weights or {})
 
     def items(self, body: Mapping[str, Any], api: Api) -> Iterator[tuple[Source, str]]:
-        """Untrusted texts: user/tool messages, after the last assistant turn if scoped."""
-        messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
+        return self.items_of(model_texts(body, api, tools=False), body)
+
+    def items_of(
+        self, texts: Sequence[Text], body: Mapping[str, Any]
+    ) -> Iterator[tuple[Source, str]]:
+        """Untrusted texts (from `model_texts`), one per block: a tool result, search
+        result, fetched page, document or user text; if scoped, those after the last
+        assistant turn and the server tool results in it."""
+        last = -1
         if self.scope == "last_turn":
-            last = max(
-                (i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1
-            )
-            messages = messages[last + 1 :]
-        for msg in messages:
-            if msg.get("role") in ("assistant", "system", "developer"):
-                continue
-            items = _anthropic_items(msg) if api == "anthropic" else _openai_items(msg)
-            yield from ((s, t) for s, t in items if s in self.sources and t)
+            messages = body.get("messages") or ()
+            roles = (m.get("role") if isinstance(m, dict) else None for m in messages)
+            last = max((i for i, role in enumerate(roles) if role == "assistant"), default=-1)
+        groups: dict[int, tuple[str, list[str]]] = {}
+        for t in texts:
+            if t.source in self.sources and t.turn >= last and t.text:
+                groups.setdefault(t.group, (t.source, []))[1].append(t.text)
+        for source, parts in groups.values():
+            yield cast(Source, source), "\n".join(parts)
 
     def screen(self, body: Mapping[str, Any], api: Api) -> InjectionVerdict:
+        return self.screen_texts(model_texts(body, api, tools=False), body)
+
+    def screen_texts(self, texts: Sequence[Text], body: Mapping[str, Any]) -> InjectionVerdict:
         if self.action == "off":
             return InjectionVerdict(0.0, action="off")
         best = InjectionVerdict(0.0, action=self.action)
-        for source, text in self.items(body, api):
+        for source, text in self.items_of(texts, body):
             result = score_text(text, self.weights)
             if result.score > best.score:
                 blocked = self.action == "block" and result.score >= self.threshold

@@ -32,6 +32,9 @@ from typing import Any, Literal
 
 import orjson
 
+from extproc.apis.rewrite import JsonStrings
+from extproc.apis.walk import value_texts
+
 from .detectors import TOKEN_SPECS, Detector, TokenSpec
 from .redact import Api, PathT, _answer_texts, _apply, redaction_placeholder
 
@@ -241,20 +244,31 @@ class OutputScreener:
         return ScreenedChunk("".join(out), blocked), hits
 
     def screen_response(self, body: Mapping[str, Any], api: Api) -> OutputResult:
-        """A JSON answer: secrets redacted in text and tool input; blocked if denied."""
-        changes: dict[PathT, str] = {}
+        """A JSON answer: secrets redacted in text and tool input; blocked if denied.
+
+        Tool inputs and arguments are screened as JSON text string by string, decoded
+        (`JsonStrings`): keys and values alike, exactly as a stream of the same answer."""
+        changes: dict[PathT, Any] = {}
         hits: list[str] = []
-        # Tool-call arguments are scanned as raw JSON text: placeholders need no escaping
-        # and no rule starts or ends inside an escape sequence.
-        for path, text, _ in _answer_texts(body, api):
-            chunk, found = self.screen_text(text)
-            hits.extend(found)
-            if chunk.blocked is not None:
-                return OutputResult(None, _count(hits), chunk.blocked)
-            if chunk.text != text:
-                changes[path] = chunk.text
-        new = _apply(dict(body), changes) if changes else None
-        return OutputResult(new, _count(hits), None)
+        try:
+            for path, value, kind in _screened_parts(body, api):
+                new = self._screen_part(value, kind, hits)
+                if new != value:
+                    changes[path] = new
+        except _Blocked as stop:
+            return OutputResult(None, _count(hits), stop.rule)
+        new_body = _apply(dict(body), changes) if changes else None
+        return OutputResult(new_body, _count(hits), None)
+
+    def _screen_part(self, value: Any, kind: str, hits: list[str]) -> Any:
+        if kind == "text":
+            return _Whole(self, hits).screen(value)
+        text = value if kind == "json_text" else orjson.dumps(value).decode()
+        json = JsonStrings(lambda: _Whole(self, hits))
+        out = json.feed(text) + json.flush()
+        if out == text:
+            return value
+        return out if kind == "json_text" else orjson.loads(out)
 
     def _find(self, buf: str, pos: int) -> list[_Hit]:
         """Non-overlapping matches starting at or after `pos`, earliest (then longest) first."""
@@ -339,6 +353,59 @@ class OutputScreener:
                 return i
             i = buf.find(_PEM_BEGIN, i + 1)
         return len(buf)
+
+
+class _Blocked(Exception):
+    def __init__(self, rule: str) -> None:
+        super().__init__(rule)
+        self.rule = rule
+
+
+class _Whole:
+    """A `TextTransform` that screens all it was fed at `flush` (a whole JSON string)."""
+
+    def __init__(self, screener: OutputScreener, hits: list[str]) -> None:
+        self.screener = screener
+        self.hits = hits
+        self.parts: list[str] = []
+
+    def feed(self, text: str) -> str:
+        self.parts.append(text)
+        return ""
+
+    def flush(self) -> str:
+        text, self.parts = "".join(self.parts), []
+        return self.screen(text)
+
+    def screen(self, text: str) -> str:
+        chunk, found = self.screener.screen_text(text)
+        self.hits.extend(found)
+        if chunk.blocked is not None:
+            raise _Blocked(chunk.blocked)
+        return chunk.text
+
+
+_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+def _screened_parts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, Any, str]]:
+    """(path, value, kind) of each answer part a client renders or executes: `text`, a
+    `json_text` (OpenAI arguments) or a `json_value` (an Anthropic tool input)."""
+    if api == "openai":
+        for path, text, is_json in _answer_texts(body, api):
+            yield path, text, "json_text" if is_json else "text"
+        return
+    for i, block in enumerate(body.get("content") or ()):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind in ("text", "thinking") and isinstance(block.get(kind), str):
+            yield ("content", i, kind), block[kind], "text"
+        elif kind in _INPUT_BLOCKS and "input" in block:
+            yield ("content", i, "input"), block["input"], "json_value"
+        else:  # server tool results and any other block: every text in it
+            for path, text in value_texts(block):
+                yield ("content", i, *path), text, "text"
 
 
 def _count(hits: Sequence[str]) -> tuple[OutputFinding, ...]:

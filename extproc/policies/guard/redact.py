@@ -1,19 +1,16 @@
 """Apply detector findings to a request body; reversible masking and its `Unmasker`.
 
-What is scanned (everything that reaches the model as text):
+What is scanned: every text that reaches the model, as `extproc.apis.walk` finds it
+(the one walker injection scoring uses too): system prompt, tool definitions and their
+schemas (when `scan_tool_definitions`), every string of every content block of every
+type, known or not, including `thinking`, tool inputs' keys and values, document and
+search-result titles, fetched pages, OpenAI `refusal`, `prediction` and `arguments`
+(a JSON string: parsed, scanned, re-serialized only if something was replaced).
+A changed key is renamed in place. A redacted `thinking` block no longer matches its
+signature: the provider may refuse that turn, which still keeps the secret in.
 
-- Anthropic Messages: `tools[].description` and every `description` inside
-  `input_schema` (when `scan_tool_definitions`), `system` (string or text blocks),
-  message `content` (string or blocks): `text`, `tool_use.input` (every string value,
-  recursively; never keys), `tool_result.content` (string or text blocks), text
-  `document` sources and `search_result` text.
-- OpenAI chat completions: `tools[].function.description`/`parameters` descriptions,
-  message `content` (string or `text` parts) and `tool_calls[].function.arguments`
-  (a JSON string: parsed, scanned, re-serialized only if something was replaced).
-
-Skipped: images, base64 documents, audio, `thinking`/`redacted_thinking` blocks (their
-signature covers the text: changing it makes the provider reject the next turn),
-ids, `cache_control`, dict keys, numbers, booleans.
+Skipped: ids, types, signatures, `cache_control`, media types, base64 payloads and
+encrypted contents (see `extproc.apis.walk`).
 
 The input dict is never mutated: changed containers are copied along each changed
 path, so the result shares every untouched subtree with the input. When nothing is
@@ -31,18 +28,24 @@ from typing import Any, Literal
 
 import orjson
 
+from extproc.apis.walk import Text, WalkLimits, model_texts
+
 from .config import Action
 from .detectors import BUILTIN_RULES, Detector, Finding, Kind
 
 __all__ = [
     "Api",
+    "Edit",
     "MaskBook",
+    "RedactPlan",
     "RedactPolicy",
     "RedactResult",
     "StreamUnmasker",
     "Unmasker",
     "Verdict",
+    "apply_plan",
     "collect_texts",
+    "plan_redaction",
     "redact_request",
     "redaction_placeholder",
 ]
@@ -91,25 +94,6 @@ class RedactPolicy:
 # ---------------------------------------------------------------- collecting texts
 
 
-@dataclass(slots=True)
-class _Slot:
-    path: PathT
-    text: str
-    inner: PathT | None = None  # path inside a JSON-string value (OpenAI arguments)
-
-
-_SKIP_BLOCKS = frozenset(
-    {
-        "image",
-        "thinking",
-        "redacted_thinking",
-        "server_tool_use",
-        "web_search_tool_result",
-        "web_fetch_tool_result",
-    }
-)
-
-
 def _json_strings(value: Any, path: PathT, out: list[tuple[PathT, str]]) -> None:
     if isinstance(value, str):
         out.append((path, value))
@@ -121,120 +105,9 @@ def _json_strings(value: Any, path: PathT, out: list[tuple[PathT, str]]) -> None
             _json_strings(v, (*path, i), out)
 
 
-def _schema_descriptions(value: Any, path: PathT, out: list[_Slot]) -> None:
-    """Every `description` string inside a JSON schema (property names are keys)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k == "description" and isinstance(v, str):
-                out.append(_Slot((*path, k), v))
-            else:
-                _schema_descriptions(v, (*path, k), out)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _schema_descriptions(v, (*path, i), out)
-
-
-def _anthropic_block(block: Any, path: PathT, out: list[_Slot]) -> None:
-    if not isinstance(block, dict):
-        return
-    kind = block.get("type")
-    if kind in _SKIP_BLOCKS:
-        return
-    if kind == "text" and isinstance(block.get("text"), str):
-        out.append(_Slot((*path, "text"), block["text"]))
-    elif kind == "tool_use":
-        found: list[tuple[PathT, str]] = []
-        _json_strings(block.get("input"), (*path, "input"), found)
-        out.extend(_Slot(p, t) for p, t in found)
-    elif kind in ("tool_result", "search_result"):
-        _anthropic_content(block.get("content"), (*path, "content"), out)
-    elif kind == "document":
-        source = block.get("source")
-        if isinstance(source, dict) and source.get("type") == "text":
-            if isinstance(source.get("data"), str):
-                out.append(_Slot((*path, "source", "data"), source["data"]))
-        elif isinstance(source, dict) and source.get("type") == "content":
-            _anthropic_content(source.get("content"), (*path, "source", "content"), out)
-
-
-def _anthropic_content(content: Any, path: PathT, out: list[_Slot]) -> None:
-    if isinstance(content, str):
-        out.append(_Slot(path, content))
-    elif isinstance(content, list):
-        for i, block in enumerate(content):
-            _anthropic_block(block, (*path, i), out)
-
-
-def _collect_anthropic(body: Mapping[str, Any], tools: bool) -> list[_Slot]:
-    out: list[_Slot] = []
-    # Prompt order (tools, system, messages) keeps mask numbering stable across turns.
-    for i, tool in enumerate(body.get("tools") or () if tools else ()):
-        if isinstance(tool, dict):
-            if isinstance(tool.get("description"), str):
-                out.append(_Slot(("tools", i, "description"), tool["description"]))
-            _schema_descriptions(tool.get("input_schema"), ("tools", i, "input_schema"), out)
-    _anthropic_content(body.get("system"), ("system",), out)
-    for i, msg in enumerate(body.get("messages") or ()):
-        if isinstance(msg, dict):
-            _anthropic_content(msg.get("content"), ("messages", i, "content"), out)
-    return out
-
-
-def _openai_content(content: Any, path: PathT, out: list[_Slot]) -> None:
-    if isinstance(content, str):
-        out.append(_Slot(path, content))
-    elif isinstance(content, list):
-        for i, part in enumerate(content):
-            if (
-                isinstance(part, dict)
-                and part.get("type") == "text"
-                and isinstance(part.get("text"), str)
-            ):
-                out.append(_Slot((*path, i, "text"), part["text"]))
-
-
-def _openai_arguments(raw: str, path: PathT, out: list[_Slot]) -> None:
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        out.append(_Slot(path, raw))  # not JSON: scan it as text
-        return
-    found: list[tuple[PathT, str]] = []
-    _json_strings(parsed, (), found)
-    out.extend(_Slot(path, t, inner=p) for p, t in found)
-
-
-def _openai_message(msg: Mapping[str, Any], path: PathT, out: list[_Slot]) -> None:
-    _openai_content(msg.get("content"), (*path, "content"), out)
-    for j, call in enumerate(msg.get("tool_calls") or ()):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            _openai_arguments(
-                fn["arguments"], (*path, "tool_calls", j, "function", "arguments"), out
-            )
-    legacy = msg.get("function_call")
-    if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
-        _openai_arguments(legacy["arguments"], (*path, "function_call", "arguments"), out)
-
-
-def _collect_openai(body: Mapping[str, Any], tools: bool) -> list[_Slot]:
-    out: list[_Slot] = []
-    for i, tool in enumerate(body.get("tools") or () if tools else ()):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(fn, dict):
-            if isinstance(fn.get("description"), str):
-                out.append(_Slot(("tools", i, "function", "description"), fn["description"]))
-            _schema_descriptions(fn.get("parameters"), ("tools", i, "function", "parameters"), out)
-    for i, msg in enumerate(body.get("messages") or ()):
-        if isinstance(msg, dict):
-            _openai_message(msg, ("messages", i), out)
-    return out
-
-
 def collect_texts(body: Mapping[str, Any], api: Api, *, tools: bool = True) -> list[str]:
     """Every text the guard scans, in prompt order (for benchmarks and other policies)."""
-    slots = _collect_anthropic(body, tools) if api == "anthropic" else _collect_openai(body, tools)
-    return [s.text for s in slots]
+    return [t.text for t in model_texts(body, api, tools=tools)]
 
 
 # ---------------------------------------------------------------- placeholders
@@ -287,10 +160,6 @@ class MaskBook:
 # ---------------------------------------------------------------- applying
 
 
-def _slots_for(body: Mapping[str, Any], api: Api, tools: bool) -> list[_Slot]:
-    return _collect_anthropic(body, tools) if api == "anthropic" else _collect_openai(body, tools)
-
-
 def _action(policy: RedactPolicy, f: Finding) -> Applied:
     action = policy.actions.get(f.rule, "log")
     if action == "redact" and f.kind in policy.mask_kinds:
@@ -326,50 +195,91 @@ def _verdicts(policy: RedactPolicy, found: Sequence[Finding]) -> tuple[Verdict, 
     return tuple(Verdict(r, k, a, n) for (r, k, a), n in counts.items())
 
 
-def redact_request(body: Mapping[str, Any], api: Api, policy: RedactPolicy) -> RedactResult:
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """One text to replace: where (as in `walk.Text`) and with what."""
+
+    path: PathT
+    new: str
+    inner: PathT | None = None
+    key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RedactPlan:
+    """What to change, small enough to send back from a worker process; `apply_plan`
+    turns it into the new body."""
+
+    edits: tuple[Edit, ...] = ()
+    verdicts: tuple[Verdict, ...] = ()
+    blocked: str | None = None
+    masks: Mapping[str, str] = field(default_factory=dict)
+
+
+def redact_request(
+    body: Mapping[str, Any], api: Api, policy: RedactPolicy, limits: WalkLimits | None = None
+) -> RedactResult:
     """Scan every model-bound text of a request; redact, mask, block or log per rule."""
-    slots = _slots_for(body, api, policy.scan_tool_definitions)
-    hits = policy.detector.scan_many([s.text for s in slots])
+    texts = model_texts(body, api, tools=policy.scan_tool_definitions, limits=limits)
+    return apply_plan(body, plan_redaction(texts, policy))
+
+
+def plan_redaction(texts: Sequence[Text], policy: RedactPolicy) -> RedactPlan:
+    """The findings in `texts` (from `model_texts`) and the edits they call for."""
+    hits = policy.detector.scan_many([t.text for t in texts])
     if not hits:
-        return RedactResult(None)
+        return RedactPlan()
     by_slot: dict[int, list[Finding]] = {}
     for i, f in hits:
         by_slot.setdefault(i, []).append(f)
     all_found = [f for _, f in hits]
     verdicts = _verdicts(policy, all_found)
     blocked = next((f.rule for f in all_found if _action(policy, f) == "block"), None)
-    if blocked is not None:
-        return RedactResult(None, verdicts, blocked)
-    if not any(v.action in ("redact", "mask") for v in verdicts):
-        return RedactResult(None, verdicts)
-    book = MaskBook([s.text for s in slots]) if policy.mask_kinds else None
-    new_body = _rebuild(body, slots, by_slot, policy, book)
-    return RedactResult(new_body, verdicts, None, dict(book.originals) if book else {})
-
-
-def _rebuild(
-    body: Mapping[str, Any],
-    slots: Sequence[_Slot],
-    by_slot: Mapping[int, Sequence[Finding]],
-    policy: RedactPolicy,
-    book: MaskBook | None,
-) -> dict[str, Any]:
-    changes: dict[PathT, Any] = {}
-    inner: dict[PathT, dict[PathT, str]] = {}
+    if blocked is not None or not any(v.action in ("redact", "mask") for v in verdicts):
+        return RedactPlan((), verdicts, blocked)
+    book = MaskBook([t.text for t in texts]) if policy.mask_kinds else None
+    edits = []
     for i in sorted(by_slot):
-        slot = slots[i]
-        new = _replace(slot.text, by_slot[i], policy, book)
-        if new == slot.text:
-            continue
-        if slot.inner is None:
-            changes[slot.path] = new
+        text = texts[i]
+        new = _replace(text.text, by_slot[i], policy, book)
+        if new != text.text:
+            edits.append(Edit(text.path, new, text.inner, text.key))
+    return RedactPlan(tuple(edits), verdicts, None, dict(book.originals) if book else {})
+
+
+def apply_plan(body: Mapping[str, Any], plan: RedactPlan) -> RedactResult:
+    if plan.blocked is not None or not plan.edits:
+        return RedactResult(None, plan.verdicts, plan.blocked)
+    return RedactResult(_rebuild(body, plan.edits), plan.verdicts, None, plan.masks)
+
+
+Rename = tuple[PathT, str, str]  # (object path, old key, new key)
+
+
+def _rebuild(body: Mapping[str, Any], edits: Sequence[Edit]) -> dict[str, Any]:
+    changes: dict[PathT, Any] = {}
+    renames: list[Rename] = []
+    inner: dict[PathT, tuple[dict[PathT, str], list[Rename]]] = {}
+    for edit in edits:
+        if edit.inner is None:
+            _record(edit.path, edit.new, edit.key, changes, renames)
         else:
-            inner.setdefault(slot.path, {})[slot.inner] = new
-    for path, edits in inner.items():
+            values, keys = inner.setdefault(edit.path, ({}, []))
+            _record(edit.inner, edit.new, edit.key, values, keys)
+    for path, (values, keys) in inner.items():
         parsed = orjson.loads(_get(body, path))
-        changes[path] = orjson.dumps(_apply(parsed, edits)).decode()
-    rebuilt: dict[str, Any] = _apply(dict(body), changes)
+        changes[path] = orjson.dumps(_apply(parsed, values, keys)).decode()
+    rebuilt: dict[str, Any] = _apply(dict(body), changes, renames)
     return rebuilt
+
+
+def _record(
+    path: PathT, new: str, key: bool, changes: dict[PathT, Any], renames: list[Rename]
+) -> None:
+    if key:
+        renames.append((path[:-1], str(path[-1]), new))
+    else:
+        changes[path] = new
 
 
 def _get(node: Any, path: PathT) -> Any:
@@ -378,8 +288,14 @@ def _get(node: Any, path: PathT) -> Any:
     return node
 
 
-def _apply(root: Any, changes: Mapping[PathT, Any]) -> Any:
-    """Copy-on-write: copy only the containers on changed paths."""
+_RENAME = object()  # in a change tree: the key renames of that object
+
+
+def _apply(root: Any, changes: Mapping[PathT, Any], renames: Sequence[Rename] = ()) -> Any:
+    """Copy-on-write: copy only the containers on changed paths, once each (linear in
+    the changes however many share a container); renamed keys keep their place."""
+    if not changes and not renames:
+        return root
     tree: dict[Any, Any] = {}
     for path, value in changes.items():
         if not path:
@@ -388,6 +304,11 @@ def _apply(root: Any, changes: Mapping[PathT, Any]) -> Any:
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = _Leaf(value)
+    for path, old, new in renames:
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node.setdefault(_RENAME, {})[old] = new
     return _apply_tree(root, tree)
 
 
@@ -399,7 +320,11 @@ class _Leaf:
 def _apply_tree(node: Any, tree: Mapping[Any, Any]) -> Any:
     copy: Any = list(node) if isinstance(node, list) else dict(node)
     for key, sub in tree.items():
-        copy[key] = sub.value if isinstance(sub, _Leaf) else _apply_tree(node[key], sub)
+        if key is not _RENAME:
+            copy[key] = sub.value if isinstance(sub, _Leaf) else _apply_tree(node[key], sub)
+    names = tree.get(_RENAME)
+    if names:
+        copy = {names.get(k, k): v for k, v in copy.items()}
     return copy
 
 
@@ -464,30 +389,44 @@ class StreamUnmasker:
         return out
 
 
+_ANSWER_INPUTS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+_ANSWER_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
 def _answer_texts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, str, bool]]:
-    """(path, text, is-JSON-text) for every answer text a placeholder may appear in."""
+    """(path, text, is-JSON-text) for every answer text a client renders or executes:
+    text, thinking and tool inputs; OpenAI content, refusal, reasoning and arguments."""
     if api == "anthropic":
         for i, block in enumerate(body.get("content") or ()):
             if not isinstance(block, dict):
                 continue
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                yield ("content", i, "text"), block["text"], False
-            elif block.get("type") == "tool_use":
+            kind = block.get("type")
+            for name in ("text", "thinking"):
+                if kind == name and isinstance(block.get(name), str):
+                    yield ("content", i, name), block[name], False
+            if kind in _ANSWER_INPUTS:
                 found: list[tuple[PathT, str]] = []
                 _json_strings(block.get("input"), ("content", i, "input"), found)
                 yield from ((p, t, False) for p, t in found)
         return
     for i, choice in enumerate(body.get("choices") or ()):
         msg = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(msg, dict):
-            continue
-        if isinstance(msg.get("content"), str):
-            yield ("choices", i, "message", "content"), msg["content"], False
-        for j, call in enumerate(msg.get("tool_calls") or ()):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                path = ("choices", i, "message", "tool_calls", j, "function", "arguments")
-                yield path, fn["arguments"], True
+        if isinstance(msg, dict):
+            yield from _openai_answer_texts(msg, ("choices", i, "message"))
+
+
+def _openai_answer_texts(msg: Mapping[str, Any], at: PathT) -> Iterator[tuple[PathT, str, bool]]:
+    for name in _ANSWER_FIELDS:
+        if isinstance(msg.get(name), str):
+            yield (*at, name), msg[name], False
+    calls: list[tuple[PathT, Any]] = [
+        (("tool_calls", j, "function"), c.get("function") if isinstance(c, dict) else None)
+        for j, c in enumerate(msg.get("tool_calls") or ())
+    ]
+    calls.append((("function_call",), msg.get("function_call")))
+    for where, fn in calls:
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            yield (*at, *where, "arguments"), fn["arguments"], True
 
 
 _ = BUILTIN_RULES  # labels for built-in rules come from here via the policy

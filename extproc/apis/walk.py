@@ -1,0 +1,323 @@
+"""Every text of a request that reaches the model, per wire shape: one walker for all guards.
+
+Redaction and prompt-injection scoring both read a request through `model_texts`, so a
+field is either seen by both or by neither, and a block type one of them forgot cannot
+slip past the other (the redesign's "dialect" owns this; see DESIGN.md).
+
+What is walked, and how:
+
+- Structure is known where it matters: the texts' `source` (who wrote them: the system
+  prompt, tool definitions, the user, the assistant, a tool/search/fetch result, a
+  document), their turn and block, so injection scoring can weigh untrusted content.
+- Inside a message or a tool definition every string value is a text, in every block
+  type, known or not: an unknown or new block type is scanned, never skipped. Only
+  values that are not text to a model are left out: `type`, ids, signatures,
+  `cache_control`, media types, base64 payloads (`source.data` of base64 images and
+  documents, `data:` URLs, audio, file data) and encrypted contents.
+- Keys are texts where the caller chose them: tool inputs (`tool_use`,
+  `server_tool_use`, `mcp_tool_use`, OpenAI `arguments`) and JSON schemas (property
+  names). Everywhere else a key is the API's own field name.
+- OpenAI `arguments` are JSON inside a string: parsed, and their keys and values walked
+  (`inner` is the path inside); arguments that are not JSON are one text.
+
+Anthropic Messages: `system`, `tools` (every field of custom, server and MCP tool
+definitions), `output_format`, `messages[].content` (string or blocks of any type:
+text, thinking, tool_use, server_tool_use, mcp_tool_use, tool_result, mcp_tool_result,
+document with its title/context/source, search_result with title/source/content,
+web_search_tool_result, web_fetch_tool_result, ...). OpenAI chat completions:
+`messages` (content parts of any type, `name`, `refusal`, `tool_calls`,
+`function_call`), `tools`, `functions`, `response_format`, `prediction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import orjson
+
+from extproc.errors import PayloadTooLarge
+
+__all__ = ["Path", "Source", "Text", "WalkLimits", "model_texts", "value_texts"]
+
+Path = tuple[str | int, ...]
+Api = Literal["anthropic", "openai"]
+Mode = Literal["text", "keys", "schema"]
+Source = Literal["system", "tool_definition", "user", "assistant", "tool_result", "document"]
+
+# Values that are never text to a model, whatever block they are in.
+_NOT_TEXT = frozenset(
+    {
+        "type",
+        "id",
+        "tool_use_id",
+        "tool_call_id",
+        "signature",
+        "cache_control",
+        "media_type",
+        "encrypted_content",
+        "encrypted_index",
+        "file_id",
+        "role",
+    }
+)
+# Containers whose `data` is a payload, not text (base64 sources, encrypted thinking).
+_PAYLOAD_TYPES = frozenset({"base64", "redacted_thinking", "input_audio"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+_PAYLOAD_KEYS = frozenset({"data", "file_data"})
+_PAYLOAD_PARENTS = frozenset({"input_audio", "file"})  # OpenAI parts: {"file": {"file_data"}}
+# Blocks whose `input` holds caller-chosen keys.
+_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+# Untrusted content blocks in a user turn score as tool output; documents as documents.
+_DOCUMENT_BLOCKS = frozenset({"document"})
+_TEXT_BLOCKS = frozenset({"text", "image", "image_url", "input_audio", "file"})
+
+
+class Text(NamedTuple):
+    """One model-visible string: where it is, who wrote it, which turn and block (a tuple:
+    a request has thousands, and a tuple is built several times faster)."""
+
+    path: Path  # for a key: the path of its object plus the key itself
+    text: str
+    source: Source
+    turn: int = -1  # message index; -1 for system prompt and tool definitions
+    group: int = 0  # one number per block: injection scoring joins a block's texts
+    inner: Path | None = None  # path inside a JSON-string value (OpenAI arguments)
+    key: bool = False  # the text is an object key: rename it to change it
+
+
+@dataclass(frozen=True, slots=True)
+class WalkLimits:
+    """A cap on the characters walked; past it `PayloadTooLarge` (too_much_text)."""
+
+    max_chars: int = 1 << 62
+
+
+class _Walk:
+    def __init__(self, limits: WalkLimits, tools: bool) -> None:
+        self.out: list[Text] = []
+        self.chars = 0
+        self.limits = limits
+        self.tools = tools
+        self.source: Source = "user"
+        self.turn = -1
+        self.group = 0
+
+    def emit(self, path: Path, text: str, *, inner: Path | None = None, key: bool = False) -> None:
+        self.chars += len(text)
+        if self.chars > self.limits.max_chars:
+            raise PayloadTooLarge(
+                f"the request has over {self.limits.max_chars} characters of text to screen "
+                "(limits.max_scan_chars); send less context",
+                reason="too_much_text",
+            )
+        self.out.append(Text(path, text, self.source, self.turn, self.group, inner, key))
+
+    def block(self, source: Source, turn: int) -> None:
+        self.source, self.turn, self.group = source, turn, self.group + 1
+
+    def value(
+        self, value: Any, path: Path, *, mode: Mode = "text", inner: Path | None = None
+    ) -> None:
+        """Every string in `value`; keys too in `keys` mode (tool inputs) and property
+        names in `schema` mode (JSON schemas)."""
+        stack: list[tuple[Any, Path, Mode]] = [(value, path if inner is None else inner, mode)]
+        while stack:  # iterative: a deeply nested body cannot exhaust the C stack
+            node, at, how = stack.pop()
+            if isinstance(node, str):
+                self._string(path, at, node, inner)
+            elif isinstance(node, list):
+                stack.extend([(node[i], (*at, i), how) for i in range(len(node) - 1, -1, -1)])
+            elif isinstance(node, dict):
+                members = (self._schema if how == "schema" else self._members)(
+                    node, at, how, path, inner
+                )
+                stack.extend(reversed(members))
+
+    def _members(
+        self, node: Mapping[str, Any], at: Path, how: Mode, path: Path, inner: Path | None
+    ) -> list[tuple[Any, Path, Mode]]:
+        kind = node.get("type")
+        kind = kind if isinstance(kind, str) else None
+        payload = kind in _PAYLOAD_TYPES or bool(at and at[-1] in _PAYLOAD_PARENTS)
+        members: list[tuple[Any, Path, Mode]] = []
+        for k, v in node.items():
+            if how == "keys":
+                self._string(path, (*at, k), k, inner, key=True)
+            elif k in _NOT_TEXT or (payload and k in _PAYLOAD_KEYS) or _data_url(k, v):
+                continue
+            input_keys = k == "input" and kind in _INPUT_BLOCKS
+            members.append((v, (*at, k), "keys" if input_keys else how))
+        return members
+
+    def _schema(
+        self, node: Mapping[str, Any], at: Path, how: Mode, path: Path, inner: Path | None
+    ) -> list[tuple[Any, Path, Mode]]:
+        """A JSON schema: keywords are the spec's, property names and values the caller's."""
+        members: list[tuple[Any, Path, Mode]] = []
+        for k, v in node.items():
+            if k in _SCHEMA_MAPS and isinstance(v, dict):
+                for name, sub in v.items():
+                    self._string(path, (*at, k, name), name, inner, key=True)
+                    members.append((sub, (*at, k, name), "schema"))
+            elif k != "type":
+                members.append((v, (*at, k), "schema"))
+        return members
+
+    def _string(
+        self, path: Path, at: Path, text: str, inner: Path | None, key: bool = False
+    ) -> None:
+        if inner is None:
+            self.emit(at, text, key=key)
+        else:
+            self.emit(path, text, inner=at, key=key)
+
+    def arguments(self, raw: Any, path: Path) -> None:
+        """OpenAI `arguments`: JSON in a string; its keys and values are texts."""
+        if not isinstance(raw, str):
+            return
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.emit(path, raw)  # not JSON: scan it as text
+            return
+        self.value(parsed, path, mode="keys", inner=())
+
+
+def _data_url(key: str, value: Any) -> bool:
+    """An inline `data:` URL (a base64 image or file) is a payload, not text."""
+    return key == "url" and isinstance(value, str) and value.startswith("data:")
+
+
+# -- Anthropic ---------------------------------------------------------------------------
+
+
+def _anthropic(body: Mapping[str, Any], walk: _Walk) -> None:
+    # Prompt order (tools, system, messages) keeps mask numbering stable across turns.
+    if walk.tools:
+        for name in ("tools", "output_format"):
+            walk.block("tool_definition", -1)
+            _definitions(body.get(name), (name,), walk)
+    walk.block("system", -1)
+    walk.value(body.get("system"), ("system",))
+    for turn, msg in enumerate(body.get("messages") or ()):
+        if isinstance(msg, dict):
+            _anthropic_message(msg, turn, walk)
+
+
+def _definitions(value: Any, path: Path, walk: _Walk, depth: int = 0) -> None:
+    """Tool definitions and output formats: every string; schemas in schema mode. Tools
+    nest their schema at most two levels down (`tools[].function.parameters`)."""
+    if depth > 3 or not isinstance(value, list | dict):
+        walk.value(value, path)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _definitions(item, (*path, i), walk, depth + 1)
+    else:
+        for k, v in value.items():
+            if k in ("input_schema", "parameters", "schema"):
+                walk.value(v, (*path, k), mode="schema")
+            elif k not in _NOT_TEXT:
+                _definitions(v, (*path, k), walk, depth + 1)
+
+
+def _anthropic_message(msg: Mapping[str, Any], turn: int, walk: _Walk) -> None:
+    role = msg.get("role")
+    content = msg.get("content")
+    path: Path = ("messages", turn, "content")
+    if not isinstance(content, list):
+        walk.block("assistant" if role == "assistant" else "user", turn)
+        walk.value(content, path)
+        return
+    for i, block in enumerate(content):
+        walk.block(_block_source(role, block), turn)
+        walk.value(block, (*path, i))
+
+
+def _block_source(role: Any, block: Any) -> Source:
+    kind = block.get("type") if isinstance(block, dict) else None
+    kind = kind if isinstance(kind, str) else None
+    if role == "assistant":
+        # A server tool's result (web search, fetch, MCP, code execution) sits in the
+        # assistant's turn, but its text comes from outside: untrusted.
+        return "tool_result" if kind is not None and kind.endswith("_result") else "assistant"
+    if kind in _DOCUMENT_BLOCKS:
+        return "document"
+    if kind in _TEXT_BLOCKS or not isinstance(block, dict):
+        return "user"
+    return "tool_result"  # tool, search, fetch, MCP results and unknown blocks
+
+
+# -- OpenAI ------------------------------------------------------------------------------
+
+
+_OPENAI_DEFINITIONS = ("tools", "functions", "response_format")
+_OPENAI_SOURCES: dict[str, Source] = {
+    "system": "system",
+    "developer": "system",
+    "assistant": "assistant",
+    "tool": "tool_result",
+    "function": "tool_result",
+}
+
+
+def _openai(body: Mapping[str, Any], walk: _Walk) -> None:
+    if walk.tools:
+        for name in _OPENAI_DEFINITIONS:
+            walk.block("tool_definition", -1)
+            _definitions(body.get(name), (name,), walk)
+    for turn, msg in enumerate(body.get("messages") or ()):
+        if isinstance(msg, dict):
+            _openai_message(msg, turn, walk)
+    prediction = body.get("prediction")
+    if isinstance(prediction, dict):
+        walk.block("assistant", -1)
+        walk.value(prediction.get("content"), ("prediction", "content"))
+
+
+def _openai_message(msg: Mapping[str, Any], turn: int, walk: _Walk) -> None:
+    path: Path = ("messages", turn)
+    walk.block(_OPENAI_SOURCES.get(str(msg.get("role")), "user"), turn)
+    for k, v in msg.items():
+        if k == "tool_calls" and isinstance(v, list):
+            for j, call in enumerate(v):
+                _openai_call(call, (*path, k, j), walk)
+        elif k == "function_call":
+            _openai_call({"function": v}, (*path, k), walk, nested=False)
+        elif k == "content" and isinstance(v, list):
+            for j, part in enumerate(v):
+                walk.value(part, (*path, k, j))
+        elif k not in _NOT_TEXT and k != "audio":
+            walk.value(v, (*path, k))
+
+
+def _openai_call(call: Any, path: Path, walk: _Walk, *, nested: bool = True) -> None:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        walk.value(call, path)
+        return
+    at = (*path, "function") if nested else path
+    for k, v in fn.items():
+        if k == "arguments":
+            walk.arguments(v, (*at, k))
+        else:
+            walk.value(v, (*at, k))
+
+
+def value_texts(value: Any) -> list[tuple[Path, str]]:
+    """Every text in one value (an answer's content block): (path inside it, text); ids,
+    types, signatures, payloads and encrypted contents left out, as in requests."""
+    walk = _Walk(WalkLimits(), tools=False)
+    walk.value(value, ())
+    return [(t.path, t.text) for t in walk.out if t.text]
+
+
+def model_texts(
+    body: Mapping[str, Any], api: Api, *, tools: bool = True, limits: WalkLimits | None = None
+) -> list[Text]:
+    """Every model-visible text of a request, in prompt order; `tools=False` leaves out
+    tool definitions and schemas. `PayloadTooLarge` past `limits.max_chars`."""
+    walk = _Walk(limits or WalkLimits(), tools)
+    (_anthropic if api == "anthropic" else _openai)(body, walk)
+    return walk.out
