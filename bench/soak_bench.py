@@ -17,8 +17,9 @@ least-squares slope of RSS over requests, reported per 100k requests; a server t
 leaks grows linearly, one that does not stays within noise.
 
 Each stream ends with a half-close, as Envoy ends it with the runtime flag
-`envoy.reloadable_features.ext_proc_graceful_grpc_close` (set in every shipped
-bootstrap); `--reset` cancels it instead (RST_STREAM), as Envoy does without the flag.
+`envoy.reloadable_features.ext_proc_graceful_grpc_close` (not set in the shipped
+bootstraps: see bench/RESULTS.md); `--reset` cancels it instead (RST_STREAM), as the
+shipped Envoy does.
 A grpc.aio server leaks native memory for every RPC reset under it (grpc/grpc#43360),
 the null server as much as the gateway: that was the ~120 B per request of issue 11.
 

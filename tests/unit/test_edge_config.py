@@ -75,8 +75,6 @@ def _check_filters(filters: list[Json]) -> None:
 def test_every_bootstrap_has_timeouts_a_cap_normalisation_and_key_stripping(path: Path) -> None:
     bootstrap = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert envoy_config.max_connections(bootstrap) is not None
-    (layer,) = bootstrap["layered_runtime"]["layers"]
-    assert layer["static_layer"]["envoy.reloadable_features.ext_proc_graceful_grpc_close"]
     for hcm in _hcms(bootstrap):
         _check_hcm(hcm)
         _check_filters(hcm["http_filters"])
