@@ -8,7 +8,7 @@ reservation is an upper bound, and a request cancelled mid-admission leaves no h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -28,6 +28,7 @@ from tests.service.test_servicer import (
     request_headers,
     response_body,
     response_headers,
+    run,
 )
 
 KEY = "gwk_alice_" + "s" * 40
@@ -56,19 +57,6 @@ def gateway(sink: ListSink, **extra: Any) -> ExternalProcessor:
         }
     )
     return ExternalProcessor(Gateway.from_config(config, metrics=Metrics(), audit=sink))
-
-
-async def run(
-    servicer: ExternalProcessor, requests: Sequence[pb.ProcessingRequest]
-) -> list[pb.ProcessingResponse]:
-    async def iterate() -> AsyncIterator[pb.ProcessingRequest]:
-        for request in requests:
-            yield request
-
-    context = Context()
-    await servicer.Process(iterate(), context)
-    await servicer.gateway.settle_pending(10)  # the stream's settle and audit task
-    return context.written
 
 
 def anthropic_events(text: str, *, final: bool) -> bytes:
