@@ -1,23 +1,17 @@
-"""Token usage in one provider-neutral shape, and the stream-folding protocol.
+"""Token usage in one provider-neutral shape.
 
 `Usage` follows Anthropic's split, which prices cleanly: `input_tokens` are
 uncached prompt tokens, and cache writes and cache reads are counted apart from
 them (so the four counts never overlap, and `total_tokens` is their sum).
 OpenAI's `prompt_tokens` include cached tokens; `extproc.apis.openai` subtracts
 them when it converts.
-
-`StreamFolder` is what both API modules' `StreamAccumulator`s provide, so the
-per-request stream code can hold either without knowing which.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
 
-from extproc.apis.sse import SseEvent
-
-__all__ = ["StreamFolder", "Usage", "as_count"]
+__all__ = ["Usage", "as_count"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +64,3 @@ def as_count(value: object) -> int:
     if isinstance(value, float) and value.is_integer():
         return max(int(value), 0)
     return 0
-
-
-class StreamFolder(Protocol):
-    """Folds the SSE events of one streamed response; never raises on bad event data."""
-
-    usage: Usage
-    model: str | None
-    complete: bool
-    error: dict[str, Any] | None
-    first_content_seen: bool
-    malformed_events: int
-    content_bytes: int  # generated content seen, for billing a stream cut short
-    final_usage_seen: bool  # the provider's final usage (output count) arrived
-
-    def feed(self, event: SseEvent) -> None: ...
-
-    def folded_message(self) -> dict[str, Any]: ...
-
-    def finish_reasons(self) -> list[str]: ...

@@ -4,7 +4,8 @@ PostgreSQL (`audit_store.PostgresSink`).
 Records never hold credentials. Prompt and completion text appear only on routes
 that record text (see `record.py`). Writes are small appends of one line each; a file
 sink is opened in append mode and flushed per record so a crash loses at most
-the line being written, and `reopen()` (on SIGHUP) supports log rotation.
+the line being written. Rotate a file sink with copy-and-truncate (logrotate's
+`copytruncate`): the sink keeps its descriptor open in append mode.
 """
 
 from __future__ import annotations
@@ -60,13 +61,6 @@ class JsonLinesSink:
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
-
-    def reopen(self) -> None:
-        if self._target == "stdout":
-            return
-        with self._lock:
-            self._stream.close()
-            self._stream = self._open()
 
     def close(self) -> None:
         if self._target != "stdout":

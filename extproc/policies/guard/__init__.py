@@ -17,7 +17,7 @@ Pure and I/O-free. Build a `Guard` once from `GuardConfig` at start; per request
     if out.blocked: end the stream with an error event naming the rule
     # response, JSON: policy.screen_response(body, api), then
     # policy.unmasker(result.masks).response(body, api)
-    # structured output: policy.check_structured(text) / check_structured_value(tool_input);
+    # structured output: policy.check_structured(text);
     # act on a failure per policy.config.output.schema_action ("block" or "log")
 
 Order: screen output first, then unmask, so restored PII is never "redacted back".
@@ -45,7 +45,6 @@ from .output import (
     StreamScreener,
     phrase_rule,
     regex_rule,
-    validate_json_schema,
     validate_structured,
 )
 from .redact import (
@@ -119,11 +118,6 @@ class ProfileGuard:
         """An answer's text vs the profile's schema; None when there is no schema."""
         schema = self.config.output.json_schema
         return None if schema is None else validate_structured(text, schema)
-
-    def check_structured_value(self, value: Any) -> SchemaVerdict | None:
-        """A decoded value (e.g. a tool_use input) vs the profile's schema."""
-        schema = self.config.output.json_schema
-        return None if schema is None else validate_json_schema(value, schema)
 
 
 def compile_profile(name: str, cfg: GuardProfileConfig, hash_key: bytes = b"") -> ProfileGuard:
