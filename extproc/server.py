@@ -70,7 +70,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     # (grpc/grpc#43360; bench/soak_bench.py measures it).
                     break
         except ProtocolError as exc:
+            # Nothing after an out-of-order phase would be screened or accounted: fail
+            # the RPC, so Envoy does what failure_mode_allow says (503, or through with
+            # gateway keys stripped), and audit it.
             log.warning("ext_proc protocol error, request %s: %s", stream.request_id, exc)
+            stream.protocol_failed()
+            await context.abort(grpc.StatusCode.INTERNAL, "ext_proc phases out of order")
         except asyncio.CancelledError:
             cancelled = True  # Envoy reset the RPC (vs. ending it: see RequestStream.close)
             raise

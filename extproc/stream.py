@@ -137,7 +137,7 @@ def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
 
 
 class ProtocolError(Exception):
-    """Envoy sent phases out of order; the stream is passed through untouched."""
+    """Envoy sent phases out of order; the server fails the RPC (see `protocol_failed`)."""
 
 
 @dataclass
@@ -231,6 +231,12 @@ class RequestStream:
         if phase not in _NEXT.get(self.phase, frozenset()):
             raise ProtocolError(f"{phase} after {self.phase}")
         self.phase = phase
+
+    def protocol_failed(self) -> None:
+        """Envoy sent a phase out of order; the server fails the RPC. Audited as such."""
+        self.gw.metrics.gateway_errors.labels("protocol_error").inc()
+        if self.phase is not None:  # a request had started (no record for one that had not)
+            self._finish("rejected_protocol_error")
 
     async def _reject(self, error: GatewayError) -> Respond:
         self.answer.status = error.status

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import grpc
 import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -90,6 +91,14 @@ class Context:
 
     async def write(self, response: pb.ProcessingResponse) -> None:
         self.written.append(response)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise Aborted(details)
+
+
+class Aborted(Exception):
+    """What grpc.aio's `context.abort` raises to end the RPC with an error status."""
 
 
 async def run(
@@ -232,9 +241,16 @@ async def test_stream_ended_by_envoy_mid_answer_is_a_client_abort(
 async def test_out_of_order_phases_do_not_crash(
     servicer: ExternalProcessor, sink: ListSink
 ) -> None:
-    replies = await run(servicer, [request_body(BODY)])
-    assert replies == []
-    assert sink.records == []
+    async def iterate() -> AsyncIterator[pb.ProcessingRequest]:
+        yield request_body(BODY)  # a body before any headers
+
+    context = Context()
+    with pytest.raises(Aborted):  # the RPC fails: Envoy applies failure_mode_allow
+        await servicer.Process(iterate(), context)
+    await servicer.gateway.settle_pending(10)
+    assert context.written == []
+    assert sink.records == []  # no request had started
+    assert servicer.gateway.metrics.active_streams._value.get() == 0
 
 
 async def test_active_streams_gauge_returns_to_zero(servicer: ExternalProcessor) -> None:
@@ -243,3 +259,21 @@ async def test_active_streams_gauge_returns_to_zero(servicer: ExternalProcessor)
     await run(servicer, [request_headers("/v1/messages"), request_body(BODY)])
     gauge = servicer.gateway.metrics.active_streams
     assert gauge._value.get() == 0
+
+
+async def test_an_out_of_order_phase_fails_the_rpc_and_is_audited(
+    servicer: ExternalProcessor, sink: ListSink
+) -> None:
+    """Envoy must not carry on unguarded: a failed RPC gets failure_mode_allow's answer."""
+
+    async def iterate() -> AsyncIterator[pb.ProcessingRequest]:
+        yield request_headers("/v1/messages")
+        yield request_headers("/v1/messages")  # request headers twice: out of order
+
+    context = Context()
+    with pytest.raises(Aborted):
+        await servicer.Process(iterate(), context)
+    await servicer.gateway.settle_pending(10)
+    assert context.aborted[0] is grpc.StatusCode.INTERNAL
+    (record,) = sink.records
+    assert record["outcome"] == "rejected_protocol_error"
