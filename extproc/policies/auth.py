@@ -209,7 +209,7 @@ class KeyDirectory:
             if cached is not None:
                 return cached[1]
             raise Unavailable(
-                "the key store is unreachable; try again shortly", reason="store_unavailable"
+                "the key store is unreachable; try again shortly", reason="store_down"
             ) from exc
         record = KeyRecord.from_json(raw) if raw is not None else None
         if len(self._cache) > 100_000:

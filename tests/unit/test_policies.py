@@ -11,11 +11,19 @@ import pytest
 from extproc.apis import Endpoint, classify
 from extproc.config import AuthConfig, Config, CredentialSource, ProfileConfig, parse_config
 from extproc.credentials import Credential, CredentialMissing
-from extproc.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, Unauthorized
+from extproc.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
 from extproc.policies import auth, models
 from extproc.policies.profiles import ProfileResolver, RoutePolicyError
 from extproc.policies.request import parse_request
 from extproc.policies.routing import Target, upstream_headers
+from extproc.store import StoreError
 from extproc.store.memory import MemoryStore
 
 
@@ -286,3 +294,31 @@ def test_credentials_from_env_file_and_rotation(tmp_path: Path) -> None:
     now[0] = 4.0
     with pytest.raises(CredentialMissing, match="cannot read"):
         credential.get()
+
+
+def test_an_unreachable_key_store_is_a_retryable_503_unless_the_key_is_cached() -> None:
+    class DownStore(MemoryStore):
+        down = False
+
+        async def get(self, key: str) -> bytes | None:
+            if self.down:
+                raise StoreError("connection refused")
+            return await super().get(key)
+
+    async def scenario() -> None:
+        store = DownStore()
+        mono = [0.0]
+        directory = _directory(store, [1000.0], mono)
+        cached, fresh = auth.new_key("k1"), auth.new_key("k2")
+        for key_id, key in (("k1", cached), ("k2", fresh)):
+            record = auth.KeyRecord(id=key_id, hash=auth.hash_key(key))
+            await store.set(auth.STORE_PREFIX + key_id, record.to_json())
+        await directory.authenticate(cached)
+        store.down, mono[0] = True, 10.0
+        assert (await directory.authenticate(cached)).caller is not None  # last known record
+        with pytest.raises(Unavailable) as raised:
+            await directory.authenticate(fresh)
+        assert raised.value.reason == "store_down"  # one reason per cause, as elsewhere
+        assert raised.value.retryable
+
+    asyncio.run(scenario())
