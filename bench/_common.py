@@ -16,6 +16,7 @@ Importing this module puts the repository root on `sys.path`, so a script run as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -31,14 +32,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+import grpc
 import yaml
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from extproc import supervisor  # noqa: E402
-from extproc.config import HostPort  # noqa: E402
+from extproc import server, supervisor  # noqa: E402
+from extproc.config import Config, HostPort  # noqa: E402
 from tests.harness import free_port as free_port  # noqa: E402  (re-exported)
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -584,3 +587,22 @@ def run_and_report(
         write_section(output, section, report, "Benchmark results")
         print(f"\nwrote {output}")
     return 0
+
+
+def serve_ext_proc(port: int, servicer: Any) -> None:
+    """Run an ext_proc servicer on 127.0.0.1:`port` with the gateway's gRPC options, event
+    loop policy and signal handling until SIGTERM or SIGINT (reference servers)."""
+    server.install_event_loop_policy()
+
+    async def main() -> None:
+        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, grpc_server)
+        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+        await grpc_server.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await grpc_server.stop(1)
+
+    asyncio.run(main())

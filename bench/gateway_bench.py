@@ -53,14 +53,12 @@ from types import FrameType
 from typing import Any, cast
 
 import _common as c
-import grpc
 import orjson
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from extproc import server
-from extproc.config import Config
 from tests.harness import Stack, gateway_config
 
 MODEL = "claude-sonnet-4-5"
@@ -320,20 +318,7 @@ def null_reply(request: Any) -> Any:
 
 def serve_null(port: int) -> None:
     """Run the reference ext_proc server until SIGTERM (the hidden `--null-extproc` mode)."""
-    server.install_event_loop_policy()
-
-    async def main() -> None:
-        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
-        pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(), grpc_server)
-        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-        await grpc_server.start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await grpc_server.stop(1)
-
-    asyncio.run(main())
+    c.serve_ext_proc(port, NullProcessor())
 
 
 # -- the front proxies ------------------------------------------------------------------

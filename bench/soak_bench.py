@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,8 +55,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from extproc import server, supervisor
-from extproc.config import Config, HostPort
+from extproc import supervisor
+from extproc.config import HostPort
 from extproc.policies.auth import hash_key, new_key
 
 TIME_LIMIT = 600
@@ -97,20 +96,7 @@ class NullWriter(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 
 def serve_null(port: int) -> None:
-    server.install_event_loop_policy()
-
-    async def main() -> None:
-        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
-        pb_grpc.add_ExternalProcessorServicer_to_server(NullWriter(), grpc_server)
-        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-        await grpc_server.start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await grpc_server.stop(1)
-
-    asyncio.run(main())
+    c.serve_ext_proc(port, NullWriter())
 
 
 def gateway_config(port: int, workdir: Path, budgets: bool = True) -> dict[str, Any]:
