@@ -154,8 +154,9 @@ class OtelProcess:
         buffer = otel.max_queue_size * _BYTES_PER_RECORD
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        self._socket.send(setup)  # the first message; queued before the process exists
         self._socket.setblocking(False)
-        self.process = _spawn(theirs, setup)
+        self.process = _spawn(theirs)
         theirs.close()
 
     def start(self, headers: Mapping[str, str]) -> RequestTrace | None:
@@ -230,17 +231,15 @@ class OtelProcess:
             self.process.wait()
 
 
-def _spawn(channel: socket.socket, setup: bytes) -> subprocess.Popen[bytes]:
-    from extproc.supervisor import _die_with_parent
+def _spawn(channel: socket.socket) -> subprocess.Popen[bytes]:
+    """Start the telemetry process with its end of the socket pair.
 
+    No `preexec_fn`: forking a process whose gRPC threads are running and then running
+    Python in the child before `exec` is unsafe (CI saw the child die before it read its
+    setup). The process needs no death signal either: when the gateway is gone, its end
+    of the socket closes and the process flushes and exits."""
     command = [sys.executable, "-m", "extproc.telemetry.otel_sdk", str(channel.fileno())]
-    process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, pass_fds=(channel.fileno(),), preexec_fn=_die_with_parent
-    )
-    assert process.stdin is not None
-    process.stdin.write(setup)
-    process.stdin.close()
-    return process
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(channel.fileno(),))
 
 
 def open_otel(

@@ -368,10 +368,10 @@ def _metric_exporter(config: OtelConfig, headers: dict[str, str]) -> MetricExpor
 def main() -> None:
     """`python -m extproc.telemetry.otel_sdk FD`: the gateway's telemetry process.
 
-    Reads its setup (config, resolved headers, provider servers) as JSON on stdin, then
-    messages from the gateway on the SOCK_SEQPACKET socket FD (see `OtelProcess`)."""
-    setup = orjson.loads(sys.stdin.buffer.read())
+    Reads messages from the gateway on the SOCK_SEQPACKET socket FD (see `OtelProcess`):
+    first its setup (config, resolved headers, provider servers) as JSON, then records."""
     channel = socket.socket(fileno=int(sys.argv[1]))
+    setup = orjson.loads(channel.recv(MAX_MESSAGE))
     config = OtelConfig.model_validate(setup["otel"])
     servers = {name: (host, port) for name, (host, port) in setup["servers"].items()}
     otel = Otel(config, setup["headers"], servers)
