@@ -1075,3 +1075,82 @@ def test_anthropic_stream_text_deltas() -> None:
     }
     assert out[4]["id"] == "chatcmpl-9"
     assert out[5] == "[DONE]"
+
+
+# --- the translator slot (SSE events in and out) and the route's settings -------------------
+
+
+def test_slot_anthropic_client_on_openai_end_to_end_bytes() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.slot import AnthropicClientOnOpenAI
+
+    slot = AnthropicClientOnOpenAI(TranslationConfig(), Notes(), "claude-sonnet-4-6")
+    body, path = slot.request(
+        {"model": "qwen", "max_tokens": 5, "messages": []}, "/v1/messages?beta=true"
+    )
+    assert path == "/v1/chat/completions?beta=true"
+    assert body["max_tokens"] == 5
+    events = slot.stream()
+    parser = SseParser()
+    out: list[SseEvent] = []
+    raw = fixture_bytes("openai_stream_tools.sse")
+    for start in range(0, len(raw), 37):  # chunk boundaries mean nothing
+        for event in parser.feed(raw[start : start + 37]):
+            out += events.feed(event)
+    out += events.feed(SseEvent(None, "not json"))
+    out += events.close()
+    assert events.malformed_events == 1
+    accumulator = anthropic_api.StreamAccumulator()
+    for event in out:
+        accumulator.feed(event)
+    folded = accumulator.folded_message()
+    assert folded["model"] == "claude-sonnet-4-6"
+    assert [b["name"] for b in folded["content"]] == ["get_weather", "get_time"]
+    error = slot.answer({"error": {"message": "nope"}}, 429)
+    assert error == {"type": "error", "error": {"type": "rate_limit_error", "message": "nope"}}
+
+
+def test_slot_openai_client_on_anthropic_end_to_end_bytes() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.slot import OpenAIClientOnAnthropic
+
+    settings = TranslationConfig(default_max_tokens=77, cache_prefix=True)
+    slot = OpenAIClientOnAnthropic(settings, Notes(), "gpt-4", include_usage=False, created=5)
+    body, path = slot.request(
+        {"model": "claude", "messages": [{"role": "user", "content": "q"}]}, "/v1/chat/completions"
+    )
+    assert path == "/v1/messages"
+    assert body["max_tokens"] == 77
+    assert body["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
+    events = slot.stream()
+    out: list[SseEvent] = []
+    for event in events_of(fixture_bytes("anthropic_stream_tool_use.sse")):
+        out += events.feed(event)
+    out += events.close()
+    accumulator = openai_api.StreamAccumulator()
+    for event in out:
+        accumulator.feed(event)
+    assert accumulator.complete
+    assert not accumulator.final_usage_seen  # the caller did not ask for the usage chunk
+    assert accumulator.folded_message()["model"] == "gpt-4"
+    error = slot.answer(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, 529
+    )
+    assert error["error"]["code"] == "overloaded_error"
+    assert slot.answer(fixture_json("anthropic_message.json"), 200)["created"] == 5
+
+
+def test_translation_config_categories_are_checked() -> None:
+    from pydantic import ValidationError
+
+    from extproc.translate.config import TranslationConfig
+
+    settings = TranslationConfig(untranslatable="refuse", drop=("cache_control",))
+    lossy = settings.lossy()
+    assert lossy.action("cache_control") == "drop"
+    assert lossy.action("thinking") == "refuse"
+    assert TranslationConfig(refuse=("thinking",)).lossy().action("thinking") == "refuse"
+    with pytest.raises(ValidationError, match="unknown categories"):
+        TranslationConfig(refuse=("thoughts",))
+    with pytest.raises(ValidationError, match="both"):
+        TranslationConfig(refuse=("n",), drop=("n",))
