@@ -1154,3 +1154,50 @@ def test_translation_config_categories_are_checked() -> None:
         TranslationConfig(refuse=("thoughts",))
     with pytest.raises(ValidationError, match="both"):
         TranslationConfig(refuse=("n",), drop=("n",))
+
+
+def test_model_lists_across_shapes() -> None:
+    from extproc.translate.models import literal_names, to_anthropic_list, to_openai_list
+
+    anthropic_list = {
+        "data": [
+            {
+                "type": "model",
+                "id": "claude-sonnet-4-6",
+                "display_name": "Claude Sonnet 4.6",
+                "created_at": "2025-01-01T00:00:00Z",
+            },
+            {"junk": 1},
+        ],
+        "has_more": False,
+    }
+    assert to_openai_list(anthropic_list) == {
+        "object": "list",
+        "data": [
+            {
+                "id": "claude-sonnet-4-6",
+                "object": "model",
+                "created": 1735689600,
+                "owned_by": "anthropic",
+            }
+        ],
+    }
+    openai_list = {
+        "object": "list",
+        "data": [{"id": "qwen3-32b", "object": "model", "created": 1735689600, "owned_by": "vllm"}],
+    }
+    assert to_anthropic_list(openai_list) == {
+        "data": [
+            {
+                "type": "model",
+                "id": "qwen3-32b",
+                "display_name": "qwen3-32b",
+                "created_at": "2025-01-01T00:00:00Z",
+            }
+        ],
+        "has_more": False,
+        "first_id": "qwen3-32b",
+        "last_id": "qwen3-32b",
+    }
+    assert to_anthropic_list({"data": None})["data"] == []
+    assert literal_names(["gpt-4", "claude-*", "gpt-4o-mini", "o[13]"]) == ["gpt-4", "gpt-4o-mini"]
