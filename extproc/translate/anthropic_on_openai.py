@@ -305,7 +305,16 @@ def to_anthropic_message(
     completion: Mapping[str, Any], notes: Notes, model: str | None = None
 ) -> dict[str, Any]:
     """A `chat.completion` body as a Message (first choice; `model` overrides the
-    provider's name so the caller sees the model it asked for)."""
+    provider's name so the caller sees the model it asked for). Parts of a malformed
+    answer that cannot be read are left out and noted as `malformed_answer`."""
+    try:
+        return _message(completion, notes, model)
+    except _MALFORMED:
+        notes.note("malformed_answer")
+        return _message({}, notes, model)
+
+
+def _message(completion: Mapping[str, Any], notes: Notes, model: str | None) -> dict[str, Any]:
     choices = completion.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], Mapping) else {}
     message = choice.get("message") or {}
@@ -395,6 +404,7 @@ class StreamTranslator:
         "_tools",
         "_usage",
         "done",
+        "malformed_events",
     )
 
     def __init__(self, notes: Notes, model: str | None = None) -> None:
@@ -408,6 +418,7 @@ class StreamTranslator:
         self._finish: object = None
         self._usage: dict[str, int] = {}
         self.done = False
+        self.malformed_events = 0
 
     def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Events for one parsed chunk (`{"error": ...}` chunks end the stream)."""
@@ -416,14 +427,17 @@ class StreamTranslator:
         if chunk.get("error") is not None:
             return self.error(chunk["error"])
         out: list[dict[str, Any]] = []
-        if not self._started:
-            self._start(chunk, out)
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) == 0:
-                self._choice(choice, out)
-        usage = chunk.get("usage")
-        if usage:
-            self._usage = anthropic_usage(usage)
+        try:
+            if not self._started:
+                self._start(chunk, out)
+            for choice in chunk.get("choices") or ():
+                if choice.get("index", 0) == 0:
+                    self._choice(choice, out)
+            usage = chunk.get("usage")
+            if usage:
+                self._usage = anthropic_usage(usage)
+        except _MALFORMED:  # a junk chunk is skipped (what it completed is kept), as the SDKs do
+            self.malformed_events += 1
         return out
 
     def finish(self) -> list[dict[str, Any]]:

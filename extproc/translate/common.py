@@ -61,9 +61,11 @@ def anthropic_usage(usage: object) -> dict[str, int]:
     }
 
 
-def openai_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+def openai_usage(usage: object) -> dict[str, Any]:
     """Anthropic usage as OpenAI's: prompt tokens include cached ones; cache writes ride
     in `prompt_tokens_details.cache_write_tokens` so pricing survives the round trip."""
+    if not isinstance(usage, Mapping):
+        usage = {}
     read = as_count(usage.get("cache_read_input_tokens"))
     write = as_count(usage.get("cache_creation_input_tokens"))
     prompt = as_count(usage.get("input_tokens")) + read + write

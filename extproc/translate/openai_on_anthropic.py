@@ -290,7 +290,18 @@ def _has_cache_control(out: Mapping[str, Any]) -> bool:
 def to_openai_completion(
     message: Mapping[str, Any], notes: Notes, model: str | None = None, created: int = 0
 ) -> dict[str, Any]:
-    """A Message as a `chat.completion` (`model` overrides the provider's name)."""
+    """A Message as a `chat.completion` (`model` overrides the provider's name); a
+    malformed answer's unreadable parts are left out, noted as `malformed_answer`."""
+    try:
+        return _completion(message, notes, model, created)
+    except _MALFORMED:
+        notes.note("malformed_answer")
+        return _completion({}, notes, model, created)
+
+
+def _completion(
+    message: Mapping[str, Any], notes: Notes, model: str | None, created: int
+) -> dict[str, Any]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in message.get("content") or ():
@@ -354,6 +365,7 @@ class StreamTranslator:
         "_notes",
         "_usage",
         "done",
+        "malformed_events",
     )
 
     def __init__(
@@ -368,6 +380,7 @@ class StreamTranslator:
         self._calls: dict[int, int] = {}  # Anthropic block index -> OpenAI tool-call index
         self._usage: dict[str, Any] = {}
         self.done = False
+        self.malformed_events = 0
 
     def feed(self, event: Mapping[str, Any]) -> list[Chunk]:
         """Chunks for one parsed Anthropic event."""
@@ -378,8 +391,8 @@ class StreamTranslator:
             return []
         try:
             return handler(self, event)
-        except _MALFORMED:
-            self._notes.note("beta")  # a malformed event: skipped, as the SDKs do
+        except _MALFORMED:  # a malformed event is skipped, as the SDKs do
+            self.malformed_events += 1
             return []
 
     def finish(self) -> list[Chunk]:

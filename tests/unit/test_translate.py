@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from extproc.apis import anthropic as anthropic_api
 from extproc.apis import openai as openai_api
@@ -1201,3 +1204,113 @@ def test_model_lists_across_shapes() -> None:
     }
     assert to_anthropic_list({"data": None})["data"] == []
     assert literal_names(["gpt-4", "claude-*", "gpt-4o-mini", "o[13]"]) == ["gpt-4", "gpt-4o-mini"]
+
+
+# --- junk never crashes a translator ---------------------------------------------------------
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.sampled_from(["", "text", "tool_use", "user", "assistant", "tool", "image", "auto", "{}"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "role",
+                    "content",
+                    "text",
+                    "messages",
+                    "tools",
+                    "choices",
+                    "delta",
+                    "tool_calls",
+                    "index",
+                    "function",
+                    "arguments",
+                    "name",
+                    "id",
+                    "input",
+                    "source",
+                    "message",
+                    "usage",
+                    "error",
+                    "content_block",
+                    "finish_reason",
+                    "stop_reason",
+                    "tool_choice",
+                    "system",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.dictionaries(
+        st.sampled_from(
+            [
+                "model",
+                "messages",
+                "system",
+                "tools",
+                "tool_choice",
+                "stream",
+                "max_tokens",
+                "stop",
+                "temperature",
+            ]
+        ),
+        _json,
+        max_size=5,
+    )
+)
+def test_request_translators_raise_only_bad_request(body: dict[str, Any]) -> None:
+    for translate in (a2o.to_openai_request, o2a.to_anthropic_request):
+        with contextlib.suppress(BadRequest):
+            orjson.dumps(translate(body, Notes()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "choices",
+                    "delta",
+                    "index",
+                    "message",
+                    "content_block",
+                    "usage",
+                    "error",
+                    "id",
+                ]
+            ),
+            _json,
+            max_size=4,
+        ),
+        max_size=6,
+    )
+)
+def test_stream_and_answer_translators_never_raise(events: list[dict[str, Any]]) -> None:
+    forward, backward = (
+        a2o.StreamTranslator(Notes()),
+        o2a.StreamTranslator(Notes(), include_usage=True),
+    )
+    for event in events:
+        orjson.dumps(forward.feed(event))
+        orjson.dumps(backward.feed(event))
+        orjson.dumps(a2o.to_anthropic_message(event, Notes()))
+        orjson.dumps(o2a.to_openai_completion(event, Notes()))
+    orjson.dumps(forward.finish())
+    orjson.dumps(backward.finish())
