@@ -23,7 +23,9 @@ Malformed input (a field of the wrong type) is a `BadRequest`, never a crash.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeVar
 
@@ -34,7 +36,13 @@ from extproc.errors import BadRequest
 from extproc.translate.common import anthropic_usage, stop_reason, stream_error_type
 from extproc.translate.notes import Notes
 
-__all__ = ["StreamTranslator", "to_anthropic_message", "to_openai_request"]
+__all__ = [
+    "StreamTranslator",
+    "openai_tool_name",
+    "restored_names",
+    "to_anthropic_message",
+    "to_openai_request",
+]
 
 MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
 
@@ -53,7 +61,11 @@ _SERVER_BLOCKS: Final = frozenset(
         "container_upload", "tool_search_tool_result",
     }
 )  # fmt: skip
+# OpenAI's function names: ^[a-zA-Z0-9_-]{1,64}$ (Anthropic allows 128 characters, and
+# Claude Code's MCP tools, `mcp__<server>__<tool>`, pass 64).
+_FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MALFORMED: Final = (TypeError, AttributeError, KeyError, ValueError, IndexError)
+_NO_NAMES: Final[Mapping[str, str]] = {}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,6 +87,26 @@ def _shape_checked(func: F) -> F:
 
 
 # --- request ------------------------------------------------------------------------------
+
+
+def openai_tool_name(name: str) -> str:
+    """`name` if OpenAI accepts it, else a stable stand-in (its first 55 safe characters,
+    `_` and 8 hex of its hash); `restored_names` maps the stand-ins back in answers."""
+    if _FUNCTION_NAME.fullmatch(name):
+        return name
+    safe = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55]
+    return f"{safe}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def restored_names(body: Mapping[str, Any]) -> dict[str, str]:
+    """stand-in -> original for the tools of an Anthropic request whose names changed."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return {}
+    names = (t.get("name") for t in tools if isinstance(t, Mapping))
+    return {
+        openai_tool_name(n): n for n in names if isinstance(n, str) and openai_tool_name(n) != n
+    }
 
 
 @_shape_checked
@@ -145,7 +177,7 @@ def _assistant(blocks: Sequence[Mapping[str, Any]], where: str, notes: Notes) ->
                 notes.drop("citations", f"{at}.citations")
         elif kind == "tool_use":
             arguments = orjson.dumps(block.get("input") or {}).decode()
-            function = {"name": block["name"], "arguments": arguments}
+            function = {"name": openai_tool_name(block["name"]), "arguments": arguments}
             calls.append({"id": block["id"], "type": "function", "function": function})
         else:
             _drop_block(kind, at, notes)
@@ -272,7 +304,7 @@ def _tools(tools: Sequence[Mapping[str, Any]], notes: Notes) -> list[dict[str, A
             continue
         if "cache_control" in tool:
             notes.drop("cache_control", f"tools[{i}].cache_control")
-        function: dict[str, Any] = {"name": tool["name"]}
+        function: dict[str, Any] = {"name": openai_tool_name(tool["name"])}
         if tool.get("description"):
             function["description"] = tool["description"]
         function["parameters"] = tool.get("input_schema") or {"type": "object"}
@@ -293,7 +325,8 @@ def _tool_choice(choice: Any, out: dict[str, Any]) -> None:
     elif kind == "none":
         out["tool_choice"] = "none"
     elif kind == "tool":
-        out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        named = {"name": openai_tool_name(choice["name"])}
+        out["tool_choice"] = {"type": "function", "function": named}
     if choice.get("disable_parallel_tool_use") is True and kind != "none":
         out["parallel_tool_calls"] = False
 
@@ -302,19 +335,25 @@ def _tool_choice(choice: Any, out: dict[str, Any]) -> None:
 
 
 def to_anthropic_message(
-    completion: Mapping[str, Any], notes: Notes, model: str | None = None
+    completion: Mapping[str, Any],
+    notes: Notes,
+    model: str | None = None,
+    names: Mapping[str, str] = _NO_NAMES,
 ) -> dict[str, Any]:
     """A `chat.completion` body as a Message (first choice; `model` overrides the
-    provider's name so the caller sees the model it asked for). Parts of a malformed
-    answer that cannot be read are left out and noted as `malformed_answer`."""
+    provider's name so the caller sees the model it asked for; `names` restores tool
+    names, see `restored_names`). Parts of a malformed answer that cannot be read are
+    left out and noted as `malformed_answer`."""
     try:
-        return _message(completion, notes, model)
+        return _message(completion, notes, model, names)
     except _MALFORMED:
         notes.note("malformed_answer")
-        return _message({}, notes, model)
+        return _message({}, notes, model, names)
 
 
-def _message(completion: Mapping[str, Any], notes: Notes, model: str | None) -> dict[str, Any]:
+def _message(
+    completion: Mapping[str, Any], notes: Notes, model: str | None, names: Mapping[str, str]
+) -> dict[str, Any]:
     choices = completion.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], Mapping) else {}
     message = choice.get("message") or {}
@@ -325,7 +364,7 @@ def _message(completion: Mapping[str, Any], notes: Notes, model: str | None) -> 
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or ():
-        content.append(_tool_use(call, notes))
+        content.append(_tool_use(call, notes, names))
     reason = choice.get("finish_reason")
     stop = (
         "refusal" if message.get("refusal") and not message.get("content") else stop_reason(reason)
@@ -342,12 +381,13 @@ def _message(completion: Mapping[str, Any], notes: Notes, model: str | None) -> 
     }
 
 
-def _tool_use(call: Mapping[str, Any], notes: Notes) -> dict[str, Any]:
+def _tool_use(call: Mapping[str, Any], notes: Notes, names: Mapping[str, str]) -> dict[str, Any]:
     function = call.get("function") or {}
+    name = function.get("name") or ""
     return {
         "type": "tool_use",
         "id": call.get("id") or _tool_id(),
-        "name": function.get("name") or "",
+        "name": names.get(name, name),
         "input": _arguments(function.get("arguments"), notes),
     }
 
@@ -399,6 +439,7 @@ class StreamTranslator:
         "_index",
         "_late",
         "_model",
+        "_names",
         "_notes",
         "_started",
         "_tools",
@@ -407,9 +448,12 @@ class StreamTranslator:
         "malformed_events",
     )
 
-    def __init__(self, notes: Notes, model: str | None = None) -> None:
+    def __init__(
+        self, notes: Notes, model: str | None = None, names: Mapping[str, str] = _NO_NAMES
+    ) -> None:
         self._notes = notes
         self._model = model
+        self._names = names
         self._started = False
         self._index = -1  # index of the open Anthropic block; -1: none open
         self._block: object = None  # "text", or the OpenAI tool-call index of the open block
@@ -497,10 +541,11 @@ class StreamTranslator:
         index = int(call.get("index") or 0)
         function = call.get("function") or {}
         if index not in self._tools:
+            name = function.get("name") or ""
             start: dict[str, Any] = {
                 "type": "tool_use",
                 "id": call.get("id") or _tool_id(),
-                "name": function.get("name") or "",
+                "name": self._names.get(name, name),
                 "input": {},
             }
             self._open(out, start, index)

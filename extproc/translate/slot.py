@@ -39,14 +39,16 @@ def _rebased(path: str, old: str, new: str) -> str:
 class AnthropicClientOnOpenAI:
     """An Anthropic Messages caller served by an OpenAI-compatible provider."""
 
-    __slots__ = ("_model", "_settings", "notes")
+    __slots__ = ("_model", "_names", "_settings", "notes")
 
     def __init__(self, settings: TranslationConfig, notes: Notes, model: str | None) -> None:
         self._settings = settings
         self.notes = notes
         self._model = model  # what the caller asked for: the name its answers carry
+        self._names: dict[str, str] = {}  # tool names OpenAI would refuse -> the caller's
 
     def request(self, body: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+        self._names = a2o.restored_names(body)
         out = a2o.to_openai_request(body, self.notes, self._settings.max_tokens_field)
         return out, _rebased(path, _MESSAGES_PATH, _CHAT_PATH)
 
@@ -54,10 +56,10 @@ class AnthropicClientOnOpenAI:
         if status >= 400:
             error: dict[str, Any] = orjson.loads(anthropic_error(status, body))
             return error
-        return a2o.to_anthropic_message(body, self.notes, self._model)
+        return a2o.to_anthropic_message(body, self.notes, self._model, self._names)
 
     def stream(self) -> _AnthropicEvents:
-        return _AnthropicEvents(a2o.StreamTranslator(self.notes, self._model))
+        return _AnthropicEvents(a2o.StreamTranslator(self.notes, self._model, self._names))
 
 
 class _AnthropicEvents:

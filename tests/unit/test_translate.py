@@ -1314,3 +1314,61 @@ def test_stream_and_answer_translators_never_raise(events: list[dict[str, Any]])
         orjson.dumps(o2a.to_openai_completion(event, Notes()))
     orjson.dumps(forward.finish())
     orjson.dumps(backward.finish())
+
+
+def test_tool_names_openai_refuses_are_stood_in_and_restored() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.slot import AnthropicClientOnOpenAI
+
+    long_name = "mcp__" + "very_long_server_name_" * 3 + "__create.issue"
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t", "name": long_name, "input": {}}],
+            }
+        ],
+        "tools": [
+            {"name": long_name, "input_schema": {"type": "object"}},
+            {"name": "Read", "input_schema": {}},
+        ],
+        "tool_choice": {"type": "tool", "name": long_name},
+    }
+    slot = AnthropicClientOnOpenAI(TranslationConfig(), Notes(), "claude")
+    out, _ = slot.request(body, "/v1/messages")
+    stand_in = out["tools"][0]["function"]["name"]
+    assert stand_in == a2o.openai_tool_name(long_name)
+    assert len(stand_in) <= 64
+    assert stand_in.replace("_", "").replace("-", "").isalnum()
+    assert out["tools"][1]["function"]["name"] == "Read"
+    assert out["messages"][0]["tool_calls"][0]["function"]["name"] == stand_in
+    assert out["tool_choice"]["function"]["name"] == stand_in
+    answer = {
+        "choices": [
+            {
+                "message": {
+                    "tool_calls": [{"id": "c", "function": {"name": stand_in, "arguments": "{}"}}]
+                }
+            }
+        ]
+    }
+    assert slot.answer(answer, 200)["content"][0]["name"] == long_name
+    events = slot.stream()
+    opening = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {"index": 0, "id": "c", "function": {"name": stand_in, "arguments": ""}}
+                    ]
+                },
+            }
+        ]
+    }
+    started = [
+        orjson.loads(e.data) for e in events.feed(SseEvent(None, orjson.dumps(opening).decode()))
+    ]
+    assert started[-1]["content_block"]["name"] == long_name
