@@ -181,7 +181,11 @@ def _assistant(blocks: Sequence[Mapping[str, Any]], where: str, notes: Notes) ->
             calls.append({"id": block["id"], "type": "function", "function": function})
         else:
             _drop_block(kind, at, notes)
-    out: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    # null content is allowed only beside tool calls
+    out: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) or (None if calls else ""),
+    }
     if calls:
         out["tool_calls"] = calls
     return out
