@@ -32,6 +32,7 @@ from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier
 from extproc.signin.config import OtlpRelayConfig, SsoConfig, check_references
+from extproc.translate.config import TranslationConfig
 
 __all__ = [
     "AuditConfig",
@@ -427,6 +428,8 @@ class ProfileConfig(_Frozen):
     # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
     # audit.record_text or this profile's audit settings say.
     zero_data_retention: bool = False
+    # When the provider speaks the other wire shape (Anthropic <-> OpenAI translation).
+    translation: TranslationConfig = TranslationConfig()
 
     def records_text(self, default: bool) -> bool:
         """Whether this route's audit records keep prompt and answer text."""

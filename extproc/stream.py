@@ -71,6 +71,8 @@ from extproc.spending import SpendRun, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
+from extproc.translate import Notes
+from extproc.translate.registry import bind
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ class RequestStream:
         self.dialect: Dialect = ANTHROPIC  # the caller's wire schema (set from the path)
         self.translator: Translator | None = None  # None: the provider speaks the caller's
         self.transcoder: Transcoder | None = None  # a streamed answer being translated
+        self.translation: Notes | None = None  # what translation dropped (audit record)
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
@@ -440,11 +443,23 @@ class RequestStream:
         one later (a fallback). Spend is settled at the price of what was served."""
         self.target = target
         translator = target.adapter.translator(self.dialect.name)
-        self.translator = None if translator is IDENTITY else translator
+        self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
             if self.served_model is not None and self.spend is not None:
                 self.gw.spending.serve(self.spend, model)
             self.served_model = model
+
+    def _bound(self, translator: Translator | None, target: routing.Target) -> Translator | None:
+        """This request's own translator (the route's settings, a fresh `Notes`)."""
+        settings = self.profile.translation
+        notes = Notes(settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)")
+        models_list = self.route is not None and self.route.endpoint is Endpoint.MODELS
+        created = int(self.gw.wall_clock())
+        bound = bind(translator, settings, notes, models=models_list, created=created)
+        if bound is None:
+            return translator
+        self.translation = notes
+        return bound
 
     async def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
@@ -551,6 +566,8 @@ class RequestStream:
             # for the per-minute request limits and the tier's daily quota (README).
             subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
             await self.gw.spending.count_request(subject)
+            if self.translator is not None:
+                return self._count_locally(request.body, len(body))
         hit = await self._consult_cache()
         if hit is not None:
             return hit
@@ -558,6 +575,18 @@ class RequestStream:
             estimate = self.dialect.estimate_input_tokens(request.body, len(body))
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _count_locally(self, body: dict[str, Any], size: int) -> Respond:
+        """count_tokens for a provider of the other shape (which has no such endpoint):
+        the gateway's own estimate, the one its budgets reserve with."""
+        estimate = self.dialect.estimate_input_tokens(body, size)
+        headers = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+            ("x-gateway-estimate", "true"),
+        )
+        answer = Respond(200, orjson.dumps({"input_tokens": estimate}), headers, "extproc_count")
+        return self._answer(answer, "ok")
 
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation

@@ -73,6 +73,11 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
         if stream.outcome == "cache_hit" and spend.price is not None:
             saved = cost_micros(usage, spend.price) / 1e6
             record["cost_saved_usd"] = saved
+    if stream.translation is not None and stream.target is not None:
+        record["translation"] = {
+            "provider_api": stream.target.provider.api,
+            "dropped": dict(stream.translation.dropped),
+        }
     if stream.guard is not None:
         record["guard"] = stream.guard.audit()
     run = stream.cache_run

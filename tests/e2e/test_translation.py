@@ -1,0 +1,350 @@
+"""Anthropic ⇄ OpenAI translation through the real Envoy (issue 13 items 1, 2, 3, 5).
+
+The official SDKs talk to the gateway in their own shape; the route's provider speaks
+the other one (the fake provider checks what the real one would): the `anthropic` SDK
+served by an OpenAI-compatible backend, the `openai` SDK served by Claude, JSON and
+streamed, with tools. The guard, the cache, budgets and the audit record work on the
+caller's shape whichever vendor answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import orjson
+import pytest
+
+from tests.e2e.test_data_path import record_for
+from tests.fake_provider import FakeProvider
+from tests.harness import Stack, gateway_config
+
+AWS_KEY = "AKIAZ7QXM4PLN3V2RT5K"  # shaped like an access key id; not a real one
+TOOL_INPUT = {"command": "ls -la /tmp", "description": "list files"}
+TOOLS: Any = [
+    {
+        "name": "Bash",
+        "description": "Run a shell command",
+        "input_schema": {
+            "type": "object",
+            "properties": {"command": {"type": "string"}, "description": {"type": "string"}},
+            "required": ["command"],
+        },
+    }
+]
+OPENAI_TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {
+            "name": t["name"],
+            "description": t["description"],
+            "parameters": t["input_schema"],
+        },
+    }
+    for t in TOOLS
+]
+ASK: Any = [{"role": "user", "content": "list the files"}]
+
+
+@pytest.fixture(scope="module")
+def crossed(fake: FakeProvider) -> Iterator[Stack]:
+    """Claude models on the Anthropic provider, qwen on the OpenAI-compatible one; gpt-4
+    names mapped to Claude; thinking refused, everything else dropped with a note."""
+    config = gateway_config(fake.url)
+    config["providers"]["anthropic"]["credential"] = {"value": "sk-ant-held"}
+    config["providers"]["openai"]["credential"] = {"value": "sk-oai-held"}
+    config["models"] = {
+        "routes": [
+            {"match": "qwen*", "provider": "openai"},
+            {"match": "claude-*", "provider": "anthropic"},
+        ]
+    }
+    config["profiles"] = {
+        "default": {
+            "map": {"gpt-4": "claude-sonnet-4-6", "gpt-4o-mini": "claude-haiku-4-5"},
+            "cache": {"enabled": True},
+            "translation": {"refuse": ["thinking"], "cache_prefix": True},
+        }
+    }
+    config["guard"] = {"hash_key": {"value": "test-hash-key"}}
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+def _claude(stack: Stack) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key="caller-key", base_url=stack.url, max_retries=0)
+
+
+def _gpt(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(api_key="caller-key", base_url=f"{stack.url}/v1", max_retries=0)
+
+
+def _tool_headers(**extra: str) -> dict[str, str]:
+    return {
+        "x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(),
+        "x-fake-piece-chars": "4",
+        **extra,
+    }
+
+
+# --- item 1: an Anthropic client on an OpenAI-compatible provider --------------------------
+
+
+def test_anthropic_sdk_on_openai_provider_json_with_tools(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    raw = _claude(crossed).messages.with_raw_response.create(
+        model="qwen3-32b",
+        max_tokens=200,
+        system=[{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "auto"},
+        extra_headers=_tool_headers(**{"x-fake-tool-calls": "2", "cache-control": "no-store"}),
+    )
+    message = raw.parse()
+    assert message.stop_reason == "tool_use"
+    assert [b.type for b in message.content] == ["tool_use", "tool_use"]
+    assert [b.input for b in message.content] == [TOOL_INPUT, TOOL_INPUT]  # type: ignore[union-attr]
+    (sent,) = received.received
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-oai-held"
+    assert "x-api-key" not in sent.headers
+    body = sent.json()
+    assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert body["tools"][0]["function"]["name"] == "Bash"
+    assert body["tool_choice"] == "auto"
+    record = record_for(crossed, raw.headers["x-gateway-request-id"])
+    assert record["provider"] == "openai"
+    assert record["translation"] == {"provider_api": "openai", "dropped": {"cache_control": 1}}
+    assert record["input_tokens"] == message.usage.input_tokens > 0
+    assert record["output_tokens"] == message.usage.output_tokens > 0
+
+
+def test_anthropic_sdk_streams_tool_arguments_from_openai_provider(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    events: list[str] = []
+    with _claude(crossed).messages.stream(
+        model="qwen3-32b",
+        max_tokens=200,
+        messages=[{"role": "user", "content": "list the files, streamed"}],
+        tools=TOOLS,
+        extra_headers=_tool_headers(**{"x-fake-tool-calls": "2"}),
+    ) as stream:
+        for event in stream:
+            events.append(event.type)
+        message = stream.get_final_message()
+    assert [b.input for b in message.content] == [TOOL_INPUT, TOOL_INPUT]  # type: ignore[union-attr]
+    assert message.stop_reason == "tool_use"
+    assert events.count("input_json") > 4  # the arguments arrived in pieces
+    assert message.usage.output_tokens > 0
+    assert received.received[0].json()["stream_options"] == {"include_usage": True}
+
+
+def test_anthropic_sdk_tool_result_turn_and_text_stream(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    turns: Any = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": TOOL_INPUT}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt b.txt"}
+            ],
+        },
+    ]
+    with _claude(crossed).messages.stream(
+        model="qwen3-32b",
+        max_tokens=100,
+        messages=turns,
+        tools=TOOLS,
+        extra_headers=_tool_headers(**{"x-fake-tool-once": "1"}),
+    ) as stream:
+        text = "".join(stream.text_stream)
+        message = stream.get_final_message()
+    assert text == "tool said: a.txt b.txt"
+    assert message.stop_reason == "end_turn"
+    sent = received.received[0].json()["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == "toolu_1"
+    assert sent[2] == {"role": "tool", "tool_call_id": "toolu_1", "content": "a.txt b.txt"}
+
+
+def test_openai_provider_error_reaches_the_anthropic_sdk_in_its_shape(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    with pytest.raises(anthropic.RateLimitError) as error:
+        _claude(crossed).messages.create(
+            model="qwen3-32b", max_tokens=10, messages=ASK, extra_headers={"x-fake-status": "429"}
+        )
+    assert error.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_untranslatable_field_is_refused_per_route(crossed: Stack, received: FakeProvider) -> None:
+    turns: Any = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                {"type": "text", "text": "ok"},
+            ],
+        },
+        {"role": "user", "content": "go on"},
+    ]
+    response = httpx.post(
+        f"{crossed.url}/v1/messages",
+        json={"model": "qwen3-32b", "max_tokens": 10, "messages": turns},
+        headers={"anthropic-version": "2023-06-01", "x-api-key": "caller-key"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "messages[1].content[0]" in response.json()["error"]["message"]
+    assert "thinking" in response.json()["error"]["message"]
+    assert response.headers["x-gateway-error"] == "untranslatable"
+    assert response.headers["x-should-retry"] == "false"
+    assert received.received == []
+
+
+def test_count_tokens_for_an_openai_provider_is_estimated_by_the_gateway(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    counted = _claude(crossed).messages.count_tokens(model="qwen3-32b", messages=ASK)
+    assert counted.input_tokens > 0
+    assert received.received == []
+
+
+def test_translated_stream_is_screened_and_cached_in_the_callers_shape(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    headers = {"x-fake-text": f"Use the key {AWS_KEY} to deploy", "x-fake-piece-chars": "3"}
+    body = {
+        "model": "qwen3-32b",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "deploy key?"}],
+    }
+    answers = []
+    for _ in range(2):
+        response = httpx.post(
+            f"{crossed.url}/v1/messages",
+            json=body,
+            headers={"anthropic-version": "2023-06-01", "x-api-key": "caller-key", **headers},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        assert AWS_KEY not in response.text
+        assert "[REDACTED:aws_access_key:" in response.text
+        assert "event: message_stop" in response.text
+        answers.append(response)
+    assert len(received.received) == 1  # the second came from the cache
+    assert answers[1].headers["x-gateway-cache"] == "hit"
+    first = record_for(crossed, answers[0].headers["x-gateway-request-id"])
+    assert first["guard"]["output"][0]["rule"] == "aws_access_key"
+
+
+# --- item 2: an OpenAI client on an Anthropic provider -------------------------------------
+
+
+def test_openai_sdk_on_anthropic_provider_json_with_tools_and_mapping(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    raw = _gpt(crossed).chat.completions.with_raw_response.create(
+        model="gpt-4",
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "list the files"},
+        ],
+        tools=OPENAI_TOOLS,
+        tool_choice="required",
+        extra_headers=_tool_headers(),
+    )
+    completion = raw.parse()
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls: Any = choice.message.tool_calls
+    assert orjson.loads(calls[0].function.arguments) == TOOL_INPUT
+    assert calls[0].function.name == "Bash"
+    (sent,) = received.received
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == "sk-ant-held"
+    body = sent.json()
+    assert body["model"] == "claude-sonnet-4-6"  # gpt-4 -> claude-sonnet-4-6 (profile map)
+    assert body["max_tokens"] > 0
+    assert body["tool_choice"] == {"type": "any"}
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}  # cache_prefix
+    assert body["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    record = record_for(crossed, raw.headers["x-gateway-request-id"])
+    assert (record["requested_model"], record["provider"]) == ("gpt-4", "anthropic")
+    assert record["translation"]["provider_api"] == "anthropic"
+    assert completion.usage is not None
+    assert (
+        record["input_tokens"] + record["cache_creation_input_tokens"]
+        == completion.usage.prompt_tokens
+    )
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_openai_sdk_streams_from_anthropic_provider(
+    crossed: Stack, received: FakeProvider, include_usage: bool
+) -> None:
+    options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
+    chunks = _gpt(crossed).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": f"stream please {include_usage}"}],
+        stream=True,
+        stream_options=options,
+        extra_headers={"x-fake-text": "One two three four."},
+    )
+    text, usage, finish = "", None, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text == "One two three four."
+    assert finish == "stop"
+    assert (usage is not None) is include_usage
+    assert received.received[0].json()["model"] == "claude-haiku-4-5"
+
+
+def test_openai_sdk_streams_tool_arguments_from_anthropic_provider(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    chunks = _gpt(crossed).chat.completions.create(
+        model="gpt-4",
+        messages=[{"role": "user", "content": "list files (stream)"}],
+        tools=OPENAI_TOOLS,
+        stream=True,
+        extra_headers=_tool_headers(),
+    )
+    pieces = [
+        call.function.arguments or ""
+        for chunk in chunks
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or ()
+        if call.function is not None
+    ]
+    assert len(pieces) > 4
+    assert orjson.loads("".join(pieces)) == TOOL_INPUT
+
+
+def test_anthropic_provider_error_reaches_the_openai_sdk_in_its_shape(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    with pytest.raises(openai.InternalServerError) as error:
+        _gpt(crossed).chat.completions.create(
+            model="gpt-4", messages=ASK, extra_headers={"x-fake-status": "529"}
+        )
+    assert error.value.status_code == 529
+    assert error.value.code == "overloaded_error"
