@@ -51,6 +51,7 @@ _HANDLED: Final = frozenset(
     {
         "model", "messages", "system", "max_tokens", "stop_sequences", "temperature",
         "top_p", "top_k", "metadata", "stream", "tools", "tool_choice", "thinking",
+        "output_config",
     }
 )  # fmt: skip
 _SERVER_BLOCKS: Final = frozenset(
@@ -136,7 +137,7 @@ def to_openai_request(
     return out
 
 
-def _system_text(system: Any, notes: Notes) -> str:
+def _system_text(system: Any, notes: Notes, where: str = "system") -> str:
     if system is None or isinstance(system, str):
         return system or ""
     parts: list[str] = []
@@ -145,7 +146,7 @@ def _system_text(system: Any, notes: Notes) -> str:
         if i == 0 and text.startswith(BILLING_PREFIX):
             continue  # Anthropic's attribution line, stripped by position at Anthropic
         if "cache_control" in block:
-            notes.drop("cache_control", f"system[{i}].cache_control")
+            notes.drop("cache_control", f"{where}[{i}].cache_control")
         parts.append(text)
     return "\n\n".join(parts)
 
@@ -154,9 +155,14 @@ def _add_message(
     message: Mapping[str, Any], where: str, notes: Notes, out: list[dict[str, Any]]
 ) -> None:
     role, content = message["role"], message["content"]
-    if role not in ("user", "assistant"):
-        raise BadRequest(f"{where}.role must be 'user' or 'assistant'", reason="invalid_request")
-    if isinstance(content, str):
+    if role not in ("user", "assistant", "system"):
+        raise BadRequest(
+            f"{where}.role must be 'user', 'assistant' or 'system'", reason="invalid_request"
+        )
+    if role == "system":  # a system message in the conversation (Claude Code sends one)
+        text = content if isinstance(content, str) else _system_text(content, notes, where)
+        out.append({"role": "system", "content": text})
+    elif isinstance(content, str):
         out.append({"role": role, "content": content})
     elif role == "assistant":
         out.append(_assistant(content, where, notes))
@@ -294,10 +300,27 @@ def _sampling(
         notes.drop("sampling", "top_k")
     thinking = body.get("thinking")
     if isinstance(thinking, Mapping) and thinking.get("type") not in (None, "disabled"):
-        notes.drop("thinking", "thinking")
+        notes.drop("reasoning", "thinking")
+    _output_config(body.get("output_config"), notes)
     metadata = body.get("metadata")
     if isinstance(metadata, Mapping) and isinstance(metadata.get("user_id"), str):
-        out["user"] = metadata["user_id"]
+        out["user"] = _user_id(metadata["user_id"])
+
+
+def _output_config(config: Any, notes: Notes) -> None:
+    if not isinstance(config, Mapping):
+        return
+    for key in config:
+        category = {"effort": "reasoning", "format": "response_format"}.get(key, "beta")
+        notes.drop(category, f"output_config.{key}")
+
+
+def _user_id(user_id: str) -> str:
+    """The caller's user id, or a stable hash of it when it is long (Claude Code sends a
+    JSON object of device, account and session; OpenAI documents `user` as a short id)."""
+    if len(user_id) <= 64:
+        return user_id
+    return "sha256:" + hashlib.sha256(user_id.encode()).hexdigest()[:48]
 
 
 def _tools(tools: Sequence[Mapping[str, Any]], notes: Notes) -> list[dict[str, Any]]:
@@ -363,7 +386,7 @@ def _message(
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = []
     if message.get("reasoning_content") or message.get("reasoning"):
-        notes.note("thinking")
+        notes.note("reasoning")
     text = message.get("content") or message.get("refusal")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
@@ -529,8 +552,8 @@ class StreamTranslator:
     def _choice(self, choice: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         delta = choice.get("delta") or {}
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if reasoning and "thinking" not in self._notes.dropped:  # once per stream
-            self._notes.note("thinking")
+        if reasoning and "reasoning" not in self._notes.dropped:  # once per stream
+            self._notes.note("reasoning")
         text = delta.get("content") or delta.get("refusal")
         if isinstance(text, str) and text:
             if self._block != "text":

@@ -26,8 +26,9 @@ Action = Literal["drop", "refuse"]
 
 # category -> what it covers (the README's table is written from this).
 CATEGORIES: Final[Mapping[str, str]] = {
-    "thinking": "thinking / redacted_thinking blocks and their signatures, `thinking` config, "
-    "reasoning text and `reasoning_effort`",
+    "thinking": "thinking / redacted_thinking blocks and their signatures",
+    "reasoning": "a request to reason (`thinking` config, `output_config.effort`, "
+    "`reasoning_effort`) and a provider's reasoning text",
     "cache_control": "`cache_control` marks sent toward a provider without prompt caching",
     "server_tools": "Anthropic server and built-in tools (web_search, code_execution, bash, "
     "text_editor, computer, mcp) and their result blocks",
@@ -35,7 +36,8 @@ CATEGORIES: Final[Mapping[str, str]] = {
     "citations": "citations on text blocks",
     "sampling": "sampling knobs the other side lacks (top_k, penalties, seed, logit_bias, "
     "logprobs, temperature above 1)",
-    "response_format": "OpenAI `response_format` (JSON mode / schema)",
+    "response_format": "structured output: OpenAI `response_format`, Anthropic "
+    "`output_config.format`",
     "n": "OpenAI `n` > 1 (several choices)",
     "beta": "fields of either shape the translator does not know (beta features, "
     "container, mcp_servers, service_tier, ...)",

@@ -223,7 +223,7 @@ def _sampling(
     if body.get("response_format") not in (None, {"type": "text"}):
         notes.drop("response_format", "response_format")
     if body.get("reasoning_effort") is not None:
-        notes.drop("thinking", "reasoning_effort")
+        notes.drop("reasoning", "reasoning_effort")
 
 
 def _tools(tools: Sequence[Mapping[str, Any]], notes: Notes) -> list[dict[str, Any]]:

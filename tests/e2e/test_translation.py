@@ -9,7 +9,9 @@ caller's shape whichever vendor answered.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,6 +20,7 @@ import openai
 import orjson
 import pytest
 
+from tests.claude_cli import claude_env, claude_path
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
@@ -348,3 +351,51 @@ def test_anthropic_provider_error_reaches_the_openai_sdk_in_its_shape(
         )
     assert error.value.status_code == 529
     assert error.value.code == "overloaded_error"
+
+
+# --- item 1: the Claude Code CLI on an OpenAI-compatible backend ---------------------------
+
+
+@pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
+def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
+    tmp_path: Path, crossed: Stack, received: FakeProvider
+) -> None:
+    cli = claude_path()
+    assert cli is not None
+    tool = {"command": "echo translated-$((40+2))", "description": "Print a word"}
+    headers = "\n".join(
+        [
+            f"x-fake-tool-input: {orjson.dumps(tool).decode()}",
+            "x-fake-tool-once: 1",
+            "x-fake-tool-name: Bash",
+            "x-fake-piece-chars: 5",
+        ]
+    )
+    env = claude_env(
+        tmp_path,
+        ANTHROPIC_BASE_URL=crossed.url,
+        ANTHROPIC_API_KEY="caller-key",
+        ANTHROPIC_CUSTOM_HEADERS=headers,
+        ANTHROPIC_SMALL_FAST_MODEL="qwen3-32b",
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [cli, "-p", "run the echo", "--model", "qwen3-32b", "--allowedTools", "Bash(echo:*)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "tool said: translated-42" in result.stdout  # the CLI ran the tool and sent its result
+    chats = [r.json() for r in received.received if r.path == "/v1/chat/completions"]
+    assert len(chats) >= 2
+    last = chats[-1]
+    assert last["messages"][-1]["role"] == "tool"
+    assert "translated-42" in last["messages"][-1]["content"]
+    assert len(last["tools"]) > 5  # Claude Code's tool set, as OpenAI functions
+    assert all(t["type"] == "function" for t in last["tools"])
+    assert [r for r in received.received if r.path == "/v1/messages"] == []

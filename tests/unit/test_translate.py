@@ -243,6 +243,39 @@ def test_anthropic_request_to_openai(
     assert notes.dropped == {}
 
 
+def test_system_messages_in_the_conversation_and_long_user_ids() -> None:
+    """What Claude Code 2.x sends: a `system` message among the turns, `thinking`
+    adaptive, `output_config.effort`, and `metadata.user_id` as a JSON object."""
+    user_id = '{"device_id":"' + "e" * 64 + '","account_uuid":"","session_id":"cdb1"}'
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "system",
+                "content": [
+                    {"type": "text", "text": "env", "cache_control": {"type": "ephemeral"}}
+                ],
+            },
+            {"role": "system", "content": "more"},
+        ],
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "output_config": {"effort": "high"},
+        "context_management": {"edits": []},
+        "metadata": {"user_id": user_id},
+    }
+    notes = Notes()
+    out = a2o.to_openai_request(body, notes)
+    assert out["messages"][1:] == [
+        {"role": "system", "content": "env"},
+        {"role": "system", "content": "more"},
+    ]
+    assert out["user"].startswith("sha256:")
+    assert len(out["user"]) <= 64
+    assert out["user"] == a2o.to_openai_request(body, Notes())["user"]
+    assert notes.dropped == {"cache_control": 1, "reasoning": 2, "beta": 1}
+
+
 def test_max_completion_tokens_field_is_configurable() -> None:
     body = {"model": "m", "max_tokens": 5, "messages": []}
     out = a2o.to_openai_request(body, Notes(), max_tokens_field="max_completion_tokens")
@@ -252,7 +285,9 @@ def test_max_completion_tokens_field_is_configurable() -> None:
 
 # (category, request fragment) for everything an OpenAI provider cannot take.
 A_LOSSES: list[tuple[str, dict[str, Any]]] = [
-    ("thinking", {"thinking": {"type": "enabled", "budget_tokens": 1024}}),
+    ("reasoning", {"thinking": {"type": "enabled", "budget_tokens": 1024}}),
+    ("reasoning", {"output_config": {"effort": "high"}}),
+    ("response_format", {"output_config": {"format": {"type": "json_schema"}}}),
     (
         "thinking",
         {
@@ -362,7 +397,7 @@ def test_anthropic_losses_drop_with_a_note_or_refuse(
     [
         {"model": "m", "messages": "nope"},
         {"model": "m", "messages": [{"role": "user", "content": [{"text": "no type"}]}]},
-        {"model": "m", "messages": [{"role": "system", "content": "x"}]},
+        {"model": "m", "messages": [{"role": "wizard", "content": "x"}]},
         {"model": "m", "messages": [], "tools": [{"description": "no name"}]},
         {"model": "m", "system": [1], "messages": []},
     ],
@@ -394,7 +429,7 @@ def test_claude_code_request_translates_sensibly() -> None:
     )
     calls = sum(len(m.get("tool_calls") or ()) for m in out["messages"])
     assert uses == calls > 0
-    assert out["user"] == body["metadata"]["user_id"]
+    assert out["user"].startswith("sha256:")  # the long user_id, hashed
     assert notes.dropped == {"cache_control": notes.dropped["cache_control"]}
     orjson.dumps(out)
     # and back: the OpenAI shape of it, translated for an Anthropic provider, keeps the turns
@@ -659,7 +694,7 @@ def test_reasoning_from_provider_is_noted_once() -> None:
     stream = a2o.StreamTranslator(notes)
     for _ in range(3):
         stream.feed(chunk({"reasoning_content": "hmm"}))
-    assert notes.dropped == {"thinking": 1}
+    assert notes.dropped == {"reasoning": 1}
 
 
 def test_empty_openai_stream_still_makes_a_valid_message() -> None:
@@ -858,7 +893,7 @@ O_LOSSES: list[tuple[str, dict[str, Any]]] = [
     ("sampling", {"logprobs": True}),
     ("n", {"n": 3}),
     ("response_format", {"response_format": {"type": "json_object"}}),
-    ("thinking", {"reasoning_effort": "high"}),
+    ("reasoning", {"reasoning_effort": "high"}),
     (
         "documents",
         {
