@@ -268,6 +268,9 @@ class KeyConfig(_Frozen):
     project: str | None = None
     tier: str | None = None
     models: Patterns | None = None
+    # requested-model pattern -> served model for this key, first match wins (applied after
+    # the route's map and pin, before the tier's map).
+    map: dict[str, str] = Field(default_factory=dict)
     expires: dt.datetime | None = None
     disabled: bool = False
     labels: dict[str, str] = Field(default_factory=dict)

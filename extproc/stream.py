@@ -72,6 +72,7 @@ from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.translate import Notes
+from extproc.translate.models import listed_entry
 from extproc.translate.registry import bind
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
 
@@ -546,7 +547,9 @@ class RequestStream:
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
-        served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
+        served = models.served_model(
+            request.model, self.gw.config, self.profile, self.tier, self.identity.map
+        )
         models.check_allowed(request.model, served, self.allow)
         self._serve(self._choose_target(served), served)
         rewritten = served != request.model
@@ -857,10 +860,9 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use, and paged here.
-        return self.route.endpoint is Endpoint.MODELS and (
-            bool(self.allow) or self.model_page is not None
-        )
+        # A model list is filtered down to what this caller may use (plus the names a
+        # mapping serves), translated to the caller's shape, and paged here.
+        return self.route.endpoint is Endpoint.MODELS
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -1036,18 +1038,20 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        config, identity = self.gw.config, self.identity
+        mapped = models.mapped_names(config, self.profile, self.tier, identity.map, self.allow)
+        ids = {m.get("id") for m in listed if isinstance(m, dict)}
+        listed += [listed_entry(self.dialect.name, name) for name in mapped if name not in ids]
+
+        def shown(model_id: str) -> bool:
+            return model_id in mapped or models.visible(model_id, self.allow)
+
         if self.model_page is not None:
-            paged = model_list.page(
-                listed, self.model_page, lambda m: models.visible(m, self.allow)
-            )
+            paged = model_list.page(listed, self.model_page, shown)
             return Continue(
                 body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
             )
-        body["data"] = [
-            m
-            for m in listed
-            if isinstance(m, dict) and models.visible(str(m.get("id")), self.allow)
-        ]
+        body["data"] = [m for m in listed if isinstance(m, dict) and shown(str(m.get("id")))]
         if "first_id" in body:
             body["first_id"] = body["data"][0]["id"] if body["data"] else None
             body["last_id"] = body["data"][-1]["id"] if body["data"] else None

@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["literal_names", "to_anthropic_list", "to_openai_list"]
+__all__ = ["listed_entry", "literal_names", "to_anthropic_list", "to_openai_list"]
 
 _EPOCH = "1970-01-01T00:00:00Z"
 
@@ -74,3 +74,10 @@ def to_anthropic_list(body: Mapping[str, Any]) -> dict[str, Any]:
 def literal_names(rules: Iterable[str]) -> list[str]:
     """The rule patterns that name one model (no glob characters), in order."""
     return [name for name in rules if not any(c in name for c in "*?[")]
+
+
+def listed_entry(api: str, model_id: str) -> dict[str, Any]:
+    """A model-list entry for a name the gateway serves by mapping, in `api`'s shape."""
+    if api == "openai":
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "gateway"}
+    return {"type": "model", "id": model_id, "display_name": model_id, "created_at": _EPOCH}

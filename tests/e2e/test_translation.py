@@ -19,8 +19,10 @@ import httpx
 import openai
 import orjson
 import pytest
+import yaml
 
-from tests.claude_cli import claude_env, claude_path
+from extproc.policies.auth import hash_key, new_key
+from tests.claude_cli import ROOT, claude_env, claude_path
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
@@ -399,3 +401,97 @@ def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
     assert len(last["tools"]) > 5  # Claude Code's tool set, as OpenAI functions
     assert all(t["type"] == "function" for t in last["tools"])
     assert [r for r in received.received if r.path == "/v1/messages"] == []
+
+
+# --- the two-vendor example, /v1/models in the caller's shape (item 3) ---------------------
+
+CI_KEY = new_key("ci")
+
+
+@pytest.fixture(scope="module")
+def two_vendor(fake: FakeProvider) -> Iterator[Stack]:
+    """examples/two-vendor.yaml with both providers pointed at the fake."""
+    config = yaml.safe_load((ROOT / "examples" / "two-vendor.yaml").read_text())
+    config.update({k: v for k, v in gateway_config(fake.url).items() if k != "providers"})
+    config["envoy"]["bootstrap"] = str(ROOT / "envoy" / "two-personality.yaml")
+    config["providers"]["anthropic"].update(base_url=fake.url, credential={"value": "sk-agent"})
+    config["providers"]["advisor"].update(base_url=fake.url, credential={"value": "sk-vllm"})
+    config["auth"]["keys"][0]["hash"] = hash_key(CI_KEY)
+    config["auth"]["keys"][0]["map"] = {"gpt-4": "claude-opus-4-8"}
+    stack = Stack(config)
+    stack.start()
+    yield stack
+    stack.close()
+
+
+def _personality(stack: Stack, name: str) -> anthropic.Anthropic:
+    headers = {"x-claude-personality": name}
+    return anthropic.Anthropic(
+        api_key=CI_KEY, base_url=stack.url, max_retries=0, default_headers=headers
+    )
+
+
+def test_two_vendor_example_agent_on_anthropic_advisor_on_openai(
+    two_vendor: Stack, received: FakeProvider
+) -> None:
+    agent = _personality(two_vendor, "agent").messages.create(
+        model="claude-opus-4-8", max_tokens=20, messages=[{"role": "user", "content": "write it"}]
+    )
+    advisor = _personality(two_vendor, "advisor").messages.create(
+        model="claude-sonnet-4-6",
+        max_tokens=20,
+        messages=[{"role": "user", "content": "review it"}],
+    )
+    assert agent.content[0].text == advisor.content[0].text == "Hello from the fake provider."  # type: ignore[union-attr]
+    assert advisor.model == "qwen3-32b"
+    (to_anthropic, to_vllm) = received.received
+    assert (to_anthropic.path, to_anthropic.headers["x-api-key"]) == ("/v1/messages", "sk-agent")
+    assert (to_vllm.path, to_vllm.headers["authorization"]) == (
+        "/v1/chat/completions",
+        "Bearer sk-vllm",
+    )
+    assert to_vllm.json()["model"] == "qwen3-32b"
+    pdf: Any = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="},
+    }
+    pdf_turn: Any = [pdf]
+    with pytest.raises(anthropic.BadRequestError, match="documents"):
+        _personality(two_vendor, "advisor").messages.create(
+            model="claude-sonnet-4-6",
+            max_tokens=20,
+            messages=[{"role": "user", "content": pdf_turn}],
+        )
+
+
+def test_models_list_in_the_callers_shape_from_the_other_vendor(
+    two_vendor: Stack, received: FakeProvider
+) -> None:
+    listed = httpx.get(
+        f"{two_vendor.url}/v1/models",
+        headers={
+            "x-api-key": CI_KEY,
+            "anthropic-version": "2023-06-01",
+            "x-claude-personality": "advisor",
+        },
+        timeout=30,
+    )
+    assert listed.status_code == 200, listed.text
+    body = listed.json()
+    (sent,) = received.received
+    assert sent.path == "/v1/models"
+    assert sent.headers["authorization"] == "Bearer sk-vllm"
+    assert body["data"][0]["type"] == "model"  # Anthropic's list shape, paged by the gateway
+    assert {"has_more", "first_id", "last_id"} <= body.keys()
+    ids = [m["id"] for m in body["data"]]
+    assert "gpt-5" in ids  # from the OpenAI-shaped provider's own list
+    assert "gpt-4" in ids  # a name the key's map serves (the route then pins qwen3-32b)
+
+
+def test_models_list_adds_the_names_a_mapping_serves(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    listed = _gpt(crossed).models.list()
+    ids = [m.id for m in listed.data]
+    assert {"gpt-4", "gpt-4o-mini"} <= set(ids)  # profiles.default.map: gpt-4 -> claude-sonnet-4-6
+    assert "gpt-5" in ids
