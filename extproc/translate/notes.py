@@ -43,7 +43,8 @@ CATEGORIES: Final[Mapping[str, str]] = {
     "container, mcp_servers, service_tier, ...)",
     "tool_arguments": "tool-call arguments that are not a JSON object",
     "stream_interleave": "parallel tool-call argument fragments that arrive after the "
-    "next call started (re-ordered, never lost)",
+    "next call started (sent at the end of the stream to their own block's index, which "
+    "the SDKs accumulate by index)",
 }
 
 
