@@ -52,6 +52,7 @@ OPENAI_TOOLS: Any = [
     for t in TOOLS
 ]
 ASK: Any = [{"role": "user", "content": "list the files"}]
+DEV_KEY = new_key("dev")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,11 @@ def crossed(fake: FakeProvider) -> Iterator[Stack]:
         }
     }
     config["guard"] = {"hash_key": {"value": "test-hash-key"}}
+    config["auth"] = {"keys": [{"id": "dev", "hash": hash_key(DEV_KEY)}]}
+    config["budgets"] = {"rules": [{"scope": "key", "id": "dev", "window": "daily", "usd": 50}]}
+    # A self-hosted model has no published price; this test prices it like a small one.
+    qwen = {"input": 0.1, "output": 0.3, "cache_write": 0.1, "cache_read": 0.01}
+    config["pricing"] = {"models": {"qwen3-32b": qwen}}
     stack = Stack(config)
     stack.start()
     yield stack
@@ -219,6 +225,8 @@ def test_untranslatable_field_is_refused_per_route(crossed: Stack, received: Fak
     assert response.headers["x-gateway-error"] == "untranslatable"
     assert response.headers["x-should-retry"] == "false"
     assert received.received == []
+    record = record_for(crossed, response.headers["x-gateway-request-id"])
+    assert (record["status"], record["outcome"]) == (400, "rejected_untranslatable")
 
 
 def test_count_tokens_for_an_openai_provider_is_estimated_by_the_gateway(
@@ -495,3 +503,42 @@ def test_models_list_adds_the_names_a_mapping_serves(
     ids = [m.id for m in listed.data]
     assert {"gpt-4", "gpt-4o-mini"} <= set(ids)  # profiles.default.map: gpt-4 -> claude-sonnet-4-6
     assert "gpt-5" in ids
+
+
+# --- item 5: budgets and the audit the same whatever the backend ---------------------------
+
+
+def test_budgets_charge_translated_calls_at_the_served_models_price(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    gpt = openai.OpenAI(api_key=DEV_KEY, base_url=f"{crossed.url}/v1", max_retries=0)
+    raw = gpt.chat.completions.with_raw_response.create(
+        model="gpt-4", messages=[{"role": "user", "content": "budgeted, via Claude"}]
+    )
+    claude = anthropic.Anthropic(api_key=DEV_KEY, base_url=crossed.url, max_retries=0)
+    streamed = claude.messages.with_raw_response.create(
+        model="qwen3-32b",
+        max_tokens=30,
+        stream=True,
+        messages=[{"role": "user", "content": "budgeted, via qwen"}],
+    )
+    for _ in streamed.parse():
+        pass
+    via_claude = record_for(crossed, raw.headers["x-gateway-request-id"])
+    via_qwen = record_for(crossed, streamed.headers["x-gateway-request-id"])
+    assert [
+        r.headers.get("x-api-key") or r.headers.get("authorization") for r in received.received
+    ] == [
+        "sk-ant-held",
+        "Bearer sk-oai-held",
+    ]  # the gateway key never leaves
+    for record, model in ((via_claude, "claude-sonnet-4-6"), (via_qwen, "qwen3-32b")):
+        assert record["scopes"]["key"] == "dev"
+        assert record["served_model"] == model
+        assert record["cost_usd"] > 0
+        assert record["output_tokens"] > 0
+    quota = httpx.get(f"{crossed.url}/v1/gateway/quota", headers={"x-api-key": DEV_KEY}, timeout=10)
+    (budget,) = quota.json()["budgets"]
+    assert budget["limit"] - budget["remaining"] == pytest.approx(
+        via_claude["cost_usd"] + via_qwen["cost_usd"], rel=1e-3
+    )
