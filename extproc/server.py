@@ -31,7 +31,7 @@ from extproc.config import Config
 from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
 from extproc.envoy_api import Phase
 from extproc.gateway import Gateway
-from extproc.spending import anonymous_unlimited
+from extproc.policies.budget.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
 
