@@ -73,7 +73,7 @@ from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.translate import Notes
 from extproc.translate.models import listed_entry
-from extproc.translate.registry import bind
+from extproc.translate.registry import bind, upstream_header_changes
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,11 @@ class RequestStream:
             remove.append("content-length")
         if self.decoded_request:
             remove.append("content-encoding")
-        changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
+        extra = self._trace_header()
+        if self.translator is not None:
+            add, drop = upstream_header_changes(self.dialect.name, target.provider.api)
+            extra, remove = extra + add, [*remove, *drop]
+        changes = HeaderChanges(set=changes.set + extra, remove=tuple(remove))
         self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 

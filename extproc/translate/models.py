@@ -18,7 +18,14 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["listed_entry", "literal_names", "to_anthropic_list", "to_openai_list"]
+__all__ = [
+    "anthropic_model",
+    "listed_entry",
+    "literal_names",
+    "openai_model",
+    "to_anthropic_list",
+    "to_openai_list",
+]
 
 _EPOCH = "1970-01-01T00:00:00Z"
 
@@ -45,24 +52,25 @@ def _models(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [m for m in data if isinstance(m, Mapping) and isinstance(m.get("id"), str)]
 
 
+def openai_model(model: Mapping[str, Any], owner: str = "anthropic") -> dict[str, Any]:
+    """One Anthropic model object (`GET /v1/models/{id}`) as OpenAI's."""
+    created = _unix(model.get("created_at"))
+    return {"id": model.get("id"), "object": "model", "created": created, "owned_by": owner}
+
+
+def anthropic_model(model: Mapping[str, Any]) -> dict[str, Any]:
+    """One OpenAI model object as Anthropic's."""
+    model_id = model.get("id")
+    created = _iso(model.get("created"))
+    return {"type": "model", "id": model_id, "display_name": model_id, "created_at": created}
+
+
 def to_openai_list(body: Mapping[str, Any], owner: str = "anthropic") -> dict[str, Any]:
-    data = [
-        {"id": m["id"], "object": "model", "created": _unix(m.get("created_at")), "owned_by": owner}
-        for m in _models(body)
-    ]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [openai_model(m, owner) for m in _models(body)]}
 
 
 def to_anthropic_list(body: Mapping[str, Any]) -> dict[str, Any]:
-    data = [
-        {
-            "type": "model",
-            "id": m["id"],
-            "display_name": m["id"],
-            "created_at": _iso(m.get("created")),
-        }
-        for m in _models(body)
-    ]
+    data = [anthropic_model(m) for m in _models(body)]
     return {
         "data": data,
         "has_more": False,

@@ -18,14 +18,41 @@ import orjson
 from extproc.apis.sse import SseEvent
 from extproc.translate.common import anthropic_error, openai_error
 from extproc.translate.config import TranslationConfig
-from extproc.translate.models import to_anthropic_list, to_openai_list
+from extproc.translate.models import (
+    anthropic_model,
+    openai_model,
+    to_anthropic_list,
+    to_openai_list,
+)
 from extproc.translate.notes import Notes
 from extproc.translate.slot import AnthropicClientOnOpenAI, OpenAIClientOnAnthropic
 
-__all__ = ["PAIRS", "BoundTranslator", "Pair", "bind"]
+__all__ = ["PAIRS", "BoundTranslator", "Pair", "bind", "upstream_header_changes"]
 
 Kind = Literal["anthropic", "openai"]
 _DEFAULT: Final = TranslationConfig()
+# The API version the Messages translation is written for; Anthropic requires the header.
+ANTHROPIC_VERSION: Final = "2023-06-01"
+# Headers of one vendor's API that mean nothing to (or mislead) the other's servers.
+_VENDOR_HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
+    "anthropic": (
+        "anthropic-version",
+        "anthropic-beta",
+        "anthropic-dangerous-direct-browser-access",
+    ),
+    "openai": ("openai-organization", "openai-project", "openai-beta"),
+}
+
+
+def upstream_header_changes(
+    client: str, upstream: str
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """(headers to set, headers to remove) on a request translated from `client`'s shape
+    to `upstream`'s: the caller's vendor headers go, the provider's required ones come."""
+    if client == upstream:
+        return (), ()
+    required = (("anthropic-version", ANTHROPIC_VERSION),) if upstream == "anthropic" else ()
+    return required, _VENDOR_HEADERS.get(client, ())
 
 
 class EventTranslator(Protocol):
@@ -57,6 +84,8 @@ class _ModelList:
     def answer(self, body: Mapping[str, Any], status: int) -> dict[str, Any]:
         if status >= 400:
             return _error(self._client, body, status)
+        if "data" not in body and isinstance(body.get("id"), str):  # GET /v1/models/{id}
+            return anthropic_model(body) if self._client == "anthropic" else openai_model(body)
         return to_anthropic_list(body) if self._client == "anthropic" else to_openai_list(body)
 
     def stream(self) -> EventTranslator:

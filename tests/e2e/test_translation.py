@@ -126,6 +126,7 @@ def test_anthropic_sdk_on_openai_provider_json_with_tools(
     assert sent.path == "/v1/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-oai-held"
     assert "x-api-key" not in sent.headers
+    assert "anthropic-version" not in sent.headers  # the caller's vendor headers stay here
     body = sent.json()
     assert body["messages"][0] == {"role": "system", "content": "You are terse."}
     assert body["tools"][0]["function"]["name"] == "Bash"
@@ -291,6 +292,7 @@ def test_openai_sdk_on_anthropic_provider_json_with_tools_and_mapping(
     (sent,) = received.received
     assert sent.path == "/v1/messages"
     assert sent.headers["x-api-key"] == "sk-ant-held"
+    assert sent.headers["anthropic-version"] == "2023-06-01"  # Anthropic requires it
     body = sent.json()
     assert body["model"] == "claude-sonnet-4-6"  # gpt-4 -> claude-sonnet-4-6 (profile map)
     assert body["max_tokens"] > 0
@@ -494,6 +496,23 @@ def test_models_list_in_the_callers_shape_from_the_other_vendor(
     ids = [m["id"] for m in body["data"]]
     assert "gpt-5" in ids  # from the OpenAI-shaped provider's own list
     assert "gpt-4" in ids  # a name the key's map serves (the route then pins qwen3-32b)
+    assert "anthropic-version" not in sent.headers
+    one = httpx.get(
+        f"{two_vendor.url}/v1/models/gpt-5",
+        headers={
+            "x-api-key": CI_KEY,
+            "anthropic-version": "2023-06-01",
+            "x-claude-personality": "advisor",
+        },
+        timeout=30,
+    )
+    assert one.status_code == 200, one.text
+    assert one.json() == {
+        "type": "model",
+        "id": "gpt-5",
+        "display_name": "gpt-5",
+        "created_at": "2025-01-01T00:00:00Z",
+    }
 
 
 def test_models_list_adds_the_names_a_mapping_serves(

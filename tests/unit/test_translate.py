@@ -1407,3 +1407,32 @@ def test_tool_names_openai_refuses_are_stood_in_and_restored() -> None:
         orjson.loads(e.data) for e in events.feed(SseEvent(None, orjson.dumps(opening).decode()))
     ]
     assert started[-1]["content_block"]["name"] == long_name
+
+
+def test_registry_binds_per_request_and_lists_models() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.registry import PAIRS, bind, upstream_header_changes
+    from extproc.upstream import translator_for
+
+    pair = translator_for("anthropic", "openai")
+    assert pair is PAIRS[("anthropic", "openai")]
+    notes = Notes()
+    bound = bind(pair, TranslationConfig(), notes, models=False, created=0)
+    assert bound is not None
+    assert bound.notes is notes
+    assert bind(object(), TranslationConfig(), notes, models=False, created=0) is None
+    listing = bind(pair, TranslationConfig(), notes, models=True, created=0)
+    assert listing is not None
+    openai_list = {"object": "list", "data": [{"id": "qwen", "object": "model", "created": 0}]}
+    assert listing.answer(openai_list, 200)["data"][0]["type"] == "model"
+    assert listing.answer({"id": "qwen", "object": "model"}, 200)["type"] == "model"
+    assert listing.answer({"error": {"message": "no"}}, 404)["error"]["type"] == "not_found_error"
+    # unbound, a pair still translates (default settings)
+    _body, path = pair.request({"model": "m", "max_tokens": 1, "messages": []}, "/v1/messages")
+    assert path == "/v1/chat/completions"
+    assert upstream_header_changes("openai", "anthropic") == (
+        (("anthropic-version", "2023-06-01"),),
+        ("openai-organization", "openai-project", "openai-beta"),
+    )
+    assert upstream_header_changes("anthropic", "openai")[1][0] == "anthropic-version"
+    assert upstream_header_changes("openai", "openai") == ((), ())
