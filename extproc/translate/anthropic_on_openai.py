@@ -511,8 +511,14 @@ class StreamTranslator:
             self.malformed_events += 1
         return out
 
+    @property
+    def finish_seen(self) -> bool:
+        """Whether the provider said why it stopped (a stream cut before that is truncated)."""
+        return self._finish is not None
+
     def finish(self) -> list[dict[str, Any]]:
-        """Events that end the message (on `[DONE]`, or when the stream ends without it)."""
+        """Events that end the message (on `[DONE]`, or at the end of a stream that gave
+        its finish reason but no `[DONE]`)."""
         if self.done:
             return []
         out: list[dict[str, Any]] = []

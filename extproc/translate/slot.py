@@ -83,6 +83,10 @@ class _AnthropicEvents:
         return _anthropic_sse(self._stream.feed(chunk))
 
     def close(self) -> list[SseEvent]:
+        """The end of the provider's stream: a finished message is closed; one cut before
+        its finish reason stays cut (no invented message_stop), as a native stream would."""
+        if not self._stream.finish_seen:
+            return []
         return _anthropic_sse(self._stream.finish())
 
 
@@ -146,7 +150,8 @@ class _OpenAIEvents:
         return _openai_sse(self._stream.feed(payload))
 
     def close(self) -> list[SseEvent]:
-        return _openai_sse(self._stream.finish())
+        """A stream that ended without message_stop was cut: it stays cut (no `[DONE]`)."""
+        return []
 
 
 def _openai_sse(chunks: list[o2a.Chunk]) -> list[SseEvent]:

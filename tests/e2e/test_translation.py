@@ -9,7 +9,9 @@ caller's shape whichever vendor answered.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -561,3 +563,42 @@ def test_budgets_charge_translated_calls_at_the_served_models_price(
     assert budget["limit"] - budget["remaining"] == pytest.approx(
         via_claude["cost_usd"] + via_qwen["cost_usd"], rel=1e-3
     )
+
+
+@pytest.mark.parametrize("model", ["qwen3-32b", "claude-opus-4-8"])
+def test_a_provider_stream_cut_short_stays_cut_after_translation(
+    crossed: Stack, received: FakeProvider, model: str
+) -> None:
+    """Translated (qwen) or not (claude), a stream the provider cuts is never completed
+    by the gateway: no message_stop reaches the client, the audit says so, nothing is
+    cached. (How much of it the client sees depends on Envoy's timing of the reset.)"""
+    body = {
+        "model": model,
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": f"cut me short {model}"}],
+    }
+    session = f"cut-{model}"  # finds the audit record whatever Envoy answered
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "x-api-key": "caller-key",
+        "x-claude-code-session-id": session,
+    }
+    words = " ".join(f"word{i}" for i in range(80))
+    cut = {"x-fake-abort-after": "50", "x-fake-text": words}
+    with httpx.stream(
+        "POST", f"{crossed.url}/v1/messages", json=body, headers={**headers, **cut}, timeout=30
+    ) as response:
+        pieces: list[bytes] = []
+        with contextlib.suppress(httpx.RemoteProtocolError):  # Envoy passes the reset on
+            pieces.extend(response.iter_raw())
+    assert "message_stop" not in b"".join(pieces).decode()
+    assert received.received[-1].json()["model"] == model
+    deadline = time.monotonic() + 5
+    records: list[dict[str, Any]] = []
+    while not records:
+        assert time.monotonic() < deadline, "no audit record for the cut stream"
+        records = [r for r in crossed.audit_records() if r.get("session_id") == session]
+        time.sleep(0.05)
+    assert records[-1]["outcome"] in ("truncated", "provider_reset")
+    assert records[-1].get("cache_stored") is not True

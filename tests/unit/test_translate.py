@@ -1436,3 +1436,23 @@ def test_registry_binds_per_request_and_lists_models() -> None:
     )
     assert upstream_header_changes("anthropic", "openai")[1][0] == "anthropic-version"
     assert upstream_header_changes("openai", "openai") == ((), ())
+
+
+def test_a_cut_stream_stays_cut_through_the_slot() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.slot import AnthropicClientOnOpenAI, OpenAIClientOnAnthropic
+
+    a_events = AnthropicClientOnOpenAI(TranslationConfig(), Notes(), None).stream()
+    out = a_events.feed(SseEvent(None, orjson.dumps(chunk({"content": "half"})).decode()))
+    out += a_events.close()
+    assert "message_stop" not in [e.event for e in out]
+    finished = AnthropicClientOnOpenAI(TranslationConfig(), Notes(), None).stream()
+    finished.feed(SseEvent(None, orjson.dumps(chunk({"content": "all"}, "stop")).decode()))
+    assert [e.event for e in finished.close()][-1] == "message_stop"  # no [DONE], but finished
+    slot = OpenAIClientOnAnthropic(
+        TranslationConfig(), Notes(), None, include_usage=True, created=0
+    )
+    o_events = slot.stream()
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {}}}
+    o_events.feed(SseEvent("message_start", orjson.dumps(start).decode()))
+    assert o_events.close() == []
