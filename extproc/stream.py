@@ -59,6 +59,14 @@ from extproc.offload import (
     check_values,
     value_bound,
 )
+from extproc.phases import (
+    Event,
+    Phase,
+    RequestBody,
+    RequestHeaders,
+    ResponseBody,
+    ResponseHeaders,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
@@ -110,15 +118,18 @@ def _cut_short_outcome(status: int, cancelled: bool) -> str:
     return "provider_reset" if cancelled and status else "client_abort"
 
 
-# Allowed phase order (h11-style table): the phase that may follow each one.
-_NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers", "local_reply"}),
-    "local_reply": frozenset({"response_body"}),
-    "request_headers": frozenset({"request_body", "response_headers"}),
-    "request_body": frozenset({"request_body", "response_headers"}),
-    "response_headers": frozenset({"response_body"}),
-    "response_body": frozenset({"response_body"}),
+# Allowed phase order (h11-style table): the phases that may follow each one.
+_NEXT: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.REQUEST_HEADERS, Phase.LOCAL_REPLY}),
+    Phase.LOCAL_REPLY: frozenset({Phase.RESPONSE_BODY}),
+    Phase.REQUEST_HEADERS: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.REQUEST_BODY: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.RESPONSE_HEADERS: frozenset({Phase.RESPONSE_BODY}),
+    Phase.RESPONSE_BODY: frozenset({Phase.RESPONSE_BODY}),
 }
+_RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
+# Before a request of ours started (nothing to account).
+_NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -189,7 +200,7 @@ class RequestStream:
         # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
         self.trace_context = trace_context
         self.started = gateway.clock()
-        self.phase: str | None = None
+        self.phase: Phase | None = None
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
@@ -242,8 +253,29 @@ class RequestStream:
 
     # -- phase order -------------------------------------------------------------------
 
-    def _enter(self, phase: str) -> None:
-        if self.outcome is not None and phase.startswith("response"):
+    async def handle(self, event: Event) -> Decision:
+        """One ext_proc message, as the frozen event `envoy_api` made of it."""
+        match event:
+            case ResponseBody():
+                return await self.response_body(event.body, event.end_of_stream)
+            case RequestBody():
+                return await self.request_body(event.body, event.end_of_stream)
+            case RequestHeaders():
+                return await self.request_headers(
+                    event.headers,
+                    event.end_of_stream,
+                    route_name=event.route_name,
+                    route_policy=event.route_policy,
+                    jwt_metadata=event.jwt_metadata,
+                )
+            case ResponseHeaders():
+                return await self.response_headers(
+                    event.headers, event.end_of_stream, details=event.details
+                )
+        return CONTINUE  # trailers pass unchanged
+
+    def _enter(self, phase: Phase) -> None:
+        if self.outcome is not None and phase in _RESPONSE_PHASES:
             # An immediate response we sent comes back through the response phases.
             self.phase = phase
             return
@@ -275,13 +307,13 @@ class RequestStream:
         rendered = render_error(self.dialect.name, error, self.request_id)
         headers = rendered.headers + self._trace_header()
         withheld = isinstance(error, AnswerWithheld)
-        if withheld or self.phase == "response_body":
+        if withheld or self.phase is Phase.RESPONSE_BODY:
             self.answer.error_type, self.answer.json = error.reason, None
-        if self.phase == "response_body" and self.answer.streamed:
+        if self.phase is Phase.RESPONSE_BODY and self.answer.streamed:
             self.withheld = b""  # the status has left: the rest of the stream is dropped
             return Continue(body=self.dialect.stream_error(rendered.body))
         self.answer.status = error.status
-        if self.phase == "response_body":  # a buffered answer: still ours to replace
+        if self.phase is Phase.RESPONSE_BODY:  # a buffered answer: still ours to replace
             status = ((":status", str(error.status)),)
             changes = HeaderChanges(set=status + headers, remove=("content-length",))
             return Continue(body=rendered.body, headers=changes)
@@ -299,7 +331,7 @@ class RequestStream:
         route_policy: Mapping[str, Any] | None = None,
         jwt_metadata: Mapping[str, Any] | None = None,
     ) -> Decision:
-        self._enter("request_headers")
+        self._enter(Phase.REQUEST_HEADERS)
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
@@ -545,7 +577,7 @@ class RequestStream:
             ) from exc
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
-        self._enter("request_body")
+        self._enter(Phase.REQUEST_BODY)
         try:
             if self.signing_in and self.outcome is None:
                 return await self._signed_in(body)
@@ -759,9 +791,9 @@ class RequestStream:
         if self.phase is None:
             # Envoy answered before the request reached the gateway (`OPTIONS *` is
             # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
-            self._enter("local_reply")
+            self._enter(Phase.LOCAL_REPLY)
             return CONTINUE
-        self._enter("response_headers")
+        self._enter(Phase.RESPONSE_HEADERS)
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
@@ -872,7 +904,7 @@ class RequestStream:
         self.accumulator = self.dialect.accumulator()
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        self._enter("response_body")
+        self._enter(Phase.RESPONSE_BODY)
         if self.withheld is not None:  # nothing of a refused answer passes
             if end_of_stream:
                 self._finish("error")
@@ -1079,10 +1111,10 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        first = "none" if self.phase in (None, "local_reply") else "request_headers"
+        first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
-        if self.outcome is None and self.phase not in (None, "local_reply"):
+        if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
