@@ -10,6 +10,7 @@ every request yields exactly one audit record.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -73,6 +74,7 @@ from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.step import Done, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -93,6 +95,10 @@ MAX_RECORDED_HEADER = 128
 # the caller gets an answer rather than a reset connection.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 150
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
@@ -227,7 +233,6 @@ class RequestStream:
         self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
-        self.cache_stored = False
         self.answer = _Answer()
         self.sse: EventParser | None = None
         self.accumulator: Accumulator | None = None
@@ -1121,13 +1126,82 @@ class RequestStream:
         self.settled = True
         if self.cache_run is not None and self.outcome != "cache_hit":
             answer = self._cacheable_answer()
-            self.cache_stored = await self.cache_run.after_upstream(answer, self.dialect.name)
+            await self.cache_run.after_upstream(answer, self.dialect.name)
         if self.spend is not None:
             usage = self._billable_usage(self.outcome)
             if usage != self.answer.usage and self.outcome != "cache_hit":
                 self.answer.usage, self.answer.usage_estimated = usage, True
             await self.gw.spending.settle(self.spend, usage)
         account(self, self.finished_at)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _steps(self) -> list[Step]:
+        """The policy steps that ran, in their fixed order: auth, guard, cache, spend."""
+        steps: list[Step] = [self.identity]
+        steps += [s for s in (self.guard, self.cache_run, self.spend) if s is not None]
+        return steps
+
+    def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
+        """What the audit record is built from: the request's own facts, the steps that
+        ran, how it ended, and the recorded text (empty unless the profile records it)."""
+        answer, request = self.answer, self.request
+        usage = answer.usage
+        started_wall = self.gw.wall_clock() - (now - self.started)
+        facts: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "request_id": self.request_id,
+            "route": self.route_name,
+            "api": self.dialect.name,
+            "endpoint": self.route.endpoint.value if self.route else None,
+            "path": self.path.split("?", 1)[0],
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "parent_agent_id": self.parent_agent_id,
+            "provider": self.target.name if self.target else None,
+            "requested_model": request.model if request else None,
+            "served_model": answer.served_model or self.served_model,
+            "status": answer.status,
+            "streamed": answer.streamed,
+            "outcome": self.outcome,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+            "web_search_requests": usage.web_search_requests,
+            "latency_ms": _ms(now - self.started),
+            "ttft_ms": _ms(answer.first_token_at - self.started) if answer.first_token_at else None,
+            "finish_reasons": self._finish_reasons(),
+        }
+        if answer.error_type:
+            facts["error_type"] = answer.error_type
+        if answer.usage_estimated:
+            facts["usage_estimated"] = True
+        text: dict[str, Any] = {}
+        if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
+            text["prompt"] = {
+                k: request.body[k] for k in ("system", "messages") if k in request.body
+            }
+            text["completion"] = self._completion()
+        return facts, self._steps(), Done(self.outcome or "", usage), text
+
+    def _completion(self) -> Any:
+        """The answer's content: the JSON body's, or the folded stream's when it completed."""
+        if self.answer.completion is not None:
+            return self.answer.completion
+        accumulator = self.accumulator
+        if accumulator is None or not accumulator.complete:
+            return None
+        return self.dialect.completion(accumulator.folded_message())
+
+    def _finish_reasons(self) -> list[str]:
+        """Why the model stopped: from the folded stream, or the JSON answer."""
+        if self.accumulator is not None:
+            return self.accumulator.finish_reasons()
+        return self.answer.finish_reasons
 
     def _finish(self, outcome: str) -> None:
         """The request's outcome is known; the rest happens in `close`."""
