@@ -74,7 +74,7 @@ from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
-from extproc.policies.step import Done, Step
+from extproc.policies.step import Done, Ending, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -1124,15 +1124,23 @@ class RequestStream:
         if self.outcome is None or self.settled:
             return
         self.settled = True
-        if self.cache_run is not None and self.outcome != "cache_hit":
-            answer = self._cacheable_answer()
-            await self.cache_run.after_upstream(answer, self.dialect.name)
-        if self.spend is not None:
-            usage = self._billable_usage(self.outcome)
-            if usage != self.answer.usage and self.outcome != "cache_hit":
-                self.answer.usage, self.answer.usage_estimated = usage, True
-            await self.gw.spending.settle(self.spend, usage)
+        ending = self._ending(self.outcome)
+        for step in (self.cache_run, self.spend):  # step order: cache stores, spend settles
+            if step is not None:
+                await step.close(ending)
         account(self, self.finished_at)
+
+    def _ending(self, outcome: str) -> Ending:
+        """How the request ended, for the steps that close: the answer to store and what
+        is billed (an estimate, recorded as such, when the final usage never came)."""
+        billable = self.answer.usage
+        if self.spend is not None:
+            billable = self._billable_usage(outcome)
+            if billable != self.answer.usage and outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = billable, True
+        fresh = self.cache_run is not None and outcome != "cache_hit"
+        answer = self._cacheable_answer() if fresh else None
+        return Ending(outcome, self.dialect.name, answer, billable)
 
     # -- audit -------------------------------------------------------------------------
 
