@@ -83,7 +83,7 @@ from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.translate import Notes
 from extproc.translate.models import listed_entry
-from extproc.translate.registry import bind, upstream_header_changes
+from extproc.translate.registry import bind, note_beta_headers, upstream_header_changes
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
 
 log = logging.getLogger(__name__)
@@ -549,6 +549,8 @@ class RequestStream:
         if self.decoded_request and body is None:
             body = self.raw_body
         if self.translator is not None and self.request is not None:
+            if self.translation is not None:
+                note_beta_headers(self.dialect.name, self.headers, self.translation)
             translated, path = self.translator.request(self.request.body, path)
             body = orjson.dumps(translated)
         route = adapter.route(target.cluster, target.provider, path)

@@ -27,7 +27,14 @@ from extproc.translate.models import (
 from extproc.translate.notes import Notes
 from extproc.translate.slot import AnthropicClientOnOpenAI, OpenAIClientOnAnthropic
 
-__all__ = ["PAIRS", "BoundTranslator", "Pair", "bind", "upstream_header_changes"]
+__all__ = [
+    "PAIRS",
+    "BoundTranslator",
+    "Pair",
+    "bind",
+    "note_beta_headers",
+    "upstream_header_changes",
+]
 
 Kind = Literal["anthropic", "openai"]
 _DEFAULT: Final = TranslationConfig()
@@ -144,3 +151,12 @@ def bind(
     if isinstance(translator, Pair):
         return translator.bind(settings, notes, models=models, created=created)
     return None
+
+
+def note_beta_headers(client: str, headers: Mapping[str, str], notes: Notes) -> None:
+    """A caller's beta features (`anthropic-beta`, `openai-beta`) have no meaning at the
+    other vendor: noted as `beta` (or refused, if the route refuses `beta`)."""
+    name = f"{client}-beta"
+    value = headers.get(name)
+    if value:
+        notes.drop("beta", f"the {name} header ({value[:120]})")

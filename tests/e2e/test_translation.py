@@ -413,6 +413,19 @@ def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
     assert len(last["tools"]) > 5  # Claude Code's tool set, as OpenAI functions
     assert all(t["type"] == "function" for t in last["tools"])
     assert [r for r in received.received if r.path == "/v1/messages"] == []
+    session = next(
+        r.headers["x-claude-code-session-id"]
+        for r in received.received
+        if r.path == "/v1/chat/completions"
+    )
+    dropped = [
+        r["translation"]["dropped"]
+        for r in crossed.audit_records()
+        if r.get("session_id") == session and "translation" in r
+    ]
+    assert dropped
+    # what Claude Code sends that vLLM cannot take is dropped and counted, not refused
+    assert {"cache_control", "reasoning", "beta"} <= set(dropped[-1])
 
 
 # --- the two-vendor example, /v1/models in the caller's shape (item 3) ---------------------

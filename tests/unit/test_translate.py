@@ -1456,3 +1456,16 @@ def test_a_cut_stream_stays_cut_through_the_slot() -> None:
     start = {"type": "message_start", "message": {"id": "msg_1", "model": "c", "usage": {}}}
     o_events.feed(SseEvent("message_start", orjson.dumps(start).decode()))
     assert o_events.close() == []
+
+
+def test_beta_headers_are_noted_or_refused() -> None:
+    from extproc.translate.registry import note_beta_headers
+
+    notes = Notes()
+    note_beta_headers("anthropic", {"anthropic-beta": "context-1m-2025-08-07"}, notes)
+    note_beta_headers("anthropic", {"openai-beta": "x"}, notes)
+    assert notes.dropped == {"beta": 1}
+    with pytest.raises(Untranslatable, match="anthropic-beta header"):
+        note_beta_headers(
+            "anthropic", {"anthropic-beta": "x"}, Notes(Lossy(fields={"beta": "refuse"}))
+        )
