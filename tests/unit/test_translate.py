@@ -1469,3 +1469,21 @@ def test_beta_headers_are_noted_or_refused() -> None:
         note_beta_headers(
             "anthropic", {"anthropic-beta": "x"}, Notes(Lossy(fields={"beta": "refuse"}))
         )
+
+
+def test_config_names_the_key_of_an_unknown_category() -> None:
+    from extproc.config import ConfigError, parse_config
+
+    data: dict[str, Any] = {
+        "providers": {"vllm": {"api": "openai", "base_url": "http://vllm:8000"}},
+        "profiles": {"default": {"translation": {"refuse": ["thoughts"]}}},
+    }
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert "profiles.default.translation.refuse" in str(error.value)
+    assert "thinking" in str(error.value)  # the known categories are listed
+    data["profiles"]["default"]["translation"] = {"refuse": ["thinking"], "cache_prefix": True}
+    data["auth"] = {"keys": [{"id": "k", "hash": "sha256:" + "0" * 64, "map": {"gpt-4": "c"}}]}
+    config = parse_config(data)
+    assert config.profiles["default"].translation.lossy().action("thinking") == "refuse"
+    assert config.auth.keys[0].map == {"gpt-4": "c"}
