@@ -25,6 +25,7 @@ import yaml
 
 from extproc.policies.auth import hash_key, new_key
 from tests.claude_cli import ROOT, claude_env, claude_path
+from tests.data.claude_code_request import build_request
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
@@ -615,3 +616,28 @@ def test_a_provider_stream_cut_short_stays_cut_after_translation(
         time.sleep(0.05)
     assert records[-1]["outcome"] in ("truncated", "provider_reset")
     assert records[-1].get("cache_stored") is not True
+
+
+def test_recorded_claude_code_request_reaches_an_openai_backend(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    body = build_request()
+    body["model"] = "qwen3-32b"
+    response = httpx.post(
+        f"{crossed.url}/v1/messages",
+        json=body,
+        headers={
+            "anthropic-version": "2023-06-01",
+            "x-api-key": "caller-key",
+            "cache-control": "no-store",
+        },
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    sent = received.received[-1].json()
+    assert len(sent["tools"]) == 24
+    assert sent["messages"][0]["role"] == "system"
+    assert any(m["role"] == "tool" for m in sent["messages"])
+    assert "cache_control" not in received.received[-1].body.decode()
+    record = record_for(crossed, response.headers["x-gateway-request-id"])
+    assert record["translation"]["dropped"]["cache_control"] >= 1
