@@ -463,6 +463,7 @@ class StreamTranslator:
     __slots__ = (
         "_block",
         "_finish",
+        "_ids",
         "_index",
         "_late",
         "_model",
@@ -485,6 +486,7 @@ class StreamTranslator:
         self._index = -1  # index of the open Anthropic block; -1: none open
         self._block: object = None  # "text", or the OpenAI tool-call index of the open block
         self._tools: dict[int, int] = {}  # OpenAI tool-call index -> Anthropic block index
+        self._ids: dict[int, str] = {}  # OpenAI tool-call index -> its id
         self._late: dict[int, list[str]] = {}
         self._finish: object = None
         self._usage: dict[str, int] = {}
@@ -571,7 +573,7 @@ class StreamTranslator:
             self._finish = choice["finish_reason"]
 
     def _tool_call(self, call: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
-        index = int(call.get("index") or 0)
+        index = self._call_index(call)
         function = call.get("function") or {}
         if index not in self._tools:
             name = function.get("name") or ""
@@ -583,6 +585,7 @@ class StreamTranslator:
             }
             self._open(out, start, index)
             self._tools[index] = self._index
+            self._ids[index] = start["id"]
         arguments = function.get("arguments")
         if not isinstance(arguments, str) or not arguments:
             return
@@ -590,6 +593,17 @@ class StreamTranslator:
             out.append(_delta(self._index, {"type": "input_json_delta", "partial_json": arguments}))
         else:
             self._late.setdefault(index, []).append(arguments)
+
+    def _call_index(self, call: Mapping[str, Any]) -> int:
+        """The call's `index`; servers that omit it (some Ollama versions) start a new call
+        with a new `id`, and continue the open one without."""
+        index = call.get("index")
+        if index is not None:
+            return int(index)
+        call_id = call.get("id")
+        if isinstance(self._block, int) and (not call_id or call_id == self._ids.get(self._block)):
+            return self._block
+        return max(self._tools, default=-1) + 1
 
     def _open(self, out: list[dict[str, Any]], block: dict[str, Any], key: object) -> None:
         self._close(out)

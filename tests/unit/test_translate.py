@@ -1487,3 +1487,25 @@ def test_config_names_the_key_of_an_unknown_category() -> None:
     config = parse_config(data)
     assert config.profiles["default"].translation.lossy().action("thinking") == "refuse"
     assert config.auth.keys[0].map == {"gpt-4": "c"}
+
+
+def test_tool_calls_without_index_are_told_apart_by_id() -> None:
+    stream = a2o.StreamTranslator(Notes())
+    events: list[dict[str, Any]] = []
+    no_index = [
+        {"id": "a", "function": {"name": "f", "arguments": '{"x":'}},
+        {"function": {"arguments": "1}"}},
+        {"id": "b", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    for call_ in no_index:
+        events += stream.feed(chunk({"tool_calls": [call_]}))
+    events += stream.feed(chunk({}, "tool_calls"))
+    events += stream.finish()
+    accumulator = anthropic_api.StreamAccumulator()
+    for event in anthropic_sse(events):
+        accumulator.feed(event)
+    content = accumulator.folded_message()["content"]
+    assert [(b["id"], b["name"], b["input"]) for b in content] == [
+        ("a", "f", {"x": 1}),
+        ("b", "g", {}),
+    ]
