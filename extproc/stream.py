@@ -534,7 +534,15 @@ class RequestStream:
         notes = Notes(settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)")
         models_list = self.route is not None and self.route.endpoint is Endpoint.MODELS
         created = int(self.gw.wall_clock())
-        bound = bind(translator, settings, notes, models=models_list, created=created)
+        caller_body = self.request.body if self.request is not None else None
+        bound = bind(
+            translator,
+            settings,
+            notes,
+            models=models_list,
+            created=created,
+            caller_body=caller_body,
+        )
         if bound is None:
             return translator
         self.translation = notes

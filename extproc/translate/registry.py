@@ -38,6 +38,7 @@ __all__ = [
 
 Kind = Literal["anthropic", "openai"]
 _DEFAULT: Final = TranslationConfig()
+_OPENAI_LIMITS: Final = ("max_completion_tokens", "max_tokens")
 # The API version the Messages translation is written for; Anthropic requires the header.
 ANTHROPIC_VERSION: Final = "2023-06-01"
 # Headers of one vendor's API that mean nothing to (or mislead) the other's servers.
@@ -115,13 +116,23 @@ class Pair:
         self.upstream = upstream
 
     def bind(
-        self, settings: TranslationConfig, notes: Notes, *, models: bool, created: int
+        self,
+        settings: TranslationConfig,
+        notes: Notes,
+        *,
+        models: bool,
+        created: int,
+        caller_body: Mapping[str, Any] | None = None,
     ) -> BoundTranslator:
+        """`caller_body`: the request as the caller sent it (before the gateway's bounds)."""
         if models:
             return _ModelList(self.client, notes)
         if self.client == "anthropic":
             return AnthropicClientOnOpenAI(settings, notes, None)
-        return OpenAIClientOnAnthropic(settings, notes, None, include_usage=True, created=created)
+        limit = caller_body is None or any(k in caller_body for k in _OPENAI_LIMITS)
+        return OpenAIClientOnAnthropic(
+            settings, notes, None, include_usage=True, created=created, caller_limit=limit
+        )
 
     # The unbound protocol: what a caller that never binds (a unit test) gets.
     def request(self, body: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
@@ -144,12 +155,20 @@ PAIRS: Final[Mapping[tuple[str, str], Pair]] = {
 
 
 def bind(
-    translator: object, settings: TranslationConfig, notes: Notes, *, models: bool, created: int
+    translator: object,
+    settings: TranslationConfig,
+    notes: Notes,
+    *,
+    models: bool,
+    created: int,
+    caller_body: Mapping[str, Any] | None = None,
 ) -> BoundTranslator | None:
     """The per-request translator of a registered `Pair`; None for any other translator
     (which is then used as it is)."""
     if isinstance(translator, Pair):
-        return translator.bind(settings, notes, models=models, created=created)
+        return translator.bind(
+            settings, notes, models=models, created=created, caller_body=caller_body
+        )
     return None
 
 

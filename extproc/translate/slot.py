@@ -97,7 +97,7 @@ def _anthropic_sse(events: list[dict[str, Any]]) -> list[SseEvent]:
 class OpenAIClientOnAnthropic:
     """An OpenAI Chat Completions caller served by an Anthropic provider."""
 
-    __slots__ = ("_created", "_include_usage", "_model", "_options", "notes")
+    __slots__ = ("_caller_limit", "_created", "_include_usage", "_model", "_options", "notes")
 
     def __init__(
         self,
@@ -107,15 +107,23 @@ class OpenAIClientOnAnthropic:
         *,
         include_usage: bool,
         created: int,
+        caller_limit: bool = True,
     ) -> None:
         self._options = o2a.RequestOptions(settings.default_max_tokens, settings.cache_prefix)
         self.notes = notes
         self._model = model
         self._include_usage = include_usage  # whether the caller asked for the usage chunk
         self._created = created
+        # Whether the caller set an output limit itself. The gateway writes its own bound
+        # (limits.max_output_tokens) into a request without one; toward Anthropic, which
+        # requires a limit, such a request gets the route's default_max_tokens instead
+        # (never above the bound, so the budget reservation still covers it).
+        self._caller_limit = caller_limit
 
     def request(self, body: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
         out = o2a.to_anthropic_request(body, self.notes, self._options)
+        if not self._caller_limit:
+            out["max_tokens"] = min(out["max_tokens"], self._options.default_max_tokens)
         return out, _rebased(path, _CHAT_PATH, _MESSAGES_PATH)
 
     def answer(self, body: Mapping[str, Any], status: int) -> dict[str, Any]:

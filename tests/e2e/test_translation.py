@@ -298,7 +298,7 @@ def test_openai_sdk_on_anthropic_provider_json_with_tools_and_mapping(
     assert sent.headers["anthropic-version"] == "2023-06-01"  # Anthropic requires it
     body = sent.json()
     assert body["model"] == "claude-sonnet-4-6"  # gpt-4 -> claude-sonnet-4-6 (profile map)
-    assert body["max_tokens"] > 0
+    assert body["max_tokens"] == 4096  # the caller set none: the route's default_max_tokens
     assert body["tool_choice"] == {"type": "any"}
     assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}  # cache_prefix
     assert body["tools"][-1]["cache_control"] == {"type": "ephemeral"}

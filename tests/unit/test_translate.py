@@ -1509,3 +1509,20 @@ def test_tool_calls_without_index_are_told_apart_by_id() -> None:
         ("a", "f", {"x": 1}),
         ("b", "g", {}),
     ]
+
+
+def test_caller_without_output_limit_gets_the_default_not_the_gateway_bound() -> None:
+    from extproc.translate.config import TranslationConfig
+    from extproc.translate.registry import PAIRS
+
+    pair = PAIRS[("openai", "anthropic")]
+    settings = TranslationConfig(default_max_tokens=1000)
+    caller: dict[str, Any] = {"model": "c", "messages": [{"role": "user", "content": "q"}]}
+    bound = pair.bind(settings, Notes(), models=False, created=0, caller_body=caller)
+    capped = {**caller, "max_completion_tokens": 64000}  # what the gateway's bound writes
+    assert bound.request(capped, "/v1/chat/completions")[0]["max_tokens"] == 1000
+    small = {**caller, "max_completion_tokens": 500}
+    assert bound.request(small, "/v1/chat/completions")[0]["max_tokens"] == 500  # never above
+    asked = {**caller, "max_tokens": 30000}
+    bound = pair.bind(settings, Notes(), models=False, created=0, caller_body=asked)
+    assert bound.request(asked, "/v1/chat/completions")[0]["max_tokens"] == 30000
