@@ -522,6 +522,7 @@ class RequestStream:
         one later (a fallback). Spend is settled at the price of what was served."""
         self.target = target
         translator = target.adapter.translator(self.dialect.name)
+        self.translation = None  # a later choice (a fallback) may need none
         self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
             if self.served_model is not None and self.spend is not None:
