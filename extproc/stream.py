@@ -29,7 +29,14 @@ from extproc.apis import (
     model_list,
 )
 from extproc.apis import error_response as render_error
-from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
+from extproc.apis.dialect import (
+    ANTHROPIC,
+    Accumulator,
+    Dialect,
+    ModelIn,
+    StreamFilter,
+    dialect_of,
+)
 from extproc.apis.framing import EventParser, Framing, framing_for
 from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
@@ -85,6 +92,7 @@ from extproc.translate import Notes
 from extproc.translate.models import listed_entry
 from extproc.translate.registry import bind, note_beta_headers, upstream_header_changes
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
 
@@ -599,7 +607,7 @@ class RequestStream:
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
-            removed=target.adapter.other_auth,
+            removed=CALLER_AUTH,
             body=body if body is not None else self.raw_body,
         )
         try:
@@ -636,7 +644,7 @@ class RequestStream:
         self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = await self._parse(body)
+        self.request = request = self._as_dialect_reads(await self._parse(body))
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
@@ -684,6 +692,17 @@ class RequestStream:
         answer = Respond(200, orjson.dumps({"input_tokens": estimate}), headers, "extproc_count")
         return self._answer(answer, "ok")
 
+    def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
+        """The model and streaming as the dialect finds them (a URL-model dialect reads
+        them from the path; for body dialects this changes nothing)."""
+        assert self.route is not None
+        model = self.dialect.request_model(self.path, request.model)
+        stream = self.dialect.request_stream(self.path, request.stream)
+        stream = stream and self.route.endpoint.generates
+        if model == request.model and stream == request.stream:
+            return request
+        return dataclasses.replace(request, model=model, stream=stream)
+
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
         covers, and a streamed answer carrying its usage. True if changed."""
@@ -698,12 +717,13 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
+        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint)
+            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint)
+            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
@@ -711,7 +731,7 @@ class RequestStream:
         self.inspection = await self.gw.offload.check(
             raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False)
+        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
