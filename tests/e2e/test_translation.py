@@ -56,6 +56,7 @@ OPENAI_TOOLS: Any = [
 ]
 ASK: Any = [{"role": "user", "content": "list the files"}]
 DEV_KEY = new_key("dev")
+FREE_KEY = new_key("free-dev")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,13 @@ def crossed(fake: FakeProvider) -> Iterator[Stack]:
         }
     }
     config["guard"] = {"hash_key": {"value": "test-hash-key"}}
-    config["auth"] = {"keys": [{"id": "dev", "hash": hash_key(DEV_KEY)}]}
+    config["auth"] = {
+        "keys": [
+            {"id": "dev", "hash": hash_key(DEV_KEY)},
+            {"id": "free-dev", "hash": hash_key(FREE_KEY), "tier": "free"},
+        ]
+    }
+    config["tiers"] = {"free": {"map": {"claude-*": "qwen3-32b"}, "requests_per_day": 100}}
     config["budgets"] = {"rules": [{"scope": "key", "id": "dev", "window": "daily", "usd": 50}]}
     # A self-hosted model has no published price; this test prices it like a small one.
     qwen = {"input": 0.1, "output": 0.3, "cache_write": 0.1, "cache_read": 0.01}
@@ -641,3 +648,18 @@ def test_recorded_claude_code_request_reaches_an_openai_backend(
     assert "cache_control" not in received.received[-1].body.decode()
     record = record_for(crossed, response.headers["x-gateway-request-id"])
     assert record["translation"]["dropped"]["cache_control"] >= 1
+
+
+def test_free_tier_maps_claude_to_an_internal_model_on_another_vendor(
+    crossed: Stack, received: FakeProvider
+) -> None:
+    claude = anthropic.Anthropic(api_key=FREE_KEY, base_url=crossed.url, max_retries=0)
+    raw = claude.messages.with_raw_response.create(
+        model="claude-sonnet-4-6", max_tokens=20, messages=[{"role": "user", "content": "free"}]
+    )
+    assert raw.parse().model == "qwen3-32b"
+    (sent,) = received.received
+    assert (sent.path, sent.json()["model"]) == ("/v1/chat/completions", "qwen3-32b")
+    record = record_for(crossed, raw.headers["x-gateway-request-id"])
+    assert (record["requested_model"], record["served_model"]) == ("claude-sonnet-4-6", "qwen3-32b")
+    assert (record["tier"], record["provider"]) == ("free", "openai")
