@@ -1526,3 +1526,42 @@ def test_caller_without_output_limit_gets_the_default_not_the_gateway_bound() ->
     asked = {**caller, "max_tokens": 30000}
     bound = pair.bind(settings, Notes(), models=False, created=0, caller_body=asked)
     assert bound.request(asked, "/v1/chat/completions")[0]["max_tokens"] == 30000
+
+
+_word = st.text(alphabet="abcdefgh xyz", min_size=1, max_size=12).filter(str.strip)
+
+
+@st.composite
+def _conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """user/assistant turns of text, tool calls and their results, as Anthropic sends them."""
+    turns: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "text", "text": draw(_word)}]}
+    ]
+    for n in range(draw(st.integers(0, 3))):
+        calls = [
+            {
+                "type": "tool_use",
+                "id": f"t{n}_{i}",
+                "name": draw(st.sampled_from(["Read", "Bash"])),
+                "input": {"a": draw(_word)},
+            }
+            for i in range(draw(st.integers(0, 2)))
+        ]
+        text = [{"type": "text", "text": draw(_word)}] if draw(st.booleans()) or not calls else []
+        turns.append({"role": "assistant", "content": text + calls})
+        results: list[dict[str, Any]] = [
+            {"type": "tool_result", "tool_use_id": c["id"], "content": draw(_word)} for c in calls
+        ]
+        turns.append({"role": "user", "content": [*results, {"type": "text", "text": draw(_word)}]})
+    return turns
+
+
+@settings(max_examples=200, deadline=None)
+@given(turns=_conversations())
+def test_anthropic_to_openai_and_back_keeps_the_conversation(turns: list[dict[str, Any]]) -> None:
+    body = {"model": "m", "max_tokens": 9, "system": "sys", "messages": turns}
+    notes = Notes()
+    again = o2a.to_anthropic_request(a2o.to_openai_request(body, notes), notes)
+    assert notes.dropped == {}
+    assert again["system"] == [{"type": "text", "text": "sys"}]
+    assert again["messages"] == turns
