@@ -24,7 +24,7 @@ from extproc.policies.profiles import ProfileResolver
 from extproc.signin.otlp import OtlpRelay
 from extproc.signin.service import SignIn
 from extproc.spending import Spending
-from extproc.store import Store, open_store
+from extproc.store import Clock, Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
@@ -62,13 +62,19 @@ class Gateway:
         audit: AuditSink | None = None,
         environ: Mapping[str, str] | None = None,
         store: Store | None = None,
+        clock: Clock | None = None,
     ) -> Gateway:
+        """`clock`: one test clock for everything that reads time (rate windows, budget
+        windows and holds, cache TTL and age, the key cache and revocations, request
+        timing); a `store` passed in should run on it too. None: the real clocks."""
+        monotonic = clock.time if clock is not None else time.monotonic
+        wall = clock.time if clock is not None else time.time
         credentials = {
-            name: Credential(provider.credential, environ)
+            name: Credential(provider.credential, environ, monotonic)
             for name, provider in config.providers.items()
             if provider.credential is not None
         }
-        store = store or open_configured_store(config, environ)
+        store = store or open_configured_store(config, environ, clock)
         metrics = metrics or Metrics()
         hash_key = _hash_key(config, environ)
         metrics.bounds = LabelBounds.from_config(config)
@@ -78,15 +84,17 @@ class Gateway:
             audit=audit or open_sink(config.audit, environ, metrics.registry),
             credentials=credentials,
             store=store,
-            keys=KeyDirectory(config.auth, store),
+            keys=KeyDirectory(config.auth, store, monotonic, wall),
             profiles=ProfileResolver(config),
-            cache=ResponseCache(store, config.cache),
+            cache=ResponseCache(store, config.cache, wall),
             spending=Spending(config, store, metrics),
             signin=_signin(config, store, environ),
             otlp=OtlpRelay(config.otlp_relay),
             guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
             offload=Offload(config.guard, hash_key),
             otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
+            clock=monotonic,
+            wall_clock=wall,
         )
 
     def stream_opened(self) -> None:
@@ -146,8 +154,10 @@ def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> 
     return SignIn(sso, store, signer, oidc, config.auth.cache_seconds)
 
 
-def open_configured_store(config: Config, environ: Mapping[str, str] | None = None) -> Store:
+def open_configured_store(
+    config: Config, environ: Mapping[str, str] | None = None, clock: Clock | None = None
+) -> Store:
     """The config's store, with its password resolved from `store_password`."""
     source = config.store_password
     password = Credential(source, environ).get() if source is not None else None
-    return open_store(config.store, password=password)
+    return open_store(config.store, password=password, clock=clock)
