@@ -130,10 +130,9 @@ async def test_requests_per_minute(budgeted: ServiceStack) -> None:
 
 
 async def test_free_tier_daily_quota(budgeted: ServiceStack) -> None:
-    quota = await budgeted.drive(
-        "GET", "/v1/gateway/quota", headers={"x-api-key": KEYS["freebie"]}
-    )
-    (daily,) = [limit for limit in quota.json()["limits"] if limit["name"] == "key.requests_per_day"]
+    quota = await budgeted.drive("GET", "/v1/gateway/quota", headers={"x-api-key": KEYS["freebie"]})
+    limits = quota.json()["limits"]
+    (daily,) = [limit for limit in limits if limit["name"] == "key.requests_per_day"]
     for _ in range(daily["remaining"]):
         assert (await _post(budgeted, "freebie")).status == 200
     refused = await _post(budgeted, "freebie")
