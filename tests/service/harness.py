@@ -352,7 +352,8 @@ class Rpc:
         await self._settle()
 
     async def _settle(self) -> None:
-        with contextlib.suppress(asyncio.CancelledError, RpcFailed, TimeoutError):
+        # How the RPC ended (an error, cancelled) is the caller's business, not a crash here.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(asyncio.shield(self.task), 10)
 
 
@@ -489,6 +490,7 @@ class ServiceStack:
         raw = orjson.dumps(json) if json is not None else (body or b"")
         request = Request(method, path, _client_headers(headers, raw, client_address), raw)
         exchange = _Exchange(self.open_rpc(), request)
+        extensions = self.extensions
         try:
             reply = await self._request_phase(exchange, route, policy)
             if reply is None:
@@ -497,6 +499,7 @@ class ServiceStack:
             if not exchange.rpc.task.done():
                 await exchange.rpc.end()
         reply.rpc = exchange.rpc
+        reply.extensions = self.extensions - extensions  # (concurrent drives' too)
         if settle:
             pending = set(getattr(self.gateway, "pending", ()))
             if pending:
@@ -559,7 +562,6 @@ class ServiceStack:
         else:
             out["transfer-encoding"] = "chunked"
         mode = _MODE.NONE
-        extensions_before = self.extensions
         reply = ClientReply(status, out, b"", upstream=answer.request, cluster=cluster)
         no_body = not answer.chunks and not answer.reset
         if rpc.task.done():  # the gateway already ended the RPC: Envoy passes the rest on
@@ -586,7 +588,6 @@ class ServiceStack:
             if not self.failure_mode_allow:
                 return _unavailable(request.path)
             reply.body = b"".join(answer.chunks)
-        reply.extensions = self.extensions - extensions_before
         return reply
 
     async def _buffered(self, rpc: Rpc, answer: Answer) -> bytes:
