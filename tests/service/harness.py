@@ -580,7 +580,7 @@ class ServiceStack:
             if no_body or mode == _MODE.NONE:
                 reply.body = b"".join(answer.chunks)
             elif mode == _MODE.BUFFERED:
-                reply.body = await self._buffered(rpc, answer)
+                reply.body = await self._buffered(rpc, answer, reply)
             else:
                 reply.body = await self._streamed(rpc, answer, client_abort_after)
         except RpcFailed:
@@ -590,13 +590,22 @@ class ServiceStack:
             reply.body = b"".join(answer.chunks)
         return reply
 
-    async def _buffered(self, rpc: Rpc, answer: Answer) -> bytes:
+    async def _buffered(self, rpc: Rpc, answer: Answer, reply: ClientReply) -> bytes:
+        """The whole body in one message. Envoy holds the headers back until this reply,
+        so its header mutation (a new `:status`) still applies; in STREAMED mode it cannot."""
         whole = b"".join(answer.chunks)
         if answer.reset:  # Envoy resets the RPC; the client gets the cut answer
             await rpc.reset()
             return whole
         got = await rpc.send(response_body(whole, eos=True))
-        return _body_after(got.response_body.response, whole)
+        if (done := self._immediate(got)) is not None:
+            reply.status, reply.headers = done.status, done.headers
+            return done.body
+        common = got.response_body.response
+        reply.headers[":status"] = str(reply.status)
+        _apply_header_mutation(reply.headers, common.header_mutation)
+        reply.status = int(reply.headers.pop(":status"))
+        return _body_after(common, whole)
 
     async def _streamed(self, rpc: Rpc, answer: Answer, client_abort_after: int | None) -> bytes:
         out: list[bytes] = []
