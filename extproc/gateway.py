@@ -64,13 +64,13 @@ class Gateway:
         store: Store | None = None,
         clock: Clock | None = None,
     ) -> Gateway:
-        """`clock`: one test clock for everything that reads time (rate windows, budget
+        """`clock`: one test clock for what policy decides by time (rate windows, budget
         windows and holds, cache TTL and age, the key cache and revocations, request
         timing); a `store` passed in should run on it too. None: the real clocks."""
         monotonic = clock.time if clock is not None else time.monotonic
         wall = clock.time if clock is not None else time.time
         credentials = {
-            name: Credential(provider.credential, environ, monotonic)
+            name: Credential(provider.credential, environ)
             for name, provider in config.providers.items()
             if provider.credential is not None
         }
