@@ -37,7 +37,7 @@ import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -298,7 +298,11 @@ class Rpc:
     """One ext_proc gRPC stream: Envoy sends a message and waits for its reply."""
 
     def __init__(
-        self, servicer: ExternalProcessor, timeout: float, max_timeout: float, on_extend: Any
+        self,
+        servicer: ExternalProcessor,
+        timeout: float,
+        max_timeout: float,
+        on_extend: Callable[[], None],
     ) -> None:
         self.timeout, self.max_timeout, self.on_extend = timeout, max_timeout, on_extend
         self.requests: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
@@ -419,7 +423,6 @@ class Request:
 class _Exchange:
     rpc: Rpc
     request: Request
-    streamed_to_client: list[bytes] = field(default_factory=list)
 
 
 class ServiceStack:

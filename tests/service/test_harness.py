@@ -162,6 +162,7 @@ async def test_a_failed_rpc_is_envoys_503_or_passes_with_failure_mode_allow() ->
         if not allow:
             assert reply.headers["x-gateway-error"] == "gateway_unavailable"
             assert service.fake.received == []
+        await service.close()
 
 
 async def test_envoy_waits_no_longer_than_its_message_timeout() -> None:
@@ -174,6 +175,7 @@ async def test_envoy_waits_no_longer_than_its_message_timeout() -> None:
     reply = await service.drive("POST", "/v1/messages", json=ask(), headers=OWN_KEY)
     assert reply.status == 200
     assert reply.extensions == 3  # more time asked for before each of its three replies
+    await service.close()
 
 
 async def test_a_client_cannot_pick_the_cluster(stack: ServiceStack) -> None:
