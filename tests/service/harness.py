@@ -554,43 +554,53 @@ class ServiceStack:
     async def _response_phase(
         self, exchange: _Exchange, client_abort_after: int | None
     ) -> ClientReply:
-        request, rpc = exchange.request, exchange.rpc
-        cluster = request.headers.pop("x-gateway-cluster", None) or _default_cluster(request.path)
-        upstream_headers = _lua_strip_gateway_keys(_upstream_headers(request.headers))
-        target = request.headers.get(":path", request.path)
-        answer = await self.upstream(request.method, target, upstream_headers, request.body)
-        status, out = answer.status, dict(answer.headers)
-        if not answer.reset and len(answer.chunks) == 1:
-            out["content-length"] = str(len(answer.chunks[0]))
-        else:
-            out["transfer-encoding"] = "chunked"
-        mode = _MODE.NONE
-        reply = ClientReply(status, out, b"", upstream=answer.request, cluster=cluster)
-        no_body = not answer.chunks and not answer.reset
+        rpc = exchange.rpc
+        answer, reply = await self._forward(exchange.request)
         if rpc.task.done():  # the gateway already ended the RPC: Envoy passes the rest on
             reply.body = b"".join(answer.chunks)
             return reply
         try:
-            extra = {k: v for k, v in out.items() if k != "content-type"}
-            message = response_headers(status, out.get("content-type", ""), extra, eos=no_body)
-            got = await rpc.send(message)
-            if (done := self._immediate(got)) is not None:
-                return done
-            _apply_header_mutation(out, got.response_headers.response.header_mutation)
-            reply.status = int(out.pop(":status", str(status)))
-            if got.HasField("mode_override"):
-                mode = got.mode_override.response_body_mode
-            if no_body or mode == _MODE.NONE:
-                reply.body = b"".join(answer.chunks)
-            elif mode == _MODE.BUFFERED:
-                reply.body = await self._buffered(rpc, answer, reply)
-            else:
-                reply.body = await self._streamed(rpc, answer, client_abort_after)
+            return await self._answer(rpc, answer, reply, client_abort_after)
         except RpcFailed:
             await rpc.reset()
             if not self.failure_mode_allow:
-                return _unavailable(request.path)
+                return _unavailable(exchange.request.path)
             reply.body = b"".join(answer.chunks)
+            return reply
+
+    async def _forward(self, request: Request) -> tuple[Answer, ClientReply]:
+        """Route (`x-gateway-cluster`), strip gateway keys (the Lua filter), call the
+        provider; the client's reply so far holds the provider's status and headers."""
+        cluster = request.headers.pop("x-gateway-cluster", None) or _default_cluster(request.path)
+        upstream_headers = _lua_strip_gateway_keys(_upstream_headers(request.headers))
+        answer = await self.upstream(request.method, request.path, upstream_headers, request.body)
+        out = dict(answer.headers)
+        if not answer.reset and len(answer.chunks) == 1:
+            out["content-length"] = str(len(answer.chunks[0]))
+        else:
+            out["transfer-encoding"] = "chunked"
+        reply = ClientReply(answer.status, out, b"", upstream=answer.request, cluster=cluster)
+        return answer, reply
+
+    async def _answer(
+        self, rpc: Rpc, answer: Answer, reply: ClientReply, client_abort_after: int | None
+    ) -> ClientReply:
+        """Response headers, then the body in the mode the gateway chose (NONE by default)."""
+        out, no_body = reply.headers, not answer.chunks and not answer.reset
+        extra = {k: v for k, v in out.items() if k != "content-type"}
+        message = response_headers(reply.status, out.get("content-type", ""), extra, eos=no_body)
+        got = await rpc.send(message)
+        if (done := self._immediate(got)) is not None:
+            return done
+        _apply_header_mutation(out, got.response_headers.response.header_mutation)
+        reply.status = int(out.pop(":status", str(reply.status)))
+        mode = got.mode_override.response_body_mode if got.HasField("mode_override") else _MODE.NONE
+        if no_body or mode == _MODE.NONE:
+            reply.body = b"".join(answer.chunks)
+        elif mode == _MODE.BUFFERED:
+            reply.body = await self._buffered(rpc, answer, reply)
+        else:
+            reply.body = await self._streamed(rpc, answer, client_abort_after)
         return reply
 
     async def _buffered(self, rpc: Rpc, answer: Answer, reply: ClientReply) -> bytes:
