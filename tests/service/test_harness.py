@@ -171,7 +171,7 @@ async def test_envoy_waits_no_longer_than_its_message_timeout() -> None:
     reply = await service.drive("POST", "/v1/messages", json=ask(), headers=OWN_KEY)
     assert reply.status == 503
     assert service.fake.received == []
-    service.servicer = Slow(delay=0.2, extend=1.0)  # type: ignore[assignment]
+    service.servicer = Slow(delay=0.2, extend=5.0)  # type: ignore[assignment]
     reply = await service.drive("POST", "/v1/messages", json=ask(), headers=OWN_KEY)
     assert reply.status == 200
     assert reply.extensions == 3  # more time asked for before each of its three replies
