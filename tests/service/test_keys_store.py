@@ -41,6 +41,7 @@ async def statuses(stacks: list[ServiceStack], key: str) -> list[int]:
 
 
 async def create(stack: ServiceStack, key_id: str, expires: str | None = None) -> str:
+    """`extproc keys create --id ID --team ci [--expires EXPIRES]`, at the shared store."""
     args = argparse.Namespace(
         id=key_id, user=None, team="ci", project=None, tier=None, models=None, label=[]
     )
@@ -48,8 +49,10 @@ async def create(stack: ServiceStack, key_id: str, expires: str | None = None) -
     return await admin_cli.create(stack.gateway.store, args, stack.clock.time())
 
 
-async def rotate(stack: ServiceStack, key_id: str, overlap: float = 0) -> str:
-    return await admin_cli.rotate(stack.gateway.store, key_id, overlap, stack.clock.time())
+async def rotate(stack: ServiceStack, key_id: str, overlap: str = "0s") -> str:
+    """`extproc keys rotate ID --overlap OVERLAP`, at the store the replicas share."""
+    seconds = admin_cli.parse_duration(overlap)
+    return await admin_cli.rotate(stack.gateway.store, key_id, seconds, stack.clock.time())
 
 
 def past_the_key_cache(stack: ServiceStack) -> None:
@@ -68,7 +71,7 @@ async def test_revocation_reaches_every_replica_within_the_key_cache(
 
 async def test_rotate_with_overlap_then_without(replicas: list[ServiceStack]) -> None:
     old = await create(replicas[0], "rotating")
-    new = await rotate(replicas[0], "rotating", overlap=3600)
+    new = await rotate(replicas[0], "rotating", overlap="1h")
     assert new != old
     past_the_key_cache(replicas[0])
     assert [(await call(replicas[0], old)).status, (await call(replicas[0], new)).status] == [
@@ -83,7 +86,7 @@ async def test_rotate_with_overlap_then_without(replicas: list[ServiceStack]) ->
 
 async def test_the_overlap_ends(replicas: list[ServiceStack]) -> None:
     old = await create(replicas[0], "overlapping")
-    new = await rotate(replicas[0], "overlapping", overlap=3600)
+    new = await rotate(replicas[0], "overlapping", overlap="1h")
     replicas[0].clock.advance(3600 + 1)
     assert await statuses(replicas, old) == [401, 401]
     assert await statuses(replicas, new) == [200, 200]
