@@ -65,8 +65,9 @@ class Gateway:
         clock: Clock | None = None,
     ) -> Gateway:
         """`clock`: one test clock for what policy decides by time (rate windows, budget
-        windows and holds, cache TTL and age, the key cache and revocations, request
-        timing); a `store` passed in should run on it too. None: the real clocks."""
+        windows and holds, cache TTL and age, the key cache and revocations, SSO token
+        expiry and revocations, request timing); a `store` passed in should run on it
+        too. None: the real clocks."""
         monotonic = clock.time if clock is not None else time.monotonic
         wall = clock.time if clock is not None else time.time
         credentials = {
@@ -88,7 +89,7 @@ class Gateway:
             profiles=ProfileResolver(config),
             cache=ResponseCache(store, config.cache, wall),
             spending=Spending(config, store, metrics),
-            signin=_signin(config, store, environ),
+            signin=_signin(config, store, environ, wall, monotonic),
             otlp=OtlpRelay(config.otlp_relay),
             guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
             offload=Offload(config.guard, hash_key),
@@ -138,7 +139,13 @@ def _hash_key(config: Config, environ: Mapping[str, str] | None) -> bytes | None
     return Credential(source, environ).get().encode() if source is not None else None
 
 
-def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> SignIn | None:
+def _signin(
+    config: Config,
+    store: Store,
+    environ: Mapping[str, str] | None,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> SignIn | None:
     sso = config.sso
     if sso is None:
         return None
@@ -148,10 +155,10 @@ def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> 
     pem = Credential(sso.signing_key, environ).get() if sso.signing_key is not None else None
     previous = [load_private_key(Credential(s, environ).get()) for s in sso.previous_signing_keys]
     issuer = sso.public_url or "extproc-gateway"
-    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, previous=previous)
+    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, wall, previous)
     secret = Credential(sso.oidc.client_secret, environ)
     oidc = OidcClient(sso.oidc, secret.get)
-    return SignIn(sso, store, signer, oidc, config.auth.cache_seconds)
+    return SignIn(sso, store, signer, oidc, config.auth.cache_seconds, wall, monotonic)
 
 
 def open_configured_store(
