@@ -14,21 +14,22 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.offload import Offload
 from extproc.policies.auth import KeyDirectory
+from extproc.policies.budget.spending import Spending
+from extproc.policies.cache import ResponseCache
 from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
 from extproc.signin.otlp import OtlpRelay
 from extproc.signin.service import SignIn
-from extproc.spending import Spending
 from extproc.store import Clock, Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
+from extproc.upstream import CredentialProvider, adapter_for
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Gateway:
     config: Config
     metrics: Metrics
     audit: AuditSink
-    credentials: Mapping[str, Credential]
+    credentials: Mapping[str, CredentialProvider]  # per provider name: held credentials
     store: Store
     keys: KeyDirectory
     profiles: ProfileResolver
@@ -71,9 +72,10 @@ class Gateway:
         monotonic = clock.time if clock is not None else time.monotonic
         wall = clock.time if clock is not None else time.time
         credentials = {
-            name: Credential(provider.credential, environ)
+            name: credential
             for name, provider in config.providers.items()
-            if provider.credential is not None
+            if (credential := adapter_for(provider.api).credential_for(provider, environ))
+            is not None
         }
         store = store or open_configured_store(config, environ, clock)
         metrics = metrics or Metrics()

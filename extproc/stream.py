@@ -10,6 +10,7 @@ every request yields exactly one audit record.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,9 +19,7 @@ from typing import Any
 
 import orjson
 
-from extproc import caching
 from extproc.apis import (
-    ApiKind,
     Endpoint,
     Route,
     anthropic,
@@ -28,11 +27,20 @@ from extproc.apis import (
     classify,
     encoding,
     model_list,
-    openai,
 )
 from extproc.apis import error_response as render_error
+from extproc.apis.dialect import (
+    ANTHROPIC,
+    Accumulator,
+    Dialect,
+    ModelIn,
+    StreamFilter,
+    dialect_of,
+)
+from extproc.apis.framing import EventParser, Framing, framing_for
+from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
-from extproc.apis.sse import SseEvent, SseParser
+from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
 from extproc.apis.walk import WalkLimits
 from extproc.config import ProfileConfig, TierConfig
@@ -45,13 +53,13 @@ from extproc.errors import (
     GatewayError,
     GatewayTimeout,
     HeadersTooLarge,
+    InternalError,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
     Unavailable,
 )
 from extproc.gateway import Gateway
-from extproc.guarding import GuardRun
 from extproc.offload import (
     INLINE_VALUES,
     OFFLOAD_BYTES,
@@ -59,17 +67,29 @@ from extproc.offload import (
     check_values,
     value_bound,
 )
+from extproc.phases import (
+    Event,
+    Phase,
+    RequestBody,
+    RequestHeaders,
+    ResponseBody,
+    ResponseHeaders,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
+from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.step import Done, Ending, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun, cap_output, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
+from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +103,10 @@ MAX_RECORDED_HEADER = 128
 # the caller gets an answer rather than a reset connection.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 150
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
@@ -108,15 +132,18 @@ def _cut_short_outcome(status: int, cancelled: bool) -> str:
     return "provider_reset" if cancelled and status else "client_abort"
 
 
-# Allowed phase order (h11-style table): the phase that may follow each one.
-_NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers", "local_reply"}),
-    "local_reply": frozenset({"response_body"}),
-    "request_headers": frozenset({"request_body", "response_headers"}),
-    "request_body": frozenset({"request_body", "response_headers"}),
-    "response_headers": frozenset({"response_body"}),
-    "response_body": frozenset({"response_body"}),
+# Allowed phase order (h11-style table): the phases that may follow each one.
+_NEXT: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.REQUEST_HEADERS, Phase.LOCAL_REPLY}),
+    Phase.LOCAL_REPLY: frozenset({Phase.RESPONSE_BODY}),
+    Phase.REQUEST_HEADERS: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.REQUEST_BODY: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.RESPONSE_HEADERS: frozenset({Phase.RESPONSE_BODY}),
+    Phase.RESPONSE_BODY: frozenset({Phase.RESPONSE_BODY}),
 }
+_RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
+# Before a request of ours started (nothing to account).
+_NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -129,11 +156,21 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
         )
 
 
-def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
-    """An error body as the final SSE event of a stream, in the API's shape."""
-    if api == "openai":
-        return b"data: " + error_body + b"\n\n"
-    return b"event: error\ndata: " + error_body + b"\n\n"
+def _undecodable(why: str) -> AnswerWithheld:
+    """The 502 sent in place of an answer no policy could read."""
+    return AnswerWithheld(f"{why}; the answer was withheld", reason="undecodable_answer")
+
+
+def _as_gateway_error(failure: Exception) -> GatewayError:
+    """Any failure as the gateway error the caller gets: a store outage is `store_down`
+    (one reason per cause), anything unexpected a 500 `internal` (logged with its trace)."""
+    if isinstance(failure, GatewayError):
+        return failure
+    if isinstance(failure, StoreError):
+        log.warning("store unreachable: %s", failure)
+        return Unavailable("the gateway's store is unreachable", reason="store_down")
+    log.exception("unexpected failure", exc_info=failure)
+    return InternalError("the gateway failed to process the request; it was logged")
 
 
 class ProtocolError(Exception):
@@ -177,13 +214,15 @@ class RequestStream:
         # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
         self.trace_context = trace_context
         self.started = gateway.clock()
-        self.phase: str | None = None
+        self.phase: Phase | None = None
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
         self.agent_id: str | None = None
         self.parent_agent_id: str | None = None
-        self.api: ApiKind = "anthropic"
+        self.dialect: Dialect = ANTHROPIC  # the caller's wire schema (set from the path)
+        self.translator: Translator | None = None  # None: the provider speaks the caller's
+        self.transcoder: Transcoder | None = None  # a streamed answer being translated
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
@@ -195,22 +234,21 @@ class RequestStream:
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
-        self.cache_run: caching.CacheRun | None = None
+        self.cache_run: cache_policy.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
         self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
-        self.cache_stored = False
         self.answer = _Answer()
-        self.sse: SseParser | None = None
-        self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
+        self.sse: EventParser | None = None
+        self.accumulator: Accumulator | None = None
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
         self.forwarded = False  # the request body went on to the provider
-        self.usage_dropper: openai.UsageChunkDropper | None = None
+        self.usage_dropper: StreamFilter | None = None
         self.json_chunks: list[bytes] = []
         self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
         self.decoded_request = False  # the client's body arrived compressed and was decoded
@@ -221,10 +259,36 @@ class RequestStream:
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
 
+    @property
+    def api(self) -> ApiKind:
+        """The caller's wire schema by name (audit record, metric labels)."""
+        return self.dialect.name
+
     # -- phase order -------------------------------------------------------------------
 
-    def _enter(self, phase: str) -> None:
-        if self.outcome is not None and phase.startswith("response"):
+    async def handle(self, event: Event) -> Decision:
+        """One ext_proc message, as the frozen event `envoy_api` made of it."""
+        match event:
+            case ResponseBody():
+                return await self.response_body(event.body, event.end_of_stream)
+            case RequestBody():
+                return await self.request_body(event.body, event.end_of_stream)
+            case RequestHeaders():
+                return await self.request_headers(
+                    event.headers,
+                    event.end_of_stream,
+                    route_name=event.route_name,
+                    route_policy=event.route_policy,
+                    jwt_metadata=event.jwt_metadata,
+                )
+            case ResponseHeaders():
+                return await self.response_headers(
+                    event.headers, event.end_of_stream, details=event.details
+                )
+        return CONTINUE  # trailers pass unchanged
+
+    def _enter(self, phase: Phase) -> None:
+        if self.outcome is not None and phase in _RESPONSE_PHASES:
             # An immediate response we sent comes back through the response phases.
             self.phase = phase
             return
@@ -238,12 +302,36 @@ class RequestStream:
         if self.phase is not None:  # a request had started (no record for one that had not)
             self._finish("rejected_protocol_error")
 
-    async def _reject(self, error: GatewayError) -> Respond:
-        self.answer.status = error.status
+    # -- the error boundary --------------------------------------------------------------
+
+    def _refuse(self, failure: Exception) -> Decision:
+        """The one error boundary: every refusal and failure inside the gateway becomes
+        the caller's answer here, in its wire shape (`error_response`: status, `error.type`,
+        `x-gateway-error`, `x-gateway-request-id`, `x-should-retry`), counted once and
+        audited with the status the caller got.
+
+        Before the provider's status has gone to the client this is an immediate
+        response (a held JSON answer has its status and body replaced); once a stream's
+        status has left, an error event ends it and the rest of the answer is dropped.
+        An answer the gateway withheld is outcome `error` with its reason as the record's
+        `error_type`; anything else is `rejected_<reason>`."""
+        error = _as_gateway_error(failure)
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
-        self._finish(f"rejected_{error.reason}")
-        response = render_error(self.api, error, self.request_id)
-        return dataclasses.replace(response, headers=response.headers + self._trace_header())
+        rendered = render_error(self.dialect.name, error, self.request_id)
+        headers = rendered.headers + self._trace_header()
+        withheld = isinstance(error, AnswerWithheld)
+        if withheld or self.phase is Phase.RESPONSE_BODY:
+            self.answer.error_type, self.answer.json = error.reason, None
+        if self.phase is Phase.RESPONSE_BODY and self.answer.streamed:
+            self.withheld = b""  # the status has left: the rest of the stream is dropped
+            return Continue(body=self.dialect.stream_error(rendered.body))
+        self.answer.status = error.status
+        if self.phase is Phase.RESPONSE_BODY:  # a buffered answer: still ours to replace
+            status = ((":status", str(error.status)),)
+            changes = HeaderChanges(set=status + headers, remove=("content-length",))
+            return Continue(body=rendered.body, headers=changes)
+        self._finish("error" if withheld else f"rejected_{error.reason}")
+        return dataclasses.replace(rendered, headers=headers)
 
     # -- request -----------------------------------------------------------------------
 
@@ -256,7 +344,7 @@ class RequestStream:
         route_policy: Mapping[str, Any] | None = None,
         jwt_metadata: Mapping[str, Any] | None = None,
     ) -> Decision:
-        self._enter("request_headers")
+        self._enter(Phase.REQUEST_HEADERS)
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
@@ -266,10 +354,10 @@ class RequestStream:
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
-        self.api = api_of_path(self.path, headers)
-        if self.gw.signin is not None and SignIn.serves(self.path):
-            return await self._sign_in(headers, end_of_stream)
+        self.dialect = dialect_of(api_of_path(self.path, headers))
         try:
+            if self.gw.signin is not None and SignIn.serves(self.path):
+                return await self._sign_in(headers, end_of_stream)
             self._classify(headers)
             if self.route is not None and self.route.endpoint is Endpoint.PROBE:
                 return await self._probe()
@@ -278,8 +366,8 @@ class RequestStream:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
             await self._identify(headers, jwt_metadata or {})
             return await self._after_request_headers(end_of_stream)
-        except GatewayError as error:
-            return await self._reject(error)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
 
     async def _sign_in(self, headers: Mapping[str, str], end_of_stream: bool) -> Decision:
         """The unauthenticated sign-in endpoints: answered by `extproc.signin`."""
@@ -307,7 +395,7 @@ class RequestStream:
 
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
-        self.api = self.route.api
+        self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
@@ -359,12 +447,13 @@ class RequestStream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        if self.route.endpoint is Endpoint.MODELS and not model_id and self.api == "anthropic":
+        listing = self.route.endpoint is Endpoint.MODELS and not model_id
+        if listing and self.dialect.pages_model_list:
             query = self.path.partition("?")[2]
             self.model_page = model_list.PageRequest.parse(query)
             self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
-        self.target = self._choose_target(None)
-        return self._forward()
+        self._serve(self._choose_target(None))
+        return await self._forward()
 
     async def _probe(self) -> Respond:
         """`/` and `/health` (liveness; `?deep=1` also pings the store): no provider call."""
@@ -422,37 +511,47 @@ class RequestStream:
         return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
+        api = self.dialect.name
         try:
             if model is None and self.profile.provider is None:
-                return routing.default_target(self.gw.config, self.api)
-            return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
+                return routing.default_target(self.gw.config, api)
+            return models.choose_provider(self.gw.config, self.profile, model or "", api)
         except routing.NoProvider as exc:
             raise Unavailable(
                 f"{exc}; add one under providers:", reason="no_provider", retryable=False
             ) from exc
 
-    def _forward(self, body: bytes | None = None) -> Continue:
+    def _serve(self, target: routing.Target, model: str | None = None) -> None:
+        """The provider (and model) that serves the request: the first choice, or another
+        one later (a fallback). Spend is settled at the price of what was served."""
+        self.target = target
+        translator = target.adapter.translator(self.dialect.name)
+        self.translator = None if translator is IDENTITY else translator
+        if model is not None:
+            if self.served_model is not None and self.spend is not None:
+                self.gw.spending.serve(self.spend, model)
+            self.served_model = model
+
+    async def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
-        assert self.target is not None
-        credential = self.gw.credentials.get(self.target.name)
-        try:
-            secret = credential.get() if credential is not None else None
-        except CredentialMissing as exc:
-            log.error("provider %s has no credential: %s", self.target.name, exc)
-            raise Unavailable(
-                f"provider {self.target.name!r} has no credential configured",
-                reason="no_credential",
-                retryable=False,
-            ) from exc
-        changes = routing.upstream_headers(self.target, self.upstream_path or self.path, secret)
-        if self.upstream_path and not self.target.provider.path_prefix:
-            changes = HeaderChanges(set=((":path", self.upstream_path), *changes.set))
-        remove = list(changes.remove)
-        if secret is None and self.identity.source != "anonymous":
-            # A gateway key or an SSO token is ours, never the provider's.
-            remove += ["x-api-key", "authorization"]
+        target = self.target
+        assert target is not None
+        adapter = target.adapter
+        path = self.upstream_path or self.path
         if self.decoded_request and body is None:
             body = self.raw_body
+        if self.translator is not None and self.request is not None:
+            translated, path = self.translator.request(self.request.body, path)
+            body = orjson.dumps(translated)
+        route = adapter.route(target.cluster, target.provider, path)
+        if path != self.path and not target.provider.path_prefix:
+            route.insert(0, (":path", path))
+        auth = await self._authorize(target, route, body)
+        changes = adapter.headers(route, auth)
+        remove = list(changes.remove)
+        if auth is None and self.identity.source != "anonymous":
+            # A gateway key or an SSO token is ours, never the provider's.
+            remove += ["x-api-key", "authorization"]
         if body is not None:
             remove.append("content-length")
         if self.decoded_request:
@@ -461,16 +560,45 @@ class RequestStream:
         self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
-    async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
-        self._enter("request_body")
-        if self.signing_in and self.outcome is None:
-            return await self._signed_in(body)
-        if self.outcome is not None or self.route is None:
-            return CONTINUE
+    async def _authorize(
+        self, target: routing.Target, route: list[tuple[str, str]], body: bytes | None
+    ) -> tuple[tuple[str, str], ...] | None:
+        """The held credential's headers for the request as it leaves (None: no held
+        credential; the caller's own passes through)."""
+        credential = self.gw.credentials.get(target.name)
+        if credential is None:
+            return None
+        paths = [value for name, value in route if name == ":path"]
+        request = UpstreamRequest(
+            provider=target.name,
+            method=self.headers.get(":method", "POST"),
+            authority=target.provider.authority,
+            path=paths[-1] if paths else self.path,
+            headers=self.headers,
+            changes=tuple(route),
+            removed=CALLER_AUTH,
+            body=body if body is not None else self.raw_body,
+        )
         try:
+            return tuple(await credential.authorize(request))
+        except CredentialMissing as exc:
+            log.error("provider %s has no credential: %s", target.name, exc)
+            raise Unavailable(
+                f"provider {target.name!r} has no credential configured",
+                reason="no_credential",
+                retryable=False,
+            ) from exc
+
+    async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
+        self._enter(Phase.REQUEST_BODY)
+        try:
+            if self.signing_in and self.outcome is None:
+                return await self._signed_in(body)
+            if self.outcome is not None or self.route is None:
+                return CONTINUE
             return await self._on_request_body(body)
-        except GatewayError as error:
-            return await self._reject(error)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
 
     async def _on_request_body(self, body: bytes) -> Decision:
         assert self.route is not None
@@ -481,20 +609,21 @@ class RequestStream:
             return self._relay(body)
         if encoding.encodings(self.headers.get("content-encoding", "")):
             body = encoding.decode_body(body, self.headers["content-encoding"], limit)
-            self.decoded_request, self.raw_body = True, body
+            self.decoded_request = True
+        self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = await self._parse(body)
+        self.request = request = self._as_dialect_reads(await self._parse(body))
         if request.model is None:
-            self.target = self._choose_target(None)
-            return self._forward()
+            self._serve(self._choose_target(None))
+            return await self._forward()
         served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
         models.check_allowed(request.model, served, self.allow)
-        self.target = self._choose_target(served)
-        self.served_model = served
+        self._serve(self._choose_target(served), served)
         rewritten = served != request.model
         if rewritten:
-            request.body["model"] = served
+            path = self.dialect.with_model(self.path, request.body, served)
+            self.upstream_path = path if path != self.path else self.upstream_path
         if self.route.endpoint.generates and self._bound_spend(request):
             rewritten = True
         if self._guard_request():
@@ -512,17 +641,28 @@ class RequestStream:
         if hit is not None:
             return hit
         if self.spend is not None:
-            await self.gw.spending.admit(self.spend, request.body, len(body))
-        return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+            estimate = self.dialect.estimate_input_tokens(request.body, len(body))
+            await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
+        return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
+        """The model and streaming as the dialect finds them (a URL-model dialect reads
+        them from the path; for body dialects this changes nothing)."""
+        assert self.route is not None
+        model = self.dialect.request_model(self.path, request.model)
+        stream = self.dialect.request_stream(self.path, request.stream)
+        stream = stream and self.route.endpoint.generates
+        if model == request.model and stream == request.stream:
+            return request
+        return dataclasses.replace(request, model=model, stream=stream)
 
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
-        covers, and a streamed OpenAI answer carrying its usage. True if changed."""
-        changed = cap_output(request.body, self.gw.config.limits.max_output_tokens, self.api)
-        if self.api == "openai" and request.stream:
-            if not openai.asks_for_usage(request.body):
-                self.usage_dropper = openai.UsageChunkDropper()
-            changed = openai.request_usage(request.body) or changed
+        covers, and a streamed answer carrying its usage. True if changed."""
+        changed = self.dialect.cap_output(request.body, self.gw.config.limits.max_output_tokens)
+        if request.stream:
+            asked, self.usage_dropper = self.dialect.prepare_stream(request.body)
+            changed = asked or changed
         return changed
 
     async def _parse(self, raw: bytes) -> ParsedRequest:
@@ -530,20 +670,21 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
+        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint)
+            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint)
+            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
         await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
         self.inspection = await self.gw.offload.check(
-            raw, self.api, self.profile.guard, guarded, limits
+            raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False)
+        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -553,7 +694,7 @@ class RequestStream:
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
         limits = WalkLimits(self.gw.config.limits.max_scan_chars)
-        self.guard = GuardRun(policy, self.api, self.gw.metrics, limits=limits)
+        self.guard = GuardRun(policy, self.dialect.name, self.gw.metrics, limits=limits)
         # The worker's inspection (if any) was made without the billing block too.
         screened, billing = anthropic.split_billing_block(self.request.body)
         body = screened if billing is not None else self.request.body
@@ -587,24 +728,29 @@ class RequestStream:
         if not config.enabled or not self.route.endpoint.generates:
             return None
         presented = self._presented()
-        scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
+        scope = "shared" if config.shared else cache_policy.tenant_scope(self.identity, presented)
         key = cache_policy.cache_key(
-            self.api, self.route.endpoint, scope, self.request.body, self.headers, config.normalize
+            self.dialect.name,
+            self.route.endpoint,
+            scope,
+            self.request.body,
+            self.headers,
+            config.normalize,
         )
-        read, write = caching.cache_control(self.headers)
+        read, write = cache_policy.cache_control(self.headers)
         if self.guard is not None and self.guard.masks:
             # The stored answer would hold this request's real values behind placeholders
             # that another request's values map to as well.
             write = False
-        self.cache_run = run = caching.CacheRun(
+        self.cache_run = run = cache_policy.CacheRun(
             self.gw.cache, config, scope, key, self.request_id, read, write
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
+        if self.gw.config.cache.hygiene and read and self.body_size <= cache_policy.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
-                return cache_policy.Shape.of(self.api, body)
+                return cache_policy.Shape.of(self.dialect.name, body)
 
         entry = await run.before_upstream(shape, self.extend)
         if run.volatile:
@@ -616,13 +762,14 @@ class RequestStream:
         assert self.cache_run is not None
         if self.spend is not None:
             if self.gw.config.cache.charge_budget_on_hit:
-                await self.gw.spending.admit(self.spend, self.request.body, 0)
+                estimate = self.dialect.estimate_input_tokens(self.request.body, 0)
+                await self.gw.spending.admit(self.spend, self.request.body, input_tokens=estimate)
             else:
                 await self.gw.spending.admit_hit(self.spend)
         answer = self._screen_hit(entry.answer)
         if self.request.stream:
-            unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
-            body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+            content_type = self.dialect.framing.content_type + "; charset=utf-8"
+            body = self.dialect.unfold(answer)
             if self.usage_dropper is not None:
                 body = self.usage_dropper.feed(body) + self.usage_dropper.close()
         else:
@@ -648,7 +795,7 @@ class RequestStream:
         screened, blocked = self.guard.screen_answer(answer)
         if blocked is not None:
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            raise Unavailable(message, reason="output_blocked")
+            raise AnswerWithheld(message)
         return screened if screened is not None else answer
 
     def _cacheable_answer(self) -> dict[str, Any] | None:
@@ -669,31 +816,47 @@ class RequestStream:
         if self.phase is None:
             # Envoy answered before the request reached the gateway (`OPTIONS *` is
             # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
-            self._enter("local_reply")
+            self._enter(Phase.LOCAL_REPLY)
             return CONTINUE
-        self._enter("response_headers")
+        self._enter(Phase.RESPONSE_HEADERS)
         if self.outcome is not None or self.route is None:
             return CONTINUE
+        try:
+            return self._on_response_headers(headers, end_of_stream, details)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
+
+    def _on_response_headers(
+        self, headers: dict[str, str], end_of_stream: bool, details: str
+    ) -> Decision:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
-            return await self._reject(
-                GatewayTimeout(
-                    f"the provider sent nothing for {seconds:g} s "
-                    "(limits.first_byte_timeout_seconds); nothing was charged"
-                )
+            raise GatewayTimeout(
+                f"the provider sent nothing for {seconds:g} s "
+                "(limits.first_byte_timeout_seconds); nothing was charged"
             )
         content_type = headers.get("content-type", "")
-        if not self._decode_answer(headers.get("content-encoding", "")):
-            return self._withhold_answer(headers.get("content-encoding", ""))
+        label = headers.get("content-encoding", "")
+        if not self._decode_answer(label):
+            # An answer no policy could read never reaches the client.
+            log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
+            raise _undecodable(
+                f"the provider answered with Content-Encoding {label[:64]!r}, which the "
+                "gateway cannot read, although it asked for identity"
+            )
         drop = ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
             return Continue(headers=extra)
-        if content_type.startswith("text/event-stream"):
+        framing = self._answer_framing(content_type)
+        if framing is not None:
             self._start_stream()
+            if self.translator is not None:  # the provider's stream, in the caller's shape
+                self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
+                extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
                 extra = HeaderChanges(set=extra.set, remove=("content-length",))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
@@ -701,6 +864,19 @@ class RequestStream:
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _answer_framing(self, content_type: str) -> Framing | None:
+        """The framing of a streamed answer (None: not a stream the gateway reads)."""
+        if self.target is None:
+            return framing_for(content_type)
+        return self.target.adapter.answer_framing(content_type)
+
+    def _translated_headers(self, extra: HeaderChanges) -> HeaderChanges:
+        content_type = self.dialect.framing.content_type + "; charset=utf-8"
+        return HeaderChanges(
+            set=(*extra.set, ("content-type", content_type)),
+            remove=(*extra.remove, "content-length"),
+        )
 
     def _decode_answer(self, label: str) -> bool:
         """An answer compressed despite `accept-encoding: identity` is decoded before any
@@ -713,28 +889,6 @@ class RequestStream:
         limit = _ANSWER_DECODE_FACTOR * self.gw.config.limits.max_body_bytes
         self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
         return True
-
-    def _undecodable(self, why: str) -> Respond:
-        """The 502 sent in place of an answer no policy could read."""
-        message = f"{why}; the answer was withheld"
-        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
-        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
-        return error
-
-    def _withhold_answer(self, label: str) -> Continue:
-        """An answer no policy could read never reaches the client: it becomes a 502."""
-        log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
-        error = self._undecodable(
-            f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
-            "cannot read, although it asked for identity"
-        )
-        self.withheld = error.body
-        status = ((":status", str(error.status)),)
-        headers = HeaderChanges(
-            set=status + error.headers + self._response_headers(),
-            remove=("content-encoding", "content-length"),
-        )
-        return Continue(headers=headers, response_body_mode=BodyMode.STREAMED)
 
     def _trace_header(self) -> tuple[tuple[str, str], ...]:
         """Our span as the `traceparent`: the provider's call and the client's view are its
@@ -771,42 +925,40 @@ class RequestStream:
         if self.guard is not None:
             self.rewriter = self.guard.rewriter()  # it parses the events itself
         else:
-            self.sse = SseParser()
-        if self.api == "openai":
-            self.accumulator = openai.StreamAccumulator()
-        else:
-            self.accumulator = anthropic.StreamAccumulator()
+            self.sse = self.dialect.framing.parser()
+        self.accumulator = self.dialect.accumulator()
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        self._enter("response_body")
-        if self.withheld is not None:  # nothing of an unreadable answer passes
-            body, self.withheld = self.withheld, b""
+        self._enter(Phase.RESPONSE_BODY)
+        if self.withheld is not None:  # nothing of a refused answer passes
             if end_of_stream:
                 self._finish("error")
-            return Continue(body=body)
+            return Continue(body=self.withheld)
         if self.outcome is not None or self.route is None:
             return CONTINUE
-        if self.answer_decoder is not None:
-            return self._decoded_body(chunk, end_of_stream)
-        return self._on_response_body(chunk, end_of_stream)
-
-    def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        """Policy on the decoded answer; the client gets the decoded bytes."""
-        assert self.answer_decoder is not None
         try:
-            plain = self.answer_decoder.feed(chunk)
-            plain += self.answer_decoder.close() if end_of_stream else b""
-        except GatewayError as error:
-            log.warning("provider answer could not be decoded: %s", error.message)
-            self.withheld = b""  # and the rest of it is dropped too
+            if self.answer_decoder is not None or self.transcoder is not None:
+                return self._decoded_body(chunk, end_of_stream)
+            return self._on_response_body(chunk, end_of_stream)
+        except Exception as failure:  # every failure is answered at the boundary
+            decision = self._refuse(failure)
             if end_of_stream:
                 self._finish("error")
-            withheld = self._undecodable(f"the provider's answer {error.message}")
-            if self.answer.streamed:  # the status has left: end the stream with an error
-                return Continue(body=_sse_error(self.api, withheld.body))
-            status = ((":status", str(withheld.status)),)
-            headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
-            return Continue(body=withheld.body, headers=headers)
+            return decision
+
+    def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
+        """Policy on the decoded (and translated) answer; the client gets those bytes."""
+        plain = chunk
+        if self.answer_decoder is not None:
+            try:
+                plain = self.answer_decoder.feed(chunk)
+                plain += self.answer_decoder.close() if end_of_stream else b""
+            except GatewayError as error:
+                log.warning("provider answer could not be decoded: %s", error.message)
+                self.withheld = b""  # and the rest of it is dropped too
+                raise _undecodable(f"the provider's answer {error.message}") from error
+        if self.transcoder is not None:
+            plain = self.transcoder.feed(plain, end_of_stream)
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)
@@ -883,6 +1035,26 @@ class RequestStream:
             self.answer.error_type = str(accumulator.error.get("type", "error"))
 
     def _read_json(self, raw: bytes) -> Continue:
+        if self.translator is None:
+            return self._read_json_body(raw)
+        raw = self._translate_json(raw)
+        decision = self._read_json_body(raw)
+        if decision.body is not None:
+            return decision
+        return Continue(body=raw, headers=HeaderChanges(remove=("content-length",)))
+
+    def _translate_json(self, raw: bytes) -> bytes:
+        """The provider's JSON answer (or error) in the caller's shape."""
+        assert self.translator is not None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(body, dict):
+            return raw
+        return orjson.dumps(self.translator.answer(body, self.answer.status))
+
+    def _read_json_body(self, raw: bytes) -> Continue:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -903,13 +1075,8 @@ class RequestStream:
         replaced, blocked = self.guard.screen_answer(body)
         self._read_answer(replaced or body)
         if blocked is not None:
-            self.answer.error_type = "output_blocked"
-            self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.api, AnswerWithheld(message), self.request_id)
-            status = ((":status", str(error.status)),)
-            headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
-            return Continue(body=error.body, headers=headers)
+            raise AnswerWithheld(message)
         if replaced is None:
             return CONTINUE
         return Continue(
@@ -938,19 +1105,15 @@ class RequestStream:
         return Continue(body=orjson.dumps(body), headers=HeaderChanges(remove=("content-length",)))
 
     def _read_answer(self, body: dict[str, Any]) -> None:
-        if self.api == "openai":
-            self.answer.usage = openai.usage_from_completion(body)
-            self.answer.finish_reasons = openai.finish_reasons(body)
-        else:
-            self.answer.usage = anthropic.usage_from_message(body)
-            self.answer.finish_reasons = anthropic.finish_reasons(body)
+        self.answer.usage = self.dialect.usage(body)
+        self.answer.finish_reasons = self.dialect.finish_reasons(body)
         model = body.get("model")
         self.answer.served_model = model if isinstance(model, str) else None
         error = body.get("error")
         if isinstance(error, dict):
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
         if self.profile.records_text(self.gw.config.audit.record_text):
-            self.answer.completion = body.get("content", body.get("choices"))
+            self.answer.completion = self.dialect.completion(body)
         if self.cache_run is not None:
             self.answer.json = body
 
@@ -973,23 +1136,100 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        first = "none" if self.phase in (None, "local_reply") else "request_headers"
+        first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
-        if self.outcome is None and self.phase not in (None, "local_reply"):
+        if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
         self.settled = True
-        if self.cache_run is not None and self.outcome != "cache_hit":
-            answer = self._cacheable_answer()
-            self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
-        if self.spend is not None:
-            usage = self._billable_usage(self.outcome)
-            if usage != self.answer.usage and self.outcome != "cache_hit":
-                self.answer.usage, self.answer.usage_estimated = usage, True
-            await self.gw.spending.settle(self.spend, usage)
+        ending = self._ending(self.outcome)
+        for step in (self.cache_run, self.spend):  # step order: cache stores, spend settles
+            if step is not None:
+                await step.close(ending)
         account(self, self.finished_at)
+
+    def _ending(self, outcome: str) -> Ending:
+        """How the request ended, for the steps that close: the answer to store and what
+        is billed (an estimate, recorded as such, when the final usage never came)."""
+        billable = self.answer.usage
+        if self.spend is not None:
+            billable = self._billable_usage(outcome)
+            if billable != self.answer.usage and outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = billable, True
+        fresh = self.cache_run is not None and outcome != "cache_hit"
+        answer = self._cacheable_answer() if fresh else None
+        return Ending(outcome, self.dialect.name, answer, billable)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _steps(self) -> list[Step]:
+        """The policy steps that ran, in their fixed order: auth, guard, cache, spend."""
+        steps: list[Step] = [self.identity]
+        steps += [s for s in (self.guard, self.cache_run, self.spend) if s is not None]
+        return steps
+
+    def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
+        """What the audit record is built from: the request's own facts, the steps that
+        ran, how it ended, and the recorded text (empty unless the profile records it)."""
+        answer, request = self.answer, self.request
+        usage = answer.usage
+        started_wall = self.gw.wall_clock() - (now - self.started)
+        facts: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "request_id": self.request_id,
+            "route": self.route_name,
+            "api": self.dialect.name,
+            "endpoint": self.route.endpoint.value if self.route else None,
+            "path": self.path.split("?", 1)[0],
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "parent_agent_id": self.parent_agent_id,
+            "provider": self.target.name if self.target else None,
+            "requested_model": request.model if request else None,
+            "served_model": answer.served_model or self.served_model,
+            "status": answer.status,
+            "streamed": answer.streamed,
+            "outcome": self.outcome,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+            "web_search_requests": usage.web_search_requests,
+            "latency_ms": _ms(now - self.started),
+            "ttft_ms": _ms(answer.first_token_at - self.started) if answer.first_token_at else None,
+            "finish_reasons": self._finish_reasons(),
+        }
+        if answer.error_type:
+            facts["error_type"] = answer.error_type
+        if answer.usage_estimated:
+            facts["usage_estimated"] = True
+        text: dict[str, Any] = {}
+        if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
+            text["prompt"] = {
+                k: request.body[k] for k in ("system", "messages") if k in request.body
+            }
+            text["completion"] = self._completion()
+        return facts, self._steps(), Done(self.outcome or "", usage), text
+
+    def _completion(self) -> Any:
+        """The answer's content: the JSON body's, or the folded stream's when it completed."""
+        if self.answer.completion is not None:
+            return self.answer.completion
+        accumulator = self.accumulator
+        if accumulator is None or not accumulator.complete:
+            return None
+        return self.dialect.completion(accumulator.folded_message())
+
+    def _finish_reasons(self) -> list[str]:
+        """Why the model stopped: from the folded stream, or the JSON answer."""
+        if self.accumulator is not None:
+            return self.accumulator.finish_reasons()
+        return self.answer.finish_reasons
 
     def _finish(self, outcome: str) -> None:
         """The request's outcome is known; the rest happens in `close`."""
