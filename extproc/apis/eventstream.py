@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
+import types
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping
@@ -176,8 +178,15 @@ def _decode_message(raw: memoryview) -> EventMessage:
         raise EventStreamError("event stream message CRC mismatch (corrupt message)")
     headers_len = struct.unpack_from(">I", raw, 4)[0]
     headers_end = _PRELUDE_LEN + headers_len
-    headers = _decode_headers(raw[_PRELUDE_LEN:headers_end])
+    headers = _decode_headers_cached(bytes(raw[_PRELUDE_LEN:headers_end]))
     return EventMessage(headers=headers, payload=bytes(raw[headers_end:-4]))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_headers_cached(raw: bytes) -> Mapping[str, HeaderValue]:
+    """Headers parsed once per distinct byte string: a stream repeats the same few
+    (every Bedrock chunk has the same three), which halves the decode cost."""
+    return types.MappingProxyType(_decode_headers(memoryview(raw)))
 
 
 def _decode_headers(raw: memoryview) -> dict[str, HeaderValue]:
@@ -224,6 +233,10 @@ def _decode_value(raw: memoryview, pos: int) -> tuple[HeaderValue, int]:
 def encode_message(headers: Mapping[str, HeaderValue], payload: bytes) -> bytes:
     """One message with `headers` (in order) and `payload`, both CRCs computed."""
     encoded_headers = b"".join(_encode_header(name, value) for name, value in headers.items())
+    return _frame(encoded_headers, payload)
+
+
+def _frame(encoded_headers: bytes, payload: bytes) -> bytes:
     total = _MIN_MESSAGE + len(encoded_headers) + len(payload)
     prelude = struct.pack(">II", total, len(encoded_headers))
     head = prelude + struct.pack(">I", zlib.crc32(prelude)) + encoded_headers
@@ -262,11 +275,13 @@ _CHUNK_HEADERS: Mapping[str, HeaderValue] = {
     ":message-type": "event",
 }
 
+_CHUNK_HEADER_BYTES = b"".join(_encode_header(k, v) for k, v in _CHUNK_HEADERS.items())
+
 
 def encode_chunk(event_json: bytes) -> bytes:
     """A Bedrock `chunk` message carrying one Anthropic stream event (its JSON bytes)."""
     payload = b'{"bytes":"' + base64.b64encode(event_json) + b'"}'
-    return encode_message(_CHUNK_HEADERS, payload)
+    return _frame(_CHUNK_HEADER_BYTES, payload)
 
 
 def encode_exception(exception_type: str, message: str) -> bytes:
