@@ -42,9 +42,12 @@ from typing import Literal
 
 import orjson
 
+from extproc.apis.sse import SseEvent
+
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "BedrockEventParser",
     "EventMessage",
     "EventStreamDecoder",
     "EventStreamError",
@@ -52,6 +55,7 @@ __all__ = [
     "Int",
     "Timestamp",
     "chunk_payload",
+    "encode_bedrock_event",
     "encode_chunk",
     "encode_chunks",
     "encode_exception",
@@ -314,3 +318,66 @@ def chunk_payload(message: EventMessage) -> bytes:
 def encode_chunks(events: Iterable[bytes]) -> bytes:
     """Several Anthropic events as consecutive Bedrock chunk messages."""
     return b"".join(encode_chunk(event) for event in events)
+
+
+# -- Bedrock answers as Anthropic stream events (the SSE parser's twin) ---------------
+
+# An Anthropic `error` event's type -> the Bedrock stream exception a client expects
+# (the bedrock-runtime ResponseStream exception members).
+_EXCEPTION_FOR_ERROR: Mapping[str, str] = {
+    "invalid_request_error": "validationException",
+    "rate_limit_error": "throttlingException",
+    "overloaded_error": "serviceUnavailableException",
+    "timeout_error": "modelTimeoutException",
+    "api_error": "internalServerException",
+}
+
+
+class BedrockEventParser:
+    """Bytes of an InvokeModelWithResponseStream answer -> the Anthropic stream events
+    they carry, as `SseEvent`s (named by their `type`, like Anthropic's SSE), so the
+    accumulators and the output guard read Bedrock answers as they read SSE. An
+    exception message becomes an Anthropic `error` event naming the exception."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self._decoder = EventStreamDecoder(max_message_bytes)
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        return [_as_event(message) for message in self._decoder.feed(chunk)]
+
+    def close(self) -> list[SseEvent]:
+        self._decoder.close()
+        return []
+
+
+def _as_event(message: EventMessage) -> SseEvent:
+    if message.message_type in ("exception", "error"):
+        kind = message.header(":exception-type") or message.header(":error-code") or "error"
+        try:
+            text = str(orjson.loads(message.payload).get("message", ""))
+        except (orjson.JSONDecodeError, AttributeError):
+            text = message.payload.decode("utf-8", "replace")
+        error = {"type": "error", "error": {"type": kind, "message": text}}
+        return SseEvent("error", orjson.dumps(error).decode())
+    data = chunk_payload(message).decode("utf-8", "replace")
+    try:
+        name = orjson.loads(data).get("type")
+    except (orjson.JSONDecodeError, AttributeError):
+        name = None
+    return SseEvent(name if isinstance(name, str) else None, data)
+
+
+def encode_bedrock_event(event: str | None, data: str) -> bytes:
+    """One Anthropic stream event in Bedrock framing (`encode_event`'s twin): a chunk,
+    or for an `error` event the exception message Bedrock would send."""
+    if event == "error" or data.startswith('{"type":"error"'):
+        try:
+            error = orjson.loads(data).get("error") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            error = {}
+        kind = str(error.get("type", "api_error"))
+        exception = _EXCEPTION_FOR_ERROR.get(kind, "internalServerException")
+        return encode_exception(exception, str(error.get("message", "")))
+    return encode_chunk(data.encode("utf-8"))

@@ -7,10 +7,11 @@ import itertools
 import struct
 import uuid
 import zlib
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
+from anthropic.lib.bedrock._stream_decoder import AWSEventStreamDecoder
 from botocore.eventstream import EventStreamBuffer
 from botocore.loaders import Loader
 from botocore.model import ServiceModel
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.apis.eventstream import (
+    BedrockEventParser,
     EventMessage,
     EventStreamDecoder,
     EventStreamError,
@@ -26,11 +28,13 @@ from extproc.apis.eventstream import (
     Int,
     Timestamp,
     chunk_payload,
+    encode_bedrock_event,
     encode_chunk,
     encode_chunks,
     encode_exception,
     encode_message,
 )
+from extproc.apis.sse import SseParser, encode_event
 
 EVERY_TYPE: dict[str, HeaderValue] = {
     "t": True,
@@ -294,3 +298,68 @@ def test_chunk_payload_refuses_an_exception() -> None:
     assert message.header(":exception-type") == "validationException"
     with pytest.raises(EventStreamError, match="expected a chunk event"):
         chunk_payload(message)
+
+
+# -- Bedrock answers as Anthropic events ------------------------------------------------
+
+STREAM_EVENTS: list[dict[str, Any]] = [
+    {"type": "message_start", "message": {"id": "m", "usage": {"input_tokens": 3}}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+    {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 3}},
+]
+
+
+def test_bedrock_parser_gives_sse_events() -> None:
+    raw = encode_chunks(orjson.dumps(e) for e in STREAM_EVENTS)
+    parser = BedrockEventParser()
+    events = [e for piece in split_at(raw, [7, 100, 101]) for e in parser.feed(piece)]
+    events += parser.close()
+    assert [e.event for e in events] == ["message_start", "content_block_delta", "message_stop"]
+    assert [orjson.loads(e.data) for e in events] == STREAM_EVENTS
+
+
+def test_bedrock_parser_turns_an_exception_into_an_error_event() -> None:
+    [event] = BedrockEventParser().feed(encode_exception("throttlingException", "slow"))
+    assert event.event == "error"
+    assert orjson.loads(event.data) == {
+        "type": "error",
+        "error": {"type": "throttlingException", "message": "slow"},
+    }
+
+
+def test_bedrock_parser_refuses_a_truncated_stream() -> None:
+    parser = BedrockEventParser()
+    parser.feed(encode_chunk(b"{}")[:10])
+    with pytest.raises(EventStreamError):
+        parser.close()
+
+
+def anthropic_sdk_events(raw: bytes) -> list[tuple[str | None, str]]:
+    """What the anthropic SDK's AnthropicBedrock stream decoder yields for `raw`."""
+    decoder = AWSEventStreamDecoder()
+    return [(sse.event, sse.data) for sse in decoder.iter_bytes(iter(split_at(raw, [5, 50])))]
+
+
+def test_sse_events_re_encoded_for_bedrock_clients() -> None:
+    sse = b"".join(encode_event(str(e["type"]), orjson.dumps(e).decode()) for e in STREAM_EVENTS)
+    parser = SseParser()
+    raw = b"".join(encode_bedrock_event(e.event, e.data) for e in parser.feed(sse) + parser.close())
+    decoded = anthropic_sdk_events(raw)
+    assert [orjson.loads(data) for _, data in decoded] == STREAM_EVENTS
+
+
+@pytest.mark.parametrize(
+    ("anthropic_type", "exception"),
+    [
+        ("rate_limit_error", "throttlingException"),
+        ("overloaded_error", "serviceUnavailableException"),
+        ("api_error", "internalServerException"),
+        ("something_new", "internalServerException"),
+    ],
+)
+def test_error_events_become_bedrock_exceptions(anthropic_type: str, exception: str) -> None:
+    data = orjson.dumps({"type": "error", "error": {"type": anthropic_type, "message": "m"}})
+    raw = encode_bedrock_event("error", data.decode())
+    [(event, payload)] = anthropic_sdk_events(raw)
+    assert event == "error"
+    assert orjson.loads(payload)["error"] == {"type": exception, "message": "m"}
