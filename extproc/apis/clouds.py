@@ -46,6 +46,7 @@ __all__ = [
     "CloudAction",
     "CloudKind",
     "CloudPath",
+    "anthropic_request",
     "bedrock_error_body",
     "bedrock_exception_type",
     "beta_header",
@@ -54,6 +55,7 @@ __all__ = [
     "inference_profiles_body",
     "parse_cloud_path",
     "to_messages_body",
+    "without_invocation_metrics",
 ]
 
 CloudKind = Literal["bedrock", "vertex"]
@@ -236,6 +238,29 @@ def beta_header(body: dict[str, Any]) -> str | None:
     if any(not re.fullmatch(r"[A-Za-z0-9._\-]+", b) for b in betas):
         raise BadRequest("an `anthropic_beta` entry is malformed", reason="invalid_request")
     return ",".join(betas)
+
+
+def anthropic_request(
+    body: dict[str, Any], where: CloudPath
+) -> tuple[dict[str, Any], str, str | None]:
+    """A cloud client's request for the Anthropic API (cross-serving): the Messages body
+    (model from the URL, `stream` from the path on Bedrock; the cloud-only fields
+    `anthropic_version`/`anthropic_beta` out, which the API refuses as extra inputs),
+    its path, and the `anthropic-beta` header the body's list becomes (None: none)."""
+    messages = to_messages_body(body, where)
+    beta = beta_header(messages)
+    messages.pop("anthropic_version", None)
+    messages.pop("anthropic_beta", None)
+    count = where.action is CloudAction.COUNT_TOKENS
+    if count:
+        messages.pop("stream", None)
+    return messages, "/v1/messages/count_tokens" if count else "/v1/messages", beta
+
+
+def without_invocation_metrics(data: dict[str, Any]) -> bool:
+    """Drop Bedrock's `amazon-bedrock-invocationMetrics` from a `message_stop` event
+    served to a non-Bedrock client; True if it was there."""
+    return data.pop("amazon-bedrock-invocationMetrics", None) is not None
 
 
 # -- answers -------------------------------------------------------------------------

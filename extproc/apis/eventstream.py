@@ -47,10 +47,12 @@ from extproc.apis.sse import SseEvent
 __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "EVENT_STREAM",
     "BedrockEventParser",
     "EventMessage",
     "EventStreamDecoder",
     "EventStreamError",
+    "EventStreamFraming",
     "HeaderValue",
     "Int",
     "Timestamp",
@@ -381,3 +383,19 @@ def encode_bedrock_event(event: str | None, data: str) -> bytes:
         exception = _EXCEPTION_FOR_ERROR.get(kind, "internalServerException")
         return encode_exception(exception, str(error.get("message", "")))
     return encode_chunk(data.encode("utf-8"))
+
+
+class EventStreamFraming:
+    """AWS event-stream as a framing (`extproc.apis.framing.Framing`): a Bedrock answer's
+    bytes <-> the Anthropic stream events it carries."""
+
+    content_type = CONTENT_TYPE
+
+    def parser(self) -> BedrockEventParser:
+        return BedrockEventParser()
+
+    def encode(self, event: SseEvent) -> bytes:
+        return encode_bedrock_event(event.event, event.data)
+
+
+EVENT_STREAM = EventStreamFraming()

@@ -11,6 +11,7 @@ from extproc.apis.clouds import (
     CloudAction,
     CloudKind,
     CloudPath,
+    anthropic_request,
     bedrock_error_body,
     bedrock_exception_type,
     beta_header,
@@ -18,6 +19,7 @@ from extproc.apis.clouds import (
     inference_profiles_body,
     parse_cloud_path,
     to_messages_body,
+    without_invocation_metrics,
 )
 from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 
@@ -276,3 +278,36 @@ def test_inference_profiles_body() -> None:
     [summary] = body["inferenceProfileSummaries"]
     assert summary["inferenceProfileId"] == PROFILE
     assert summary["status"] == "ACTIVE"
+
+
+def test_cross_serving_a_bedrock_client_from_the_anthropic_api() -> None:
+    where = bedrock("POST", f"/bedrock/model/{PROFILE}/invoke-with-response-stream")
+    assert where is not None
+    body, path, beta = anthropic_request(BEDROCK_BODY, where)
+    assert path == "/v1/messages"
+    assert beta == "interleaved-thinking-2025-05-14"
+    assert body == {
+        "model": PROFILE,
+        "stream": True,
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert BEDROCK_BODY["anthropic_version"] == "bedrock-2023-05-31"  # input untouched
+
+
+def test_cross_serving_vertex_count_tokens() -> None:
+    where = vertex("POST", f"{VERTEX_BASE}/count-tokens:rawPredict")
+    assert where is not None
+    body, path, beta = anthropic_request({"model": "m@1", "messages": []}, where)
+    assert (path, beta, body) == (
+        "/v1/messages/count_tokens",
+        None,
+        {"model": "m@1", "messages": []},
+    )
+
+
+def test_invocation_metrics_are_dropped() -> None:
+    event: dict[str, Any] = {"type": "message_stop", "amazon-bedrock-invocationMetrics": {}}
+    assert without_invocation_metrics(event)
+    assert event == {"type": "message_stop"}
+    assert not without_invocation_metrics(event)
