@@ -18,26 +18,20 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import _common as c
 import orjson
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench._common import table, write_section  # noqa: E402
-from extproc.apis.eventstream import (  # noqa: E402
+from extproc.apis.eventstream import (
     EventStreamDecoder,
     chunk_payload,
     encode_chunk,
 )
-from extproc.apis.sse import SseParser, encode_event  # noqa: E402
+from extproc.apis.sse import SseParser, encode_event
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
+RESULTS = c.ROOT / "bench" / "RESULTS.md"
 DELTAS = 300
 ROUNDS = 15
 
@@ -158,7 +152,7 @@ def report(rows: list[list[str]], facts: dict[str, str]) -> str:
             "JSON payload, two CRC32s); SSE rows read the same events as `text/event-stream`",
             "(the SSE per-message reads are 200-byte network reads).",
             "",
-            table(header, rows),
+            c.table(header, rows),
         ]
     )
 
@@ -171,7 +165,7 @@ def main() -> None:
     text = report(rows, facts)
     print(text)
     if not args.no_write:
-        write_section(RESULTS, "eventstream", text, "Benchmark results")
+        c.write_section(RESULTS, "eventstream", text, "Benchmark results")
 
 
 if __name__ == "__main__":

@@ -440,6 +440,55 @@ class ModelRoute(_Frozen):
     provider: str
 
 
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_RESERVED_PREFIXES = ("/v1", "/health", "/quota", "/managed", "/oauth", "/.well-known")
+
+
+class CloudPathsConfig(_Frozen):
+    """Where the gateway serves Claude Code's cloud modes (README "Bedrock and Vertex
+    clients"): the path prefix a developer's `ANTHROPIC_BEDROCK_BASE_URL` /
+    `ANTHROPIC_VERTEX_BASE_URL` ends in; `null` turns one off."""
+
+    bedrock: str | None = "/bedrock"
+    vertex: str | None = "/vertex"
+    # The Bedrock model ids `GET {bedrock}/inference-profiles` lists (Claude Code asks at
+    # start, unauthenticated; an empty list makes it use its default model id).
+    inference_profiles: tuple[str, ...] = ()
+
+    @field_validator("bedrock", "vertex")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _PREFIX.fullmatch(value):
+            raise ValueError(f"{value!r} must be a path like /bedrock (no trailing /)")
+        if value.startswith(_RESERVED_PREFIXES):
+            raise ValueError(f"{value!r} overlaps a path the gateway serves itself")
+        return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> CloudPathsConfig:
+        if (
+            self.bedrock
+            and self.vertex
+            and (
+                self.bedrock.startswith(self.vertex + "/")
+                or self.vertex.startswith(self.bedrock + "/")
+                or self.bedrock == self.vertex
+            )
+        ):
+            raise ValueError("cloud_paths.bedrock and cloud_paths.vertex must not nest")
+        return self
+
+    def prefixes(self) -> tuple[tuple[str, Literal["bedrock", "vertex"]], ...]:
+        pairs: list[tuple[str, Literal["bedrock", "vertex"]]] = []
+        if self.bedrock:
+            pairs.append((self.bedrock, "bedrock"))
+        if self.vertex:
+            pairs.append((self.vertex, "vertex"))
+        return tuple(pairs)
+
+
 class ModelsConfig(_Frozen):
     aliases: dict[str, str] = Field(default_factory=dict)
     routes: tuple[ModelRoute, ...] = ()
@@ -477,6 +526,7 @@ class Config(_Frozen):
     # Sign in with the company's SSO (the Claude Code gateway protocol); off when absent.
     sso: SsoConfig | None = None
     otlp_relay: OtlpRelayConfig = OtlpRelayConfig()
+    cloud_paths: CloudPathsConfig = CloudPathsConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod

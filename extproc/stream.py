@@ -25,10 +25,12 @@ from extproc.apis import (
     anthropic,
     api_of_path,
     classify,
+    cloud_kind_of,
     encoding,
     model_list,
 )
 from extproc.apis import error_response as render_error
+from extproc.apis.clouds import inference_profiles_body
 from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
 from extproc.apis.framing import EventParser, Framing, framing_for
 from extproc.apis.kind import ApiKind
@@ -63,7 +65,7 @@ from extproc.offload import (
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.guard import Inspection
-from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -71,7 +73,13 @@ from extproc.spending import SpendRun, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
-from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream import (
+    IDENTITY,
+    HeaderTranslator,
+    Transcoder,
+    Translator,
+    UpstreamRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +283,8 @@ class RequestStream:
             self._classify(headers)
             if self.route is not None and self.route.endpoint is Endpoint.PROBE:
                 return await self._probe()
+            if self.route is not None and self.route.endpoint is Endpoint.INFERENCE_PROFILES:
+                return self._inference_profiles()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -308,7 +318,11 @@ class RequestStream:
         return answer
 
     def _classify(self, headers: Mapping[str, str]) -> None:
-        self.route = classify(headers.get(":method", "GET"), self.path, headers)
+        clouds = self.gw.config.cloud_paths.prefixes()
+        cloud = cloud_kind_of(self.path, clouds)
+        if cloud is not None:  # refusals under a cloud prefix come in that cloud's shape
+            self.dialect = dialect_of(cloud)
+        self.route = classify(headers.get(":method", "GET"), self.path, headers, clouds)
         self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
@@ -390,6 +404,14 @@ class RequestStream:
         payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
         return Respond(status, payload, headers, details="extproc_probe")
 
+    def _inference_profiles(self) -> Respond:
+        """Bedrock's ListInferenceProfiles, which Claude Code asks at start without any
+        credential: the ids in `cloud_paths.inference_profiles` (config, not a secret)."""
+        profiles = list(self.gw.config.cloud_paths.inference_profiles)
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        answer = Respond(200, inference_profiles_body(profiles), headers, "extproc_profiles")
+        return self._answer(answer, "inference_profiles")
+
     async def _quota(self) -> Respond:
         try:
             report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
@@ -454,10 +476,13 @@ class RequestStream:
         path = self.upstream_path or self.path
         if self.decoded_request and body is None:
             body = self.raw_body
+        extra: tuple[tuple[str, str], ...] = ()
         if self.translator is not None and self.request is not None:
+            if isinstance(self.translator, HeaderTranslator):
+                extra = self.translator.request_headers(self.request.body, self.headers)
             translated, path = self.translator.request(self.request.body, path)
             body = orjson.dumps(translated)
-        route = adapter.route(target.cluster, target.provider, path)
+        route = adapter.route(target.cluster, target.provider, path) + list(extra)
         if path != self.path and not target.provider.path_prefix:
             route.insert(0, (":path", path))
         auth = await self._authorize(target, route, body)
@@ -576,9 +601,9 @@ class RequestStream:
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint)
+            return self._parse_body(raw)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint)
+            request = self._parse_body(raw)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
@@ -586,7 +611,16 @@ class RequestStream:
         self.inspection = await self.gw.offload.check(
             raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False)
+        return self._parse_body(raw, check_keys=False)
+
+    def _parse_body(self, raw: bytes, *, check_keys: bool = True) -> ParsedRequest:
+        """The body as a `ParsedRequest`; a cloud client's made canonical Messages."""
+        assert self.route is not None
+        if self.route.cloud is not None:
+            return parse_cloud_request(
+                raw, self.route.endpoint, self.route.cloud, check_keys=check_keys
+            )
+        return parse_request(raw, self.route.endpoint, check_keys=check_keys)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -861,6 +895,8 @@ class RequestStream:
             if self.answer_decoder is not None:
                 plain = self.answer_decoder.feed(chunk)
                 plain += self.answer_decoder.close() if end_of_stream else b""
+            if self.transcoder is not None:
+                plain = self.transcoder.feed(plain, end_of_stream)
         except GatewayError as error:
             log.warning("provider answer could not be decoded: %s", error.message)
             self.withheld = b""  # and the rest of it is dropped too
@@ -872,8 +908,6 @@ class RequestStream:
             status = ((":status", str(withheld.status)),)
             headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
             return Continue(body=withheld.body, headers=headers)
-        if self.transcoder is not None:
-            plain = self.transcoder.feed(plain, end_of_stream)
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)

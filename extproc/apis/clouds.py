@@ -38,7 +38,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from extproc.errors import BadRequest, MethodNotAllowed, NotFound
 
 __all__ = [
     "BEDROCK_VERSION",
@@ -285,14 +285,15 @@ def bedrock_exception_type(status: int) -> str:
     return _BEDROCK_ERRORS.get(status, "InternalServerException")
 
 
-def bedrock_error_body(error: GatewayError, anthropic_type: str) -> bytes:
-    """An error body both kinds of Bedrock client read: boto3 takes `message` (and the
-    `x-amzn-errortype` header), the anthropic SDKs and Claude Code `error.message`."""
+def bedrock_error_body(status: int, message: str, anthropic_type: str) -> bytes:
+    """An error body every kind of Bedrock client reads: boto3 takes `message` and
+    `__type` (its error code), the anthropic SDKs and Claude Code `error.message`."""
     return orjson.dumps(
         {
-            "message": error.message,
+            "message": message,
+            "__type": bedrock_exception_type(status),
             "type": "error",
-            "error": {"type": anthropic_type, "message": error.message},
+            "error": {"type": anthropic_type, "message": message},
         }
     )
 

@@ -43,6 +43,7 @@ from typing import Literal
 import orjson
 
 from extproc.apis.sse import SseEvent
+from extproc.errors import AnswerWithheld
 
 __all__ = [
     "CONTENT_TYPE",
@@ -347,11 +348,22 @@ class BedrockEventParser:
         self._decoder = EventStreamDecoder(max_message_bytes)
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        return [_as_event(message) for message in self._decoder.feed(chunk)]
+        try:
+            return [_as_event(message) for message in self._decoder.feed(chunk)]
+        except EventStreamError as exc:
+            raise _unreadable(exc) from exc
 
     def close(self) -> list[SseEvent]:
-        self._decoder.close()
+        try:
+            self._decoder.close()
+        except EventStreamError as exc:
+            raise _unreadable(exc) from exc
         return []
+
+
+def _unreadable(exc: EventStreamError) -> AnswerWithheld:
+    """A broken provider stream as the gateway error its client gets (502, withheld)."""
+    return AnswerWithheld(f"is not a valid AWS event stream: {exc}", reason="undecodable_answer")
 
 
 def _as_event(message: EventMessage) -> SseEvent:

@@ -111,7 +111,19 @@ def adapter_for(kind: str) -> UpstreamAdapter:
     return _ADAPTERS[kind]
 
 
+# Where a cloud client's requests go when no provider speaks its own schema: Claude on
+# the Anthropic API, else on the other cloud (cross-serving, `upstream.cloud_clients`).
+_SERVED_BY: Mapping[str, tuple[str, ...]] = {
+    "bedrock": ("anthropic", "vertex"),
+    "vertex": ("anthropic", "bedrock"),
+}
+
+
 def default_provider(config: Config, client: ApiKind) -> str | None:
-    """The first provider that speaks the client's schema: where its requests go when
-    no rule names one."""
-    return next((name for name, p in config.providers.items() if p.api == client), None)
+    """The first provider that speaks the client's schema (for a Bedrock or Vertex
+    client, else one that serves Claude): where its requests go when no rule names one."""
+    for kind in (client, *_SERVED_BY.get(client, ())):
+        name = next((name for name, p in config.providers.items() if p.api == kind), None)
+        if name is not None:
+            return name
+    return None

@@ -21,7 +21,7 @@ from extproc.apis.clouds import (
     to_messages_body,
     without_invocation_metrics,
 )
-from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from extproc.errors import BadRequest, MethodNotAllowed, NotFound
 
 PROFILE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 VERTEX_BASE = "/vertex/projects/proj-1/locations/us-east5/publishers/anthropic/models"
@@ -266,9 +266,9 @@ def test_beta_header() -> None:
 
 
 def test_bedrock_error_body_serves_both_client_kinds() -> None:
-    body = orjson.loads(bedrock_error_body(GatewayError("nope"), "api_error"))
-    assert body["message"] == "nope"
-    assert body["error"] == {"type": "api_error", "message": "nope"}
+    body = orjson.loads(bedrock_error_body(429, "nope", "rate_limit_error"))
+    assert (body["message"], body["__type"]) == ("nope", "ThrottlingException")
+    assert body["error"] == {"type": "rate_limit_error", "message": "nope"}
     assert bedrock_exception_type(429) == "ThrottlingException"
     assert bedrock_exception_type(502) == "InternalServerException"
 

@@ -35,6 +35,7 @@ from extproc.apis.eventstream import (
     encode_message,
 )
 from extproc.apis.sse import SseParser, encode_event
+from extproc.errors import AnswerWithheld
 
 EVERY_TYPE: dict[str, HeaderValue] = {
     "t": True,
@@ -330,8 +331,14 @@ def test_bedrock_parser_turns_an_exception_into_an_error_event() -> None:
 def test_bedrock_parser_refuses_a_truncated_stream() -> None:
     parser = BedrockEventParser()
     parser.feed(encode_chunk(b"{}")[:10])
-    with pytest.raises(EventStreamError):
+    with pytest.raises(AnswerWithheld, match="not a valid AWS event stream") as caught:
         parser.close()
+    assert (caught.value.status, caught.value.reason) == (502, "undecodable_answer")
+
+
+def test_bedrock_parser_refuses_a_corrupt_frame() -> None:
+    with pytest.raises(AnswerWithheld, match="CRC"):
+        BedrockEventParser().feed(flip(encode_chunk(b"{}"), 20))
 
 
 def anthropic_sdk_events(raw: bytes) -> list[tuple[str | None, str]]:
