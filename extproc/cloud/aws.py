@@ -1,0 +1,103 @@
+"""AWS credentials from the standard chain, and SigV4 signing of upstream requests.
+
+The chain is botocore's, in its documented order: environment variables, the shared
+credentials and config files (profiles, `credential_process`, SSO, assume-role), web
+identity (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`: EKS IRSA, GitHub OIDC), the
+container endpoint (ECS task role, EKS Pod Identity) and the EC2 instance metadata service.
+The chain is resolved afresh at each refresh (in a worker thread, see `refresh`), so the
+gateway, not botocore's lazy refresh-on-access, decides when the network is touched.
+
+Signing (`sign`) is pure CPU: SigV4 over the final body, which the ext_proc has after every
+mutation (mapped model, `anthropic_beta` moved into the body). Only `host`, `content-type`,
+`x-amz-date` and the session token are signed, so headers Envoy adds later
+(`x-request-id`, `x-forwarded-*`) cannot break the signature.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import botocore.session
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials, create_credential_resolver
+
+from extproc.cloud.refresh import Refreshing, Snapshot
+from extproc.credentials import CredentialMissing
+
+BEDROCK_SERVICE = "bedrock"
+# Claude Platform on AWS signs for this service name (its IAM actions are
+# `aws-external-anthropic:*`; endpoint https://aws-external-anthropic.<region>.api.aws).
+CLAUDE_PLATFORM_SERVICE = "aws-external-anthropic"
+
+_SIGNED_OUT = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token")
+
+
+def _expiry_of(credentials: Credentials) -> float | None:
+    """The expiry of refreshable (temporary) credentials; None for long-lived keys."""
+    expiry = getattr(credentials, "_expiry_time", None)
+    if isinstance(expiry, dt.datetime):
+        return expiry.timestamp()
+    return None
+
+
+def chain_fetcher(profile: str | None = None) -> Callable[[], Snapshot[ReadOnlyCredentials]]:
+    """A blocking fetch of credentials from the standard chain (run it in a thread)."""
+
+    def fetch() -> Snapshot[ReadOnlyCredentials]:
+        session = botocore.session.Session(profile=profile)
+        credentials = create_credential_resolver(session).load_credentials()
+        if credentials is None:
+            raise CredentialMissing("no AWS credentials found in the standard chain")
+        frozen = credentials.get_frozen_credentials()
+        return Snapshot(frozen, _expiry_of(credentials))
+
+    return fetch
+
+
+class AwsCredentials(Refreshing[ReadOnlyCredentials]):
+    """The chain's current credentials, refreshed in the background before they expire."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], Snapshot[ReadOnlyCredentials]] | None = None,
+        *,
+        profile: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__("aws", fetch or chain_fetcher(profile), clock=clock)
+
+
+@dataclass(frozen=True)
+class SigV4Signer:
+    """Signs one request for a service and region with the current credentials."""
+
+    credentials: AwsCredentials
+    service: str
+    region: str
+
+    def sign(
+        self, method: str, url: str, body: bytes, content_type: str = "application/json"
+    ) -> dict[str, str]:
+        """The headers to set on the upstream request: authorization, x-amz-date, token."""
+        return sign(
+            self.credentials.current(), self.service, self.region, method, url, body, content_type
+        )
+
+
+def sign(
+    credentials: ReadOnlyCredentials,
+    service: str,
+    region: str,
+    method: str,
+    url: str,
+    body: bytes,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """SigV4 headers for `method url` with this body (botocore's signer; pure CPU)."""
+    request = AWSRequest(method=method, url=url, data=body, headers={"content-type": content_type})
+    SigV4Auth(credentials, service, region).add_auth(request)
+    return {name.lower(): request.headers[name] for name in _SIGNED_OUT if name in request.headers}

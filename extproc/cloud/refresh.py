@@ -1,0 +1,98 @@
+"""A credential snapshot that a background task refreshes before it expires.
+
+Fetching cloud credentials is blocking network I/O (STS, the instance metadata service,
+Google's token endpoint). It runs in a worker thread, ahead of expiry, so a request never
+waits for it: the hot path reads the last snapshot, and refuses only when the snapshot has
+really expired (the refresher then failed for the whole margin and is logged loudly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from extproc.credentials import CredentialMissing
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Refresh this long before expiry: tokens live 15 min to 12 h; five minutes covers a slow
+# STS or metadata server and a refresher that missed one tick.
+REFRESH_MARGIN_SECONDS = 300.0
+# How often the background task looks; a failed refresh is retried at this pace.
+CHECK_EVERY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Snapshot(Generic[T]):
+    """One fetched credential; `expires_at` is wall-clock seconds, None for no expiry."""
+
+    value: T
+    expires_at: float | None
+
+
+class Refreshing(Generic[T]):
+    """Holds the latest snapshot from `fetch` (a blocking call, run in a thread).
+
+    `clock` is wall-clock seconds (expiry times from clouds are absolute); tests inject one.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fetch: Callable[[], Snapshot[T]],
+        *,
+        clock: Callable[[], float] = time.time,
+        margin: float = REFRESH_MARGIN_SECONDS,
+    ) -> None:
+        self.name = name
+        self._fetch = fetch
+        self._clock = clock
+        self._margin = margin
+        self._snapshot: Snapshot[T] | None = None
+        self._lock = asyncio.Lock()
+
+    def current(self) -> T:
+        """The snapshot's value; `CredentialMissing` before the first fetch or after expiry."""
+        snap = self._snapshot
+        if snap is None:
+            raise CredentialMissing(f"{self.name}: no credentials fetched yet")
+        if snap.expires_at is not None and self._clock() >= snap.expires_at:
+            raise CredentialMissing(f"{self.name}: credentials expired and were not refreshed")
+        return snap.value
+
+    def due(self) -> bool:
+        """Whether a refresh should run now (nothing yet, or within the margin of expiry)."""
+        snap = self._snapshot
+        if snap is None:
+            return True
+        return snap.expires_at is not None and self._clock() >= snap.expires_at - self._margin
+
+    async def refresh(self) -> None:
+        """Fetch a new snapshot in a worker thread; concurrent callers share one fetch."""
+        async with self._lock:
+            self._snapshot = await asyncio.to_thread(self._fetch)
+
+    async def ensure(self) -> None:
+        """Refresh when due: at start, and from the background loop."""
+        if self.due():
+            await self.refresh()
+
+    async def run(self, stop: asyncio.Event, every: float = CHECK_EVERY_SECONDS) -> None:
+        """Keep the snapshot fresh until `stop` is set; errors are logged and retried."""
+        while not stop.is_set():
+            try:
+                await self.ensure()
+            except Exception as exc:  # any cloud SDK error: keep serving the old snapshot
+                # Cloud SDK errors name the endpoint and the cause, never the secret.
+                log.error(
+                    "%s: credential refresh failed: %s: %.300s", self.name, type(exc).__name__, exc
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
