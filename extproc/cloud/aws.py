@@ -7,10 +7,8 @@ container endpoint (ECS task role, EKS Pod Identity) and the EC2 instance metada
 The chain is resolved afresh at each refresh (in a worker thread, see `refresh`), so the
 gateway, not botocore's lazy refresh-on-access, decides when the network is touched.
 
-Signing (`sign`) is pure CPU: SigV4 over the final body, which the ext_proc has after every
-mutation (mapped model, `anthropic_beta` moved into the body). Only `host`, `content-type`,
-`x-amz-date` and the session token are signed, so headers Envoy adds later
-(`x-request-id`, `x-forwarded-*`) cannot break the signature.
+Signing (`sign`) is pure CPU (`sigv4`): SigV4 over the final body, which the ext_proc has
+after every mutation (mapped model, `anthropic_beta` moved into the body).
 """
 
 from __future__ import annotations
@@ -21,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import botocore.session
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials, create_credential_resolver
 
+from extproc.cloud import sigv4
 from extproc.cloud.refresh import Refreshing, Snapshot
 from extproc.credentials import CredentialMissing
 
@@ -32,8 +29,6 @@ BEDROCK_SERVICE = "bedrock"
 # Claude Platform on AWS signs for this service name (its IAM actions are
 # `aws-external-anthropic:*`; endpoint https://aws-external-anthropic.<region>.api.aws).
 CLAUDE_PLATFORM_SERVICE = "aws-external-anthropic"
-
-_SIGNED_OUT = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token")
 
 
 def _expiry_of(credentials: Credentials) -> float | None:
@@ -97,7 +92,6 @@ def sign(
     body: bytes,
     content_type: str = "application/json",
 ) -> dict[str, str]:
-    """SigV4 headers for `method url` with this body (botocore's signer; pure CPU)."""
-    request = AWSRequest(method=method, url=url, data=body, headers={"content-type": content_type})
-    SigV4Auth(credentials, service, region).add_auth(request)
-    return {name.lower(): request.headers[name] for name in _SIGNED_OUT if name in request.headers}
+    """SigV4 headers for `method url` with this body (pure CPU; see `sigv4`)."""
+    keys = sigv4.AwsKeys(credentials.access_key, credentials.secret_key, credentials.token)
+    return sigv4.sign(keys, service, region, method, url, body, content_type)
