@@ -93,5 +93,7 @@ def sign(
     content_type: str = "application/json",
 ) -> dict[str, str]:
     """SigV4 headers for `method url` with this body (pure CPU; see `sigv4`)."""
-    keys = sigv4.AwsKeys(credentials.access_key, credentials.secret_key, credentials.token)
+    keys = sigv4.AwsKeys(
+        credentials.access_key or "", credentials.secret_key or "", credentials.token
+    )
     return sigv4.sign(keys, service, region, method, url, body, content_type)

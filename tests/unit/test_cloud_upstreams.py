@@ -14,18 +14,21 @@ BODY = {
 }
 
 
+SONNET = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+OPUS_EU = "eu.anthropic.claude-opus-4-1-20250805-v1:0"
+PROFILE_ARN = "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ab12"
+
+
 @pytest.mark.parametrize(
     ("model", "mapping", "prefix", "expected"),
     [
-        ("anthropic.claude-sonnet-4-5-20250929-v1:0", {}, None, "anthropic.claude-sonnet-4-5-20250929-v1:0"),
-        ("anthropic.claude-sonnet-4-5-20250929-v1:0", {}, "us", "us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
-        ("eu.anthropic.claude-opus-4-1-20250805-v1:0", {}, "us", "eu.anthropic.claude-opus-4-1-20250805-v1:0"),
-        ("claude-sonnet-4-5", {"claude-sonnet-4-5": "global.anthropic.claude-sonnet-4-5-20250929-v1:0"}, None,
-         "global.anthropic.claude-sonnet-4-5-20250929-v1:0"),
-        ("x", {"x": "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ab12"}, "us",
-         "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/ab12"),
+        (SONNET, {}, None, SONNET),
+        (SONNET, {}, "us", f"us.{SONNET}"),
+        (OPUS_EU, {}, "us", OPUS_EU),
+        ("claude-sonnet-4-5", {"claude-sonnet-4-5": f"global.{SONNET}"}, None, f"global.{SONNET}"),
+        ("x", {"x": PROFILE_ARN}, "us", PROFILE_ARN),
     ],
-)  # fmt: skip
+)
 def test_bedrock_model_ids(
     model: str, mapping: dict[str, str], prefix: str | None, expected: str
 ) -> None:
