@@ -38,7 +38,7 @@ import jwt
 import orjson
 from aiohttp import web
 from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.awsrequest import AWSRequest, HTTPHeaders
 from botocore.credentials import ReadOnlyCredentials
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -214,6 +214,20 @@ def _sts_error(status: int, code: str, message: str) -> web.Response:
 # --------------------------------------------------------------------------- SigV4 oracle
 
 
+class _Oracle(SigV4Auth):
+    """botocore's SigV4 with exactly the headers the request says it signed.
+
+    botocore's signer never signs `user-agent` or `expect` (its own blacklist), but AWS
+    verifies whatever `SignedHeaders` lists, and Envoy's filter does sign `user-agent`.
+    """
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+        header_map = HTTPHeaders()
+        for name, value in request.headers.items():
+            header_map[name.lower()] = value
+        return header_map
+
+
 class SignatureError(Exception):
     """The request's SigV4 signature is missing or wrong (AWS answers 403)."""
 
@@ -261,7 +275,7 @@ def verify_sigv4(
         method=method, url=f"http://{headers['host']}{raw_path}", data=body, headers=signed
     )
     request.context["timestamp"] = amz_date
-    auth = SigV4Auth(
+    auth = _Oracle(
         ReadOnlyCredentials(key.access_key, key.secret_key, key.token or None), service, region
     )
     canonical = auth.canonical_request(request)
@@ -291,10 +305,16 @@ class FakeBedrock(_Server):
     """Bedrock runtime InvokeModel / InvokeModelWithResponseStream for Anthropic models."""
 
     def __init__(
-        self, identity: AwsIdentity, region: str = "us-east-1", service: str = "bedrock"
+        self,
+        identity: AwsIdentity,
+        region: str = "us-east-1",
+        service: str = "bedrock",
+        *,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         self.identity, self.region, self.service = identity, region, service
+        self.verify = verify  # False only for a benchmark's unsigned baseline
         self.calls: list[BedrockCall] = []
         self.refused: list[str] = []
 
@@ -306,6 +326,8 @@ class FakeBedrock(_Server):
         headers = {k.lower(): v for k, v in request.headers.items()}
         raw_path = request.rel_url.raw_path
         try:
+            if not self.verify:
+                return await self._unverified(request, raw_path, headers, body)
             key = verify_sigv4(
                 self.identity,
                 service=self.service,
@@ -325,6 +347,12 @@ class FakeBedrock(_Server):
             kind = "ValidationException" if exc.status == 400 else "ResourceNotFoundException"
             return _aws_error(exc.status, kind, exc.message)
         self.calls.append(call)
+        return await self._answer(request, call)
+
+    async def _unverified(
+        self, request: web.Request, raw_path: str, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        call = self._parse(request.method, raw_path, headers, body, "")
         return await self._answer(request, call)
 
     def _parse(
