@@ -573,39 +573,76 @@ def _google_error(status: int, kind: str, message: str) -> web.Response:
 
 
 class FakeFoundry(_Server):
-    """Foundry's `/anthropic/v1/messages`: an api key (`x-api-key`/`api-key`) or a bearer."""
+    """Foundry's `/anthropic/v1/messages` (an api key or an Entra bearer token) and the
+    Entra v2.0 token endpoint (`/{tenant}/oauth2/v2.0/token`, client credentials with a
+    secret or a federated workload-identity assertion) on one server."""
 
-    def __init__(self, api_key: str, bearer: str | None = None) -> None:
+    def __init__(self, api_key: str, *, tenant: str = "tenant-1", client_id: str = "app-1") -> None:
         super().__init__()
-        self.api_key, self.bearer = api_key, bearer
+        self.api_key, self.tenant, self.client_id = api_key, tenant, client_id
+        self.client_secret: str | None = None
+        self.federated_token: str | None = None
+        self.token_lifetime = 3600.0
+        self.tokens: dict[str, float] = {}
         self.received: list[dict[str, str]] = []
-        self.inner = fp.FakeProvider(record=False)
+        self.refused: list[str] = []
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/anthropic/v1/messages", self._messages)
+        app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        problem = self._token_problem(
+            request.match_info["tenant"], {k: str(v) for k, v in form.items()}
+        )
+        if problem:
+            self.refused.append(problem)
+            return web.json_response(
+                {"error": "invalid_client", "error_description": problem}, status=401
+            )
+        token = "eyJ0eXAi.entra-" + secrets.token_urlsafe(16)
+        self.tokens[token] = time.time() + self.token_lifetime
+        answer = {
+            "token_type": "Bearer",
+            "expires_in": int(self.token_lifetime),
+            "access_token": token,
+        }
+        return web.json_response(answer)
+
+    def _token_problem(self, tenant: str, form: dict[str, str]) -> str | None:
+        if tenant != self.tenant or form.get("client_id") != self.client_id:
+            return "AADSTS700016: application not found in the directory"
+        if (
+            form.get("grant_type") != "client_credentials"
+            or form.get("scope") != "https://ai.azure.com/.default"
+        ):
+            return "AADSTS70011: invalid grant or scope"
+        if (
+            self.federated_token is not None
+            and form.get("client_assertion") == self.federated_token
+        ):
+            ok = (
+                form.get("client_assertion_type")
+                == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            )
+            return None if ok else "AADSTS700024: bad assertion type"
+        if self.client_secret is not None and form.get("client_secret") == self.client_secret:
+            return None
+        return "AADSTS7000215: invalid client secret or assertion"
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.received.append(headers)
         key = headers.get("x-api-key") or headers.get("api-key")
         bearer = headers.get("authorization", "").removeprefix("Bearer ")
-        if key != self.api_key and not (self.bearer and bearer == self.bearer):
-            body = {
-                "error": {
-                    "code": "401",
-                    "message": "Access denied due to invalid subscription key.",
-                }
-            }
-            return web.json_response(body, status=401)
+        if key != self.api_key and self.tokens.get(bearer, 0.0) <= time.time():
+            self.refused.append("auth")
+            message = "Access denied due to invalid subscription key."
+            return web.json_response({"error": {"code": "401", "message": message}}, status=401)
+        body = await request.read()
         call = fp.Call(
-            "POST",
-            "/v1/messages",
-            {},
-            headers,
-            await request.read(),
-            fp.parse_controls(headers),
-            "anthropic",
-            (),
+            "POST", "/v1/messages", {}, headers, body, fp.parse_controls(headers), "anthropic", ()
         )
         reply = fp.anthropic_messages(call.with_payload())
         if isinstance(reply, list):

@@ -22,12 +22,12 @@ import pytest
 from botocore.eventstream import EventStreamBuffer
 from yarl import URL
 
-from extproc.cloud import upstreams
+from extproc.cloud import azure, upstreams
 from extproc.cloud.aws import BEDROCK_SERVICE, AwsCredentials, SigV4Signer
 from extproc.cloud.google import GoogleToken
 from extproc.cloud.refresh import Refreshing, Snapshot
 from extproc.credentials import CredentialMissing
-from tests.cloud_fakes import AwsIdentity, FakeAwsCredentials, FakeBedrock, FakeGoogle
+from tests.cloud_fakes import AwsIdentity, FakeAwsCredentials, FakeBedrock, FakeFoundry, FakeGoogle
 
 ROLE = "arn:aws:iam::123456789012:role/gateway"
 REQUEST = {
@@ -324,3 +324,72 @@ async def test_vertex_refuses_a_made_up_token(google: FakeGoogle) -> None:
     status, _ = await _raw_predict(google, token, REQUEST)
     assert status == 401
     assert google.refused == ["token"]
+
+
+# --------------------------------------------------------------------------- Foundry / Entra
+
+
+@pytest.fixture
+async def foundry() -> AsyncIterator[FakeFoundry]:
+    fake = FakeFoundry("foundry-key")
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def _foundry_call(fake: FakeFoundry, headers: dict[str, str]) -> int:
+    request = upstreams.foundry_request("messages", "/anthropic")
+    body = orjson.dumps({**REQUEST, "stream": False})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            fake.url + request.path,
+            data=body,
+            headers={"content-type": "application/json", **headers},
+        ) as answer,
+    ):
+        return answer.status
+
+
+async def test_foundry_api_key_and_a_wrong_one(foundry: FakeFoundry) -> None:
+    assert await _foundry_call(foundry, upstreams.foundry_key_headers("foundry-key")) == 200
+    assert await _foundry_call(foundry, upstreams.foundry_key_headers("nope")) == 401
+
+
+async def test_foundry_entra_token_from_a_workload_identity_assertion(
+    foundry: FakeFoundry, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text("k8s-sa-token-1")
+    foundry.federated_token = "k8s-sa-token-1"
+    clock = Clock()
+    fetch = azure.token_fetcher(
+        "tenant-1", "app-1", federated_token_file=token_file, authority=foundry.url, clock=clock
+    )
+    entra = azure.EntraToken(fetch, clock=clock)
+    await entra.ensure()
+    assert await _foundry_call(foundry, entra.headers()) == 200
+    first = entra.current()
+    token_file.write_text("k8s-sa-token-2")  # the kubelet rotated the projected token
+    foundry.federated_token = "k8s-sa-token-2"
+    clock.now += 3600 - 100
+    await entra.ensure()
+    assert entra.current() != first
+    assert await _foundry_call(foundry, entra.headers()) == 200
+
+
+async def test_foundry_entra_client_secret_and_a_refusal(foundry: FakeFoundry) -> None:
+    foundry.client_secret = "s3cret"
+    good = azure.token_fetcher(
+        "tenant-1", "app-1", client_secret=lambda: "s3cret", authority=foundry.url
+    )
+    entra = azure.EntraToken(good)
+    await entra.ensure()
+    assert await _foundry_call(foundry, entra.headers()) == 200
+    bad = azure.token_fetcher(
+        "tenant-1", "app-1", client_secret=lambda: "wrong", authority=foundry.url
+    )
+    with pytest.raises(CredentialMissing, match="answered 401: invalid_client"):
+        await azure.EntraToken(bad).refresh()
