@@ -27,6 +27,8 @@ T = TypeVar("T")
 REFRESH_MARGIN_SECONDS = 300.0
 # How often the background task looks; a failed refresh is retried at this pace.
 CHECK_EVERY_SECONDS = 30.0
+# A failed refresh started by a request is retried by a later request after this long.
+RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Refreshing(Generic[T]):
         self._margin = margin
         self._snapshot: Snapshot[T] | None = None
         self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._failed_at = float("-inf")
 
     def current(self) -> T:
         """The snapshot's value; `CredentialMissing` before the first fetch or after expiry."""
@@ -66,6 +70,38 @@ class Refreshing(Generic[T]):
         if snap.expires_at is not None and self._clock() >= snap.expires_at:
             raise CredentialMissing(f"{self.name}: credentials expired and were not refreshed")
         return snap.value
+
+    def usable(self) -> bool:
+        """Whether the snapshot can still sign a request (fetched and not expired)."""
+        snap = self._snapshot
+        return snap is not None and (snap.expires_at is None or self._clock() < snap.expires_at)
+
+    async def get(self) -> T:
+        """The value for a request: refreshed ahead of expiry without waiting for it.
+
+        Within the margin the refresh starts in the background and this request still uses
+        the current snapshot; only with nothing usable (first use, or expired after the
+        refreshes failed for the whole margin) does the request wait, and then in a thread,
+        never blocking other requests. A failed background refresh is retried at most once
+        per `RETRY_SECONDS`.
+        """
+        if self.due():
+            if not self.usable():
+                await self.refresh()
+            elif self._task is None and self._clock() - self._failed_at >= RETRY_SECONDS:
+                self._task = asyncio.create_task(self._background())
+        return self.current()
+
+    async def _background(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # logged; the current snapshot keeps serving
+            self._failed_at = self._clock()
+            log.error(
+                "%s: credential refresh failed: %s: %.300s", self.name, type(exc).__name__, exc
+            )
+        finally:
+            self._task = None
 
     def due(self) -> bool:
         """Whether a refresh should run now (nothing yet, or within the margin of expiry)."""

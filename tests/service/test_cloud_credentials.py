@@ -393,3 +393,31 @@ async def test_foundry_entra_client_secret_and_a_refusal(foundry: FakeFoundry) -
     )
     with pytest.raises(CredentialMissing, match="answered 401: invalid_client"):
         await azure.EntraToken(bad).refresh()
+
+
+async def test_get_refreshes_ahead_in_the_background_and_waits_only_when_nothing_is_usable() -> (
+    None
+):
+    clock = Clock()
+    release = threading.Event()
+    fetched: list[str] = []
+
+    def fetch() -> Snapshot[str]:
+        value = f"v{len(fetched) + 1}"
+        if fetched:
+            release.wait(10)
+        fetched.append(value)
+        return Snapshot(value, clock.now + 3600)
+
+    source: Refreshing[str] = Refreshing("test", fetch, clock=clock)
+    assert await source.get() == "v1"  # nothing usable: waited for the first fetch
+    clock.now += 3400  # inside the margin
+    assert await source.get() == "v1"  # refresh started, this request did not wait
+    assert await source.get() == "v1"  # one refresh in flight, not two
+    release.set()
+    for _ in range(200):
+        if fetched == ["v1", "v2"] and source.current() == "v2":
+            break
+        await asyncio.sleep(0.01)
+    assert await source.get() == "v2"
+    assert fetched == ["v1", "v2"]
