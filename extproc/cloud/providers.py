@@ -1,0 +1,124 @@
+"""Credential providers for cloud upstreams: what authorizes a request on its way out.
+
+Each has the upstream credential protocol's shape (`authorize(request)` returning the
+headers to set, `describe()` for logs). The request is the one that leaves: its final
+path, authority and body bytes, so a SigV4 signature covers exactly what is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from extproc.cloud import aws, azure, google
+from extproc.cloud.config import (
+    BedrockSettings,
+    ClaudePlatformAwsSettings,
+    CloudSettings,
+    EntraSettings,
+    FoundrySettings,
+    VertexSettings,
+)
+from extproc.cloud.refresh import Refreshing
+from extproc.credentials import Credential, CredentialSource
+
+Headers = Sequence[tuple[str, str]]
+
+
+class OutgoingRequest(Protocol):
+    """What a credential provider reads of the request (`UpstreamRequest` has it)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def authority(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def body(self) -> bytes: ...
+    def final_headers(self) -> dict[str, str]: ...
+
+
+class SigV4Provider:
+    """Signs with the AWS chain's current credentials (refreshed ahead of expiry)."""
+
+    def __init__(self, credentials: aws.AwsCredentials, service: str, region: str) -> None:
+        self.credentials, self.service, self.region = credentials, service, region
+
+    async def authorize(self, request: OutgoingRequest) -> Headers:
+        keys = await self.credentials.get()
+        content_type = request.final_headers().get("content-type", "application/json")
+        url = f"https://{request.authority}{request.path}"
+        signed = aws.sign(
+            keys, self.service, self.region, request.method, url, request.body, content_type
+        )
+        return (("content-type", content_type), *signed.items())
+
+    def describe(self) -> str:
+        return f"AWS SigV4 ({self.service}, {self.region}) from the standard credential chain"
+
+
+class BearerProvider:
+    """An OAuth access token (Google, Entra) as `authorization: Bearer`."""
+
+    def __init__(self, token: Refreshing[str], what: str) -> None:
+        self.token, self.what = token, what
+
+    async def authorize(self, request: OutgoingRequest) -> Headers:
+        return (("authorization", f"Bearer {await self.token.get()}"),)
+
+    def describe(self) -> str:
+        return self.what
+
+
+class HeaderKey:
+    """A held api key in one or more headers (Foundry: `x-api-key` and `api-key`)."""
+
+    def __init__(self, credential: Credential, headers: tuple[str, ...]) -> None:
+        self.credential, self.headers = credential, headers
+
+    async def authorize(self, request: OutgoingRequest) -> Headers:
+        secret = self.credential.get()
+        return tuple((name, secret) for name in self.headers)
+
+    def describe(self) -> str:
+        return f"key in {', '.join(self.headers)}"
+
+
+CloudCredential = SigV4Provider | BearerProvider | HeaderKey
+
+
+def _entra(settings: EntraSettings, environ: Mapping[str, str] | None) -> BearerProvider:
+    secret = settings.client_secret
+    read = Credential(secret, environ).get if secret is not None else None
+    fetch = azure.token_fetcher(
+        settings.tenant_id,
+        settings.client_id,
+        federated_token_file=settings.federated_token_file,
+        client_secret=read,
+        authority=settings.authority,
+    )
+    return BearerProvider(azure.EntraToken(fetch), "Entra ID token (client credentials)")
+
+
+def credential_for(
+    settings: CloudSettings,
+    key: CredentialSource | None,
+    environ: Mapping[str, str] | None = None,
+) -> CloudCredential | None:
+    """The credential provider a cloud provider's config builds; None: the caller's passes."""
+    if isinstance(settings, BedrockSettings):
+        chain = aws.AwsCredentials(profile=settings.profile)
+        return SigV4Provider(chain, aws.BEDROCK_SERVICE, settings.region)
+    if isinstance(settings, VertexSettings):
+        token = google.GoogleToken(key_file=settings.key_file)
+        return BearerProvider(token, "Google OAuth token (google-auth)")
+    if isinstance(settings, FoundrySettings) and settings.entra is not None:
+        return _entra(settings.entra, environ)
+    if isinstance(settings, ClaudePlatformAwsSettings) and settings.sigv4:
+        chain = aws.AwsCredentials(profile=settings.profile)
+        return SigV4Provider(chain, aws.CLAUDE_PLATFORM_SERVICE, settings.region)
+    if key is None:
+        return None
+    headers = ("x-api-key", "api-key") if isinstance(settings, FoundrySettings) else ("x-api-key",)
+    return HeaderKey(Credential(key, environ), headers)
