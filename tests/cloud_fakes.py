@@ -53,6 +53,7 @@ _AUTH_PREFIX = "AWS4-HMAC-SHA256 "
 # Google checks a service account assertion's `aud` against its token URL (google-auth
 # always uses this one, whatever the key's token_uri says).
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+GOOGLE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
 def _iso(when: float) -> str:
@@ -454,6 +455,7 @@ class FakeGoogle(_Server):
         self.tokens: dict[str, float] = {}  # token -> expiry
         self.calls: list[VertexCall] = []
         self.refused: list[str] = []
+        self.metadata_calls: list[str] = []
 
     @property
     def token_uri(self) -> str:
@@ -468,6 +470,37 @@ class FakeGoogle(_Server):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/token", self._token)
         app.router.add_post("/v1/{tail:.*}", self._vertex)
+        app.router.add_get("/", self._metadata_ping)
+        app.router.add_get("/computeMetadata/v1/{tail:.*}", self._metadata)
+
+    # The GKE / Compute Engine metadata server: what Workload Identity gives a pod.
+    async def _metadata_ping(self, request: web.Request) -> web.Response:
+        return web.Response(headers={"Metadata-Flavor": "Google"})
+
+    async def _metadata(self, request: web.Request) -> web.Response:
+        if request.headers.get("Metadata-Flavor") != "Google":
+            return web.Response(status=403, text="Missing Metadata-Flavor:Google header.")
+        self.metadata_calls.append(request.path)
+        tail = request.match_info["tail"]
+        flavor = {"Metadata-Flavor": "Google"}
+        if tail == "project/project-id":
+            return web.Response(text="proj", headers=flavor)
+        if tail == "instance/service-accounts/default/":
+            email = "gateway@proj.iam.gserviceaccount.com"
+            answer = {"email": email, "scopes": [GOOGLE_SCOPE], "aliases": ["default"]}
+            return web.json_response(answer, headers=flavor)
+        if tail == "instance/service-accounts/default/token":
+            return web.json_response(self._issue(), headers=flavor)
+        return web.Response(status=404, headers=flavor)
+
+    def _issue(self) -> Json:
+        token = "ya29.fake-" + secrets.token_urlsafe(24)
+        self.tokens[token] = time.time() + self.token_lifetime
+        return {
+            "access_token": token,
+            "expires_in": int(self.token_lifetime),
+            "token_type": "Bearer",
+        }
 
     async def _token(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -481,11 +514,7 @@ class FakeGoogle(_Server):
                 {"error": "invalid_grant", "error_description": "Invalid JWT Signature."},
                 status=400,
             )
-        token = "ya29.fake-" + secrets.token_urlsafe(24)
-        self.tokens[token] = time.time() + self.token_lifetime
-        return web.json_response(
-            {"access_token": token, "expires_in": int(self.token_lifetime), "token_type": "Bearer"}
-        )
+        return web.json_response(self._issue())
 
     def _verify_assertion(self, assertion: str) -> None:
         issuer = jwt.decode(assertion, options={"verify_signature": False})["iss"]

@@ -421,3 +421,18 @@ async def test_get_refreshes_ahead_in_the_background_and_waits_only_when_nothing
         await asyncio.sleep(0.01)
     assert await source.get() == "v2"
     assert fetched == ["v1", "v2"]
+
+
+async def test_workload_identity_token_from_the_metadata_server(
+    google: FakeGoogle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No key file: Application Default Credentials find the (GKE) metadata server."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud user login
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{google.port}")
+    monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{google.port}")
+    token = GoogleToken()
+    await token.ensure()
+    assert any(path.endswith("/token") for path in google.metadata_calls)
+    status, body = await _raw_predict(google, token, {**REQUEST, "stream": False})
+    assert status == 200, (body, google.refused)
