@@ -22,14 +22,18 @@ Answers reuse `tests.fake_provider` so the content and usage match the Anthropic
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime as dt
 import secrets
 import struct
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -689,6 +693,44 @@ __all__ = [
     "SignatureError",
     "bedrock_chunk",
     "eventstream_message",
+    "serving",
     "verify_sigv4",
 ]
 _ = (binascii, dataclasses)
+
+
+@contextlib.contextmanager
+def serving(*servers: _Server) -> Iterator[None]:
+    """Run fake servers on their own event loop in a daemon thread (for sync clients)."""
+    ready = threading.Event()
+    failure: list[BaseException] = []
+    loop_and_stop: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop_and_stop.append((asyncio.get_running_loop(), stop))
+        try:
+            for server in servers:
+                await server.start()
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+        finally:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            for server in servers:
+                await server.stop()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), name="cloud-fakes", daemon=True)
+    thread.start()
+    ready.wait(30)
+    if failure:
+        raise RuntimeError("cloud fakes failed to start") from failure[0]
+    try:
+        yield
+    finally:
+        loop, stop = loop_and_stop[0]
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
