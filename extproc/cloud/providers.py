@@ -85,7 +85,20 @@ class HeaderKey:
         return f"key in {', '.join(self.headers)}"
 
 
-CloudCredential = SigV4Provider | BearerProvider | HeaderKey
+class WithHeaders:
+    """Another provider's headers plus fixed ones (Claude Platform on AWS's workspace id)."""
+
+    def __init__(self, inner: SigV4Provider | HeaderKey, extra: Headers) -> None:
+        self.inner, self.extra = inner, tuple(extra)
+
+    async def authorize(self, request: OutgoingRequest) -> Headers:
+        return (*self.extra, *await self.inner.authorize(request))
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+CloudCredential = SigV4Provider | BearerProvider | HeaderKey | WithHeaders
 
 
 def _entra(settings: EntraSettings, environ: Mapping[str, str] | None) -> BearerProvider:
@@ -115,10 +128,27 @@ def credential_for(
         return BearerProvider(token, "Google OAuth token (google-auth)")
     if isinstance(settings, FoundrySettings) and settings.entra is not None:
         return _entra(settings.entra, environ)
-    if isinstance(settings, ClaudePlatformAwsSettings) and settings.sigv4:
-        chain = aws.AwsCredentials(profile=settings.profile)
-        return SigV4Provider(chain, aws.CLAUDE_PLATFORM_SERVICE, settings.region)
+    if isinstance(settings, ClaudePlatformAwsSettings):
+        return _claude_platform_aws(settings, key, environ)
     if key is None:
         return None
-    headers = ("x-api-key", "api-key") if isinstance(settings, FoundrySettings) else ("x-api-key",)
-    return HeaderKey(Credential(key, environ), headers)
+    return HeaderKey(Credential(key, environ), ("x-api-key", "api-key"))
+
+
+def _claude_platform_aws(
+    settings: ClaudePlatformAwsSettings,
+    key: CredentialSource | None,
+    environ: Mapping[str, str] | None,
+) -> CloudCredential | None:
+    """SigV4 (`aws-external-anthropic`) or an api key, plus the configured workspace id."""
+    inner: SigV4Provider | HeaderKey
+    if settings.sigv4:
+        chain = aws.AwsCredentials(profile=settings.profile)
+        inner = SigV4Provider(chain, aws.CLAUDE_PLATFORM_SERVICE, settings.region)
+    elif key is not None:
+        inner = HeaderKey(Credential(key, environ), ("x-api-key",))
+    else:
+        return None
+    if settings.workspace_id is None:  # the caller's anthropic-workspace-id passes through
+        return inner
+    return WithHeaders(inner, (("anthropic-workspace-id", settings.workspace_id),))

@@ -13,6 +13,7 @@ import base64
 import json
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,25 @@ from yarl import URL
 
 from extproc.cloud import azure, upstreams
 from extproc.cloud.aws import BEDROCK_SERVICE, AwsCredentials, SigV4Signer
+from extproc.cloud.config import (
+    BedrockSettings,
+    ClaudePlatformAwsSettings,
+    FoundrySettings,
+    VertexSettings,
+)
 from extproc.cloud.google import GoogleToken
+from extproc.cloud.providers import credential_for
 from extproc.cloud.refresh import Refreshing, Snapshot
-from extproc.credentials import CredentialMissing
-from tests.cloud_fakes import AwsIdentity, FakeAwsCredentials, FakeBedrock, FakeFoundry, FakeGoogle
+from extproc.credentials import CredentialMissing, CredentialSource
+from tests.cloud_fakes import (
+    AwsIdentity,
+    FakeAwsCredentials,
+    FakeBedrock,
+    FakeFoundry,
+    FakeGoogle,
+    SignatureError,
+    verify_sigv4,
+)
 
 ROLE = "arn:aws:iam::123456789012:role/gateway"
 REQUEST = {
@@ -436,3 +452,96 @@ async def test_workload_identity_token_from_the_metadata_server(
     assert any(path.endswith("/token") for path in google.metadata_calls)
     status, body = await _raw_predict(google, token, {**REQUEST, "stream": False})
     assert status == 200, (body, google.refused)
+
+
+# --------------------------------------------------------------------------- providers from config
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    method: str
+    authority: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+    def final_headers(self) -> dict[str, str]:
+        return dict(self.headers)
+
+
+async def test_claude_platform_on_aws_signs_for_its_service_and_names_the_workspace(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = AwsIdentity()
+    key = identity.static("AKIAPLATFORM00000001", "platform-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key.secret_key)
+    settings = ClaudePlatformAwsSettings(
+        kind="claude_platform_aws", region="us-west-2", workspace_id="wrkspc_01abc"
+    )
+    provider = credential_for(settings, None)
+    assert provider is not None
+    request = Outgoing(
+        "POST",
+        "aws-external-anthropic.us-west-2.api.aws",
+        "/v1/messages?beta=true",
+        b'{"model":"claude-sonnet-4-5"}',
+        {"content-type": "application/json"},
+    )
+    headers = dict(await provider.authorize(request))
+    assert headers["anthropic-workspace-id"] == "wrkspc_01abc"
+    sent = {"host": request.authority, **request.headers, **headers}
+    verify_sigv4(
+        identity,
+        service="aws-external-anthropic",
+        region="us-west-2",
+        method="POST",
+        raw_path=request.path,
+        headers=sent,
+        body=request.body,
+    )
+    with pytest.raises(SignatureError):
+        verify_sigv4(
+            identity,
+            service="aws-external-anthropic",
+            region="us-west-2",
+            method="POST",
+            raw_path=request.path,
+            headers=sent,
+            body=request.body + b" ",
+        )
+
+
+async def test_api_key_providers_from_config() -> None:
+    foundry = credential_for(
+        FoundrySettings(kind="foundry"), CredentialSource.model_validate({"value": "fk"})
+    )
+    request = Outgoing("POST", "res.services.ai.azure.com", "/anthropic/v1/messages", b"{}", {})
+    assert foundry is not None
+    assert dict(await foundry.authorize(request)) == {"x-api-key": "fk", "api-key": "fk"}
+    keyed = ClaudePlatformAwsSettings(kind="claude_platform_aws", region="us-east-1", sigv4=False)
+    platform = credential_for(keyed, CredentialSource.model_validate({"value": "ak"}))
+    assert platform is not None
+    assert dict(await platform.authorize(request)) == {"x-api-key": "ak"}
+    assert credential_for(FoundrySettings(kind="foundry"), None) is None
+
+
+def test_cloud_settings_are_validated_at_start(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="AWS region"):
+        BedrockSettings(kind="bedrock", region="moon-1")
+    with pytest.raises(ValidationError, match="Bedrock id"):
+        BedrockSettings(kind="bedrock", region="us-east-1", models={"a": "claude-sonnet-4-5"})
+    with pytest.raises(ValidationError, match="inference profile prefix"):
+        BedrockSettings(kind="bedrock", region="us-east-1", inference_profile="US!")
+    with pytest.raises(ValidationError, match="does not exist"):
+        VertexSettings(
+            kind="vertex", project="my-project", region="us-east5", key_file=tmp_path / "x"
+        )
+    with pytest.raises(ValidationError, match="Vertex model id"):
+        VertexSettings(kind="vertex", project="my-project", region="us-east5", models={"a": "b c"})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        VertexSettings.model_validate(
+            {"kind": "vertex", "project": "my-project", "region": "global", "x": 1}
+        )
