@@ -48,7 +48,14 @@ class SigV4Provider:
     async def authorize(self, request: OutgoingRequest) -> Headers:
         keys = await self.credentials.get()
         content_type = request.final_headers().get("content-type", "application/json")
-        url = f"https://{request.authority}{request.path}"
+        # Envoy's dispatch route sends `host` as the cluster's host name without a port
+        # (auto_host_rewrite), so that is what is signed (the same on the default port).
+        host = (
+            request.authority.rsplit(":", 1)[0]
+            if "]" not in request.authority
+            else request.authority
+        )
+        url = f"https://{host}{request.path}"
         signed = aws.sign(
             keys, self.service, self.region, request.method, url, request.body, content_type
         )
