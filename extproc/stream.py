@@ -456,6 +456,7 @@ class RequestStream:
             body = self.raw_body
         if self.translator is not None and self.request is not None:
             translated, path = self.translator.request(self.request.body, path)
+            translated, path = adapter.prepare(target.provider, translated, path, self.headers)
             body = orjson.dumps(translated)
         route = adapter.route(target.cluster, target.provider, path)
         if path != self.path and not target.provider.path_prefix:

@@ -688,6 +688,7 @@ __all__ = [
     "AwsIdentity",
     "FakeAwsCredentials",
     "FakeBedrock",
+    "FakeClaudePlatformAws",
     "FakeFoundry",
     "FakeGoogle",
     "SignatureError",
@@ -697,6 +698,49 @@ __all__ = [
     "verify_sigv4",
 ]
 _ = (binascii, dataclasses)
+
+
+class FakeClaudePlatformAws(_Server):
+    """Claude Platform on AWS: `/v1/messages`, SigV4 for `aws-external-anthropic` recomputed
+    from the request, and a required `anthropic-workspace-id`."""
+
+    def __init__(self, identity: AwsIdentity, region: str = "us-west-2") -> None:
+        super().__init__()
+        self.identity, self.region = identity, region
+        self.received: list[dict[str, str]] = []
+        self.refused: list[str] = []
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/messages", self._messages)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        body = await request.read()
+        try:
+            verify_sigv4(
+                self.identity,
+                service="aws-external-anthropic",
+                region=self.region,
+                method=request.method,
+                raw_path=request.rel_url.raw_path_qs,
+                headers=headers,
+                body=body,
+            )
+        except SignatureError as exc:
+            self.refused.append(str(exc))
+            return web.json_response({"message": str(exc)}, status=403)
+        if not headers.get("anthropic-workspace-id"):
+            self.refused.append("workspace")
+            return web.json_response({"message": "anthropic-workspace-id is required"}, status=400)
+        self.received.append(headers)
+        call = fp.Call(
+            "POST", "/v1/messages", {}, headers, body, fp.parse_controls(headers), "anthropic", ()
+        )
+        reply = fp.anthropic_messages(call.with_payload())
+        if isinstance(reply, list):
+            data = b"".join(fp.encode_event(e) for e in reply)
+            return web.Response(body=data, content_type="text/event-stream")
+        return web.json_response(reply)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ See `adapter.py` (one adapter per provider kind), `credentials.py` (the
 `CredentialProvider` protocol) and `translate.py` (the client <-> provider slot).
 """
 
+from extproc.upstream import clouds as _clouds  # noqa: F401  (registers Bedrock, Vertex)
 from extproc.upstream.adapter import (
     ROUTING_HEADER,
     UpstreamAdapter,
