@@ -148,8 +148,6 @@ class FoundrySettings(_Frozen):
 
     kind: Literal["foundry"]
     entra: EntraSettings | None = None
-    # Client model -> Foundry deployment name.
-    models: dict[str, str] = Field(default_factory=dict)
 
 
 class ClaudePlatformAwsSettings(_Aws):

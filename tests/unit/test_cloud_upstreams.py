@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+from pathlib import Path
 
+import pytest
+import yaml
+
+from extproc import envoy_config, supervisor
 from extproc.cloud import upstreams as up
+from extproc.config import ConfigError, parse_config
 
 BODY = {
     "model": "claude-sonnet-4-5",
@@ -165,3 +171,62 @@ def test_pure_sigv4_matches_botocore(url: str, token: str | None) -> None:
     )
     assert ours["authorization"].endswith(f"Signature={expected}")
     assert f"SignedHeaders={';'.join(names)}," in ours["authorization"]
+
+
+# --------------------------------------------------------------------------- config and Envoy
+
+
+def test_the_cloud_example_renders_a_tls_cluster_per_cloud_that_envoy_accepts(
+    tmp_path: Path,
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    example = yaml.safe_load((root / "examples" / "cloud-upstreams.yaml").read_text())
+    config = parse_config(example)
+    template = envoy_config.load_template(envoy_config.template_path(config))
+    bootstrap = envoy_config.render(config, template)
+    clusters = bootstrap["static_resources"]["clusters"]
+    sni = {
+        c["name"]: c["transport_socket"]["typed_config"]["sni"]
+        for c in clusters
+        if c["name"].startswith("provider_")
+    }
+    assert sni == {
+        "provider_bedrock": "bedrock-runtime.us-east-1.amazonaws.com",
+        "provider_vertex": "us-east5-aiplatform.googleapis.com",
+        "provider_foundry": "my-resource.services.ai.azure.com",
+        "provider_claude-aws": "aws-external-anthropic.us-west-2.api.aws",
+    }
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(bootstrap), encoding="utf-8")
+    command = [supervisor.envoy_binary(), "--mode", "validate", "-c", str(path), "-l", "critical"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+BEDROCK_CLOUD = {"kind": "bedrock", "region": "us-east-1"}
+SHORT_PROJECT = {"kind": "vertex", "project": "p", "region": "us-east5"}
+
+
+@pytest.mark.parametrize(
+    ("provider", "problem"),
+    [
+        ({"api": "bedrock", "base_url": "https://b.example"}, "api: bedrock needs cloud"),
+        (
+            {"api": "anthropic", "base_url": "https://b.example", "cloud": BEDROCK_CLOUD},
+            "cloud kind bedrock needs api: bedrock",
+        ),
+        (
+            {"api": "openai", "base_url": "https://f.example", "cloud": {"kind": "foundry"}},
+            "serves the Anthropic API",
+        ),
+        (
+            {"api": "vertex", "base_url": "https://v.example", "cloud": SHORT_PROJECT},
+            "Google Cloud project",
+        ),
+    ],
+)
+def test_cloud_provider_config_errors_name_the_fix(
+    provider: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_config({"providers": {"cloud": provider}})
