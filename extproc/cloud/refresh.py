@@ -87,10 +87,21 @@ class Refreshing(Generic[T]):
         """
         if self.due():
             if not self.usable():
-                await self.refresh()
+                await self._refresh_or_refuse()
             elif self._task is None and self._clock() - self._failed_at >= RETRY_SECONDS:
                 self._task = asyncio.create_task(self._background())
         return self.current()
+
+    async def _refresh_or_refuse(self) -> None:
+        """Refresh for a request that has nothing usable; any failure refuses it cleanly
+        (`CredentialMissing`: 503 `no_credential`), never as an internal error."""
+        try:
+            await self.refresh()
+        except CredentialMissing:
+            raise
+        except Exception as exc:  # STS, metadata server, token endpoint: all the same to a caller
+            log.error("%s: credential fetch failed: %s: %.300s", self.name, type(exc).__name__, exc)
+            raise CredentialMissing(f"{self.name}: fetching credentials failed") from exc
 
     async def _background(self) -> None:
         try:

@@ -261,3 +261,81 @@ def test_claude_code_with_a_plain_base_url_is_served_by_bedrock(
     assert TEXT in result.stdout
     assert clouds.bedrock.refused == []
     assert any(c.action == "invoke-with-response-stream" for c in clouds.bedrock.calls)
+
+
+# --------------------------------------------------------------------------- credential failures
+
+
+def _bedrock_only(bedrock: FakeBedrock, env: dict[str, str], workdir: Path) -> Stack:
+    config: dict[str, object] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "grpc_listen": f"127.0.0.1:{free_port()}",
+        "metrics_listen": None,
+        "envoy": {"admin": f"127.0.0.1:{free_port()}"},
+        "providers": {
+            "bedrock": {
+                "api": "bedrock",
+                "base_url": bedrock.url,
+                "cloud": {"kind": "bedrock", "region": "us-east-1", "inference_profile": "us"},
+            }
+        },
+        "models": {"routes": [{"match": "*", "provider": "bedrock"}]},
+    }
+    stack = Stack(config, workdir)
+    saved = dict(os.environ)
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        del os.environ[name]
+    os.environ.update(
+        AWS_CONFIG_FILE=str(workdir / "no-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(workdir / "no-credentials"),
+        AWS_EC2_METADATA_DISABLED="true",
+        **env,
+    )
+    try:
+        return stack.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+MODEL_ID = "anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+def test_no_aws_credentials_anywhere_is_503_no_credential_not_retried(
+    clouds: Clouds, tmp_path: Path
+) -> None:
+    clouds.bedrock.calls.clear()
+    stack = _bedrock_only(clouds.bedrock, {}, tmp_path)
+    try:
+        client = anthropic.Anthropic(api_key="k", base_url=stack.url, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client.messages.create(
+                model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        stack.close()
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["x-gateway-error"] == "no_credential"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert clouds.bedrock.calls == []
+
+
+def test_a_bedrock_refusal_reaches_the_client_in_the_anthropic_shape(
+    clouds: Clouds, tmp_path: Path
+) -> None:
+    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    stack = _bedrock_only(clouds.bedrock, env, tmp_path)
+    try:
+        client = anthropic.Anthropic(api_key="k", base_url=stack.url, max_retries=0)
+        with pytest.raises(anthropic.PermissionDeniedError) as caught:
+            client.messages.create(
+                model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        stack.close()
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "permission_error"
+    assert "signature" in body["error"]["message"]
+    assert "does not match" in clouds.bedrock.refused[-1]

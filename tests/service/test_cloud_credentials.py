@@ -545,3 +545,12 @@ def test_cloud_settings_are_validated_at_start(tmp_path: Path) -> None:
         VertexSettings.model_validate(
             {"kind": "vertex", "project": "my-project", "region": "global", "x": 1}
         )
+
+
+async def test_a_failed_fetch_with_nothing_usable_is_credential_missing() -> None:
+    def fetch() -> Snapshot[str]:
+        raise OSError("connection refused")
+
+    source: Refreshing[str] = Refreshing("test", fetch)
+    with pytest.raises(CredentialMissing, match="fetching credentials failed"):
+        await source.get()
