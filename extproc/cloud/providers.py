@@ -7,8 +7,9 @@ path, authority and body bytes, so a SigV4 signature covers exactly what is sent
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from extproc.cloud import aws, azure, google
 from extproc.cloud.config import (
@@ -21,6 +22,8 @@ from extproc.cloud.config import (
 )
 from extproc.cloud.refresh import Refreshing
 from extproc.credentials import Credential, CredentialSource
+
+log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[str, str]]
 
@@ -39,11 +42,26 @@ class OutgoingRequest(Protocol):
     def final_headers(self) -> dict[str, str]: ...
 
 
+async def warm(source: Refreshing[Any], provider: str, what: str) -> None:
+    """Fetch once at start, so the first request does not wait and a broken identity is
+    logged at once (the request path still refuses cleanly if it stays broken)."""
+    try:
+        await source.ensure()
+        log.info("provider %s: %s ready", provider, what)
+    except Exception as exc:  # reported, never fatal: the identity may appear later (IRSA)
+        log.error(
+            "provider %s: %s not available yet: %s: %.300s", provider, what, type(exc).__name__, exc
+        )
+
+
 class SigV4Provider:
     """Signs with the AWS chain's current credentials (refreshed ahead of expiry)."""
 
     def __init__(self, credentials: aws.AwsCredentials, service: str, region: str) -> None:
         self.credentials, self.service, self.region = credentials, service, region
+
+    async def warm(self, provider: str) -> None:
+        await warm(self.credentials, provider, self.describe())
 
     async def authorize(self, request: OutgoingRequest) -> Headers:
         keys = await self.credentials.get()
@@ -70,6 +88,9 @@ class BearerProvider:
 
     def __init__(self, token: Refreshing[str], what: str) -> None:
         self.token, self.what = token, what
+
+    async def warm(self, provider: str) -> None:
+        await warm(self.token, provider, self.what)
 
     async def authorize(self, request: OutgoingRequest) -> Headers:
         return (("authorization", f"Bearer {await self.token.get()}"),)
@@ -100,6 +121,10 @@ class WithHeaders:
 
     async def authorize(self, request: OutgoingRequest) -> Headers:
         return (*self.extra, *await self.inner.authorize(request))
+
+    async def warm(self, provider: str) -> None:
+        if isinstance(self.inner, SigV4Provider):
+            await self.inner.warm(provider)
 
     def describe(self) -> str:
         return self.inner.describe()

@@ -554,3 +554,21 @@ async def test_a_failed_fetch_with_nothing_usable_is_credential_missing() -> Non
     source: Refreshing[str] = Refreshing("test", fetch)
     with pytest.raises(CredentialMissing, match="fetching credentials failed"):
         await source.get()
+
+
+async def test_warm_fetches_at_start_and_reports_a_broken_identity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from extproc.cloud.providers import BearerProvider
+
+    good = BearerProvider(Refreshing("good", lambda: Snapshot("t", None)), "a token")
+    await good.warm("vertex")
+    assert good.token.usable()
+
+    def broken() -> Snapshot[str]:
+        raise OSError("metadata server unreachable")
+
+    bad = BearerProvider(Refreshing("bad", broken), "a token")
+    await bad.warm("vertex")
+    assert not bad.token.usable()
+    assert "provider vertex: a token not available yet: OSError" in caplog.text
