@@ -241,26 +241,64 @@ def test_claude_platform_on_aws_is_signed_and_names_the_workspace(
 needs_cli = pytest.mark.skipif(claude_path() is None, reason="Claude Code CLI not installed")
 
 
-@needs_cli
-def test_claude_code_with_a_plain_base_url_is_served_by_bedrock(
-    clouds: Clouds, tmp_path: Path
-) -> None:
+def _claude(clouds: Clouds, home: Path, model: str, *extra: str, **env: str) -> str:
     cli = claude_path()
     assert cli is not None
-    clouds.bedrock.calls.clear()
-    env = claude_env(tmp_path, ANTHROPIC_BASE_URL=clouds.stack.url, ANTHROPIC_API_KEY="k")
+    environment = claude_env(
+        home, ANTHROPIC_BASE_URL=clouds.stack.url, ANTHROPIC_API_KEY="k", **env
+    )
     result = subprocess.run(
-        [cli, "-p", "hi", "--model", "claude-sonnet-4-5"],
-        env=env,
+        [cli, "-p", "hi", "--model", model, *extra],
+        env=environment,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert TEXT in result.stdout
+    return result.stdout
+
+
+@needs_cli
+def test_claude_code_with_a_plain_base_url_is_served_by_bedrock(
+    clouds: Clouds, tmp_path: Path
+) -> None:
+    clouds.bedrock.calls.clear()
+    assert TEXT in _claude(clouds, tmp_path, "claude-sonnet-4-5")
     assert clouds.bedrock.refused == []
     assert any(c.action == "invoke-with-response-stream" for c in clouds.bedrock.calls)
+
+
+@needs_cli
+def test_claude_code_runs_a_tool_turn_through_bedrock(clouds: Clouds, tmp_path: Path) -> None:
+    clouds.bedrock.calls.clear()
+    headers = 'x-fake-tool-input: {"command": "echo tool-ran"}\nx-fake-tool-once: 1'
+    out = _claude(
+        clouds, tmp_path, "claude-sonnet-4-5", "--allowedTools", "Bash",
+        ANTHROPIC_CUSTOM_HEADERS=headers,
+    )  # fmt: skip
+    assert TEXT in out
+    turns = [c for c in clouds.bedrock.calls if c.action == "invoke-with-response-stream"]
+    results = [
+        block
+        for call in turns
+        for message in call.body["messages"]
+        if isinstance(message["content"], list)
+        for block in message["content"]
+        if block.get("type") == "tool_result"
+    ]
+    assert results, "the CLI never sent the tool's result back"
+    assert "tool-ran" in json.dumps(results)
+    assert clouds.bedrock.refused == []
+
+
+@needs_cli
+def test_claude_code_with_a_plain_base_url_is_served_by_vertex(
+    clouds: Clouds, tmp_path: Path
+) -> None:
+    clouds.google.calls.clear()
+    assert TEXT in _claude(clouds, tmp_path, "claude-haiku-4-5")
+    assert any(c.model_id == "claude-haiku-4-5@20251001" for c in clouds.google.calls)
 
 
 # --------------------------------------------------------------------------- credential failures
