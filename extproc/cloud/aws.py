@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import botocore.session
 from botocore.credentials import Credentials, ReadOnlyCredentials, create_credential_resolver
@@ -64,23 +63,6 @@ class AwsCredentials(Refreshing[ReadOnlyCredentials]):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__("aws", fetch or chain_fetcher(profile), clock=clock)
-
-
-@dataclass(frozen=True)
-class SigV4Signer:
-    """Signs one request for a service and region with the current credentials."""
-
-    credentials: AwsCredentials
-    service: str
-    region: str
-
-    def sign(
-        self, method: str, url: str, body: bytes, content_type: str = "application/json"
-    ) -> dict[str, str]:
-        """The headers to set on the upstream request: authorization, x-amz-date, token."""
-        return sign(
-            self.credentials.current(), self.service, self.region, method, url, body, content_type
-        )
 
 
 def sign(

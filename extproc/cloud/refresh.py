@@ -9,7 +9,6 @@ really expired (the refresher then failed for the whole margin and is logged lou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,8 +24,6 @@ T = TypeVar("T")
 # Refresh this long before expiry: tokens live 15 min to 12 h; five minutes covers a slow
 # STS or metadata server and a refresher that missed one tick.
 REFRESH_MARGIN_SECONDS = 300.0
-# How often the background task looks; a failed refresh is retried at this pace.
-CHECK_EVERY_SECONDS = 30.0
 # A failed refresh started by a request is retried by a later request after this long.
 RETRY_SECONDS = 10.0
 
@@ -127,19 +124,6 @@ class Refreshing(Generic[T]):
             self._snapshot = await asyncio.to_thread(self._fetch)
 
     async def ensure(self) -> None:
-        """Refresh when due: at start, and from the background loop."""
+        """Refresh when due (at start: `providers.warm`)."""
         if self.due():
             await self.refresh()
-
-    async def run(self, stop: asyncio.Event, every: float = CHECK_EVERY_SECONDS) -> None:
-        """Keep the snapshot fresh until `stop` is set; errors are logged and retried."""
-        while not stop.is_set():
-            try:
-                await self.ensure()
-            except Exception as exc:  # any cloud SDK error: keep serving the old snapshot
-                # Cloud SDK errors name the endpoint and the cause, never the secret.
-                log.error(
-                    "%s: credential refresh failed: %s: %.300s", self.name, type(exc).__name__, exc
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=every)
