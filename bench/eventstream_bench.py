@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench._common import table, write_section  # noqa: E402
+from _common import table, write_section  # noqa: E402
+
 from extproc.apis.eventstream import (  # noqa: E402
     EventStreamDecoder,
     chunk_payload,
