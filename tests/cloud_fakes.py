@@ -47,6 +47,7 @@ from botocore.credentials import ReadOnlyCredentials
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from extproc.cloud.upstreams import BEDROCK_BETAS
 from tests import fake_provider as fp
 
 Json = dict[str, Any]
@@ -380,6 +381,9 @@ class FakeBedrock(_Server):
             isinstance(beta, list) and all(isinstance(b, str) for b in beta)
         ):
             raise fp.ApiError(400, "anthropic_beta must be a list of strings")
+        if beta is not None and not set(beta) <= set(BEDROCK_BETAS):
+            # What Bedrock answers for a flag it does not know (Anthropic-API-only ones).
+            raise fp.ApiError(400, "invalid beta flag")
         return BedrockCall(model_id, action, headers, payload, access_key)
 
     async def _answer(self, request: web.Request, call: BedrockCall) -> web.StreamResponse:

@@ -73,6 +73,13 @@ class BedrockSettings(_Aws):
     # Client model -> Bedrock id or inference-profile ARN (e.g. claude-sonnet-4-5 ->
     # us.anthropic.claude-sonnet-4-5-20250929-v1:0). Unmapped models must be Bedrock ids.
     models: dict[str, str] = Field(default_factory=dict)
+    # The anthropic-beta flags passed on (others are dropped: Bedrock refuses unknown
+    # flags with 400); ["*"] passes every flag.
+    betas: tuple[str, ...] = upstreams.BEDROCK_BETAS
+
+    @property
+    def allowed_betas(self) -> frozenset[str] | None:
+        return None if "*" in self.betas else frozenset(self.betas)
 
     @field_validator("inference_profile")
     @classmethod

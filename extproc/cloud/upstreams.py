@@ -19,12 +19,29 @@ of them touch the network or credentials; signing happens on the returned bytes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
+# The beta flags Bedrock's InvokeModel accepts for Anthropic models (AWS "Anthropic Claude
+# Messages API" parameters page, as of 2026-12). Bedrock answers any other flag with 400
+# "invalid beta flag", and Anthropic clients send Anthropic-API-only ones (claude-code-*,
+# oauth-*, mcp-servers-*), so the others are dropped; `cloud.betas` overrides the list.
+BEDROCK_BETAS: tuple[str, ...] = (
+    "computer-use-2024-10-22",
+    "computer-use-2025-01-24",
+    "token-efficient-tools-2025-02-19",
+    "interleaved-thinking-2025-05-14",
+    "output-128k-2025-02-19",
+    "dev-full-thinking-2025-05-14",
+    "context-1m-2025-08-07",
+    "context-management-2025-06-27",
+    "effort-2025-11-24",
+    "tool-search-tool-2025-10-19",
+    "tool-examples-2025-10-29",
+)
 VERTEX_VERSION = "vertex-2023-10-16"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 
@@ -92,9 +109,17 @@ def bedrock_model_id(model: str, mapping: Mapping[str, str], profile_prefix: str
 
 
 def bedrock_request(
-    endpoint: str, payload: Mapping[str, Any], model_id: str, betas: Iterable[str]
+    endpoint: str,
+    payload: Mapping[str, Any],
+    model_id: str,
+    betas: Iterable[str],
+    allowed: Collection[str] | None = BEDROCK_BETAS,
 ) -> CloudRequest:
-    """Bedrock InvokeModel for a Messages request; count_tokens raises `NotSupported`."""
+    """Bedrock InvokeModel for a Messages request; count_tokens raises `NotSupported`.
+
+    Betas (the header's and any already in the body) outside `allowed` are dropped;
+    `allowed=None` keeps them all.
+    """
     if endpoint != "messages":
         raise NotSupported("Bedrock has no count_tokens endpoint for Anthropic models")
     stream = payload.get("stream") is True
@@ -103,6 +128,9 @@ def bedrock_request(
     body.setdefault("anthropic_version", BEDROCK_VERSION)
     in_body = body.get("anthropic_beta")
     merged = _merge(in_body if isinstance(in_body, list) else [], betas)
+    if allowed is not None:
+        merged = [beta for beta in merged if beta in allowed]
+    body.pop("anthropic_beta", None)
     if merged:
         body["anthropic_beta"] = merged
     accept = EVENT_STREAM if stream else "application/json"

@@ -99,7 +99,9 @@ class BedrockUpstream(_CloudUpstream):
         betas = shapes.beta_list(headers.get("anthropic-beta"))
         try:
             model_id = shapes.bedrock_model_id(model, settings.models, settings.inference_profile)
-            request = shapes.bedrock_request(endpoint, body, model_id, betas)
+            request = shapes.bedrock_request(
+                endpoint, body, model_id, betas, settings.allowed_betas
+            )
         except shapes.NotSupported as exc:
             raise NotSupported(str(exc), reason="not_supported", retryable=False) from exc
         except shapes.CloudRequestError as exc:

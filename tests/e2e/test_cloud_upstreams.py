@@ -145,7 +145,8 @@ def test_a_stream_from_bedrock_is_signed_and_reaches_the_client_as_sse(
         model="claude-sonnet-4-5",
         max_tokens=64,
         messages=[{"role": "user", "content": "hi"}],
-        extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+        # The first is Anthropic-API-only: Bedrock would answer 400 "invalid beta flag".
+        extra_headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
     ) as stream:
         text = stream.get_final_text()
         final = stream.get_final_message()

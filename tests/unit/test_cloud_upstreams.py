@@ -49,7 +49,7 @@ def test_unmapped_or_malformed_bedrock_ids_are_refused(model: str) -> None:
 
 def test_bedrock_request_moves_the_model_to_the_url_and_betas_into_the_body() -> None:
     body = {**BODY, "anthropic_beta": ["a"]}
-    request = up.bedrock_request("messages", body, "us.anthropic.claude-x-v1:0", ["b", "a"])
+    request = up.bedrock_request("messages", body, "us.anthropic.claude-x-v1:0", ["b", "a"], None)
     assert request.path == "/model/us.anthropic.claude-x-v1%3A0/invoke-with-response-stream"
     assert request.body is not None
     assert "model" not in request.body
@@ -58,6 +58,20 @@ def test_bedrock_request_moves_the_model_to_the_url_and_betas_into_the_body() ->
     assert request.body["anthropic_beta"] == ["a", "b"]
     assert ("accept", up.EVENT_STREAM) in request.set_headers
     assert "anthropic-beta" in request.remove_headers
+
+
+def test_bedrock_drops_beta_flags_it_would_refuse_unless_told_to_pass_all() -> None:
+    betas = ["claude-code-20250219", "context-1m-2025-08-07", "oauth-2025-04-20"]
+    body = {**BODY, "anthropic_beta": ["mcp-servers-2025-12-04"]}
+    kept = up.bedrock_request("messages", body, "anthropic.claude-x-v1:0", betas)
+    assert kept.body is not None
+    assert kept.body["anthropic_beta"] == ["context-1m-2025-08-07"]
+    none = up.bedrock_request("messages", body, "anthropic.claude-x-v1:0", ["oauth-2025-04-20"])
+    assert none.body is not None
+    assert "anthropic_beta" not in none.body
+    every = up.bedrock_request("messages", body, "anthropic.claude-x-v1:0", betas, None)
+    assert every.body is not None
+    assert every.body["anthropic_beta"] == ["mcp-servers-2025-12-04", *betas]
 
 
 def test_bedrock_keeps_a_client_anthropic_version_and_invokes_without_stream() -> None:
