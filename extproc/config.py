@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from extproc.apis.kind import ApiKind
+from extproc.cloud.config import CloudSettings
 from extproc.credentials import CredentialSource
 from extproc.policies.budget import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
@@ -103,6 +104,20 @@ class ProviderConfig(_Frozen):
     # `provider_<name>`. Set it when attaching to an Envoy whose clusters you name.
     cluster: str | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # A cloud that hosts Claude (README "Cloud upstreams"): required by `api: bedrock` and
+    # `api: vertex`; on `api: anthropic`, Foundry or Claude Platform on AWS credentials.
+    cloud: CloudSettings | None = None
+
+    @model_validator(mode="after")
+    def _cloud_matches_api(self) -> ProviderConfig:
+        kind = self.cloud.kind if self.cloud is not None else None
+        if self.api in ("bedrock", "vertex") and kind != self.api:
+            raise ValueError(f"api: {self.api} needs cloud: {{kind: {self.api}, ...}}")
+        if kind in ("bedrock", "vertex") and self.api != kind:
+            raise ValueError(f"cloud kind {kind} needs api: {kind}")
+        if kind in ("foundry", "claude_platform_aws") and self.api != "anthropic":
+            raise ValueError(f"cloud kind {kind} serves the Anthropic API: set api: anthropic")
+        return self
 
     @field_validator("base_url")
     @classmethod

@@ -181,6 +181,16 @@ def install_event_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _warm_credentials(gateway: Gateway) -> set[asyncio.Task[None]]:
+    """Fetch refreshing cloud credentials (SigV4, OAuth) once at start, in the background."""
+    tasks = set()
+    for name, credential in gateway.credentials.items():
+        warm = getattr(credential, "warm", None)
+        if warm is not None:
+            tasks.add(asyncio.create_task(warm(name)))
+    return tasks
+
+
 async def serve(
     config: Config,
     *,
@@ -203,10 +213,13 @@ async def serve(
     server = Server(config, gateway, reuse_port=reuse_port)
     await server.start()
     log.info("ext_proc listening on %s (pid %d)", config.grpc_listen, os.getpid())
+    warming = _warm_credentials(gateway)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for task in warming:  # a fetch still hanging at shutdown is abandoned
+        task.cancel()
     log.info("shutting down: draining %.1f s, then %.0f s for in-flight streams", drain, grace)
     await server.stop(grace, drain)

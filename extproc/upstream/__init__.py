@@ -5,6 +5,7 @@ See `adapter.py` (one adapter per provider kind), `credentials.py` (the
 """
 
 from extproc.upstream import cloud_clients as _cloud_clients  # noqa: F401  (registers them)
+from extproc.upstream import clouds as _clouds  # noqa: F401  (registers Bedrock, Vertex)
 from extproc.upstream.adapter import (
     ROUTING_HEADER,
     UpstreamAdapter,

@@ -18,11 +18,12 @@ Register a new kind with `register_adapter` (and its name in `extproc.apis.kind`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from extproc.apis.dialect import ANTHROPIC, OPENAI, Dialect
 from extproc.apis.framing import Framing, framing_for
 from extproc.apis.kind import ApiKind
+from extproc.cloud.providers import credential_for as cloud_credential
 from extproc.config import Config, ProviderConfig
 from extproc.credentials import Credential
 from extproc.decisions import HeaderChanges
@@ -57,6 +58,17 @@ class UpstreamAdapter:
             return None
         return StaticKey(Credential(provider.credential, environ), self.key_header, self.key_prefix)
 
+    def prepare(
+        self,
+        provider: ProviderConfig,
+        body: dict[str, Any],
+        path: str,
+        headers: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str]:
+        """The provider's body and path for a translated request (cloud providers reshape
+        it: the model into the URL, headers into the body); identity by default."""
+        return body, path
+
     def key_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
         return ((self.key_header, self.key_prefix + secret),)
 
@@ -88,6 +100,14 @@ class AnthropicUpstream(UpstreamAdapter):
     dialect = ANTHROPIC
     key_header = "x-api-key"
     other_auth = ("authorization",)
+
+    def credential_for(
+        self, provider: ProviderConfig, environ: Mapping[str, str] | None = None
+    ) -> CredentialProvider | None:
+        """Foundry and Claude Platform on AWS are the Anthropic API with a cloud credential."""
+        if provider.cloud is not None:
+            return cloud_credential(provider.cloud, provider.credential, environ)
+        return super().credential_for(provider, environ)
 
 
 class OpenAIUpstream(UpstreamAdapter):
