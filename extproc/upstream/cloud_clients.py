@@ -9,8 +9,9 @@ translators send it on:
   inputs); the body's betas join the `anthropic-beta` header;
 - to a Bedrock or Vertex provider: the canonical request on `/v1/messages`, which that
   provider's adapter reshapes for its cloud (`UpstreamAdapter.prepare`: the model into
-  the URL, `anthropic_version` its own). Bedrock reads betas from the body, so
-  `anthropic_beta` stays for it; Vertex reads the header.
+  the URL). The client's `anthropic_version` is kept when it is that cloud's own
+  (`bedrock-2023-05-31` to Bedrock), else the adapter sets the cloud's. Bedrock reads
+  betas from the body, so `anthropic_beta` stays for it; Vertex reads the header.
 
 Answers: JSON messages are the same shape everywhere; errors are rewritten into the
 client's error shape; a stream's events pass on (the framings do the bytes), minus
@@ -47,8 +48,11 @@ class CloudClient:
 
     def request(self, body: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
         out = dict(body)
-        if self.upstream != self.client or self.upstream == "anthropic":
-            out.pop("anthropic_version", None)  # the serving cloud sets its own
+        version = out.get("anthropic_version")
+        if not (isinstance(version, str) and version.startswith(f"{self.upstream}-")):
+            # The serving cloud's adapter sets its own: a Bedrock version means nothing
+            # to Vertex or the API, and an SDK's date-only one nothing to Bedrock.
+            out.pop("anthropic_version", None)
         if self.upstream != "bedrock":
             out.pop("anthropic_beta", None)  # sent as the header (request_headers)
         if _COUNT_TOKENS.search(path.split("?", 1)[0]):
