@@ -112,6 +112,25 @@ def _patch_routes(hcm: dict[str, Any], config: Config) -> None:
         route["route"]["cluster"] = provider.cluster or f"provider_{name}"
 
 
+def _patch_cloud_routes(hcm: dict[str, Any], config: Config) -> None:
+    """The `bedrock` / `vertex` routes (if the template has them) match the configured
+    client prefixes, fall back to a provider that can serve that cloud's clients, and go
+    when their prefix is turned off."""
+    virtual_host = hcm["route_config"]["virtual_hosts"][0]
+    prefixes = dict((kind, prefix) for prefix, kind in config.cloud_paths.prefixes())
+    kept = []
+    for route in virtual_host["routes"]:
+        kind = route.get("name")
+        if kind in ("bedrock", "vertex"):
+            if kind not in prefixes:
+                continue
+            route["match"] = {"prefix": prefixes[kind] + "/"}
+            name = default_provider(config, kind) or next(iter(config.providers))
+            route["route"]["cluster"] = config.providers[name].cluster or f"provider_{name}"
+        kept.append(route)
+    virtual_host["routes"] = kept
+
+
 def _patch_dispatch(hcm: dict[str, Any], config: Config) -> None:
     """The first-byte timeout on the route that reaches providers, and the access log path."""
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
@@ -160,6 +179,7 @@ def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
         monitor["max_active_downstream_connections"] = config.envoy.max_connections
     hcm = _patch_listener(bootstrap, config)
     _patch_routes(hcm, config)
+    _patch_cloud_routes(hcm, config)
     _patch_dispatch(hcm, config)
     clusters = bootstrap["static_resources"]["clusters"]
     ext_proc = _find(clusters, "extproc", "cluster")
