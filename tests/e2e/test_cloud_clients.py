@@ -51,7 +51,10 @@ def cloud_config(fake: FakeProvider, **extra: Any) -> dict[str, Any]:
     # The clouds' model ids map onto the Anthropic API's (a mapped model rewrites the URL).
     config["models"] = {"aliases": {PROFILE: SERVED, VERTEX_MODEL: SERVED}}
     config["cloud_paths"] = {"inference_profiles": [PROFILE]}
-    config["guard"] = {}  # the default redaction (GitHub tokens among others)
+    # The default redaction (GitHub tokens among others), and one output rule that ends a
+    # stream early.
+    deny = [{"id": "no_rm_rf", "phrase": "rm -rf /", "action": "block"}]
+    config["guard"] = {"profiles": {"default": {"output": {"deny": deny}}}}
     config["profiles"] = {"default": {"cache": {"enabled": True}}}
     config.update(extra)
     return config
@@ -164,6 +167,36 @@ def test_secret_split_across_frames_is_stripped(clouds: Stack, received: FakePro
     assert GITHUB_TOKEN not in text
     assert text.startswith("the token is ")
     assert text.endswith(" ok")
+
+
+def test_blocked_stream_ends_with_an_exception_frame(clouds: Stack, received: FakeProvider) -> None:
+    headers = {"x-fake-text": "now run rm -rf / please"}
+    with (
+        pytest.raises(anthropic.APIStatusError, match=r"output policy|withheld|no_rm_rf") as caught,
+        bedrock_client(clouds).messages.stream(
+            model=PROFILE,
+            max_tokens=64,
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers=headers,
+        ) as stream,
+    ):
+        "".join(stream.text_stream)
+    assert "rm -rf" not in str(caught.value.body)
+
+
+def test_vertex_count_tokens(clouds: Stack, received: FakeProvider) -> None:
+    path = "/vertex/projects/p/locations/r/publishers/anthropic/models/count-tokens:rawPredict"
+    body = {"model": VERTEX_MODEL, "messages": MESSAGES}
+    response = httpx.post(
+        f"{clouds.url}{path}",
+        content=orjson.dumps(body),
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["input_tokens"] > 0
+    [call] = received.received
+    assert call.path.startswith("/v1/messages/count_tokens")
+    assert call.json()["model"] == SERVED
 
 
 def test_refusals_in_the_bedrock_shape(clouds: Stack, received: FakeProvider) -> None:
