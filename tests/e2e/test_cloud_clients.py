@@ -184,6 +184,17 @@ def test_blocked_stream_ends_with_an_exception_frame(clouds: Stack, received: Fa
     assert "rm -rf" not in str(caught.value.body)
 
 
+def test_large_bedrock_body_screened_in_the_worker(clouds: Stack, received: FakeProvider) -> None:
+    """Over 256 KiB a body is parsed and screened in the worker process first."""
+    filler = "lorem ipsum " * 30_000
+    asked: Any = [{"role": "user", "content": f"{filler} my token is {GITHUB_TOKEN}"}]
+    message = bedrock_client(clouds).messages.create(model=PROFILE, max_tokens=16, messages=asked)
+    assert message.content
+    [call] = received.received
+    assert len(call.body) > 256 * 1024
+    assert GITHUB_TOKEN.encode() not in call.body
+
+
 def test_vertex_count_tokens(clouds: Stack, received: FakeProvider) -> None:
     path = "/vertex/projects/p/locations/r/publishers/anthropic/models/count-tokens:rawPredict"
     body = {"model": VERTEX_MODEL, "messages": MESSAGES}
