@@ -26,6 +26,8 @@ from tests.claude_cli import claude_env, claude_path
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
 
+pytestmark = pytest.mark.e2e
+
 KEY = new_key("dev")
 OTHER_KEY = new_key("ops")
 PROVIDER_SECRET = "sk-ant-held-for-clouds"
