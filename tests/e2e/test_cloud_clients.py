@@ -262,6 +262,49 @@ def test_bad_cloud_paths(clouds: Stack, path: str, status: int) -> None:
     assert response.headers["x-should-retry"] == "false"
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "reason"),
+    [
+        (
+            "POST",
+            f"/bedrock/model/{PROFILE}/invoke",
+            {"model": "x", "max_tokens": 1},
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            f"/bedrock/model/{PROFILE}/invoke",
+            {"stream": True, "max_tokens": 1},
+            400,
+            "invalid_request",
+        ),
+        ("GET", f"/bedrock/model/{PROFILE}/invoke", None, 405, "method_not_allowed"),
+        ("POST", f"/bedrock/model/{PROFILE}/invoke", None, 400, "invalid_json"),
+    ],
+)
+def test_refused_cloud_requests(
+    clouds: Stack,
+    received: FakeProvider,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    status: int,
+    reason: str,
+) -> None:
+    response = httpx.request(
+        method,
+        f"{clouds.url}{path}",
+        content=orjson.dumps(body) if body is not None else b"",
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert response.status_code == status, response.text
+    assert response.headers["x-gateway-error"] == reason
+    assert response.headers["x-should-retry"] == "false"
+    assert response.json()["message"]  # the Bedrock error shape
+    assert received.received == []
+
+
 def run_claude(tmp_path: Path, stack: Stack, **env: str) -> subprocess.CompletedProcess[str]:
     cli = claude_path()
     assert cli is not None
