@@ -94,3 +94,29 @@ def test_render_sets_the_cloud_routes() -> None:
     assert routes["bedrock"]["route"]["cluster"] == "provider_anthropic"
     assert "vertex" not in routes
     assert list(routes)[-1] == "anthropic"  # the catch-all stays last
+
+
+def test_the_cloud_clients_example_is_valid_and_renders(tmp_path: Path) -> None:
+    import subprocess
+
+    import yaml
+
+    from extproc import supervisor
+
+    example = yaml.safe_load((ROOT / "examples" / "cloud-clients.yaml").read_text())
+    config = parse_config(example, "examples/cloud-clients.yaml")
+    assert config.cloud_paths.inference_profiles
+    rendered = envoy_config.render_yaml(config)
+    routes = _routes(yaml.safe_load(rendered))
+    assert routes["bedrock"]["route"]["cluster"] == "provider_bedrock"
+    assert routes["vertex"]["route"]["cluster"] == "provider_bedrock"  # no Vertex provider
+    path = tmp_path / "envoy.yaml"
+    path.write_text(rendered)
+    result = subprocess.run(
+        [supervisor.envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
