@@ -533,6 +533,7 @@ async def test_api_key_providers_from_config() -> None:
     keyed = ClaudePlatformAwsSettings(kind="claude_platform_aws", region="us-east-1", sigv4=False)
     platform = credential_for(keyed, CredentialSource.model_validate({"value": "ak"}))
     assert platform is not None
+    # No workspace_id configured: nothing added, the caller's anthropic-workspace-id passes.
     assert dict(await platform.authorize(request)) == {"x-api-key": "ak"}
     assert credential_for(FoundrySettings(kind="foundry"), None) is None
 
