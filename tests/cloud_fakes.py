@@ -28,6 +28,7 @@ import binascii
 import contextlib
 import dataclasses
 import datetime as dt
+import re
 import secrets
 import struct
 import threading
@@ -388,7 +389,7 @@ class FakeBedrock(_Server):
 
     async def _answer(self, request: web.Request, call: BedrockCall) -> web.StreamResponse:
         stream = call.action == "invoke-with-response-stream"
-        payload = {**call.body, "model": call.model_id, "stream": stream}
+        payload = {**call.body, "model": anthropic_name(call.model_id), "stream": stream}
         body = orjson.dumps(payload)
         headers = {k: v for k, v in call.headers.items() if k.startswith("x-fake-")}
         fcall = fp.Call(
@@ -412,6 +413,13 @@ class FakeBedrock(_Server):
             await response.write(bedrock_chunk(data))
         await response.write_eof()
         return response
+
+
+def anthropic_name(model_id: str) -> str:
+    """The model name Bedrock's answers carry: `us.anthropic.claude-x-20250929-v1:0` ->
+    `claude-x-20250929` (AWS's InvokeModel examples answer with the Anthropic name)."""
+    name = model_id.rsplit("anthropic.", 1)[-1]
+    return re.sub(r"-v\d+(:\d+)?$", "", name)
 
 
 def _aws_error(status: int, kind: str, message: str) -> web.Response:

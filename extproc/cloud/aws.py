@@ -7,8 +7,8 @@ container endpoint (ECS task role, EKS Pod Identity) and the EC2 instance metada
 The chain is resolved afresh at each refresh (in a worker thread, see `refresh`), so the
 gateway, not botocore's lazy refresh-on-access, decides when the network is touched.
 
-Signing (`sign`) is pure CPU (`sigv4`): SigV4 over the final body, which the ext_proc has
-after every mutation (mapped model, `anthropic_beta` moved into the body).
+Signing is pure CPU (`sigv4.sign_with`): SigV4 over the final body, which the ext_proc
+has after every mutation (mapped model, `anthropic_beta` moved into the body).
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ from collections.abc import Callable
 import botocore.session
 from botocore.credentials import Credentials, ReadOnlyCredentials, create_credential_resolver
 
-from extproc.cloud import sigv4
 from extproc.cloud.refresh import Refreshing, Snapshot
 from extproc.credentials import CredentialMissing
-
-BEDROCK_SERVICE = "bedrock"
-# Claude Platform on AWS signs for this service name (its IAM actions are
-# `aws-external-anthropic:*`; endpoint https://aws-external-anthropic.<region>.api.aws).
-CLAUDE_PLATFORM_SERVICE = "aws-external-anthropic"
 
 
 def _expiry_of(credentials: Credentials) -> float | None:
@@ -63,19 +57,3 @@ class AwsCredentials(Refreshing[ReadOnlyCredentials]):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__("aws", fetch or chain_fetcher(profile), clock=clock)
-
-
-def sign(
-    credentials: ReadOnlyCredentials,
-    service: str,
-    region: str,
-    method: str,
-    url: str,
-    body: bytes,
-    content_type: str = "application/json",
-) -> dict[str, str]:
-    """SigV4 headers for `method url` with this body (pure CPU; see `sigv4`)."""
-    keys = sigv4.AwsKeys(
-        credentials.access_key or "", credentials.secret_key or "", credentials.token
-    )
-    return sigv4.sign(keys, service, region, method, url, body, content_type)

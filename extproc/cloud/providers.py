@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from extproc.cloud import aws, azure, google
+from extproc.cloud import sigv4
 from extproc.cloud.config import (
     BedrockSettings,
     ClaudePlatformAwsSettings,
@@ -22,6 +22,13 @@ from extproc.cloud.config import (
 )
 from extproc.cloud.refresh import Refreshing
 from extproc.credentials import Credential, CredentialSource
+
+if TYPE_CHECKING:
+    from extproc.cloud import aws
+
+# botocore and google-auth are imported only when a cloud provider is configured: they
+# add ~0.5 s of imports and tens of MB of objects every full GC pass would walk, which a
+# gateway without cloud providers must not pay (the guard flood test measures the pauses).
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +81,7 @@ class SigV4Provider:
             else request.authority
         )
         url = f"https://{host}{request.path}"
-        signed = aws.sign(
+        signed = sigv4.sign_with(
             keys, self.service, self.region, request.method, url, request.body, content_type
         )
         return (("content-type", content_type), *signed.items())
@@ -134,6 +141,8 @@ CloudCredential = SigV4Provider | BearerProvider | HeaderKey | WithHeaders
 
 
 def _entra(settings: EntraSettings, environ: Mapping[str, str] | None) -> BearerProvider:
+    from extproc.cloud import azure
+
     secret = settings.client_secret
     read = Credential(secret, environ).get if secret is not None else None
     fetch = azure.token_fetcher(
@@ -153,9 +162,13 @@ def credential_for(
 ) -> CloudCredential | None:
     """The credential provider a cloud provider's config builds; None: the caller's passes."""
     if isinstance(settings, BedrockSettings):
+        from extproc.cloud import aws
+
         chain = aws.AwsCredentials(profile=settings.profile)
-        return SigV4Provider(chain, aws.BEDROCK_SERVICE, settings.region)
+        return SigV4Provider(chain, sigv4.BEDROCK_SERVICE, settings.region)
     if isinstance(settings, VertexSettings):
+        from extproc.cloud import google
+
         token = google.GoogleToken(key_file=settings.key_file)
         return BearerProvider(token, "Google OAuth token (google-auth)")
     if isinstance(settings, FoundrySettings) and settings.entra is not None:
@@ -175,8 +188,10 @@ def _claude_platform_aws(
     """SigV4 (`aws-external-anthropic`) or an api key, plus the configured workspace id."""
     inner: SigV4Provider | HeaderKey
     if settings.sigv4:
+        from extproc.cloud import aws
+
         chain = aws.AwsCredentials(profile=settings.profile)
-        inner = SigV4Provider(chain, aws.CLAUDE_PLATFORM_SERVICE, settings.region)
+        inner = SigV4Provider(chain, sigv4.CLAUDE_PLATFORM_SERVICE, settings.region)
     elif key is not None:
         inner = HeaderKey(Credential(key, environ), ("x-api-key",))
     else:

@@ -15,10 +15,14 @@ import datetime as dt
 import functools
 import hashlib
 import hmac
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 ALGORITHM = "AWS4-HMAC-SHA256"
+BEDROCK_SERVICE = "bedrock"
+# Claude Platform on AWS signs for this service name (its IAM actions are
+# `aws-external-anthropic:*`; endpoint https://aws-external-anthropic.<region>.api.aws).
+CLAUDE_PLATFORM_SERVICE = "aws-external-anthropic"
 
 
 class AwsKeys(NamedTuple):
@@ -27,6 +31,31 @@ class AwsKeys(NamedTuple):
     access_key: str
     secret_key: str
     token: str | None
+
+
+class FrozenCredentials(Protocol):
+    """botocore's `ReadOnlyCredentials` (what the credential chain hands out)."""
+
+    @property
+    def access_key(self) -> str | None: ...
+    @property
+    def secret_key(self) -> str | None: ...
+    @property
+    def token(self) -> str | None: ...
+
+
+def sign_with(
+    credentials: FrozenCredentials,
+    service: str,
+    region: str,
+    method: str,
+    url: str,
+    body: bytes,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """`sign` with credentials from the chain."""
+    keys = AwsKeys(credentials.access_key or "", credentials.secret_key or "", credentials.token)
+    return sign(keys, service, region, method, url, body, content_type)
 
 
 @functools.lru_cache(maxsize=64)

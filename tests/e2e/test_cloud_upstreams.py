@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,22 @@ def test_a_stream_from_bedrock_is_signed_and_reaches_the_client_as_sse(
     assert call.body["anthropic_beta"] == ["interleaved-thinking-2025-05-14"]
     assert call.access_key == KEY_ID
     assert "client-key" not in json.dumps(call.headers)
+    record = _audit_record(clouds.stack, stream.response.headers["x-gateway-request-id"])
+    assert record["provider"] == "bedrock"
+    assert record["served_model"] == "claude-sonnet-4-5-20250929"  # as Bedrock answers
+    assert record["output_tokens"] == final.usage.output_tokens
+    assert record["cost_usd"] is not None
+
+
+def _audit_record(stack: Stack, request_id: str) -> dict[str, object]:
+    """The audit record of one request (written when its stream closes: polled)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = [r for r in stack.audit_records() if r.get("request_id") == request_id]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no audit record for {request_id}")
 
 
 def test_a_json_answer_from_bedrock(clouds: Clouds, client: anthropic.Anthropic) -> None:

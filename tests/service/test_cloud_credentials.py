@@ -24,7 +24,7 @@ from botocore.eventstream import EventStreamBuffer
 from yarl import URL
 
 from extproc.cloud import azure, upstreams
-from extproc.cloud.aws import BEDROCK_SERVICE, AwsCredentials, sign
+from extproc.cloud.aws import AwsCredentials
 from extproc.cloud.config import (
     BedrockSettings,
     ClaudePlatformAwsSettings,
@@ -34,6 +34,7 @@ from extproc.cloud.config import (
 from extproc.cloud.google import GoogleToken
 from extproc.cloud.providers import credential_for
 from extproc.cloud.refresh import Refreshing, Snapshot
+from extproc.cloud.sigv4 import BEDROCK_SERVICE, sign_with
 from extproc.credentials import CredentialMissing, CredentialSource
 from tests.cloud_fakes import (
     AwsIdentity,
@@ -63,7 +64,8 @@ class SigV4Signer:
     region: str
 
     def sign(self, method: str, url: str, body: bytes) -> dict[str, str]:
-        return sign(self.credentials.current(), self.service, self.region, method, url, body)
+        current = self.credentials.current()
+        return sign_with(current, self.service, self.region, method, url, body)
 
 
 AwsFakes = tuple[AwsIdentity, FakeAwsCredentials, FakeBedrock]
@@ -531,6 +533,7 @@ async def test_api_key_providers_from_config() -> None:
     keyed = ClaudePlatformAwsSettings(kind="claude_platform_aws", region="us-east-1", sigv4=False)
     platform = credential_for(keyed, CredentialSource.model_validate({"value": "ak"}))
     assert platform is not None
+    # No workspace_id configured: nothing added, the caller's anthropic-workspace-id passes.
     assert dict(await platform.authorize(request)) == {"x-api-key": "ak"}
     assert credential_for(FoundrySettings(kind="foundry"), None) is None
 
