@@ -156,6 +156,13 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
         )
 
 
+def _stream_content_type(framing: Framing) -> str:
+    """A stream's content type for the client: text framings say their charset, a binary
+    one (AWS event-stream) has none."""
+    kind = framing.content_type
+    return kind + "; charset=utf-8" if kind.startswith("text/") else kind
+
+
 def _undecodable(why: str) -> AnswerWithheld:
     """The 502 sent in place of an answer no policy could read."""
     return AnswerWithheld(f"{why}; the answer was withheld", reason="undecodable_answer")
@@ -783,7 +790,7 @@ class RequestStream:
                 await self.gw.spending.admit_hit(self.spend)
         answer = self._screen_hit(entry.answer)
         if self.request.stream:
-            content_type = self.dialect.framing.content_type + "; charset=utf-8"
+            content_type = _stream_content_type(self.dialect.framing)
             body = self.dialect.unfold(answer)
             if self.usage_dropper is not None:
                 body = self.usage_dropper.feed(body) + self.usage_dropper.close()
@@ -887,7 +894,7 @@ class RequestStream:
         return self.target.adapter.answer_framing(content_type)
 
     def _translated_headers(self, extra: HeaderChanges) -> HeaderChanges:
-        content_type = self.dialect.framing.content_type + "; charset=utf-8"
+        content_type = _stream_content_type(self.dialect.framing)
         return HeaderChanges(
             set=(*extra.set, ("content-type", content_type)),
             remove=(*extra.remove, "content-length"),
