@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import struct
 import uuid
@@ -370,3 +371,32 @@ def test_error_events_become_bedrock_exceptions(anthropic_type: str, exception: 
     [(event, payload)] = anthropic_sdk_events(raw)
     assert event == "error"
     assert orjson.loads(payload)["error"] == {"type": exception, "message": "m"}
+
+
+@given(
+    data=st.binary(max_size=400),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_garbage_is_refused_cleanly(data: bytes, cuts: list[int]) -> None:
+    """Any bytes give messages or an `EventStreamError`, never another exception."""
+    decoder = EventStreamDecoder(max_message_bytes=1024)
+    try:
+        for piece in split_at(data, cuts):
+            decoder.feed(piece)
+        decoder.close()
+    except EventStreamError:
+        pass
+
+
+@given(
+    headers=st.binary(max_size=60),
+    payload=st.binary(max_size=40),
+)
+def test_valid_crcs_around_garbage_headers(headers: bytes, payload: bytes) -> None:
+    """Corrupt header bytes inside correct CRCs: still only `EventStreamError`."""
+    total = 16 + len(headers) + len(payload)
+    prelude = struct.pack(">II", total, len(headers))
+    head = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
+    raw = head + struct.pack(">I", zlib.crc32(head))
+    with contextlib.suppress(EventStreamError):
+        decode([raw])
