@@ -349,7 +349,8 @@ class BedrockEventParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         try:
-            return [_as_event(message) for message in self._decoder.feed(chunk)]
+            messages = self._decoder.feed(chunk)
+            return [_as_event(m) for m in messages if _carries_an_event(m)]
         except EventStreamError as exc:
             raise _unreadable(exc) from exc
 
@@ -364,6 +365,11 @@ class BedrockEventParser:
 def _unreadable(exc: EventStreamError) -> AnswerWithheld:
     """A broken provider stream as the gateway error its client gets (502, withheld)."""
     return AnswerWithheld(f"is not a valid AWS event stream: {exc}", reason="undecodable_answer")
+
+
+def _carries_an_event(message: EventMessage) -> bool:
+    """A chunk or an exception; other event types (none today) are skipped, not fatal."""
+    return message.message_type != "event" or message.event_type == "chunk"
 
 
 def _as_event(message: EventMessage) -> SseEvent:

@@ -329,6 +329,12 @@ def test_bedrock_parser_turns_an_exception_into_an_error_event() -> None:
     }
 
 
+def test_bedrock_parser_skips_other_event_types() -> None:
+    other = encode_message({":message-type": "event", ":event-type": "metadata"}, b"{}")
+    events = BedrockEventParser().feed(other + encode_chunk(b'{"type":"ping"}'))
+    assert [e.event for e in events] == ["ping"]
+
+
 def test_bedrock_parser_refuses_a_truncated_stream() -> None:
     parser = BedrockEventParser()
     parser.feed(encode_chunk(b"{}")[:10])
