@@ -31,7 +31,14 @@ from extproc.apis import (
 )
 from extproc.apis import error_response as render_error
 from extproc.apis.clouds import inference_profiles_body
-from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
+from extproc.apis.dialect import (
+    ANTHROPIC,
+    Accumulator,
+    Dialect,
+    ModelIn,
+    StreamFilter,
+    dialect_of,
+)
 from extproc.apis.framing import EventParser, Framing, framing_for
 from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
@@ -90,6 +97,7 @@ from extproc.upstream import (
     Translator,
     UpstreamRequest,
 )
+from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
 
@@ -601,7 +609,7 @@ class RequestStream:
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
-            removed=target.adapter.other_auth,
+            removed=CALLER_AUTH,
             body=body if body is not None else self.raw_body,
         )
         try:
@@ -638,7 +646,7 @@ class RequestStream:
         self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = await self._parse(body)
+        self.request = request = self._as_dialect_reads(await self._parse(body))
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
@@ -670,6 +678,17 @@ class RequestStream:
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
+    def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
+        """The model and streaming as the dialect finds them (a URL-model dialect reads
+        them from the path; for body dialects this changes nothing)."""
+        assert self.route is not None
+        model = self.dialect.request_model(self.path, request.model)
+        stream = self.dialect.request_stream(self.path, request.stream)
+        stream = stream and self.route.endpoint.generates
+        if model == request.model and stream == request.stream:
+            return request
+        return dataclasses.replace(request, model=model, stream=stream)
+
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
         covers, and a streamed answer carrying its usage. True if changed."""
@@ -700,13 +719,15 @@ class RequestStream:
         return self._parse_body(raw, check_keys=False)
 
     def _parse_body(self, raw: bytes, *, check_keys: bool = True) -> ParsedRequest:
-        """The body as a `ParsedRequest`; a cloud client's made canonical Messages."""
+        """The body as a `ParsedRequest`; a cloud client's made canonical Messages (the
+        URL's model and streaming in the body, so every step reads it unchanged)."""
         assert self.route is not None
         if self.route.cloud is not None:
             return parse_cloud_request(
                 raw, self.route.endpoint, self.route.cloud, check_keys=check_keys
             )
-        return parse_request(raw, self.route.endpoint, check_keys=check_keys)
+        in_body = self.dialect.model_in is ModelIn.BODY
+        return parse_request(raw, self.route.endpoint, check_keys=check_keys, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
