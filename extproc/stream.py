@@ -10,6 +10,7 @@ every request yields exactly one audit record.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,7 +19,6 @@ from typing import Any
 
 import orjson
 
-from extproc import caching
 from extproc.apis import (
     Endpoint,
     Route,
@@ -29,7 +29,14 @@ from extproc.apis import (
     model_list,
 )
 from extproc.apis import error_response as render_error
-from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
+from extproc.apis.dialect import (
+    ANTHROPIC,
+    Accumulator,
+    Dialect,
+    ModelIn,
+    StreamFilter,
+    dialect_of,
+)
 from extproc.apis.framing import EventParser, Framing, framing_for
 from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
@@ -53,7 +60,6 @@ from extproc.errors import (
     Unavailable,
 )
 from extproc.gateway import Gateway
-from extproc.guarding import GuardRun
 from extproc.offload import (
     INLINE_VALUES,
     OFFLOAD_BYTES,
@@ -61,18 +67,29 @@ from extproc.offload import (
     check_values,
     value_bound,
 )
+from extproc.phases import (
+    Event,
+    Phase,
+    RequestBody,
+    RequestHeaders,
+    ResponseBody,
+    ResponseHeaders,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
+from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.step import Done, Ending, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +103,10 @@ MAX_RECORDED_HEADER = 128
 # the caller gets an answer rather than a reset connection.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 150
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
@@ -111,15 +132,18 @@ def _cut_short_outcome(status: int, cancelled: bool) -> str:
     return "provider_reset" if cancelled and status else "client_abort"
 
 
-# Allowed phase order (h11-style table): the phase that may follow each one.
-_NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers", "local_reply"}),
-    "local_reply": frozenset({"response_body"}),
-    "request_headers": frozenset({"request_body", "response_headers"}),
-    "request_body": frozenset({"request_body", "response_headers"}),
-    "response_headers": frozenset({"response_body"}),
-    "response_body": frozenset({"response_body"}),
+# Allowed phase order (h11-style table): the phases that may follow each one.
+_NEXT: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.REQUEST_HEADERS, Phase.LOCAL_REPLY}),
+    Phase.LOCAL_REPLY: frozenset({Phase.RESPONSE_BODY}),
+    Phase.REQUEST_HEADERS: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.REQUEST_BODY: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.RESPONSE_HEADERS: frozenset({Phase.RESPONSE_BODY}),
+    Phase.RESPONSE_BODY: frozenset({Phase.RESPONSE_BODY}),
 }
+_RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
+# Before a request of ours started (nothing to account).
+_NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -190,7 +214,7 @@ class RequestStream:
         # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
         self.trace_context = trace_context
         self.started = gateway.clock()
-        self.phase: str | None = None
+        self.phase: Phase | None = None
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
@@ -210,14 +234,13 @@ class RequestStream:
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
-        self.cache_run: caching.CacheRun | None = None
+        self.cache_run: cache_policy.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
         self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
-        self.cache_stored = False
         self.answer = _Answer()
         self.sse: EventParser | None = None
         self.accumulator: Accumulator | None = None
@@ -243,8 +266,29 @@ class RequestStream:
 
     # -- phase order -------------------------------------------------------------------
 
-    def _enter(self, phase: str) -> None:
-        if self.outcome is not None and phase.startswith("response"):
+    async def handle(self, event: Event) -> Decision:
+        """One ext_proc message, as the frozen event `envoy_api` made of it."""
+        match event:
+            case ResponseBody():
+                return await self.response_body(event.body, event.end_of_stream)
+            case RequestBody():
+                return await self.request_body(event.body, event.end_of_stream)
+            case RequestHeaders():
+                return await self.request_headers(
+                    event.headers,
+                    event.end_of_stream,
+                    route_name=event.route_name,
+                    route_policy=event.route_policy,
+                    jwt_metadata=event.jwt_metadata,
+                )
+            case ResponseHeaders():
+                return await self.response_headers(
+                    event.headers, event.end_of_stream, details=event.details
+                )
+        return CONTINUE  # trailers pass unchanged
+
+    def _enter(self, phase: Phase) -> None:
+        if self.outcome is not None and phase in _RESPONSE_PHASES:
             # An immediate response we sent comes back through the response phases.
             self.phase = phase
             return
@@ -276,13 +320,13 @@ class RequestStream:
         rendered = render_error(self.dialect.name, error, self.request_id)
         headers = rendered.headers + self._trace_header()
         withheld = isinstance(error, AnswerWithheld)
-        if withheld or self.phase == "response_body":
+        if withheld or self.phase is Phase.RESPONSE_BODY:
             self.answer.error_type, self.answer.json = error.reason, None
-        if self.phase == "response_body" and self.answer.streamed:
+        if self.phase is Phase.RESPONSE_BODY and self.answer.streamed:
             self.withheld = b""  # the status has left: the rest of the stream is dropped
             return Continue(body=self.dialect.stream_error(rendered.body))
         self.answer.status = error.status
-        if self.phase == "response_body":  # a buffered answer: still ours to replace
+        if self.phase is Phase.RESPONSE_BODY:  # a buffered answer: still ours to replace
             status = ((":status", str(error.status)),)
             changes = HeaderChanges(set=status + headers, remove=("content-length",))
             return Continue(body=rendered.body, headers=changes)
@@ -300,7 +344,7 @@ class RequestStream:
         route_policy: Mapping[str, Any] | None = None,
         jwt_metadata: Mapping[str, Any] | None = None,
     ) -> Decision:
-        self._enter("request_headers")
+        self._enter(Phase.REQUEST_HEADERS)
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
@@ -533,7 +577,7 @@ class RequestStream:
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
-            removed=target.adapter.other_auth,
+            removed=CALLER_AUTH,
             body=body if body is not None else self.raw_body,
         )
         try:
@@ -547,7 +591,7 @@ class RequestStream:
             ) from exc
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
-        self._enter("request_body")
+        self._enter(Phase.REQUEST_BODY)
         try:
             if self.signing_in and self.outcome is None:
                 return await self._signed_in(body)
@@ -570,7 +614,7 @@ class RequestStream:
         self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = await self._parse(body)
+        self.request = request = self._as_dialect_reads(await self._parse(body))
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
@@ -602,6 +646,17 @@ class RequestStream:
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
+    def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
+        """The model and streaming as the dialect finds them (a URL-model dialect reads
+        them from the path; for body dialects this changes nothing)."""
+        assert self.route is not None
+        model = self.dialect.request_model(self.path, request.model)
+        stream = self.dialect.request_stream(self.path, request.stream)
+        stream = stream and self.route.endpoint.generates
+        if model == request.model and stream == request.stream:
+            return request
+        return dataclasses.replace(request, model=model, stream=stream)
+
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
         covers, and a streamed answer carrying its usage. True if changed."""
@@ -616,12 +671,13 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
+        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint)
+            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint)
+            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
@@ -629,7 +685,7 @@ class RequestStream:
         self.inspection = await self.gw.offload.check(
             raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False)
+        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -673,7 +729,7 @@ class RequestStream:
         if not config.enabled or not self.route.endpoint.generates:
             return None
         presented = self._presented()
-        scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
+        scope = "shared" if config.shared else cache_policy.tenant_scope(self.identity, presented)
         key = cache_policy.cache_key(
             self.dialect.name,
             self.route.endpoint,
@@ -682,17 +738,17 @@ class RequestStream:
             self.headers,
             config.normalize,
         )
-        read, write = caching.cache_control(self.headers)
+        read, write = cache_policy.cache_control(self.headers)
         if self.guard is not None and self.guard.masks:
             # The stored answer would hold this request's real values behind placeholders
             # that another request's values map to as well.
             write = False
-        self.cache_run = run = caching.CacheRun(
+        self.cache_run = run = cache_policy.CacheRun(
             self.gw.cache, config, scope, key, self.request_id, read, write
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
+        if self.gw.config.cache.hygiene and read and self.body_size <= cache_policy.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
                 return cache_policy.Shape.of(self.dialect.name, body)
@@ -761,9 +817,9 @@ class RequestStream:
         if self.phase is None:
             # Envoy answered before the request reached the gateway (`OPTIONS *` is
             # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
-            self._enter("local_reply")
+            self._enter(Phase.LOCAL_REPLY)
             return CONTINUE
-        self._enter("response_headers")
+        self._enter(Phase.RESPONSE_HEADERS)
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
@@ -874,7 +930,7 @@ class RequestStream:
         self.accumulator = self.dialect.accumulator()
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        self._enter("response_body")
+        self._enter(Phase.RESPONSE_BODY)
         if self.withheld is not None:  # nothing of a refused answer passes
             if end_of_stream:
                 self._finish("error")
@@ -1081,23 +1137,100 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        first = "none" if self.phase in (None, "local_reply") else "request_headers"
+        first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
-        if self.outcome is None and self.phase not in (None, "local_reply"):
+        if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.outcome is None or self.settled:
             return
         self.settled = True
-        if self.cache_run is not None and self.outcome != "cache_hit":
-            answer = self._cacheable_answer()
-            self.cache_stored = await self.cache_run.after_upstream(answer, self.dialect.name)
-        if self.spend is not None:
-            usage = self._billable_usage(self.outcome)
-            if usage != self.answer.usage and self.outcome != "cache_hit":
-                self.answer.usage, self.answer.usage_estimated = usage, True
-            await self.gw.spending.settle(self.spend, usage)
+        ending = self._ending(self.outcome)
+        for step in (self.cache_run, self.spend):  # step order: cache stores, spend settles
+            if step is not None:
+                await step.close(ending)
         account(self, self.finished_at)
+
+    def _ending(self, outcome: str) -> Ending:
+        """How the request ended, for the steps that close: the answer to store and what
+        is billed (an estimate, recorded as such, when the final usage never came)."""
+        billable = self.answer.usage
+        if self.spend is not None:
+            billable = self._billable_usage(outcome)
+            if billable != self.answer.usage and outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = billable, True
+        fresh = self.cache_run is not None and outcome != "cache_hit"
+        answer = self._cacheable_answer() if fresh else None
+        return Ending(outcome, self.dialect.name, answer, billable)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _steps(self) -> list[Step]:
+        """The policy steps that ran, in their fixed order: auth, guard, cache, spend."""
+        steps: list[Step] = [self.identity]
+        steps += [s for s in (self.guard, self.cache_run, self.spend) if s is not None]
+        return steps
+
+    def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
+        """What the audit record is built from: the request's own facts, the steps that
+        ran, how it ended, and the recorded text (empty unless the profile records it)."""
+        answer, request = self.answer, self.request
+        usage = answer.usage
+        started_wall = self.gw.wall_clock() - (now - self.started)
+        facts: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "request_id": self.request_id,
+            "route": self.route_name,
+            "api": self.dialect.name,
+            "endpoint": self.route.endpoint.value if self.route else None,
+            "path": self.path.split("?", 1)[0],
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "parent_agent_id": self.parent_agent_id,
+            "provider": self.target.name if self.target else None,
+            "requested_model": request.model if request else None,
+            "served_model": answer.served_model or self.served_model,
+            "status": answer.status,
+            "streamed": answer.streamed,
+            "outcome": self.outcome,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+            "web_search_requests": usage.web_search_requests,
+            "latency_ms": _ms(now - self.started),
+            "ttft_ms": _ms(answer.first_token_at - self.started) if answer.first_token_at else None,
+            "finish_reasons": self._finish_reasons(),
+        }
+        if answer.error_type:
+            facts["error_type"] = answer.error_type
+        if answer.usage_estimated:
+            facts["usage_estimated"] = True
+        text: dict[str, Any] = {}
+        if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
+            text["prompt"] = {
+                k: request.body[k] for k in ("system", "messages") if k in request.body
+            }
+            text["completion"] = self._completion()
+        return facts, self._steps(), Done(self.outcome or "", usage), text
+
+    def _completion(self) -> Any:
+        """The answer's content: the JSON body's, or the folded stream's when it completed."""
+        if self.answer.completion is not None:
+            return self.answer.completion
+        accumulator = self.accumulator
+        if accumulator is None or not accumulator.complete:
+            return None
+        return self.dialect.completion(accumulator.folded_message())
+
+    def _finish_reasons(self) -> list[str]:
+        """Why the model stopped: from the folded stream, or the JSON answer."""
+        if self.accumulator is not None:
+            return self.accumulator.finish_reasons()
+        return self.answer.finish_reasons
 
     def _finish(self, outcome: str) -> None:
         """The request's outcome is known; the rest happens in `close`."""

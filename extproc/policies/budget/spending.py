@@ -48,7 +48,7 @@ from extproc.apis.usage import Usage
 from extproc.config import Config
 from extproc.errors import BadRequest, Forbidden, RateLimited, Unavailable
 from extproc.policies.auth import Identity
-from extproc.policies.budget import (
+from extproc.policies.budget.ledger import (
     Amount,
     BudgetCheck,
     BudgetLedger,
@@ -72,6 +72,7 @@ from extproc.policies.ratelimit import (
     RateSubject,
     UnknownTier,
 )
+from extproc.policies.step import Done, Ending
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
@@ -258,6 +259,24 @@ class SpendRun:
     # The holds an admission that timed out may have made after all (released by id).
     uncertain: Reservation | None = None
 
+    spending: Spending | None = field(default=None, repr=False)  # settles it at close
+
+    async def close(self, ending: Ending) -> None:
+        """Settle the reservation to what the request is billed for."""
+        if self.spending is not None:
+            await self.spending.settle(self, ending.billable)
+
+    def audit_fields(self, done: Done) -> dict[str, Any]:
+        """The spend step's part of the audit record: scopes charged, the cost of what
+        was served, and what a cache hit saved."""
+        fields: dict[str, Any] = {
+            "scopes": {scope.kind: scope.id for scope in self.scopes},
+            "cost_usd": float(self.cost_usd) if self.cost_usd is not None else None,
+        }
+        if done.outcome == "cache_hit" and self.price is not None:
+            fields["cost_saved_usd"] = cost_micros(done.usage, self.price) / 1e6
+        return fields
+
 
 class Spending:
     """Process-wide: the price table, the ledger and the rate limiter over the store."""
@@ -292,7 +311,7 @@ class Spending:
                     reason="unpriced_model",
                 ) from exc
         subject = subject_of(identity, presented, headers, self.limiter_config)
-        return SpendRun(request_id, model, subject, checks, price, scopes)
+        return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
 
     def serve(self, run: SpendRun, model: str) -> None:
         """Another model answers than the one admitted (a fallback): settlement prices
