@@ -322,6 +322,7 @@ class FakeBedrock(_Server):
         super().__init__()
         self.identity, self.region, self.service = identity, region, service
         self.verify = verify  # False only for a benchmark's unsigned baseline
+        self.api_keys: set[str] = set()  # Bedrock API keys (Authorization: Bearer ...)
         self.calls: list[BedrockCall] = []
         self.refused: list[str] = []
 
@@ -332,8 +333,9 @@ class FakeBedrock(_Server):
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         raw_path = request.rel_url.raw_path
+        bearer = headers.get("authorization", "").removeprefix("Bearer ")
         try:
-            if not self.verify:
+            if not self.verify or bearer in self.api_keys:
                 return await self._unverified(request, raw_path, headers, body)
             key = verify_sigv4(
                 self.identity,
@@ -360,6 +362,7 @@ class FakeBedrock(_Server):
         self, request: web.Request, raw_path: str, headers: dict[str, str], body: bytes
     ) -> web.StreamResponse:
         call = self._parse(request.method, raw_path, headers, body, "")
+        self.calls.append(call)
         return await self._answer(request, call)
 
     def _parse(

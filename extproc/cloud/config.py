@@ -76,6 +76,9 @@ class BedrockSettings(_Aws):
     # The anthropic-beta flags passed on (others are dropped: Bedrock refuses unknown
     # flags with 400); ["*"] passes every flag.
     betas: tuple[str, ...] = upstreams.BEDROCK_BETAS
+    # False: the provider's `credential` is a Bedrock API key (sent as a bearer token,
+    # what AWS_BEARER_TOKEN_BEDROCK holds) instead of SigV4 from the AWS chain.
+    sigv4: bool = True
 
     @property
     def allowed_betas(self) -> frozenset[str] | None:

@@ -107,13 +107,14 @@ class BearerProvider:
 
 
 class HeaderKey:
-    """A held api key in one or more headers (Foundry: `x-api-key` and `api-key`)."""
+    """A held api key in one or more headers (Foundry: `x-api-key` and `api-key`; a
+    Bedrock API key: `authorization` with the `Bearer ` prefix)."""
 
-    def __init__(self, credential: Credential, headers: tuple[str, ...]) -> None:
-        self.credential, self.headers = credential, headers
+    def __init__(self, credential: Credential, headers: tuple[str, ...], prefix: str = "") -> None:
+        self.credential, self.headers, self.prefix = credential, headers, prefix
 
     async def authorize(self, request: OutgoingRequest) -> Headers:
-        secret = self.credential.get()
+        secret = self.prefix + self.credential.get()
         return tuple((name, secret) for name in self.headers)
 
     def describe(self) -> str:
@@ -161,6 +162,10 @@ def credential_for(
     environ: Mapping[str, str] | None = None,
 ) -> CloudCredential | None:
     """The credential provider a cloud provider's config builds; None: the caller's passes."""
+    if isinstance(settings, BedrockSettings) and not settings.sigv4:
+        if key is None:
+            return None
+        return HeaderKey(Credential(key, environ), ("authorization",), "Bearer ")
     if isinstance(settings, BedrockSettings):
         from extproc.cloud import aws
 

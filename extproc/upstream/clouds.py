@@ -59,7 +59,6 @@ def _request_of(path: str, body: Mapping[str, Any]) -> tuple[str, str]:
 class _CloudUpstream(UpstreamAdapter):
     dialect = ANTHROPIC
     key_header = "authorization"
-    other_auth: ClassVar[tuple[str, ...]] = ("x-api-key", "authorization")
     # Headers the cloud reads from the body instead (or does not accept).
     drop: ClassVar[tuple[str, ...]] = ("anthropic-version",)
 

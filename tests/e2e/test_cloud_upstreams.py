@@ -322,7 +322,9 @@ def test_claude_code_with_a_plain_base_url_is_served_by_vertex(
 # --------------------------------------------------------------------------- credential failures
 
 
-def _bedrock_only(bedrock: FakeBedrock, env: dict[str, str], workdir: Path) -> Stack:
+def _bedrock_only(
+    bedrock: FakeBedrock, env: dict[str, str], workdir: Path, **provider: object
+) -> Stack:
     config: dict[str, object] = {
         "listen": f"127.0.0.1:{free_port()}",
         "grpc_listen": f"127.0.0.1:{free_port()}",
@@ -333,6 +335,7 @@ def _bedrock_only(bedrock: FakeBedrock, env: dict[str, str], workdir: Path) -> S
                 "api": "bedrock",
                 "base_url": bedrock.url,
                 "cloud": {"kind": "bedrock", "region": "us-east-1", "inference_profile": "us"},
+                **provider,
             }
         },
         "models": {"routes": [{"match": "*", "provider": "bedrock"}]},
@@ -374,6 +377,29 @@ def test_no_aws_credentials_anywhere_is_503_no_credential_not_retried(
     assert caught.value.response.headers["x-gateway-error"] == "no_credential"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert clouds.bedrock.calls == []
+
+
+def test_a_bedrock_api_key_instead_of_sigv4(clouds: Clouds, tmp_path: Path) -> None:
+    clouds.bedrock.calls.clear()
+    clouds.bedrock.api_keys.add("bedrock-api-key-1")
+    stack = _bedrock_only(
+        clouds.bedrock,
+        {},
+        tmp_path,
+        credential={"value": "bedrock-api-key-1"},
+        cloud={"kind": "bedrock", "region": "us-east-1", "sigv4": False},
+    )
+    try:
+        client = anthropic.Anthropic(api_key="k", base_url=stack.url, max_retries=0)
+        message = client.messages.create(
+            model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+    finally:
+        stack.close()
+    assert message.content[0].type == "text"
+    (call,) = clouds.bedrock.calls
+    assert call.headers["authorization"] == "Bearer bedrock-api-key-1"
+    assert "x-amz-date" not in call.headers
 
 
 def test_a_bedrock_refusal_reaches_the_client_in_the_anthropic_shape(
