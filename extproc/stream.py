@@ -753,10 +753,13 @@ class RequestStream:
         """The provider key an anonymous caller pays with: its own, passed through when
         the provider has no gateway-held credential. On the gateway's credential the key
         a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        presented = self._presented()
+        if presented is None:  # an identified caller: no provider to look up (a gateway
+            return None  # serving only Bedrock has none for `/v1/gateway/quota`)
         target = self.target or self._choose_target(None)
         if target.name in self.gw.credentials:
             return None
-        return self._presented()
+        return presented
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""

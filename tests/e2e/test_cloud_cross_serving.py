@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from anthropic import AnthropicBedrock, AnthropicVertex
 
@@ -159,8 +160,18 @@ def test_bedrock_client_served_by_bedrock(fresh: Clouds) -> None:
     assert KEY not in str(call.headers)
 
 
+def _used_tokens(stack: Stack) -> int:
+    report = httpx.get(
+        f"{stack.url}/v1/gateway/quota", headers={"authorization": f"Bearer {KEY}"}, timeout=10
+    )
+    assert report.status_code == 200, report.text
+    [budget] = report.json()["budgets"]
+    return int(budget["used"])
+
+
 def test_budget_and_audit_from_the_event_stream(fresh: Clouds) -> None:
     before = len(fresh.stack.audit_records())
+    used_before = _used_tokens(fresh.stack)
     with bedrock_client(fresh.stack).messages.stream(
         model=PROFILE, max_tokens=64, messages=ask("count my spend")
     ) as stream:
@@ -174,6 +185,8 @@ def test_budget_and_audit_from_the_event_stream(fresh: Clouds) -> None:
     )
     assert record["cost_usd"] > 0  # priced as claude-sonnet-4-5, the gateway's name for it
     assert record["outcome"] == "ok"
+    # The key's token budget was charged what the event stream's usage said.
+    assert _used_tokens(fresh.stack) - used_before == usage.input_tokens + usage.output_tokens
 
 
 def test_secret_split_across_event_stream_frames(fresh: Clouds) -> None:
