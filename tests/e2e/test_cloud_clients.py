@@ -365,4 +365,7 @@ def test_claude_code_in_vertex_mode(tmp_path: Path, clouds: Stack, received: Fak
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Hello from the fake provider." in result.stdout
-    assert len([r for r in received.received if r.path.startswith("/v1/messages")]) >= 2
+    bodies = [r.json() for r in received.received if r.path.startswith("/v1/messages")]
+    assert len(bodies) >= 2  # the tool call and the answer after its result
+    last = bodies[-1]["messages"][-1]["content"]
+    assert any(part.get("type") == "tool_result" for part in last)
