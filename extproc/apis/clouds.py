@@ -25,7 +25,7 @@ key comes as `x-api-key` (ANTHROPIC_API_KEY) or `Authorization: Bearer`
 (ANTHROPIC_AUTH_TOKEN, or AWS_BEARER_TOKEN_BEDROCK without the skip).
 
 Everything here is pure: a path in, a `CloudPath` or a `GatewayError` out; a body in,
-the canonical Anthropic Messages body out (and back).
+the canonical Anthropic Messages body out (`upstream/cloud_clients.py` sends it on).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ __all__ = [
     "bedrock_exception_type",
     "beta_header",
     "check_cloud_model",
-    "from_messages_body",
     "inference_profiles_body",
     "parse_cloud_path",
     "to_messages_body",
@@ -70,10 +69,6 @@ class CloudAction(enum.Enum):
     STREAM_RAW_PREDICT = "streamRawPredict"  # Vertex: SSE answer
     COUNT_TOKENS = "count-tokens"
     INFERENCE_PROFILES = "inference-profiles"
-
-    @property
-    def generates(self) -> bool:
-        return self not in (CloudAction.COUNT_TOKENS, CloudAction.INFERENCE_PROFILES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,17 +94,6 @@ class CloudPath:
         if self.cloud == "bedrock":
             return self.action is CloudAction.INVOKE_STREAM
         return None
-
-    def path_for(self, model: str) -> str:
-        """This request's path with `model` in the URL (a mapped model rewrites it)."""
-        check_cloud_model(model)
-        quoted = urllib.parse.quote(model, safe=":@")
-        if self.cloud == "bedrock":
-            return f"{self.prefix}/model/{quoted}/{self.action.value}"
-        return (
-            f"{self.prefix}{self.api_version}/projects/{self.project}/locations/{self.location}"
-            f"/publishers/anthropic/models/{quoted}:{self.action.value}"
-        )
 
 
 # A cloud model id: a Bedrock model or inference-profile id (`us.anthropic.x-v1:0`), a
@@ -216,15 +200,6 @@ def to_messages_body(body: dict[str, Any], where: CloudPath) -> dict[str, Any]:
         if streams:
             messages["stream"] = True
     return messages
-
-
-def from_messages_body(messages: dict[str, Any], where: CloudPath) -> dict[str, Any]:
-    """The canonical body back in the client's cloud shape: no `model` (it is in the
-    URL, which `CloudPath.path_for` renders), no `stream` on Bedrock."""
-    body = {k: v for k, v in messages.items() if k != "model"}
-    if where.cloud == "bedrock":
-        body.pop("stream", None)
-    return body
 
 
 def beta_header(body: dict[str, Any]) -> str | None:

@@ -36,7 +36,7 @@ import struct
 import types
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,7 +60,6 @@ __all__ = [
     "chunk_payload",
     "encode_bedrock_event",
     "encode_chunk",
-    "encode_chunks",
     "encode_exception",
     "encode_message",
 ]
@@ -316,11 +315,6 @@ def chunk_payload(message: EventMessage) -> bytes:
         return base64.b64decode(wrapper["bytes"], validate=True)
     except (orjson.JSONDecodeError, KeyError, TypeError, binascii.Error) as exc:
         raise EventStreamError('a Bedrock chunk payload is not {"bytes": <base64>}') from exc
-
-
-def encode_chunks(events: Iterable[bytes]) -> bytes:
-    """Several Anthropic events as consecutive Bedrock chunk messages."""
-    return b"".join(encode_chunk(event) for event in events)
 
 
 # -- Bedrock answers as Anthropic stream events (the SSE parser's twin) ---------------

@@ -15,7 +15,6 @@ from extproc.apis.clouds import (
     bedrock_error_body,
     bedrock_exception_type,
     beta_header,
-    from_messages_body,
     inference_profiles_body,
     parse_cloud_path,
     to_messages_body,
@@ -73,7 +72,6 @@ def test_inference_profiles() -> None:
     parsed = bedrock("GET", "/bedrock/inference-profiles?type=SYSTEM_DEFINED")
     assert parsed is not None
     assert parsed.action is CloudAction.INFERENCE_PROFILES
-    assert not parsed.action.generates
 
 
 @pytest.mark.parametrize(
@@ -160,44 +158,6 @@ def test_wrong_method() -> None:
         bedrock("POST", "/bedrock/inference-profiles")
 
 
-@pytest.mark.parametrize(
-    ("path", "model", "expected"),
-    [
-        (
-            f"/bedrock/model/{PROFILE}/invoke-with-response-stream",
-            "eu.anthropic.m-v1:0",
-            "/bedrock/model/eu.anthropic.m-v1:0/invoke-with-response-stream",
-        ),
-        (
-            "/bedrock/model/x/invoke",
-            "arn:aws:bedrock:us-east-1:1:inference-profile/p",
-            "/bedrock/model/arn:aws:bedrock:us-east-1:1:inference-profile%2Fp/invoke",
-        ),
-        (f"{VERTEX_BASE}/a@1:streamRawPredict", "b@2", f"{VERTEX_BASE}/b@2:streamRawPredict"),
-        (
-            "/vertex/v1/projects/p/locations/global/publishers/anthropic/models/m@1:rawPredict",
-            "n",
-            "/vertex/v1/projects/p/locations/global/publishers/anthropic/models/n:rawPredict",
-        ),
-    ],
-)
-def test_a_mapped_model_rewrites_the_path(path: str, model: str, expected: str) -> None:
-    cloud: CloudKind = "bedrock" if path.startswith("/bedrock") else "vertex"
-    parsed = parse_cloud_path("POST", path, f"/{cloud}", cloud)
-    assert parsed is not None
-    assert parsed.path_for(model) == expected
-    again = parse_cloud_path("POST", expected, parsed.prefix, parsed.cloud)
-    assert again is not None
-    assert again.model == model
-
-
-def test_path_for_refuses_a_model_that_would_break_the_url() -> None:
-    parsed = bedrock("POST", "/bedrock/model/x/invoke")
-    assert parsed is not None
-    with pytest.raises(BadRequest):
-        parsed.path_for("a\r\nb")
-
-
 BEDROCK_BODY: dict[str, Any] = {
     "anthropic_version": "bedrock-2023-05-31",
     "anthropic_beta": ["interleaved-thinking-2025-05-14"],
@@ -213,7 +173,6 @@ def test_bedrock_body_round_trip() -> None:
     assert messages["model"] == PROFILE
     assert messages["stream"] is True
     assert messages["anthropic_beta"] == ["interleaved-thinking-2025-05-14"]
-    assert from_messages_body(messages, where) == BEDROCK_BODY
 
 
 def test_bedrock_invoke_does_not_stream() -> None:
@@ -233,7 +192,6 @@ def test_vertex_body_keeps_its_stream_flag() -> None:
     }
     messages = to_messages_body(body, where)
     assert (messages["model"], messages["stream"]) == ("m@1", True)
-    assert from_messages_body(messages, where) == body
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,6 @@ from extproc.apis.eventstream import (
     chunk_payload,
     encode_bedrock_event,
     encode_chunk,
-    encode_chunks,
     encode_exception,
     encode_message,
 )
@@ -130,7 +129,7 @@ def test_any_split_gives_the_same_messages_as_botocore(
 
 
 def test_byte_at_a_time() -> None:
-    raw = encode_chunks([b'{"type":"ping"}', b'{"type":"message_stop"}'])
+    raw = encode_chunk(b'{"type":"ping"}') + encode_chunk(b'{"type":"message_stop"}')
     chunks = [raw[i : i + 1] for i in range(len(raw))]
     assert [chunk_payload(m) for m in decode(chunks)] == [
         b'{"type":"ping"}',
@@ -312,7 +311,7 @@ STREAM_EVENTS: list[dict[str, Any]] = [
 
 
 def test_bedrock_parser_gives_sse_events() -> None:
-    raw = encode_chunks(orjson.dumps(e) for e in STREAM_EVENTS)
+    raw = b"".join(encode_chunk(orjson.dumps(e)) for e in STREAM_EVENTS)
     parser = BedrockEventParser()
     events = [e for piece in split_at(raw, [7, 100, 101]) for e in parser.feed(piece)]
     events += parser.close()
