@@ -15,13 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
+from aiohttp import web
 from anthropic import AnthropicBedrock, AnthropicVertex
 
+from extproc.apis.eventstream import CONTENT_TYPE as EVENT_STREAM
 from extproc.policies.auth import hash_key, new_key
 from tests.claude_cli import claude_env, claude_path
-from tests.cloud_fakes import AwsIdentity, FakeBedrock, FakeGoogle, serving
+from tests.cloud_fakes import (
+    AwsIdentity,
+    BedrockCall,
+    FakeBedrock,
+    FakeGoogle,
+    bedrock_chunk,
+    serving,
+)
 from tests.harness import Stack, free_port
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +45,30 @@ TEXT = "Hello from the fake provider."
 GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 
 needs_cli = pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
+
+
+class BrokenBedrock(FakeBedrock):
+    """The fake Bedrock, whose stream breaks on request: `x-fake-broken-frames: corrupt`
+    flips a byte in the third frame, `truncate` ends the stream inside it."""
+
+    async def _answer(self, request: web.Request, call: BedrockCall) -> web.StreamResponse:
+        mode = call.headers.get("x-fake-broken-frames")
+        if mode is None:
+            return await super()._answer(request, call)
+        start = {"type": "message_start", "message": {"id": "msg_x", "usage": {}}}
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+        third = bedrock_chunk({**delta, "delta": {"type": "text_delta", "text": "lost"}})
+        if mode == "corrupt":
+            third = third[:20] + bytes((third[20] ^ 1,)) + third[21:]
+        else:
+            third = third[:25]
+        response = web.StreamResponse(headers={"content-type": EVENT_STREAM})
+        await response.prepare(request)
+        for frame in (bedrock_chunk(start), bedrock_chunk(block), third):
+            await response.write(frame)
+        await response.write_eof()
+        return response
 
 
 @dataclass
@@ -90,7 +124,7 @@ def _config(bedrock: FakeBedrock, google: FakeGoogle, key_file: Path) -> dict[st
 def clouds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clouds]:
     identity = AwsIdentity()
     identity.static(KEY_ID, SECRET)
-    bedrock, google = FakeBedrock(identity), FakeGoogle()
+    bedrock, google = BrokenBedrock(identity), FakeGoogle()
     workdir = tmp_path_factory.mktemp("cross")
     with serving(bedrock, google):
         key_file = workdir / "service-account.json"
@@ -198,6 +232,26 @@ def test_secret_split_across_event_stream_frames(fresh: Clouds) -> None:
     assert GITHUB_TOKEN not in text
     assert text.startswith("it is ")
     assert text.endswith(" now")
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "truncate"])
+def test_a_broken_upstream_event_stream_is_withheld(fresh: Clouds, mode: str) -> None:
+    """Frames that fail their CRC (or end mid-frame) never reach the client as content:
+    the stream under way ends with an exception frame the SDK raises, audited as such."""
+    before = len(fresh.stack.audit_records())
+    with (
+        pytest.raises(anthropic.APIStatusError, match="not a valid AWS event stream"),
+        bedrock_client(fresh.stack).messages.stream(
+            model=PROFILE,
+            max_tokens=64,
+            messages=ask(f"break it: {mode}"),
+            extra_headers={"x-fake-broken-frames": mode},
+        ) as stream,
+    ):
+        "".join(stream.text_stream)
+    record = fresh.stack.audit_records(wait_for=before + 1)[-1]
+    assert record["outcome"] != "ok"
+    assert record["error_type"] == "undecodable_answer"
 
 
 def test_vertex_client_served_by_vertex(fresh: Clouds) -> None:
