@@ -55,8 +55,18 @@ class BrokenBedrock(FakeBedrock):
         mode = call.headers.get("x-fake-broken-frames")
         if mode is None:
             return await super()._answer(request, call)
-        start = {"type": "message_start", "message": {"id": "msg_x", "usage": {}}}
-        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}
+        message = {
+            "id": "msg_x",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        }
+        start = {"type": "message_start", "message": message}
+        text_block = {"type": "text", "text": ""}
+        block = {"type": "content_block_start", "index": 0, "content_block": text_block}
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
         third = bedrock_chunk({**delta, "delta": {"type": "text_delta", "text": "lost"}})
         if mode == "corrupt":
