@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class BrokenBedrock(FakeBedrock):
         mode = call.headers.get("x-fake-broken-frames")
         if mode is None:
             return await super()._answer(request, call)
-        message = {
+        message: dict[str, Any] = {
             "id": "msg_x",
             "type": "message",
             "role": "assistant",
@@ -204,6 +205,20 @@ def test_bedrock_client_served_by_bedrock(fresh: Clouds) -> None:
     assert KEY not in str(call.headers)
 
 
+def _record_where(
+    stack: Stack, before: int, wanted: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The first audit record after the first `before` that `wanted` picks (polled: a
+    record is written after the answer has left)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [r for r in stack.audit_records()[before:] if wanted(r)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, "no such audit record within 10 s"
+        time.sleep(0.05)
+
+
 def _used_tokens(stack: Stack) -> int:
     report = httpx.get(
         f"{stack.url}/v1/gateway/quota", headers={"authorization": f"Bearer {KEY}"}, timeout=10
@@ -215,12 +230,12 @@ def _used_tokens(stack: Stack) -> int:
 
 def test_budget_and_audit_from_the_event_stream(fresh: Clouds) -> None:
     before = len(fresh.stack.audit_records())
-    used_before = _used_tokens(fresh.stack)
+    used_before = _used_tokens(fresh.stack)  # audited too: two records to wait for
     with bedrock_client(fresh.stack).messages.stream(
         model=PROFILE, max_tokens=64, messages=ask("count my spend")
     ) as stream:
         usage = stream.get_final_message().usage
-    record = fresh.stack.audit_records(wait_for=before + 1)[-1]
+    record = _record_where(fresh.stack, before, lambda r: r["path"].startswith("/bedrock/"))
     assert (record["api"], record["provider"]) == ("bedrock", "bedrock")
     assert record["requested_model"] == PROFILE
     assert (record["input_tokens"], record["output_tokens"]) == (
@@ -229,8 +244,13 @@ def test_budget_and_audit_from_the_event_stream(fresh: Clouds) -> None:
     )
     assert record["cost_usd"] > 0  # priced as claude-sonnet-4-5, the gateway's name for it
     assert record["outcome"] == "ok"
-    # The key's token budget was charged what the event stream's usage said.
-    assert _used_tokens(fresh.stack) - used_before == usage.input_tokens + usage.output_tokens
+    # The key's token budget was charged what the event stream's usage said (settled
+    # after the answer left: polled).
+    charged = usage.input_tokens + usage.output_tokens
+    deadline = time.monotonic() + 10
+    while _used_tokens(fresh.stack) - used_before != charged:
+        assert time.monotonic() < deadline, "the budget was not charged the stream's usage"
+        time.sleep(0.05)
 
 
 def test_secret_split_across_event_stream_frames(fresh: Clouds) -> None:
@@ -259,7 +279,7 @@ def test_a_broken_upstream_event_stream_is_withheld(fresh: Clouds, mode: str) ->
         ) as stream,
     ):
         "".join(stream.text_stream)
-    record = fresh.stack.audit_records(wait_for=before + 1)[-1]
+    record = _record_where(fresh.stack, before, lambda r: r["path"].startswith("/bedrock/"))
     assert record["outcome"] != "ok"
     assert record["error_type"] == "undecodable_answer"
 
