@@ -93,7 +93,7 @@ class Refreshing(Generic[T]):
         """Refresh for a request that has nothing usable; any failure refuses it cleanly
         (`CredentialMissing`: 503 `no_credential`), never as an internal error."""
         try:
-            await self.refresh()
+            await self.ensure()
         except CredentialMissing:
             raise
         except Exception as exc:  # STS, metadata server, token endpoint: all the same to a caller
@@ -102,7 +102,7 @@ class Refreshing(Generic[T]):
 
     async def _background(self) -> None:
         try:
-            await self.refresh()
+            await self.ensure()
         except Exception as exc:  # logged; the current snapshot keeps serving
             self._failed_at = self._clock()
             log.error(
@@ -119,11 +119,15 @@ class Refreshing(Generic[T]):
         return snap.expires_at is not None and self._clock() >= snap.expires_at - self._margin
 
     async def refresh(self) -> None:
-        """Fetch a new snapshot in a worker thread; concurrent callers share one fetch."""
+        """Fetch a new snapshot in a worker thread, whether due or not."""
         async with self._lock:
             self._snapshot = await asyncio.to_thread(self._fetch)
 
     async def ensure(self) -> None:
-        """Refresh when due (at start: `providers.warm`)."""
-        if self.due():
-            await self.refresh()
+        """Refresh when due. Callers arriving together share one fetch: the due check is
+        repeated under the lock, so a burst of cold requests makes one STS call, not N."""
+        if not self.due():
+            return
+        async with self._lock:
+            if self.due():
+                self._snapshot = await asyncio.to_thread(self._fetch)

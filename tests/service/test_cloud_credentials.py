@@ -584,3 +584,24 @@ async def test_warm_fetches_at_start_and_reports_a_broken_identity(
     await bad.warm("vertex")
     assert not bad.token.usable()
     assert "provider vertex: a token not available yet: OSError" in caplog.text
+
+
+async def test_a_burst_of_cold_requests_makes_one_fetch() -> None:
+    release = threading.Event()
+    fetches = 0
+
+    def fetch() -> Snapshot[str]:
+        nonlocal fetches
+        fetches += 1
+        release.wait(10)
+        return Snapshot("v1", None)
+
+    source: Refreshing[str] = Refreshing("test", fetch)
+    waiting = [asyncio.create_task(source.get()) for _ in range(20)]
+    for _ in range(500):  # until the first fetch is under way (the others queue behind it)
+        if fetches:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 10) == ["v1"] * 20
+    assert fetches == 1
