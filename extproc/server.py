@@ -30,6 +30,7 @@ from extproc import envoy_api
 from extproc.config import Config
 from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
 from extproc.envoy_api import Phase
+from extproc.fallback import ATTEMPT_METADATA, AttemptStream
 from extproc.gateway import Gateway
 from extproc.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
@@ -51,6 +52,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         async def extend(seconds: float) -> None:
             await context.write(envoy_api.extend_timeout(seconds))
 
+        if _is_attempt(context):
+            await self._attempt(request_iterator, context)
+            return
         traced = not isinstance(self.gateway.otel, NoOtel)
         trace_context = _trace_context(context) if traced else None
         stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
@@ -85,6 +89,36 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             # out at once, before Envoy resets the stream, and a reset (cancelled) RPC is
             # not kept waiting (nor its work cut short).
             self.gateway.stream_closed(stream.close(cancelled=cancelled))
+
+    async def _attempt(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> None:
+        """One attempt of a fallback chain (the upstream filter's stream; extproc.fallback)."""
+        gw = self.gateway
+        attempt = AttemptStream(gw.config, gw.credentials, gw.attempts, gw.clock)
+        try:
+            async for request in request_iterator:
+                phase = envoy_api.phase_of(request)
+                decision: Decision = CONTINUE
+                if phase is Phase.REQUEST_HEADERS:
+                    headers, _ = envoy_api.headers_of(request, phase)
+                    host = envoy_api.host_metadata_of(envoy_api.attributes_of(request))
+                    decision = attempt.request_headers(headers, host)
+                elif phase is Phase.REQUEST_BODY:
+                    decision = attempt.request_body(envoy_api.body_of(request, phase)[0])
+                elif phase is Phase.RESPONSE_HEADERS:
+                    decision = attempt.response_headers(envoy_api.headers_of(request, phase)[0])
+                if phase is not None:
+                    await context.write(envoy_api.to_response(phase, decision))
+                if phase is Phase.RESPONSE_HEADERS:
+                    break
+        finally:
+            attempt.close()
+
+
+def _is_attempt(context: Any) -> bool:
+    metadata = context.invocation_metadata() if hasattr(context, "invocation_metadata") else ()
+    return any(key == ATTEMPT_METADATA for key, _ in metadata or ())
 
 
 def _last_reply(phase: Phase, request: pb.ProcessingRequest, decision: Decision) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc import caching
+from extproc import caching, fallback
 from extproc.apis import (
     ApiKind,
     Endpoint,
@@ -35,7 +35,7 @@ from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent, SseParser
 from extproc.apis.usage import Usage
 from extproc.apis.walk import WalkLimits
-from extproc.config import ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -220,6 +220,8 @@ class RequestStream:
         self.answer_decoder: encoding.StreamDecoder | None = None
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
+        self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
+        self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
 
     # -- phase order -------------------------------------------------------------------
 
@@ -453,6 +455,8 @@ class RequestStream:
             remove += ["x-api-key", "authorization"]
         if self.decoded_request and body is None:
             body = self.raw_body
+        if self.chain:
+            return self._forward_chain(body)
         if body is not None:
             remove.append("content-length")
         if self.decoded_request:
@@ -492,6 +496,8 @@ class RequestStream:
         models.check_allowed(request.model, served, self.allow)
         self.target = self._choose_target(served)
         self.served_model = served
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback)
         rewritten = served != request.model
         if rewritten:
             request.body["model"] = served
@@ -501,8 +507,11 @@ class RequestStream:
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
+                uuid.uuid4().hex, self.served_model, self.identity, self.headers, self._payer()
             )
+            if self.chain:
+                chain_models = [s.model or served for s in self.chain]
+                self.gw.spending.may_serve(self.spend, chain_models)
         elif self.route.endpoint is Endpoint.COUNT_TOKENS:
             # Free at the provider, but a call on its credential: it counts as a request
             # for the per-minute request limits and the tier's daily quota (README).
@@ -514,6 +523,53 @@ class RequestStream:
         if self.spend is not None:
             await self.gw.spending.admit(self.spend, request.body, len(body))
         return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _plan_fallback(self, chain: tuple[FallbackStep, ...]) -> None:
+        """Envoy tries the chain's providers in order (extproc.fallback); the first is the
+        one served unless it fails."""
+        first = self.gw.config.providers[chain[0].provider]
+        if first.api != self.api:
+            raise BadRequest(
+                f"this route falls back across {first.api} providers; call "
+                + ("/v1/chat/completions" if first.api == "openai" else "/v1/messages"),
+                reason="wrong_api",
+            )
+        self.chain = chain
+        self.target = routing.Target(chain[0].provider, first)
+        self.served_model = chain[0].model or self.served_model
+
+    def _forward_chain(self, body: bytes | None) -> Continue:
+        """To the chain's composite cluster: each attempt's filter sets path and credential."""
+        remove = ["x-api-key", "authorization"] if self.identity.source != "anonymous" else []
+        if body is not None:
+            remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
+        changes = HeaderChanges(
+            set=(
+                (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
+                ("accept-encoding", "identity"),
+                *self._trace_header(),
+            ),
+            remove=tuple(remove),
+        )
+        self.forwarded = True
+        return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    def _read_attempts(self, headers: Mapping[str, str]) -> None:
+        """Which provider of the chain answered, after which failures (extproc.fallback)."""
+        attempts = fallback.decode_attempts(headers.get(fallback.ATTEMPTS_HEADER, ""), self.chain)
+        if not attempts:
+            return
+        self.attempts = attempts
+        last = attempts[-1]
+        for failed in attempts[:-1]:
+            reason = fallback.fallback_reason(failed.status)
+            self.gw.metrics.fallbacks.labels(self.route_name, failed.provider, reason).inc()
+        self.target = routing.Target(last.provider, self.gw.config.providers[last.provider])
+        self.served_model = last.model or self.served_model
+        if self.spend is not None and self.served_model is not None:
+            self.gw.spending.served(self.spend, self.served_model)
 
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
@@ -676,6 +732,8 @@ class RequestStream:
             return CONTINUE
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if self.chain:
+            self._read_attempts(headers)
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
             return await self._reject(
@@ -687,7 +745,8 @@ class RequestStream:
         content_type = headers.get("content-type", "")
         if not self._decode_answer(headers.get("content-encoding", "")):
             return self._withhold_answer(headers.get("content-encoding", ""))
-        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        drop: tuple[str, ...] = (fallback.ATTEMPTS_HEADER,) if self.chain else ()
+        drop += ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
@@ -978,6 +1037,8 @@ class RequestStream:
             self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase not in (None, "local_reply"):
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
+        if self.chain:
+            self.gw.attempts.drop(self.request_id)
         if self.outcome is None or self.settled:
             return
         self.settled = True
