@@ -184,8 +184,12 @@ def render(config: Config, template: dict[str, Any]) -> dict[str, Any]:
 
 _PROTOCOL = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _RETRY_ON = "connect-failure,refused-stream,reset,5xx,retriable-status-codes"
+# Circuit breaker thresholds of a chain's cluster: a fallback under load retries many at
+# once (Envoy's default max_retries of 3 would fail the 4th concurrent one).
 _HIGH = 10000
-_UPSTREAM_CODEC = "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"  # circuit breaker thresholds: a fallback under load retries many at once
+_UPSTREAM_CODEC = (
+    "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+)
 
 
 def chains(config: Config) -> list[tuple[FallbackStep, ...]]:

@@ -13,7 +13,6 @@ stdout (`hit <status>`), so a test can see the first provider was tried.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from aiohttp import web
@@ -54,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -25,8 +25,7 @@ import pytest
 
 from extproc import supervisor
 from extproc.apis.usage import Usage
-from extproc.config import PricingConfig
-from extproc.policies.pricing import PriceTable, cost_micros
+from extproc.policies.pricing import PriceTable, PricingConfig, cost_micros
 from tests.fake_provider import FakeProvider, run_in_thread
 from tests.harness import Stack, free_port, gateway_config
 

@@ -1,0 +1,132 @@
+"""Fallback chains: config validation, the attempts report, the rendered Envoy parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from extproc import envoy_config
+from extproc.config import ConfigError, FallbackStep, parse_config
+from extproc.fallback import (
+    Attempt,
+    AttemptLog,
+    chain_cluster,
+    decode_attempts,
+    encode_attempts,
+    fallback_reason,
+)
+from extproc.policies.profiles import ProfileResolver
+
+PROVIDERS = {
+    "a": {"api": "anthropic", "base_url": "https://api.anthropic.com"},
+    "b": {"api": "anthropic", "base_url": "http://10.0.0.2:8000"},
+    "o": {"api": "openai", "base_url": "https://api.openai.com"},
+}
+CHAIN = (FallbackStep(provider="a"), FallbackStep(provider="b", model="claude-haiku-4-5"))
+
+
+def _config(fallback: Any, **profile: Any) -> dict[str, Any]:
+    return {"providers": PROVIDERS, "profiles": {"default": {"fallback": fallback, **profile}}}
+
+
+@pytest.mark.parametrize(
+    ("fallback", "profile", "message"),
+    [
+        (["a"], {}, "at least two providers"),
+        (["a", "b", "a"], {}, "in the chain twice"),
+        (["a", "zz"], {}, "'zz' is not declared under providers"),
+        (["a", "o"], {}, "mixes anthropic and openai providers"),
+        (["a", "b"], {"provider": "a"}, "set provider or fallback, not both"),
+        (["a", "b", "a", "b", "a"], {}, "at most 4"),
+    ],
+)
+def test_bad_chains_are_refused_at_start(
+    fallback: list[str], profile: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_config(fallback, **profile))
+
+
+def test_a_chain_step_is_a_name_or_a_provider_and_model() -> None:
+    config = parse_config(_config(["a", {"provider": "b", "model": "claude-haiku-4-5"}]))
+    assert config.profiles["default"].fallback == CHAIN
+
+
+def test_route_metadata_cannot_change_the_chain() -> None:
+    resolver = ProfileResolver(parse_config(_config(["a", "b"])))
+    with pytest.raises(Exception, match="fallback cannot be set in route metadata"):
+        resolver.resolve({"fallback": ["b", "a"]}, "r")
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(0, "unavailable"), (429, "rate_limited"), (529, "overloaded"), (502, "server_error")],
+)
+def test_fallback_reasons(status: int, reason: str) -> None:
+    assert fallback_reason(status) == reason
+
+
+def test_attempts_round_trip_and_unseen_positions_are_filled() -> None:
+    # Attempt 0 never reached an upstream filter (connection refused): only 1 reported.
+    value = encode_attempts([Attempt(1, "b", "claude-haiku-4-5", 200, 3.5)])
+    attempts = decode_attempts(value, CHAIN)
+    assert attempts == [
+        Attempt(0, "a", None, 0, None),
+        Attempt(1, "b", "claude-haiku-4-5", 200, 3.5),
+    ]
+
+
+@pytest.mark.parametrize("value", ["", "nonsense", '[[5, "b", null, 200, 1]]', "[[9,1]]", "{}"])
+def test_a_malformed_or_foreign_report_yields_no_attempts(value: str) -> None:
+    assert decode_attempts(value, CHAIN) == []
+
+
+def test_attempt_log_is_bounded_and_keeps_one_per_position() -> None:
+    log = AttemptLog(size=2)
+    log.add("r1", Attempt(0, "a", None, 529, 1.0))
+    assert log.add("r1", Attempt(1, "b", None, 200, 2.0))[0].status == 529
+    log.add("r2", Attempt(0, "a", None, 0, 1.0))
+    log.add("r3", Attempt(0, "a", None, 0, 1.0))
+    assert log.add("r1", Attempt(1, "b", None, 200, 2.0)) == [Attempt(1, "b", None, 200, 2.0)]
+
+
+def test_render_builds_a_composite_cluster_per_chain() -> None:
+    config = parse_config(_config(["a", {"provider": "b", "model": "claude-haiku-4-5"}]))
+    template = envoy_config.load_template(envoy_config.template_path(config))
+    bootstrap = envoy_config.render(config, template)
+    name = chain_cluster(CHAIN)
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    composite = clusters[name]
+    assert composite["cluster_type"]["typed_config"]["clusters"] == [
+        {"name": f"{name}_0"},
+        {"name": f"{name}_1"},
+    ]
+    options = composite["typed_extension_protocol_options"][envoy_config._PROTOCOL]
+    attempt_filter = options["http_filters"][0]["typed_config"]
+    assert attempt_filter["request_attributes"] == ["xds.upstream_host_metadata"]
+    assert attempt_filter["grpc_service"]["initial_metadata"][0]["key"] == "x-gateway-attempt"
+    endpoint = clusters[f"{name}_1"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["metadata"]["filter_metadata"]["extproc"] == {
+        "provider": "b",
+        "model": "claude-haiku-4-5",
+        "position": 1,
+    }
+    assert clusters[f"{name}_1"]["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+    listener = bootstrap["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["name"] for r in routes[:2]] == [name, "dispatch"]
+    retry = routes[0]["route"]["retry_policy"]
+    assert retry["num_retries"] == 1
+    assert retry["retriable_status_codes"] == [429, 529]
+    assert "per_try_timeout" in retry  # the first-byte timeout still bounds each attempt
+
+
+def test_render_without_chains_is_unchanged() -> None:
+    config = parse_config({"providers": PROVIDERS})
+    template = envoy_config.load_template(envoy_config.template_path(config))
+    names = [
+        c["name"] for c in envoy_config.render(config, template)["static_resources"]["clusters"]
+    ]
+    assert not [n for n in names if n.startswith("fallback_")]
