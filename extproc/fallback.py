@@ -47,6 +47,10 @@ ATTEMPT_METADATA = "x-gateway-attempt"
 # Response header the attempt filter sets for the gateway's downstream filter (removed
 # before the client sees the answer): every attempt so far, as JSON.
 ATTEMPTS_HEADER = "x-gateway-attempts"
+# Request header the gateway's downstream filter sets on a chain's request: the client's
+# API shape, so an attempt at a provider of another shape can pick its translator. The
+# attempt filter removes it before the request leaves.
+CLIENT_API_HEADER = "x-gateway-client-api"
 # The host metadata namespace of a chain's sub-cluster endpoints (rendered by envoy_config).
 HOST_NAMESPACE = "extproc"
 CHAIN_PREFIX = "fallback_"
@@ -138,8 +142,11 @@ class AttemptLog:
 
 
 # The translator slot: (client API, provider API) -> a function that turns the client's
-# request body into the provider's. Same-shape chains need none; the Anthropic <-> OpenAI
-# translators register here (config validation refuses a mixed chain until they do).
+# request body into the provider's, for one attempt. Same-shape chains need none; the
+# Anthropic <-> OpenAI translators register here, and the answer's translator is chosen
+# downstream from the provider that answered (`RequestStream.target` is set to it when
+# the answer's headers arrive, before any of its body). Config validation refuses a
+# mixed chain until both directions exist.
 RequestTranslator = Callable[[dict[str, Any]], dict[str, Any]]
 TRANSLATORS: dict[tuple[str, str], RequestTranslator] = {}
 
@@ -174,6 +181,7 @@ class AttemptStream:
         self.request_id = ""
         self.position = -1
         self.step: FallbackStep | None = None
+        self.translate: RequestTranslator | None = None
         self.answered = False
 
     def request_headers(self, headers: Mapping[str, str], host: Mapping[str, Any]) -> Decision:
@@ -185,9 +193,18 @@ class AttemptStream:
             return CONTINUE
         self.position, self.step = found
         target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
-        changes = routing.upstream_headers(target, headers.get(":path", "/"), self._secret())
+        client_api = headers.get(CLIENT_API_HEADER, target.provider.api)
+        if client_api != target.provider.api:
+            self.translate = TRANSLATORS.get((client_api, target.provider.api))
+        secret = self._secret()
+        changes = routing.upstream_headers(target, headers.get(":path", "/"), secret)
         kept = tuple(kv for kv in changes.set if kv[0] != routing.ROUTING_HEADER)
-        remove = changes.remove + (("content-length",) if self.step.model else ())
+        remove = (*changes.remove, CLIENT_API_HEADER)
+        if self.step.model or self.translate is not None:
+            remove += ("content-length",)
+        if secret is None and self.position > 0:
+            # A caller's own key was meant for the first provider, not this one.
+            remove += ("x-api-key", "authorization")
         return Continue(headers=HeaderChanges(set=kept, remove=remove))
 
     def _secret(self) -> str | None:
@@ -204,7 +221,7 @@ class AttemptStream:
 
     def request_body(self, body: bytes) -> Decision:
         """The body for this provider: its model, translated if its shape differs."""
-        if self.step is None or self.step.model is None:
+        if self.step is None or (self.step.model is None and self.translate is None):
             return CONTINUE
         try:
             parsed = orjson.loads(body)
@@ -212,7 +229,10 @@ class AttemptStream:
             return CONTINUE  # the gateway's own filter parsed it; nothing to adapt
         if not isinstance(parsed, dict):
             return CONTINUE
-        parsed["model"] = self.step.model
+        if self.step.model is not None:
+            parsed["model"] = self.step.model
+        if self.translate is not None:
+            parsed = self.translate(parsed)
         return Continue(body=orjson.dumps(parsed))
 
     def response_headers(self, headers: Mapping[str, str]) -> Decision:

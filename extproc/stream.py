@@ -548,6 +548,7 @@ class RequestStream:
         changes = HeaderChanges(
             set=(
                 (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
+                (fallback.CLIENT_API_HEADER, self.api),
                 ("accept-encoding", "identity"),
                 *self._trace_header(),
             ),

@@ -2,10 +2,10 @@
 
 Anthropic-shaped: `POST /v1/messages` answers a short JSON message, or, when the request
 carries `x-flaky-status: N`, an Anthropic error of status N (429 `rate_limit_error`, 500
-`api_error`, 529 `overloaded_error`): the statuses after which the gateway falls back.
+`api_error`, 529 `overloaded_error`): the statuses after which the gateway falls back;
+`x-flaky-stall-ms: N` first sends nothing for N ms.
 The next provider of the chain (a `FakeProvider`) ignores that header, so one request
-can make the first provider fail and the second answer. Every request is counted on
-stdout (`hit <status>`), so a test can see the first provider was tried.
+can make the first provider fail and the second answer.
 
     python -m tests.flaky_provider --port 8000
 """
@@ -13,6 +13,7 @@ stdout (`hit <status>`), so a test can see the first provider was tried.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -22,14 +23,15 @@ ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 503: "api_error"}
 
 async def messages(request: web.Request) -> web.Response:
     body: dict[str, Any] = await request.json()
+    stall = request.headers.get("x-flaky-stall-ms", "")
+    if stall.isdigit():  # no response headers for that long: a hung provider
+        await asyncio.sleep(int(stall) / 1000)
     status = request.headers.get("x-flaky-status", "")
     if status.isdigit():
         code = int(status)
         kind = ERROR_TYPES.get(code, "overloaded_error")
-        print(f"hit {code}", flush=True)
         error = {"type": "error", "error": {"type": kind, "message": f"flaky {code}"}}
         return web.json_response(error, status=code)
-    print("hit 200", flush=True)
     message = {
         "id": "msg_flaky",
         "type": "message",

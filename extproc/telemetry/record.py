@@ -62,7 +62,7 @@ def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
     }
     if answer.error_type:
         record["error_type"] = answer.error_type
-    if stream.chain:  # every provider Envoy tried, in order (extproc.fallback)
+    if stream.attempts:  # every provider Envoy tried, in order (extproc.fallback)
         record["attempts"] = [a.as_record() for a in stream.attempts]
     if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
         record["sso_group"] = identity.labels["sso_group"]

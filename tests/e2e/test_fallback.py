@@ -95,6 +95,8 @@ def stack(primary: Primary, backup: FakeProvider) -> Iterator[Stack]:
     }
     chain = [{"provider": "primary"}, {"provider": "backup", "model": BACKUP_MODEL}]
     config["profiles"] = {"default": {"fallback": chain}}
+    # Each attempt's first-byte timeout: a hung provider is given up on after 1 s.
+    config["limits"] = {"first_byte_timeout_seconds": 1}
     gateway = Stack(config)
     gateway.start()
     yield gateway
@@ -169,6 +171,40 @@ def test_a_healthy_first_provider_answers_alone(stack: Stack, backup: FakeProvid
     assert record["cost_usd"] == pytest.approx(
         _price(ASKED, Usage(input_tokens=10, output_tokens=5))
     )
+
+
+def test_a_hung_first_provider_is_given_up_after_the_first_byte_timeout(stack: Stack) -> None:
+    client = _client(stack, **{"x-flaky-stall-ms": "5000"})
+    started = time.monotonic()
+    raw = client.messages.with_raw_response.create(
+        model=ASKED, max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+    )
+    assert raw.parse().model == BACKUP_MODEL
+    assert time.monotonic() - started < 4
+    record = _record(stack, raw.headers["x-gateway-request-id"])
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+        ("primary", 0),
+        ("backup", 200),
+    ]
+    assert record["attempts"][0]["latency_ms"] >= 900
+
+
+def test_when_every_provider_fails_the_client_gets_the_last_answer(
+    stack: Stack, backup: FakeProvider
+) -> None:
+    client = _client(stack, **{"x-flaky-status": "529", "x-fake-status": "503"})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        client.messages.create(
+            model=ASKED, max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+        )
+    assert caught.value.status_code == 503
+    record = _record(stack, caught.value.response.headers["x-gateway-request-id"])
+    assert record["outcome"] == "provider_error"
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+        ("primary", 529),
+        ("backup", 503),
+    ]
+    assert record["cost_usd"] == 0
 
 
 def test_streamed_fallback_happens_before_the_first_byte(stack: Stack) -> None:

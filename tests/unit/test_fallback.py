@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from extproc import envoy_config
+from extproc.apis.usage import Usage
 from extproc.config import ConfigError, FallbackStep, parse_config
 from extproc.fallback import (
     Attempt,
@@ -16,7 +17,12 @@ from extproc.fallback import (
     encode_attempts,
     fallback_reason,
 )
+from extproc.policies.auth import Identity
+from extproc.policies.pricing import cost_micros, estimate_micros, micros_to_usd
 from extproc.policies.profiles import ProfileResolver
+from extproc.spending import Spending
+from extproc.store.memory import MemoryStore
+from extproc.telemetry.metrics import Metrics
 
 PROVIDERS = {
     "a": {"api": "anthropic", "base_url": "https://api.anthropic.com"},
@@ -130,3 +136,33 @@ def test_render_without_chains_is_unchanged() -> None:
         c["name"] for c in envoy_config.render(config, template)["static_resources"]["clusters"]
     ]
     assert not [n for n in names if n.startswith("fallback_")]
+
+
+async def test_budget_is_reserved_once_at_the_dearest_and_settled_at_the_answerer() -> None:
+    config = parse_config(
+        {
+            "providers": PROVIDERS,
+            "budgets": {"rules": [{"scope": "key", "id": "k", "window": "daily", "usd": 100}]},
+        }
+    )
+    store = MemoryStore()
+    spending = Spending(config, store, Metrics())
+    identity = Identity(source="key", key_id="k")
+    run = spending.start("r1", "claude-haiku-4-5", identity, {}, None)
+    spending.may_serve(run, ["claude-haiku-4-5", "claude-opus-4-8", "claude-sonnet-4-6"])
+    body = {"model": "claude-haiku-4-5", "max_tokens": 1000, "messages": []}
+    await spending.admit(run, body, 1000)
+    assert run.reservation is not None
+    opus, sonnet = (
+        spending.prices.find("claude-opus-4-8"),
+        spending.prices.find("claude-sonnet-4-6"),
+    )
+    assert opus is not None
+    assert sonnet is not None
+    dearest = estimate_micros(opus, input_tokens=run.estimate_tokens, max_output_tokens=1000)
+    assert run.reservation.amount.usd_micros == dearest  # one hold, covering any answerer
+    spending.served(run, "claude-sonnet-4-6")  # the second provider answered
+    usage = Usage(input_tokens=100, output_tokens=50)
+    await spending.settle(run, usage)
+    assert run.cost_usd == micros_to_usd(cost_micros(usage, sonnet))
+    assert run.model == "claude-sonnet-4-6"
