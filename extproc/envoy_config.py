@@ -257,9 +257,16 @@ def _step_cluster(
 def _composite(
     chain: str, steps: int, first: dict[str, Any], hcm: dict[str, Any]
 ) -> dict[str, Any]:
-    """The cluster a chain's route sends to: attempt N goes to sub-cluster N. Envoy takes
-    the upstream filters (and protocol options) of this cluster, not the sub-cluster's."""
-    options = copy.deepcopy(first["typed_extension_protocol_options"][_PROTOCOL])
+    """The cluster a chain's route sends to: attempt N goes to sub-cluster N.
+
+    Envoy 1.40 takes the upstream filters and the HTTP protocol options of this cluster,
+    and the transport socket (TLS, SNI) of the sub-cluster whose host was picked
+    (measured). Without a transport socket of its own this cluster cannot negotiate
+    ALPN (`auto_config` is refused), so a chain speaks HTTP/1.1 to every provider."""
+    options: dict[str, Any] = {
+        "@type": first["typed_extension_protocol_options"][_PROTOCOL]["@type"],
+        "explicit_http_config": {"http_protocol_options": {}},
+    }
     options["http_filters"] = [
         _attempt_filter(hcm),
         {

@@ -199,6 +199,8 @@ class AttemptStream:
         secret = self._secret()
         changes = routing.upstream_headers(target, headers.get(":path", "/"), secret)
         kept = tuple(kv for kv in changes.set if kv[0] != routing.ROUTING_HEADER)
+        # Host is not set here: the route's auto_host_rewrite sets each attempt's from the
+        # host it picked, after this filter ran (measured: a value set here is replaced).
         remove = (*changes.remove, CLIENT_API_HEADER)
         if self.step.model or self.translate is not None:
             remove += ("content-length",)

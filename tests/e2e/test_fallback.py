@@ -141,6 +141,7 @@ def test_failed_first_provider_is_answered_by_the_next(
     assert "x-gateway-attempts" not in raw.headers
     (seen,) = backup.received
     assert seen.headers["x-api-key"] == BACKUP_SECRET  # the attempt's own credential
+    assert "x-gateway-client-api" not in seen.headers
     assert seen.json()["model"] == BACKUP_MODEL
     record = _record(stack, raw.headers["x-gateway-request-id"])
     assert record["provider"] == "backup"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from extproc import envoy_config
+from extproc import envoy_config, supervisor
 from extproc.apis.usage import Usage
-from extproc.config import ConfigError, FallbackStep, parse_config
+from extproc.config import ConfigError, FallbackStep, load_config, parse_config
 from extproc.fallback import (
     Attempt,
     AttemptLog,
@@ -166,3 +167,9 @@ async def test_budget_is_reserved_once_at_the_dearest_and_settled_at_the_answere
     await spending.settle(run, usage)
     assert run.cost_usd == micros_to_usd(cost_micros(usage, sonnet))
     assert run.model == "claude-sonnet-4-6"
+
+
+def test_the_example_chain_renders_a_bootstrap_envoy_accepts() -> None:
+    config = load_config(Path(__file__).parents[2] / "examples" / "fallback.yaml")
+    assert [s.provider for s in config.profiles["default"].fallback] == ["anthropic", "backup"]
+    assert supervisor.validate_envoy(config) == []
