@@ -424,6 +424,11 @@ class RequestStream:
         return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
+        chain = self.profile.fallback
+        if chain and self.gw.config.providers[chain[0].provider].api == self.api:
+            # A chain's route sends what is not generated (count_tokens, models) to its
+            # first provider directly; generating requests go to the chain (_plan_fallback).
+            return routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, self.api)

@@ -10,9 +10,13 @@ import pytest
 from extproc import envoy_config, supervisor
 from extproc.apis.usage import Usage
 from extproc.config import ConfigError, FallbackStep, load_config, parse_config
+from extproc.decisions import CONTINUE, Continue
 from extproc.fallback import (
+    ATTEMPTS_HEADER,
+    TRANSLATORS,
     Attempt,
     AttemptLog,
+    AttemptStream,
     chain_cluster,
     decode_attempts,
     encode_attempts,
@@ -173,3 +177,84 @@ def test_the_example_chain_renders_a_bootstrap_envoy_accepts() -> None:
     config = load_config(Path(__file__).parents[2] / "examples" / "fallback.yaml")
     assert [s.provider for s in config.profiles["default"].fallback] == ["anthropic", "backup"]
     assert supervisor.validate_envoy(config) == []
+
+
+def _attempt(credentials: dict[str, Any] | None = None) -> tuple[AttemptStream, AttemptLog]:
+    config = parse_config(_config(["a", "b"]))
+    log = AttemptLog()
+    times = iter([10.0, 10.25])
+    return AttemptStream(config, credentials or {}, log, clock=lambda: next(times)), log
+
+
+class _Secret:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def get(self) -> str:
+        return self.value
+
+
+HOST_B = {"provider": "b", "model": "claude-haiku-4-5", "position": 1.0}
+REQUEST = {":path": "/v1/messages", "x-request-id": "r1", "x-gateway-client-api": "anthropic"}
+
+
+def test_an_attempt_gets_its_providers_credential_and_model() -> None:
+    attempt, _ = _attempt({"b": _Secret("sk-b")})
+    decision = attempt.request_headers(REQUEST, HOST_B)
+    assert isinstance(decision, Continue)
+    assert ("x-api-key", "sk-b") in decision.headers.set
+    assert "x-gateway-client-api" in decision.headers.remove
+    assert "content-length" in decision.headers.remove  # the body changes: model
+    body = attempt.request_body(b'{"model": "claude-sonnet-4-6", "max_tokens": 5}')
+    assert isinstance(body, Continue)
+    assert body.body == b'{"model":"claude-haiku-4-5","max_tokens":5}'
+
+
+def test_a_later_attempt_without_a_gateway_credential_drops_the_callers_key() -> None:
+    attempt, _ = _attempt()
+    decision = attempt.request_headers(REQUEST, HOST_B)
+    assert isinstance(decision, Continue)
+    assert {"x-api-key", "authorization"} <= set(decision.headers.remove)
+
+
+def test_an_attempt_at_another_shape_uses_the_registered_translator() -> None:
+    attempt, _ = _attempt()
+    TRANSLATORS[("openai", "anthropic")] = lambda body: {**body, "translated": True}
+    try:
+        attempt.request_headers({**REQUEST, "x-gateway-client-api": "openai"}, HOST_B)
+        decision = attempt.request_body(b'{"model": "gpt-5"}')
+    finally:
+        del TRANSLATORS[("openai", "anthropic")]
+    assert isinstance(decision, Continue)
+    assert decision.body == b'{"model":"claude-haiku-4-5","translated":true}'
+
+
+def test_the_answering_attempt_reports_every_attempt() -> None:
+    attempt, log = _attempt()
+    log.add("r1", Attempt(0, "a", None, 529, 3.0))
+    attempt.request_headers(REQUEST, HOST_B)
+    decision = attempt.response_headers({":status": "200"})
+    assert isinstance(decision, Continue)
+    ((name, value),) = decision.headers.set
+    assert name == ATTEMPTS_HEADER
+    chain = parse_config(_config(["a", "b"])).profiles["default"].fallback
+    assert [(a.provider, a.status, a.latency_ms) for a in decode_attempts(value, chain)] == [
+        ("a", 529, 3.0),
+        ("b", 200, 250.0),
+    ]
+    attempt.close()  # answered: nothing more is logged
+    assert len(log.add("r1", Attempt(2, "x", None, 0, None))) == 3
+
+
+def test_an_attempt_that_never_got_an_answer_is_logged_as_status_0() -> None:
+    attempt, log = _attempt()
+    attempt.request_headers(REQUEST, HOST_B)
+    attempt.close()
+    assert log.add("r1", Attempt(0, "a", None, 0, None))[1].status == 0
+
+
+def test_an_attempt_without_chain_metadata_passes_unchanged() -> None:
+    attempt, _ = _attempt()
+    assert attempt.request_headers(REQUEST, {}) == CONTINUE
+    assert attempt.request_body(b"{}") == CONTINUE
+    assert attempt.response_headers({":status": "200"}) == CONTINUE
