@@ -441,6 +441,10 @@ class RequestStream:
     def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
         assert self.target is not None
+        if self.chain:
+            return self._forward_chain(
+                self.raw_body if self.decoded_request and body is None else body
+            )
         credential = self.gw.credentials.get(self.target.name)
         try:
             secret = credential.get() if credential is not None else None
@@ -460,8 +464,6 @@ class RequestStream:
             remove += ["x-api-key", "authorization"]
         if self.decoded_request and body is None:
             body = self.raw_body
-        if self.chain:
-            return self._forward_chain(body)
         if body is not None:
             remove.append("content-length")
         if self.decoded_request:
