@@ -49,6 +49,7 @@ import redis
 import redis.asyncio as aioredis
 
 from extproc import server
+from extproc.apis.tokens import estimate_input_tokens
 from extproc.apis.usage import Usage
 from extproc.config import parse_config
 from extproc.policies.auth import Identity, hash_key, new_key
@@ -122,7 +123,7 @@ async def _calls(spending: Spending, body: dict[str, Any], n: int, into: Timings
     for _ in range(n):
         run = spending.start(uuid.uuid4().hex, gb.MODEL, identity, headers, None)
         started = time.perf_counter_ns()
-        await spending.admit(run, body, 2048)
+        await spending.admit(run, body, input_tokens=estimate_input_tokens(body, 2048))
         admitted = time.perf_counter_ns()
         await spending.settle(run, usage)
         into.admit.append((admitted - started) / 1e6)

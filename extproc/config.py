@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from extproc.apis.kind import ApiKind
 from extproc.credentials import CredentialSource
 from extproc.policies.budget import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
@@ -88,8 +89,6 @@ def _host_port(value: object) -> HostPort:
 
 AddressField = Annotated[HostPort, Field(json_schema_extra={"format": "host:port"})]
 
-
-ApiKind = Literal["anthropic", "openai"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -631,10 +630,6 @@ class Config(_Frozen):
     @property
     def shared_store(self) -> bool:
         return not self.store.startswith("memory:")
-
-    def default_provider(self, api: ApiKind) -> str | None:
-        """The first provider declared for an API shape: where its requests go by default."""
-        return next((name for name, p in self.providers.items() if p.api == api), None)
 
 
 def _format_errors(error: ValidationError) -> list[str]:

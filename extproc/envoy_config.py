@@ -21,6 +21,7 @@ from extproc.fallback import (
     RETRIABLE_STATUSES,
     chain_cluster,
 )
+from extproc.upstream import default_provider
 
 _REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "envoy" / "front-proxy.yaml"
 _OPENAI_FALLBACK = "openai"
@@ -105,8 +106,8 @@ def _patch_routes(hcm: dict[str, Any], config: Config) -> None:
     """Point the template's default routes (if it has them) at the default providers."""
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     fallbacks = {
-        _ANTHROPIC_FALLBACK: config.default_provider("anthropic"),
-        _OPENAI_FALLBACK: config.default_provider("openai"),
+        _ANTHROPIC_FALLBACK: default_provider(config, "anthropic"),
+        _OPENAI_FALLBACK: default_provider(config, "openai"),
     }
     first = next(iter(config.providers))
     for route in routes:

@@ -12,8 +12,8 @@ The mechanism (README "Fallback across providers" says why):
 - The composite cluster carries an ext_proc *upstream* HTTP filter: Envoy runs it once
   per attempt, after the attempt's host was chosen, and sends the host's metadata
   (`xds.upstream_host_metadata`: the provider, its model, its position). `AttemptStream`
-  adapts the request for that provider (path, credential, model; a translator when the
-  shapes differ) and, on the answer's headers, reports every attempt so far to the
+  adapts the request for that provider through its upstream adapter (translator, model,
+  path, credential) and, on the answer's headers, reports every attempt so far to the
   gateway's own filter downstream in the `x-gateway-attempts` response header.
 - Downstream, `RequestStream` reserved the budget once, at the dearest price of the
   chain; it reads that header, takes the provider that answered as the served one,
@@ -39,6 +39,9 @@ from extproc.config import Config, FallbackStep
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, Continue, Decision, HeaderChanges
 from extproc.policies import routing
+from extproc.upstream.adapter import ROUTING_HEADER
+from extproc.upstream.credentials import CredentialProvider, UpstreamRequest
+from extproc.upstream.translate import IDENTITY, Translator
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +144,6 @@ class AttemptLog:
         self._attempts.pop(request_id, None)
 
 
-# The translator slot: (client API, provider API) -> a function that turns the client's
-# request body into the provider's, for one attempt. Same-shape chains need none; the
-# Anthropic <-> OpenAI translators register here, and the answer's translator is chosen
-# downstream from the provider that answered (`RequestStream.target` is set to it when
-# the answer's headers arrive, before any of its body). Config validation refuses a
-# mixed chain until both directions exist.
-RequestTranslator = Callable[[dict[str, Any]], dict[str, Any]]
-TRANSLATORS: dict[tuple[str, str], RequestTranslator] = {}
-
-
 def host_step(metadata: Mapping[str, Any]) -> tuple[int, FallbackStep] | None:
     """The chain position and step of the host an attempt goes to (its endpoint metadata)."""
     provider, position = metadata.get("provider"), metadata.get("position")
@@ -164,12 +157,18 @@ Clock = Callable[[], float]
 
 
 class AttemptStream:
-    """One attempt of a fallback chain, as its upstream ext_proc filter sees it."""
+    """One attempt of a fallback chain, as its upstream ext_proc filter sees it.
+
+    The request is adapted for the attempt's provider by that provider's upstream
+    adapter, as `RequestStream._forward` does for a single provider: the translator
+    between the caller's dialect and the provider's (`extproc.upstream.translate`; none
+    for the same shape), the served model in the provider's dialect, the path, and the
+    credential, which signs the body as it leaves (so it is applied to the body phase)."""
 
     def __init__(
         self,
         config: Config,
-        credentials: Mapping[str, Any],
+        credentials: Mapping[str, CredentialProvider],
         attempts: AttemptLog,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -179,63 +178,90 @@ class AttemptStream:
         self.clock = clock
         self.started = clock()
         self.request_id = ""
+        self.headers: Mapping[str, str] = {}
         self.position = -1
         self.step: FallbackStep | None = None
-        self.translate: RequestTranslator | None = None
+        self.target: routing.Target | None = None
+        self.translator: Translator | None = None
         self.answered = False
 
     def request_headers(self, headers: Mapping[str, str], host: Mapping[str, Any]) -> Decision:
-        """Point the attempt at its provider: path prefix and credential."""
+        """Which provider this attempt goes to; its changes come with the body."""
         self.request_id = headers.get("x-request-id", "")
+        self.headers = headers
         found = host_step(host)
         if found is None or found[1].provider not in self.config.providers:
             log.error("fallback attempt without chain metadata on its host: %r", dict(host))
             return CONTINUE
         self.position, self.step = found
-        target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
-        client_api = headers.get(CLIENT_API_HEADER, target.provider.api)
-        if client_api != target.provider.api:
-            self.translate = TRANSLATORS.get((client_api, target.provider.api))
-        secret = self._secret()
-        changes = routing.upstream_headers(target, headers.get(":path", "/"), secret)
-        kept = tuple(kv for kv in changes.set if kv[0] != routing.ROUTING_HEADER)
-        # Host is not set here: the route's auto_host_rewrite sets each attempt's from the
-        # host it picked, after this filter ran (measured: a value set here is replaced).
+        self.target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
+        client = headers.get(CLIENT_API_HEADER, self.target.provider.api)
+        translator = self.target.adapter.translator(client)  # type: ignore[arg-type]
+        self.translator = None if translator is IDENTITY else translator
+        return CONTINUE
+
+    async def request_body(self, body: bytes) -> Decision:
+        """The request as this provider takes it: body, path and credential."""
+        if self.target is None or self.step is None:
+            return CONTINUE
+        path = self.headers.get(":path", "/")
+        sent, path = self._adapt(body, path)
+        adapter, provider = self.target.adapter, self.target.provider
+        route = [kv for kv in adapter.route("", provider, path) if kv[0] != ROUTING_HEADER]
+        if path != self.headers.get(":path") and not provider.path_prefix:
+            route.insert(0, (":path", path))
+        auth = await self._authorize(route, sent if sent is not None else body)
+        changes = adapter.headers(route, auth)
         remove = (*changes.remove, CLIENT_API_HEADER)
-        if self.step.model or self.translate is not None:
+        if sent is not None:
             remove += ("content-length",)
-        if secret is None and self.position > 0:
+        if auth is None and self.position > 0:
             # A caller's own key was meant for the first provider, not this one.
             remove += ("x-api-key", "authorization")
-        return Continue(headers=HeaderChanges(set=kept, remove=remove))
+        return Continue(headers=HeaderChanges(set=changes.set, remove=remove), body=sent)
 
-    def _secret(self) -> str | None:
+    def _adapt(self, body: bytes, path: str) -> tuple[bytes | None, str]:
+        """The translated body with the step's model (None: unchanged), and the path."""
+        assert self.target is not None
         assert self.step is not None
-        credential = self.credentials.get(self.step.provider)
-        if credential is None:
-            return None  # the caller's own key goes through, as on a direct route
-        try:
-            secret: str = credential.get()
-        except CredentialMissing:
-            log.error("provider %s has no credential; the attempt fails", self.step.provider)
-            return ""
-        return secret
-
-    def request_body(self, body: bytes) -> Decision:
-        """The body for this provider: its model, translated if its shape differs."""
-        if self.step is None or (self.step.model is None and self.translate is None):
-            return CONTINUE
+        if self.step.model is None and self.translator is None:
+            return None, path
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return CONTINUE  # the gateway's own filter parsed it; nothing to adapt
+            return None, path  # the gateway's own filter parsed it; nothing to adapt
         if not isinstance(parsed, dict):
-            return CONTINUE
+            return None, path
+        if self.translator is not None:
+            parsed, path = self.translator.request(parsed, path)
         if self.step.model is not None:
-            parsed["model"] = self.step.model
-        if self.translate is not None:
-            parsed = self.translate(parsed)
-        return Continue(body=orjson.dumps(parsed))
+            path = self.target.adapter.dialect.with_model(path, parsed, self.step.model)
+        return orjson.dumps(parsed), path
+
+    async def _authorize(
+        self, route: list[tuple[str, str]], body: bytes
+    ) -> tuple[tuple[str, str], ...] | None:
+        assert self.target is not None
+        credential = self.credentials.get(self.target.name)
+        if credential is None:
+            return None  # the caller's own key goes through, to the first provider only
+        paths = [value for name, value in route if name == ":path"]
+        request = UpstreamRequest(
+            provider=self.target.name,
+            method=self.headers.get(":method", "POST"),
+            authority=self.target.provider.authority,
+            path=paths[-1] if paths else self.headers.get(":path", "/"),
+            headers=self.headers,
+            changes=tuple(route),
+            removed=self.target.adapter.other_auth,
+            body=body,
+        )
+        try:
+            return tuple(await credential.authorize(request))
+        except CredentialMissing as exc:
+            # The provider refuses the attempt (401): not retried, the caller sees it.
+            log.error("provider %s has no credential: %s", self.target.name, exc)
+            return None
 
     def response_headers(self, headers: Mapping[str, str]) -> Decision:
         """Log this attempt; report all of them to the gateway's downstream filter."""

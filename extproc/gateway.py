@@ -30,6 +30,7 @@ from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
+from extproc.upstream import CredentialProvider, adapter_for
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Gateway:
     config: Config
     metrics: Metrics
     audit: AuditSink
-    credentials: Mapping[str, Credential]
+    credentials: Mapping[str, CredentialProvider]  # per provider name: held credentials
     store: Store
     keys: KeyDirectory
     profiles: ProfileResolver
@@ -67,9 +68,10 @@ class Gateway:
         store: Store | None = None,
     ) -> Gateway:
         credentials = {
-            name: Credential(provider.credential, environ)
+            name: credential
             for name, provider in config.providers.items()
-            if provider.credential is not None
+            if (credential := adapter_for(provider.api).credential_for(provider, environ))
+            is not None
         }
         store = store or open_configured_store(config, environ)
         metrics = metrics or Metrics()

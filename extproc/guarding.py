@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.apis import ApiKind
+from extproc.apis import ApiKind, dialect_of
 from extproc.apis.rewrite import SseTextRewriter, StopAnswer
 from extproc.apis.walk import WalkLimits
 from extproc.errors import BadRequest
@@ -111,7 +111,7 @@ class GuardRun:
         return GuardedText(screener, unmask)
 
     def rewriter(self) -> SseTextRewriter:
-        return SseTextRewriter(self.api, self._block_text)
+        return dialect_of(self.api).rewriter(self._block_text)
 
     def finish_stream(self, rewriter: SseTextRewriter) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -169,13 +169,5 @@ class GuardRun:
 
 
 def answer_text(answer: Mapping[str, Any], api: ApiKind) -> str:
-    """The text of an answer: its text blocks, or the first choice's content."""
-    if api == "anthropic":
-        blocks = answer.get("content") or ()
-        return "".join(
-            b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
-        )
-    choices = answer.get("choices") or ()
-    message = choices[0].get("message", {}) if choices and isinstance(choices[0], dict) else {}
-    content = message.get("content") if isinstance(message, dict) else None
-    return content if isinstance(content, str) else ""
+    """The text of an answer (its dialect's `answer_text`)."""
+    return dialect_of(api).answer_text(answer)

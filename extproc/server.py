@@ -105,7 +105,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     host = envoy_api.host_metadata_of(envoy_api.attributes_of(request))
                     decision = attempt.request_headers(headers, host)
                 elif phase is Phase.REQUEST_BODY:
-                    decision = attempt.request_body(envoy_api.body_of(request, phase)[0])
+                    decision = await attempt.request_body(envoy_api.body_of(request, phase)[0])
                 elif phase is Phase.RESPONSE_HEADERS:
                     decision = attempt.response_headers(envoy_api.headers_of(request, phase)[0])
                 if phase is not None:

@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from extproc.apis.dialect import dialect_of
+from extproc.apis.kind import ApiKind
+from extproc.apis.tokens import tokens_for_bytes as tokens_for_bytes  # re-exported
 from extproc.apis.usage import Usage
 from extproc.config import Config
 from extproc.errors import BadRequest, Forbidden, RateLimited, Unavailable
@@ -74,29 +77,8 @@ from extproc.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+
 RETRY_GRACE = 600.0  # a settle is retried this long past the hold's expiry (records last 1 h)
-IMAGE_TOKENS = 1600  # a full-size image; documents are charged like their text
-_BYTES_PER_TOKEN = 3
-
-
-def tokens_for_bytes(size: int) -> int:
-    """The one token estimate: UTF-8 bytes over three, rounded up (an over-estimate for
-    prose and code in every language the providers document, ~4 characters a token)."""
-    return -(-max(size, 0) // _BYTES_PER_TOKEN)
-
-
-def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
-    """An over-estimate of the input tokens of a request body of `size` bytes."""
-    images, blob_bytes = 0, 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        for block in content if isinstance(content, list) else ():
-            source = block.get("source") if isinstance(block, dict) else None
-            data = source.get("data") if isinstance(source, dict) else None
-            if isinstance(data, str) and block.get("type") == "image":
-                images, blob_bytes = images + 1, blob_bytes + len(data)
-    return max(1, tokens_for_bytes(size - blob_bytes) + images * IMAGE_TOKENS)
-
 
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
 
@@ -110,36 +92,17 @@ def _choices(body: Mapping[str, Any]) -> int:
 def requested_output(body: Mapping[str, Any], cap: int) -> int:
     """The output tokens to reserve: the request's limit (at most `cap`) times its choices.
 
-    After `cap_output` the request cannot produce more than this, so the reservation is
-    an upper bound on what the provider bills."""
+    After the dialect's `cap_output` the request cannot produce more than this, so the
+    reservation is an upper bound on what the provider bills."""
     limits = [body.get(name) for name in _OUTPUT_FIELDS]
     asked = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
     return min([*asked, cap]) * _choices(body)
 
 
-def cap_output(body: dict[str, Any], cap: int, api: str) -> bool:
-    """Make `cap` the most the request may generate; True if the body was changed.
-
-    A larger `max_tokens`/`max_completion_tokens` is lowered to `cap`; an OpenAI request
-    with neither (the model's own maximum, possibly beyond `cap`) gets
-    `max_completion_tokens: cap`. An Anthropic request without `max_tokens` is invalid
-    and refused by the provider before it generates anything."""
-    changed = False
-    for name in _OUTPUT_FIELDS:
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
-            body[name] = cap
-            changed = True
-    if api == "openai" and not any(name in body for name in _OUTPUT_FIELDS):
-        body["max_completion_tokens"] = cap
-        changed = True
-    thinking = body.get("thinking")
-    if changed and isinstance(thinking, dict):
-        budget = thinking.get("budget_tokens")
-        if isinstance(budget, int) and budget >= cap:
-            # Anthropic requires budget_tokens < max_tokens.
-            body["thinking"] = {**thinking, "budget_tokens": max(1, cap - 1)}
-    return changed
+def cap_output(body: dict[str, Any], cap: int, api: ApiKind) -> bool:
+    """Make `cap` the most the request may generate; True if the body was changed (the
+    dialect's `cap_output`)."""
+    return dialect_of(api).cap_output(body, cap)
 
 
 def cut_short_usage(seen: Usage, input_estimate: int, content_bytes: int) -> Usage:
@@ -353,10 +316,12 @@ class Spending:
         prices = (self.price_of(m, run) for m in models if m != run.model)
         run.alternatives = tuple(p for p in prices if p is not None)
 
-    def served(self, run: SpendRun, model: str) -> None:
-        """The model that answered: settlement prices it (it was covered by `may_serve`)."""
-        if model != run.model:
-            run.model, run.price = model, self.price_of(model, run)
+    def serve(self, run: SpendRun, model: str) -> None:
+        """Another model answers than the one admitted (a fallback): settlement prices
+        what was served. An unpriced model keeps the admitted price (the reservation's
+        basis) rather than going uncharged."""
+        run.model = model
+        run.price = self.prices.find(model) or run.price
 
     async def admit_hit(self, run: SpendRun) -> None:
         """A cache hit: counts as a request for the rate limits and quota, spends nothing."""
@@ -382,16 +347,17 @@ class Spending:
         except StoreUnavailable as exc:
             raise Unavailable("the rate-limit store is unreachable", reason="store_down") from exc
 
-    async def admit(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
+    async def admit(self, run: SpendRun, body: Mapping[str, Any], *, input_tokens: int) -> None:
         """Rate limits and budget reservation in one round trip; raises `RateLimited`.
+        `input_tokens`: the request's input estimate (its dialect's `estimate_input_tokens`).
 
         The store call runs to its end even if the request is cancelled meanwhile (the
         client hung up): the hold it makes is then settled by `settle`, not leaked."""
-        run.admission = asyncio.ensure_future(self._admit_run(run, body, size))
+        run.admission = asyncio.ensure_future(self._admit_run(run, body, input_tokens))
         await asyncio.shield(run.admission)
 
-    async def _admit_run(self, run: SpendRun, body: Mapping[str, Any], size: int) -> None:
-        run.estimate_tokens = estimate_input_tokens(body, size)
+    async def _admit_run(self, run: SpendRun, body: Mapping[str, Any], input_tokens: int) -> None:
+        run.estimate_tokens = input_tokens
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
         prices = [p for p in (run.price, *run.alternatives) if p is not None]

@@ -20,7 +20,6 @@ import orjson
 
 from extproc import caching, fallback
 from extproc.apis import (
-    ApiKind,
     Endpoint,
     Route,
     anthropic,
@@ -28,11 +27,13 @@ from extproc.apis import (
     classify,
     encoding,
     model_list,
-    openai,
 )
 from extproc.apis import error_response as render_error
+from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
+from extproc.apis.framing import EventParser, Framing, framing_for
+from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
-from extproc.apis.sse import SseEvent, SseParser
+from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
 from extproc.apis.walk import WalkLimits
 from extproc.config import FallbackStep, ProfileConfig, TierConfig
@@ -66,10 +67,11 @@ from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun, cap_output, cut_short_usage
+from extproc.spending import SpendRun, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
+from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +131,6 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
         )
 
 
-def _sse_error(api: ApiKind, error_body: bytes) -> bytes:
-    """An error body as the final SSE event of a stream, in the API's shape."""
-    if api == "openai":
-        return b"data: " + error_body + b"\n\n"
-    return b"event: error\ndata: " + error_body + b"\n\n"
-
-
 class ProtocolError(Exception):
     """Envoy sent phases out of order; the server fails the RPC (see `protocol_failed`)."""
 
@@ -183,7 +178,9 @@ class RequestStream:
         self.session_id: str | None = None
         self.agent_id: str | None = None
         self.parent_agent_id: str | None = None
-        self.api: ApiKind = "anthropic"
+        self.dialect: Dialect = ANTHROPIC  # the caller's wire schema (set from the path)
+        self.translator: Translator | None = None  # None: the provider speaks the caller's
+        self.transcoder: Transcoder | None = None  # a streamed answer being translated
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
@@ -204,13 +201,13 @@ class RequestStream:
         self.rewritten_events = 0
         self.cache_stored = False
         self.answer = _Answer()
-        self.sse: SseParser | None = None
-        self.accumulator: anthropic.StreamAccumulator | openai.StreamAccumulator | None = None
+        self.sse: EventParser | None = None
+        self.accumulator: Accumulator | None = None
         self.outcome: str | None = None
         self.finished_at = self.started
         self.settled = False
         self.forwarded = False  # the request body went on to the provider
-        self.usage_dropper: openai.UsageChunkDropper | None = None
+        self.usage_dropper: StreamFilter | None = None
         self.json_chunks: list[bytes] = []
         self.signing_in = False  # a sign-in endpoint, answered by extproc.signin
         self.decoded_request = False  # the client's body arrived compressed and was decoded
@@ -222,6 +219,11 @@ class RequestStream:
         self.trace: RequestTrace | None = None
         self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
         self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
+
+    @property
+    def api(self) -> ApiKind:
+        """The caller's wire schema by name (audit record, metric labels)."""
+        return self.dialect.name
 
     # -- phase order -------------------------------------------------------------------
 
@@ -244,7 +246,7 @@ class RequestStream:
         self.answer.status = error.status
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
         self._finish(f"rejected_{error.reason}")
-        response = render_error(self.api, error, self.request_id)
+        response = render_error(self.dialect.name, error, self.request_id)
         return dataclasses.replace(response, headers=response.headers + self._trace_header())
 
     # -- request -----------------------------------------------------------------------
@@ -268,7 +270,7 @@ class RequestStream:
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
-        self.api = api_of_path(self.path, headers)
+        self.dialect = dialect_of(api_of_path(self.path, headers))
         if self.gw.signin is not None and SignIn.serves(self.path):
             return await self._sign_in(headers, end_of_stream)
         try:
@@ -309,7 +311,7 @@ class RequestStream:
 
     def _classify(self, headers: Mapping[str, str]) -> None:
         self.route = classify(headers.get(":method", "GET"), self.path, headers)
-        self.api = self.route.api
+        self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
         limit = self.gw.config.limits.max_body_bytes
@@ -361,12 +363,13 @@ class RequestStream:
             return CONTINUE
         if self.route.method == "POST":
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        if self.route.endpoint is Endpoint.MODELS and not model_id and self.api == "anthropic":
+        listing = self.route.endpoint is Endpoint.MODELS and not model_id
+        if listing and self.dialect.pages_model_list:
             query = self.path.partition("?")[2]
             self.model_page = model_list.PageRequest.parse(query)
             self.upstream_path = f"/v1/models?{model_list.UPSTREAM_QUERY}"
-        self.target = self._choose_target(None)
-        return self._forward()
+        self._serve(self._choose_target(None))
+        return await self._forward()
 
     async def _probe(self) -> Respond:
         """`/` and `/health` (liveness; `?deep=1` also pings the store): no provider call."""
@@ -424,46 +427,56 @@ class RequestStream:
         return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
+        api = self.dialect.name
         chain = self.profile.fallback
-        if chain and self.gw.config.providers[chain[0].provider].api == self.api:
+        if chain and self.gw.config.providers[chain[0].provider].api == api:
             # A chain's route sends what is not generated (count_tokens, models) to its
             # first provider directly; generating requests go to the chain (_plan_fallback).
             return routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
         try:
             if model is None and self.profile.provider is None:
-                return routing.default_target(self.gw.config, self.api)
-            return models.choose_provider(self.gw.config, self.profile, model or "", self.api)
+                return routing.default_target(self.gw.config, api)
+            return models.choose_provider(self.gw.config, self.profile, model or "", api)
         except routing.NoProvider as exc:
             raise Unavailable(
                 f"{exc}; add one under providers:", reason="no_provider", retryable=False
             ) from exc
 
-    def _forward(self, body: bytes | None = None) -> Continue:
+    def _serve(self, target: routing.Target, model: str | None = None) -> None:
+        """The provider (and model) that serves the request: the first choice, or another
+        one later (a fallback). Spend is settled at the price of what was served."""
+        self.target = target
+        translator = target.adapter.translator(self.dialect.name)
+        self.translator = None if translator is IDENTITY else translator
+        if model is not None:
+            if self.served_model is not None and self.spend is not None:
+                self.gw.spending.serve(self.spend, model)
+            self.served_model = model
+
+    async def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
-        assert self.target is not None
+        target = self.target
+        assert target is not None
         if self.chain:
             return self._forward_chain(
                 self.raw_body if self.decoded_request and body is None else body
             )
-        credential = self.gw.credentials.get(self.target.name)
-        try:
-            secret = credential.get() if credential is not None else None
-        except CredentialMissing as exc:
-            log.error("provider %s has no credential: %s", self.target.name, exc)
-            raise Unavailable(
-                f"provider {self.target.name!r} has no credential configured",
-                reason="no_credential",
-                retryable=False,
-            ) from exc
-        changes = routing.upstream_headers(self.target, self.upstream_path or self.path, secret)
-        if self.upstream_path and not self.target.provider.path_prefix:
-            changes = HeaderChanges(set=((":path", self.upstream_path), *changes.set))
-        remove = list(changes.remove)
-        if secret is None and self.identity.source != "anonymous":
-            # A gateway key or an SSO token is ours, never the provider's.
-            remove += ["x-api-key", "authorization"]
+        adapter = target.adapter
+        path = self.upstream_path or self.path
         if self.decoded_request and body is None:
             body = self.raw_body
+        if self.translator is not None and self.request is not None:
+            translated, path = self.translator.request(self.request.body, path)
+            body = orjson.dumps(translated)
+        route = adapter.route(target.cluster, target.provider, path)
+        if path != self.path and not target.provider.path_prefix:
+            route.insert(0, (":path", path))
+        auth = await self._authorize(target, route, body)
+        changes = adapter.headers(route, auth)
+        remove = list(changes.remove)
+        if auth is None and self.identity.source != "anonymous":
+            # A gateway key or an SSO token is ours, never the provider's.
+            remove += ["x-api-key", "authorization"]
         if body is not None:
             remove.append("content-length")
         if self.decoded_request:
@@ -471,6 +484,35 @@ class RequestStream:
         changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
         self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    async def _authorize(
+        self, target: routing.Target, route: list[tuple[str, str]], body: bytes | None
+    ) -> tuple[tuple[str, str], ...] | None:
+        """The held credential's headers for the request as it leaves (None: no held
+        credential; the caller's own passes through)."""
+        credential = self.gw.credentials.get(target.name)
+        if credential is None:
+            return None
+        paths = [value for name, value in route if name == ":path"]
+        request = UpstreamRequest(
+            provider=target.name,
+            method=self.headers.get(":method", "POST"),
+            authority=target.provider.authority,
+            path=paths[-1] if paths else self.path,
+            headers=self.headers,
+            changes=tuple(route),
+            removed=target.adapter.other_auth,
+            body=body if body is not None else self.raw_body,
+        )
+        try:
+            return tuple(await credential.authorize(request))
+        except CredentialMissing as exc:
+            log.error("provider %s has no credential: %s", target.name, exc)
+            raise Unavailable(
+                f"provider {target.name!r} has no credential configured",
+                reason="no_credential",
+                retryable=False,
+            ) from exc
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
         self._enter("request_body")
@@ -492,29 +534,34 @@ class RequestStream:
             return self._relay(body)
         if encoding.encodings(self.headers.get("content-encoding", "")):
             body = encoding.decode_body(body, self.headers["content-encoding"], limit)
-            self.decoded_request, self.raw_body = True, body
+            self.decoded_request = True
+        self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = await self._parse(body)
         if request.model is None:
-            self.target = self._choose_target(None)
-            return self._forward()
+            self._serve(self._choose_target(None))
+            return await self._forward()
         served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
         models.check_allowed(request.model, served, self.allow)
-        self.target = self._choose_target(served)
-        self.served_model = served
+        self._serve(self._choose_target(served), served)
         if self.profile.fallback and self.route.endpoint.generates:
             self._plan_fallback(self.profile.fallback)
         rewritten = served != request.model
         if rewritten:
-            request.body["model"] = served
+            path = self.dialect.with_model(self.path, request.body, served)
+            self.upstream_path = path if path != self.path else self.upstream_path
         if self.route.endpoint.generates and self._bound_spend(request):
             rewritten = True
         if self._guard_request():
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, self.served_model, self.identity, self.headers, self._payer()
+                uuid.uuid4().hex,
+                self.served_model or served,
+                self.identity,
+                self.headers,
+                self._payer(),
             )
             if self.chain:
                 chain_models = [s.model or served for s in self.chain]
@@ -528,22 +575,22 @@ class RequestStream:
         if hit is not None:
             return hit
         if self.spend is not None:
-            await self.gw.spending.admit(self.spend, request.body, len(body))
-        return self._forward(body=orjson.dumps(request.body) if rewritten else None)
+            estimate = self.dialect.estimate_input_tokens(request.body, len(body))
+            await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
+        return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
     def _plan_fallback(self, chain: tuple[FallbackStep, ...]) -> None:
         """Envoy tries the chain's providers in order (extproc.fallback); the first is the
         one served unless it fails."""
-        first = self.gw.config.providers[chain[0].provider]
-        if first.api != self.api:
+        first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+        if first.adapter.translator(self.dialect.name) is None:
             raise BadRequest(
-                f"this route falls back across {first.api} providers; call "
-                + ("/v1/chat/completions" if first.api == "openai" else "/v1/messages"),
+                f"this route falls back across {first.provider.api} providers; call "
+                + first.adapter.dialect.generate_path,
                 reason="wrong_api",
             )
         self.chain = chain
-        self.target = routing.Target(chain[0].provider, first)
-        self.served_model = chain[0].model or self.served_model
+        self._serve(first, chain[0].model or self.served_model)
 
     def _forward_chain(self, body: bytes | None) -> Continue:
         """To the chain's composite cluster: each attempt's filter sets path and credential."""
@@ -555,7 +602,7 @@ class RequestStream:
         changes = HeaderChanges(
             set=(
                 (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
-                (fallback.CLIENT_API_HEADER, self.api),
+                (fallback.CLIENT_API_HEADER, self.dialect.name),
                 ("accept-encoding", "identity"),
                 *self._trace_header(),
             ),
@@ -574,19 +621,17 @@ class RequestStream:
         for failed in attempts[:-1]:
             reason = fallback.fallback_reason(failed.status)
             self.gw.metrics.fallbacks.labels(self.route_name, failed.provider, reason).inc()
-        self.target = routing.Target(last.provider, self.gw.config.providers[last.provider])
-        self.served_model = last.model or self.served_model
-        if self.spend is not None and self.served_model is not None:
-            self.gw.spending.served(self.spend, self.served_model)
+        # The answer is read (and translated, across shapes) as the answerer's.
+        answerer = routing.Target(last.provider, self.gw.config.providers[last.provider])
+        self._serve(answerer, last.model or self.served_model)
 
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
-        covers, and a streamed OpenAI answer carrying its usage. True if changed."""
-        changed = cap_output(request.body, self.gw.config.limits.max_output_tokens, self.api)
-        if self.api == "openai" and request.stream:
-            if not openai.asks_for_usage(request.body):
-                self.usage_dropper = openai.UsageChunkDropper()
-            changed = openai.request_usage(request.body) or changed
+        covers, and a streamed answer carrying its usage. True if changed."""
+        changed = self.dialect.cap_output(request.body, self.gw.config.limits.max_output_tokens)
+        if request.stream:
+            asked, self.usage_dropper = self.dialect.prepare_stream(request.body)
+            changed = asked or changed
         return changed
 
     async def _parse(self, raw: bytes) -> ParsedRequest:
@@ -605,7 +650,7 @@ class RequestStream:
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
         await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
         self.inspection = await self.gw.offload.check(
-            raw, self.api, self.profile.guard, guarded, limits
+            raw, self.dialect.name, self.profile.guard, guarded, limits
         )
         return parse_request(raw, self.route.endpoint, check_keys=False)
 
@@ -617,7 +662,7 @@ class RequestStream:
         if policy is None or self.route.endpoint is Endpoint.MODELS:
             return False
         limits = WalkLimits(self.gw.config.limits.max_scan_chars)
-        self.guard = GuardRun(policy, self.api, self.gw.metrics, limits=limits)
+        self.guard = GuardRun(policy, self.dialect.name, self.gw.metrics, limits=limits)
         # The worker's inspection (if any) was made without the billing block too.
         screened, billing = anthropic.split_billing_block(self.request.body)
         body = screened if billing is not None else self.request.body
@@ -653,7 +698,12 @@ class RequestStream:
         presented = self._presented()
         scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
         key = cache_policy.cache_key(
-            self.api, self.route.endpoint, scope, self.request.body, self.headers, config.normalize
+            self.dialect.name,
+            self.route.endpoint,
+            scope,
+            self.request.body,
+            self.headers,
+            config.normalize,
         )
         read, write = caching.cache_control(self.headers)
         if self.guard is not None and self.guard.masks:
@@ -668,7 +718,7 @@ class RequestStream:
         if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
-                return cache_policy.Shape.of(self.api, body)
+                return cache_policy.Shape.of(self.dialect.name, body)
 
         entry = await run.before_upstream(shape, self.extend)
         if run.volatile:
@@ -680,13 +730,14 @@ class RequestStream:
         assert self.cache_run is not None
         if self.spend is not None:
             if self.gw.config.cache.charge_budget_on_hit:
-                await self.gw.spending.admit(self.spend, self.request.body, 0)
+                estimate = self.dialect.estimate_input_tokens(self.request.body, 0)
+                await self.gw.spending.admit(self.spend, self.request.body, input_tokens=estimate)
             else:
                 await self.gw.spending.admit_hit(self.spend)
         answer = self._screen_hit(entry.answer)
         if self.request.stream:
-            unfold = openai.unfold_completion if self.api == "openai" else anthropic.unfold_message
-            body, content_type = unfold(answer), "text/event-stream; charset=utf-8"
+            content_type = self.dialect.framing.content_type + "; charset=utf-8"
+            body = self.dialect.unfold(answer)
             if self.usage_dropper is not None:
                 body = self.usage_dropper.feed(body) + self.usage_dropper.close()
         else:
@@ -759,8 +810,12 @@ class RequestStream:
         if end_of_stream:
             self._finish(self._status_outcome())
             return Continue(headers=extra)
-        if content_type.startswith("text/event-stream"):
+        framing = self._answer_framing(content_type)
+        if framing is not None:
             self._start_stream()
+            if self.translator is not None:  # the provider's stream, in the caller's shape
+                self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
+                extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
                 extra = HeaderChanges(set=extra.set, remove=("content-length",))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
@@ -768,6 +823,19 @@ class RequestStream:
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
         self._finish(self._status_outcome())
         return Continue(headers=extra, response_body_mode=BodyMode.NONE)
+
+    def _answer_framing(self, content_type: str) -> Framing | None:
+        """The framing of a streamed answer (None: not a stream the gateway reads)."""
+        if self.target is None:
+            return framing_for(content_type)
+        return self.target.adapter.answer_framing(content_type)
+
+    def _translated_headers(self, extra: HeaderChanges) -> HeaderChanges:
+        content_type = self.dialect.framing.content_type + "; charset=utf-8"
+        return HeaderChanges(
+            set=(*extra.set, ("content-type", content_type)),
+            remove=(*extra.remove, "content-length"),
+        )
 
     def _decode_answer(self, label: str) -> bool:
         """An answer compressed despite `accept-encoding: identity` is decoded before any
@@ -784,7 +852,8 @@ class RequestStream:
     def _undecodable(self, why: str) -> Respond:
         """The 502 sent in place of an answer no policy could read."""
         message = f"{why}; the answer was withheld"
-        error = render_error(self.api, AnswerWithheld(message, reason="undecodable_answer"))
+        withheld = AnswerWithheld(message, reason="undecodable_answer")
+        error = render_error(self.dialect.name, withheld)
         self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
         return error
 
@@ -838,11 +907,8 @@ class RequestStream:
         if self.guard is not None:
             self.rewriter = self.guard.rewriter()  # it parses the events itself
         else:
-            self.sse = SseParser()
-        if self.api == "openai":
-            self.accumulator = openai.StreamAccumulator()
-        else:
-            self.accumulator = anthropic.StreamAccumulator()
+            self.sse = self.dialect.framing.parser()
+        self.accumulator = self.dialect.accumulator()
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
@@ -853,16 +919,17 @@ class RequestStream:
             return Continue(body=body)
         if self.outcome is not None or self.route is None:
             return CONTINUE
-        if self.answer_decoder is not None:
+        if self.answer_decoder is not None or self.transcoder is not None:
             return self._decoded_body(chunk, end_of_stream)
         return self._on_response_body(chunk, end_of_stream)
 
     def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        """Policy on the decoded answer; the client gets the decoded bytes."""
-        assert self.answer_decoder is not None
+        """Policy on the decoded (and translated) answer; the client gets those bytes."""
         try:
-            plain = self.answer_decoder.feed(chunk)
-            plain += self.answer_decoder.close() if end_of_stream else b""
+            plain = chunk
+            if self.answer_decoder is not None:
+                plain = self.answer_decoder.feed(chunk)
+                plain += self.answer_decoder.close() if end_of_stream else b""
         except GatewayError as error:
             log.warning("provider answer could not be decoded: %s", error.message)
             self.withheld = b""  # and the rest of it is dropped too
@@ -870,10 +937,12 @@ class RequestStream:
                 self._finish("error")
             withheld = self._undecodable(f"the provider's answer {error.message}")
             if self.answer.streamed:  # the status has left: end the stream with an error
-                return Continue(body=_sse_error(self.api, withheld.body))
+                return Continue(body=self.dialect.stream_error(withheld.body))
             status = ((":status", str(withheld.status)),)
             headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
             return Continue(body=withheld.body, headers=headers)
+        if self.transcoder is not None:
+            plain = self.transcoder.feed(plain, end_of_stream)
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)
@@ -950,6 +1019,26 @@ class RequestStream:
             self.answer.error_type = str(accumulator.error.get("type", "error"))
 
     def _read_json(self, raw: bytes) -> Continue:
+        if self.translator is None:
+            return self._read_json_body(raw)
+        raw = self._translate_json(raw)
+        decision = self._read_json_body(raw)
+        if decision.body is not None:
+            return decision
+        return Continue(body=raw, headers=HeaderChanges(remove=("content-length",)))
+
+    def _translate_json(self, raw: bytes) -> bytes:
+        """The provider's JSON answer (or error) in the caller's shape."""
+        assert self.translator is not None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(body, dict):
+            return raw
+        return orjson.dumps(self.translator.answer(body, self.answer.status))
+
+    def _read_json_body(self, raw: bytes) -> Continue:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -973,7 +1062,7 @@ class RequestStream:
             self.answer.error_type = "output_blocked"
             self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.api, AnswerWithheld(message), self.request_id)
+            error = render_error(self.dialect.name, AnswerWithheld(message), self.request_id)
             status = ((":status", str(error.status)),)
             headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
             return Continue(body=error.body, headers=headers)
@@ -1005,19 +1094,15 @@ class RequestStream:
         return Continue(body=orjson.dumps(body), headers=HeaderChanges(remove=("content-length",)))
 
     def _read_answer(self, body: dict[str, Any]) -> None:
-        if self.api == "openai":
-            self.answer.usage = openai.usage_from_completion(body)
-            self.answer.finish_reasons = openai.finish_reasons(body)
-        else:
-            self.answer.usage = anthropic.usage_from_message(body)
-            self.answer.finish_reasons = anthropic.finish_reasons(body)
+        self.answer.usage = self.dialect.usage(body)
+        self.answer.finish_reasons = self.dialect.finish_reasons(body)
         model = body.get("model")
         self.answer.served_model = model if isinstance(model, str) else None
         error = body.get("error")
         if isinstance(error, dict):
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
         if self.profile.records_text(self.gw.config.audit.record_text):
-            self.answer.completion = body.get("content", body.get("choices"))
+            self.answer.completion = self.dialect.completion(body)
         if self.cache_run is not None:
             self.answer.json = body
 
@@ -1052,7 +1137,7 @@ class RequestStream:
         self.settled = True
         if self.cache_run is not None and self.outcome != "cache_hit":
             answer = self._cacheable_answer()
-            self.cache_stored = await self.cache_run.after_upstream(answer, self.api)
+            self.cache_stored = await self.cache_run.after_upstream(answer, self.dialect.name)
         if self.spend is not None:
             usage = self._billable_usage(self.outcome)
             if usage != self.answer.usage and self.outcome != "cache_hit":

@@ -2,8 +2,9 @@
 
 `classify(method, path, headers)` maps an HTTP request onto an `Endpoint`
 (Anthropic Messages, count_tokens, models; OpenAI chat completions, models).
-`error_response(api, error)` renders a `GatewayError` in the caller's shape;
-it is the only place gateway errors become response bodies.
+`error_response(api, error)` renders a `GatewayError` in the caller's shape
+through its dialect (`extproc.apis.dialect`); it is the only place gateway errors
+become response bodies.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from extproc.apis import anthropic, openai
+from extproc.apis.dialect import Dialect, dialect_of
+from extproc.apis.kind import ApiKind
 from extproc.decisions import Respond
 from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 
-ApiKind = Literal["anthropic", "openai"]
-
-__all__ = ["ApiKind", "Endpoint", "api_of_path", "classify", "error_response"]
+__all__ = [
+    "ApiKind",
+    "Dialect",
+    "Endpoint",
+    "api_of_path",
+    "classify",
+    "dialect_of",
+    "error_response",
+]
 
 
 class Endpoint(enum.Enum):
@@ -106,10 +113,7 @@ def error_response(api: ApiKind, error: GatewayError, request_id: str = "") -> R
     """A gateway error as an immediate response in the caller's API error shape: the
     `error.type` its status has at the provider, `x-gateway-error: <reason>`,
     `x-gateway-request-id` and `x-should-retry` (see `extproc.errors`)."""
-    if api == "openai":
-        body = openai.error_body(error.status, error.message, code=error.reason)
-    else:
-        body = anthropic.error_body(error.status, error.message)
+    body = dialect_of(api).error_body(error.status, error.message, error.reason)
     headers: tuple[tuple[str, str], ...] = (
         ("content-type", "application/json"),
         ("x-gateway-error", error.reason),

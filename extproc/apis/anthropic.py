@@ -23,6 +23,7 @@ import orjson
 
 from extproc.apis.sse import SseEvent, encode_event
 from extproc.apis.usage import Usage, as_count
+from extproc.apis.walk import json_strings, value_texts
 
 __all__ = [
     "StreamAccumulator",
@@ -363,3 +364,69 @@ def _split_block(block: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[st
 
 def _sse(payload: Mapping[str, Any]) -> bytes:
     return encode_event(str(payload["type"]), orjson.dumps(payload).decode())
+
+
+# -- the answer's texts (output screening and unmasking walk an answer through these) ----
+
+Path = tuple[str | int, ...]
+_INPUT_BLOCKS: Final = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+def answer_texts(body: Mapping[str, Any]) -> Iterator[tuple[Path, str, bool]]:
+    """(path, text, is-JSON-text) for every answer text a client renders or executes:
+    text, thinking and the strings of tool inputs."""
+    for i, block in enumerate(body.get("content") or ()):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        for name in ("text", "thinking"):
+            if kind == name and isinstance(block.get(name), str):
+                yield ("content", i, name), block[name], False
+        if kind in _INPUT_BLOCKS:
+            found: list[tuple[Path, str]] = []
+            json_strings(block.get("input"), ("content", i, "input"), found)
+            yield from ((p, t, False) for p, t in found)
+
+
+def screened_parts(body: Mapping[str, Any]) -> Iterator[tuple[Path, Any, str]]:
+    """(path, value, kind) of each answer part output screening reads: a `text`, or a
+    tool input as a `json_value`; every text of any other block (server tool results)."""
+    for i, block in enumerate(body.get("content") or ()):
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind in ("text", "thinking") and isinstance(block.get(kind), str):
+            yield ("content", i, kind), block[kind], "text"
+        elif kind in _INPUT_BLOCKS and "input" in block:
+            yield ("content", i, "input"), block["input"], "json_value"
+        else:
+            for path, text in value_texts(block):
+                yield ("content", i, *path), text, "text"
+
+
+def answer_text(answer: Mapping[str, Any]) -> str:
+    """The answer's text blocks, joined (what a structured-output schema checks)."""
+    blocks = answer.get("content") or ()
+    return "".join(
+        b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text"
+    )
+
+
+def cache_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body without per-run noise (`stream`, `metadata.user_id`: Claude Code puts a
+    fresh session id there every run), for cache keys."""
+    clean = dict(body)
+    clean.pop("stream", None)
+    metadata = clean.get("metadata")
+    if isinstance(metadata, dict):
+        rest = {k: v for k, v in metadata.items() if k != "user_id"}
+        if rest:
+            clean["metadata"] = rest
+        else:
+            clean.pop("metadata")
+    return clean
+
+
+def stream_error_event(error_body: bytes) -> SseEvent:
+    """An error body as the `error` event that ends a stream."""
+    return SseEvent("error", error_body.decode())

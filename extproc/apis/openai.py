@@ -403,3 +403,63 @@ def _usage_only(event: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
+
+
+# -- the answer's texts (output screening and unmasking walk an answer through these) ----
+
+Path = tuple[str | int, ...]
+_ANSWER_FIELDS: Final = ("content", "refusal", "reasoning_content", "reasoning")
+# Per-run fields that never change an answer: dropped from cache keys.
+_CACHE_NOISE: Final = ("stream", "stream_options", "user", "store", "metadata")
+
+
+def answer_texts(body: Mapping[str, Any]) -> Iterator[tuple[Path, str, bool]]:
+    """(path, text, is-JSON-text) for every answer text a client renders or executes:
+    content, refusal, reasoning and tool-call arguments (JSON in a string)."""
+    for i, choice in enumerate(body.get("choices") or ()):
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(msg, dict):
+            yield from _message_texts(msg, ("choices", i, "message"))
+
+
+def _message_texts(msg: Mapping[str, Any], at: Path) -> Iterator[tuple[Path, str, bool]]:
+    for name in _ANSWER_FIELDS:
+        if isinstance(msg.get(name), str):
+            yield (*at, name), msg[name], False
+    calls: list[tuple[Path, Any]] = [
+        (("tool_calls", j, "function"), c.get("function") if isinstance(c, dict) else None)
+        for j, c in enumerate(msg.get("tool_calls") or ())
+    ]
+    calls.append((("function_call",), msg.get("function_call")))
+    for where, fn in calls:
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            yield (*at, *where, "arguments"), fn["arguments"], True
+
+
+def screened_parts(body: Mapping[str, Any]) -> Iterator[tuple[Path, Any, str]]:
+    """(path, value, kind) of each answer part output screening reads: `text`, or a
+    `json_text` (tool-call arguments)."""
+    for path, text, is_json in answer_texts(body):
+        yield path, text, "json_text" if is_json else "text"
+
+
+def answer_text(answer: Mapping[str, Any]) -> str:
+    """The first choice's content (what a structured-output schema checks)."""
+    choices = answer.get("choices") or ()
+    message = choices[0].get("message", {}) if choices and isinstance(choices[0], dict) else {}
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def cache_view(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body without per-run noise (`stream`, `stream_options`, `user`, `store`,
+    `metadata`), for cache keys."""
+    clean = dict(body)
+    for name in _CACHE_NOISE:
+        clean.pop(name, None)
+    return clean
+
+
+def stream_error_event(error_body: bytes) -> SseEvent:
+    """An error body as the last chunk of a stream (OpenAI has no error event name)."""
+    return SseEvent(None, error_body.decode())

@@ -30,14 +30,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import orjson
 
-from extproc.apis.sse import SseEvent, SseParser, encode_event
+from extproc.apis.framing import SSE, Framing
+from extproc.apis.kind import ApiKind
+from extproc.apis.sse import SseEvent
 from extproc.apis.walk import value_texts
 
-Api = Literal["anthropic", "openai"]
+Api = ApiKind
 
 
 class TextTransform(Protocol):
@@ -153,10 +155,12 @@ _OPENAI_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
 
 
 class SseTextRewriter:
-    def __init__(self, api: Api, make: Callable[[], TextTransform]) -> None:
+    def __init__(self, api: Api, make: Callable[[], TextTransform], framing: Framing = SSE) -> None:
         self.api = api
         self._make = make
-        self._parser = SseParser()
+        self._framing = framing
+        self._parser = framing.parser()
+        self._handle = _HANDLERS[api]
         self._blocks: dict[int, TextTransform] = {}
         self._kinds: dict[int, str] = {}  # Anthropic block index -> its delta type
         self._fields: dict[tuple[int, str], TextTransform] = {}  # OpenAI (choice, field)
@@ -186,15 +190,13 @@ class SseTextRewriter:
 
     def _send(self, event: SseEvent) -> bytes:
         self.sent.append(event)
-        return encode_event(event.event, event.data)
+        return self._framing.encode(event)
 
     def _rewrite(self, event: SseEvent) -> list[bytes]:
         payload = _json(event.data)
         if payload is None:
             return [self._send(event)]
-        if self.api == "anthropic":
-            return self._anthropic(event, payload)
-        return self._openai(event, payload)
+        return self._handle(self, event, payload)
 
     # -- Anthropic ------------------------------------------------------------------------
 
@@ -315,11 +317,28 @@ class SseTextRewriter:
             delta["tool_calls"] = [*(delta.get("tool_calls") or []), *extra]
 
     def _error_event(self, stop: StopAnswer) -> SseEvent:
-        if self.api == "anthropic":
-            error = {"type": "error", "error": {"type": "api_error", "message": stop.message}}
-            return SseEvent("error", orjson.dumps(error).decode())
-        body = {"error": {"message": stop.message, "type": "content_filter", "code": stop.rule}}
-        return SseEvent(None, orjson.dumps(body).decode())
+        return _STOP_EVENTS[self.api](stop)
+
+
+def _anthropic_stop(stop: StopAnswer) -> SseEvent:
+    error = {"type": "error", "error": {"type": "api_error", "message": stop.message}}
+    return SseEvent("error", orjson.dumps(error).decode())
+
+
+def _openai_stop(stop: StopAnswer) -> SseEvent:
+    body = {"error": {"message": stop.message, "type": "content_filter", "code": stop.rule}}
+    return SseEvent(None, orjson.dumps(body).decode())
+
+
+# Per wire schema: how its events are rewritten, and the event that stops an answer.
+_HANDLERS: dict[ApiKind, Callable[[SseTextRewriter, SseEvent, dict[str, Any]], list[bytes]]] = {
+    "anthropic": SseTextRewriter._anthropic,
+    "openai": SseTextRewriter._openai,
+}
+_STOP_EVENTS: dict[ApiKind, Callable[[StopAnswer], SseEvent]] = {
+    "anthropic": _anthropic_stop,
+    "openai": _openai_stop,
+}
 
 
 def _set(root: Any, path: tuple[str | int, ...], value: str) -> None:

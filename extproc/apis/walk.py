@@ -31,18 +31,18 @@ web_search_tool_result, web_fetch_tool_result, ...). OpenAI chat completions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import orjson
 
+from extproc.apis.kind import ApiKind
 from extproc.errors import PayloadTooLarge
 
-__all__ = ["Path", "Source", "Text", "WalkLimits", "model_texts", "value_texts"]
+__all__ = ["Path", "Source", "Text", "WalkLimits", "json_strings", "model_texts", "value_texts"]
 
 Path = tuple[str | int, ...]
-Api = Literal["anthropic", "openai"]
 Mode = Literal["text", "keys", "schema"]
 Source = Literal["system", "tool_definition", "user", "assistant", "tool_result", "document"]
 
@@ -313,11 +313,30 @@ def value_texts(value: Any) -> list[tuple[Path, str]]:
     return [(t.path, t.text) for t in walk.out if t.text]
 
 
+def json_strings(value: Any, path: Path, out: list[tuple[Path, str]]) -> None:
+    """Every string value in a JSON value (keys left out), with its path."""
+    if isinstance(value, str):
+        out.append((path, value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            json_strings(v, (*path, k), out)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            json_strings(v, (*path, i), out)
+
+
+# One request walker per wire schema (its dialect's `texts` goes through here).
+_WALKERS: dict[ApiKind, Callable[[Mapping[str, Any], _Walk], None]] = {
+    "anthropic": _anthropic,
+    "openai": _openai,
+}
+
+
 def model_texts(
-    body: Mapping[str, Any], api: Api, *, tools: bool = True, limits: WalkLimits | None = None
+    body: Mapping[str, Any], api: ApiKind, *, tools: bool = True, limits: WalkLimits | None = None
 ) -> list[Text]:
     """Every model-visible text of a request, in prompt order; `tools=False` leaves out
     tool definitions and schemas. `PayloadTooLarge` past `limits.max_chars`."""
     walk = _Walk(limits or WalkLimits(), tools)
-    (_anthropic if api == "anthropic" else _openai)(body, walk)
+    _WALKERS[api](body, walk)
     return walk.out

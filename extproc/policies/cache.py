@@ -36,28 +36,14 @@ from typing import Any
 
 import orjson
 
-from extproc.apis import ApiKind, Endpoint
+from extproc.apis import ApiKind, Endpoint, dialect_of
 from extproc.config import UNIX_DIRECTORIES, WINDOWS_DIRECTORIES, NormalizeRule
 
 KEY_VERSION = 1
-_OPENAI_NOISE = ("stream", "stream_options", "user", "store", "metadata")
 
 
 def _without_noise(api: ApiKind, body: Mapping[str, Any]) -> dict[str, Any]:
-    clean = dict(body)
-    if api == "openai":
-        for name in _OPENAI_NOISE:
-            clean.pop(name, None)
-        return clean
-    clean.pop("stream", None)
-    metadata = clean.get("metadata")
-    if isinstance(metadata, dict):
-        rest = {k: v for k, v in metadata.items() if k != "user_id"}
-        if rest:
-            clean["metadata"] = rest
-        else:
-            clean.pop("metadata")
-    return clean
+    return dialect_of(api).cache_view(body)
 
 
 def _map_strings(value: Any, rules: Sequence[tuple[re.Pattern[str], str]]) -> Any:

@@ -9,7 +9,8 @@ Pure functions over the config and the caller's identity:
    the route profile's, the key's, the team's and the tier's (their intersection).
    Patterns are shell globs (`claude-sonnet-*`), matched case-sensitively.
 3. `choose_provider`: the profile's provider, else the first `models.routes` rule
-   matching the served model, else the first provider of the request's API shape.
+   matching the served model, else the first provider of the request's API shape;
+   one that cannot serve the caller's schema (no translator) is a 400 `wrong_api`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from extproc.apis import ApiKind
+from extproc.apis.dialect import dialect_of
+from extproc.apis.kind import ApiKind
 from extproc.config import Config, ProfileConfig, TierConfig
 from extproc.errors import BadRequest, Forbidden
 from extproc.policies.auth import Identity
@@ -93,8 +95,8 @@ def choose_provider(config: Config, profile: ProfileConfig, model: str, api: Api
     if name is None:
         return default_target(config, api)
     target = Target(name=name, provider=config.providers[name])
-    if target.provider.api != api:
-        path = "/v1/chat/completions" if target.provider.api == "openai" else "/v1/messages"
+    if target.adapter.translator(api) is None:
+        path = dialect_of(target.provider.api).generate_path
         raise BadRequest(
             f"model {model!r} is served by provider {name!r}, which speaks the "
             f"{target.provider.api} API; call {path}",

@@ -1,19 +1,22 @@
-"""Which provider serves a request, and the header changes that send it there.
+"""Which provider serves a request (`Target`), and the header changes that send it there.
 
 The ext_proc server sets `x-gateway-cluster` and asks Envoy to clear its route
 cache; Envoy's "dispatch" route forwards to that cluster (see envoy/front-proxy.yaml).
-The provider credential held by the gateway replaces whatever the caller sent.
+How a request leaves for a provider of a given kind is its upstream adapter's
+(`extproc.upstream`); the provider credential held by the gateway replaces whatever
+the caller sent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.apis import ApiKind
+from extproc.apis.kind import ApiKind
 from extproc.config import Config, ProviderConfig
 from extproc.decisions import HeaderChanges
+from extproc.upstream import ROUTING_HEADER, UpstreamAdapter, adapter_for, default_provider
 
-ROUTING_HEADER = "x-gateway-cluster"
+__all__ = ["ROUTING_HEADER", "NoProvider", "Target", "default_target", "upstream_headers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,32 +28,24 @@ class Target:
     def cluster(self) -> str:
         return self.provider.cluster or f"provider_{self.name}"
 
+    @property
+    def adapter(self) -> UpstreamAdapter:
+        return adapter_for(self.provider.api)
+
 
 class NoProvider(Exception):
     pass
 
 
 def default_target(config: Config, api: ApiKind) -> Target:
-    name = config.default_provider(api)
+    name = default_provider(config, api)
     if name is None:
         raise NoProvider(f"no provider with api: {api} is configured")
     return Target(name=name, provider=config.providers[name])
 
 
 def upstream_headers(target: Target, path: str, credential: str | None) -> HeaderChanges:
-    """Route to the target's cluster, rebase the path, and swap in its credential."""
-    # The gateway reads every answer: ask for it uncompressed, whatever the client accepts.
-    changes: list[tuple[str, str]] = [
-        (ROUTING_HEADER, target.cluster),
-        ("accept-encoding", "identity"),
-    ]
-    prefix = target.provider.path_prefix
-    if prefix:
-        changes.append((":path", prefix + path))
-    if credential is None:
-        return HeaderChanges(set=tuple(changes))
-    if target.provider.api == "anthropic":
-        changes.append(("x-api-key", credential))
-        return HeaderChanges(set=tuple(changes), remove=("authorization",))
-    changes.append(("authorization", f"Bearer {credential}"))
-    return HeaderChanges(set=tuple(changes), remove=("x-api-key",))
+    """Route to the target's cluster, rebase the path, and swap in a held key."""
+    adapter = target.adapter
+    auth = adapter.key_headers(credential) if credential is not None else None
+    return adapter.headers(adapter.route(target.cluster, target.provider, path), auth)

@@ -13,7 +13,6 @@ from extproc.config import ConfigError, FallbackStep, load_config, parse_config
 from extproc.decisions import CONTINUE, Continue
 from extproc.fallback import (
     ATTEMPTS_HEADER,
-    TRANSLATORS,
     Attempt,
     AttemptLog,
     AttemptStream,
@@ -28,6 +27,8 @@ from extproc.policies.profiles import ProfileResolver
 from extproc.spending import Spending
 from extproc.store.memory import MemoryStore
 from extproc.telemetry.metrics import Metrics
+from extproc.upstream.credentials import StaticKey
+from extproc.upstream.translate import _TRANSLATORS, register_translator
 
 PROVIDERS = {
     "a": {"api": "anthropic", "base_url": "https://api.anthropic.com"},
@@ -156,7 +157,7 @@ async def test_budget_is_reserved_once_at_the_dearest_and_settled_at_the_answere
     run = spending.start("r1", "claude-haiku-4-5", identity, {}, None)
     spending.may_serve(run, ["claude-haiku-4-5", "claude-opus-4-8", "claude-sonnet-4-6"])
     body = {"model": "claude-haiku-4-5", "max_tokens": 1000, "messages": []}
-    await spending.admit(run, body, 1000)
+    await spending.admit(run, body, input_tokens=250)
     assert run.reservation is not None
     opus, sonnet = (
         spending.prices.find("claude-opus-4-8"),
@@ -166,7 +167,7 @@ async def test_budget_is_reserved_once_at_the_dearest_and_settled_at_the_answere
     assert sonnet is not None
     dearest = estimate_micros(opus, input_tokens=run.estimate_tokens, max_output_tokens=1000)
     assert run.reservation.amount.usd_micros == dearest  # one hold, covering any answerer
-    spending.served(run, "claude-sonnet-4-6")  # the second provider answered
+    spending.serve(run, "claude-sonnet-4-6")  # the second provider answered
     usage = Usage(input_tokens=100, output_tokens=50)
     await spending.settle(run, usage)
     assert run.cost_usd == micros_to_usd(cost_micros(usage, sonnet))
@@ -198,35 +199,50 @@ HOST_B = {"provider": "b", "model": "claude-haiku-4-5", "position": 1.0}
 REQUEST = {":path": "/v1/messages", "x-request-id": "r1", "x-gateway-client-api": "anthropic"}
 
 
-def test_an_attempt_gets_its_providers_credential_and_model() -> None:
-    attempt, _ = _attempt({"b": _Secret("sk-b")})
-    decision = attempt.request_headers(REQUEST, HOST_B)
+async def test_an_attempt_gets_its_providers_credential_and_model() -> None:
+    attempt, _ = _attempt({"b": StaticKey(_Secret("sk-b"), "x-api-key")})  # type: ignore[arg-type]
+    assert attempt.request_headers(REQUEST, HOST_B) == CONTINUE
+    decision = await attempt.request_body(b'{"model": "claude-sonnet-4-6", "max_tokens": 5}')
     assert isinstance(decision, Continue)
     assert ("x-api-key", "sk-b") in decision.headers.set
     assert "x-gateway-client-api" in decision.headers.remove
-    assert "content-length" in decision.headers.remove  # the body changes: model
-    body = attempt.request_body(b'{"model": "claude-sonnet-4-6", "max_tokens": 5}')
-    assert isinstance(body, Continue)
-    assert body.body == b'{"model":"claude-haiku-4-5","max_tokens":5}'
+    assert "content-length" in decision.headers.remove  # the body changed: its model
+    assert decision.body == b'{"model":"claude-haiku-4-5","max_tokens":5}'
 
 
-def test_a_later_attempt_without_a_gateway_credential_drops_the_callers_key() -> None:
+async def test_a_later_attempt_without_a_gateway_credential_drops_the_callers_key() -> None:
     attempt, _ = _attempt()
-    decision = attempt.request_headers(REQUEST, HOST_B)
+    attempt.request_headers(REQUEST, HOST_B)
+    decision = await attempt.request_body(b'{"model": "claude-sonnet-4-6"}')
     assert isinstance(decision, Continue)
     assert {"x-api-key", "authorization"} <= set(decision.headers.remove)
 
 
-def test_an_attempt_at_another_shape_uses_the_registered_translator() -> None:
+class _Marker:
+    """A translator that marks what it translated (the translator slot's protocol)."""
+
+    def request(self, body: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+        return {**body, "translated": True}, "/v1/messages"
+
+    def answer(self, body: Any, status: int) -> dict[str, Any]:
+        return dict(body)
+
+    def stream(self) -> Any:
+        raise NotImplementedError
+
+
+async def test_an_attempt_at_another_shape_uses_the_registered_translator() -> None:
     attempt, _ = _attempt()
-    TRANSLATORS[("openai", "anthropic")] = lambda body: {**body, "translated": True}
+    register_translator("openai", "anthropic", _Marker())
     try:
-        attempt.request_headers({**REQUEST, "x-gateway-client-api": "openai"}, HOST_B)
-        decision = attempt.request_body(b'{"model": "gpt-5"}')
+        headers = {**REQUEST, ":path": "/v1/chat/completions", "x-gateway-client-api": "openai"}
+        attempt.request_headers(headers, HOST_B)
+        decision = await attempt.request_body(b'{"model": "gpt-5"}')
     finally:
-        del TRANSLATORS[("openai", "anthropic")]
+        _TRANSLATORS.pop(("openai", "anthropic"), None)
     assert isinstance(decision, Continue)
     assert decision.body == b'{"model":"claude-haiku-4-5","translated":true}'
+    assert (":path", "/v1/messages") in decision.headers.set
 
 
 def test_the_answering_attempt_reports_every_attempt() -> None:
@@ -253,8 +269,8 @@ def test_an_attempt_that_never_got_an_answer_is_logged_as_status_0() -> None:
     assert log.add("r1", Attempt(0, "a", None, 0, None))[1].status == 0
 
 
-def test_an_attempt_without_chain_metadata_passes_unchanged() -> None:
+async def test_an_attempt_without_chain_metadata_passes_unchanged() -> None:
     attempt, _ = _attempt()
     assert attempt.request_headers(REQUEST, {}) == CONTINUE
-    assert attempt.request_body(b"{}") == CONTINUE
+    assert await attempt.request_body(b"{}") == CONTINUE
     assert attempt.response_headers({":status": "200"}) == CONTINUE

@@ -32,11 +32,11 @@ from typing import Any, Literal
 
 import orjson
 
+from extproc.apis.dialect import dialect_of
 from extproc.apis.rewrite import JsonStrings
-from extproc.apis.walk import value_texts
 
 from .detectors import TOKEN_SPECS, Detector, TokenSpec
-from .redact import Api, PathT, _answer_texts, _apply, redaction_placeholder
+from .redact import Api, PathT, _apply, redaction_placeholder
 
 __all__ = [
     "SUPPORTED_KEYWORDS",
@@ -251,7 +251,7 @@ class OutputScreener:
         changes: dict[PathT, Any] = {}
         hits: list[str] = []
         try:
-            for path, value, kind in _screened_parts(body, api):
+            for path, value, kind in dialect_of(api).screened_parts(body):
                 new = self._screen_part(value, kind, hits)
                 if new != value:
                     changes[path] = new
@@ -383,29 +383,6 @@ class _Whole:
         if chunk.blocked is not None:
             raise _Blocked(chunk.blocked)
         return chunk.text
-
-
-_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
-
-
-def _screened_parts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, Any, str]]:
-    """(path, value, kind) of each answer part a client renders or executes: `text`, a
-    `json_text` (OpenAI arguments) or a `json_value` (an Anthropic tool input)."""
-    if api == "openai":
-        for path, text, is_json in _answer_texts(body, api):
-            yield path, text, "json_text" if is_json else "text"
-        return
-    for i, block in enumerate(body.get("content") or ()):
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind in ("text", "thinking") and isinstance(block.get(kind), str):
-            yield ("content", i, kind), block[kind], "text"
-        elif kind in _INPUT_BLOCKS and "input" in block:
-            yield ("content", i, "input"), block["input"], "json_value"
-        else:  # server tool results and any other block: every text in it
-            for path, text in value_texts(block):
-                yield ("content", i, *path), text, "text"
 
 
 def _count(hits: Sequence[str]) -> tuple[OutputFinding, ...]:

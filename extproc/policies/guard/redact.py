@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import orjson
 
+from extproc.apis.dialect import dialect_of
+from extproc.apis.kind import ApiKind
 from extproc.apis.walk import Text, WalkLimits, model_texts
 
 from .config import Action
@@ -50,7 +52,7 @@ __all__ = [
     "redaction_placeholder",
 ]
 
-Api = Literal["anthropic", "openai"]
+Api = ApiKind  # the wire schema a body is in (`extproc.apis.kind`)
 PathT = tuple[str | int, ...]
 Applied = Literal["redact", "mask", "block", "log"]
 
@@ -92,17 +94,6 @@ class RedactPolicy:
 
 
 # ---------------------------------------------------------------- collecting texts
-
-
-def _json_strings(value: Any, path: PathT, out: list[tuple[PathT, str]]) -> None:
-    if isinstance(value, str):
-        out.append((path, value))
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _json_strings(v, (*path, k), out)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _json_strings(v, (*path, i), out)
 
 
 def collect_texts(body: Mapping[str, Any], api: Api, *, tools: bool = True) -> list[str]:
@@ -354,7 +345,7 @@ class Unmasker:
         return _apply(dict(body), changes) if changes else None
 
     def _changes(self, body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, str]]:
-        for path, text, escape in _answer_texts(body, api):
+        for path, text, escape in dialect_of(api).answer_texts(body):
             new = self.text(text, json_escape=escape)
             if new != text:
                 yield path, new
@@ -387,46 +378,6 @@ class StreamUnmasker:
     def flush(self) -> str:
         out, self._buf = self._u.text(self._buf, json_escape=self._escape), ""
         return out
-
-
-_ANSWER_INPUTS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
-_ANSWER_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
-
-
-def _answer_texts(body: Mapping[str, Any], api: Api) -> Iterator[tuple[PathT, str, bool]]:
-    """(path, text, is-JSON-text) for every answer text a client renders or executes:
-    text, thinking and tool inputs; OpenAI content, refusal, reasoning and arguments."""
-    if api == "anthropic":
-        for i, block in enumerate(body.get("content") or ()):
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            for name in ("text", "thinking"):
-                if kind == name and isinstance(block.get(name), str):
-                    yield ("content", i, name), block[name], False
-            if kind in _ANSWER_INPUTS:
-                found: list[tuple[PathT, str]] = []
-                _json_strings(block.get("input"), ("content", i, "input"), found)
-                yield from ((p, t, False) for p, t in found)
-        return
-    for i, choice in enumerate(body.get("choices") or ()):
-        msg = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(msg, dict):
-            yield from _openai_answer_texts(msg, ("choices", i, "message"))
-
-
-def _openai_answer_texts(msg: Mapping[str, Any], at: PathT) -> Iterator[tuple[PathT, str, bool]]:
-    for name in _ANSWER_FIELDS:
-        if isinstance(msg.get(name), str):
-            yield (*at, name), msg[name], False
-    calls: list[tuple[PathT, Any]] = [
-        (("tool_calls", j, "function"), c.get("function") if isinstance(c, dict) else None)
-        for j, c in enumerate(msg.get("tool_calls") or ())
-    ]
-    calls.append((("function_call",), msg.get("function_call")))
-    for where, fn in calls:
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            yield (*at, *where, "arguments"), fn["arguments"], True
 
 
 _ = BUILTIN_RULES  # labels for built-in rules come from here via the policy

@@ -1,0 +1,37 @@
+"""The upstream side of a request: provider adapters, credentials, translators.
+
+See `adapter.py` (one adapter per provider kind), `credentials.py` (the
+`CredentialProvider` protocol) and `translate.py` (the client <-> provider slot).
+"""
+
+from extproc.upstream.adapter import (
+    ROUTING_HEADER,
+    UpstreamAdapter,
+    adapter_for,
+    default_provider,
+    register_adapter,
+)
+from extproc.upstream.credentials import CredentialProvider, StaticKey, UpstreamRequest
+from extproc.upstream.translate import (
+    IDENTITY,
+    Transcoder,
+    Translator,
+    register_translator,
+    translator_for,
+)
+
+__all__ = [
+    "IDENTITY",
+    "ROUTING_HEADER",
+    "CredentialProvider",
+    "StaticKey",
+    "Transcoder",
+    "Translator",
+    "UpstreamAdapter",
+    "UpstreamRequest",
+    "adapter_for",
+    "default_provider",
+    "register_adapter",
+    "register_translator",
+    "translator_for",
+]
