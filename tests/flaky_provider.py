@@ -3,7 +3,8 @@
 Anthropic-shaped: `POST /v1/messages` answers a short JSON message, or, when the request
 carries `x-flaky-status: N`, an Anthropic error of status N (429 `rate_limit_error`, 500
 `api_error`, 529 `overloaded_error`): the statuses after which the gateway falls back;
-`x-flaky-stall-ms: N` first sends nothing for N ms.
+`x-flaky-stall-ms: N` first sends nothing for N ms; `x-flaky-break: 1` starts a 200 SSE
+stream, sends `message_start`, then drops the connection (a provider failing mid-stream).
 The next provider of the chain (a `FakeProvider`) ignores that header, so one request
 can make the first provider fail and the second answer.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from typing import Any
 
 from aiohttp import web
@@ -21,8 +23,21 @@ from aiohttp import web
 ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 503: "api_error"}
 
 
-async def messages(request: web.Request) -> web.Response:
+async def broken_stream(request: web.Request, model: object) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    start = {"type": "message_start", "message": {"id": "msg_flaky", "model": model}}
+    await response.write(b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n")
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.abort()  # no final chunk: the stream breaks mid-way
+    return response
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
     body: dict[str, Any] = await request.json()
+    if request.headers.get("x-flaky-break"):
+        return await broken_stream(request, body.get("model"))
     stall = request.headers.get("x-flaky-stall-ms", "")
     if stall.isdigit():  # no response headers for that long: a hung provider
         await asyncio.sleep(int(stall) / 1000)

@@ -223,6 +223,25 @@ def test_streamed_fallback_happens_before_the_first_byte(stack: Stack) -> None:
     assert [a["status"] for a in record["attempts"]] == [529, 200]
 
 
+def test_a_stream_that_breaks_mid_way_is_never_retried_elsewhere(
+    stack: Stack, backup: FakeProvider
+) -> None:
+    """Once the answer's headers and first event reached the client, the answer is the
+    first provider's: its failure ends the stream, no second provider is mixed in."""
+    backup.clear()
+    client = _client(stack, **{"x-flaky-break": "1"})
+    with client.messages.stream(
+        model=ASKED, max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+    ) as stream:
+        request_id = stream.response.headers["x-gateway-request-id"]
+        with pytest.raises(Exception, match=r"incomplete|peer closed"):
+            stream.get_final_message()
+    assert backup.received == []
+    record = _record(stack, request_id)
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [("primary", 200)]
+    assert record["outcome"] in ("provider_reset", "truncated", "client_abort")
+
+
 def test_killing_the_first_provider_under_load_fails_no_request(
     stack: Stack, primary: Primary
 ) -> None:
