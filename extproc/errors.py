@@ -3,7 +3,8 @@
 Every rejection the gateway makes is a `GatewayError` subclass carrying the
 HTTP status, a short machine `reason` (the metric label and audit outcome) and a
 message that tells the caller what to fix. `extproc.stream` renders it in the
-caller's API shape (Anthropic or OpenAI JSON) via `extproc.apis.error_response`.
+caller's API shape (Anthropic or OpenAI JSON) via `extproc.apis.error_response`, in one
+place: `RequestStream._refuse`, which also maps store errors and unexpected exceptions.
 Errors from third-party libraries (redis, grpc) are mapped to these at the
 boundary with `raise ... from`.
 
@@ -17,7 +18,8 @@ boundary with `raise ... from`.
     ├── UnsupportedEncoding   415  a request Content-Encoding the gateway does not decode
     ├── RateLimited           429  budget, quota or rate limit exhausted
     ├── HeadersTooLarge       431  request headers over the gateway's bound
-    ├── AnswerWithheld        502  the answer was blocked by the output policy
+    ├── InternalError         500  an unexpected failure inside the gateway (a bug; logged)
+    ├── AnswerWithheld        502  the answer was withheld (output policy, unreadable)
     ├── Unavailable           503  a dependency (store) is down and policy fails closed
     └── GatewayTimeout        504  the provider sent nothing within the first-byte timeout
 
@@ -98,6 +100,14 @@ class RateLimited(GatewayError):
 class HeadersTooLarge(GatewayError):
     status = 431
     reason = "headers_too_large"
+
+
+class InternalError(GatewayError):
+    """An unexpected exception, answered in the caller's shape rather than failing the
+    RPC (which Envoy would turn into its own 500 or let through unguarded)."""
+
+    status = 500
+    reason = "internal"
 
 
 class AnswerWithheld(GatewayError):

@@ -46,6 +46,7 @@ from extproc.errors import (
     GatewayError,
     GatewayTimeout,
     HeadersTooLarge,
+    InternalError,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
@@ -129,6 +130,23 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
             f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
             "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
         )
+
+
+def _undecodable(why: str) -> AnswerWithheld:
+    """The 502 sent in place of an answer no policy could read."""
+    return AnswerWithheld(f"{why}; the answer was withheld", reason="undecodable_answer")
+
+
+def _as_gateway_error(failure: Exception) -> GatewayError:
+    """Any failure as the gateway error the caller gets: a store outage is `store_down`
+    (one reason per cause), anything unexpected a 500 `internal` (logged with its trace)."""
+    if isinstance(failure, GatewayError):
+        return failure
+    if isinstance(failure, StoreError):
+        log.warning("store unreachable: %s", failure)
+        return Unavailable("the gateway's store is unreachable", reason="store_down")
+    log.exception("unexpected failure", exc_info=failure)
+    return InternalError("the gateway failed to process the request; it was logged")
 
 
 class ProtocolError(Exception):
@@ -242,12 +260,36 @@ class RequestStream:
         if self.phase is not None:  # a request had started (no record for one that had not)
             self._finish("rejected_protocol_error")
 
-    async def _reject(self, error: GatewayError) -> Respond:
-        self.answer.status = error.status
+    # -- the error boundary --------------------------------------------------------------
+
+    def _refuse(self, failure: Exception) -> Decision:
+        """The one error boundary: every refusal and failure inside the gateway becomes
+        the caller's answer here, in its wire shape (`error_response`: status, `error.type`,
+        `x-gateway-error`, `x-gateway-request-id`, `x-should-retry`), counted once and
+        audited with the status the caller got.
+
+        Before the provider's status has gone to the client this is an immediate
+        response (a held JSON answer has its status and body replaced); once a stream's
+        status has left, an error event ends it and the rest of the answer is dropped.
+        An answer the gateway withheld is outcome `error` with its reason as the record's
+        `error_type`; anything else is `rejected_<reason>`."""
+        error = _as_gateway_error(failure)
         self.gw.metrics.gateway_errors.labels(error.reason).inc()
-        self._finish(f"rejected_{error.reason}")
-        response = render_error(self.dialect.name, error, self.request_id)
-        return dataclasses.replace(response, headers=response.headers + self._trace_header())
+        rendered = render_error(self.dialect.name, error, self.request_id)
+        headers = rendered.headers + self._trace_header()
+        withheld = isinstance(error, AnswerWithheld)
+        if withheld or self.phase == "response_body":
+            self.answer.error_type, self.answer.json = error.reason, None
+        if self.phase == "response_body" and self.answer.streamed:
+            self.withheld = b""  # the status has left: the rest of the stream is dropped
+            return Continue(body=self.dialect.stream_error(rendered.body))
+        self.answer.status = error.status
+        if self.phase == "response_body":  # a buffered answer: still ours to replace
+            status = ((":status", str(error.status)),)
+            changes = HeaderChanges(set=status + headers, remove=("content-length",))
+            return Continue(body=rendered.body, headers=changes)
+        self._finish("error" if withheld else f"rejected_{error.reason}")
+        return dataclasses.replace(rendered, headers=headers)
 
     # -- request -----------------------------------------------------------------------
 
@@ -271,9 +313,9 @@ class RequestStream:
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
         self.dialect = dialect_of(api_of_path(self.path, headers))
-        if self.gw.signin is not None and SignIn.serves(self.path):
-            return await self._sign_in(headers, end_of_stream)
         try:
+            if self.gw.signin is not None and SignIn.serves(self.path):
+                return await self._sign_in(headers, end_of_stream)
             self._classify(headers)
             if self.route is not None and self.route.endpoint is Endpoint.PROBE:
                 return await self._probe()
@@ -282,8 +324,8 @@ class RequestStream:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
             await self._identify(headers, jwt_metadata or {})
             return await self._after_request_headers(end_of_stream)
-        except GatewayError as error:
-            return await self._reject(error)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
 
     async def _sign_in(self, headers: Mapping[str, str], end_of_stream: bool) -> Decision:
         """The unauthenticated sign-in endpoints: answered by `extproc.signin`."""
@@ -516,14 +558,14 @@ class RequestStream:
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
         self._enter("request_body")
-        if self.signing_in and self.outcome is None:
-            return await self._signed_in(body)
-        if self.outcome is not None or self.route is None:
-            return CONTINUE
         try:
+            if self.signing_in and self.outcome is None:
+                return await self._signed_in(body)
+            if self.outcome is not None or self.route is None:
+                return CONTINUE
             return await self._on_request_body(body)
-        except GatewayError as error:
-            return await self._reject(error)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
 
     async def _on_request_body(self, body: bytes) -> Decision:
         assert self.route is not None
@@ -763,7 +805,7 @@ class RequestStream:
         screened, blocked = self.guard.screen_answer(answer)
         if blocked is not None:
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            raise Unavailable(message, reason="output_blocked")
+            raise AnswerWithheld(message)
         return screened if screened is not None else answer
 
     def _cacheable_answer(self) -> dict[str, Any] | None:
@@ -789,21 +831,33 @@ class RequestStream:
         self._enter("response_headers")
         if self.outcome is not None or self.route is None:
             return CONTINUE
+        try:
+            return self._on_response_headers(headers, end_of_stream, details)
+        except Exception as failure:  # every failure is answered at the boundary
+            return self._refuse(failure)
+
+    def _on_response_headers(
+        self, headers: dict[str, str], end_of_stream: bool, details: str
+    ) -> Decision:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
         if self.chain:
             self._read_attempts(headers)
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
-            return await self._reject(
-                GatewayTimeout(
-                    f"the provider sent nothing for {seconds:g} s "
-                    "(limits.first_byte_timeout_seconds); nothing was charged"
-                )
+            raise GatewayTimeout(
+                f"the provider sent nothing for {seconds:g} s "
+                "(limits.first_byte_timeout_seconds); nothing was charged"
             )
         content_type = headers.get("content-type", "")
-        if not self._decode_answer(headers.get("content-encoding", "")):
-            return self._withhold_answer(headers.get("content-encoding", ""))
+        label = headers.get("content-encoding", "")
+        if not self._decode_answer(label):
+            # An answer no policy could read never reaches the client.
+            log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
+            raise _undecodable(
+                f"the provider answered with Content-Encoding {label[:64]!r}, which the "
+                "gateway cannot read, although it asked for identity"
+            )
         drop: tuple[str, ...] = (fallback.ATTEMPTS_HEADER,) if self.chain else ()
         drop += ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
@@ -817,7 +871,7 @@ class RequestStream:
                 self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
                 extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
-                extra = HeaderChanges(set=extra.set, remove=("content-length",))
+                extra = HeaderChanges(set=extra.set, remove=(*extra.remove, "content-length"))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -848,29 +902,6 @@ class RequestStream:
         limit = _ANSWER_DECODE_FACTOR * self.gw.config.limits.max_body_bytes
         self.answer_decoder = encoding.StreamDecoder(codings[0], limit)
         return True
-
-    def _undecodable(self, why: str) -> Respond:
-        """The 502 sent in place of an answer no policy could read."""
-        message = f"{why}; the answer was withheld"
-        withheld = AnswerWithheld(message, reason="undecodable_answer")
-        error = render_error(self.dialect.name, withheld)
-        self.answer.status, self.answer.error_type = error.status, "undecodable_answer"
-        return error
-
-    def _withhold_answer(self, label: str) -> Continue:
-        """An answer no policy could read never reaches the client: it becomes a 502."""
-        log.warning("provider answered with Content-Encoding %r; withheld", label[:64])
-        error = self._undecodable(
-            f"the provider answered with Content-Encoding {label[:64]!r}, which the gateway "
-            "cannot read, although it asked for identity"
-        )
-        self.withheld = error.body
-        status = ((":status", str(error.status)),)
-        headers = HeaderChanges(
-            set=status + error.headers + self._response_headers(),
-            remove=("content-encoding", "content-length"),
-        )
-        return Continue(headers=headers, response_body_mode=BodyMode.STREAMED)
 
     def _trace_header(self) -> tuple[tuple[str, str], ...]:
         """Our span as the `traceparent`: the provider's call and the client's view are its
@@ -912,35 +943,33 @@ class RequestStream:
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         self._enter("response_body")
-        if self.withheld is not None:  # nothing of an unreadable answer passes
-            body, self.withheld = self.withheld, b""
+        if self.withheld is not None:  # nothing of a refused answer passes
             if end_of_stream:
                 self._finish("error")
-            return Continue(body=body)
+            return Continue(body=self.withheld)
         if self.outcome is not None or self.route is None:
             return CONTINUE
-        if self.answer_decoder is not None or self.transcoder is not None:
-            return self._decoded_body(chunk, end_of_stream)
-        return self._on_response_body(chunk, end_of_stream)
+        try:
+            if self.answer_decoder is not None or self.transcoder is not None:
+                return self._decoded_body(chunk, end_of_stream)
+            return self._on_response_body(chunk, end_of_stream)
+        except Exception as failure:  # every failure is answered at the boundary
+            decision = self._refuse(failure)
+            if end_of_stream:
+                self._finish("error")
+            return decision
 
     def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         """Policy on the decoded (and translated) answer; the client gets those bytes."""
-        try:
-            plain = chunk
-            if self.answer_decoder is not None:
+        plain = chunk
+        if self.answer_decoder is not None:
+            try:
                 plain = self.answer_decoder.feed(chunk)
                 plain += self.answer_decoder.close() if end_of_stream else b""
-        except GatewayError as error:
-            log.warning("provider answer could not be decoded: %s", error.message)
-            self.withheld = b""  # and the rest of it is dropped too
-            if end_of_stream:
-                self._finish("error")
-            withheld = self._undecodable(f"the provider's answer {error.message}")
-            if self.answer.streamed:  # the status has left: end the stream with an error
-                return Continue(body=self.dialect.stream_error(withheld.body))
-            status = ((":status", str(withheld.status)),)
-            headers = HeaderChanges(set=status + withheld.headers, remove=("content-length",))
-            return Continue(body=withheld.body, headers=headers)
+            except GatewayError as error:
+                log.warning("provider answer could not be decoded: %s", error.message)
+                self.withheld = b""  # and the rest of it is dropped too
+                raise _undecodable(f"the provider's answer {error.message}") from error
         if self.transcoder is not None:
             plain = self.transcoder.feed(plain, end_of_stream)
         decision = self._on_response_body(plain, end_of_stream)
@@ -1059,13 +1088,8 @@ class RequestStream:
         replaced, blocked = self.guard.screen_answer(body)
         self._read_answer(replaced or body)
         if blocked is not None:
-            self.answer.error_type = "output_blocked"
-            self.answer.json = None
             message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            error = render_error(self.dialect.name, AnswerWithheld(message), self.request_id)
-            status = ((":status", str(error.status)),)
-            headers = HeaderChanges(set=status + error.headers, remove=("content-length",))
-            return Continue(body=error.body, headers=headers)
+            raise AnswerWithheld(message)
         if replaced is None:
             return CONTINUE
         return Continue(
