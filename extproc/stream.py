@@ -586,9 +586,10 @@ class RequestStream:
             return await self._forward()
         served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
         models.check_allowed(request.model, served, self.allow)
-        self._serve(self._choose_target(served), served)
         if self.profile.fallback and self.route.endpoint.generates:
-            self._plan_fallback(self.profile.fallback)
+            self._plan_fallback(self.profile.fallback, served)
+        else:
+            self._serve(self._choose_target(served), served)
         rewritten = served != request.model
         if rewritten:
             path = self.dialect.with_model(self.path, request.body, served)
@@ -621,7 +622,7 @@ class RequestStream:
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
-    def _plan_fallback(self, chain: tuple[FallbackStep, ...]) -> None:
+    def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
         """Envoy tries the chain's providers in order (extproc.fallback); the first is the
         one served unless it fails."""
         first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
@@ -632,7 +633,7 @@ class RequestStream:
                 reason="wrong_api",
             )
         self.chain = chain
-        self._serve(first, chain[0].model or self.served_model)
+        self._serve(first, chain[0].model or served)
 
     def _forward_chain(self, body: bytes | None) -> Continue:
         """To the chain's composite cluster: each attempt's filter sets path and credential."""

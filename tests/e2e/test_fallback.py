@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from extproc import supervisor
@@ -240,6 +241,15 @@ def test_a_stream_that_breaks_mid_way_is_never_retried_elsewhere(
     record = _record(stack, request_id)
     assert [(a["provider"], a["status"]) for a in record["attempts"]] == [("primary", 200)]
     assert record["outcome"] in ("provider_reset", "truncated", "client_abort")
+
+
+def test_a_caller_of_the_other_api_shape_is_told_which_one_to_call(stack: Stack) -> None:
+    client = openai.OpenAI(api_key="client-key", base_url=f"{stack.url}/v1", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.response.headers["x-gateway-error"] == "wrong_api"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert "/v1/messages" in caught.value.message
 
 
 def test_killing_the_first_provider_under_load_fails_no_request(
