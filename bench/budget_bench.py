@@ -1,7 +1,7 @@
 """Budgets and rate limits: what the checks add per request, and throughput with them on.
 
 1. In-process, against a real `redis-server` (started here on a free port): the time
-   of `extproc.spending.Spending.admit` (rate limits + budget reservation, one store
+   of `extproc.policies.budget.spending.Spending.admit` (rate limits + budget reservation, one store
    round trip, before the provider call) and `settle` (after the answer) per request,
    under uvloop, for
    - *no rules*: the same gateway key, team and pipeline header, no budgets, no rate
@@ -53,7 +53,7 @@ from extproc.apis.tokens import estimate_input_tokens
 from extproc.apis.usage import Usage
 from extproc.config import parse_config
 from extproc.policies.auth import Identity, hash_key, new_key
-from extproc.spending import Spending
+from extproc.policies.budget.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.metrics import Metrics
 from tests.harness import Stack

@@ -47,7 +47,7 @@ import gateway_bench as gb
 
 from extproc.config import parse_config
 from extproc.gateway import Gateway
-from extproc.guarding import GuardRun
+from extproc.policies.guard.run import GuardRun
 from extproc.telemetry.audit import NullSink
 from extproc.telemetry.metrics import Metrics
 from tests.harness import Stack

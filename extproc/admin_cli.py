@@ -36,10 +36,10 @@ from typing import Any
 
 import orjson
 
-from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.gateway import open_configured_store
 from extproc.policies.auth import STORE_PREFIX, KeyRecord, hash_key, new_key, revoked
+from extproc.policies.cache import ResponseCache
 from extproc.signin.tokens import add_revocation, generate_pem
 from extproc.store import Store, StoreError
 

@@ -27,7 +27,7 @@ from pydantic import (
 
 from extproc.apis.kind import ApiKind
 from extproc.credentials import CredentialSource
-from extproc.policies.budget import BudgetConfig
+from extproc.policies.budget.ledger import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier

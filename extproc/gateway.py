@@ -14,17 +14,17 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.caching import ResponseCache
 from extproc.config import Config
 from extproc.credentials import Credential
 from extproc.fallback import AttemptLog
 from extproc.offload import Offload
 from extproc.policies.auth import KeyDirectory
+from extproc.policies.budget.spending import Spending
+from extproc.policies.cache import ResponseCache
 from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
 from extproc.signin.otlp import OtlpRelay
 from extproc.signin.service import SignIn
-from extproc.spending import Spending
 from extproc.store import Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds

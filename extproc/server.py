@@ -32,7 +32,7 @@ from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
 from extproc.envoy_api import Phase
 from extproc.fallback import ATTEMPT_METADATA, AttemptStream
 from extproc.gateway import Gateway
-from extproc.spending import anonymous_unlimited
+from extproc.policies.budget.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
 

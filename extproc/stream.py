@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from extproc import caching, fallback
+from extproc import fallback
 from extproc.apis import (
     Endpoint,
     Route,
@@ -53,7 +53,6 @@ from extproc.errors import (
     Unavailable,
 )
 from extproc.gateway import Gateway
-from extproc.guarding import GuardRun
 from extproc.offload import (
     INLINE_VALUES,
     OFFLOAD_BYTES,
@@ -63,12 +62,13 @@ from extproc.offload import (
 )
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
+from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
+from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
-from extproc.spending import SpendRun, cut_short_usage
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
@@ -210,7 +210,7 @@ class RequestStream:
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
-        self.cache_run: caching.CacheRun | None = None
+        self.cache_run: cache_policy.CacheRun | None = None
         self.spend: SpendRun | None = None
         self.guard: GuardRun | None = None
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
@@ -739,7 +739,7 @@ class RequestStream:
         if not config.enabled or not self.route.endpoint.generates:
             return None
         presented = self._presented()
-        scope = "shared" if config.shared else caching.tenant_scope(self.identity, presented)
+        scope = "shared" if config.shared else cache_policy.tenant_scope(self.identity, presented)
         key = cache_policy.cache_key(
             self.dialect.name,
             self.route.endpoint,
@@ -748,17 +748,17 @@ class RequestStream:
             self.headers,
             config.normalize,
         )
-        read, write = caching.cache_control(self.headers)
+        read, write = cache_policy.cache_control(self.headers)
         if self.guard is not None and self.guard.masks:
             # The stored answer would hold this request's real values behind placeholders
             # that another request's values map to as well.
             write = False
-        self.cache_run = run = caching.CacheRun(
+        self.cache_run = run = cache_policy.CacheRun(
             self.gw.cache, config, scope, key, self.request_id, read, write
         )
         body = self.request.body
         shape = None
-        if self.gw.config.cache.hygiene and read and self.body_size <= caching.SHAPE_MAX_BODY:
+        if self.gw.config.cache.hygiene and read and self.body_size <= cache_policy.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
                 return cache_policy.Shape.of(self.dialect.name, body)

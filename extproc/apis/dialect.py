@@ -26,7 +26,8 @@ import enum
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol
 
-from extproc.apis import anthropic, openai
+import extproc.apis.anthropic as anthropic
+import extproc.apis.openai as openai
 from extproc.apis.framing import SSE, Framing
 from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter, TextTransform

@@ -48,7 +48,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from extproc.policies.budget import (
+from extproc.policies.budget.ledger import (
     Amount,
     BudgetCheck,
     BudgetLedger,

@@ -292,7 +292,7 @@ async def test_a_big_body_is_refused_by_the_worker_in_the_callers_shape() -> Non
 
 
 async def test_cache_hygiene_records_stay_small() -> None:
-    from extproc.caching import SHAPE_MAX_ENTRY, SHAPE_PREFIX
+    from extproc.policies.cache import SHAPE_MAX_ENTRY, SHAPE_PREFIX
 
     store = MemoryStore()
     gw = gateway(store, guard=False, cache={"hygiene": True})

@@ -18,8 +18,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.config import parse_config
 from extproc.gateway import Gateway
 from extproc.policies.budget import Scope
+from extproc.policies.budget.spending import tokens_for_bytes
 from extproc.server import ExternalProcessor
-from extproc.spending import tokens_for_bytes
 from extproc.telemetry.metrics import Metrics
 from tests.service.test_servicer import (
     Context,
@@ -440,7 +440,7 @@ async def test_a_new_pipeline_id_each_time_escapes_no_budget_of_the_caller() -> 
 
 def test_anonymous_callers_get_no_pipeline_scope() -> None:
     from extproc.policies.auth import ANONYMOUS
-    from extproc.spending import scopes_of
+    from extproc.policies.budget.spending import scopes_of
 
     assert scopes_of(ANONYMOUS, {"x-ci-pipeline-id": "p"}, "x-ci-pipeline-id") == []
 
@@ -544,7 +544,7 @@ async def test_count_tokens_counts_against_the_tier_quota() -> None:
 
 
 def test_unlimited_anonymous_use_of_a_gateway_credential_is_detected() -> None:
-    from extproc.spending import anonymous_unlimited
+    from extproc.policies.budget.spending import anonymous_unlimited
 
     provider = {"api": "anthropic", "base_url": "https://x", "credential": {"value": "s"}}
     open_config = parse_config({"providers": {"main": provider}})

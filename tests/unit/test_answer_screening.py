@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from extproc.apis import anthropic, openai
 from extproc.apis.rewrite import JsonStrings
 from extproc.apis.sse import SseParser, encode_event
-from extproc.guarding import GuardRun
 from extproc.policies.guard import Guard, GuardConfig
 from extproc.policies.guard.redact import redaction_placeholder
+from extproc.policies.guard.run import GuardRun
 from extproc.telemetry.metrics import Metrics
 
 GH = "ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"

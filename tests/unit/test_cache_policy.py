@@ -11,10 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extproc.apis import Endpoint
-from extproc.caching import CacheRun, ResponseCache, cache_control, tenant_scope
 from extproc.config import CacheConfig, CacheSettings, NormalizeRule
 from extproc.policies.auth import Identity
-from extproc.policies.cache import Entry, Shape, cache_key
+from extproc.policies.cache import (
+    CacheRun,
+    Entry,
+    ResponseCache,
+    Shape,
+    cache_control,
+    cache_key,
+    tenant_scope,
+)
 from extproc.store.memory import MemoryStore
 
 BODY: dict[str, Any] = {

@@ -22,9 +22,9 @@ from extproc.fallback import (
     fallback_reason,
 )
 from extproc.policies.auth import Identity
+from extproc.policies.budget.spending import Spending
 from extproc.policies.pricing import cost_micros, estimate_micros, micros_to_usd
 from extproc.policies.profiles import ProfileResolver
-from extproc.spending import Spending
 from extproc.store.memory import MemoryStore
 from extproc.telemetry.metrics import Metrics
 from extproc.upstream.credentials import StaticKey

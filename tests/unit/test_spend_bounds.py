@@ -9,7 +9,7 @@ import pytest
 from extproc.apis.openai import UsageChunkDropper
 from extproc.apis.usage import Usage
 from extproc.policies.auth import Identity
-from extproc.spending import (
+from extproc.policies.budget.spending import (
     cap_output,
     client_address,
     cut_short_usage,

@@ -48,6 +48,7 @@ from pydantic import (
 from extproc.credentials import CredentialSource
 
 from .detectors import BUILTIN_RULES, Kind
+from .schema import check_schema_supported
 
 __all__ = [
     "DEFAULT_ACTIONS",
@@ -199,8 +200,6 @@ class OutputConfig(_Frozen):
     @classmethod
     def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from .output import check_schema_supported
-
             check_schema_supported(value)
         return value
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, cast
 
 from extproc.apis.walk import Text, model_texts
 
+from .detectors import _width
 from .redact import Api
 
 __all__ = [
@@ -447,12 +448,6 @@ def _unicode_hits(t: _Text, weights: Mapping[str, float]) -> dict[str, float]:
     if sum(text.count(c) for c in _ZERO_WIDTH) >= 3:
         hits["zero_width_run"] = weights.get("zero_width_run", 0.6)
     return hits
-
-
-def _width(text: str) -> int:
-    from .detectors import _width as width
-
-    return width(text)
 
 
 def _encoded_hits(t: _Text, weights: Mapping[str, float]) -> dict[str, float]:

@@ -31,7 +31,7 @@ from urllib.parse import quote
 from extproc.apis import ApiKind
 from extproc.config import CacheConfig, CacheSettings
 from extproc.policies.auth import Identity
-from extproc.policies.cache import Entry, Shape
+from extproc.policies.cache.key import Entry, Shape
 from extproc.store import Store, StoreError
 
 log = logging.getLogger(__name__)

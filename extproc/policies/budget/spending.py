@@ -48,7 +48,7 @@ from extproc.apis.usage import Usage
 from extproc.config import Config
 from extproc.errors import BadRequest, Forbidden, RateLimited, Unavailable
 from extproc.policies.auth import Identity
-from extproc.policies.budget import (
+from extproc.policies.budget.ledger import (
     Amount,
     BudgetCheck,
     BudgetLedger,
