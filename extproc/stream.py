@@ -471,10 +471,12 @@ class RequestStream:
     def _choose_target(self, model: str | None) -> routing.Target:
         api = self.dialect.name
         chain = self.profile.fallback
-        if chain and self.gw.config.providers[chain[0].provider].api == api:
+        if chain:
             # A chain's route sends what is not generated (count_tokens, models) to its
             # first provider directly; generating requests go to the chain (_plan_fallback).
-            return routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+            if first.adapter.translator(api) is not None:
+                return first
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, api)
