@@ -270,10 +270,19 @@ def test_killing_the_first_provider_under_load_fails_no_request(
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             done = list(pool.map(call, range(200)))
+        # With the first provider gone, a request's record shows it was not answered there.
+        raw = client.messages.with_raw_response.create(
+            model=ASKED, max_tokens=16, messages=[{"role": "user", "content": "after"}]
+        )
+        record = _record(stack, raw.headers["x-gateway-request-id"])
     finally:
         if primary.process is None:
             primary.start()
     assert len(done) == 200  # an exception would have left pool.map
     assert done.count(BACKUP_MODEL) >= 100
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+        ("primary", 0),  # connection refused, or skipped: outlier detection ejected it
+        ("backup", 200),
+    ]
     metrics = stack.metrics_text(wait_for='reason="unavailable"')
     assert 'provider="primary",reason="unavailable"' in metrics
