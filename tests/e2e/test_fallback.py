@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -27,6 +28,7 @@ import pytest
 from extproc import supervisor
 from extproc.apis.usage import Usage
 from extproc.policies.pricing import PriceTable, PricingConfig, cost_micros
+from tests.claude_cli import claude_env, claude_path
 from tests.fake_provider import FakeProvider, run_in_thread
 from tests.harness import Stack, free_port, gateway_config
 
@@ -286,3 +288,40 @@ def test_killing_the_first_provider_under_load_fails_no_request(
     ]
     metrics = stack.metrics_text(wait_for='reason="unavailable"')
     assert 'provider="primary",reason="unavailable"' in metrics
+
+
+@pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
+def test_claude_code_is_answered_by_the_next_provider(
+    tmp_path: Path, stack: Stack, backup: FakeProvider
+) -> None:
+    """Claude Code itself would retry a 529 ten times; through the chain it never sees one."""
+    backup.clear()
+    cli = claude_path()
+    assert cli is not None
+    env = claude_env(
+        tmp_path,
+        ANTHROPIC_BASE_URL=stack.url,
+        ANTHROPIC_API_KEY="client-key",
+        ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
+    )
+    result = subprocess.run(
+        [cli, "-p", "hi", "--model", ASKED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Hello from the fake provider." in result.stdout
+    calls = [r for r in backup.received if r.path.startswith("/v1/messages")]
+    assert calls
+    assert all(c.json()["model"] == BACKUP_MODEL for c in calls)
+    session = calls[-1].headers["x-claude-code-session-id"]
+    records = [r for r in stack.audit_records() if r["session_id"] == session]
+    assert records
+    assert all(
+        [(a["provider"], a["status"]) for a in r["attempts"]] == [("primary", 529), ("backup", 200)]
+        for r in records
+        if r["endpoint"] == "messages"
+    )
