@@ -254,6 +254,50 @@ def test_a_caller_of_the_other_api_shape_is_told_which_one_to_call(stack: Stack)
     assert "/v1/messages" in caught.value.message
 
 
+@pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
+def test_claude_code_is_answered_by_the_next_provider(
+    tmp_path: Path, stack: Stack, backup: FakeProvider
+) -> None:
+    """Claude Code itself would retry a 529 ten times; through the chain it never sees one."""
+    backup.clear()
+    cli = claude_path()
+    assert cli is not None
+    env = claude_env(
+        tmp_path,
+        ANTHROPIC_BASE_URL=stack.url,
+        ANTHROPIC_API_KEY="client-key",
+        ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
+    )
+    result = subprocess.run(
+        [cli, "-p", "hi", "--model", ASKED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Hello from the fake provider." in result.stdout
+    calls = [r for r in backup.received if r.path.startswith("/v1/messages")]
+    assert calls
+    assert all(c.json()["model"] == BACKUP_MODEL for c in calls)
+    session = calls[-1].headers["x-claude-code-session-id"]
+    records = [r for r in stack.audit_records() if r["session_id"] == session]
+    assert records
+    # After 5 consecutive 5xx outlier detection ejects the primary: later calls skip it (0).
+    answered = [
+        [(a["provider"], a["status"]) for a in r["attempts"]]
+        for r in records
+        if r["endpoint"] == "messages"
+    ]
+    assert answered
+    assert all(
+        a in ([("primary", 529), ("backup", 200)], [("primary", 0), ("backup", 200)])
+        for a in answered
+    )
+
+
+# Last in this module: the killed provider stays ejected by outlier detection for a while.
 def test_killing_the_first_provider_under_load_fails_no_request(
     stack: Stack, primary: Primary
 ) -> None:
@@ -288,40 +332,3 @@ def test_killing_the_first_provider_under_load_fails_no_request(
     ]
     metrics = stack.metrics_text(wait_for='reason="unavailable"')
     assert 'provider="primary",reason="unavailable"' in metrics
-
-
-@pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
-def test_claude_code_is_answered_by_the_next_provider(
-    tmp_path: Path, stack: Stack, backup: FakeProvider
-) -> None:
-    """Claude Code itself would retry a 529 ten times; through the chain it never sees one."""
-    backup.clear()
-    cli = claude_path()
-    assert cli is not None
-    env = claude_env(
-        tmp_path,
-        ANTHROPIC_BASE_URL=stack.url,
-        ANTHROPIC_API_KEY="client-key",
-        ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
-    )
-    result = subprocess.run(
-        [cli, "-p", "hi", "--model", ASKED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Hello from the fake provider." in result.stdout
-    calls = [r for r in backup.received if r.path.startswith("/v1/messages")]
-    assert calls
-    assert all(c.json()["model"] == BACKUP_MODEL for c in calls)
-    session = calls[-1].headers["x-claude-code-session-id"]
-    records = [r for r in stack.audit_records() if r["session_id"] == session]
-    assert records
-    assert all(
-        [(a["provider"], a["status"]) for a in r["attempts"]] == [("primary", 529), ("backup", 200)]
-        for r in records
-        if r["endpoint"] == "messages"
-    )
