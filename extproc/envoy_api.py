@@ -1,13 +1,12 @@
 """The one place that speaks Envoy's ext_proc protobufs.
 
-Incoming `ProcessingRequest`s become plain Python values (`Phase`, header
-dicts, bytes, attribute dicts); `Decision` values (see `extproc.decisions`)
-become `ProcessingResponse`s. Nothing else in the package imports Envoy types.
+Each incoming `ProcessingRequest` becomes one frozen event value (`event_of`, see
+`extproc.phases`); `Decision` values (see `extproc.decisions`) become
+`ProcessingResponse`s. Nothing else in the package imports Envoy types.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -18,12 +17,22 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format, struct_pb2, text_format
 
 from extproc.decisions import BodyMode, Continue, Decision, HeaderChanges, Respond
+from extproc.phases import (
+    Event,
+    Phase,
+    RequestBody,
+    RequestHeaders,
+    ResponseBody,
+    ResponseHeaders,
+    Trailers,
+)
 
 __all__ = [
     "Phase",
     "attributes_of",
     "body_of",
     "dynamic_metadata_of",
+    "event_of",
     "extend_timeout",
     "headers_of",
     "host_metadata_of",
@@ -43,21 +52,37 @@ _MODES = {
 }
 
 
-class Phase(enum.Enum):
-    REQUEST_HEADERS = "request_headers"
-    REQUEST_BODY = "request_body"
-    RESPONSE_HEADERS = "response_headers"
-    RESPONSE_BODY = "response_body"
-    REQUEST_TRAILERS = "request_trailers"
-    RESPONSE_TRAILERS = "response_trailers"
-
-
-_PHASES = {phase.value: phase for phase in Phase}
+_PHASES = {phase.value: phase for phase in Phase if phase is not Phase.LOCAL_REPLY}
 
 
 def phase_of(request: pb.ProcessingRequest) -> Phase | None:
     which = request.WhichOneof("request")
     return _PHASES.get(which) if which else None
+
+
+def event_of(request: pb.ProcessingRequest, jwt_namespace: str | None = None) -> Event | None:
+    """The message as a frozen event (None for a message with no phase);
+    `jwt_namespace`: where jwt_authn's claims are, when the config uses it."""
+    phase = phase_of(request)
+    if phase is Phase.REQUEST_HEADERS:
+        headers, eos = headers_of(request, phase)
+        attributes = attributes_of(request)
+        claims = dynamic_metadata_of(request, jwt_namespace) if jwt_namespace else {}
+        return RequestHeaders(
+            headers,
+            eos,
+            route_name=str(attributes.get("xds.route_name", "")),
+            route_policy=route_policy_of(attributes),
+            jwt_metadata=claims,
+        )
+    if phase is Phase.REQUEST_BODY:
+        return RequestBody(*body_of(request, phase))
+    if phase is Phase.RESPONSE_HEADERS:
+        details = attributes_of(request).get("response.code_details", "")
+        return ResponseHeaders(*headers_of(request, phase), details=str(details))
+    if phase is Phase.RESPONSE_BODY:
+        return ResponseBody(*body_of(request, phase))
+    return Trailers(phase) if phase is not None else None
 
 
 def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, str], bool]:

@@ -38,6 +38,7 @@ import orjson
 from extproc.config import Config, FallbackStep
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, Continue, Decision, HeaderChanges
+from extproc.phases import Event, RequestBody, RequestHeaders, ResponseHeaders
 from extproc.policies import routing
 from extproc.upstream.adapter import ROUTING_HEADER
 from extproc.upstream.credentials import CredentialProvider, UpstreamRequest
@@ -184,6 +185,16 @@ class AttemptStream:
         self.target: routing.Target | None = None
         self.translator: Translator | None = None
         self.answered = False
+
+    async def handle(self, event: Event, host: Mapping[str, Any]) -> Decision:
+        """One ext_proc message of the attempt (`host`: its upstream host's metadata)."""
+        if isinstance(event, RequestHeaders):
+            return self.request_headers(event.headers, host)
+        if isinstance(event, RequestBody):
+            return await self.request_body(event.body)
+        if isinstance(event, ResponseHeaders):
+            return self.response_headers(event.headers)
+        return CONTINUE
 
     def request_headers(self, headers: Mapping[str, str], host: Mapping[str, Any]) -> Decision:
         """Which provider this attempt goes to; its changes come with the body."""

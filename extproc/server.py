@@ -28,10 +28,10 @@ from prometheus_client import start_http_server
 
 from extproc import envoy_api
 from extproc.config import Config
-from extproc.decisions import CONTINUE, BodyMode, Decision, Respond
-from extproc.envoy_api import Phase
+from extproc.decisions import BodyMode, Decision, Respond
 from extproc.fallback import ATTEMPT_METADATA, AttemptStream
 from extproc.gateway import Gateway
+from extproc.phases import Event, ResponseBody, ResponseHeaders
 from extproc.policies.budget.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
@@ -58,16 +58,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         traced = not isinstance(self.gateway.otel, NoOtel)
         trace_context = _trace_context(context) if traced else None
         stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
+        jwt = self.gateway.config.auth.jwt
+        jwt_namespace = jwt.metadata_namespace if jwt is not None else None
         self.gateway.stream_opened()
         cancelled = False
         try:
             async for request in request_iterator:
-                phase = envoy_api.phase_of(request)
-                if phase is None:
+                event = envoy_api.event_of(request, jwt_namespace)
+                if event is None:
                     continue
-                decision = await _dispatch(stream, phase, request)
-                await context.write(envoy_api.to_response(phase, decision))
-                if _last_reply(phase, request, decision):
+                decision = await stream.handle(event)
+                await context.write(envoy_api.to_response(event.phase, decision))
+                if _last_reply(event, decision):
                     # End the RPC ourselves (status OK: Envoy goes on without us). Left
                     # open, Envoy resets it when the HTTP request ends, and grpc.aio leaks
                     # ~120 B of C heap per RPC whose status it sends after a reset
@@ -98,20 +100,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         attempt = AttemptStream(gw.config, gw.credentials, gw.attempts, gw.clock)
         try:
             async for request in request_iterator:
-                phase = envoy_api.phase_of(request)
-                decision: Decision = CONTINUE
-                if phase is Phase.REQUEST_HEADERS:
-                    headers, _ = envoy_api.headers_of(request, phase)
-                    host = envoy_api.host_metadata_of(envoy_api.attributes_of(request))
-                    decision = attempt.request_headers(headers, host)
-                elif phase is Phase.REQUEST_BODY:
-                    decision = await attempt.request_body(envoy_api.body_of(request, phase)[0])
-                elif phase is Phase.RESPONSE_HEADERS:
-                    decision = attempt.response_headers(envoy_api.headers_of(request, phase)[0])
-                if phase is not None:
-                    await context.write(envoy_api.to_response(phase, decision))
-                if phase is Phase.RESPONSE_HEADERS:
-                    break
+                event = envoy_api.event_of(request)
+                if event is None:
+                    continue
+                host = envoy_api.host_metadata_of(envoy_api.attributes_of(request))
+                decision = await attempt.handle(event, host)
+                await context.write(envoy_api.to_response(event.phase, decision))
+                if isinstance(event, ResponseHeaders):
+                    break  # the attempt's filter asks for nothing after its answer's headers
         finally:
             attempt.close()
 
@@ -121,16 +117,16 @@ def _is_attempt(context: Any) -> bool:
     return any(key == ATTEMPT_METADATA for key, _ in metadata or ())
 
 
-def _last_reply(phase: Phase, request: pb.ProcessingRequest, decision: Decision) -> bool:
+def _last_reply(event: Event, decision: Decision) -> bool:
     """Whether Envoy will send this stream nothing more we need: an immediate response,
     the end of the response, or response headers with no body phase to follow."""
     if isinstance(decision, Respond):
         return True
-    if phase is Phase.RESPONSE_BODY:
-        return bool(request.response_body.end_of_stream)
-    if phase is Phase.RESPONSE_HEADERS:
+    if isinstance(event, ResponseBody):
+        return event.end_of_stream
+    if isinstance(event, ResponseHeaders):
         streamed = (BodyMode.BUFFERED, BodyMode.STREAMED)
-        return request.response_headers.end_of_stream or decision.response_body_mode not in streamed
+        return event.end_of_stream or decision.response_body_mode not in streamed
     return False
 
 
@@ -139,31 +135,6 @@ def _trace_context(context: Any) -> dict[str, str]:
     context of Envoy's span for this call, so the gateway's span becomes its child."""
     metadata = context.invocation_metadata() if hasattr(context, "invocation_metadata") else ()
     return {k: v for k, v in metadata or () if k in ("traceparent", "tracestate")}
-
-
-async def _dispatch(stream: RequestStream, phase: Phase, request: pb.ProcessingRequest) -> Decision:
-    if phase is Phase.REQUEST_HEADERS:
-        headers, eos = envoy_api.headers_of(request, phase)
-        attributes = envoy_api.attributes_of(request)
-        jwt = stream.gw.config.auth.jwt
-        claims = envoy_api.dynamic_metadata_of(request, jwt.metadata_namespace) if jwt else {}
-        return await stream.request_headers(
-            headers,
-            eos,
-            route_name=str(attributes.get("xds.route_name", "")),
-            route_policy=envoy_api.route_policy_of(attributes),
-            jwt_metadata=claims,
-        )
-    if phase is Phase.REQUEST_BODY:
-        return await stream.request_body(*envoy_api.body_of(request, phase))
-    if phase is Phase.RESPONSE_HEADERS:
-        details = envoy_api.attributes_of(request).get("response.code_details", "")
-        return await stream.response_headers(
-            *envoy_api.headers_of(request, phase), details=str(details)
-        )
-    if phase is Phase.RESPONSE_BODY:
-        return await stream.response_body(*envoy_api.body_of(request, phase))
-    return CONTINUE
 
 
 def grpc_options(config: Config, reuse_port: bool) -> list[tuple[str, Any]]:

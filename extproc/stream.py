@@ -10,6 +10,7 @@ every request yields exactly one audit record.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,12 +61,21 @@ from extproc.offload import (
     check_values,
     value_bound,
 )
+from extproc.phases import (
+    Event,
+    Phase,
+    RequestBody,
+    RequestHeaders,
+    ResponseBody,
+    ResponseHeaders,
+)
 from extproc.policies import auth, models, routing
 from extproc.policies import cache as cache_policy
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.step import Done, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -86,6 +96,10 @@ MAX_RECORDED_HEADER = 128
 # the caller gets an answer rather than a reset connection.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_COUNT = 150
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
@@ -111,15 +125,18 @@ def _cut_short_outcome(status: int, cancelled: bool) -> str:
     return "provider_reset" if cancelled and status else "client_abort"
 
 
-# Allowed phase order (h11-style table): the phase that may follow each one.
-_NEXT: dict[str | None, frozenset[str]] = {
-    None: frozenset({"request_headers", "local_reply"}),
-    "local_reply": frozenset({"response_body"}),
-    "request_headers": frozenset({"request_body", "response_headers"}),
-    "request_body": frozenset({"request_body", "response_headers"}),
-    "response_headers": frozenset({"response_body"}),
-    "response_body": frozenset({"response_body"}),
+# Allowed phase order (h11-style table): the phases that may follow each one.
+_NEXT: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.REQUEST_HEADERS, Phase.LOCAL_REPLY}),
+    Phase.LOCAL_REPLY: frozenset({Phase.RESPONSE_BODY}),
+    Phase.REQUEST_HEADERS: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.REQUEST_BODY: frozenset({Phase.REQUEST_BODY, Phase.RESPONSE_HEADERS}),
+    Phase.RESPONSE_HEADERS: frozenset({Phase.RESPONSE_BODY}),
+    Phase.RESPONSE_BODY: frozenset({Phase.RESPONSE_BODY}),
 }
+_RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
+# Before a request of ours started (nothing to account).
+_NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -190,7 +207,7 @@ class RequestStream:
         # Envoy's span context from the gRPC call (Envoy tracing on), else the HTTP headers'.
         self.trace_context = trace_context
         self.started = gateway.clock()
-        self.phase: str | None = None
+        self.phase: Phase | None = None
         self.request_id = ""
         self.route_name = ""
         self.session_id: str | None = None
@@ -217,7 +234,6 @@ class RequestStream:
         self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
         self.rewritten_events = 0
-        self.cache_stored = False
         self.answer = _Answer()
         self.sse: EventParser | None = None
         self.accumulator: Accumulator | None = None
@@ -245,8 +261,29 @@ class RequestStream:
 
     # -- phase order -------------------------------------------------------------------
 
-    def _enter(self, phase: str) -> None:
-        if self.outcome is not None and phase.startswith("response"):
+    async def handle(self, event: Event) -> Decision:
+        """One ext_proc message, as the frozen event `envoy_api` made of it."""
+        match event:
+            case ResponseBody():
+                return await self.response_body(event.body, event.end_of_stream)
+            case RequestBody():
+                return await self.request_body(event.body, event.end_of_stream)
+            case RequestHeaders():
+                return await self.request_headers(
+                    event.headers,
+                    event.end_of_stream,
+                    route_name=event.route_name,
+                    route_policy=event.route_policy,
+                    jwt_metadata=event.jwt_metadata,
+                )
+            case ResponseHeaders():
+                return await self.response_headers(
+                    event.headers, event.end_of_stream, details=event.details
+                )
+        return CONTINUE  # trailers pass unchanged
+
+    def _enter(self, phase: Phase) -> None:
+        if self.outcome is not None and phase in _RESPONSE_PHASES:
             # An immediate response we sent comes back through the response phases.
             self.phase = phase
             return
@@ -278,13 +315,13 @@ class RequestStream:
         rendered = render_error(self.dialect.name, error, self.request_id)
         headers = rendered.headers + self._trace_header()
         withheld = isinstance(error, AnswerWithheld)
-        if withheld or self.phase == "response_body":
+        if withheld or self.phase is Phase.RESPONSE_BODY:
             self.answer.error_type, self.answer.json = error.reason, None
-        if self.phase == "response_body" and self.answer.streamed:
+        if self.phase is Phase.RESPONSE_BODY and self.answer.streamed:
             self.withheld = b""  # the status has left: the rest of the stream is dropped
             return Continue(body=self.dialect.stream_error(rendered.body))
         self.answer.status = error.status
-        if self.phase == "response_body":  # a buffered answer: still ours to replace
+        if self.phase is Phase.RESPONSE_BODY:  # a buffered answer: still ours to replace
             status = ((":status", str(error.status)),)
             changes = HeaderChanges(set=status + headers, remove=("content-length",))
             return Continue(body=rendered.body, headers=changes)
@@ -302,7 +339,7 @@ class RequestStream:
         route_policy: Mapping[str, Any] | None = None,
         jwt_metadata: Mapping[str, Any] | None = None,
     ) -> Decision:
-        self._enter("request_headers")
+        self._enter(Phase.REQUEST_HEADERS)
         self.gw.metrics.active_streams.inc()
         self.request_id = headers.get("x-request-id") or uuid.uuid4().hex
         self.route_name = route_name
@@ -559,7 +596,7 @@ class RequestStream:
             ) from exc
 
     async def request_body(self, body: bytes, end_of_stream: bool) -> Decision:
-        self._enter("request_body")
+        self._enter(Phase.REQUEST_BODY)
         try:
             if self.signing_in and self.outcome is None:
                 return await self._signed_in(body)
@@ -829,9 +866,9 @@ class RequestStream:
         if self.phase is None:
             # Envoy answered before the request reached the gateway (`OPTIONS *` is
             # absolute_path_rejected): nothing of ours to check or account; pass it quietly.
-            self._enter("local_reply")
+            self._enter(Phase.LOCAL_REPLY)
             return CONTINUE
-        self._enter("response_headers")
+        self._enter(Phase.RESPONSE_HEADERS)
         if self.outcome is not None or self.route is None:
             return CONTINUE
         try:
@@ -945,7 +982,7 @@ class RequestStream:
         self.accumulator = self.dialect.accumulator()
 
     async def response_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
-        self._enter("response_body")
+        self._enter(Phase.RESPONSE_BODY)
         if self.withheld is not None:  # nothing of a refused answer passes
             if end_of_stream:
                 self._finish("error")
@@ -1152,10 +1189,10 @@ class RequestStream:
 
         This runs after the last reply was written, so storing the answer, settling the
         budget and writing the audit record never delay the response."""
-        first = "none" if self.phase in (None, "local_reply") else "request_headers"
+        first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
             self.gw.metrics.streams.labels(first).inc()
-        if self.outcome is None and self.phase not in (None, "local_reply"):
+        if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.chain:
             self.gw.attempts.drop(self.request_id)
@@ -1164,13 +1201,84 @@ class RequestStream:
         self.settled = True
         if self.cache_run is not None and self.outcome != "cache_hit":
             answer = self._cacheable_answer()
-            self.cache_stored = await self.cache_run.after_upstream(answer, self.dialect.name)
+            await self.cache_run.after_upstream(answer, self.dialect.name)
         if self.spend is not None:
             usage = self._billable_usage(self.outcome)
             if usage != self.answer.usage and self.outcome != "cache_hit":
                 self.answer.usage, self.answer.usage_estimated = usage, True
             await self.gw.spending.settle(self.spend, usage)
         account(self, self.finished_at)
+
+    # -- audit -------------------------------------------------------------------------
+
+    def _steps(self) -> list[Step]:
+        """The policy steps that ran, in their fixed order: auth, guard, cache, spend."""
+        steps: list[Step] = [self.identity]
+        steps += [s for s in (self.guard, self.cache_run, self.spend) if s is not None]
+        return steps
+
+    def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
+        """What the audit record is built from: the request's own facts, the steps that
+        ran, how it ended, and the recorded text (empty unless the profile records it)."""
+        answer, request = self.answer, self.request
+        usage = answer.usage
+        started_wall = self.gw.wall_clock() - (now - self.started)
+        facts: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "request_id": self.request_id,
+            "route": self.route_name,
+            "api": self.dialect.name,
+            "endpoint": self.route.endpoint.value if self.route else None,
+            "path": self.path.split("?", 1)[0],
+            "session_id": self.session_id,
+            "agent_id": self.agent_id,
+            "parent_agent_id": self.parent_agent_id,
+            "provider": self.target.name if self.target else None,
+            "requested_model": request.model if request else None,
+            "served_model": answer.served_model or self.served_model,
+            "status": answer.status,
+            "streamed": answer.streamed,
+            "outcome": self.outcome,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
+            "web_search_requests": usage.web_search_requests,
+            "latency_ms": _ms(now - self.started),
+            "ttft_ms": _ms(answer.first_token_at - self.started) if answer.first_token_at else None,
+            "finish_reasons": self._finish_reasons(),
+        }
+        if answer.error_type:
+            facts["error_type"] = answer.error_type
+        if self.attempts:  # every provider Envoy tried, in order (extproc.fallback)
+            facts["attempts"] = [a.as_record() for a in self.attempts]
+        if answer.usage_estimated:
+            facts["usage_estimated"] = True
+        text: dict[str, Any] = {}
+        if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
+            text["prompt"] = {
+                k: request.body[k] for k in ("system", "messages") if k in request.body
+            }
+            text["completion"] = self._completion()
+        return facts, self._steps(), Done(self.outcome or "", usage), text
+
+    def _completion(self) -> Any:
+        """The answer's content: the JSON body's, or the folded stream's when it completed."""
+        if self.answer.completion is not None:
+            return self.answer.completion
+        accumulator = self.accumulator
+        if accumulator is None or not accumulator.complete:
+            return None
+        return self.dialect.completion(accumulator.folded_message())
+
+    def _finish_reasons(self) -> list[str]:
+        """Why the model stopped: from the folded stream, or the JSON answer."""
+        if self.accumulator is not None:
+            return self.accumulator.finish_reasons()
+        return self.answer.finish_reasons
 
     def _finish(self, outcome: str) -> None:
         """The request's outcome is known; the rest happens in `close`."""

@@ -123,6 +123,21 @@ class Identity:
     def scopes(self) -> dict[str, str | None]:
         return {"key": self.key_id, "user": self.user, "team": self.team, "project": self.project}
 
+    def audit_fields(self, done: object = None) -> dict[str, Any]:
+        """The auth step's part of the audit record: who called."""
+        fields: dict[str, Any] = {
+            "caller": self.caller,
+            "identity": self.source,
+            "key_id": self.key_id,
+            "user": self.user,
+            "team": self.team,
+            "project": self.project,
+            "tier": self.tier,
+        }
+        if "sso_group" in self.labels:  # the sso.groups policy a signed-in user got
+            fields["sso_group"] = self.labels["sso_group"]
+        return fields
+
 
 ANONYMOUS = Identity(source="anonymous")
 

@@ -1,6 +1,8 @@
 """Turn a finished request into its audit record and metric updates.
 
-Called exactly once per request by `RequestStream._finish`. The record holds
+Called exactly once per request by `RequestStream.close`. The record is built from
+values: the request's own facts (`RequestStream.audit_values`) and the fields each
+policy step returns (`extproc.policies.step.Step.audit_fields`). The record holds
 who, what and how much, never credentials; prompt and completion text only when
 the route's profile records text (`profiles.NAME.audit.record_text`, else the global
 `audit.record_text`; never on a `zero_data_retention` profile).
@@ -8,109 +10,30 @@ the route's profile records text (`profiles.NAME.audit.record_text`, else the gl
 
 from __future__ import annotations
 
-import datetime as dt
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from extproc.policies.pricing import cost_micros
+from extproc.policies.step import Done, Step
 
 if TYPE_CHECKING:
     from extproc.stream import RequestStream
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
-
-
-def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
-    answer = stream.answer
-    request = stream.request
-    usage = answer.usage
-    identity = stream.identity
-    started_wall = stream.gw.wall_clock() - (now - stream.started)
-    record: dict[str, Any] = {
-        "time": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(timespec="milliseconds"),
-        "request_id": stream.request_id,
-        "route": stream.route_name,
-        "api": stream.api,
-        "endpoint": stream.route.endpoint.value if stream.route else None,
-        "path": stream.path.split("?", 1)[0],
-        "caller": identity.caller,
-        "identity": identity.source,
-        "key_id": identity.key_id,
-        "user": identity.user,
-        "team": identity.team,
-        "project": identity.project,
-        "tier": identity.tier,
-        "session_id": stream.session_id,
-        "agent_id": stream.agent_id,
-        "parent_agent_id": stream.parent_agent_id,
-        "provider": stream.target.name if stream.target else None,
-        "requested_model": request.model if request else None,
-        "served_model": answer.served_model or stream.served_model,
-        "status": answer.status,
-        "streamed": answer.streamed,
-        "outcome": stream.outcome,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-        "cache_read_input_tokens": usage.cache_read_input_tokens,
-        "cache_creation_1h_input_tokens": usage.cache_creation_1h_input_tokens,
-        "web_search_requests": usage.web_search_requests,
-        "latency_ms": _ms(now - stream.started),
-        "ttft_ms": _ms(answer.first_token_at - stream.started) if answer.first_token_at else None,
-        "finish_reasons": _finish_reasons(stream),
-    }
-    if answer.error_type:
-        record["error_type"] = answer.error_type
-    if stream.attempts:  # every provider Envoy tried, in order (extproc.fallback)
-        record["attempts"] = [a.as_record() for a in stream.attempts]
-    if "sso_group" in identity.labels:  # the sso.groups policy a signed-in user got
-        record["sso_group"] = identity.labels["sso_group"]
-    if answer.usage_estimated:
-        record["usage_estimated"] = True
-    spend = stream.spend
-    if spend is not None:
-        record["scopes"] = {scope.kind: scope.id for scope in spend.scopes}
-        record["cost_usd"] = float(spend.cost_usd) if spend.cost_usd is not None else None
-        if stream.outcome == "cache_hit" and spend.price is not None:
-            saved = cost_micros(usage, spend.price) / 1e6
-            record["cost_saved_usd"] = saved
-    if stream.guard is not None:
-        record["guard"] = stream.guard.audit()
-    run = stream.cache_run
-    if run is not None:
-        record["cache"] = run.result
-        record["cache_key"] = run.key
-        record["cache_scope"] = run.scope
-        record["cache_stored"] = stream.cache_stored
-        if run.volatile:
-            record["cache_volatile_paths"] = run.volatile
-        if run.volatile_directories:
-            record["cache_volatile_directories"] = run.volatile_directories
-        if run.replaced:
-            record["cache_replaced"] = True
-    if request is not None and stream.profile.records_text(stream.gw.config.audit.record_text):
-        record["prompt"] = {k: request.body[k] for k in ("system", "messages") if k in request.body}
-        record["completion"] = _completion(stream)
+def build_record(
+    facts: Mapping[str, Any], steps: Sequence[Step], done: Done, text: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The audit record: the request's own facts, then each step's fields in the steps'
+    fixed order (auth, guard, cache, spend), then the recorded text (if any)."""
+    record = dict(facts)
+    for step in steps:
+        record.update(step.audit_fields(done))
+    record.update(text)
     return record
 
 
-def _completion(stream: RequestStream) -> Any:
-    """The answer's content: the JSON body's, or the folded stream's when it completed."""
-    if stream.answer.completion is not None:
-        return stream.answer.completion
-    accumulator = stream.accumulator
-    if accumulator is None or not accumulator.complete:
-        return None
-    message = accumulator.folded_message()
-    return message.get("content", message.get("choices"))
-
-
-def _finish_reasons(stream: RequestStream) -> list[str]:
-    """Why the model stopped: from the folded stream, or the JSON answer."""
-    if stream.accumulator is not None:
-        return stream.accumulator.finish_reasons()
-    return stream.answer.finish_reasons
+def audit_record(stream: RequestStream, now: float) -> dict[str, Any]:
+    facts, steps, done, text = stream.audit_values(now)
+    return build_record(facts, steps, done, text)
 
 
 def account(stream: RequestStream, now: float) -> None:

@@ -72,6 +72,7 @@ from extproc.policies.ratelimit import (
     RateSubject,
     UnknownTier,
 )
+from extproc.policies.step import Done
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
@@ -260,6 +261,17 @@ class SpendRun:
     # Other prices the answer may be charged at (a fallback chain): the reservation
     # covers the dearest; settlement uses `price`, set to the one that answered.
     alternatives: tuple[Price, ...] = ()
+
+    def audit_fields(self, done: Done) -> dict[str, Any]:
+        """The spend step's part of the audit record: scopes charged, the cost of what
+        was served, and what a cache hit saved."""
+        fields: dict[str, Any] = {
+            "scopes": {scope.kind: scope.id for scope in self.scopes},
+            "cost_usd": float(self.cost_usd) if self.cost_usd is not None else None,
+        }
+        if done.outcome == "cache_hit" and self.price is not None:
+            fields["cost_saved_usd"] = cost_micros(done.usage, self.price) / 1e6
+        return fields
 
 
 class Spending:

@@ -168,6 +168,23 @@ class CacheRun:
     # its own answer, replaces it for everyone: the audit record says so (cache_replaced).
     found_fresh: bool = False
     replaced: bool = False
+    stored: bool = False  # this request's answer was stored
+
+    def audit_fields(self, done: object = None) -> dict[str, Any]:
+        """The cache step's part of the audit record."""
+        fields: dict[str, Any] = {
+            "cache": self.result,
+            "cache_key": self.key,
+            "cache_scope": self.scope,
+            "cache_stored": self.stored,
+        }
+        if self.volatile:
+            fields["cache_volatile_paths"] = self.volatile
+        if self.volatile_directories:
+            fields["cache_volatile_directories"] = self.volatile_directories
+        if self.replaced:
+            fields["cache_replaced"] = True
+        return fields
 
     async def before_upstream(
         self, shape: Callable[[], Shape] | None, extend: Extend
@@ -217,6 +234,7 @@ class CacheRun:
                 entry = Entry(api=api, answer=answer, created_at=self.cache.wall())
                 stored = await self.cache.save(self.scope, self.key, entry, self.config.ttl_seconds)
                 self.replaced = stored and self.found_fresh
+                self.stored = stored
             if self.leader:
                 await self.cache.release(self.key, self.owner)
         except StoreError as exc:

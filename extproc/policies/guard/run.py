@@ -153,6 +153,10 @@ class GuardRun:
         final = unmasked if unmasked is not None else result.body
         return final, None
 
+    def audit_fields(self, done: object = None) -> dict[str, Any]:
+        """The guard step's part of the audit record (verdicts, never matched text)."""
+        return {"guard": self.audit()}
+
     def audit(self) -> dict[str, Any]:
         record: dict[str, Any] = {
             "profile": self.policy.name,
