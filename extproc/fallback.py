@@ -40,7 +40,7 @@ from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, Continue, Decision, HeaderChanges
 from extproc.phases import Event, RequestBody, RequestHeaders, ResponseHeaders
 from extproc.policies import routing
-from extproc.upstream.adapter import ROUTING_HEADER
+from extproc.upstream.adapter import CALLER_AUTH, ROUTING_HEADER
 from extproc.upstream.credentials import CredentialProvider, UpstreamRequest
 from extproc.upstream.translate import IDENTITY, Translator
 
@@ -264,7 +264,7 @@ class AttemptStream:
             path=paths[-1] if paths else self.headers.get(":path", "/"),
             headers=self.headers,
             changes=tuple(route),
-            removed=self.target.adapter.other_auth,
+            removed=CALLER_AUTH,
             body=body,
         )
         try:

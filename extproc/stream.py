@@ -30,7 +30,14 @@ from extproc.apis import (
     model_list,
 )
 from extproc.apis import error_response as render_error
-from extproc.apis.dialect import ANTHROPIC, Accumulator, Dialect, StreamFilter, dialect_of
+from extproc.apis.dialect import (
+    ANTHROPIC,
+    Accumulator,
+    Dialect,
+    ModelIn,
+    StreamFilter,
+    dialect_of,
+)
 from extproc.apis.framing import EventParser, Framing, framing_for
 from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
@@ -75,7 +82,7 @@ from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_request
-from extproc.policies.step import Done, Step
+from extproc.policies.step import Done, Ending, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -83,6 +90,7 @@ from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +590,7 @@ class RequestStream:
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
-            removed=target.adapter.other_auth,
+            removed=CALLER_AUTH,
             body=body if body is not None else self.raw_body,
         )
         try:
@@ -619,7 +627,7 @@ class RequestStream:
         self.raw_body = body
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
-        self.request = request = await self._parse(body)
+        self.request = request = self._as_dialect_reads(await self._parse(body))
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
@@ -707,6 +715,17 @@ class RequestStream:
         answerer = routing.Target(last.provider, self.gw.config.providers[last.provider])
         self._serve(answerer, last.model or self.served_model)
 
+    def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
+        """The model and streaming as the dialect finds them (a URL-model dialect reads
+        them from the path; for body dialects this changes nothing)."""
+        assert self.route is not None
+        model = self.dialect.request_model(self.path, request.model)
+        stream = self.dialect.request_stream(self.path, request.stream)
+        stream = stream and self.route.endpoint.generates
+        if model == request.model and stream == request.stream:
+            return request
+        return dataclasses.replace(request, model=model, stream=stream)
+
     def _bound_spend(self, request: ParsedRequest) -> bool:
         """Make the request's cost knowable: its output capped at what the reservation
         covers, and a streamed answer carrying its usage. True if changed."""
@@ -721,12 +740,13 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
+        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint)
+            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint)
+            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
@@ -734,7 +754,7 @@ class RequestStream:
         self.inspection = await self.gw.offload.check(
             raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False)
+        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -1199,15 +1219,23 @@ class RequestStream:
         if self.outcome is None or self.settled:
             return
         self.settled = True
-        if self.cache_run is not None and self.outcome != "cache_hit":
-            answer = self._cacheable_answer()
-            await self.cache_run.after_upstream(answer, self.dialect.name)
-        if self.spend is not None:
-            usage = self._billable_usage(self.outcome)
-            if usage != self.answer.usage and self.outcome != "cache_hit":
-                self.answer.usage, self.answer.usage_estimated = usage, True
-            await self.gw.spending.settle(self.spend, usage)
+        ending = self._ending(self.outcome)
+        for step in (self.cache_run, self.spend):  # step order: cache stores, spend settles
+            if step is not None:
+                await step.close(ending)
         account(self, self.finished_at)
+
+    def _ending(self, outcome: str) -> Ending:
+        """How the request ended, for the steps that close: the answer to store and what
+        is billed (an estimate, recorded as such, when the final usage never came)."""
+        billable = self.answer.usage
+        if self.spend is not None:
+            billable = self._billable_usage(outcome)
+            if billable != self.answer.usage and outcome != "cache_hit":
+                self.answer.usage, self.answer.usage_estimated = billable, True
+        fresh = self.cache_run is not None and outcome != "cache_hit"
+        answer = self._cacheable_answer() if fresh else None
+        return Ending(outcome, self.dialect.name, answer, billable)
 
     # -- audit -------------------------------------------------------------------------
 

@@ -114,8 +114,13 @@ class Dialect:
     # -- the request ---------------------------------------------------------------
 
     def request_model(self, path: str, body_model: str | None) -> str | None:
-        """The model a request names (`body_model`: the body's `model`, checked)."""
+        """The model a request names (`body_model`: the body's `model`, checked). A URL
+        dialect returns the path's model, checked like a body's (it becomes a header)."""
         return body_model
+
+    def request_stream(self, path: str, body_stream: bool) -> bool:
+        """Whether the caller asked for a stream (`body_stream`: the body's `stream`)."""
+        return body_stream
 
     def with_model(self, path: str, body: dict[str, Any], model: str) -> str:
         """Name `model` in the request; the path to send (changed for a URL model)."""

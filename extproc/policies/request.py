@@ -119,10 +119,15 @@ def check_model(model: object) -> str:
     return model
 
 
-def parse_request(raw: bytes, endpoint: Endpoint, *, check_keys: bool = True) -> ParsedRequest:
-    """`check_keys=False`: the duplicate-key check was already done (in the worker)."""
+def parse_request(
+    raw: bytes, endpoint: Endpoint, *, check_keys: bool = True, model_in_body: bool = True
+) -> ParsedRequest:
+    """`check_keys=False`: the duplicate-key check was already done (in the worker).
+    `model_in_body=False`: the caller's dialect names the model in the URL, so the body
+    need not (its `model`, if any, is still checked)."""
     body = parse_json_object(raw, check_keys=check_keys)
-    model = check_model(body.get("model")) if "model" in body or endpoint.generates else None
+    required = endpoint.generates and model_in_body
+    model = check_model(body.get("model")) if "model" in body or required else None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", reason="invalid_stream")

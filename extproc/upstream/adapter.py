@@ -30,6 +30,7 @@ from extproc.upstream.credentials import CredentialProvider, StaticKey
 from extproc.upstream.translate import Translator, translator_for
 
 __all__ = [
+    "CALLER_AUTH",
     "ROUTING_HEADER",
     "AnthropicUpstream",
     "OpenAIUpstream",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 ROUTING_HEADER = "x-gateway-cluster"
+# Where a caller's credential travels (a gateway key, an SSO token, its own provider key):
+# with a held credential none of them reaches the provider unless the credential sets it.
+CALLER_AUTH = ("x-api-key", "authorization")
 
 
 class UpstreamAdapter:
@@ -47,7 +51,6 @@ class UpstreamAdapter:
     dialect: ClassVar[Dialect]
     key_header: ClassVar[str]  # where a held key goes
     key_prefix: ClassVar[str] = ""
-    other_auth: ClassVar[tuple[str, ...]]  # caller auth headers a held credential replaces
 
     def credential_for(
         self, provider: ProviderConfig, environ: Mapping[str, str] | None = None
@@ -71,10 +74,10 @@ class UpstreamAdapter:
     def headers(
         self, route: list[tuple[str, str]], auth: Sequence[tuple[str, str]] | None
     ) -> HeaderChanges:
-        """The routing changes plus the credential's headers (which replace the caller's)."""
+        """The routing changes plus the credential's headers, which replace the caller's."""
         if auth is None:
             return HeaderChanges(set=tuple(route))
-        return HeaderChanges(set=(*route, *auth), remove=self.other_auth)
+        return HeaderChanges(set=(*route, *auth), remove=replaced_auth(auth))
 
     def answer_framing(self, content_type: str) -> Framing | None:
         return framing_for(content_type)
@@ -87,7 +90,6 @@ class AnthropicUpstream(UpstreamAdapter):
     kind = "anthropic"
     dialect = ANTHROPIC
     key_header = "x-api-key"
-    other_auth = ("authorization",)
 
 
 class OpenAIUpstream(UpstreamAdapter):
@@ -97,7 +99,12 @@ class OpenAIUpstream(UpstreamAdapter):
     dialect = OPENAI
     key_header = "authorization"
     key_prefix = "Bearer "
-    other_auth = ("x-api-key",)
+
+
+def replaced_auth(auth: Sequence[tuple[str, str]]) -> tuple[str, ...]:
+    """The caller's credential headers that a held credential's `auth` leaves to remove."""
+    given = {name for name, _ in auth}
+    return tuple(name for name in CALLER_AUTH if name not in given)
 
 
 _ADAPTERS: dict[str, UpstreamAdapter] = {a.kind: a for a in (AnthropicUpstream(), OpenAIUpstream())}

@@ -72,7 +72,7 @@ from extproc.policies.ratelimit import (
     RateSubject,
     UnknownTier,
 )
-from extproc.policies.step import Done
+from extproc.policies.step import Done, Ending
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
@@ -262,6 +262,13 @@ class SpendRun:
     # covers the dearest; settlement uses `price`, set to the one that answered.
     alternatives: tuple[Price, ...] = ()
 
+    spending: Spending | None = field(default=None, repr=False)  # settles it at close
+
+    async def close(self, ending: Ending) -> None:
+        """Settle the reservation to what the request is billed for."""
+        if self.spending is not None:
+            await self.spending.settle(self, ending.billable)
+
     def audit_fields(self, done: Done) -> dict[str, Any]:
         """The spend step's part of the audit record: scopes charged, the cost of what
         was served, and what a cache hit saved."""
@@ -307,7 +314,7 @@ class Spending:
                     reason="unpriced_model",
                 ) from exc
         subject = subject_of(identity, presented, headers, self.limiter_config)
-        return SpendRun(request_id, model, subject, checks, price, scopes)
+        return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
 
     def price_of(self, model: str, run: SpendRun) -> Price | None:
         """A model's price for `run`; an unpriced one is refused when a USD budget applies."""

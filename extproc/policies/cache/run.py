@@ -32,6 +32,7 @@ from extproc.apis import ApiKind
 from extproc.config import CacheConfig, CacheSettings
 from extproc.policies.auth import Identity
 from extproc.policies.cache.key import Entry, Shape
+from extproc.policies.step import Ending
 from extproc.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,11 @@ class CacheRun:
     found_fresh: bool = False
     replaced: bool = False
     stored: bool = False  # this request's answer was stored
+
+    async def close(self, ending: Ending) -> None:
+        """Store a fresh complete answer (a hit stores nothing) and free any waiters."""
+        if ending.outcome != "cache_hit":
+            await self.after_upstream(ending.answer, ending.api)
 
     def audit_fields(self, done: object = None) -> dict[str, Any]:
         """The cache step's part of the audit record."""
