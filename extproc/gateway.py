@@ -25,7 +25,7 @@ from extproc.policies.guard import Guard, ProfileGuard
 from extproc.policies.profiles import ProfileResolver
 from extproc.signin.otlp import OtlpRelay
 from extproc.signin.service import SignIn
-from extproc.store import Store, open_store
+from extproc.store import Clock, Store, open_store
 from extproc.telemetry.audit import AuditSink, open_sink
 from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
@@ -66,14 +66,21 @@ class Gateway:
         audit: AuditSink | None = None,
         environ: Mapping[str, str] | None = None,
         store: Store | None = None,
+        clock: Clock | None = None,
     ) -> Gateway:
+        """`clock`: one test clock for what policy decides by time (rate windows, budget
+        windows and holds, cache TTL and age, the key cache and revocations, SSO token
+        expiry and revocations, request timing); a `store` passed in should run on it
+        too. None: the real clocks."""
+        monotonic = clock.time if clock is not None else time.monotonic
+        wall = clock.time if clock is not None else time.time
         credentials = {
             name: credential
             for name, provider in config.providers.items()
             if (credential := adapter_for(provider.api).credential_for(provider, environ))
             is not None
         }
-        store = store or open_configured_store(config, environ)
+        store = store or open_configured_store(config, environ, clock)
         metrics = metrics or Metrics()
         hash_key = _hash_key(config, environ)
         metrics.bounds = LabelBounds.from_config(config)
@@ -83,15 +90,17 @@ class Gateway:
             audit=audit or open_sink(config.audit, environ, metrics.registry),
             credentials=credentials,
             store=store,
-            keys=KeyDirectory(config.auth, store),
+            keys=KeyDirectory(config.auth, store, monotonic, wall),
             profiles=ProfileResolver(config),
-            cache=ResponseCache(store, config.cache),
+            cache=ResponseCache(store, config.cache, wall),
             spending=Spending(config, store, metrics),
-            signin=_signin(config, store, environ),
+            signin=_signin(config, store, environ, wall, monotonic),
             otlp=OtlpRelay(config.otlp_relay),
             guard=Guard(config.guard, hash_key=hash_key) if config.guard is not None else None,
             offload=Offload(config.guard, hash_key),
             otel=open_otel(config, environ, on_drop=metrics.otel_dropped.inc),
+            clock=monotonic,
+            wall_clock=wall,
         )
 
     def stream_opened(self) -> None:
@@ -135,7 +144,13 @@ def _hash_key(config: Config, environ: Mapping[str, str] | None) -> bytes | None
     return Credential(source, environ).get().encode() if source is not None else None
 
 
-def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> SignIn | None:
+def _signin(
+    config: Config,
+    store: Store,
+    environ: Mapping[str, str] | None,
+    wall: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> SignIn | None:
     sso = config.sso
     if sso is None:
         return None
@@ -145,14 +160,16 @@ def _signin(config: Config, store: Store, environ: Mapping[str, str] | None) -> 
     pem = Credential(sso.signing_key, environ).get() if sso.signing_key is not None else None
     previous = [load_private_key(Credential(s, environ).get()) for s in sso.previous_signing_keys]
     issuer = sso.public_url or "extproc-gateway"
-    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, previous=previous)
+    signer = TokenSigner(load_private_key(pem), issuer, sso.access_token_seconds, wall, previous)
     secret = Credential(sso.oidc.client_secret, environ)
     oidc = OidcClient(sso.oidc, secret.get)
-    return SignIn(sso, store, signer, oidc, config.auth.cache_seconds)
+    return SignIn(sso, store, signer, oidc, config.auth.cache_seconds, wall, monotonic)
 
 
-def open_configured_store(config: Config, environ: Mapping[str, str] | None = None) -> Store:
+def open_configured_store(
+    config: Config, environ: Mapping[str, str] | None = None, clock: Clock | None = None
+) -> Store:
     """The config's store, with its password resolved from `store_password`."""
     source = config.store_password
     password = Credential(source, environ).get() if source is not None else None
-    return open_store(config.store, password=password)
+    return open_store(config.store, password=password, clock=clock)

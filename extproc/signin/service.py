@@ -109,6 +109,7 @@ class SignIn:
         oidc: OidcClient,
         cache_seconds: float,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.store = store
@@ -121,7 +122,7 @@ class SignIn:
             config.poll_interval_seconds,
             config.refresh_token_seconds,
         )
-        self.revocations = Revocations(store, cache_seconds)
+        self.revocations = Revocations(store, cache_seconds, monotonic)
 
     # -- the hot path ---------------------------------------------------------------------
 

@@ -124,6 +124,14 @@ def _alive(pid: int) -> bool:
     return status != "Z"
 
 
+def _gone(pids: list[int], timeout: float = 10.0) -> bool:
+    """Whether every pid has exited, polling (bounded) instead of sleeping and hoping."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(pid) for pid in pids)
+
+
 def _start_up(tmp_path: Path, fake: FakeProvider) -> tuple[subprocess.Popen[bytes], Stack, Path]:
     stack = Stack(gateway_config(fake.url), workdir=tmp_path)
     log = tmp_path / "up.log"
@@ -146,8 +154,7 @@ def test_up_serves_and_ctrl_c_leaves_nothing_behind(tmp_path: Path, fake: FakePr
     assert "x-gateway-request-id" in response.headers
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0
-    time.sleep(0.5)
-    assert not [pid for pid in children if _alive(pid)]
+    assert _gone(children)
 
 
 def test_up_stops_the_other_when_one_dies(tmp_path: Path, fake: FakeProvider) -> None:
@@ -156,5 +163,4 @@ def test_up_stops_the_other_when_one_dies(tmp_path: Path, fake: FakeProvider) ->
     os.kill(envoy, signal.SIGKILL)
     assert process.wait(timeout=30) == 1
     assert "Envoy exited with code" in log.read_text()
-    time.sleep(0.5)
-    assert not _alive(server)
+    assert _gone([server])

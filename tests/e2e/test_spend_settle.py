@@ -26,6 +26,7 @@ import pytest
 from redis import Redis
 
 from extproc.policies.auth import hash_key, new_key
+from extproc.store import ManualClock
 from extproc.telemetry.reconcile import cause, read_json_lines, reconcile
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
@@ -383,18 +384,19 @@ def test_a_killed_replicas_streams_are_reconciled_and_charged(
                 missing = {r["request_id"] for r in added if r["reconciled"] == "missing"}
                 time.sleep(0.2)
             assert set(ids) <= missing  # every stream the dead replica held is on record
-            time.sleep(1.2)  # past the reservation TTL
-            used = asyncio.run(_key_usage(redis.url, config))
+            # Read as a gateway whose clock is past the reservation TTL (the store decides
+            # expiry by the caller's time), instead of sleeping until it is.
+            used = asyncio.run(_key_usage(redis.url, config, ManualClock(time.time() + 1.2)))
             assert used > 0  # what the provider generated for them was not forgotten
         finally:
             stack.close()
 
 
-async def _key_usage(url: str, config: dict[str, Any]) -> int:
+async def _key_usage(url: str, config: dict[str, Any], clock: ManualClock) -> int:
     from extproc.policies.budget import Amount, BudgetConfig, BudgetLedger, Scope
     from extproc.store.redis import RedisStore
 
-    store = RedisStore.from_url(url)
+    store = RedisStore.from_url(url, clock=clock)
     try:
         ledger = BudgetLedger(BudgetConfig.model_validate(config["budgets"]), store)
         checks = ledger.checks_for([Scope("key", "settler")])

@@ -68,6 +68,22 @@ class Load:
     def since(self, index: int) -> list[int]:
         return [status for status, _ in self.results[index:]]
 
+    def wait_for(self, count: int, since: int = 0, timeout: float = 20.0) -> None:
+        """Until `count` requests have completed after `since` (bounded): a phase of the
+        test lasts as many requests as it needs, not a fixed time."""
+        deadline = time.monotonic() + timeout
+        while len(self.results) - since < count:
+            assert time.monotonic() < deadline, f"fewer than {count} requests in {timeout} s"
+            time.sleep(0.02)
+
+    def wait_until_ok(self, timeout: float = 20.0) -> None:
+        """Until a request that started after this call has succeeded (bounded)."""
+        start = len(self.results) + 1  # the one in flight now may still fail
+        deadline = time.monotonic() + timeout
+        while 200 not in self.since(start):
+            assert time.monotonic() < deadline, f"no request succeeded in {timeout} s"
+            time.sleep(0.02)
+
 
 @pytest.fixture
 def redis() -> Iterator[RedisServer]:
@@ -93,16 +109,16 @@ def test_fail_closed_then_recover(fake: FakeProvider, redis: RedisServer, outage
     try:
         stack.start()
         with Load(stack) as load:
-            time.sleep(1)
+            load.wait_for(5)
             assert set(load.since(0)) == {200}
             mark = len(load.results)
             redis.kill() if outage == "kill" else redis.pause()
-            time.sleep(3)
+            load.wait_for(3, since=mark + 1)
             during = load.since(mark + 1)  # the request in flight at the cut may go either way
             redis.start() if outage == "kill" else redis.resume()
-            time.sleep(2)
+            load.wait_until_ok()  # the gateway is back on the store
             after = len(load.results)
-            time.sleep(1)
+            load.wait_for(5, since=after)
         assert during, "requests must keep completing while the store is down"
         assert set(during) == {503}
         assert max(seconds for _, seconds in load.results) < 5  # bounded, never hangs

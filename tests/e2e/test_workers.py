@@ -35,8 +35,9 @@ def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: 
             stack.start_extproc("--workers", "2")
             stack.start_envoy()
             supervisor = stack.processes["extproc"]
-            time.sleep(1)
-            workers = child_pids(supervisor.pid)
+            deadline = time.monotonic() + 10  # until the supervisor has forked its workers
+            while len(workers := child_pids(supervisor.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert len(workers) == 2
             fake.clear()
             with httpx.Client(base_url=stack.url, timeout=10) as client:
@@ -54,5 +55,7 @@ def test_workers_share_the_port_redis_and_metrics(fake: FakeProvider, tmp_path: 
             assert len(fake.received) == 1
         finally:
             stack.close()
-        time.sleep(0.5)
-        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived the supervisor"
+            time.sleep(0.05)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.policies.budget import BudgetConfig, BudgetLedger, Scope
+from extproc.store import ManualClock
 from extproc.store.redis import RedisStore
 from tests.redis_server import RedisServer
 from tests.store_fixtures import flush, redis_server
@@ -115,11 +116,13 @@ def _run_workers(
     return results, go_at
 
 
-async def _team_usage(url: str) -> int:
+async def _team_usage(url: str, clock: ManualClock | None = None) -> int:
+    """The team's usage as a gateway whose clock reads `clock` would see it (the store
+    decides expiry by the caller's time, so a reader can look from past a hold's TTL)."""
     config = BudgetConfig.model_validate(
         {"rules": [{"scope": "team", "window": "lifetime", "usd": 1}]}
     )
-    store = RedisStore.from_url(url)
+    store = RedisStore.from_url(url, clock=clock)
     try:
         return (await BudgetLedger(config, store).status([Scope("team", "t")]))[0].used
     finally:
@@ -159,5 +162,7 @@ async def test_crashed_processes_holds_count_as_spent(redis_server: RedisServer)
     held = await _team_usage(redis_server.url)
     if time.monotonic() < go_at + ttl:  # (a very slow machine may be past the TTL already)
         assert held == 27 * ESTIMATE  # still held on behalf of the dead processes
-    await asyncio.sleep(max(0.0, done + ttl + 0.1 - time.monotonic()))
-    assert await _team_usage(redis_server.url) == 27 * ESTIMATE  # expired into spend
+    # Every hold was made before `done`; a reader whose clock is past done + ttl sees them
+    # all expired, without waiting for the TTL to pass.
+    later = ManualClock(time.time() + (done - time.monotonic()) + ttl + 0.1)
+    assert await _team_usage(redis_server.url, later) == 27 * ESTIMATE  # expired into spend

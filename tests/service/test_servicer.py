@@ -3,62 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import grpc
 import orjson
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
 
 from extproc.config import parse_config
 from extproc.gateway import Gateway
 from extproc.server import ExternalProcessor
 from extproc.telemetry.metrics import Metrics
+from tests.service.harness import (
+    ListSink,
+    headers,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    set_headers,
+)
 
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        return None
-
-
-def headers(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
-    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
-    return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values), end_of_stream=eos)
-
-
-def request_headers(
-    path: str, method: str = "POST", eos: bool = False, extra: dict[str, str] | None = None
-) -> pb.ProcessingRequest:
-    pairs = {":method": method, ":path": path, "x-request-id": "req-1", "anthropic-version": "x"}
-    pairs.update(extra or {})
-    attributes = struct_pb2.Struct()
-    attributes.update({"xds.route_name": "agent"})
-    return pb.ProcessingRequest(
-        request_headers=headers(pairs, eos),
-        attributes={"envoy.filters.http.ext_proc": attributes},
-    )
-
-
-def request_body(body: bytes) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
-
-
-def response_headers(status: int, content_type: str) -> pb.ProcessingRequest:
-    pairs = {":status": str(status), "content-type": content_type}
-    return pb.ProcessingRequest(response_headers=headers(pairs))
-
-
-def response_body(chunk: bytes, eos: bool) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=eos))
+__all__ = [  # the scripted-sequence helpers other service tests use
+    "ListSink",
+    "headers",
+    "request_body",
+    "request_headers",
+    "response_body",
+    "response_headers",
+    "set_headers",
+]
 
 
 @pytest.fixture
@@ -112,10 +86,6 @@ async def run(
     await servicer.Process(iterate(), context)
     await servicer.gateway.settle_pending(10)  # the settle and audit task of the stream
     return context.written
-
-
-def set_headers(common: pb.CommonResponse) -> dict[str, str]:
-    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
 
 
 BODY = orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 5, "messages": []})

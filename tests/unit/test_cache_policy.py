@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -144,6 +145,17 @@ def test_tenant_scope_and_cache_control() -> None:
     assert cache_control({"cache-control": "no-store, max-age=0"}) == (True, False)
 
 
+def _waiting_signal() -> tuple[asyncio.Event, Callable[[float], Awaitable[None]]]:
+    """An `extend` callback that tells the test a waiter has started waiting (a waiter
+    asks Envoy for more time just before it waits), so no test sleeps and hopes."""
+    asked = asyncio.Event()
+
+    async def extend(seconds: float) -> None:
+        asked.set()
+
+    return asked, extend
+
+
 async def _noop(seconds: float) -> None:
     return None
 
@@ -159,8 +171,9 @@ def test_single_flight_leader_then_waiter_hit() -> None:
         leader, waiter = run("r1"), run("r2")
         assert await leader.before_upstream(None, _noop) is None
         assert leader.leader
-        waiting = asyncio.create_task(waiter.before_upstream(None, _noop))
-        await asyncio.sleep(0.1)
+        asked, extend = _waiting_signal()
+        waiting = asyncio.create_task(waiter.before_upstream(None, extend))
+        await asyncio.wait_for(asked.wait(), 5)  # the waiter is waiting on the leader
         assert not waiting.done()
         assert await leader.after_upstream({"content": []}, "anthropic")
         entry = await waiting
@@ -178,8 +191,9 @@ def test_waiter_takes_over_when_the_leader_fails() -> None:
         leader = CacheRun(cache, config, "s", "k", "r1", read=True, write=True)
         waiter = CacheRun(cache, config, "s", "k", "r2", read=True, write=True)
         await leader.before_upstream(None, _noop)
-        waiting = asyncio.create_task(waiter.before_upstream(None, _noop))
-        await asyncio.sleep(0.1)
+        asked, extend = _waiting_signal()
+        waiting = asyncio.create_task(waiter.before_upstream(None, extend))
+        await asyncio.wait_for(asked.wait(), 5)  # the waiter is waiting on the leader
         await leader.after_upstream(None, "anthropic")  # failed: nothing to store
         assert await waiting is None
         assert waiter.leader

@@ -769,9 +769,11 @@ def test_sidecar_prestop_drain_waits_for_open_streams(fake: FakeProvider) -> Non
     body = {**MESSAGE, "stream": True}
     headers = {**HEADERS, "x-fake-delay-ms": "250"}  # an SSE stream of ~2.5 s
     ended: list[float] = []
+    opened = threading.Event()
 
     def stream() -> None:
         with httpx.stream("POST", f"{stack.url}/v1/messages", json=body, headers=headers) as r:
+            opened.set()  # the answer's headers are here: the stream is open in Envoy
             assert b"message_stop" in r.read()
         ended.append(time.monotonic())
 
@@ -779,7 +781,7 @@ def test_sidecar_prestop_drain_waits_for_open_streams(fake: FakeProvider) -> Non
         stack.start()
         client = threading.Thread(target=stream)
         client.start()
-        time.sleep(0.5)
+        assert opened.wait(10), "the stream did not open"
         env = {"ENVOY_ADMIN_PORT": str(stack.config.envoy.admin.port), "MIN_DRAIN_SECONDS": "0"}
         drain = [shutil.which("bash") or "bash", str(K8S / "sidecar" / "drain.sh")]
         result = subprocess.run(drain, env=env, capture_output=True, timeout=60, check=False)
