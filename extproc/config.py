@@ -426,6 +426,23 @@ class ProfileAuditConfig(_Frozen):
     record_text: bool | None = None
 
 
+class FallbackStep(_Frozen):
+    """One provider of a route's fallback chain, and the model it serves (None: the model the
+    request was mapped to)."""
+
+    provider: str
+    model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, value: object) -> object:
+        return {"provider": value} if isinstance(value, str) else value
+
+
+# A chain longer than this only adds latency before an error a client would retry anyway.
+MAX_FALLBACK_STEPS = 4
+
+
 class ProfileConfig(_Frozen):
     """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
     override these fields."""
@@ -442,6 +459,21 @@ class ProfileConfig(_Frozen):
     # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
     # audit.record_text or this profile's audit settings say.
     zero_data_retention: bool = False
+    # The ordered providers a request of this profile tries (README "Fallback across
+    # providers"): Envoy retries the next one on connect failure, 429, 5xx or 529, before
+    # any byte of the answer left. Empty: the one provider routing picks.
+    fallback: tuple[FallbackStep, ...] = Field(default=(), max_length=MAX_FALLBACK_STEPS)
+
+    @field_validator("fallback")
+    @classmethod
+    def _chain(cls, value: tuple[FallbackStep, ...]) -> tuple[FallbackStep, ...]:
+        names = [step.provider for step in value]
+        if len(names) == 1:
+            raise ValueError("a fallback chain needs at least two providers (or none)")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"provider {repeated[0]!r} is in the chain twice; each is tried once")
+        return value
 
     def records_text(self, default: bool) -> bool:
         """Whether this route's audit records keep prompt and answer text."""
@@ -600,6 +632,7 @@ class Config(_Frozen):
                     "sso.signing_key: replicas sharing a store need one signing key; "
                     "set it (an Ed25519 PEM: `extproc sso keygen`)"
                 )
+        problems += self._fallback_problems()
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]
@@ -610,9 +643,33 @@ class Config(_Frozen):
             raise ValueError("; ".join(problems))
         return self
 
+    def _fallback_problems(self) -> list[str]:
+        """Every provider of a chain speaks one API until a translator serves the others."""
+        problems = []
+        for name, profile in self.profiles.items():
+            steps = [s.provider for s in profile.fallback if s.provider in self.providers]
+            apis = {self.providers[n].api for n in steps}
+            if len(apis) > 1:
+                problems.append(
+                    f"profiles.{name}.fallback: the chain mixes {' and '.join(sorted(apis))} "
+                    "providers; a chain needs providers of one API shape (no translator is "
+                    "configured between them)"
+                )
+            if profile.fallback and profile.provider is not None:
+                problems.append(
+                    f"profiles.{name}: set provider or fallback, not both (the chain's first "
+                    "provider is the one routing picks)"
+                )
+        return problems
+
     def _provider_refs(self) -> list[tuple[str, str]]:
         refs = [
             (f"profiles.{n}.provider", p.provider) for n, p in self.profiles.items() if p.provider
+        ]
+        refs += [
+            (f"profiles.{n}.fallback[{i}].provider", s.provider)
+            for n, p in self.profiles.items()
+            for i, s in enumerate(p.fallback)
         ]
         return refs + [
             (f"models.routes[{i}].provider", r.provider) for i, r in enumerate(self.models.routes)

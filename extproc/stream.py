@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from extproc import fallback
 from extproc.apis import (
     Endpoint,
     Route,
@@ -45,7 +46,7 @@ from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
 from extproc.apis.walk import WalkLimits
-from extproc.config import ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -273,6 +274,8 @@ class RequestStream:
         self.answer_decoder: encoding.StreamDecoder | None = None
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
+        self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
+        self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
 
     @property
     def api(self) -> ApiKind:
@@ -541,6 +544,13 @@ class RequestStream:
 
     def _choose_target(self, model: str | None) -> routing.Target:
         api = self.dialect.name
+        chain = self.profile.fallback
+        if chain:
+            # A chain's route sends what is not generated (count_tokens, models) to its
+            # first provider directly; generating requests go to the chain (_plan_fallback).
+            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+            if first.adapter.translator(api) is not None:
+                return first
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, api)
@@ -565,6 +575,10 @@ class RequestStream:
         """Send the request on to the chosen provider with its credential."""
         target = self.target
         assert target is not None
+        if self.chain:
+            return self._forward_chain(
+                self.raw_body if self.decoded_request and body is None else body
+            )
         adapter = target.adapter
         path = self.upstream_path or self.path
         if self.decoded_request and body is None:
@@ -652,7 +666,10 @@ class RequestStream:
             return await self._forward()
         served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
         models.check_allowed(request.model, served, self.allow)
-        self._serve(self._choose_target(served), served)
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback, served)
+        else:
+            self._serve(self._choose_target(served), served)
         rewritten = served != request.model
         if rewritten:
             path = self.dialect.with_model(self.path, request.body, served)
@@ -663,8 +680,15 @@ class RequestStream:
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
+                uuid.uuid4().hex,
+                self.served_model or served,
+                self.identity,
+                self.headers,
+                self._payer(),
             )
+            if self.chain:
+                chain_models = [s.model or served for s in self.chain]
+                self.gw.spending.may_serve(self.spend, chain_models)
         elif self.route.endpoint is Endpoint.COUNT_TOKENS:
             # Free at the provider, but a call on its credential: it counts as a request
             # for the per-minute request limits and the tier's daily quota (README).
@@ -677,6 +701,52 @@ class RequestStream:
             estimate = self.dialect.estimate_input_tokens(request.body, len(body))
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
+        """Envoy tries the chain's providers in order (extproc.fallback); the first is the
+        one served unless it fails."""
+        first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+        if first.adapter.translator(self.dialect.name) is None:
+            raise BadRequest(
+                f"this route falls back across {first.provider.api} providers; call "
+                + first.adapter.dialect.generate_path,
+                reason="wrong_api",
+            )
+        self.chain = chain
+        self._serve(first, chain[0].model or served)
+
+    def _forward_chain(self, body: bytes | None) -> Continue:
+        """To the chain's composite cluster: each attempt's filter sets path and credential."""
+        remove = ["x-api-key", "authorization"] if self.identity.source != "anonymous" else []
+        if body is not None:
+            remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
+        changes = HeaderChanges(
+            set=(
+                (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
+                (fallback.CLIENT_API_HEADER, self.dialect.name),
+                ("accept-encoding", "identity"),
+                *self._trace_header(),
+            ),
+            remove=tuple(remove),
+        )
+        self.forwarded = True
+        return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    def _read_attempts(self, headers: Mapping[str, str]) -> None:
+        """Which provider of the chain answered, after which failures (extproc.fallback)."""
+        attempts = fallback.decode_attempts(headers.get(fallback.ATTEMPTS_HEADER, ""), self.chain)
+        if not attempts:
+            return
+        self.attempts = attempts
+        last = attempts[-1]
+        for failed in attempts[:-1]:
+            reason = fallback.fallback_reason(failed.status)
+            self.gw.metrics.fallbacks.labels(self.route_name, failed.provider, reason).inc()
+        # The answer is read (and translated, across shapes) as the answerer's.
+        answerer = routing.Target(last.provider, self.gw.config.providers[last.provider])
+        self._serve(answerer, last.model or self.served_model)
 
     def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
         """The model and streaming as the dialect finds them (a URL-model dialect reads
@@ -877,6 +947,8 @@ class RequestStream:
     ) -> Decision:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if self.chain:
+            self._read_attempts(headers)
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
             raise GatewayTimeout(
@@ -892,7 +964,8 @@ class RequestStream:
                 f"the provider answered with Content-Encoding {label[:64]!r}, which the "
                 "gateway cannot read, although it asked for identity"
             )
-        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        drop: tuple[str, ...] = (fallback.ATTEMPTS_HEADER,) if self.chain else ()
+        drop += ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
@@ -904,7 +977,7 @@ class RequestStream:
                 self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
                 extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
-                extra = HeaderChanges(set=extra.set, remove=("content-length",))
+                extra = HeaderChanges(set=extra.set, remove=(*extra.remove, "content-length"))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -1187,6 +1260,8 @@ class RequestStream:
             self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
+        if self.chain:
+            self.gw.attempts.drop(self.request_id)
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -1252,6 +1327,8 @@ class RequestStream:
         }
         if answer.error_type:
             facts["error_type"] = answer.error_type
+        if self.attempts:  # every provider Envoy tried, in order (extproc.fallback)
+            facts["attempts"] = [a.as_record() for a in self.attempts]
         if answer.usage_estimated:
             facts["usage_estimated"] = True
         text: dict[str, Any] = {}
