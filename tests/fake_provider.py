@@ -57,8 +57,8 @@ that forwards headers:
 ``x-fake-tool-once: 1``
     With ``x-fake-tool-input``: call the tool only when the conversation does not end in
     a tool result; once it does (Anthropic ``tool_result`` block, OpenAI ``tool``
-    message), answer with text ``tool said: <the result's text>`` instead, as a model
-    finishing a tool-using turn would.
+    message), answer with text instead (one tool-using turn of an agent): the usual
+    reply text, or with ``x-fake-echo: 1`` ``tool said: <the result's text>``.
 ``x-fake-tool-calls: N``
     OpenAI only: N parallel calls (indices 0..N-1, each its own id) of the tool, streamed
     one after the other.
@@ -562,8 +562,11 @@ def tool_turn(call: Call) -> tuple[str | None, Call]:
     result = tool_result_text(call)
     if result is None:
         return arguments, call
+    if call.headers.get("x-fake-echo") != "1":
+        return None, call
     controls = dataclasses.replace(call.controls, text=f"tool said: {result}")
-    return None, dataclasses.replace(call, controls=controls)
+    plain = {k: v for k, v in call.headers.items() if k != "x-fake-echo"}
+    return None, dataclasses.replace(call, controls=controls, headers=plain)
 
 
 def _anthropic_tool_call(call: Call, arguments: str) -> Reply:

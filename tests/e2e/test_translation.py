@@ -190,7 +190,7 @@ def test_anthropic_sdk_tool_result_turn_and_text_stream(
         max_tokens=100,
         messages=turns,
         tools=TOOLS,
-        extra_headers=_tool_headers(**{"x-fake-tool-once": "1"}),
+        extra_headers=_tool_headers(**{"x-fake-tool-once": "1", "x-fake-echo": "1"}),
     ) as stream:
         text = "".join(stream.text_stream)
         message = stream.get_final_message()
@@ -389,6 +389,7 @@ def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
         [
             f"x-fake-tool-input: {orjson.dumps(tool).decode()}",
             "x-fake-tool-once: 1",
+            "x-fake-echo: 1",
             "x-fake-tool-name: Bash",
             "x-fake-piece-chars: 5",
         ]

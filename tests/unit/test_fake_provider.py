@@ -773,7 +773,11 @@ async def test_openai_parallel_tool_calls_with_usage(gpt: openai.AsyncOpenAI, st
 async def test_tool_once_answers_the_tool_result_with_text(
     claude: anthropic.AsyncAnthropic, gpt: openai.AsyncOpenAI
 ) -> None:
-    headers = {"x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(), "x-fake-tool-once": "1"}
+    headers = {
+        "x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(),
+        "x-fake-tool-once": "1",
+        "x-fake-echo": "1",
+    }
     first = await claude.messages.create(
         model="claude-opus-4-8", max_tokens=64, messages=USER, extra_headers=headers
     )
@@ -791,6 +795,12 @@ async def test_tool_once_answers_the_tool_result_with_text(
     chat: Any = [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "7 files"}]
     answer = await gpt.chat.completions.create(model="gpt-5", messages=chat, extra_headers=headers)
     assert answer.choices[0].message.content == "tool said: 7 files"
+    plain = {k: v for k, v in headers.items() if k != "x-fake-echo"}
+    third = await claude.messages.create(
+        model="claude-opus-4-8", max_tokens=64, messages=turns, extra_headers=plain
+    )
+    third_block: Any = third.content[0]
+    assert third_block.text == DEFAULT_TEXT  # without echo: the usual reply text
 
 
 async def test_tool_input_control_must_be_a_json_object(raw: httpx.AsyncClient) -> None:
