@@ -93,7 +93,12 @@ from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
 from extproc.translate import Notes
 from extproc.translate.models import listed_entry
-from extproc.translate.registry import bind, note_beta_headers, upstream_header_changes
+from extproc.translate.registry import (
+    Pair,
+    bind,
+    note_beta_headers,
+    upstream_header_changes,
+)
 from extproc.upstream import (
     IDENTITY,
     HeaderTranslator,
@@ -727,7 +732,7 @@ class RequestStream:
             # for the per-minute request limits and the tier's daily quota (README).
             subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
             await self.gw.spending.count_request(subject)
-            if self.translator is not None:
+            if self.translation is not None:  # an OpenAI provider has no count_tokens
                 return self._count_locally(request.body, len(body))
         hit = await self._consult_cache()
         if hit is not None:
@@ -753,7 +758,10 @@ class RequestStream:
         """Envoy tries the chain's providers in order (extproc.fallback); the first is the
         one served unless it fails."""
         first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
-        if first.adapter.translator(self.dialect.name) is None:
+        translator = first.adapter.translator(self.dialect.name)
+        # A chain sends one body to every attempt: Anthropic <-> OpenAI translation (per
+        # request, extproc.translate) is not done per attempt, so such a chain is refused.
+        if translator is None or isinstance(translator, Pair):
             raise BadRequest(
                 f"this route falls back across {first.provider.api} providers; call "
                 + first.adapter.dialect.generate_path,

@@ -622,7 +622,9 @@ def test_a_provider_stream_cut_short_stays_cut_after_translation(
         assert time.monotonic() < deadline, "no audit record for the cut stream"
         records = [r for r in crossed.audit_records() if r.get("session_id") == session]
         time.sleep(0.05)
-    assert records[-1]["outcome"] in ("truncated", "provider_reset")
+    # truncated / provider_reset, or client_abort when Envoy's reset of the downstream
+    # reaches the gateway first (timing): never "ok"
+    assert records[-1]["outcome"] in ("truncated", "provider_reset", "client_abort")
     assert records[-1].get("cache_stored") is not True
 
 
