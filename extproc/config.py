@@ -650,17 +650,17 @@ class Config(_Frozen):
         return self
 
     def _fallback_problems(self) -> list[str]:
-        """Every provider of a chain speaks one API until a translator serves the others."""
+        """Every provider of a chain serves its first provider's callers (through a
+        translator where their shapes differ)."""
+        # Imported here: the adapters and translators import this module.
+        from extproc.fallback import chain_problems
+
         problems = []
         for name, profile in self.profiles.items():
-            steps = [s.provider for s in profile.fallback if s.provider in self.providers]
-            apis = {self.providers[n].api for n in steps}
-            if len(apis) > 1:
-                problems.append(
-                    f"profiles.{name}.fallback: the chain mixes {' and '.join(sorted(apis))} "
-                    "providers; a chain needs providers of one API shape (no translator is "
-                    "configured between them)"
-                )
+            known = [s.provider for s in profile.fallback if s.provider in self.providers]
+            steps = [(n, self.providers[n].api) for n in known]
+            if steps and len(steps) == len(profile.fallback):  # unknown ones: _provider_refs
+                problems += chain_problems(f"profiles.{name}.fallback", steps)
             if profile.fallback and profile.provider is not None:
                 problems.append(
                     f"profiles.{name}: set provider or fallback, not both (the chain's first "

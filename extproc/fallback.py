@@ -35,14 +35,18 @@ from typing import Any
 
 import orjson
 
+from extproc.apis.kind import ApiKind
 from extproc.config import Config, FallbackStep
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, Continue, Decision, HeaderChanges
 from extproc.phases import Event, RequestBody, RequestHeaders, ResponseHeaders
 from extproc.policies import routing
-from extproc.upstream.adapter import CALLER_AUTH, ROUTING_HEADER
+from extproc.translate.config import TranslationConfig
+from extproc.translate.notes import Notes
+from extproc.translate.registry import bind, upstream_header_changes
+from extproc.upstream.adapter import CALLER_AUTH, ROUTING_HEADER, adapter_for
 from extproc.upstream.credentials import CredentialProvider, UpstreamRequest
-from extproc.upstream.translate import IDENTITY, Translator
+from extproc.upstream.translate import IDENTITY, HeaderTranslator, Translator
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,9 @@ ATTEMPTS_HEADER = "x-gateway-attempts"
 # API shape, so an attempt at a provider of another shape can pick its translator. The
 # attempt filter removes it before the request leaves.
 CLIENT_API_HEADER = "x-gateway-client-api"
+# Request header with the route's translation settings (JSON), for an attempt at a provider
+# of another shape; removed by the attempt filter like the one above.
+TRANSLATION_HEADER = "x-gateway-translation"
 # The host metadata namespace of a chain's sub-cluster endpoints (rendered by envoy_config).
 HOST_NAMESPACE = "extproc"
 CHAIN_PREFIX = "fallback_"
@@ -68,6 +75,30 @@ def chain_cluster(chain: Sequence[FallbackStep]) -> str:
     """The composite cluster's name: from the chain's content, so equal chains share it."""
     text = orjson.dumps([[s.provider, s.model] for s in chain])
     return CHAIN_PREFIX + hashlib.sha256(text).hexdigest()[:12]
+
+
+def native_client(api: ApiKind) -> ApiKind:
+    """The callers a provider serves without translation (a Bedrock provider's: Anthropic's)."""
+    return adapter_for(api).dialect.name
+
+
+def unreachable(client: ApiKind, apis: Sequence[ApiKind]) -> list[ApiKind]:
+    """The provider APIs of a chain that cannot serve a `client` caller: no translator
+    between them (`extproc.upstream.translate`)."""
+    return [api for api in apis if adapter_for(api).translator(client) is None]
+
+
+def chain_problems(where: str, chain: Sequence[tuple[str, ApiKind]]) -> list[str]:
+    """A chain's providers must all serve the callers of its first provider's shape, each
+    through its translator (another shape's callers are checked per request)."""
+    client = native_client(chain[0][1])
+    missing = set(unreachable(client, [api for _, api in chain]))
+    return [
+        f"{where}: provider {name!r} ({api} API) cannot serve the {client} callers of the "
+        f"chain's first provider: no translator from {client} to {api}"
+        for name, api in chain
+        if api in missing
+    ]
 
 
 def fallback_reason(status: int) -> str:
@@ -145,6 +176,17 @@ class AttemptLog:
         self._attempts.pop(request_id, None)
 
 
+def _settings(value: str) -> TranslationConfig:
+    """The route's translation settings as the gateway's filter sent them (defaults if
+    the header is missing or malformed: it is ours, but bound the trust)."""
+    if not value:
+        return TranslationConfig()
+    try:
+        return TranslationConfig.model_validate_json(value)
+    except ValueError:
+        return TranslationConfig()
+
+
 def host_step(metadata: Mapping[str, Any]) -> tuple[int, FallbackStep] | None:
     """The chain position and step of the host an attempt goes to (its endpoint metadata)."""
     provider, position = metadata.get("provider"), metadata.get("position")
@@ -184,6 +226,7 @@ class AttemptStream:
         self.step: FallbackStep | None = None
         self.target: routing.Target | None = None
         self.translator: Translator | None = None
+        self.client: ApiKind | None = None
         self.answered = False
 
     async def handle(self, event: Event, host: Mapping[str, Any]) -> Decision:
@@ -208,22 +251,37 @@ class AttemptStream:
         self.target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
         client = headers.get(CLIENT_API_HEADER, self.target.provider.api)
         translator = self.target.adapter.translator(client)  # type: ignore[arg-type]
-        self.translator = None if translator is IDENTITY else translator
+        self.client = client  # type: ignore[assignment]
+        self.translator = None if translator is IDENTITY else self._bound(translator)
         return CONTINUE
+
+    def _bound(self, translator: Translator | None) -> Translator | None:
+        """An Anthropic <-> OpenAI pair bound to the route's settings for this attempt (the
+        gateway's filter checked them on the caller's body; its refusals were raised there)."""
+        settings = _settings(self.headers.get(TRANSLATION_HEADER, ""))
+        assert self.target is not None
+        notes = Notes(settings.lossy(), f"provider {self.target.name!r}")
+        return bind(translator, settings, notes, models=False, created=int(time.time())) or (
+            translator
+        )
 
     async def request_body(self, body: bytes) -> Decision:
         """The request as this provider takes it: body, path and credential."""
         if self.target is None or self.step is None:
             return CONTINUE
         path = self.headers.get(":path", "/")
-        sent, path = self._adapt(body, path)
+        sent, path, extra = self._adapt(body, path)
         adapter, provider = self.target.adapter, self.target.provider
         route = [kv for kv in adapter.route("", provider, path) if kv[0] != ROUTING_HEADER]
         if path != self.headers.get(":path") and not provider.path_prefix:
             route.insert(0, (":path", path))
-        auth = await self._authorize(route, sent if sent is not None else body)
-        changes = adapter.headers(route, auth)
-        remove = (*changes.remove, CLIENT_API_HEADER)
+        auth = await self._authorize(route + extra, sent if sent is not None else body)
+        changes = adapter.headers(route + extra, auth)
+        remove = (*changes.remove, CLIENT_API_HEADER, TRANSLATION_HEADER)
+        if self.translator is not None and self.client is not None:
+            add, drop = upstream_header_changes(self.client, provider.api)
+            changes = HeaderChanges(set=changes.set + add, remove=changes.remove)
+            remove += drop
         if sent is not None:
             remove += ("content-length",)
         if auth is None and self.position > 0:
@@ -231,23 +289,31 @@ class AttemptStream:
             remove += ("x-api-key", "authorization")
         return Continue(headers=HeaderChanges(set=changes.set, remove=remove), body=sent)
 
-    def _adapt(self, body: bytes, path: str) -> tuple[bytes | None, str]:
-        """The translated body with the step's model (None: unchanged), and the path."""
+    def _adapt(self, body: bytes, path: str) -> tuple[bytes | None, str, list[tuple[str, str]]]:
+        """The body as this provider takes it (None: unchanged), its path and any headers
+        the translator sets. `body` is the caller's, in the caller's shape, whichever
+        attempt this is: each attempt translates it for its own provider."""
         assert self.target is not None
         assert self.step is not None
         if self.step.model is None and self.translator is None:
-            return None, path
+            return None, path, []
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return None, path  # the gateway's own filter parsed it; nothing to adapt
+            return None, path, []  # the gateway's own filter parsed it; nothing to adapt
         if not isinstance(parsed, dict):
-            return None, path
+            return None, path, []
+        extra: list[tuple[str, str]] = []
         if self.translator is not None:
+            if isinstance(self.translator, HeaderTranslator):
+                extra = list(self.translator.request_headers(parsed, self.headers))
             parsed, path = self.translator.request(parsed, path)
+        adapter = self.target.adapter
         if self.step.model is not None:
-            path = self.target.adapter.dialect.with_model(path, parsed, self.step.model)
-        return orjson.dumps(parsed), path
+            path = adapter.dialect.with_model(path, parsed, self.step.model)
+        if self.translator is not None:  # a cloud provider: the model into the URL, ...
+            parsed, path = adapter.prepare(self.target.provider, parsed, path, self.headers)
+        return orjson.dumps(parsed), path, extra
 
     async def _authorize(
         self, route: list[tuple[str, str]], body: bytes

@@ -94,7 +94,6 @@ from extproc.telemetry.record import account
 from extproc.translate import Notes
 from extproc.translate.models import listed_entry
 from extproc.translate.registry import (
-    Pair,
     bind,
     note_beta_headers,
     upstream_header_changes,
@@ -756,19 +755,36 @@ class RequestStream:
 
     def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
         """Envoy tries the chain's providers in order (extproc.fallback); the first is the
-        one served unless it fails."""
-        first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
-        translator = first.adapter.translator(self.dialect.name)
-        # A chain sends one body to every attempt: Anthropic <-> OpenAI translation (per
-        # request, extproc.translate) is not done per attempt, so such a chain is refused.
-        if translator is None or isinstance(translator, Pair):
+        one served unless it fails. Each attempt translates the caller's body for its own
+        provider, so every provider must have a translator from the caller's shape."""
+        providers = self.gw.config.providers
+        apis = [providers[s.provider].api for s in chain]
+        missing = fallback.unreachable(self.dialect.name, apis)
+        if missing:
+            first = routing.Target(chain[0].provider, providers[chain[0].provider])
             raise BadRequest(
-                f"this route falls back across {first.provider.api} providers; call "
-                + first.adapter.dialect.generate_path,
+                f"this route falls back to {' and '.join(missing)} providers, which cannot "
+                f"serve a {self.dialect.name} request; call " + first.adapter.dialect.generate_path,
                 reason="wrong_api",
             )
         self.chain = chain
+        first = routing.Target(chain[0].provider, providers[chain[0].provider])
         self._serve(first, chain[0].model or served)
+
+    def _check_translations(self, body: Mapping[str, Any]) -> None:
+        """The route's translation refusals, raised here in the caller's shape: each
+        attempt at a provider of another shape translates the same body with them."""
+        assert self.route is not None
+        settings = self.profile.translation
+        for step in self.chain:
+            provider = self.gw.config.providers[step.provider]
+            translator = routing.Target(step.provider, provider).adapter.translator(
+                self.dialect.name
+            )
+            notes = Notes(settings.lossy(), f"provider {step.provider!r} ({provider.api} API)")
+            bound = bind(translator, settings, notes, models=False, created=0)
+            if bound is not None:
+                bound.request(orjson.loads(orjson.dumps(body)), self.path)
 
     def _forward_chain(self, body: bytes | None) -> Continue:
         """To the chain's composite cluster: each attempt's filter sets path and credential."""
@@ -777,10 +793,13 @@ class RequestStream:
             remove.append("content-length")
         if self.decoded_request:
             remove.append("content-encoding")
+        if self.request is not None:
+            self._check_translations(self.request.body)
         changes = HeaderChanges(
             set=(
                 (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
                 (fallback.CLIENT_API_HEADER, self.dialect.name),
+                (fallback.TRANSLATION_HEADER, self.profile.translation.model_dump_json()),
                 ("accept-encoding", "identity"),
                 *self._trace_header(),
             ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from extproc import envoy_config, supervisor
@@ -34,6 +35,11 @@ PROVIDERS = {
     "a": {"api": "anthropic", "base_url": "https://api.anthropic.com"},
     "b": {"api": "anthropic", "base_url": "http://10.0.0.2:8000"},
     "o": {"api": "openai", "base_url": "https://api.openai.com"},
+    "k": {
+        "api": "bedrock",
+        "base_url": "https://bedrock-runtime.us-east-1.amazonaws.com",
+        "cloud": {"kind": "bedrock", "region": "us-east-1"},
+    },
 }
 CHAIN = (FallbackStep(provider="a"), FallbackStep(provider="b", model="claude-haiku-4-5"))
 
@@ -48,7 +54,7 @@ def _config(fallback: Any, **profile: Any) -> dict[str, Any]:
         (["a"], {}, "at least two providers"),
         (["a", "b", "a"], {}, "in the chain twice"),
         (["a", "zz"], {}, "'zz' is not declared under providers"),
-        (["a", "o"], {}, "mixes anthropic and openai providers"),
+        (["o", "a", "k"], {}, "'k' \\(bedrock API\\) cannot serve the openai callers"),
         (["a", "b"], {"provider": "a"}, "set provider or fallback, not both"),
         (["a", "b", "a", "b", "a"], {}, "at most 4"),
     ],
@@ -58,6 +64,11 @@ def test_bad_chains_are_refused_at_start(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(_config(fallback, **profile))
+
+
+@pytest.mark.parametrize("chain", [["a", "k", "o"], ["o", "a"], ["k", "o"]])
+def test_chains_across_shapes_with_a_translator_are_accepted(chain: list[str]) -> None:
+    assert len(parse_config(_config(chain)).profiles["default"].fallback) == len(chain)
 
 
 def test_a_chain_step_is_a_name_or_a_provider_and_model() -> None:
@@ -277,3 +288,37 @@ async def test_an_attempt_without_chain_metadata_passes_unchanged() -> None:
     assert attempt.request_headers(REQUEST, {}) == CONTINUE
     assert await attempt.request_body(b"{}") == CONTINUE
     assert attempt.response_headers({":status": "200"}) == CONTINUE
+
+
+HOST_O = {"provider": "o", "model": "qwen3-32b", "position": 1.0}
+
+
+async def test_an_attempt_translates_the_callers_body_for_its_provider() -> None:
+    """Attempt 2 at an OpenAI provider gets the Anthropic caller's body as Chat Completions,
+    with the route's translation settings from the gateway's filter."""
+    attempt = AttemptStream(parse_config(_config(["a", "o"])), {}, AttemptLog())
+    settings = '{"max_tokens_field": "max_completion_tokens"}'
+    headers = {**REQUEST, "anthropic-version": "2023-06-01", "x-gateway-translation": settings}
+    attempt.request_headers(headers, HOST_O)
+    body = {"model": "claude-sonnet-4-6", "max_tokens": 5, "system": "be brief"}
+    decision = await attempt.request_body(orjson.dumps({**body, "messages": []}))
+    assert isinstance(decision, Continue)
+    assert decision.body is not None
+    sent = orjson.loads(decision.body)
+    assert sent["model"] == "qwen3-32b"
+    assert sent["max_completion_tokens"] == 5
+    assert sent["messages"][0] == {"role": "system", "content": "be brief"}
+    assert (":path", "/v1/chat/completions") in decision.headers.set
+    assert {"anthropic-version", "x-gateway-translation"} <= set(decision.headers.remove)
+
+
+async def test_an_attempt_at_bedrock_puts_the_model_in_the_url() -> None:
+    attempt = AttemptStream(parse_config(_config(["a", "k"])), {}, AttemptLog())
+    host = {"provider": "k", "model": "anthropic.claude-haiku-4-5-20251001-v1:0", "position": 1}
+    attempt.request_headers(REQUEST, host)
+    decision = await attempt.request_body(b'{"model": "claude-sonnet-4-6", "max_tokens": 5}')
+    assert isinstance(decision, Continue)
+    assert decision.body is not None
+    assert "model" not in orjson.loads(decision.body)
+    paths = [v for k, v in decision.headers.set if k == ":path"]
+    assert paths == ["/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"]
