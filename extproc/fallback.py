@@ -163,6 +163,16 @@ class AttemptLog:
     def __init__(self, size: int = _LOG_SIZE) -> None:
         self._size = size
         self._attempts: OrderedDict[str, list[Attempt]] = OrderedDict()
+        self._headers: OrderedDict[str, Mapping[str, str]] = OrderedDict()
+
+    def pristine(self, request_id: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The request's headers as its first attempt got them (these, for the first)."""
+        found = self._headers.get(request_id)
+        if found is None:
+            self._headers[request_id] = found = dict(headers)
+            while len(self._headers) > self._size:
+                self._headers.popitem(last=False)
+        return found
 
     def add(self, request_id: str, attempt: Attempt) -> list[Attempt]:
         attempts = self._attempts.pop(request_id, [])
@@ -174,6 +184,7 @@ class AttemptLog:
 
     def drop(self, request_id: str) -> None:
         self._attempts.pop(request_id, None)
+        self._headers.pop(request_id, None)
 
 
 def _settings(value: str) -> TranslationConfig:
@@ -221,7 +232,8 @@ class AttemptStream:
         self.clock = clock
         self.started = clock()
         self.request_id = ""
-        self.headers: Mapping[str, str] = {}
+        self.headers: Mapping[str, str] = {}  # the request's, as the first attempt saw them
+        self.current: Mapping[str, str] = {}  # as this attempt got them
         self.position = -1
         self.step: FallbackStep | None = None
         self.target: routing.Target | None = None
@@ -242,14 +254,19 @@ class AttemptStream:
     def request_headers(self, headers: Mapping[str, str], host: Mapping[str, Any]) -> Decision:
         """Which provider this attempt goes to; its changes come with the body."""
         self.request_id = headers.get("x-request-id", "")
-        self.headers = headers
+        self.current = headers
+        # A retry's headers are as the previous attempt's filter left them (Envoy buffers
+        # the caller's body, not the headers): each attempt starts from the first's.
+        self.headers = (
+            self.attempts.pristine(self.request_id, headers) if self.request_id else headers
+        )
         found = host_step(host)
         if found is None or found[1].provider not in self.config.providers:
             log.error("fallback attempt without chain metadata on its host: %r", dict(host))
             return CONTINUE
         self.position, self.step = found
         self.target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
-        client = headers.get(CLIENT_API_HEADER, self.target.provider.api)
+        client = self.headers.get(CLIENT_API_HEADER, self.target.provider.api)
         translator = self.target.adapter.translator(client)  # type: ignore[arg-type]
         self.client = client  # type: ignore[assignment]
         self.translator = None if translator is IDENTITY else self._bound(translator)
@@ -273,7 +290,7 @@ class AttemptStream:
         sent, path, extra = self._adapt(body, path)
         adapter, provider = self.target.adapter, self.target.provider
         route = [kv for kv in adapter.route("", provider, path) if kv[0] != ROUTING_HEADER]
-        if path != self.headers.get(":path") and not provider.path_prefix:
+        if path != self.current.get(":path") and not provider.path_prefix:
             route.insert(0, (":path", path))
         auth = await self._authorize(route + extra, sent if sent is not None else body)
         changes = adapter.headers(route + extra, auth)
@@ -287,7 +304,26 @@ class AttemptStream:
         if auth is None and self.position > 0:
             # A caller's own key was meant for the first provider, not this one.
             remove += ("x-api-key", "authorization")
-        return Continue(headers=HeaderChanges(set=changes.set, remove=remove), body=sent)
+        changes = self._restored(HeaderChanges(set=changes.set, remove=remove))
+        return Continue(headers=changes, body=sent)
+
+    def _restored(self, changes: HeaderChanges) -> HeaderChanges:
+        """`changes` plus undoing what an earlier attempt's filter changed that this one
+        does not set itself (a vendor header, the caller's path, a content-length)."""
+        if self.headers is self.current:
+            return changes
+        touched = {name for name, _ in changes.set} | set(changes.remove)
+
+        def ours(name: str) -> bool:
+            return name not in touched and not name.startswith((":", "x-envoy-"))
+
+        back = tuple(
+            (name, value)
+            for name, value in self.headers.items()
+            if ours(name) and self.current.get(name) != value
+        )
+        gone = tuple(name for name in self.current if ours(name) and name not in self.headers)
+        return HeaderChanges(set=changes.set + back, remove=changes.remove + gone)
 
     def _adapt(self, body: bytes, path: str) -> tuple[bytes | None, str, list[tuple[str, str]]]:
         """The body as this provider takes it (None: unchanged), its path and any headers

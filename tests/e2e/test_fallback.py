@@ -245,13 +245,32 @@ def test_a_stream_that_breaks_mid_way_is_never_retried_elsewhere(
     assert record["outcome"] in ("provider_reset", "truncated", "client_abort")
 
 
-def test_a_caller_of_the_other_api_shape_is_told_which_one_to_call(stack: Stack) -> None:
-    client = openai.OpenAI(api_key="client-key", base_url=f"{stack.url}/v1", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
-    assert caught.value.response.headers["x-gateway-error"] == "wrong_api"
-    assert caught.value.response.headers["x-should-retry"] == "false"
-    assert "/v1/messages" in caught.value.message
+def test_a_caller_of_the_other_api_shape_is_served_through_the_chain(
+    stack: Stack, backup: FakeProvider
+) -> None:
+    """The OpenAI SDK on this all-Anthropic chain: each attempt translates its body into a
+    Messages request; the backup's answer comes back as a chat completion."""
+    backup.clear()
+    client = openai.OpenAI(
+        api_key="client-key",
+        base_url=f"{stack.url}/v1",
+        max_retries=0,
+        default_headers={"x-flaky-status": "529"},
+    )
+    raw = client.chat.completions.with_raw_response.create(
+        model=ASKED, max_tokens=32, messages=[{"role": "user", "content": "x"}]
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "Hello from the fake provider."
+    (call,) = [r for r in backup.received if r.path.startswith("/v1/messages")]
+    assert call.json()["model"] == BACKUP_MODEL
+    assert call.headers["anthropic-version"]
+    record = _record(stack, raw.headers["x-gateway-request-id"])
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+        ("primary", 529),
+        ("backup", 200),
+    ]
 
 
 @pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")

@@ -322,3 +322,33 @@ async def test_an_attempt_at_bedrock_puts_the_model_in_the_url() -> None:
     assert "model" not in orjson.loads(decision.body)
     paths = [v for k, v in decision.headers.set if k == ":path"]
     assert paths == ["/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/invoke"]
+
+
+async def test_a_retry_starts_from_the_headers_the_first_attempt_got() -> None:
+    """Envoy hands a retry the headers as the previous attempt's filter left them; the next
+    attempt translates from the caller's and undoes the first one's vendor headers."""
+    config = parse_config(_config(["a", "o"]))
+    log = AttemptLog()
+    first = AttemptStream(config, {"a": StaticKey(_Secret("sk-a"), "x-api-key")}, log)  # type: ignore[arg-type]
+    client = {
+        **REQUEST,
+        ":path": "/v1/chat/completions",
+        "x-gateway-client-api": "openai",
+        "openai-organization": "org-1",
+    }
+    first.request_headers(client, {"provider": "a", "position": 0})
+    decision = await first.request_body(b'{"model": "gpt-5", "messages": []}')
+    assert isinstance(decision, Continue)
+    left = {k: v for k, v in client.items() if k not in decision.headers.remove}
+    left.update(decision.headers.set)
+    assert left[":path"] == "/v1/messages"
+    second = AttemptStream(config, {"o": StaticKey(_Secret("sk-o"), "authorization")}, log)  # type: ignore[arg-type]
+    second.request_headers(left, HOST_O)
+    decision = await second.request_body(b'{"model": "gpt-5", "messages": []}')
+    assert isinstance(decision, Continue)
+    changes = dict(decision.headers.set)
+    assert changes[":path"] == "/v1/chat/completions"
+    assert changes["openai-organization"] == "org-1"  # removed by attempt 1, restored
+    assert {"anthropic-version", "x-api-key"} <= set(decision.headers.remove)
+    assert decision.body is not None
+    assert orjson.loads(decision.body)["model"] == "qwen3-32b"
