@@ -284,6 +284,7 @@ class RequestStream:
         self.trace: RequestTrace | None = None
         self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
         self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
+        self.chain_notes: dict[str, Notes] = {}  # per chain provider: what its translation dropped
 
     @property
     def api(self) -> ApiKind:
@@ -583,7 +584,9 @@ class RequestStream:
     def _bound(self, translator: Translator | None, target: routing.Target) -> Translator | None:
         """This request's own translator (the route's settings, a fresh `Notes`)."""
         settings = self.profile.translation
-        notes = Notes(settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)")
+        notes = self.chain_notes.get(target.name) or Notes(
+            settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)"
+        )
         models_list = self.route is not None and self.route.endpoint is Endpoint.MODELS
         created = int(self.gw.wall_clock())
         caller_body = self.request.body if self.request is not None else None
@@ -785,6 +788,8 @@ class RequestStream:
             bound = bind(translator, settings, notes, models=False, created=0)
             if bound is not None:
                 bound.request(orjson.loads(orjson.dumps(body)), self.path)
+                # What the answerer's attempt dropped goes in the audit record.
+                self.chain_notes[step.provider] = notes
 
     def _forward_chain(self, body: bytes | None) -> Continue:
         """To the chain's composite cluster: each attempt's filter sets path and credential."""

@@ -124,7 +124,11 @@ def test_an_anthropic_caller_is_answered_by_the_openai_backend_in_its_shape(
     internal.clear()
     client = _anthropic(stack.url, **{"x-flaky-status": "529"})
     raw = client.messages.with_raw_response.create(
-        model=ASKED, max_tokens=64, system="be brief", messages=[{"role": "user", "content": "hi"}]
+        model=ASKED,
+        max_tokens=2048,
+        system="be brief",
+        messages=[{"role": "user", "content": "hi"}],
+        thinking={"type": "enabled", "budget_tokens": 1024},  # no such thing at OpenAI
     )
     message = raw.parse()
     assert message.type == "message"
@@ -136,8 +140,13 @@ def test_an_anthropic_caller_is_answered_by_the_openai_backend_in_its_shape(
     assert sent["model"] == INTERNAL_MODEL
     assert sent["messages"][0] == {"role": "system", "content": "be brief"}
     assert "anthropic-version" not in call.headers
-    request_id = raw.headers["x-gateway-request-id"]
-    assert _attempts(stack, request_id) == [("primary", 529), ("internal", 200)]
+    record = _record(stack, raw.headers["x-gateway-request-id"])
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+        ("primary", 529),
+        ("internal", 200),
+    ]
+    assert record["translation"]["provider_api"] == "openai"
+    assert record["translation"]["dropped"] == {"reasoning": 1}
 
 
 def test_an_anthropic_stream_is_answered_by_the_openai_backend_in_its_shape(
