@@ -266,7 +266,10 @@ class AttemptStream:
             return CONTINUE
         self.position, self.step = found
         self.target = routing.Target(self.step.provider, self.config.providers[self.step.provider])
-        client = self.headers.get(CLIENT_API_HEADER, self.target.provider.api)
+        client = self.headers.get(CLIENT_API_HEADER)
+        if client is None:  # a retry whose first attempt another process saw (README)
+            log.warning("fallback attempt %s without the caller's shape", self.request_id)
+            client = self.target.provider.api
         translator = self.target.adapter.translator(client)  # type: ignore[arg-type]
         self.client = client  # type: ignore[assignment]
         self.translator = None if translator is IDENTITY else self._bound(translator)
