@@ -65,7 +65,9 @@ def _primary(primary: Primary) -> dict[str, Any]:
 def _stack(providers: dict[str, Any], chain: list[Any], url: str) -> Stack:
     config = gateway_config(url)
     config["providers"] = providers
-    config["profiles"] = {"default": {"fallback": chain}}
+    # `top_k` has no OpenAI equivalent: this route refuses it rather than drop it.
+    translation = {"refuse": ["sampling"]}
+    config["profiles"] = {"default": {"fallback": chain, "translation": translation}}
     gateway = Stack(config)
     gateway.start()
     return gateway
@@ -241,3 +243,23 @@ def test_an_openai_caller_is_refused_a_chain_with_a_provider_it_cannot_reach(
     assert caught.value.response.headers["x-gateway-error"] == "wrong_api"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert "bedrock" in caught.value.message
+
+
+def test_a_refused_translation_is_a_400_before_any_attempt(
+    stack: Stack, primary: Primary, internal: FakeProvider
+) -> None:
+    """The route refuses what the internal provider's translation would drop; the first
+    provider needs no translation, but the answer must not depend on who answers."""
+    internal.clear()
+    client = _anthropic(stack.url)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(
+            model=ASKED,
+            max_tokens=16,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"top_k": 5},
+        )
+    assert caught.value.response.headers["x-gateway-error"] == "untranslatable"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert "top_k" in caught.value.message
+    assert internal.received == []
