@@ -273,6 +273,28 @@ def test_a_caller_of_the_other_api_shape_is_served_through_the_chain(
     ]
 
 
+def test_an_openai_stream_is_translated_from_the_next_provider(
+    stack: Stack, backup: FakeProvider
+) -> None:
+    client = openai.OpenAI(
+        api_key="client-key",
+        base_url=f"{stack.url}/v1",
+        max_retries=0,
+        default_headers={"x-flaky-status": "500"},
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=ASKED,
+            max_tokens=32,
+            stream=True,
+            messages=[{"role": "user", "content": "x"}],
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake provider."
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+
+
 @pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
 def test_claude_code_is_answered_by_the_next_provider(
     tmp_path: Path, stack: Stack, backup: FakeProvider

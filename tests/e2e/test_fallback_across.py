@@ -263,3 +263,22 @@ def test_a_refused_translation_is_a_400_before_any_attempt(
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert "top_k" in caught.value.message
     assert internal.received == []
+
+
+def test_an_anthropic_stream_falls_back_to_bedrock(
+    cloud_stack: Stack, bedrock: FakeBedrock
+) -> None:
+    """Bedrock streams in AWS event-stream framing; the caller gets Anthropic SSE."""
+    bedrock.calls.clear()
+    client = _anthropic(cloud_stack.url, **{"x-flaky-status": "529"})
+    with client.messages.stream(
+        model=ASKED, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        request_id = stream.response.headers["x-gateway-request-id"]
+        assert stream.response.headers["content-type"].startswith("text/event-stream")
+        message = stream.get_final_message()
+    assert message.content[0].type == "text"
+    assert message.stop_reason == "end_turn"
+    (call,) = bedrock.calls
+    assert call.action == "invoke-with-response-stream"
+    assert _attempts(cloud_stack, request_id) == [("primary", 529), ("bedrock", 200)]
