@@ -12,9 +12,12 @@ The mechanism (README "Fallback across providers" says why):
 - The composite cluster carries an ext_proc *upstream* HTTP filter: Envoy runs it once
   per attempt, after the attempt's host was chosen, and sends the host's metadata
   (`xds.upstream_host_metadata`: the provider, its model, its position). `AttemptStream`
-  adapts the request for that provider through its upstream adapter (translator, model,
-  path, credential) and, on the answer's headers, reports every attempt so far to the
-  gateway's own filter downstream in the `x-gateway-attempts` response header.
+  adapts the caller's request for that provider through its upstream adapter
+  (translator, model, path, credential) and, on the answer's headers, reports every
+  attempt so far to the gateway's own filter downstream in the `x-gateway-attempts`
+  response header. Envoy re-sends the caller's buffered body on a retry but the headers
+  as the previous attempt's filter left them, so every attempt starts from the headers
+  its request's first attempt got (`AttemptLog.pristine`).
 - Downstream, `RequestStream` reserved the budget once, at the dearest price of the
   chain; it reads that header, takes the provider that answered as the served one,
   settles at its price, audits every attempt and counts the fallbacks.
