@@ -9,13 +9,16 @@ the caller's shape, JSON and streamed.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 
+from tests.claude_cli import claude_env, claude_path
 from tests.cloud_fakes import AwsIdentity, FakeBedrock, serving
 from tests.e2e.test_fallback import Primary, _record
 from tests.fake_provider import FakeProvider, run_in_thread
@@ -282,3 +285,32 @@ def test_an_anthropic_stream_falls_back_to_bedrock(
     (call,) = bedrock.calls
     assert call.action == "invoke-with-response-stream"
     assert _attempts(cloud_stack, request_id) == [("primary", 529), ("bedrock", 200)]
+
+
+@pytest.mark.skipif(claude_path() is None, reason="the Claude Code CLI is not installed")
+def test_claude_code_is_answered_by_the_openai_backend(
+    tmp_path: Path, stack: Stack, internal: FakeProvider
+) -> None:
+    """Anthropic overloaded: Claude Code's requests are served by the internal model."""
+    internal.clear()
+    cli = claude_path()
+    assert cli is not None
+    env = claude_env(
+        tmp_path,
+        ANTHROPIC_BASE_URL=stack.url,
+        ANTHROPIC_API_KEY="client-key",
+        ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
+    )
+    result = subprocess.run(
+        [cli, "-p", "hi", "--model", ASKED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert FAKE_TEXT in result.stdout
+    calls = [r for r in internal.received if r.path == "/v1/chat/completions"]
+    assert calls
+    assert all(c.json()["model"] == INTERNAL_MODEL for c in calls)
