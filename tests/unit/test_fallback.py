@@ -191,6 +191,13 @@ def test_the_example_chain_renders_a_bootstrap_envoy_accepts() -> None:
     assert supervisor.validate_envoy(config) == []
 
 
+def test_the_cross_vendor_example_renders_a_bootstrap_envoy_accepts() -> None:
+    config = load_config(Path(__file__).parents[2] / "examples" / "fallback-vendors.yaml")
+    chain = [s.provider for s in config.profiles["default"].fallback]
+    assert chain == ["anthropic", "bedrock", "internal"]
+    assert supervisor.validate_envoy(config) == []
+
+
 def _attempt(credentials: dict[str, Any] | None = None) -> tuple[AttemptStream, AttemptLog]:
     config = parse_config(_config(["a", "b"]))
     log = AttemptLog()
