@@ -54,7 +54,6 @@ from extproc.errors import (
     InternalError,
     NotFound,
     PayloadTooLarge,
-    Unauthorized,
     Unavailable,
 )
 from extproc.gateway import Gateway
@@ -404,25 +403,10 @@ class RequestStream:
             )
 
     async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
+        """The auth step (who calls), then the model policy's lists for that caller."""
         config = self.gw.config
-        self.key = key = auth.presented_key(headers)
-        identity = None
-        if key is not None and auth.key_id_of(key) is not None:
-            identity = await self.gw.keys.authenticate(key)
-        elif key is not None and self.gw.signin is not None and self.gw.signin.signer.owns(key):
-            identity = await self.gw.signin.authenticate(key)
-        elif config.auth.jwt is not None:
-            claims = jwt_metadata.get(config.auth.jwt.payload_key)
-            if isinstance(claims, Mapping):
-                identity = auth.identity_from_claims(claims, config.auth.jwt)
-        if identity is None and config.auth.required:
-            if key is None:
-                raise Unauthorized(
-                    "missing gateway key: send it as x-api-key or Authorization: Bearer",
-                    reason="missing_key",
-                )
-            raise Unauthorized("invalid gateway key", reason="invalid_key")
-        self.identity = identity or auth.ANONYMOUS
+        self.key = auth.presented_key(headers)
+        self.identity = await auth.identify(self.gw, self.key, jwt_metadata)
         self.tier = models.tier_of(config, self.identity)
         self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
 
