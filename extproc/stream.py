@@ -1,10 +1,13 @@
 """One object per HTTP request: a method per ext_proc phase, typed state between them.
 
 Envoy opens one gRPC stream per HTTP request and sends its phases in order.
-`RequestStream` checks that order against a transition table (h11 style), runs
-the policies for each phase and returns a `Decision`; `close()` settles whatever
-is left when the stream ends, normally or not (client gone, upstream reset), so
-every request yields exactly one audit record.
+`RequestStream` checks that order against a transition table (h11 style) and
+orchestrates: the client's dialect, auth and model policy, then the policy steps in
+their fixed order (`extproc.policies.steps.STEPS`, through the hooks of
+`extproc.policies.step`), the upstream adapter, and the one error boundary
+(`_refuse`); each phase returns a `Decision`. `close()` settles whatever is left when
+the stream ends, normally or not (client gone, upstream reset), so every request
+yields exactly one audit record. No policy's own logic lives here.
 """
 
 from __future__ import annotations

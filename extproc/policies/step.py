@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from extproc.policies.guard import Inspection
     from extproc.policies.request import ParsedRequest
 
-__all__ = ["Closing", "Done", "Ending", "Exchange", "Policy", "Reply", "Run", "Step"]
+__all__ = ["Done", "Ending", "Exchange", "Policy", "Reply", "Run", "Step"]
 
 Extend = Callable[[float], Awaitable[None]]
 R = TypeVar("R", bound="Run")
@@ -76,12 +76,6 @@ class Ending:
     # streamed answer is folded into one message for it).
     answer: Callable[[], dict[str, Any] | None]
     billable: Usage  # what the request is charged for
-
-
-class Closing(Protocol):
-    """A step with work after the answer, run in step order once the RPC has ended."""
-
-    async def close(self, ending: Ending) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
