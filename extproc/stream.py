@@ -699,6 +699,8 @@ class RequestStream:
         """The caller's own provider key, for anonymous pass-through callers."""
         return self.key if self.identity.source == "anonymous" else None
 
+    # What a policy step asks of the request (`extproc.policies.step.Exchange`).
+
     def payer(self) -> str | None:
         return self._payer()
 
