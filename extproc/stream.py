@@ -22,15 +22,18 @@ from typing import Any, TypeVar
 
 import orjson
 
+from extproc import fallback
 from extproc.apis import (
     Endpoint,
     Route,
     api_of_path,
     classify,
+    cloud_kind_of,
     encoding,
     model_list,
 )
 from extproc.apis import error_response as render_error
+from extproc.apis.clouds import inference_profiles_body
 from extproc.apis.dialect import (
     ANTHROPIC,
     Accumulator,
@@ -44,7 +47,7 @@ from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
-from extproc.config import ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -78,7 +81,7 @@ from extproc.phases import (
 from extproc.policies import auth, models, routing
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
-from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
 from extproc.policies.step import Done, Ending, Reply, Run, Step
 from extproc.policies.steps import STEPS
 from extproc.signin import managed, otlp
@@ -87,7 +90,21 @@ from extproc.signin.service import SignIn
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
-from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.translate import Notes
+from extproc.translate.models import listed_entry
+from extproc.translate.registry import (
+    Pair,
+    bind,
+    note_beta_headers,
+    upstream_header_changes,
+)
+from extproc.upstream import (
+    IDENTITY,
+    HeaderTranslator,
+    Transcoder,
+    Translator,
+    UpstreamRequest,
+)
 from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
@@ -153,6 +170,13 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
             f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
             "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
         )
+
+
+def _stream_content_type(framing: Framing) -> str:
+    """A stream's content type for the client: text framings say their charset, a binary
+    one (AWS event-stream) has none."""
+    kind = framing.content_type
+    return kind + "; charset=utf-8" if kind.startswith("text/") else kind
 
 
 def _undecodable(why: str) -> AnswerWithheld:
@@ -223,6 +247,7 @@ class RequestStream:
         self.dialect: Dialect = ANTHROPIC  # the caller's wire schema (set from the path)
         self.translator: Translator | None = None  # None: the provider speaks the caller's
         self.transcoder: Transcoder | None = None  # a streamed answer being translated
+        self.translation: Notes | None = None  # what translation dropped (audit record)
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
@@ -257,6 +282,9 @@ class RequestStream:
         self.answer_decoder: encoding.StreamDecoder | None = None
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
+        self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
+        self.alternatives: tuple[str, ...] = ()  # the chain's models, priced at admission
+        self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
 
     @property
     def api(self) -> ApiKind:
@@ -360,6 +388,8 @@ class RequestStream:
             self._classify(headers)
             if self.route is not None and self.route.endpoint is Endpoint.PROBE:
                 return await self._probe()
+            if self.route is not None and self.route.endpoint is Endpoint.INFERENCE_PROFILES:
+                return self._inference_profiles()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -393,7 +423,11 @@ class RequestStream:
         return answer
 
     def _classify(self, headers: Mapping[str, str]) -> None:
-        self.route = classify(headers.get(":method", "GET"), self.path, headers)
+        clouds = self.gw.config.cloud_paths.prefixes()
+        cloud = cloud_kind_of(self.path, clouds)
+        if cloud is not None:  # refusals under a cloud prefix come in that cloud's shape
+            self.dialect = dialect_of(cloud)
+        self.route = classify(headers.get(":method", "GET"), self.path, headers, clouds)
         self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
@@ -460,6 +494,14 @@ class RequestStream:
         payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
         return Respond(status, payload, headers, details="extproc_probe")
 
+    def _inference_profiles(self) -> Respond:
+        """Bedrock's ListInferenceProfiles, which Claude Code asks at start without any
+        credential: the ids in `cloud_paths.inference_profiles` (config, not a secret)."""
+        profiles = list(self.gw.config.cloud_paths.inference_profiles)
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        answer = Respond(200, inference_profiles_body(profiles), headers, "extproc_profiles")
+        return self._answer(answer, "inference_profiles")
+
     async def _quota(self) -> Respond:
         try:
             report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
@@ -496,6 +538,13 @@ class RequestStream:
 
     def _choose_target(self, model: str | None) -> routing.Target:
         api = self.dialect.name
+        chain = self.profile.fallback
+        if chain:
+            # A chain's route sends what is not generated (count_tokens, models) to its
+            # first provider directly; generating requests go to the chain (_plan_fallback).
+            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+            if first.adapter.translator(api) is not None:
+                return first
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, api)
@@ -510,25 +559,56 @@ class RequestStream:
         one later (a fallback). Spend is settled at the price of what was served."""
         self.target = target
         translator = target.adapter.translator(self.dialect.name)
-        self.translator = None if translator is IDENTITY else translator
+        self.translation = None  # a later choice (a fallback) may need none
+        self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
             spend = self.run_of(SpendRun)
             if self.served_model is not None and spend is not None:
                 self.gw.spending.serve(spend, model)
             self.served_model = model
 
+    def _bound(self, translator: Translator | None, target: routing.Target) -> Translator | None:
+        """This request's own translator (the route's settings, a fresh `Notes`)."""
+        settings = self.profile.translation
+        notes = Notes(settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)")
+        models_list = self.route is not None and self.route.endpoint is Endpoint.MODELS
+        created = int(self.gw.wall_clock())
+        caller_body = self.request.body if self.request is not None else None
+        bound = bind(
+            translator,
+            settings,
+            notes,
+            models=models_list,
+            created=created,
+            caller_body=caller_body,
+        )
+        if bound is None:
+            return translator
+        self.translation = notes
+        return bound
+
     async def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
         target = self.target
         assert target is not None
+        if self.chain:
+            return self._forward_chain(
+                self.raw_body if self.decoded_request and body is None else body
+            )
         adapter = target.adapter
         path = self.upstream_path or self.path
         if self.decoded_request and body is None:
             body = self.raw_body
+        extra: tuple[tuple[str, str], ...] = ()
         if self.translator is not None and self.request is not None:
+            if self.translation is not None:
+                note_beta_headers(self.dialect.name, self.headers, self.translation)
+            if isinstance(self.translator, HeaderTranslator):
+                extra = self.translator.request_headers(self.request.body, self.headers)
             translated, path = self.translator.request(self.request.body, path)
+            translated, path = adapter.prepare(target.provider, translated, path, self.headers)
             body = orjson.dumps(translated)
-        route = adapter.route(target.cluster, target.provider, path)
+        route = adapter.route(target.cluster, target.provider, path) + list(extra)
         if path != self.path and not target.provider.path_prefix:
             route.insert(0, (":path", path))
         auth = await self._authorize(target, route, body)
@@ -541,7 +621,11 @@ class RequestStream:
             remove.append("content-length")
         if self.decoded_request:
             remove.append("content-encoding")
-        changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
+        extra = self._trace_header()
+        if self.translator is not None:
+            add, drop = upstream_header_changes(self.dialect.name, target.provider.api)
+            extra, remove = extra + add, [*remove, *drop]
+        changes = HeaderChanges(set=changes.set + extra, remove=tuple(remove))
         self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
@@ -602,9 +686,14 @@ class RequestStream:
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
-        served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
+        served = models.served_model(
+            request.model, self.gw.config, self.profile, self.tier, self.identity.map
+        )
         models.check_allowed(request.model, served, self.allow)
-        self._serve(self._choose_target(served), served)
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback, served)
+        else:
+            self._serve(self._choose_target(served), served)
         if served != request.model:
             path = self.dialect.with_model(self.path, request.body, served)
             self.upstream_path = path if path != self.path else self.upstream_path
@@ -614,6 +703,9 @@ class RequestStream:
         reply = await self._run_steps()
         if reply is not None:
             return self._send_reply(reply)
+        if self.route.endpoint is Endpoint.COUNT_TOKENS and self.translation is not None:
+            # An OpenAI provider has no count_tokens (counted as a request by spend).
+            return self._count_locally(self.request.body, self.body_size)
         body_out = orjson.dumps(self.request.body) if self.body_changed else None
         return await self._forward(body=body_out)
 
@@ -645,6 +737,68 @@ class RequestStream:
         self.request = dataclasses.replace(self.request, body=body)
         self.body_changed = True
 
+    def _count_locally(self, body: dict[str, Any], size: int) -> Respond:
+        """count_tokens for a provider of the other shape (which has no such endpoint):
+        the gateway's own estimate, the one its budgets reserve with."""
+        estimate = self.dialect.estimate_input_tokens(body, size)
+        headers = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+            ("x-gateway-estimate", "true"),
+        )
+        answer = Respond(200, orjson.dumps({"input_tokens": estimate}), headers, "extproc_count")
+        return self._answer(answer, "ok")
+
+    def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
+        """Envoy tries the chain's providers in order (extproc.fallback); the first is the
+        one served unless it fails."""
+        first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+        translator = first.adapter.translator(self.dialect.name)
+        # A chain sends one body to every attempt: Anthropic <-> OpenAI translation (per
+        # request, extproc.translate) is not done per attempt, so such a chain is refused.
+        if translator is None or isinstance(translator, Pair):
+            raise BadRequest(
+                f"this route falls back across {first.provider.api} providers; call "
+                + first.adapter.dialect.generate_path,
+                reason="wrong_api",
+            )
+        self.chain = chain
+        self.alternatives = tuple(step.model or served for step in chain)
+        self._serve(first, chain[0].model or served)
+
+    def _forward_chain(self, body: bytes | None) -> Continue:
+        """To the chain's composite cluster: each attempt's filter sets path and credential."""
+        remove = ["x-api-key", "authorization"] if self.identity.source != "anonymous" else []
+        if body is not None:
+            remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
+        changes = HeaderChanges(
+            set=(
+                (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
+                (fallback.CLIENT_API_HEADER, self.dialect.name),
+                ("accept-encoding", "identity"),
+                *self._trace_header(),
+            ),
+            remove=tuple(remove),
+        )
+        self.forwarded = True
+        return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    def _read_attempts(self, headers: Mapping[str, str]) -> None:
+        """Which provider of the chain answered, after which failures (extproc.fallback)."""
+        attempts = fallback.decode_attempts(headers.get(fallback.ATTEMPTS_HEADER, ""), self.chain)
+        if not attempts:
+            return
+        self.attempts = attempts
+        last = attempts[-1]
+        for failed in attempts[:-1]:
+            reason = fallback.fallback_reason(failed.status)
+            self.gw.metrics.fallbacks.labels(self.route_name, failed.provider, reason).inc()
+        # The answer is read (and translated, across shapes) as the answerer's.
+        answerer = routing.Target(last.provider, self.gw.config.providers[last.provider])
+        self._serve(answerer, last.model or self.served_model)
+
     def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
         """The model and streaming as the dialect finds them (a URL-model dialect reads
         them from the path; for body dialects this changes nothing)."""
@@ -670,13 +824,12 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
-        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
+            return self._parse_body(raw)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
+            request = self._parse_body(raw)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
@@ -684,16 +837,30 @@ class RequestStream:
         self.inspection = await self.gw.offload.check(
             raw, self.dialect.name, self.profile.guard, guarded, limits
         )
-        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
+        return self._parse_body(raw, check_keys=False)
+
+    def _parse_body(self, raw: bytes, *, check_keys: bool = True) -> ParsedRequest:
+        """The body as a `ParsedRequest`; a cloud client's made canonical Messages (the
+        URL's model and streaming in the body, so every step reads it unchanged)."""
+        assert self.route is not None
+        if self.route.cloud is not None:
+            return parse_cloud_request(
+                raw, self.route.endpoint, self.route.cloud, check_keys=check_keys
+            )
+        in_body = self.dialect.model_in is ModelIn.BODY
+        return parse_request(raw, self.route.endpoint, check_keys=check_keys, model_in_body=in_body)
 
     def _payer(self) -> str | None:
         """The provider key an anonymous caller pays with: its own, passed through when
         the provider has no gateway-held credential. On the gateway's credential the key
         a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        presented = self._presented()
+        if presented is None:  # an identified caller: no provider to look up (a gateway
+            return None  # serving only Bedrock has none for `/v1/gateway/quota`)
         target = self.target or self._choose_target(None)
         if target.name in self.gw.credentials:
             return None
-        return self._presented()
+        return presented
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
@@ -716,7 +883,7 @@ class RequestStream:
         screened = self._screened(reply.answer)
         answer = screened if screened is not None else reply.answer
         if self.request.stream:
-            content_type = self.dialect.framing.content_type + "; charset=utf-8"
+            content_type = _stream_content_type(self.dialect.framing)
             body = self.dialect.unfold(answer)
             if self.usage_dropper is not None:
                 body = self.usage_dropper.feed(body) + self.usage_dropper.close()
@@ -777,6 +944,8 @@ class RequestStream:
     ) -> Decision:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if self.chain:
+            self._read_attempts(headers)
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
             raise GatewayTimeout(
@@ -792,7 +961,8 @@ class RequestStream:
                 f"the provider answered with Content-Encoding {label[:64]!r}, which the "
                 "gateway cannot read, although it asked for identity"
             )
-        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        drop: tuple[str, ...] = (fallback.ATTEMPTS_HEADER,) if self.chain else ()
+        drop += ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
@@ -804,7 +974,7 @@ class RequestStream:
                 self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
                 extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
-                extra = HeaderChanges(set=extra.set, remove=("content-length",))
+                extra = HeaderChanges(set=extra.set, remove=(*extra.remove, "content-length"))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -818,7 +988,7 @@ class RequestStream:
         return self.target.adapter.answer_framing(content_type)
 
     def _translated_headers(self, extra: HeaderChanges) -> HeaderChanges:
-        content_type = self.dialect.framing.content_type + "; charset=utf-8"
+        content_type = _stream_content_type(self.dialect.framing)
         return HeaderChanges(
             set=(*extra.set, ("content-type", content_type)),
             remove=(*extra.remove, "content-length"),
@@ -851,10 +1021,9 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use, and paged here.
-        return self.route.endpoint is Endpoint.MODELS and (
-            bool(self.allow) or self.model_page is not None
-        )
+        # A model list is filtered down to what this caller may use (plus the names a
+        # mapping serves), translated to the caller's shape, and paged here.
+        return self.route.endpoint is Endpoint.MODELS
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -887,16 +1056,16 @@ class RequestStream:
     def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         """Policy on the decoded (and translated) answer; the client gets those bytes."""
         plain = chunk
-        if self.answer_decoder is not None:
-            try:
+        try:
+            if self.answer_decoder is not None:
                 plain = self.answer_decoder.feed(chunk)
                 plain += self.answer_decoder.close() if end_of_stream else b""
-            except GatewayError as error:
-                log.warning("provider answer could not be decoded: %s", error.message)
-                self.withheld = b""  # and the rest of it is dropped too
-                raise _undecodable(f"the provider's answer {error.message}") from error
-        if self.transcoder is not None:
-            plain = self.transcoder.feed(plain, end_of_stream)
+            if self.transcoder is not None:  # a broken event stream is undecodable too
+                plain = self.transcoder.feed(plain, end_of_stream)
+        except GatewayError as error:
+            log.warning("provider answer could not be decoded: %s", error.message)
+            self.withheld = b""  # and the rest of it is dropped too
+            raise _undecodable(f"the provider's answer {error.message}") from error
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)
@@ -1019,18 +1188,20 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        config, identity = self.gw.config, self.identity
+        mapped = models.mapped_names(config, self.profile, self.tier, identity.map, self.allow)
+        ids = {m.get("id") for m in listed if isinstance(m, dict)}
+        listed += [listed_entry(self.dialect.name, name) for name in mapped if name not in ids]
+
+        def shown(model_id: str) -> bool:
+            return model_id in mapped or models.visible(model_id, self.allow)
+
         if self.model_page is not None:
-            paged = model_list.page(
-                listed, self.model_page, lambda m: models.visible(m, self.allow)
-            )
+            paged = model_list.page(listed, self.model_page, shown)
             return Continue(
                 body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
             )
-        body["data"] = [
-            m
-            for m in listed
-            if isinstance(m, dict) and models.visible(str(m.get("id")), self.allow)
-        ]
+        body["data"] = [m for m in listed if isinstance(m, dict) and shown(str(m.get("id")))]
         if "first_id" in body:
             body["first_id"] = body["data"][0]["id"] if body["data"] else None
             body["last_id"] = body["data"][-1]["id"] if body["data"] else None
@@ -1072,6 +1243,8 @@ class RequestStream:
             self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
+        if self.chain:
+            self.gw.attempts.drop(self.request_id)
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -1135,8 +1308,15 @@ class RequestStream:
         }
         if answer.error_type:
             facts["error_type"] = answer.error_type
+        if self.attempts:  # every provider Envoy tried, in order (extproc.fallback)
+            facts["attempts"] = [a.as_record() for a in self.attempts]
         if answer.usage_estimated:
             facts["usage_estimated"] = True
+        if self.translation is not None and self.target is not None:
+            facts["translation"] = {  # the provider spoke the other shape
+                "provider_api": self.target.provider.api,
+                "dropped": dict(self.translation.dropped),
+            }
         text: dict[str, Any] = {}
         if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
             text["prompt"] = {

@@ -111,6 +111,8 @@ class Exchange(Protocol):
     @property
     def served_model(self) -> str | None: ...
     @property
+    def alternatives(self) -> tuple[str, ...]: ...  # models a fallback chain may serve
+    @property
     def body_size(self) -> int: ...  # the request body's (decoded) size in bytes
     @property
     def inspection(self) -> Inspection | None: ...  # a worker's screening, if any

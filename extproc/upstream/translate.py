@@ -5,7 +5,8 @@ path) and the provider's answer back (a JSON body, or a stream event by event).
 `translator_for(client, upstream)` finds one: `IDENTITY` when the two are the same
 schema (nothing is translated, and the request stream skips every translation call),
 None when the gateway cannot serve that client from that provider (400 `wrong_api`).
-Register a pair with `register_translator` (Anthropic <-> OpenAI comes next).
+Register a pair with `register_translator`; the Anthropic <-> OpenAI pairs
+(`extproc.translate.registry.PAIRS`) are registered here.
 
 `Transcoder` runs a streamed answer through a translator: the provider's framing
 parses the bytes, the translator maps events, the client's framing encodes them.
@@ -14,15 +15,17 @@ parses the bytes, the translator maps events, the client's framing encodes them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from extproc.apis.framing import EventParser, Framing
 from extproc.apis.kind import ApiKind
 from extproc.apis.sse import SseEvent
+from extproc.translate.registry import PAIRS
 
 __all__ = [
     "IDENTITY",
     "EventTranslator",
+    "HeaderTranslator",
     "Transcoder",
     "Translator",
     "register_translator",
@@ -73,7 +76,7 @@ class _PassEvents:
 
 IDENTITY: Translator = _Identity()
 
-_TRANSLATORS: dict[tuple[str, str], Translator] = {}
+_TRANSLATORS: dict[tuple[str, str], Translator] = {**PAIRS}
 
 
 def register_translator(client: ApiKind, upstream: ApiKind, translator: Translator) -> None:
@@ -81,10 +84,25 @@ def register_translator(client: ApiKind, upstream: ApiKind, translator: Translat
 
 
 def translator_for(client: ApiKind, upstream: ApiKind) -> Translator | None:
-    """How a provider speaking `upstream` serves a `client` request; None: it cannot."""
-    if client == upstream:
-        return IDENTITY
-    return _TRANSLATORS.get((client, upstream))
+    """How a provider speaking `upstream` serves a `client` request; None: it cannot.
+    A registered pair wins over identity: a Bedrock client's canonical body is rendered
+    back into Bedrock's shape even for a Bedrock provider."""
+    found = _TRANSLATORS.get((client, upstream))
+    if found is not None:
+        return found
+    return IDENTITY if client == upstream else None
+
+
+@runtime_checkable
+class HeaderTranslator(Protocol):
+    """A translator that also sets request headers (a body's `anthropic_beta` list
+    becomes the `anthropic-beta` header the Anthropic API reads)."""
+
+    def request_headers(
+        self, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> tuple[tuple[str, str], ...]:
+        """Headers to set, from the client's body (before `request`) and headers."""
+        ...
 
 
 class Transcoder:

@@ -25,8 +25,10 @@ def test_each_schema_has_one_dialect() -> None:
     assert dialect_of("anthropic") is ANTHROPIC
     assert dialect_of("openai") is OPENAI
     assert ANTHROPIC.model_in is ModelIn.BODY
+    assert dialect_of("bedrock").name == "bedrock"  # the cloud client dialects
+    assert dialect_of("vertex").name == "vertex"
     with pytest.raises(KeyError):
-        dialect_of("bedrock")
+        dialect_of("gopher")
 
 
 def test_the_dialect_names_the_model_and_caps_output() -> None:
@@ -64,7 +66,9 @@ def test_adapters_and_translators_per_provider_kind() -> None:
     assert adapter_for("anthropic").key_headers("k") == (("x-api-key", "k"),)
     assert adapter_for("openai").key_headers("k") == (("authorization", "Bearer k"),)
     assert translator_for("anthropic", "anthropic") is IDENTITY
-    assert translator_for("anthropic", "openai") is None  # until a translator is registered
+    # The Anthropic <-> OpenAI pairs are registered (extproc.translate.registry).
+    assert translator_for("anthropic", "openai") is not None
+    assert translator_for("openai", "anthropic") is not None
 
 
 class Signer:
