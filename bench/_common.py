@@ -125,9 +125,7 @@ class EnvoyProcess:
         command = [supervisor.envoy_binary(), "-c", str(path), "-l", "warning"]
         command += ["--disable-hot-restart", "--base-id", str(free_port()), *extra]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
+            self.process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
         if not supervisor.wait_envoy_ready(self.admin, 30, self.process):
             self.stop()
             raise BenchError(f"Envoy {self.name} did not start:\n{self.log_path.read_text()}")
@@ -137,11 +135,6 @@ class EnvoyProcess:
         if self.process is not None:
             supervisor.stop([self.process], grace=5)
             self.process = None
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if the bench process dies."""
-    supervisor._die_with_parent()
 
 
 def stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -456,9 +449,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     command += ["--protected-mode", "no", "--loglevel", "warning"]
     log_path = workdir / "redis.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+        process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
     if not wait_port(port, process, 10):
         stop_all([process])
         raise BenchError(f"redis-server did not start:\n{log_path.read_text()}")

@@ -1,6 +1,6 @@
 """Process supervision: `extproc up` (Envoy + ext_proc) and `serve --workers N`.
 
-Children are started with PR_SET_PDEATHSIG so that they die with the
+Children are started with a parent-death signal (`with_parent`) so that they die with the
 supervisor even if it is killed outright; on Ctrl-C or SIGTERM both are
 stopped (SIGTERM, then SIGKILL after the grace period); if one child exits on
 its own the other is stopped and the reason printed.
@@ -9,7 +9,6 @@ its own the other is stopped and the reason printed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.metadata
 import json
 import logging
@@ -23,8 +22,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -35,12 +35,17 @@ from extproc.config import Config, HostPort
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 
+def with_parent(command: Sequence[str]) -> list[str]:
+    """`command` run so that it gets SIGTERM when the thread that started it dies (through
+    util-linux `setpriv --pdeathsig`, where there is one).
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    Not `preexec_fn` + prctl: grpcio 1.80+ restarts its poller in a child forked while gRPC
+    threads run, and Popen's close_fds then crashes that child before it execs
+    (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", the child never starts).
+    Without `preexec_fn`, Popen uses vfork, where no fork handler runs."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else list(command)
 
 
 def envoy_binary() -> str:
@@ -62,8 +67,11 @@ def envoy_binary() -> str:
     return shutil.which("envoy") or "envoy"
 
 
-def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent)
+def spawn(
+    command: Sequence[str], env: Mapping[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start `command` tied to this process's life (see `with_parent`)."""
+    return subprocess.Popen(with_parent(command), env=env, **popen)
 
 
 def stop(processes: Sequence[subprocess.Popen[bytes]], grace: float) -> None:

@@ -83,12 +83,8 @@ class Stack:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
         self.logs[name] = log_path
-        self.processes[name] = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            preexec_fn=supervisor._die_with_parent,
+        self.processes[name] = supervisor.spawn(
+            command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
 
     def start_extproc(self, *extra: str, name: str = "extproc") -> None:
