@@ -126,7 +126,7 @@ class EnvoyProcess:
         command += ["--disable-hot-restart", "--base-id", str(free_port()), *extra]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+                dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
             )
         if not supervisor.wait_envoy_ready(self.admin, 30, self.process):
             self.stop()
@@ -139,9 +139,10 @@ class EnvoyProcess:
             self.process = None
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if the bench process dies."""
-    supervisor._die_with_parent()
+def dying_with_parent(command: list[str]) -> list[str]:
+    """`command`, getting SIGTERM if the bench process dies (no preexec_fn: see
+    `supervisor.dying_with_parent`)."""
+    return supervisor.dying_with_parent(command)
 
 
 def stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -456,9 +457,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     command += ["--protected-mode", "no", "--loglevel", "warning"]
     log_path = workdir / "redis.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+        process = subprocess.Popen(dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT)
     if not wait_port(port, process, 10):
         stop_all([process])
         raise BenchError(f"redis-server did not start:\n{log_path.read_text()}")

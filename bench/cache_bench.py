@@ -187,7 +187,7 @@ def start_null_hit(answer: bytes, workdir: Path) -> tuple[subprocess.Popen[bytes
     log_path = workdir / "null-hit.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=c.die_with_parent
+            c.dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
         )
     if not c.wait_port(port, process):
         c.stop_all([process])

@@ -278,7 +278,7 @@ def start_helper(mode: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
     log_path = workdir / f"{mode}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=c.die_with_parent
+            c.dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:

@@ -83,12 +83,11 @@ class Stack:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
         self.logs[name] = log_path
-        self.processes[name] = subprocess.Popen(
-            command,
+        self.processes[name] = subprocess.Popen(  # no preexec_fn: supervisor.dying_with_parent
+            supervisor.dying_with_parent(command),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            preexec_fn=supervisor._die_with_parent,
         )
 
     def start_extproc(self, *extra: str, name: str = "extproc") -> None:

@@ -9,7 +9,6 @@ EnvoyFilters.
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -115,20 +114,17 @@ def test_render_sets_the_configured_cap() -> None:
     assert envoy_config.render(Config(), template) == template
 
 
-def _low_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-
-
 def test_up_refuses_a_cap_the_descriptor_limit_cannot_hold(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text("envoy:\n  max_connections: 50000\n", encoding="utf-8")
+    # prlimit, not a preexec_fn: this pytest process may run gRPC (supervisor.dying_with_parent)
+    limited = ["prlimit", "--nofile=4096:4096", "--"]
     result = subprocess.run(
-        [sys.executable, "-m", "extproc", "up", "--config", str(config)],
+        [*limited, sys.executable, "-m", "extproc", "up", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        preexec_fn=_low_limit,
     )
     assert result.returncode == 2
     assert "envoy.max_connections is 50000" in result.stderr
