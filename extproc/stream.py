@@ -124,12 +124,16 @@ CUT_SHORT = frozenset({"client_abort", "provider_reset"})
 
 
 def _cut_short_outcome(status: int, cancelled: bool) -> str:
-    """Who ended a stream that stopped without its end. Envoy ends ext_proc's gRPC stream
-    when the client goes away, and resets it when the provider's connection resets
-    mid-answer (measured with the pinned Envoy; tests/e2e/test_spend_settle.py). Before
-    any answer a provider failure would come back as a response, so it is the client.
-    Envoy's access log (response flags DC vs UR/UC/UPE) confirms: `extproc reconcile`."""
-    return "provider_reset" if cancelled and status else "client_abort"
+    """Who ended a stream that stopped without its end, as far as the server can tell.
+
+    Before any answer a provider failure would come back as a response, so it is the
+    client. Mid-answer the server cannot tell: Envoy closes ext_proc's gRPC stream the
+    same way whichever side cut the request (its filter's onDestroy: a half-close, then a
+    reset unless ext_proc_graceful_grpc_close is on), so whether the RPC looked ended or
+    cancelled was scheduling, not cause (a loaded machine recorded hang-ups as resets).
+    It says `client_abort`, the common case; Envoy's response flags (DC vs UR/UC/UPE)
+    are the authority, and `extproc reconcile` corrects a provider reset from them."""
+    return "client_abort"
 
 
 # Allowed phase order (h11-style table): the phases that may follow each one.
