@@ -64,6 +64,7 @@ from extproc.offload import (
     INLINE_VALUES,
     OFFLOAD_BYTES,
     OFFLOAD_SECONDS,
+    Job,
     check_values,
     value_bound,
 )
@@ -545,7 +546,7 @@ class RequestStream:
         if self.decoded_request and body is None:
             body = self.raw_body
         if self.translator is not None and self.request is not None:
-            translated, path = self.translator.request(self.request.body, path)
+            translated, path = self.translator.request(self.request.full_body(), path)
             body = orjson.dumps(translated)
         route = adapter.route(target.cluster, target.provider, path)
         if path != self.path and not target.provider.path_prefix:
@@ -645,7 +646,12 @@ class RequestStream:
         if hit is not None:
             return hit
         if self.spend is not None:
-            estimate = self.dialect.estimate_input_tokens(request.body, len(body))
+            worker = request.worker  # if any, it made the estimate on the whole body
+            estimate = (
+                worker.input_tokens
+                if worker is not None
+                else self.dialect.estimate_input_tokens(request.body, len(body))
+            )
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
@@ -685,10 +691,13 @@ class RequestStream:
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
         await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
-        self.inspection = await self.gw.offload.check(
-            raw, self.dialect.name, self.profile.guard, guarded, limits
-        )
-        return parse_request(raw, self.route.endpoint, check_keys=False, model_in_body=in_body)
+        endpoint = self.route.endpoint
+        rules = tuple(self.profile.cache.normalize)
+        job = Job(self.dialect.name, endpoint, in_body, self.profile.guard, guarded, limits, rules)
+        checked = await self.gw.offload.check(raw, job)
+        self.inspection = checked.inspection
+        assert checked.summary is not None
+        return checked.summary.parsed()  # its big values stay serialized: never walked here
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -702,9 +711,10 @@ class RequestStream:
         # The worker's inspection (if any) was made without the billing block too.
         screened, billing = anthropic.split_billing_block(self.request.body)
         body = screened if billing is not None else self.request.body
-        replaced = self.guard.inspect_request(body, self.inspection)
+        worker = self.request.worker  # it applied the redaction already
+        replaced = self.guard.inspect_request(body, self.inspection, applied=worker is not None)
         if replaced is None:
-            return False
+            return worker is not None and worker.changed
         if billing is not None:  # forwarded as it came, whatever the guard did
             replaced["system"] = [billing, *replaced.get("system", [])]
         self.request = dataclasses.replace(self.request, body=replaced)
@@ -737,7 +747,7 @@ class RequestStream:
             self.dialect.name,
             self.route.endpoint,
             scope,
-            self.request.body,
+            self.request.key_body(),
             self.headers,
             config.normalize,
         )
@@ -751,9 +761,12 @@ class RequestStream:
         )
         body = self.request.body
         shape = None
+        worker = self.request.worker
         if self.gw.config.cache.hygiene and read and self.body_size <= cache_policy.SHAPE_MAX_BODY:
 
             def shape() -> cache_policy.Shape:
+                if worker is not None:  # measured by the worker
+                    return worker.shape  # type: ignore[no-any-return]
                 return cache_policy.Shape.of(self.dialect.name, body)
 
         entry = await run.before_upstream(shape, self.extend)
