@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import orjson
@@ -194,49 +194,62 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-@dataclass
-class LoopWatch:
-    """The event loop's longest busy stretch, in CPU time of the loop's thread: how long
-    the gateway's own work kept the loop from anything else. Unlike wall time it does
-    not grow when a busy machine preempts the process, so it holds on a loaded CI box."""
+class Steps:
+    """Runs a coroutine and notes the longest of its steps (from one await to the next)
+    in CPU time of the loop's thread: how long the request's own work held the event
+    loop. Unlike wall time, a busy machine preempting the process does not stretch it,
+    nor do other callers' requests that pile up meanwhile."""
 
-    longest: float = 0.0
-    running: bool = True
+    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self.coroutine = coroutine
+        self.longest = 0.0
 
-    async def run(self) -> None:
-        last = time.thread_time()
-        while self.running:
-            await asyncio.sleep(0.001)
-            now = time.thread_time()
-            self.longest = max(self.longest, now - last)
-            last = now
+    def __await__(self) -> Generator[Any, Any, Any]:
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            start = time.thread_time()
+            try:
+                if thrown is not None:
+                    waited = self.coroutine.throw(thrown)
+                else:
+                    waited = self.coroutine.send(sent)
+            except StopIteration as done:
+                return done.value
+            finally:
+                self.longest = max(self.longest, time.thread_time() - start)
+            try:
+                sent, thrown = (yield waited), None
+            except BaseException as error:  # delivered to the coroutine, as a Task would
+                sent, thrown = None, error
+
+
+async def _awaited(steps: Steps) -> Any:
+    return await steps
 
 
 async def measure(raw: bytes) -> tuple[Decision, list[float], list[float], float]:
     """(the heavy request's decision, another caller's latencies alone, and meanwhile,
-    the loop's longest busy stretch meanwhile): all measured in this run."""
+    the heavy request's longest step on the loop): all measured in this run."""
     gw = gateway(MemoryStore(), guard=True, cache={"hygiene": True})
     assert gw.offload is not None
     await gw.offload.warm()
-    watch = LoopWatch()
     try:
         baseline = await latencies_while(gw, None)
-        watching = asyncio.ensure_future(watch.run())
-        heavy = asyncio.ensure_future(call(gw, raw, orjson.dumps(ANSWER)))
+        steps = Steps(call(gw, raw, orjson.dumps(ANSWER)))
+        heavy = asyncio.ensure_future(_awaited(steps))
         seen = await latencies_while(gw, heavy)
         decision, _ = await heavy
-        watch.running = False
-        await watching
     finally:
         await gw.close()
-    return decision, baseline, seen, watch.longest
+    return decision, baseline, seen, steps.longest
 
 
 def summary(baseline: list[float], seen: list[float], busy: float) -> str:
     return (
         f"p99 {p99(seen) * 1e3:.1f} ms, worst {max(seen) * 1e3:.1f} ms over {len(seen)} "
-        f"requests; alone p99 {p99(baseline) * 1e3:.1f} ms; longest loop step "
-        f"{busy * 1e3:.1f} ms CPU"
+        f"requests; alone p99 {p99(baseline) * 1e3:.1f} ms; the request's longest step "
+        f"on the loop {busy * 1e3:.1f} ms CPU"
     )
 
 
@@ -256,10 +269,10 @@ async def test_a_flood_of_tiny_blocks_does_not_stall_other_callers() -> None:
 async def test_the_heaviest_legal_request_pauses_other_callers_only_briefly() -> None:
     """31 MiB, 180,000 values, 15 M characters to screen: parsed, checked, screened,
     measured (token estimate, cache key digests) and summarized in the worker (seconds of
-    CPU); the loop never walks the body's big values (they stay serialized), so its
-    longest step is a few ms and another caller's p99 stays under 50 ms over its own p99
-    alone in the same run (issue 11 item 12: 130-170 ms when the loop parsed and hashed
-    the body, 16 s of 504s before the worker)."""
+    CPU); the loop never walks the body's big values (they stay serialized), so the
+    request's longest step there is a few ms of CPU and another caller's p99 stays under
+    50 ms over its own p99 alone in the same run (issue 11 item 12: 130-170 ms when the
+    loop parsed and hashed the body, 16 s of 504s before the worker)."""
     decision, baseline, seen, busy = await measure(worst_legal_body())
     print("heaviest legal:", summary(baseline, seen, busy))
     assert isinstance(decision, Continue)
