@@ -418,3 +418,29 @@ async def test_a_heavy_body_is_screened_measured_and_keyed_in_the_worker() -> No
     assert sent["model"] == "claude-opus-4-8"
     assert isinstance(again, Respond)
     assert dict(again.headers)["x-gateway-cache"] == "hit"
+
+
+async def test_a_heavy_body_keeps_the_cache_key_normalization() -> None:
+    """The worker digests a heavy body's big values under the profile's normalization:
+    two big requests that differ only in a UUID share one cache entry."""
+    cache = {"enabled": True, "normalize": [{"builtin": "uuids"}]}
+    gw = gateway(MemoryStore(), guard=False, profiles={"default": {"cache": cache}})
+    padding = [{"type": "text", "text": f"line {i} " + "lorem " * 30} for i in range(2000)]
+
+    def heavy(run: str) -> bytes:
+        content = [{"type": "text", "text": f"run {run}"}, *padding]
+        messages = [{"role": "user", "content": content}]
+        return orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 50, "messages": messages})
+
+    try:
+        first, _ = await call(
+            gw, heavy("0b6f7e9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"), orjson.dumps(ANSWER)
+        )
+        second, _ = await call(
+            gw, heavy("9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"), orjson.dumps(ANSWER)
+        )
+    finally:
+        await gw.close()
+    assert isinstance(first, Continue)
+    assert isinstance(second, Respond)
+    assert dict(second.headers)["x-gateway-cache"] == "hit"
