@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from extproc.apis.kind import ApiKind
+from extproc.cloud.config import CloudSettings
 from extproc.credentials import CredentialSource
 from extproc.policies.budget.ledger import BudgetConfig
 from extproc.policies.guard.config import GuardConfig
@@ -103,6 +104,20 @@ class ProviderConfig(_Frozen):
     # `provider_<name>`. Set it when attaching to an Envoy whose clusters you name.
     cluster: str | None = None
     connect_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # A cloud that hosts Claude (README "Cloud upstreams"): required by `api: bedrock` and
+    # `api: vertex`; on `api: anthropic`, Foundry or Claude Platform on AWS credentials.
+    cloud: CloudSettings | None = None
+
+    @model_validator(mode="after")
+    def _cloud_matches_api(self) -> ProviderConfig:
+        kind = self.cloud.kind if self.cloud is not None else None
+        if self.api in ("bedrock", "vertex") and kind != self.api:
+            raise ValueError(f"api: {self.api} needs cloud: {{kind: {self.api}, ...}}")
+        if kind in ("bedrock", "vertex") and self.api != kind:
+            raise ValueError(f"cloud kind {kind} needs api: {kind}")
+        if kind in ("foundry", "claude_platform_aws") and self.api != "anthropic":
+            raise ValueError(f"cloud kind {kind} serves the Anthropic API: set api: anthropic")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -411,6 +426,23 @@ class ProfileAuditConfig(_Frozen):
     record_text: bool | None = None
 
 
+class FallbackStep(_Frozen):
+    """One provider of a route's fallback chain, and the model it serves (None: the model the
+    request was mapped to)."""
+
+    provider: str
+    model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, value: object) -> object:
+        return {"provider": value} if isinstance(value, str) else value
+
+
+# A chain longer than this only adds latency before an error a client would retry anyway.
+MAX_FALLBACK_STEPS = 4
+
+
 class ProfileConfig(_Frozen):
     """Per-route policy. Envoy route metadata `extproc: {profile: NAME, ...}` picks one and may
     override these fields."""
@@ -427,6 +459,21 @@ class ProfileConfig(_Frozen):
     # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
     # audit.record_text or this profile's audit settings say.
     zero_data_retention: bool = False
+    # The ordered providers a request of this profile tries (README "Fallback across
+    # providers"): Envoy retries the next one on connect failure, 429, 5xx or 529, before
+    # any byte of the answer left. Empty: the one provider routing picks.
+    fallback: tuple[FallbackStep, ...] = Field(default=(), max_length=MAX_FALLBACK_STEPS)
+
+    @field_validator("fallback")
+    @classmethod
+    def _chain(cls, value: tuple[FallbackStep, ...]) -> tuple[FallbackStep, ...]:
+        names = [step.provider for step in value]
+        if len(names) == 1:
+            raise ValueError("a fallback chain needs at least two providers (or none)")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"provider {repeated[0]!r} is in the chain twice; each is tried once")
+        return value
 
     def records_text(self, default: bool) -> bool:
         """Whether this route's audit records keep prompt and answer text."""
@@ -438,6 +485,55 @@ class ProfileConfig(_Frozen):
 class ModelRoute(_Frozen):
     match: str
     provider: str
+
+
+_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_RESERVED_PREFIXES = ("/v1", "/health", "/quota", "/managed", "/oauth", "/.well-known")
+
+
+class CloudPathsConfig(_Frozen):
+    """Where the gateway serves Claude Code's cloud modes (README "Bedrock and Vertex
+    clients"): the path prefix a developer's `ANTHROPIC_BEDROCK_BASE_URL` /
+    `ANTHROPIC_VERTEX_BASE_URL` ends in; `null` turns one off."""
+
+    bedrock: str | None = "/bedrock"
+    vertex: str | None = "/vertex"
+    # The Bedrock model ids `GET {bedrock}/inference-profiles` lists (Claude Code asks at
+    # start, unauthenticated; an empty list makes it use its default model id).
+    inference_profiles: tuple[str, ...] = ()
+
+    @field_validator("bedrock", "vertex")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _PREFIX.fullmatch(value):
+            raise ValueError(f"{value!r} must be a path like /bedrock (no trailing /)")
+        if value.startswith(_RESERVED_PREFIXES):
+            raise ValueError(f"{value!r} overlaps a path the gateway serves itself")
+        return value
+
+    @model_validator(mode="after")
+    def _apart(self) -> CloudPathsConfig:
+        if (
+            self.bedrock
+            and self.vertex
+            and (
+                self.bedrock.startswith(self.vertex + "/")
+                or self.vertex.startswith(self.bedrock + "/")
+                or self.bedrock == self.vertex
+            )
+        ):
+            raise ValueError("cloud_paths.bedrock and cloud_paths.vertex must not nest")
+        return self
+
+    def prefixes(self) -> tuple[tuple[str, Literal["bedrock", "vertex"]], ...]:
+        pairs: list[tuple[str, Literal["bedrock", "vertex"]]] = []
+        if self.bedrock:
+            pairs.append((self.bedrock, "bedrock"))
+        if self.vertex:
+            pairs.append((self.vertex, "vertex"))
+        return tuple(pairs)
 
 
 class ModelsConfig(_Frozen):
@@ -477,6 +573,7 @@ class Config(_Frozen):
     # Sign in with the company's SSO (the Claude Code gateway protocol); off when absent.
     sso: SsoConfig | None = None
     otlp_relay: OtlpRelayConfig = OtlpRelayConfig()
+    cloud_paths: CloudPathsConfig = CloudPathsConfig()
 
     @field_validator("listen", "grpc_listen", mode="before")
     @classmethod
@@ -535,6 +632,7 @@ class Config(_Frozen):
                     "sso.signing_key: replicas sharing a store need one signing key; "
                     "set it (an Ed25519 PEM: `extproc sso keygen`)"
                 )
+        problems += self._fallback_problems()
         if "default" not in self.profiles:
             problems.append("profiles: define a 'default' profile (routes without metadata use it)")
         ids = [key.id for key in self.auth.keys]
@@ -545,9 +643,33 @@ class Config(_Frozen):
             raise ValueError("; ".join(problems))
         return self
 
+    def _fallback_problems(self) -> list[str]:
+        """Every provider of a chain speaks one API until a translator serves the others."""
+        problems = []
+        for name, profile in self.profiles.items():
+            steps = [s.provider for s in profile.fallback if s.provider in self.providers]
+            apis = {self.providers[n].api for n in steps}
+            if len(apis) > 1:
+                problems.append(
+                    f"profiles.{name}.fallback: the chain mixes {' and '.join(sorted(apis))} "
+                    "providers; a chain needs providers of one API shape (no translator is "
+                    "configured between them)"
+                )
+            if profile.fallback and profile.provider is not None:
+                problems.append(
+                    f"profiles.{name}: set provider or fallback, not both (the chain's first "
+                    "provider is the one routing picks)"
+                )
+        return problems
+
     def _provider_refs(self) -> list[tuple[str, str]]:
         refs = [
             (f"profiles.{n}.provider", p.provider) for n, p in self.profiles.items() if p.provider
+        ]
+        refs += [
+            (f"profiles.{n}.fallback[{i}].provider", s.provider)
+            for n, p in self.profiles.items()
+            for i, s in enumerate(p.fallback)
         ]
         return refs + [
             (f"models.routes[{i}].provider", r.provider) for i, r in enumerate(self.models.routes)

@@ -35,6 +35,7 @@ __all__ = [
     "event_of",
     "extend_timeout",
     "headers_of",
+    "host_metadata_of",
     "phase_of",
     "route_policy_of",
     "to_response",
@@ -119,6 +120,15 @@ def _route_policy(text: str) -> dict[str, Any]:
 def route_policy_of(attributes: Mapping[str, Any]) -> dict[str, Any]:
     """The route's `extproc` metadata namespace (Envoy sends it as protobuf text)."""
     text = attributes.get("xds.route_metadata")
+    if not isinstance(text, str) or not text:
+        return {}
+    return dict(_route_policy(text))
+
+
+def host_metadata_of(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """The `extproc` metadata of the upstream host an attempt goes to (an upstream filter's
+    `xds.upstream_host_metadata`, protobuf text like the route's)."""
+    text = attributes.get("xds.upstream_host_metadata")
     if not isinstance(text, str) or not text:
         return {}
     return dict(_route_policy(text))

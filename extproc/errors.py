@@ -115,6 +115,13 @@ class AnswerWithheld(GatewayError):
     reason = "output_blocked"
 
 
+class NotSupported(GatewayError):
+    """The serving provider has no such endpoint (count_tokens on Bedrock)."""
+
+    status = 501
+    reason = "not_supported"
+
+
 class Unavailable(GatewayError):
     status = 503
     reason = "unavailable"

@@ -16,6 +16,7 @@ from typing import Any
 
 from extproc.config import Config
 from extproc.credentials import Credential
+from extproc.fallback import AttemptLog
 from extproc.offload import Offload
 from extproc.policies.auth import KeyDirectory
 from extproc.policies.budget.spending import Spending
@@ -48,6 +49,8 @@ class Gateway:
     otlp: OtlpRelay | None = None
     offload: Offload | None = None  # heavy bodies are checked in a worker process
     otel: OtelProcess | NoOtel = field(default_factory=NoOtel)
+    # Fallback attempts of requests in flight (extproc.fallback), by request id.
+    attempts: AttemptLog = field(default_factory=AttemptLog)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     pending: set[asyncio.Task[None]] = field(default_factory=set)

@@ -46,6 +46,7 @@ import orjson
 
 from extproc.apis import ApiKind, Endpoint
 from extproc.apis.anthropic import split_billing_block
+from extproc.apis.clouds import CloudPath
 from extproc.apis.dialect import dialect_of
 from extproc.apis.walk import WalkLimits
 from extproc.config import LimitsConfig, NormalizeRule
@@ -54,7 +55,12 @@ from extproc.policies.cache.key import Shape, part_digest
 from extproc.policies.cache.run import SHAPE_MAX_BODY
 from extproc.policies.guard import Guard, GuardConfig, Inspection
 from extproc.policies.guard.redact import apply_plan
-from extproc.policies.request import ParsedRequest, WorkerFacts, parse_request
+from extproc.policies.request import (
+    ParsedRequest,
+    WorkerFacts,
+    parse_cloud_request,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +169,13 @@ class Job:
     guarded: bool
     limits: LimitsConfig
     normalize: tuple[NormalizeRule, ...] = ()  # the profile's cache key rules
+    cloud: CloudPath | None = None  # a Bedrock or Vertex client's URL (model, streaming)
+
+    def parse(self, raw: bytes) -> ParsedRequest:
+        """As the request path parses it (`RequestStream._parse_body`)."""
+        if self.cloud is not None:
+            return parse_cloud_request(raw, self.endpoint, self.cloud)
+        return parse_request(raw, self.endpoint, model_in_body=self.model_in_body)
 
 
 def check_body(raw: bytes | str, job: Job) -> Checked:
@@ -172,7 +185,7 @@ def check_body(raw: bytes | str, job: Job) -> Checked:
         with open(raw, "rb") as file:
             raw = file.read()
     try:
-        request = parse_request(raw, job.endpoint, model_in_body=job.model_in_body)
+        request = job.parse(raw)
         check_values(request.body, job.limits.max_json_values)
         inspection, body = _screen(request.body, job)
         changed = body is not request.body

@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 from extproc import envoy_api
 from extproc.config import Config
 from extproc.decisions import BodyMode, Decision, Respond
+from extproc.fallback import ATTEMPT_METADATA, AttemptStream
 from extproc.gateway import Gateway
 from extproc.phases import Event, ResponseBody, ResponseHeaders
 from extproc.policies.budget.spending import anonymous_unlimited
@@ -51,6 +52,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         async def extend(seconds: float) -> None:
             await context.write(envoy_api.extend_timeout(seconds))
 
+        if _is_attempt(context):
+            await self._attempt(request_iterator, context)
+            return
         traced = not isinstance(self.gateway.otel, NoOtel)
         trace_context = _trace_context(context) if traced else None
         stream = RequestStream(self.gateway, extend=extend, trace_context=trace_context)
@@ -90,6 +94,30 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             # out at once, before Envoy resets the stream, and a reset (cancelled) RPC is
             # not kept waiting (nor its work cut short).
             self.gateway.stream_closed(stream.close(cancelled=cancelled))
+
+    async def _attempt(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> None:
+        """One attempt of a fallback chain (the upstream filter's stream; extproc.fallback)."""
+        gw = self.gateway
+        attempt = AttemptStream(gw.config, gw.credentials, gw.attempts, gw.clock)
+        try:
+            async for request in request_iterator:
+                event = envoy_api.event_of(request)
+                if event is None:
+                    continue
+                host = envoy_api.host_metadata_of(envoy_api.attributes_of(request))
+                decision = await attempt.handle(event, host)
+                await context.write(envoy_api.to_response(event.phase, decision))
+                if isinstance(event, ResponseHeaders):
+                    break  # the attempt's filter asks for nothing after its answer's headers
+        finally:
+            attempt.close()
+
+
+def _is_attempt(context: Any) -> bool:
+    metadata = context.invocation_metadata() if hasattr(context, "invocation_metadata") else ()
+    return any(key == ATTEMPT_METADATA for key, _ in metadata or ())
 
 
 def _last_reply(event: Event, decision: Decision) -> bool:
@@ -161,6 +189,16 @@ def install_event_loop_policy() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _warm_credentials(gateway: Gateway) -> set[asyncio.Task[None]]:
+    """Fetch refreshing cloud credentials (SigV4, OAuth) once at start, in the background."""
+    tasks = set()
+    for name, credential in gateway.credentials.items():
+        warm = getattr(credential, "warm", None)
+        if warm is not None:
+            tasks.add(asyncio.create_task(warm(name)))
+    return tasks
+
+
 async def serve(
     config: Config,
     *,
@@ -183,10 +221,13 @@ async def serve(
     server = Server(config, gateway, reuse_port=reuse_port)
     await server.start()
     log.info("ext_proc listening on %s (pid %d)", config.grpc_listen, os.getpid())
+    warming = _warm_credentials(gateway)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for task in warming:  # a fetch still hanging at shutdown is abandoned
+        task.cancel()
     log.info("shutting down: draining %.1f s, then %.0f s for in-flight streams", drain, grace)
     await server.stop(grace, drain)

@@ -19,16 +19,19 @@ from typing import Any
 
 import orjson
 
+from extproc import fallback
 from extproc.apis import (
     Endpoint,
     Route,
     anthropic,
     api_of_path,
     classify,
+    cloud_kind_of,
     encoding,
     model_list,
 )
 from extproc.apis import error_response as render_error
+from extproc.apis.clouds import inference_profiles_body
 from extproc.apis.dialect import (
     ANTHROPIC,
     Accumulator,
@@ -43,7 +46,7 @@ from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
 from extproc.apis.walk import WalkLimits
-from extproc.config import ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -81,7 +84,7 @@ from extproc.policies import cache as cache_policy
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.guard.run import GuardRun
-from extproc.policies.request import ParsedRequest, parse_request
+from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
 from extproc.policies.step import Done, Ending, Step
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
@@ -89,7 +92,13 @@ from extproc.signin.service import SignIn
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
-from extproc.upstream import IDENTITY, Transcoder, Translator, UpstreamRequest
+from extproc.upstream import (
+    IDENTITY,
+    HeaderTranslator,
+    Transcoder,
+    Translator,
+    UpstreamRequest,
+)
 from extproc.upstream.adapter import CALLER_AUTH
 
 log = logging.getLogger(__name__)
@@ -159,6 +168,13 @@ def _check_header_size(headers: Mapping[str, str]) -> None:
             f"accepts at most {MAX_HEADER_BYTES} bytes and {MAX_HEADER_COUNT} headers "
             "(check ANTHROPIC_CUSTOM_HEADERS and cookies)"
         )
+
+
+def _stream_content_type(framing: Framing) -> str:
+    """A stream's content type for the client: text framings say their charset, a binary
+    one (AWS event-stream) has none."""
+    kind = framing.content_type
+    return kind + "; charset=utf-8" if kind.startswith("text/") else kind
 
 
 def _undecodable(why: str) -> AnswerWithheld:
@@ -263,6 +279,8 @@ class RequestStream:
         self.answer_decoder: encoding.StreamDecoder | None = None
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
+        self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
+        self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
 
     @property
     def api(self) -> ApiKind:
@@ -366,6 +384,8 @@ class RequestStream:
             self._classify(headers)
             if self.route is not None and self.route.endpoint is Endpoint.PROBE:
                 return await self._probe()
+            if self.route is not None and self.route.endpoint is Endpoint.INFERENCE_PROFILES:
+                return self._inference_profiles()
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
@@ -399,7 +419,11 @@ class RequestStream:
         return answer
 
     def _classify(self, headers: Mapping[str, str]) -> None:
-        self.route = classify(headers.get(":method", "GET"), self.path, headers)
+        clouds = self.gw.config.cloud_paths.prefixes()
+        cloud = cloud_kind_of(self.path, clouds)
+        if cloud is not None:  # refusals under a cloud prefix come in that cloud's shape
+            self.dialect = dialect_of(cloud)
+        self.route = classify(headers.get(":method", "GET"), self.path, headers, clouds)
         self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
@@ -481,6 +505,14 @@ class RequestStream:
         payload = b"" if self.headers.get(":method") == "HEAD" else orjson.dumps(body)
         return Respond(status, payload, headers, details="extproc_probe")
 
+    def _inference_profiles(self) -> Respond:
+        """Bedrock's ListInferenceProfiles, which Claude Code asks at start without any
+        credential: the ids in `cloud_paths.inference_profiles` (config, not a secret)."""
+        profiles = list(self.gw.config.cloud_paths.inference_profiles)
+        headers = (("content-type", "application/json"), ("x-gateway-request-id", self.request_id))
+        answer = Respond(200, inference_profiles_body(profiles), headers, "extproc_profiles")
+        return self._answer(answer, "inference_profiles")
+
     async def _quota(self) -> Respond:
         try:
             report = await self.gw.spending.quota(self.identity, self.headers, self._payer())
@@ -517,6 +549,13 @@ class RequestStream:
 
     def _choose_target(self, model: str | None) -> routing.Target:
         api = self.dialect.name
+        chain = self.profile.fallback
+        if chain:
+            # A chain's route sends what is not generated (count_tokens, models) to its
+            # first provider directly; generating requests go to the chain (_plan_fallback).
+            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+            if first.adapter.translator(api) is not None:
+                return first
         try:
             if model is None and self.profile.provider is None:
                 return routing.default_target(self.gw.config, api)
@@ -541,14 +580,23 @@ class RequestStream:
         """Send the request on to the chosen provider with its credential."""
         target = self.target
         assert target is not None
+        if self.chain:
+            return self._forward_chain(
+                self.raw_body if self.decoded_request and body is None else body
+            )
         adapter = target.adapter
         path = self.upstream_path or self.path
         if self.decoded_request and body is None:
             body = self.raw_body
+        extra: tuple[tuple[str, str], ...] = ()
         if self.translator is not None and self.request is not None:
-            translated, path = self.translator.request(self.request.full_body(), path)
+            whole = self.request.full_body()  # a heavy body's big values parsed now
+            if isinstance(self.translator, HeaderTranslator):
+                extra = self.translator.request_headers(whole, self.headers)
+            translated, path = self.translator.request(whole, path)
+            translated, path = adapter.prepare(target.provider, translated, path, self.headers)
             body = orjson.dumps(translated)
-        route = adapter.route(target.cluster, target.provider, path)
+        route = adapter.route(target.cluster, target.provider, path) + list(extra)
         if path != self.path and not target.provider.path_prefix:
             route.insert(0, (":path", path))
         auth = await self._authorize(target, route, body)
@@ -624,7 +672,10 @@ class RequestStream:
             return await self._forward()
         served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
         models.check_allowed(request.model, served, self.allow)
-        self._serve(self._choose_target(served), served)
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback, served)
+        else:
+            self._serve(self._choose_target(served), served)
         rewritten = served != request.model
         if rewritten:
             path = self.dialect.with_model(self.path, request.body, served)
@@ -635,8 +686,15 @@ class RequestStream:
             request, rewritten = self.request, True
         if self.route.endpoint.generates:
             self.spend = self.gw.spending.start(
-                uuid.uuid4().hex, served, self.identity, self.headers, self._payer()
+                uuid.uuid4().hex,
+                self.served_model or served,
+                self.identity,
+                self.headers,
+                self._payer(),
             )
+            if self.chain:
+                chain_models = [s.model or served for s in self.chain]
+                self.gw.spending.may_serve(self.spend, chain_models)
         elif self.route.endpoint is Endpoint.COUNT_TOKENS:
             # Free at the provider, but a call on its credential: it counts as a request
             # for the per-minute request limits and the tier's daily quota (README).
@@ -654,6 +712,52 @@ class RequestStream:
             )
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
+
+    def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
+        """Envoy tries the chain's providers in order (extproc.fallback); the first is the
+        one served unless it fails."""
+        first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
+        if first.adapter.translator(self.dialect.name) is None:
+            raise BadRequest(
+                f"this route falls back across {first.provider.api} providers; call "
+                + first.adapter.dialect.generate_path,
+                reason="wrong_api",
+            )
+        self.chain = chain
+        self._serve(first, chain[0].model or served)
+
+    def _forward_chain(self, body: bytes | None) -> Continue:
+        """To the chain's composite cluster: each attempt's filter sets path and credential."""
+        remove = ["x-api-key", "authorization"] if self.identity.source != "anonymous" else []
+        if body is not None:
+            remove.append("content-length")
+        if self.decoded_request:
+            remove.append("content-encoding")
+        changes = HeaderChanges(
+            set=(
+                (routing.ROUTING_HEADER, fallback.chain_cluster(self.chain)),
+                (fallback.CLIENT_API_HEADER, self.dialect.name),
+                ("accept-encoding", "identity"),
+                *self._trace_header(),
+            ),
+            remove=tuple(remove),
+        )
+        self.forwarded = True
+        return Continue(headers=changes, body=body, clear_route_cache=True)
+
+    def _read_attempts(self, headers: Mapping[str, str]) -> None:
+        """Which provider of the chain answered, after which failures (extproc.fallback)."""
+        attempts = fallback.decode_attempts(headers.get(fallback.ATTEMPTS_HEADER, ""), self.chain)
+        if not attempts:
+            return
+        self.attempts = attempts
+        last = attempts[-1]
+        for failed in attempts[:-1]:
+            reason = fallback.fallback_reason(failed.status)
+            self.gw.metrics.fallbacks.labels(self.route_name, failed.provider, reason).inc()
+        # The answer is read (and translated, across shapes) as the answerer's.
+        answerer = routing.Target(last.provider, self.gw.config.providers[last.provider])
+        self._serve(answerer, last.model or self.served_model)
 
     def _as_dialect_reads(self, request: ParsedRequest) -> ParsedRequest:
         """The model and streaming as the dialect finds them (a URL-model dialect reads
@@ -680,24 +784,36 @@ class RequestStream:
         so the event loop's share of any request stays small (extproc/offload.py)."""
         assert self.route is not None
         self.body_size = len(raw)
-        in_body = self.dialect.model_in is ModelIn.BODY
         limits = self.gw.config.limits
         bound = min(INLINE_VALUES, limits.max_json_values)
         if len(raw) <= OFFLOAD_BYTES and value_bound(raw, bound) <= bound:
-            return parse_request(raw, self.route.endpoint, model_in_body=in_body)
+            return self._parse_body(raw)
         if self.gw.offload is None:
-            request = parse_request(raw, self.route.endpoint, model_in_body=in_body)
+            request = self._parse_body(raw)
             check_values(request.body, limits.max_json_values)
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
         await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
         endpoint = self.route.endpoint
+        in_body = self.dialect.model_in is ModelIn.BODY
         rules = tuple(self.profile.cache.normalize)
         job = Job(self.dialect.name, endpoint, in_body, self.profile.guard, guarded, limits, rules)
+        job = dataclasses.replace(job, cloud=self.route.cloud)
         checked = await self.gw.offload.check(raw, job)
         self.inspection = checked.inspection
         assert checked.summary is not None
         return checked.summary.parsed()  # its big values stay serialized: never walked here
+
+    def _parse_body(self, raw: bytes, *, check_keys: bool = True) -> ParsedRequest:
+        """The body as a `ParsedRequest`; a cloud client's made canonical Messages (the
+        URL's model and streaming in the body, so every step reads it unchanged)."""
+        assert self.route is not None
+        if self.route.cloud is not None:
+            return parse_cloud_request(
+                raw, self.route.endpoint, self.route.cloud, check_keys=check_keys
+            )
+        in_body = self.dialect.model_in is ModelIn.BODY
+        return parse_request(raw, self.route.endpoint, check_keys=check_keys, model_in_body=in_body)
 
     def _guard_request(self) -> bool:
         """Screen the prompt before it leaves; True if the body was rewritten."""
@@ -724,10 +840,13 @@ class RequestStream:
         """The provider key an anonymous caller pays with: its own, passed through when
         the provider has no gateway-held credential. On the gateway's credential the key
         a caller sends means nothing, so it cannot name (or rotate) its rate-limit subject."""
+        presented = self._presented()
+        if presented is None:  # an identified caller: no provider to look up (a gateway
+            return None  # serving only Bedrock has none for `/v1/gateway/quota`)
         target = self.target or self._choose_target(None)
         if target.name in self.gw.credentials:
             return None
-        return self._presented()
+        return presented
 
     def _presented(self) -> str | None:
         """The caller's own provider key, for anonymous pass-through callers."""
@@ -785,7 +904,7 @@ class RequestStream:
                 await self.gw.spending.admit_hit(self.spend)
         answer = self._screen_hit(entry.answer)
         if self.request.stream:
-            content_type = self.dialect.framing.content_type + "; charset=utf-8"
+            content_type = _stream_content_type(self.dialect.framing)
             body = self.dialect.unfold(answer)
             if self.usage_dropper is not None:
                 body = self.usage_dropper.feed(body) + self.usage_dropper.close()
@@ -848,6 +967,8 @@ class RequestStream:
     ) -> Decision:
         status = headers.get(":status", "0")
         self.answer.status = int(status) if status.isdigit() else 0
+        if self.chain:
+            self._read_attempts(headers)
         if details in FIRST_BYTE_TIMEOUTS:
             seconds = self.gw.config.limits.first_byte_timeout_seconds
             raise GatewayTimeout(
@@ -863,7 +984,8 @@ class RequestStream:
                 f"the provider answered with Content-Encoding {label[:64]!r}, which the "
                 "gateway cannot read, although it asked for identity"
             )
-        drop = ("content-encoding", "content-length") if self.answer_decoder else ()
+        drop: tuple[str, ...] = (fallback.ATTEMPTS_HEADER,) if self.chain else ()
+        drop += ("content-encoding", "content-length") if self.answer_decoder else ()
         extra = HeaderChanges(set=self._response_headers(), remove=drop)
         if end_of_stream:
             self._finish(self._status_outcome())
@@ -875,7 +997,7 @@ class RequestStream:
                 self.transcoder = Transcoder(framing, self.translator, self.dialect.framing)
                 extra = self._translated_headers(extra)
             if self.usage_dropper is not None:  # the body changes length
-                extra = HeaderChanges(set=extra.set, remove=("content-length",))
+                extra = HeaderChanges(set=extra.set, remove=(*extra.remove, "content-length"))
             return Continue(headers=extra, response_body_mode=BodyMode.STREAMED)
         if content_type.startswith("application/json") and self._reads_json_answer():
             return Continue(headers=extra, response_body_mode=BodyMode.BUFFERED)
@@ -889,7 +1011,7 @@ class RequestStream:
         return self.target.adapter.answer_framing(content_type)
 
     def _translated_headers(self, extra: HeaderChanges) -> HeaderChanges:
-        content_type = self.dialect.framing.content_type + "; charset=utf-8"
+        content_type = _stream_content_type(self.dialect.framing)
         return HeaderChanges(
             set=(*extra.set, ("content-type", content_type)),
             remove=(*extra.remove, "content-length"),
@@ -966,16 +1088,16 @@ class RequestStream:
     def _decoded_body(self, chunk: bytes, end_of_stream: bool) -> Decision:
         """Policy on the decoded (and translated) answer; the client gets those bytes."""
         plain = chunk
-        if self.answer_decoder is not None:
-            try:
+        try:
+            if self.answer_decoder is not None:
                 plain = self.answer_decoder.feed(chunk)
                 plain += self.answer_decoder.close() if end_of_stream else b""
-            except GatewayError as error:
-                log.warning("provider answer could not be decoded: %s", error.message)
-                self.withheld = b""  # and the rest of it is dropped too
-                raise _undecodable(f"the provider's answer {error.message}") from error
-        if self.transcoder is not None:
-            plain = self.transcoder.feed(plain, end_of_stream)
+            if self.transcoder is not None:  # a broken event stream is undecodable too
+                plain = self.transcoder.feed(plain, end_of_stream)
+        except GatewayError as error:
+            log.warning("provider answer could not be decoded: %s", error.message)
+            self.withheld = b""  # and the rest of it is dropped too
+            raise _undecodable(f"the provider's answer {error.message}") from error
         decision = self._on_response_body(plain, end_of_stream)
         if isinstance(decision, Continue) and decision.body is None:
             return dataclasses.replace(decision, body=plain)
@@ -1158,6 +1280,8 @@ class RequestStream:
             self.gw.metrics.streams.labels(first).inc()
         if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
+        if self.chain:
+            self.gw.attempts.drop(self.request_id)
         if self.outcome is None or self.settled:
             return
         self.settled = True
@@ -1223,6 +1347,8 @@ class RequestStream:
         }
         if answer.error_type:
             facts["error_type"] = answer.error_type
+        if self.attempts:  # every provider Envoy tried, in order (extproc.fallback)
+            facts["attempts"] = [a.as_record() for a in self.attempts]
         if answer.usage_estimated:
             facts["usage_estimated"] = True
         text: dict[str, Any] = {}

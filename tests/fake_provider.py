@@ -52,6 +52,9 @@ that forwards headers:
     The answer is one call of a tool named ``Bash`` with this input instead of text
     (Anthropic ``tool_use``, streamed as ``input_json_delta``; OpenAI ``tool_calls``,
     streamed as argument pieces), cut like the text by ``x-fake-piece-chars``.
+``x-fake-tool-once: 1``
+    With ``x-fake-tool-input``: an Anthropic request whose last message carries a
+    ``tool_result`` gets the text answer instead (one tool-using turn of an agent).
 ``x-fake-chunking: split``
     Write SSE in awkward pieces: events cut mid-line and straddling writes, and every
     other event written as ``event:x`` / ``data:{...}`` without the space after the colon.
@@ -558,11 +561,23 @@ def _anthropic_tool_call(call: Call, arguments: str) -> Reply:
     ]
 
 
+def _answers_a_tool(payload: Json) -> bool:
+    """Whether the request's last message carries a `tool_result` block."""
+    messages = payload.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    content = last.get("content") if isinstance(last, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "tool_result" for part in content
+    )
+
+
 def anthropic_messages(call: Call) -> Reply:
     """POST /v1/messages."""
     _require_anthropic(call.payload, max_tokens=True)
     arguments = tool_input(call)
-    if arguments is not None:
+    if arguments is not None and not (
+        call.headers.get("x-fake-tool-once") == "1" and _answers_a_tool(call.payload)
+    ):
         return _anthropic_tool_call(call, arguments)
     text = reply_text(call)
     if call.payload.get("stream") is True:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from extproc.apis import cloud_dialects as _cloud_dialects  # noqa: F401  (registers them)
+from extproc.apis.clouds import CloudAction, CloudKind, CloudPath, parse_cloud_path
 from extproc.apis.dialect import Dialect, dialect_of
 from extproc.apis.kind import ApiKind
 from extproc.decisions import Respond
-from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from extproc.errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, NotSupported
 
 __all__ = [
     "ApiKind",
@@ -25,6 +27,7 @@ __all__ = [
     "Endpoint",
     "api_of_path",
     "classify",
+    "cloud_kind_of",
     "dialect_of",
     "error_response",
 ]
@@ -39,6 +42,7 @@ class Endpoint(enum.Enum):
     MANAGED_SETTINGS = "managed_settings"  # Claude Code's gateway protocol (extproc.signin)
     OTLP = "otlp"
     PROBE = "probe"  # `/`, `/health`: answered by the gateway, no credential needed
+    INFERENCE_PROFILES = "inference_profiles"  # Bedrock clients' listing: answered here
 
     @property
     def generates(self) -> bool:
@@ -51,6 +55,7 @@ class Route:
     api: ApiKind
     endpoint: Endpoint
     method: str
+    cloud: CloudPath | None = None  # a Bedrock or Vertex client's path, parsed
 
 
 _EXACT: dict[str, tuple[ApiKind | None, Endpoint, str]] = {
@@ -93,8 +98,43 @@ def check_model_id(model_id: str) -> None:
         )
 
 
-def classify(method: str, raw_path: str, headers: Mapping[str, str]) -> Route:
-    """The endpoint a request is for; `NotFound`/`MethodNotAllowed` for anything else."""
+CloudPrefixes = Sequence[tuple[str, CloudKind]]
+
+
+def cloud_kind_of(raw_path: str, clouds: CloudPrefixes) -> CloudKind | None:
+    """The cloud whose client-facing prefix `raw_path` is under (None: not a cloud path)."""
+    path = raw_path.split("?", 1)[0]
+    return next((kind for p, kind in clouds if path == p or path.startswith(p + "/")), None)
+
+
+_CLOUD_ENDPOINTS = {
+    CloudAction.INFERENCE_PROFILES: Endpoint.INFERENCE_PROFILES,
+    CloudAction.COUNT_TOKENS: Endpoint.COUNT_TOKENS,
+}
+
+
+def _classify_cloud(method: str, raw_path: str, prefix: str, kind: CloudKind) -> Route:
+    where = parse_cloud_path(method, raw_path, prefix, kind)
+    assert where is not None  # the prefix matched
+    if kind == "bedrock" and where.action is CloudAction.COUNT_TOKENS:
+        raise NotSupported(
+            "Bedrock has no count_tokens for Anthropic models; Claude Code estimates locally",
+            reason="not_supported",
+            retryable=False,
+        )
+    endpoint = _CLOUD_ENDPOINTS.get(where.action, Endpoint.MESSAGES)
+    return Route(api=kind, endpoint=endpoint, method=method, cloud=where)
+
+
+def classify(
+    method: str, raw_path: str, headers: Mapping[str, str], clouds: CloudPrefixes = ()
+) -> Route:
+    """The endpoint a request is for; `NotFound`/`MethodNotAllowed` for anything else.
+    `clouds`: the configured Bedrock/Vertex client prefixes (`cloud_paths`)."""
+    cloud = cloud_kind_of(raw_path, clouds)
+    if cloud is not None:
+        prefix = next(p for p, k in clouds if k == cloud)
+        return _classify_cloud(method, raw_path, prefix, cloud)
     path = raw_path.split("?", 1)[0]
     api = api_of_path(path, headers)
     if path.startswith("/v1/models/") and path.count("/") == 3:

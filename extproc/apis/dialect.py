@@ -153,6 +153,17 @@ class Dialect:
     def cache_view(self, body: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def cache_headers(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> dict[str, str]:
+        """What of the request's headers a cache key holds: the API version and betas."""
+        flags = (f.strip() for f in headers.get("anthropic-beta", "").split(","))
+        beta = ",".join(sorted(f for f in flags if f))
+        return {"version": headers.get("anthropic-version", ""), "beta": beta}
+
+    def cache_schema(self) -> ApiKind:
+        """The schema a cache key is made in: a dialect that shares another's answers
+        (Bedrock and Vertex clients share Anthropic's) names that one."""
+        return self.name
+
     # -- the answer ----------------------------------------------------------------
 
     def usage(self, answer: Mapping[str, Any]) -> Usage:
@@ -196,7 +207,7 @@ class Dialect:
 
 
 class AnthropicMessages(Dialect):
-    name = "anthropic"
+    name: ClassVar[ApiKind] = "anthropic"  # widened: the cloud dialects subclass it
     generate_path = "/v1/messages"
     pages_model_list = True
 

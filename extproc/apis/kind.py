@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-ApiKind = Literal["anthropic", "openai"]
+ApiKind = Literal["anthropic", "openai", "bedrock", "vertex"]
 
 __all__ = ["ApiKind"]

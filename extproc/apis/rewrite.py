@@ -334,10 +334,14 @@ def _openai_stop(stop: StopAnswer) -> SseEvent:
 _HANDLERS: dict[ApiKind, Callable[[SseTextRewriter, SseEvent, dict[str, Any]], list[bytes]]] = {
     "anthropic": SseTextRewriter._anthropic,
     "openai": SseTextRewriter._openai,
+    "bedrock": SseTextRewriter._anthropic,
+    "vertex": SseTextRewriter._anthropic,
 }
 _STOP_EVENTS: dict[ApiKind, Callable[[StopAnswer], SseEvent]] = {
     "anthropic": _anthropic_stop,
     "openai": _openai_stop,
+    "bedrock": _anthropic_stop,
+    "vertex": _anthropic_stop,
 }
 
 

@@ -329,6 +329,9 @@ def json_strings(value: Any, path: Path, out: list[tuple[Path, str]]) -> None:
 _WALKERS: dict[ApiKind, Callable[[Mapping[str, Any], _Walk], None]] = {
     "anthropic": _anthropic,
     "openai": _openai,
+    # Bedrock and Vertex clients send Anthropic Messages bodies (model in the URL).
+    "bedrock": _anthropic,
+    "vertex": _anthropic,
 }
 
 

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from extproc.apis.dialect import dialect_of
 from extproc.apis.kind import ApiKind
 from extproc.config import Config, ProfileConfig, TierConfig
 from extproc.errors import BadRequest, Forbidden
@@ -96,7 +95,7 @@ def choose_provider(config: Config, profile: ProfileConfig, model: str, api: Api
         return default_target(config, api)
     target = Target(name=name, provider=config.providers[name])
     if target.adapter.translator(api) is None:
-        path = dialect_of(target.provider.api).generate_path
+        path = target.adapter.dialect.generate_path
         raise BadRequest(
             f"model {model!r} is served by provider {name!r}, which speaks the "
             f"{target.provider.api} API; call {path}",

@@ -28,6 +28,9 @@ class RoutePolicyError(Unavailable):
 def _compile(config: Config, raw: bytes) -> ProfileConfig:
     metadata: dict[str, Any] = orjson.loads(raw)
     name = metadata.pop("profile", "default")
+    if "fallback" in metadata:
+        # Envoy's clusters for a chain are rendered from the config file's profiles.
+        raise ValueError("fallback cannot be set in route metadata; set it in the profile")
     base = config.profiles.get(name)
     if base is None:
         known = ", ".join(config.profiles)

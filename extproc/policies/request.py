@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from extproc.apis import Endpoint
+from extproc.apis.clouds import CloudPath, to_messages_body
 from extproc.errors import BadRequest
 
 MAX_MODEL_LENGTH = 256
@@ -158,6 +159,19 @@ def parse_request(
     body = parse_json_object(raw, check_keys=check_keys)
     required = endpoint.generates and model_in_body
     model = check_model(body.get("model")) if "model" in body or required else None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", reason="invalid_stream")
+    return ParsedRequest(body=body, model=model, stream=stream and endpoint.generates)
+
+
+def parse_cloud_request(
+    raw: bytes, endpoint: Endpoint, where: CloudPath, *, check_keys: bool = True
+) -> ParsedRequest:
+    """A Bedrock or Vertex client's body, made canonical Anthropic Messages (the URL's
+    model, Bedrock's streaming by path), then checked like any other."""
+    body = to_messages_body(parse_json_object(raw, check_keys=check_keys), where)
+    model = check_model(body.get("model"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", reason="invalid_stream")

@@ -148,6 +148,14 @@ class Metrics:
             "Requests left out of OpenTelemetry because its recording queue was full.",
             registry=r,
         )
+        self.fallbacks = Counter(
+            "extproc_fallbacks",
+            "Attempts after which Envoy tried the next provider of a fallback chain, by Envoy"
+            " route, the provider that failed and why (unavailable, rate_limited, overloaded,"
+            " server_error).",
+            ["route", "provider", "reason"],
+            registry=r,
+        )
         self.model_mapping = Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",

@@ -4,6 +4,8 @@ See `adapter.py` (one adapter per provider kind), `credentials.py` (the
 `CredentialProvider` protocol) and `translate.py` (the client <-> provider slot).
 """
 
+from extproc.upstream import cloud_clients as _cloud_clients  # noqa: F401  (registers them)
+from extproc.upstream import clouds as _clouds  # noqa: F401  (registers Bedrock, Vertex)
 from extproc.upstream.adapter import (
     ROUTING_HEADER,
     UpstreamAdapter,
@@ -14,6 +16,7 @@ from extproc.upstream.adapter import (
 from extproc.upstream.credentials import CredentialProvider, StaticKey, UpstreamRequest
 from extproc.upstream.translate import (
     IDENTITY,
+    HeaderTranslator,
     Transcoder,
     Translator,
     register_translator,
@@ -24,6 +27,7 @@ __all__ = [
     "IDENTITY",
     "ROUTING_HEADER",
     "CredentialProvider",
+    "HeaderTranslator",
     "StaticKey",
     "Transcoder",
     "Translator",

@@ -18,11 +18,12 @@ Register a new kind with `register_adapter` (and its name in `extproc.apis.kind`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from extproc.apis.dialect import ANTHROPIC, OPENAI, Dialect
 from extproc.apis.framing import Framing, framing_for
 from extproc.apis.kind import ApiKind
+from extproc.cloud.providers import credential_for as cloud_credential
 from extproc.config import Config, ProviderConfig
 from extproc.credentials import Credential
 from extproc.decisions import HeaderChanges
@@ -60,6 +61,17 @@ class UpstreamAdapter:
             return None
         return StaticKey(Credential(provider.credential, environ), self.key_header, self.key_prefix)
 
+    def prepare(
+        self,
+        provider: ProviderConfig,
+        body: dict[str, Any],
+        path: str,
+        headers: Mapping[str, str],
+    ) -> tuple[dict[str, Any], str]:
+        """The provider's body and path for a translated request (cloud providers reshape
+        it: the model into the URL, headers into the body); identity by default."""
+        return body, path
+
     def key_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
         return ((self.key_header, self.key_prefix + secret),)
 
@@ -91,6 +103,14 @@ class AnthropicUpstream(UpstreamAdapter):
     dialect = ANTHROPIC
     key_header = "x-api-key"
 
+    def credential_for(
+        self, provider: ProviderConfig, environ: Mapping[str, str] | None = None
+    ) -> CredentialProvider | None:
+        """Foundry and Claude Platform on AWS are the Anthropic API with a cloud credential."""
+        if provider.cloud is not None:
+            return cloud_credential(provider.cloud, provider.credential, environ)
+        return super().credential_for(provider, environ)
+
 
 class OpenAIUpstream(UpstreamAdapter):
     """OpenAI and every OpenAI-compatible server (vLLM, Ollama, LiteLLM, ...)."""
@@ -118,7 +138,19 @@ def adapter_for(kind: str) -> UpstreamAdapter:
     return _ADAPTERS[kind]
 
 
+# Where a cloud client's requests go when no provider speaks its own schema: Claude on
+# the Anthropic API, else on the other cloud (cross-serving, `upstream.cloud_clients`).
+_SERVED_BY: Mapping[str, tuple[str, ...]] = {
+    "bedrock": ("anthropic", "vertex"),
+    "vertex": ("anthropic", "bedrock"),
+}
+
+
 def default_provider(config: Config, client: ApiKind) -> str | None:
-    """The first provider that speaks the client's schema: where its requests go when
-    no rule names one."""
-    return next((name for name, p in config.providers.items() if p.api == client), None)
+    """The first provider that speaks the client's schema (for a Bedrock or Vertex
+    client, else one that serves Claude): where its requests go when no rule names one."""
+    for kind in (client, *_SERVED_BY.get(client, ())):
+        name = next((name for name, p in config.providers.items() if p.api == kind), None)
+        if name is not None:
+            return name
+    return None

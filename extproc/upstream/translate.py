@@ -14,7 +14,7 @@ parses the bytes, the translator maps events, the client's framing encodes them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from extproc.apis.framing import EventParser, Framing
 from extproc.apis.kind import ApiKind
@@ -23,6 +23,7 @@ from extproc.apis.sse import SseEvent
 __all__ = [
     "IDENTITY",
     "EventTranslator",
+    "HeaderTranslator",
     "Transcoder",
     "Translator",
     "register_translator",
@@ -81,10 +82,25 @@ def register_translator(client: ApiKind, upstream: ApiKind, translator: Translat
 
 
 def translator_for(client: ApiKind, upstream: ApiKind) -> Translator | None:
-    """How a provider speaking `upstream` serves a `client` request; None: it cannot."""
-    if client == upstream:
-        return IDENTITY
-    return _TRANSLATORS.get((client, upstream))
+    """How a provider speaking `upstream` serves a `client` request; None: it cannot.
+    A registered pair wins over identity: a Bedrock client's canonical body is rendered
+    back into Bedrock's shape even for a Bedrock provider."""
+    found = _TRANSLATORS.get((client, upstream))
+    if found is not None:
+        return found
+    return IDENTITY if client == upstream else None
+
+
+@runtime_checkable
+class HeaderTranslator(Protocol):
+    """A translator that also sets request headers (a body's `anthropic_beta` list
+    becomes the `anthropic-beta` header the Anthropic API reads)."""
+
+    def request_headers(
+        self, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> tuple[tuple[str, str], ...]:
+        """Headers to set, from the client's body (before `request`) and headers."""
+        ...
 
 
 class Transcoder:

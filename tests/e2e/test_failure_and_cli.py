@@ -79,7 +79,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_config_reports_key_and_fix(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "listen: nowhere\nproviders:\n  a:\n    api: bedrock\n    base_url: ftp://x\nstroe: x\n"
+        "listen: nowhere\nproviders:\n  a:\n    api: gopher\n    base_url: ftp://x\nstroe: x\n"
     )
     result = _run_cli("check-config", str(bad))
     assert result.returncode == 2

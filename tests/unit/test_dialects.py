@@ -25,8 +25,10 @@ def test_each_schema_has_one_dialect() -> None:
     assert dialect_of("anthropic") is ANTHROPIC
     assert dialect_of("openai") is OPENAI
     assert ANTHROPIC.model_in is ModelIn.BODY
+    assert dialect_of("bedrock").name == "bedrock"  # the cloud client dialects
+    assert dialect_of("vertex").name == "vertex"
     with pytest.raises(KeyError):
-        dialect_of("bedrock")
+        dialect_of("gopher")
 
 
 def test_the_dialect_names_the_model_and_caps_output() -> None:

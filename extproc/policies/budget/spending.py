@@ -258,6 +258,9 @@ class SpendRun:
     admission: asyncio.Future[None] | None = None
     # The holds an admission that timed out may have made after all (released by id).
     uncertain: Reservation | None = None
+    # Other prices the answer may be charged at (a fallback chain): the reservation
+    # covers the dearest; settlement uses `price`, set to the one that answered.
+    alternatives: tuple[Price, ...] = ()
 
     spending: Spending | None = field(default=None, repr=False)  # settles it at close
 
@@ -313,6 +316,25 @@ class Spending:
         subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
 
+    def price_of(self, model: str, run: SpendRun) -> Price | None:
+        """A model's price for `run`; an unpriced one is refused when a USD budget applies."""
+        price = self.prices.find(model)
+        if price is None and any(c.rule.usd is not None for c in run.checks):
+            try:
+                price = self.prices.lookup(model)
+            except UnknownModel as exc:
+                raise BadRequest(
+                    f"{exc}: a USD budget applies to this request and the model is unpriced",
+                    reason="unpriced_model",
+                ) from exc
+        return price
+
+    def may_serve(self, run: SpendRun, models: Sequence[str]) -> None:
+        """The request may be answered by any of `models` (a fallback chain): reserve for
+        the dearest of them, once."""
+        prices = (self.price_of(m, run) for m in models if m != run.model)
+        run.alternatives = tuple(p for p in prices if p is not None)
+
     def serve(self, run: SpendRun, model: str) -> None:
         """Another model answers than the one admitted (a fallback): settlement prices
         what was served. An unpriced model keeps the admitted price (the reservation's
@@ -357,11 +379,12 @@ class Spending:
         run.estimate_tokens = input_tokens
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
-        usd = 0
-        if run.price is not None:
-            usd = estimate_micros(
-                run.price, input_tokens=run.estimate_tokens, max_output_tokens=output
-            )
+        prices = [p for p in (run.price, *run.alternatives) if p is not None]
+        estimates = (
+            estimate_micros(p, input_tokens=run.estimate_tokens, max_output_tokens=output)
+            for p in prices
+        )
+        usd = max(estimates, default=0)
         try:
             decision, held = await self._admit(run, Amount(usd, tokens), tokens)
         except StoreUnavailable as exc:

@@ -69,11 +69,6 @@ def part_digest(value: Any, normalize: Sequence[NormalizeRule] = ()) -> dict[str
     return {"json_sha256": hashlib.sha256(encoded).hexdigest()}
 
 
-def _beta(headers: Mapping[str, str]) -> str:
-    flags = (f.strip() for f in headers.get("anthropic-beta", "").split(","))
-    return ",".join(sorted(f for f in flags if f))
-
-
 def cache_key(
     api: ApiKind,
     endpoint: Endpoint,
@@ -87,11 +82,11 @@ def cache_key(
         clean = _map_strings(clean, [(rule.regex(), rule.replace) for rule in normalize])
     document = {
         "v": KEY_VERSION,
-        "api": api,
+        "api": dialect_of(api).cache_schema(),
         "endpoint": endpoint.value,
         "scope": scope,
         "body": clean,
-        "headers": {"version": headers.get("anthropic-version", ""), "beta": _beta(headers)},
+        "headers": dialect_of(api).cache_headers(headers, body),
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
