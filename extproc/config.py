@@ -33,6 +33,7 @@ from extproc.policies.guard.config import GuardConfig
 from extproc.policies.pricing import PricingConfig
 from extproc.policies.ratelimit import RateLimitConfig, Tier
 from extproc.signin.config import OtlpRelayConfig, SsoConfig, check_references
+from extproc.translate.config import TranslationConfig
 
 __all__ = [
     "AuditConfig",
@@ -282,6 +283,9 @@ class KeyConfig(_Frozen):
     project: str | None = None
     tier: str | None = None
     models: Patterns | None = None
+    # requested-model pattern -> served model for this key, first match wins (applied after
+    # the route's map and pin, before the tier's map).
+    map: dict[str, str] = Field(default_factory=dict)
     expires: dt.datetime | None = None
     disabled: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
@@ -459,6 +463,8 @@ class ProfileConfig(_Frozen):
     # Zero data retention: the audit keeps metadata only (no prompt or answer text), whatever
     # audit.record_text or this profile's audit settings say.
     zero_data_retention: bool = False
+    # When the provider speaks the other wire shape (Anthropic <-> OpenAI translation).
+    translation: TranslationConfig = TranslationConfig()
     # The ordered providers a request of this profile tries (README "Fallback across
     # providers"): Envoy retries the next one on connect failure, 429, 5xx or 529, before
     # any byte of the answer left. Empty: the one provider routing picks.

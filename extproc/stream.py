@@ -92,6 +92,14 @@ from extproc.signin.service import SignIn
 from extproc.store import StoreError
 from extproc.telemetry.otel import RequestTrace
 from extproc.telemetry.record import account
+from extproc.translate import Notes
+from extproc.translate.models import listed_entry
+from extproc.translate.registry import (
+    Pair,
+    bind,
+    note_beta_headers,
+    upstream_header_changes,
+)
 from extproc.upstream import (
     IDENTITY,
     HeaderTranslator,
@@ -244,6 +252,7 @@ class RequestStream:
         self.dialect: Dialect = ANTHROPIC  # the caller's wire schema (set from the path)
         self.translator: Translator | None = None  # None: the provider speaks the caller's
         self.transcoder: Transcoder | None = None  # a streamed answer being translated
+        self.translation: Notes | None = None  # what translation dropped (audit record)
         self.route: Route | None = None
         self.path = ""
         self.target: routing.Target | None = None
@@ -570,11 +579,32 @@ class RequestStream:
         one later (a fallback). Spend is settled at the price of what was served."""
         self.target = target
         translator = target.adapter.translator(self.dialect.name)
-        self.translator = None if translator is IDENTITY else translator
+        self.translation = None  # a later choice (a fallback) may need none
+        self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
             if self.served_model is not None and self.spend is not None:
                 self.gw.spending.serve(self.spend, model)
             self.served_model = model
+
+    def _bound(self, translator: Translator | None, target: routing.Target) -> Translator | None:
+        """This request's own translator (the route's settings, a fresh `Notes`)."""
+        settings = self.profile.translation
+        notes = Notes(settings.lossy(), f"provider {target.name!r} ({target.provider.api} API)")
+        models_list = self.route is not None and self.route.endpoint is Endpoint.MODELS
+        created = int(self.gw.wall_clock())
+        caller_body = self.request.body if self.request is not None else None
+        bound = bind(
+            translator,
+            settings,
+            notes,
+            models=models_list,
+            created=created,
+            caller_body=caller_body,
+        )
+        if bound is None:
+            return translator
+        self.translation = notes
+        return bound
 
     async def _forward(self, body: bytes | None = None) -> Continue:
         """Send the request on to the chosen provider with its credential."""
@@ -591,6 +621,8 @@ class RequestStream:
         extra: tuple[tuple[str, str], ...] = ()
         if self.translator is not None and self.request is not None:
             whole = self.request.full_body()  # a heavy body's big values parsed now
+            if self.translation is not None:
+                note_beta_headers(self.dialect.name, self.headers, self.translation)
             if isinstance(self.translator, HeaderTranslator):
                 extra = self.translator.request_headers(whole, self.headers)
             translated, path = self.translator.request(whole, path)
@@ -609,7 +641,11 @@ class RequestStream:
             remove.append("content-length")
         if self.decoded_request:
             remove.append("content-encoding")
-        changes = HeaderChanges(set=changes.set + self._trace_header(), remove=tuple(remove))
+        extra = self._trace_header()
+        if self.translator is not None:
+            add, drop = upstream_header_changes(self.dialect.name, target.provider.api)
+            extra, remove = extra + add, [*remove, *drop]
+        changes = HeaderChanges(set=changes.set + extra, remove=tuple(remove))
         self.forwarded = True
         return Continue(headers=changes, body=body, clear_route_cache=True)
 
@@ -670,7 +706,9 @@ class RequestStream:
         if request.model is None:
             self._serve(self._choose_target(None))
             return await self._forward()
-        served = models.served_model(request.model, self.gw.config, self.profile, self.tier)
+        served = models.served_model(
+            request.model, self.gw.config, self.profile, self.tier, self.identity.map
+        )
         models.check_allowed(request.model, served, self.allow)
         if self.profile.fallback and self.route.endpoint.generates:
             self._plan_fallback(self.profile.fallback, served)
@@ -700,6 +738,8 @@ class RequestStream:
             # for the per-minute request limits and the tier's daily quota (README).
             subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
             await self.gw.spending.count_request(subject)
+            if self.translation is not None:  # an OpenAI provider has no count_tokens
+                return self._count_locally(request, len(body))
         hit = await self._consult_cache()
         if hit is not None:
             return hit
@@ -713,11 +753,32 @@ class RequestStream:
             await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
         return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
 
+    def _count_locally(self, request: ParsedRequest, size: int) -> Respond:
+        """count_tokens for a provider of the other shape (which has no such endpoint):
+        the gateway's own estimate, the one its budgets reserve with (the worker's, for a
+        heavy body)."""
+        worker = request.worker
+        estimate = (
+            worker.input_tokens
+            if worker is not None
+            else self.dialect.estimate_input_tokens(request.body, size)
+        )
+        headers = (
+            ("content-type", "application/json"),
+            ("x-gateway-request-id", self.request_id),
+            ("x-gateway-estimate", "true"),
+        )
+        answer = Respond(200, orjson.dumps({"input_tokens": estimate}), headers, "extproc_count")
+        return self._answer(answer, "ok")
+
     def _plan_fallback(self, chain: tuple[FallbackStep, ...], served: str) -> None:
         """Envoy tries the chain's providers in order (extproc.fallback); the first is the
         one served unless it fails."""
         first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
-        if first.adapter.translator(self.dialect.name) is None:
+        translator = first.adapter.translator(self.dialect.name)
+        # A chain sends one body to every attempt: Anthropic <-> OpenAI translation (per
+        # request, extproc.translate) is not done per attempt, so such a chain is refused.
+        if translator is None or isinstance(translator, Pair):
             raise BadRequest(
                 f"this route falls back across {first.provider.api} providers; call "
                 + first.adapter.dialect.generate_path,
@@ -1054,10 +1115,9 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint.generates:
             return True
-        # A model list is filtered down to what this caller may use, and paged here.
-        return self.route.endpoint is Endpoint.MODELS and (
-            bool(self.allow) or self.model_page is not None
-        )
+        # A model list is filtered down to what this caller may use (plus the names a
+        # mapping serves), translated to the caller's shape, and paged here.
+        return self.route.endpoint is Endpoint.MODELS
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
@@ -1226,18 +1286,20 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
+        config, identity = self.gw.config, self.identity
+        mapped = models.mapped_names(config, self.profile, self.tier, identity.map, self.allow)
+        ids = {m.get("id") for m in listed if isinstance(m, dict)}
+        listed += [listed_entry(self.dialect.name, name) for name in mapped if name not in ids]
+
+        def shown(model_id: str) -> bool:
+            return model_id in mapped or models.visible(model_id, self.allow)
+
         if self.model_page is not None:
-            paged = model_list.page(
-                listed, self.model_page, lambda m: models.visible(m, self.allow)
-            )
+            paged = model_list.page(listed, self.model_page, shown)
             return Continue(
                 body=orjson.dumps(paged), headers=HeaderChanges(remove=("content-length",))
             )
-        body["data"] = [
-            m
-            for m in listed
-            if isinstance(m, dict) and models.visible(str(m.get("id")), self.allow)
-        ]
+        body["data"] = [m for m in listed if isinstance(m, dict) and shown(str(m.get("id")))]
         if "first_id" in body:
             body["first_id"] = body["data"][0]["id"] if body["data"] else None
             body["last_id"] = body["data"][-1]["id"] if body["data"] else None
@@ -1351,6 +1413,11 @@ class RequestStream:
             facts["attempts"] = [a.as_record() for a in self.attempts]
         if answer.usage_estimated:
             facts["usage_estimated"] = True
+        if self.translation is not None and self.target is not None:
+            facts["translation"] = {  # the provider spoke the other shape
+                "provider_api": self.target.provider.api,
+                "dropped": dict(self.translation.dropped),
+            }
         text: dict[str, Any] = {}
         if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
             text["prompt"] = {

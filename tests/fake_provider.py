@@ -52,9 +52,16 @@ that forwards headers:
     The answer is one call of a tool named ``Bash`` with this input instead of text
     (Anthropic ``tool_use``, streamed as ``input_json_delta``; OpenAI ``tool_calls``,
     streamed as argument pieces), cut like the text by ``x-fake-piece-chars``.
+``x-fake-tool-name: NAME``
+    The name of the tool ``x-fake-tool-input`` calls (default ``Bash``).
 ``x-fake-tool-once: 1``
-    With ``x-fake-tool-input``: an Anthropic request whose last message carries a
-    ``tool_result`` gets the text answer instead (one tool-using turn of an agent).
+    With ``x-fake-tool-input``: call the tool only when the conversation does not end in
+    a tool result; once it does (Anthropic ``tool_result`` block, OpenAI ``tool``
+    message), answer with text instead (one tool-using turn of an agent): the usual
+    reply text, or with ``x-fake-echo: 1`` ``tool said: <the result's text>``.
+``x-fake-tool-calls: N``
+    OpenAI only: N parallel calls (indices 0..N-1, each its own id) of the tool, streamed
+    one after the other.
 ``x-fake-chunking: split``
     Write SSE in awkward pieces: events cut mid-line and straddling writes, and every
     other event written as ``event:x`` / ``data:{...}`` without the space after the colon.
@@ -523,8 +530,52 @@ def tool_input(call: Call) -> str | None:
     return orjson.dumps(value).decode()
 
 
+def tool_name(call: Call) -> str:
+    return call.headers.get("x-fake-tool-name", "Bash")
+
+
+def tool_result_text(call: Call) -> str | None:
+    """The text of the tool result the conversation ends with (either shape), else None."""
+    messages = call.payload.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") == "tool":
+        return _text_of(last.get("content"))
+    content = last.get("content")
+    results = [b for b in content or () if isinstance(b, dict) and b.get("type") == "tool_result"]
+    if last.get("role") != "user" or not isinstance(content, list) or not results:
+        return None
+    return "\n".join(_text_of(b.get("content")) for b in results)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def tool_turn(call: Call) -> tuple[str | None, Call]:
+    """(tool arguments, call) for a tool-call answer; (None, call with the reply text)
+    for a text answer, which `x-fake-tool-once` gives once the tool has answered."""
+    arguments = tool_input(call)
+    if arguments is None or call.headers.get("x-fake-tool-once") != "1":
+        return arguments, call
+    result = tool_result_text(call)
+    if result is None:
+        return arguments, call
+    if call.headers.get("x-fake-echo") != "1":
+        return None, call
+    controls = dataclasses.replace(call.controls, text=f"tool said: {result}")
+    plain = {k: v for k, v in call.headers.items() if k != "x-fake-echo"}
+    return None, dataclasses.replace(call, controls=controls, headers=plain)
+
+
 def _anthropic_tool_call(call: Call, arguments: str) -> Reply:
-    block = {"type": "tool_use", "id": _new_id("toolu_01", 22), "name": "Bash", "input": {}}
+    block = {
+        "type": "tool_use",
+        "id": _new_id("toolu_01", 22),
+        "name": tool_name(call),
+        "input": {},
+    }
     if call.payload.get("stream") is not True:
         usage = anthropic_usage(call.body, arguments)
         message = _anthropic_message(
@@ -561,23 +612,11 @@ def _anthropic_tool_call(call: Call, arguments: str) -> Reply:
     ]
 
 
-def _answers_a_tool(payload: Json) -> bool:
-    """Whether the request's last message carries a `tool_result` block."""
-    messages = payload.get("messages")
-    last = messages[-1] if isinstance(messages, list) and messages else None
-    content = last.get("content") if isinstance(last, dict) else None
-    return isinstance(content, list) and any(
-        isinstance(part, dict) and part.get("type") == "tool_result" for part in content
-    )
-
-
 def anthropic_messages(call: Call) -> Reply:
     """POST /v1/messages."""
     _require_anthropic(call.payload, max_tokens=True)
-    arguments = tool_input(call)
-    if arguments is not None and not (
-        call.headers.get("x-fake-tool-once") == "1" and _answers_a_tool(call.payload)
-    ):
+    arguments, call = tool_turn(call)
+    if arguments is not None:
         return _anthropic_tool_call(call, arguments)
     text = reply_text(call)
     if call.payload.get("stream") is True:
@@ -733,31 +772,43 @@ def _completion_base(call: Call, completion_id: str, obj: str) -> Json:
 
 
 def _openai_tool_call(call: Call, completion_id: str, arguments: str) -> Reply:
-    function = {"name": "Bash", "arguments": arguments}
-    tool_call = {"id": _new_id("call_", 24), "type": "function", "function": function}
+    count = _int_header(call.headers, "x-fake-tool-calls", 1, 16) or 1
+    function = {"name": tool_name(call), "arguments": arguments}
+    calls = [
+        {"id": _new_id("call_", 24), "type": "function", "function": function} for _ in range(count)
+    ]
+    usage = openai_usage(call.body, arguments * count) | usage_override(call)
     if call.payload.get("stream") is not True:
-        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]}
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         base = _completion_base(call, completion_id, "chat.completion")
-        return {**base, "choices": [choice], "usage": openai_usage(call.body, arguments)}
+        return {**base, "choices": [choice], "usage": usage}
     base = _completion_base(call, completion_id, "chat.completion.chunk")
+    options = call.payload.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
     def chunk(delta: Json, finish: str | None = None) -> SseEvent:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return _sse(None, {**base, "choices": [choice]})
 
-    opening = {**tool_call, "index": 0, "function": {"name": "Bash", "arguments": ""}}
-    events = [chunk({"role": "assistant", "content": None}), chunk({"tool_calls": [opening]})]
-    for piece in _pieces(call, arguments):
-        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-    return [*events, chunk({}, "tool_calls"), _sse(None, "[DONE]")]
+    events = [chunk({"role": "assistant", "content": None})]
+    for index, tool_call in enumerate(calls):
+        opening = {**tool_call, "index": index, "function": {**function, "arguments": ""}}
+        events.append(chunk({"tool_calls": [opening]}))
+        for piece in _pieces(call, arguments):
+            piece_call = {"index": index, "function": {"arguments": piece}}
+            events.append(chunk({"tool_calls": [piece_call]}))
+    events.append(chunk({}, "tool_calls"))
+    if include_usage:
+        events.append(_sse(None, {**base, "choices": [], "usage": usage}))
+    return [*events, _sse(None, "[DONE]")]
 
 
 def openai_chat(call: Call) -> Reply:
     """POST /v1/chat/completions."""
     _require_openai(call.payload)
     completion_id = _new_id("chatcmpl-", 29)
-    arguments = tool_input(call)
+    arguments, call = tool_turn(call)
     if arguments is not None:
         return _openai_tool_call(call, completion_id, arguments)
     text = reply_text(call)

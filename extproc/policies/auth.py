@@ -63,6 +63,7 @@ class KeyRecord:
     project: str | None = None
     tier: str | None = None
     models: tuple[str, ...] | None = None
+    map: Mapping[str, str] = field(default_factory=dict)  # requested -> served, for this key
     expires_at: float | None = None
     disabled: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -82,6 +83,7 @@ class KeyRecord:
             project=key.project,
             tier=key.tier,
             models=key.models,
+            map=dict(key.map),
             expires_at=expires,
             disabled=key.disabled,
             labels=dict(key.labels),
@@ -115,6 +117,7 @@ class Identity:
     tier: str | None = None
     models: tuple[str, ...] | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    map: Mapping[str, str] = field(default_factory=dict)  # the key's model mapping
 
     @property
     def caller(self) -> str | None:
@@ -170,6 +173,7 @@ def identity_of(record: KeyRecord) -> Identity:
         tier=record.tier,
         models=record.models,
         labels=record.labels,
+        map=record.map,
     )
 
 

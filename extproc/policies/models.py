@@ -3,8 +3,10 @@
 Pure functions over the config and the caller's identity:
 
 1. `served_model`: requested -> alias -> the route profile's `map` -> the profile's
-   `pin` -> the caller's tier `map`. The tier comes last so a cost rule (free tier:
-   anything -> an internal model) cannot be escaped by picking a route.
+   `pin` -> the caller's key `map` -> the caller's tier `map`. The tier comes last so a
+   cost rule (free tier: anything -> an internal model) cannot be escaped by picking a
+   route. The served model may live at a provider of the other wire shape
+   (`gpt-4 -> claude-sonnet-4-6`): the request is then translated (extproc.translate).
 2. `check_allowed`: the served model must match every allow-list that applies:
    the route profile's, the key's, the team's and the tier's (their intersection).
    Patterns are shell globs (`claude-sonnet-*`), matched case-sensitively.
@@ -24,6 +26,7 @@ from extproc.config import Config, ProfileConfig, TierConfig
 from extproc.errors import BadRequest, Forbidden
 from extproc.policies.auth import Identity
 from extproc.policies.routing import Target, default_target
+from extproc.translate.models import literal_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +50,34 @@ def tier_of(config: Config, identity: Identity) -> TierConfig | None:
 
 
 def served_model(
-    requested: str, config: Config, profile: ProfileConfig, tier: TierConfig | None
+    requested: str,
+    config: Config,
+    profile: ProfileConfig,
+    tier: TierConfig | None,
+    key_map: Mapping[str, str] | None = None,
 ) -> str:
     model = config.models.aliases.get(requested, requested)
     model = _mapped(model, profile.map)
     if profile.pin is not None:
         model = profile.pin
+    if key_map:
+        model = _mapped(model, key_map)
     return _mapped(model, tier.map) if tier is not None else model
+
+
+def mapped_names(
+    config: Config,
+    profile: ProfileConfig,
+    tier: TierConfig | None,
+    key_map: Mapping[str, str],
+    lists: Sequence[AllowList],
+) -> list[str]:
+    """The names a mapping makes usable (an alias or a `map` rule naming one model, e.g.
+    `gpt-4`) whose served model this caller may use: what `/v1/models` adds to the list."""
+    sources = [config.models.aliases, profile.map, key_map, tier.map if tier else {}]
+    names = dict.fromkeys(literal_names(name for rules in sources for name in rules))
+    served = {name: served_model(name, config, profile, tier, key_map) for name in names}
+    return [name for name, model in served.items() if model != name and visible(model, lists)]
 
 
 def allow_lists(

@@ -5,7 +5,8 @@ path) and the provider's answer back (a JSON body, or a stream event by event).
 `translator_for(client, upstream)` finds one: `IDENTITY` when the two are the same
 schema (nothing is translated, and the request stream skips every translation call),
 None when the gateway cannot serve that client from that provider (400 `wrong_api`).
-Register a pair with `register_translator` (Anthropic <-> OpenAI comes next).
+Register a pair with `register_translator`; the Anthropic <-> OpenAI pairs
+(`extproc.translate.registry.PAIRS`) are registered here.
 
 `Transcoder` runs a streamed answer through a translator: the provider's framing
 parses the bytes, the translator maps events, the client's framing encodes them.
@@ -19,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from extproc.apis.framing import EventParser, Framing
 from extproc.apis.kind import ApiKind
 from extproc.apis.sse import SseEvent
+from extproc.translate.registry import PAIRS
 
 __all__ = [
     "IDENTITY",
@@ -74,7 +76,7 @@ class _PassEvents:
 
 IDENTITY: Translator = _Identity()
 
-_TRANSLATORS: dict[tuple[str, str], Translator] = {}
+_TRANSLATORS: dict[tuple[str, str], Translator] = {**PAIRS}
 
 
 def register_translator(client: ApiKind, upstream: ApiKind, translator: Translator) -> None:

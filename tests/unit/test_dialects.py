@@ -66,7 +66,9 @@ def test_adapters_and_translators_per_provider_kind() -> None:
     assert adapter_for("anthropic").key_headers("k") == (("x-api-key", "k"),)
     assert adapter_for("openai").key_headers("k") == (("authorization", "Bearer k"),)
     assert translator_for("anthropic", "anthropic") is IDENTITY
-    assert translator_for("anthropic", "openai") is None  # until a translator is registered
+    # The Anthropic <-> OpenAI pairs are registered (extproc.translate.registry).
+    assert translator_for("anthropic", "openai") is not None
+    assert translator_for("openai", "anthropic") is not None
 
 
 class Signer:

@@ -732,6 +732,77 @@ async def test_openai_tool_call_control(gpt: openai.AsyncOpenAI, stream: bool) -
     assert orjson.loads(arguments) == TOOL_INPUT
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_openai_parallel_tool_calls_with_usage(gpt: openai.AsyncOpenAI, stream: bool) -> None:
+    headers = {
+        "x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(),
+        "x-fake-tool-calls": "2",
+        "x-fake-tool-name": "Read",
+    }
+    if stream:
+        chunks = await gpt.chat.completions.create(
+            model="gpt-5",
+            messages=USER,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        )
+        arguments: dict[int, str] = {}
+        names, usage = set(), None
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            for call in (c for choice in chunk.choices for c in choice.delta.tool_calls or ()):
+                assert call.function is not None
+                names.add(call.function.name)
+                arguments[call.index] = arguments.get(call.index, "") + (
+                    call.function.arguments or ""
+                )
+        assert usage is not None
+        assert sorted(arguments) == [0, 1]
+        assert [orjson.loads(a) for a in arguments.values()] == [TOOL_INPUT, TOOL_INPUT]
+        assert names - {None} == {"Read"}
+    else:
+        completion = await gpt.chat.completions.create(
+            model="gpt-5", messages=USER, extra_headers=headers
+        )
+        calls: Any = completion.choices[0].message.tool_calls
+        assert [c.function.name for c in calls] == ["Read", "Read"]
+        assert calls[0].id != calls[1].id
+
+
+async def test_tool_once_answers_the_tool_result_with_text(
+    claude: anthropic.AsyncAnthropic, gpt: openai.AsyncOpenAI
+) -> None:
+    headers = {
+        "x-fake-tool-input": orjson.dumps(TOOL_INPUT).decode(),
+        "x-fake-tool-once": "1",
+        "x-fake-echo": "1",
+    }
+    first = await claude.messages.create(
+        model="claude-opus-4-8", max_tokens=64, messages=USER, extra_headers=headers
+    )
+    block: Any = first.content[0]
+    assert block.type == "tool_use"
+    result = {"type": "tool_result", "tool_use_id": block.id, "content": "42 files"}
+    turns: Any = [*USER, {"role": "assistant", "content": [block.model_dump()]}]
+    turns.append({"role": "user", "content": [result]})
+    second = await claude.messages.create(
+        model="claude-opus-4-8", max_tokens=64, messages=turns, extra_headers=headers
+    )
+    assert second.stop_reason == "end_turn"
+    assert second.content[0].type == "text"
+    assert second.content[0].text == "tool said: 42 files"
+    chat: Any = [*USER, {"role": "tool", "tool_call_id": "call_1", "content": "7 files"}]
+    answer = await gpt.chat.completions.create(model="gpt-5", messages=chat, extra_headers=headers)
+    assert answer.choices[0].message.content == "tool said: 7 files"
+    plain = {k: v for k, v in headers.items() if k != "x-fake-echo"}
+    third = await claude.messages.create(
+        model="claude-opus-4-8", max_tokens=64, messages=turns, extra_headers=plain
+    )
+    third_block: Any = third.content[0]
+    assert third_block.text == DEFAULT_TEXT  # without echo: the usual reply text
+
+
 async def test_tool_input_control_must_be_a_json_object(raw: httpx.AsyncClient) -> None:
     headers = {"x-api-key": "k", "anthropic-version": "2023-06-01", "x-fake-tool-input": "[1]"}
     response = await raw.post("/v1/messages", json=MESSAGE_BODY, headers=headers)

@@ -233,6 +233,7 @@ class _Marker:
 
 async def test_an_attempt_at_another_shape_uses_the_registered_translator() -> None:
     attempt, _ = _attempt()
+    registered = _TRANSLATORS.get(("openai", "anthropic"))  # the real pair (extproc.translate)
     register_translator("openai", "anthropic", _Marker())
     try:
         headers = {**REQUEST, ":path": "/v1/chat/completions", "x-gateway-client-api": "openai"}
@@ -240,6 +241,8 @@ async def test_an_attempt_at_another_shape_uses_the_registered_translator() -> N
         decision = await attempt.request_body(b'{"model": "gpt-5"}')
     finally:
         _TRANSLATORS.pop(("openai", "anthropic"), None)
+        if registered is not None:
+            _TRANSLATORS[("openai", "anthropic")] = registered
     assert isinstance(decision, Continue)
     assert decision.body == b'{"model":"claude-haiku-4-5","translated":true}'
     assert (":path", "/v1/messages") in decision.headers.set

@@ -240,8 +240,40 @@ def test_provider_choice() -> None:
     assert models.choose_provider(config, plain, "claude-opus-4-8", "anthropic").name == "anthropic"
     assert models.choose_provider(config, plain, "llama", "openai").name == "vllm"
     routed = ProfileConfig(provider="vllm")
-    with pytest.raises(BadRequest, match="call /v1/chat/completions"):
-        models.choose_provider(config, routed, "llama", "anthropic")
+    # An Anthropic caller on an OpenAI-compatible provider is translated (issue 13), no
+    # longer refused as wrong_api.
+    target = models.choose_provider(config, routed, "llama", "anthropic")
+    assert target.name == "vllm"
+    assert target.adapter.translator("anthropic") is not None
+
+
+def test_served_model_key_map_after_the_route_before_the_tier() -> None:
+    config = _config(tiers={"free": {"map": {"claude-*": "qwen3-32b"}}})
+    key_map = {"gpt-4": "claude-sonnet-4-6", "claude-opus-*": "claude-sonnet-4-6"}
+    plain = ProfileConfig(map={"gpt-4o-mini": "claude-haiku-4-5"})
+    assert models.served_model("gpt-4", config, plain, None, key_map) == "claude-sonnet-4-6"
+    assert models.served_model("claude-opus-4-8", config, plain, None, key_map) == (
+        "claude-sonnet-4-6"
+    )
+    assert models.served_model("gpt-4", config, plain, config.tiers["free"], key_map) == (
+        "qwen3-32b"
+    )
+    pinned = ProfileConfig(pin="claude-opus-4-8")
+    assert models.served_model("x", config, pinned, None, key_map) == "claude-sonnet-4-6"
+
+
+def test_mapped_names_are_listed_when_their_served_model_is_allowed() -> None:
+    config = _config(models={"aliases": {"opus": "claude-opus-4-8"}})
+    profile = ProfileConfig(map={"gpt-4": "claude-sonnet-4-6", "gpt-*": "claude-haiku-4-5"})
+    identity = auth.Identity(source="key", key_id="k", models=("claude-sonnet-*",))
+    lists = models.allow_lists(config, profile, identity, None)
+    key_map = {"gpt-4o-mini": "claude-sonnet-4-6"}
+    assert models.mapped_names(config, profile, None, key_map, lists) == ["gpt-4"]
+    assert models.mapped_names(config, profile, None, key_map, []) == [
+        "opus",
+        "gpt-4",
+        "gpt-4o-mini",
+    ]
 
 
 def test_upstream_headers_swap_credential_and_rebase_path() -> None:
