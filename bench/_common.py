@@ -125,9 +125,7 @@ class EnvoyProcess:
         command = [supervisor.envoy_binary(), "-c", str(path), "-l", "warning"]
         command += ["--disable-hot-restart", "--base-id", str(free_port()), *extra]
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
-            )
+            self.process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
         if not supervisor.wait_envoy_ready(self.admin, 30, self.process):
             self.stop()
             raise BenchError(f"Envoy {self.name} did not start:\n{self.log_path.read_text()}")
@@ -137,12 +135,6 @@ class EnvoyProcess:
         if self.process is not None:
             supervisor.stop([self.process], grace=5)
             self.process = None
-
-
-def dying_with_parent(command: list[str]) -> list[str]:
-    """`command`, getting SIGTERM if the bench process dies (no preexec_fn: see
-    `supervisor.dying_with_parent`)."""
-    return supervisor.dying_with_parent(command)
 
 
 def stop_all(processes: Sequence[subprocess.Popen[bytes]]) -> None:
@@ -457,7 +449,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     command += ["--protected-mode", "no", "--loglevel", "warning"]
     log_path = workdir / "redis.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT)
+        process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
     if not wait_port(port, process, 10):
         stop_all([process])
         raise BenchError(f"redis-server did not start:\n{log_path.read_text()}")

@@ -55,7 +55,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from extproc import server
+from extproc import server, supervisor
 from extproc.apis import Endpoint
 from extproc.config import Config
 from extproc.policies.cache import Entry, Shape, cache_key
@@ -186,9 +186,7 @@ def start_null_hit(answer: bytes, workdir: Path) -> tuple[subprocess.Popen[bytes
     command += ["--answer", str(answer_file)]
     log_path = workdir / "null-hit.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            c.dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
-        )
+        process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
     if not c.wait_port(port, process):
         c.stop_all([process])
         raise c.BenchError(f"the null hit server did not start:\n{log_path.read_text()}")

@@ -58,7 +58,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from extproc import server
+from extproc import server, supervisor
 from tests.harness import Stack, gateway_config
 
 MODEL = "claude-sonnet-4-5"
@@ -277,9 +277,7 @@ def start_helper(mode: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
     command = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", str(port)]
     log_path = workdir / f"{mode}.log"
     with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            c.dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT
-        )
+        process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and process.poll() is None:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):

@@ -136,7 +136,7 @@ def start_server(
         command += ["--config", str(path)]
     else:
         command = [sys.executable, __file__, "--serve-null", str(port)]
-    process = subprocess.Popen(c.dying_with_parent(command), stdout=log, stderr=subprocess.STDOUT)
+    process = supervisor.spawn(command, stdout=log, stderr=subprocess.STDOUT)
     address = HostPort(host="127.0.0.1", port=port)
     if not supervisor.wait_grpc_serving(address, 30) and not c.wait_port(port, process, 30):
         c.stop_all([process])

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from extproc.apis.kind import ApiKind
+from extproc.apis.kind import CLOUD_APIS, ApiKind
 from extproc.cloud.config import CloudSettings
 from extproc.credentials import CredentialSource
 from extproc.policies.budget.ledger import BudgetConfig
@@ -111,13 +111,11 @@ class ProviderConfig(_Frozen):
 
     @model_validator(mode="after")
     def _cloud_matches_api(self) -> ProviderConfig:
-        kind = self.cloud.kind if self.cloud is not None else None
-        if self.api in ("bedrock", "vertex") and kind != self.api:
+        serves = self.cloud.serves if self.cloud is not None else None
+        if self.cloud is not None and serves != self.api:
+            raise ValueError(f"cloud kind {self.cloud.kind} needs api: {serves}")
+        if self.api in CLOUD_APIS and serves is None:
             raise ValueError(f"api: {self.api} needs cloud: {{kind: {self.api}, ...}}")
-        if kind in ("bedrock", "vertex") and self.api != kind:
-            raise ValueError(f"cloud kind {kind} needs api: {kind}")
-        if kind in ("foundry", "claude_platform_aws") and self.api != "anthropic":
-            raise ValueError(f"cloud kind {kind} serves the Anthropic API: set api: anthropic")
         return self
 
     @field_validator("base_url")

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from extproc.apis.kind import CLOUD_APIS
 from extproc.config import Config, FallbackStep, HostPort, ProviderConfig
 from extproc.fallback import (
     ATTEMPT_METADATA,
@@ -126,8 +127,8 @@ def _patch_cloud_routes(hcm: dict[str, Any], config: Config) -> None:
     prefixes = dict((kind, prefix) for prefix, kind in config.cloud_paths.prefixes())
     kept = []
     for route in virtual_host["routes"]:
-        kind = route.get("name")
-        if kind in ("bedrock", "vertex"):
+        kind = route.get("name")  # the cloud client routes are named after their cloud
+        if kind in CLOUD_APIS:
             if kind not in prefixes:
                 continue
             route["match"] = {"prefix": prefixes[kind] + "/"}

@@ -1,10 +1,13 @@
 """One object per HTTP request: a method per ext_proc phase, typed state between them.
 
 Envoy opens one gRPC stream per HTTP request and sends its phases in order.
-`RequestStream` checks that order against a transition table (h11 style), runs
-the policies for each phase and returns a `Decision`; `close()` settles whatever
-is left when the stream ends, normally or not (client gone, upstream reset), so
-every request yields exactly one audit record.
+`RequestStream` checks that order against a transition table (h11 style) and
+orchestrates: the client's dialect, auth and model policy, then the policy steps in
+their fixed order (`extproc.policies.steps.STEPS`, through the hooks of
+`extproc.policies.step`), the upstream adapter, and the one error boundary
+(`_refuse`); each phase returns a `Decision`. `close()` settles whatever is left when
+the stream ends, normally or not (client gone, upstream reset), so every request
+yields exactly one audit record. No policy's own logic lives here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -23,7 +26,6 @@ from extproc import fallback
 from extproc.apis import (
     Endpoint,
     Route,
-    anthropic,
     api_of_path,
     classify,
     cloud_kind_of,
@@ -45,7 +47,6 @@ from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
-from extproc.apis.walk import WalkLimits
 from extproc.config import FallbackStep, ProfileConfig, TierConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
@@ -59,7 +60,6 @@ from extproc.errors import (
     InternalError,
     NotFound,
     PayloadTooLarge,
-    Unauthorized,
     Unavailable,
 )
 from extproc.gateway import Gateway
@@ -80,12 +80,11 @@ from extproc.phases import (
     ResponseHeaders,
 )
 from extproc.policies import auth, models, routing
-from extproc.policies import cache as cache_policy
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
-from extproc.policies.guard.run import GuardRun
 from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
-from extproc.policies.step import Done, Ending, Step
+from extproc.policies.step import Done, Ending, Reply, Run, Step
+from extproc.policies.steps import STEPS
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -223,6 +222,7 @@ class _Answer:
 
 
 Extend = Callable[[float], Awaitable[None]]
+R = TypeVar("R", bound=Run)
 # A compressed answer may decode to this many times the request body limit.
 _ANSWER_DECODE_FACTOR = 4
 
@@ -264,9 +264,8 @@ class RequestStream:
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
-        self.cache_run: cache_policy.CacheRun | None = None
-        self.spend: SpendRun | None = None
-        self.guard: GuardRun | None = None
+        self.runs: list[Run] = []  # the policy steps that opened, in step order (STEPS)
+        self.body_changed = False  # the body to forward differs from the caller's
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
         self.body_size = 0
         self.rewriter: SseTextRewriter | None = None
@@ -289,6 +288,7 @@ class RequestStream:
         self.withheld: bytes | None = None  # the error sent in place of an unreadable answer
         self.trace: RequestTrace | None = None
         self.chain: tuple[FallbackStep, ...] = ()  # the providers Envoy tries, in order
+        self.alternatives: tuple[str, ...] = ()  # the chain's models, priced at admission
         self.attempts: list[fallback.Attempt] = []  # as the last attempt reported them
 
     @property
@@ -445,25 +445,10 @@ class RequestStream:
             )
 
     async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
+        """The auth step (who calls), then the model policy's lists for that caller."""
         config = self.gw.config
-        self.key = key = auth.presented_key(headers)
-        identity = None
-        if key is not None and auth.key_id_of(key) is not None:
-            identity = await self.gw.keys.authenticate(key)
-        elif key is not None and self.gw.signin is not None and self.gw.signin.signer.owns(key):
-            identity = await self.gw.signin.authenticate(key)
-        elif config.auth.jwt is not None:
-            claims = jwt_metadata.get(config.auth.jwt.payload_key)
-            if isinstance(claims, Mapping):
-                identity = auth.identity_from_claims(claims, config.auth.jwt)
-        if identity is None and config.auth.required:
-            if key is None:
-                raise Unauthorized(
-                    "missing gateway key: send it as x-api-key or Authorization: Bearer",
-                    reason="missing_key",
-                )
-            raise Unauthorized("invalid gateway key", reason="invalid_key")
-        self.identity = identity or auth.ANONYMOUS
+        self.key = auth.presented_key(headers)
+        self.identity = await auth.identify(self.gw, self.key, jwt_metadata)
         self.tier = models.tier_of(config, self.identity)
         self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
 
@@ -582,8 +567,9 @@ class RequestStream:
         self.translation = None  # a later choice (a fallback) may need none
         self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
-            if self.served_model is not None and self.spend is not None:
-                self.gw.spending.serve(self.spend, model)
+            spend = self.run_of(SpendRun)
+            if self.served_model is not None and spend is not None:
+                self.gw.spending.serve(spend, model)
             self.served_model = model
 
     def _bound(self, translator: Translator | None, target: routing.Target) -> Translator | None:
@@ -714,44 +700,48 @@ class RequestStream:
             self._plan_fallback(self.profile.fallback, served)
         else:
             self._serve(self._choose_target(served), served)
-        rewritten = served != request.model
-        if rewritten:
+        if served != request.model:
             path = self.dialect.with_model(self.path, request.body, served)
             self.upstream_path = path if path != self.path else self.upstream_path
+            self.body_changed = True
         if self.route.endpoint.generates and self._bound_spend(request):
-            rewritten = True
-        if self._guard_request():
-            request, rewritten = self.request, True
-        if self.route.endpoint.generates:
-            self.spend = self.gw.spending.start(
-                uuid.uuid4().hex,
-                self.served_model or served,
-                self.identity,
-                self.headers,
-                self._payer(),
-            )
-            if self.chain:
-                chain_models = [s.model or served for s in self.chain]
-                self.gw.spending.may_serve(self.spend, chain_models)
-        elif self.route.endpoint is Endpoint.COUNT_TOKENS:
-            # Free at the provider, but a call on its credential: it counts as a request
-            # for the per-minute request limits and the tier's daily quota (README).
-            subject = self.gw.spending.subject(self.identity, self._payer(), self.headers)
-            await self.gw.spending.count_request(subject)
-            if self.translation is not None:  # an OpenAI provider has no count_tokens
-                return self._count_locally(request, len(body))
-        hit = await self._consult_cache()
-        if hit is not None:
-            return hit
-        if self.spend is not None:
-            worker = request.worker  # if any, it made the estimate on the whole body
-            estimate = (
-                worker.input_tokens
-                if worker is not None
-                else self.dialect.estimate_input_tokens(request.body, len(body))
-            )
-            await self.gw.spending.admit(self.spend, request.body, input_tokens=estimate)
-        return await self._forward(body=orjson.dumps(request.body) if rewritten else None)
+            self.body_changed = True
+        reply = await self._run_steps()
+        if reply is not None:
+            return self._send_reply(reply)
+        if self.route.endpoint is Endpoint.COUNT_TOKENS and self.translation is not None:
+            # An OpenAI provider has no count_tokens (counted as a request by spend).
+            return self._count_locally(self.request, self.body_size)
+        body_out = orjson.dumps(self.request.body) if self.body_changed else None
+        return await self._forward(body=body_out)
+
+    async def _run_steps(self) -> Reply | None:
+        """The policy steps in their fixed order (`STEPS`): each that applies opens and
+        starts (it may refuse or rewrite the body), then those with store I/O run it in
+        the same order. A step may answer the request itself (a cache hit)."""
+        for policy in STEPS:
+            run = policy.open(self)
+            if run is not None:
+                self.runs.append(run)  # before it starts: a refusal is audited with it
+                run.start(self)
+        reply = None
+        for run in self.runs:
+            if run.waits:
+                reply = await run.request(self, reply)
+        return reply
+
+    def run_of(self, kind: type[R]) -> R | None:
+        """This request's run of a step, if that step opened."""
+        for run in self.runs:
+            if isinstance(run, kind):
+                return run
+        return None
+
+    def replace_body(self, body: dict[str, Any]) -> None:
+        """A step forwards `body` instead of the caller's."""
+        assert self.request is not None
+        self.request = dataclasses.replace(self.request, body=body)
+        self.body_changed = True
 
     def _count_locally(self, request: ParsedRequest, size: int) -> Respond:
         """count_tokens for a provider of the other shape (which has no such endpoint):
@@ -785,6 +775,7 @@ class RequestStream:
                 reason="wrong_api",
             )
         self.chain = chain
+        self.alternatives = tuple(step.model or served for step in chain)
         self._serve(first, chain[0].model or served)
 
     def _forward_chain(self, body: bytes | None) -> Continue:
@@ -876,27 +867,6 @@ class RequestStream:
         in_body = self.dialect.model_in is ModelIn.BODY
         return parse_request(raw, self.route.endpoint, check_keys=check_keys, model_in_body=in_body)
 
-    def _guard_request(self) -> bool:
-        """Screen the prompt before it leaves; True if the body was rewritten."""
-        assert self.route is not None
-        assert self.request is not None
-        policy = self.gw.guard_for(self.profile.guard)
-        if policy is None or self.route.endpoint is Endpoint.MODELS:
-            return False
-        limits = WalkLimits(self.gw.config.limits.max_scan_chars)
-        self.guard = GuardRun(policy, self.dialect.name, self.gw.metrics, limits=limits)
-        # The worker's inspection (if any) was made without the billing block too.
-        screened, billing = anthropic.split_billing_block(self.request.body)
-        body = screened if billing is not None else self.request.body
-        worker = self.request.worker  # it applied the redaction already
-        replaced = self.guard.inspect_request(body, self.inspection, applied=worker is not None)
-        if replaced is None:
-            return worker is not None and worker.changed
-        if billing is not None:  # forwarded as it came, whatever the guard did
-            replaced["system"] = [billing, *replaced.get("system", [])]
-        self.request = dataclasses.replace(self.request, body=replaced)
-        return True
-
     def _payer(self) -> str | None:
         """The provider key an anonymous caller pays with: its own, passed through when
         the provider has no gateway-held credential. On the gateway's credential the key
@@ -913,57 +883,22 @@ class RequestStream:
         """The caller's own provider key, for anonymous pass-through callers."""
         return self.key if self.identity.source == "anonymous" else None
 
-    # -- cache ------------------------------------------------------------------------
+    # What a policy step asks of the request (`extproc.policies.step.Exchange`).
 
-    async def _consult_cache(self) -> Respond | None:
-        config = self.profile.cache
-        assert self.route is not None
+    def payer(self) -> str | None:
+        return self._payer()
+
+    def presented(self) -> str | None:
+        return self._presented()
+
+    # -- a step's reply -----------------------------------------------------------------
+
+    def _send_reply(self, reply: Reply) -> Respond:
+        """A step answered the request itself (a cache hit): the answer is screened like
+        a fresh one, and sent in the caller's framing."""
         assert self.request is not None
-        if not config.enabled or not self.route.endpoint.generates:
-            return None
-        presented = self._presented()
-        scope = "shared" if config.shared else cache_policy.tenant_scope(self.identity, presented)
-        key = cache_policy.cache_key(
-            self.dialect.name,
-            self.route.endpoint,
-            scope,
-            self.request.key_body(),
-            self.headers,
-            config.normalize,
-        )
-        read, write = cache_policy.cache_control(self.headers)
-        if self.guard is not None and self.guard.masks:
-            # The stored answer would hold this request's real values behind placeholders
-            # that another request's values map to as well.
-            write = False
-        self.cache_run = run = cache_policy.CacheRun(
-            self.gw.cache, config, scope, key, self.request_id, read, write
-        )
-        body = self.request.body
-        shape = None
-        worker = self.request.worker
-        if self.gw.config.cache.hygiene and read and self.body_size <= cache_policy.SHAPE_MAX_BODY:
-
-            def shape() -> cache_policy.Shape:
-                if worker is not None:  # measured by the worker
-                    return worker.shape  # type: ignore[no-any-return]
-                return cache_policy.Shape.of(self.dialect.name, body)
-
-        entry = await run.before_upstream(shape, self.extend)
-        if run.volatile:
-            self.gw.metrics.cache_volatile.inc()
-        return await self._serve_hit(entry) if entry is not None else None
-
-    async def _serve_hit(self, entry: cache_policy.Entry) -> Respond:
-        assert self.request is not None
-        assert self.cache_run is not None
-        if self.spend is not None:
-            if self.gw.config.cache.charge_budget_on_hit:
-                estimate = self.dialect.estimate_input_tokens(self.request.body, 0)
-                await self.gw.spending.admit(self.spend, self.request.body, input_tokens=estimate)
-            else:
-                await self.gw.spending.admit_hit(self.spend)
-        answer = self._screen_hit(entry.answer)
+        screened = self._screened(reply.answer)
+        answer = screened if screened is not None else reply.answer
         if self.request.stream:
             content_type = _stream_content_type(self.dialect.framing)
             body = self.dialect.unfold(answer)
@@ -974,26 +909,24 @@ class RequestStream:
         self._read_answer(answer)
         self.answer.status = 200
         self.answer.streamed = self.request.stream
-        self._finish("cache_hit")
+        self._finish(reply.outcome)
         headers = (
             ("content-type", content_type),
-            ("x-gateway-cache", "hit"),
-            ("age", str(int(self.cache_run.age))),
+            *reply.headers,
             ("x-gateway-request-id", self.request_id),
             *self._trace_header(),
         )
-        return Respond(status=200, body=body, headers=headers, details="extproc_cache_hit")
+        return Respond(status=200, body=body, headers=headers, details=reply.details)
 
-    def _screen_hit(self, answer: dict[str, Any]) -> dict[str, Any]:
-        """A cached answer is screened like a fresh one: it may have been stored by a
-        route with another guard profile, or none."""
-        if self.guard is None:
-            return answer
-        screened, blocked = self.guard.screen_answer(answer)
-        if blocked is not None:
-            message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            raise AnswerWithheld(message)
-        return screened if screened is not None else answer
+    def _screened(self, answer: dict[str, Any]) -> dict[str, Any] | None:
+        """A complete JSON answer through every step's answer hook, in step order: the
+        answer to send instead (None: unchanged); `AnswerWithheld` if a step withholds it."""
+        changed = None
+        for run in self.runs:
+            replaced = run.answer(answer if changed is None else changed)
+            if replaced is not None:
+                changed = replaced
+        return changed
 
     def _cacheable_answer(self) -> dict[str, Any] | None:
         """The answer to store: complete and successful, in its JSON form."""
@@ -1097,18 +1030,8 @@ class RequestStream:
 
     def _response_headers(self) -> tuple[tuple[str, str], ...]:
         headers = (("x-gateway-request-id", self.request_id), *self._trace_header())
-        run = self.cache_run
-        if run is not None:
-            headers += (("x-gateway-cache", "bypass" if run.result == "bypass" else "miss"),)
-            if run.volatile:
-                hint = "volatile values defeat the cache at " + ", ".join(run.volatile[:5])
-                if run.volatile_directories:
-                    hint += (
-                        "; home or temporary directory paths differ at "
-                        + ", ".join(run.volatile_directories[:5])
-                        + ": add cache.normalize {builtin: paths} to the route's profile"
-                    )
-                headers += (("x-gateway-cache-hint", hint),)
+        for run in self.runs:
+            headers += run.answer_headers()
         return headers
 
     def _reads_json_answer(self) -> bool:
@@ -1121,9 +1044,11 @@ class RequestStream:
 
     def _start_stream(self) -> None:
         self.answer.streamed = True
-        if self.guard is not None:
-            self.rewriter = self.guard.rewriter()  # it parses the events itself
-        else:
+        for run in self.runs:  # a step that rewrites the answer's texts (the guard)
+            self.rewriter = run.rewriter()
+            if self.rewriter is not None:
+                break  # it parses the events itself
+        if self.rewriter is None:
             self.sse = self.dialect.framing.parser()
         self.accumulator = self.dialect.accumulator()
 
@@ -1178,6 +1103,9 @@ class RequestStream:
         if self.usage_dropper is not None and self.answer.streamed:
             decision = self._drop_usage_chunk(decision, end_of_stream)
         if end_of_stream:
+            if self.answer.streamed:
+                for run in self.runs:
+                    run.stream_end(self.accumulator)
             self._finish(self._status_outcome())
         return decision
 
@@ -1194,25 +1122,15 @@ class RequestStream:
     def _rewrite_stream(self, chunk: bytes, end_of_stream: bool) -> Continue:
         """Screen (and unmask) the answer's text; account for what the client receives."""
         assert self.rewriter is not None
-        assert self.guard is not None
         out = self.rewriter.feed(chunk)
         if end_of_stream:
             out += self.rewriter.close()
-            self.guard.finish_stream(self.rewriter)
         sent = self.rewriter.sent
         self._account_events(sent[self.rewritten_events :])
         self.rewritten_events = len(sent)
-        if end_of_stream:
-            self._check_streamed_schema()
         if self.rewriter.stopped is not None:
             self.answer.error_type = "output_blocked"
         return Continue(body=out)
-
-    def _check_streamed_schema(self) -> None:
-        """A streamed answer has left by now: a schema failure can only be recorded."""
-        assert self.guard is not None
-        if self.accumulator is not None and self.accumulator.complete:
-            self.guard.check_schema(self.accumulator.folded_message())
 
     def _feed_stream(self, chunk: bytes, end_of_stream: bool) -> None:
         assert self.sse is not None
@@ -1264,18 +1182,19 @@ class RequestStream:
         assert self.route is not None
         if self.route.endpoint is Endpoint.MODELS:
             return self._filter_models(body)
-        if self.guard is not None and self.answer.status == 200:
-            return self._guard_answer(body)
+        if self.runs and self.answer.status == 200:
+            return self._answer_json(body)
         self._read_answer(body)
         return CONTINUE
 
-    def _guard_answer(self, body: dict[str, Any]) -> Continue:
-        assert self.guard is not None
-        replaced, blocked = self.guard.screen_answer(body)
+    def _answer_json(self, body: dict[str, Any]) -> Continue:
+        """A complete fresh answer through the steps' answer hooks (output screening)."""
+        try:
+            replaced = self._screened(body)
+        except AnswerWithheld:
+            self._read_answer(body)  # a withheld answer is still accounted (and billed)
+            raise
         self._read_answer(replaced or body)
-        if blocked is not None:
-            message = f"the answer was withheld by the gateway's output policy ({blocked})"
-            raise AnswerWithheld(message)
         if replaced is None:
             return CONTINUE
         return Continue(
@@ -1315,8 +1234,7 @@ class RequestStream:
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
         if self.profile.records_text(self.gw.config.audit.record_text):
             self.answer.completion = self.dialect.completion(body)
-        if self.cache_run is not None:
-            self.answer.json = body
+        self.answer.json = body  # the answer a step may keep (the cache stores it)
 
     def _status_outcome(self) -> str:
         status = self.answer.status
@@ -1348,30 +1266,28 @@ class RequestStream:
             return
         self.settled = True
         ending = self._ending(self.outcome)
-        for step in (self.cache_run, self.spend):  # step order: cache stores, spend settles
-            if step is not None:
-                await step.close(ending)
+        for run in self.runs:  # in step order: the cache stores, spend settles
+            if run.closes:
+                await run.close(ending)
         account(self, self.finished_at)
 
     def _ending(self, outcome: str) -> Ending:
-        """How the request ended, for the steps that close: the answer to store and what
-        is billed (an estimate, recorded as such, when the final usage never came)."""
+        """How the request ended, for the steps that close: the answer to store (made
+        when a step asks for it) and what is billed (an estimate, recorded as such, when
+        the final usage never came)."""
         billable = self.answer.usage
-        if self.spend is not None:
-            billable = self._billable_usage(outcome)
+        spend = self.run_of(SpendRun)
+        if spend is not None:
+            billable = self._billable_usage(outcome, spend.estimate_tokens)
             if billable != self.answer.usage and outcome != "cache_hit":
                 self.answer.usage, self.answer.usage_estimated = billable, True
-        fresh = self.cache_run is not None and outcome != "cache_hit"
-        answer = self._cacheable_answer() if fresh else None
-        return Ending(outcome, self.dialect.name, answer, billable)
+        return Ending(outcome, self.dialect.name, self._cacheable_answer, billable)
 
     # -- audit -------------------------------------------------------------------------
 
     def _steps(self) -> list[Step]:
-        """The policy steps that ran, in their fixed order: auth, guard, cache, spend."""
-        steps: list[Step] = [self.identity]
-        steps += [s for s in (self.guard, self.cache_run, self.spend) if s is not None]
-        return steps
+        """The policy steps that ran, in their fixed order: auth, then `self.runs`."""
+        return [self.identity, *self.runs]
 
     def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
         """What the audit record is built from: the request's own facts, the steps that
@@ -1449,15 +1365,14 @@ class RequestStream:
         self.finished_at = self.gw.clock()
         self.gw.metrics.active_streams.dec()
 
-    def _billable_usage(self, outcome: str) -> Usage:
+    def _billable_usage(self, outcome: str, estimate: int) -> Usage:
         """What the request spent: nothing for a refusal or an uncharged cache hit."""
         if outcome.startswith("rejected_"):
             return Usage()
         if outcome == "cache_hit":
             return self.answer.usage if self.gw.config.cache.charge_budget_on_hit else Usage()
-        if not self.forwarded or self.spend is None:
+        if not self.forwarded:
             return self.answer.usage
-        estimate = self.spend.estimate_tokens
         if self.answer.status == 0:
             # Gone before the provider answered: it may have read the prompt.
             return Usage(input_tokens=estimate)

@@ -1,9 +1,9 @@
 """Process supervision: `extproc up` (Envoy + ext_proc) and `serve --workers N`.
 
-Children are started with PR_SET_PDEATHSIG (through `setpriv --pdeathsig`, see
-`dying_with_parent`) so that they die with the supervisor even if it is killed
-outright; on Ctrl-C or SIGTERM both are stopped (SIGTERM, then SIGKILL after the grace
-period); if one child exits on its own the other is stopped and the reason printed.
+Children are started with a parent-death signal (`with_parent`) so that they die with the
+supervisor even if it is killed outright; on Ctrl-C or SIGTERM both are
+stopped (SIGTERM, then SIGKILL after the grace period); if one child exits on
+its own the other is stopped and the reason printed.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -35,19 +36,16 @@ from extproc.config import Config, HostPort
 log = logging.getLogger(__name__)
 
 
-def dying_with_parent(command: Sequence[str]) -> list[str]:
-    """`command` run so that it gets SIGTERM when the process starting it dies.
+def with_parent(command: Sequence[str]) -> list[str]:
+    """`command` run so that it gets SIGTERM when the thread that started it dies (through
+    util-linux `setpriv --pdeathsig`, where there is one).
 
-    Not a `preexec_fn`: with one, `subprocess` forks (rather than vforks) and runs Python
-    in the child before `exec`, and once gRPC runs in this process its fork handlers run
-    in that child: measured here, about 1 start in 25 of a child of a process serving
-    gRPC died before `exec` (SIGSEGV, or SIGABRT after "epoll_wait error: Bad file
-    descriptor"; CI saw Envoy fail to start that way). util-linux `setpriv` sets the
-    signal and `exec`s the command in place (same pid); without it, no death signal."""
+    Not `preexec_fn` + prctl: grpcio 1.80+ restarts its poller in a child forked while gRPC
+    threads run, and Popen's close_fds then crashes that child before it execs
+    (grpc/grpc#43055: "epoll_wait error: Bad file descriptor", the child never starts).
+    Without `preexec_fn`, Popen uses vfork, where no fork handler runs."""
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return list(command)
-    return [setpriv, "--pdeathsig", "TERM", "--", *command]
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else list(command)
 
 
 def envoy_binary() -> str:
@@ -69,8 +67,11 @@ def envoy_binary() -> str:
     return shutil.which("envoy") or "envoy"
 
 
-def spawn(command: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(dying_with_parent(command), env=env)
+def spawn(
+    command: Sequence[str], env: Mapping[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start `command` tied to this process's life (see `with_parent`)."""
+    return subprocess.Popen(with_parent(command), env=env, **popen)
 
 
 def stop(processes: Sequence[subprocess.Popen[bytes]], grace: float) -> None:

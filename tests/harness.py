@@ -83,11 +83,8 @@ class Stack:
         log_path = self.workdir / f"{name}.log"
         log = log_path.open("ab")
         self.logs[name] = log_path
-        self.processes[name] = subprocess.Popen(  # no preexec_fn: supervisor.dying_with_parent
-            supervisor.dying_with_parent(command),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+        self.processes[name] = supervisor.spawn(
+            command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
 
     def start_extproc(self, *extra: str, name: str = "extproc") -> None:

@@ -54,7 +54,7 @@ def _as_nobody(command: list[str]) -> list[str]:
     """`command` run as nobody when we are root, through util-linux `setpriv` rather than
     Popen's user/group arguments: those make subprocess fork instead of vfork, which runs
     gRPC's fork handlers in the child once this process runs gRPC (a child may then die
-    before exec: see extproc.supervisor.dying_with_parent)."""
+    before exec: see extproc.supervisor.with_death_signal)."""
     ids = _nobody()
     if ids is None:
         return command

@@ -153,6 +153,14 @@ class Dialect:
     def cache_view(self, body: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def held_out(self, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The body without the parts no policy may change, and those parts (None:
+        nothing is held out). A guard screens the first; `put_back` restores the rest."""
+        return body, None
+
+    def put_back(self, body: dict[str, Any], held: Any) -> None:
+        """Return what `held_out` took to a rewritten body, where it was."""
+
     def cache_headers(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> dict[str, str]:
         """What of the request's headers a cache key holds: the API version and betas."""
         flags = (f.strip() for f in headers.get("anthropic-beta", "").split(","))
@@ -213,6 +221,14 @@ class AnthropicMessages(Dialect):
 
     def cache_view(self, body: Mapping[str, Any]) -> dict[str, Any]:
         return anthropic.cache_view(body)
+
+    def held_out(self, body: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Claude Code's attribution block (`system[0]`), forwarded byte for byte."""
+        screened, billing = anthropic.split_billing_block(body)
+        return (screened, billing) if billing is not None else (body, None)
+
+    def put_back(self, body: dict[str, Any], held: Any) -> None:
+        body["system"] = [held, *body.get("system", [])]
 
     def usage(self, answer: Mapping[str, Any]) -> Usage:
         return anthropic.usage_from_message(answer)

@@ -12,4 +12,7 @@ from typing import Literal
 
 ApiKind = Literal["anthropic", "openai", "bedrock", "vertex"]
 
-__all__ = ["ApiKind"]
+# The schemas only a cloud serves: a provider with one of these needs its `cloud:` settings.
+CLOUD_APIS: frozenset[ApiKind] = frozenset({"bedrock", "vertex"})
+
+__all__ = ["CLOUD_APIS", "ApiKind"]

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from extproc.apis.kind import ApiKind
 from extproc.cloud import upstreams
 from extproc.credentials import CredentialSource
 
@@ -68,6 +69,7 @@ class BedrockSettings(_Aws):
     """Amazon Bedrock (InvokeModel), signed with SigV4 for service `bedrock`."""
 
     kind: Literal["bedrock"]
+    serves: ClassVar[ApiKind] = "bedrock"  # the provider `api:` this cloud goes with
     # Prefix bare `anthropic.` ids with this cross-region inference profile (us, eu, apac, global).
     inference_profile: str | None = None
     # Client model -> Bedrock id or inference-profile ARN (e.g. claude-sonnet-4-5 ->
@@ -101,6 +103,7 @@ class VertexSettings(_Frozen):
     """Google Vertex AI (rawPredict), with an OAuth access token."""
 
     kind: Literal["vertex"]
+    serves: ClassVar[ApiKind] = "vertex"
     project: str
     region: str
     # A service account JSON key; None: Application Default Credentials (workload identity,
@@ -157,6 +160,7 @@ class FoundrySettings(_Frozen):
     """
 
     kind: Literal["foundry"]
+    serves: ClassVar[ApiKind] = "anthropic"
     entra: EntraSettings | None = None
 
 
@@ -164,6 +168,7 @@ class ClaudePlatformAwsSettings(_Aws):
     """Claude Platform on AWS: SigV4 (`aws-external-anthropic`) or the provider's api key."""
 
     kind: Literal["claude_platform_aws"]
+    serves: ClassVar[ApiKind] = "anthropic"
     # Sent as anthropic-workspace-id; None: the caller's header is forwarded.
     workspace_id: str | None = None
     # True: sign with the AWS chain; False: the provider's `credential` is an api key.

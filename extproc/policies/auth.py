@@ -26,13 +26,16 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from extproc.config import AuthConfig, JwtConfig, KeyConfig
 from extproc.errors import BadRequest, Unauthorized, Unavailable
 from extproc.store import Store, StoreError
+
+if TYPE_CHECKING:
+    from extproc.gateway import Gateway
 
 KEY_PREFIX = "gwk_"
 STORE_PREFIX = "extproc:key:"
@@ -194,6 +197,30 @@ def identity_from_claims(claims: Mapping[str, Any], config: JwtConfig) -> Identi
         project=claim(config.project_claim),
         tier=claim(config.tier_claim),
     )
+
+
+async def identify(gw: Gateway, key: str | None, jwt_metadata: Mapping[str, Any]) -> Identity:
+    """The auth step, in the request headers: who calls, from the gateway key `key` (the
+    presented credential), a sign-in token, or the claims of a JWT that Envoy's jwt_authn
+    validated. `Unauthorized` when the route requires a caller and none holds."""
+    config = gw.config
+    identity = None
+    if key is not None and key_id_of(key) is not None:
+        identity = await gw.keys.authenticate(key)
+    elif key is not None and gw.signin is not None and gw.signin.signer.owns(key):
+        identity = await gw.signin.authenticate(key)
+    elif config.auth.jwt is not None:
+        claims = jwt_metadata.get(config.auth.jwt.payload_key)
+        if isinstance(claims, Mapping):
+            identity = identity_from_claims(claims, config.auth.jwt)
+    if identity is None and config.auth.required:
+        if key is None:
+            raise Unauthorized(
+                "missing gateway key: send it as x-api-key or Authorization: Bearer",
+                reason="missing_key",
+            )
+        raise Unauthorized("invalid gateway key", reason="invalid_key")
+    return identity or ANONYMOUS
 
 
 class KeyDirectory:

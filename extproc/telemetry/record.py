@@ -41,7 +41,6 @@ def account(stream: RequestStream, now: float) -> None:
     stream.gw.audit.write(record)
     generates = stream.route is not None and stream.route.endpoint.generates
     stream.gw.otel.record(stream.trace, record, generates)
-    run = stream.cache_run
     metrics = stream.gw.metrics
     outcome = stream.outcome or ""
     rejected = outcome.startswith("rejected_")
@@ -60,8 +59,8 @@ def account(stream: RequestStream, now: float) -> None:
         return
     if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
         metrics.subagent_requests.labels(record["endpoint"]).inc()
-    if run is not None:
-        metrics.cache.labels(run.result).inc()
+    if "cache" in record:  # the cache step ran: hit, miss, bypass or wait_timeout
+        metrics.cache.labels(record["cache"]).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
     if stream.outcome == "cache_hit":
         if record.get("cost_saved_usd"):

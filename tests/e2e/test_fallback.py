@@ -49,9 +49,7 @@ class Primary:
 
     def start(self) -> None:
         command = [sys.executable, "-m", "tests.flaky_provider", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            supervisor.dying_with_parent(command), stdout=subprocess.DEVNULL
-        )
+        self.process = supervisor.spawn(command, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):

@@ -15,6 +15,7 @@ from extproc.apis.sse import SseParser
 from extproc.config import parse_config
 from extproc.decisions import Continue, Respond
 from extproc.gateway import Gateway
+from extproc.policies.cache import CacheRun
 from extproc.store import StoreError
 from extproc.store.memory import MemoryStore
 from extproc.stream import RequestStream
@@ -61,10 +62,10 @@ async def test_a_cached_answer_the_guard_withholds_is_a_502_not_retried() -> Non
 async def test_a_store_outage_anywhere_is_store_down(monkeypatch: pytest.MonkeyPatch) -> None:
     gw = gateway(MemoryStore(), guard=False)
 
-    async def down(self: RequestStream) -> None:
+    async def down(self: CacheRun, *args: object) -> None:
         raise StoreError("connection refused")
 
-    monkeypatch.setattr(RequestStream, "_consult_cache", down)
+    monkeypatch.setattr(CacheRun, "request", down)
     decision, _ = await call(gw, ask())
     assert isinstance(decision, Respond)
     assert_refusal(decision, 503, "store_down", "true")

@@ -231,7 +231,7 @@ SHORT_PROJECT = {"kind": "vertex", "project": "p", "region": "us-east5"}
         ),
         (
             {"api": "openai", "base_url": "https://f.example", "cloud": {"kind": "foundry"}},
-            "serves the Anthropic API",
+            "cloud kind foundry needs api: anthropic",
         ),
         (
             {"api": "vertex", "base_url": "https://v.example", "cloud": SHORT_PROJECT},

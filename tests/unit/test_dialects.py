@@ -158,3 +158,18 @@ async def test_a_url_model_dialect_reads_and_writes_the_model_in_the_path(
     assert stream.request is not None
     assert (stream.request.model, stream.served_model) == ("fast", "claude-haiku-4-5")
     await stream.close()
+
+
+def test_the_billing_block_is_held_out_by_the_anthropic_dialect_only() -> None:
+    billing = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"}
+    rest = {"type": "text", "text": "You are Claude Code."}
+    body = {"system": [billing, rest], "messages": []}
+    screened, held = ANTHROPIC.held_out(body)
+    assert (screened["system"], held) == ([rest], billing)
+    assert body["system"] == [billing, rest]  # the caller's body is left alone
+    rewritten = {**screened, "system": [{"type": "text", "text": "[REDACTED]"}]}
+    ANTHROPIC.put_back(rewritten, held)
+    assert rewritten["system"][0] is billing  # forwarded byte for byte, first
+    plain = {"system": [rest], "messages": []}
+    assert ANTHROPIC.held_out(plain) == (plain, None)
+    assert OPENAI.held_out(body) == (body, None)  # no such block in Chat Completions

@@ -117,10 +117,11 @@ def test_render_sets_the_configured_cap() -> None:
 def test_up_refuses_a_cap_the_descriptor_limit_cannot_hold(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text("envoy:\n  max_connections: 50000\n", encoding="utf-8")
-    # prlimit, not a preexec_fn: this pytest process may run gRPC (supervisor.dying_with_parent)
-    limited = ["prlimit", "--nofile=4096:4096", "--"]
+    # util-linux prlimit, not preexec_fn: forking beside gRPC threads can kill the child
+    # (see supervisor.with_parent).
+    command = [sys.executable, "-m", "extproc", "up", "--config", str(config)]
     result = subprocess.run(
-        [*limited, sys.executable, "-m", "extproc", "up", "--config", str(config)],
+        ["prlimit", "--nofile=4096:4096", "--", *command],
         capture_output=True,
         text=True,
         timeout=60,

@@ -36,11 +36,13 @@ import datetime as dt
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
+from extproc.apis import Endpoint
 from extproc.apis.dialect import dialect_of
 from extproc.apis.kind import ApiKind
 from extproc.apis.tokens import tokens_for_bytes as tokens_for_bytes  # re-exported
@@ -72,7 +74,7 @@ from extproc.policies.ratelimit import (
     RateSubject,
     UnknownTier,
 )
-from extproc.policies.step import Done, Ending
+from extproc.policies.step import Done, Ending, Exchange, Reply, Run
 from extproc.store import Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
@@ -238,9 +240,53 @@ def _amount(metric: str, value: int) -> str:
     return f"{micros_to_usd(value):.6f}" if metric == "usd" else str(value)
 
 
+class SpendStep:
+    """The spend step's place in the order: a generating request is admitted (rate
+    limits and budget reservation) and settled; a count_tokens call counts as a request
+    against the request limits and the daily quota; anything else is not charged."""
+
+    def open(self, exchange: Exchange) -> Run | None:
+        route, spending = exchange.route, exchange.gw.spending
+        if route is None:
+            return None
+        if route.endpoint.generates:
+            assert exchange.served_model is not None
+            return spending.start(
+                uuid.uuid4().hex,
+                exchange.served_model,
+                exchange.identity,
+                exchange.headers,
+                exchange.payer(),
+            )
+        if route.endpoint is Endpoint.COUNT_TOKENS:
+            # Free at the provider, but a call on its credential (README).
+            subject = spending.subject(exchange.identity, exchange.payer(), exchange.headers)
+            return RequestCount(spending, subject)
+        return None
+
+
+SPEND = SpendStep()
+
+
+@dataclass(slots=True)
+class RequestCount(Run):
+    """A count_tokens call: one request against the limits, no tokens, no budget."""
+
+    waits: ClassVar[bool] = True
+    spending: Spending
+    subject: RateSubject
+
+    async def request(self, exchange: Exchange, reply: Reply | None) -> Reply | None:
+        await self.spending.count_request(self.subject)
+        return reply
+
+
 @dataclass
-class SpendRun:
+class SpendRun(Run):
     """One request's budget and rate-limit state, from admission to settlement."""
+
+    waits: ClassVar[bool] = True
+    closes: ClassVar[bool] = True
 
     request_id: str
     model: str
@@ -263,6 +309,32 @@ class SpendRun:
     alternatives: tuple[Price, ...] = ()
 
     spending: Spending | None = field(default=None, repr=False)  # settles it at close
+
+    def start(self, exchange: Exchange) -> None:
+        """A fallback chain may serve other models: the reservation covers the dearest."""
+        if exchange.alternatives and self.spending is not None:
+            self.spending.may_serve(self, exchange.alternatives)
+
+    async def request(self, exchange: Exchange, reply: Reply | None) -> Reply | None:
+        """Admit the request from its dialect's token estimate; a reply from the cache is
+        admitted as a hit (or charged like a call, per `cache.charge_budget_on_hit`)."""
+        assert self.spending is not None
+        assert exchange.request is not None
+        body, dialect = exchange.request.body, exchange.dialect
+        worker = exchange.request.worker  # a heavy body: the worker's estimate, made on all of it
+        if reply is None:
+            estimate = (
+                worker.input_tokens
+                if worker is not None
+                else dialect.estimate_input_tokens(body, exchange.body_size)
+            )
+            await self.spending.admit(self, body, input_tokens=estimate)
+        elif exchange.gw.config.cache.charge_budget_on_hit:
+            estimate = dialect.estimate_input_tokens(body, 0)
+            await self.spending.admit(self, body, input_tokens=estimate)
+        else:
+            await self.spending.admit_hit(self)
+        return reply
 
     async def close(self, ending: Ending) -> None:
         """Settle the reservation to what the request is billed for."""

@@ -25,14 +25,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from extproc.apis import ApiKind
 from extproc.config import CacheConfig, CacheSettings
 from extproc.policies.auth import Identity
-from extproc.policies.cache.key import Entry, Shape
-from extproc.policies.step import Ending
+from extproc.policies.cache.key import Entry, Shape, cache_key
+from extproc.policies.guard.run import GuardRun
+from extproc.policies.step import Ending, Exchange, Reply, Run
 from extproc.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,43 @@ def cache_control(headers: Mapping[str, str]) -> tuple[bool, bool]:
     return "no-cache" not in directives, "no-store" not in directives
 
 
+class CacheStep:
+    """The cache's place in the step order: on for a generating request on a route whose
+    profile enables it. Its key is made from the request as the guard left it."""
+
+    def open(self, exchange: Exchange) -> CacheRun | None:
+        config, route, request = exchange.profile.cache, exchange.route, exchange.request
+        if not config.enabled or route is None or request is None or not route.endpoint.generates:
+            return None
+        scope = "shared" if config.shared else tenant_scope(exchange.identity, exchange.presented())
+        headers = exchange.headers
+        # A heavy body's big values count through the worker's digests (extproc/offload.py).
+        key = cache_key(
+            exchange.dialect.name,
+            route.endpoint,
+            scope,
+            request.key_body(),
+            headers,
+            config.normalize,
+        )
+        read, write = cache_control(headers)
+        guard = exchange.run_of(GuardRun)
+        if guard is not None and guard.masks:
+            # The stored answer would hold this request's real values behind placeholders
+            # that another request's values map to as well.
+            write = False
+        return CacheRun(exchange.gw.cache, config, scope, key, exchange.request_id, read, write)
+
+
+CACHE = CacheStep()
+
+
 @dataclass
-class CacheRun:
+class CacheRun(Run):
     """One request's dealings with the cache, from lookup to write."""
+
+    waits: ClassVar[bool] = True
+    closes: ClassVar[bool] = True
 
     cache: ResponseCache
     config: CacheConfig
@@ -171,10 +206,49 @@ class CacheRun:
     replaced: bool = False
     stored: bool = False  # this request's answer was stored
 
+    async def request(self, exchange: Exchange, reply: Reply | None) -> Reply | None:
+        """Look the answer up (waiting for an identical request in flight); a hit is the
+        request's reply."""
+        assert exchange.request is not None
+        if reply is not None:
+            return reply
+        body, api, shape = exchange.request.body, exchange.dialect.name, None
+        worker = exchange.request.worker
+        if exchange.gw.config.cache.hygiene and self.read and exchange.body_size <= SHAPE_MAX_BODY:
+
+            def shape() -> Shape:
+                if worker is not None:  # a heavy body's, measured by the worker
+                    return worker.shape  # type: ignore[no-any-return]
+                return Shape.of(api, body)
+
+        entry = await self.before_upstream(shape, exchange.extend)
+        if self.volatile:
+            exchange.gw.metrics.cache_volatile.inc()
+        if entry is None:
+            return None
+        headers = (("x-gateway-cache", "hit"), ("age", str(int(self.age))))
+        return Reply(entry.answer, "cache_hit", headers, "extproc_cache_hit")
+
+    def answer_headers(self) -> tuple[tuple[str, str], ...]:
+        """A fresh answer says it missed (or bypassed) the cache, and why a near miss did."""
+        headers: tuple[tuple[str, str], ...] = (
+            ("x-gateway-cache", "bypass" if self.result == "bypass" else "miss"),
+        )
+        if self.volatile:
+            hint = "volatile values defeat the cache at " + ", ".join(self.volatile[:5])
+            if self.volatile_directories:
+                hint += (
+                    "; home or temporary directory paths differ at "
+                    + ", ".join(self.volatile_directories[:5])
+                    + ": add cache.normalize {builtin: paths} to the route's profile"
+                )
+            headers += (("x-gateway-cache-hint", hint),)
+        return headers
+
     async def close(self, ending: Ending) -> None:
         """Store a fresh complete answer (a hit stores nothing) and free any waiters."""
         if ending.outcome != "cache_hit":
-            await self.after_upstream(ending.answer, ending.api)
+            await self.after_upstream(ending.answer(), ending.api)
 
     def audit_fields(self, done: object = None) -> dict[str, Any]:
         """The cache step's part of the audit record."""

@@ -20,12 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.apis import ApiKind, dialect_of
+from extproc.apis import ApiKind, Endpoint, dialect_of
+from extproc.apis.dialect import Accumulator
 from extproc.apis.rewrite import SseTextRewriter, StopAnswer
 from extproc.apis.walk import WalkLimits
-from extproc.errors import BadRequest
+from extproc.errors import AnswerWithheld, BadRequest
 from extproc.policies.guard import Inspection, ProfileGuard, StreamScreener
 from extproc.policies.guard.redact import RedactResult, StreamUnmasker, apply_plan
+from extproc.policies.step import Exchange, Run
 from extproc.telemetry.metrics import Metrics
 
 
@@ -52,8 +54,24 @@ class GuardedText:
         return self.unmask.feed(chunk.text) if self.unmask is not None else str(chunk.text)
 
 
+class GuardStep:
+    """The guard's place in the step order: on for a route whose profile has a guard
+    profile, on every endpoint but the model list."""
+
+    def open(self, exchange: Exchange) -> GuardRun | None:
+        route = exchange.route
+        policy = exchange.gw.guard_for(exchange.profile.guard)
+        if policy is None or route is None or route.endpoint is Endpoint.MODELS:
+            return None
+        limits = WalkLimits(exchange.gw.config.limits.max_scan_chars)
+        return GuardRun(policy, exchange.dialect.name, exchange.gw.metrics, limits=limits)
+
+
+GUARD = GuardStep()
+
+
 @dataclass
-class GuardRun:
+class GuardRun(Run):
     policy: ProfileGuard
     api: ApiKind
     metrics: Metrics
@@ -64,6 +82,48 @@ class GuardRun:
     screeners: list[StreamScreener] = field(default_factory=list)
     schema: dict[str, Any] | None = None
     limits: WalkLimits | None = None
+    stream: SseTextRewriter | None = None  # the streamed answer's rewriter, once made
+
+    # -- the step's hooks ----------------------------------------------------------
+
+    def start(self, exchange: Exchange) -> None:
+        """Screen the prompt before it leaves (a worker's inspection, if made, was made
+        without the parts the dialect holds out too); rewrite the body if it changed."""
+        assert exchange.request is not None
+        dialect = exchange.dialect
+        body, held = dialect.held_out(exchange.request.body)
+        worker = exchange.request.worker  # a heavy body: the worker applied the redaction
+        replaced = self.inspect_request(body, exchange.inspection, applied=worker is not None)
+        if replaced is None:
+            if worker is not None and worker.changed:  # forward it as the worker redacted it
+                exchange.replace_body(exchange.request.body)
+            return
+        if held is not None:  # forwarded as it came, whatever the guard did
+            dialect.put_back(replaced, held)
+        exchange.replace_body(replaced)
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A complete JSON answer (fresh, or replayed from the cache: it may have been
+        stored by a route with another guard profile, or none) screened whole."""
+        replaced, blocked = self.screen_answer(body)
+        if blocked is not None:
+            message = f"the answer was withheld by the gateway's output policy ({blocked})"
+            raise AnswerWithheld(message)
+        return replaced
+
+    def stream_end(self, accumulator: Accumulator | None) -> None:
+        """A streamed answer has left by now: its verdicts and a schema failure can only
+        be recorded."""
+        if self.stream is not None:
+            self.finish_stream(self.stream)
+        if accumulator is not None and accumulator.complete:
+            self.check_schema(accumulator.folded_message())
+
+    def audit_fields(self, done: object = None) -> dict[str, Any]:
+        """The guard step's part of the audit record (verdicts, never matched text)."""
+        return {"guard": self.audit()}
+
+    # -- the screening -------------------------------------------------------------
 
     def _verdict(self, direction: str, rule: str, action: str, count: int) -> None:
         entry = {"rule": rule, "action": action, "count": count}
@@ -116,7 +176,9 @@ class GuardRun:
         return GuardedText(screener, unmask)
 
     def rewriter(self) -> SseTextRewriter:
-        return dialect_of(self.api).rewriter(self._block_text)
+        """The streamed answer's texts screened (and unmasked) as they pass."""
+        self.stream = dialect_of(self.api).rewriter(self._block_text)
+        return self.stream
 
     def finish_stream(self, rewriter: SseTextRewriter) -> None:
         counts: dict[tuple[str, str], int] = {}
@@ -157,10 +219,6 @@ class GuardRun:
         )
         final = unmasked if unmasked is not None else result.body
         return final, None
-
-    def audit_fields(self, done: object = None) -> dict[str, Any]:
-        """The guard step's part of the audit record (verdicts, never matched text)."""
-        return {"guard": self.audit()}
 
     def audit(self) -> dict[str, Any]:
         record: dict[str, Any] = {
