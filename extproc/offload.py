@@ -6,16 +6,21 @@ regexes) hold the GIL: `re` and `orjson` never release it, so a thread pool woul
 free the loop. A body that is large (over `OFFLOAD_BYTES`) or may hold many JSON values
 (over `INLINE_VALUES` by a C-speed upper bound) is therefore sent, as bytes, to a worker
 process, which parses it, refuses it past `limits.max_json_values` (413) or
-`limits.max_scan_chars` (413) or with a duplicate key (400), and returns the guard's
-`Inspection` (verdicts, masks and the edits to make: small). Only a body that passed is
-parsed on the loop, so the loop's own work per request is bounded by the caps.
+`limits.max_scan_chars` (413) or with a duplicate key (400), screens it and applies the
+redaction, and returns a `Summary`: the guard's `Inspection`, what the request path
+would otherwise measure on the loop (model, stream flag, input-token estimate, the cache
+key's digests, the hygiene shape), the small top-level values, and the big ones
+serialized. The loop parses only the small values (`Summary.parsed`: the big ones become
+`orjson.Fragment`s), so it never walks a heavy body.
 
-Measured on an idle 2-core machine (tests/service/test_guard_and_bounds.py, a caller
+Measured on a shared 2-core machine (tests/service/test_guard_and_bounds.py, a caller
 sending a request every 5 ms, open loop): while a 31 MiB body of 1.2 million tiny
-content blocks was refused, that caller's p99 was 2-4 ms (its worst 5-9 ms); while the
-heaviest legal body (31 MiB, 180,000 values, 15 M characters to scan) was screened, its
-p99 was 116-160 ms: the loop still parses that body once and hashes it for the cache
-key, in one pause. One worker: huge bodies queue for it.
+content blocks was refused, that caller's p99 was 2-6 ms; while the heaviest legal body
+(31 MiB, 180,000 values, 15 M characters to scan) was screened, 9-23 ms (the loop's
+longest step ~5 ms of CPU; 116-170 ms when the loop still parsed and hashed that body).
+Threshold: with the guard on, the inline path costs the loop ~0.1 ms per KiB; offloaded,
+~1 ms of loop CPU and 2-6 ms more latency (README, "One request cannot stall the others").
+One worker: huge bodies queue for it.
 
 The worker is started with `spawn` (the server runs gRPC threads, which a fork would
 not carry): a program that embeds the server must guard its entry point with
@@ -37,13 +42,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extproc.apis import ApiKind
+import orjson
+
+from extproc.apis import ApiKind, Endpoint
 from extproc.apis.anthropic import split_billing_block
+from extproc.apis.clouds import CloudPath
+from extproc.apis.dialect import dialect_of
 from extproc.apis.walk import WalkLimits
-from extproc.config import LimitsConfig
+from extproc.config import LimitsConfig, NormalizeRule
 from extproc.errors import BadRequest, GatewayError, PayloadTooLarge, Unavailable
+from extproc.policies.cache.key import Shape, part_digest
+from extproc.policies.cache.run import SHAPE_MAX_BODY
 from extproc.policies.guard import Guard, GuardConfig, Inspection
-from extproc.policies.request import parse_json_object
+from extproc.policies.guard.redact import apply_plan
+from extproc.policies.request import (
+    ParsedRequest,
+    WorkerFacts,
+    parse_cloud_request,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +100,49 @@ def check_values(body: Any, cap: int) -> None:
             )
 
 
+# Top-level values the request path reads or rewrites as objects (model policy, output
+# cap, stream usage, cache view, pricing): always parsed on the loop. Any other top-level
+# value over `PART_BYTES` of JSON (messages, system, tools...) stays serialized there.
+_READ_ON_LOOP = frozenset(
+    {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"}
+    | {"metadata", "thinking", "user", "store"}
+)
+PART_BYTES = 16 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A checked body as the event loop takes it: the small top-level values as JSON,
+    the big ones serialized apart, and what the request path would otherwise measure."""
+
+    order: tuple[str, ...]  # top-level keys, as sent
+    light: bytes  # JSON object of the keys not in `parts`
+    parts: dict[str, bytes]
+    digests: dict[str, Any]
+    model: str | None
+    stream: bool
+    input_tokens: int
+    changed: bool
+    shape: Shape | None
+
+    def parsed(self) -> ParsedRequest:
+        """The request, without parsing the big values: they are `orjson.Fragment`s
+        (forwarded as they are when the body is re-serialized)."""
+        light = orjson.loads(self.light)
+        parts = self.parts
+        body = {k: orjson.Fragment(parts[k]) if k in parts else light[k] for k in self.order}
+        facts = WorkerFacts(parts, self.digests, self.input_tokens, self.changed, self.shape)
+        return ParsedRequest(body, self.model, self.stream, facts)
+
+
 @dataclass(frozen=True, slots=True)
 class Checked:
-    """The worker's answer: a refusal (status, message, reason) or the guard's findings."""
+    """The worker's answer: a refusal (status, message, reason), or the guard's findings
+    and the body's summary."""
 
     error: tuple[int, str, str] | None = None
     inspection: Inspection | None = None
+    summary: Summary | None = None
 
 
 _ERRORS: dict[int, type[GatewayError]] = {400: BadRequest, 413: PayloadTooLarge}
@@ -104,26 +158,85 @@ def _init_worker(config: GuardConfig | None, hash_key: bytes | None) -> None:
     _worker_guard = Guard(config, hash_key=hash_key) if config is not None else None
 
 
-def check_body(
-    raw: bytes | str, api: ApiKind, profile: str | None, guarded: bool, limits: LimitsConfig
-) -> Checked:
-    """Parse, bound and screen one body (runs in the worker process); `raw` is the body,
-    or the path of the memory file holding it."""
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One body to check: how the request path would parse and screen it."""
+
+    api: ApiKind
+    endpoint: Endpoint
+    model_in_body: bool
+    profile: str | None
+    guarded: bool
+    limits: LimitsConfig
+    normalize: tuple[NormalizeRule, ...] = ()  # the profile's cache key rules
+    cloud: CloudPath | None = None  # a Bedrock or Vertex client's URL (model, streaming)
+
+    def parse(self, raw: bytes) -> ParsedRequest:
+        """As the request path parses it (`RequestStream._parse_body`)."""
+        if self.cloud is not None:
+            return parse_cloud_request(raw, self.endpoint, self.cloud)
+        return parse_request(raw, self.endpoint, model_in_body=self.model_in_body)
+
+
+def check_body(raw: bytes | str, job: Job) -> Checked:
+    """Parse, bound, screen and summarize one body (runs in the worker process); `raw`
+    is the body, or the path of the memory file holding it."""
     if isinstance(raw, str):
         with open(raw, "rb") as file:
             raw = file.read()
     try:
-        body = parse_json_object(raw)
-        check_values(body, limits.max_json_values)
-        if not guarded or _worker_guard is None:
-            return Checked()
-        policy = _worker_guard.profile(profile)
-        walk_limits = WalkLimits(limits.max_scan_chars)
-        screened, billing = split_billing_block(body)  # forwarded as sent, never screened
-        inspected = screened if billing is not None else body
-        return Checked(inspection=policy.inspect(inspected, api, walk_limits))
+        request = job.parse(raw)
+        check_values(request.body, job.limits.max_json_values)
+        inspection, body = _screen(request.body, job)
+        changed = body is not request.body
+        return Checked(inspection=inspection, summary=_summary(request, body, changed, raw, job))
     except GatewayError as error:
         return Checked(error=(error.status, error.message, error.reason))
+
+
+def _screen(body: dict[str, Any], job: Job) -> tuple[Inspection | None, dict[str, Any]]:
+    """The guard's findings, and the body with its redaction applied (as the request
+    path's `GuardRun` would; the billing block is forwarded as sent, never screened)."""
+    if not job.guarded or _worker_guard is None:
+        return None, body
+    policy = _worker_guard.profile(job.profile)
+    screened, billing = split_billing_block(body)
+    inspected = screened if billing is not None else body
+    inspection = policy.inspect(inspected, job.api, WalkLimits(job.limits.max_scan_chars))
+    replaced = apply_plan(inspected, inspection.redaction).body
+    if replaced is None:
+        return inspection, body
+    if billing is not None:
+        replaced["system"] = [billing, *replaced.get("system", [])]
+    return inspection, replaced
+
+
+def _summary(
+    request: ParsedRequest, body: dict[str, Any], changed: bool, raw: bytes, job: Job
+) -> Summary:
+    parts: dict[str, bytes] = {}
+    digests: dict[str, Any] = {}
+    light: dict[str, Any] = {}
+    for key, value in body.items():
+        encoded = b"" if key in _READ_ON_LOOP else orjson.dumps(value)
+        if len(encoded) > PART_BYTES:
+            parts[key] = encoded
+            digests[key] = part_digest(value, job.normalize)
+        else:
+            light[key] = value
+    dialect = dialect_of(job.api)
+    shape = Shape.of(job.api, body) if len(raw) <= SHAPE_MAX_BODY else None
+    return Summary(
+        order=tuple(body),
+        light=orjson.dumps(light),
+        parts=parts,
+        digests=digests,
+        model=request.model,
+        stream=request.stream,
+        input_tokens=dialect.estimate_input_tokens(body, len(raw)),
+        changed=changed,
+        shape=shape,
+    )
 
 
 def _noop() -> None:
@@ -177,16 +290,13 @@ class Offload:
         """Start the worker now, so the first huge request does not wait for it."""
         await asyncio.get_running_loop().run_in_executor(self._executor(), _noop)
 
-    async def check(
-        self, raw: bytes, api: ApiKind, profile: str | None, guarded: bool, limits: LimitsConfig
-    ) -> Inspection | None:
-        """The guard's findings for `raw` (None without a guard); the refusal it earned."""
+    async def check(self, raw: bytes, job: Job) -> Checked:
+        """The guard's findings for `raw` (None without a guard) and the body's summary;
+        the refusal it earned."""
         loop = asyncio.get_running_loop()
         path = await asyncio.to_thread(_spill, raw)
         try:
-            checked = await loop.run_in_executor(
-                self._executor(), check_body, path or raw, api, profile, guarded, limits
-            )
+            checked = await loop.run_in_executor(self._executor(), check_body, path or raw, job)
         except BrokenProcessPool as exc:
             self._pool = None  # a new worker for the next request
             log.error("the request-check worker died; the next request starts a new one")
@@ -199,7 +309,7 @@ class Offload:
         if checked.error is not None:
             status, message, reason = checked.error
             raise _ERRORS.get(status, BadRequest)(message, reason=reason)
-        return checked.inspection
+        return checked
 
     def close(self) -> None:
         if self._pool is not None:

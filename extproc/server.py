@@ -71,9 +71,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 await context.write(envoy_api.to_response(event.phase, decision))
                 if _last_reply(event, decision):
                     # End the RPC ourselves (status OK: Envoy goes on without us). Left
-                    # open, Envoy resets it when the HTTP request ends, and grpc.aio leaks
-                    # ~120 B of C heap per RPC whose status it sends after a reset
-                    # (grpc/grpc#43360; bench/soak_bench.py measures it).
+                    # open, an Envoy without ext_proc_graceful_grpc_close resets it when
+                    # the HTTP request ends, and grpc.aio leaks ~120 B of C heap per RPC
+                    # whose status it sends after a reset (grpc/grpc#43360;
+                    # bench/soak_bench.py measures it).
                     break
         except ProtocolError as exc:
             # Nothing after an out-of-order phase would be screened or accounted: fail
@@ -83,7 +84,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             stream.protocol_failed()
             await context.abort(grpc.StatusCode.INTERNAL, "ext_proc phases out of order")
         except asyncio.CancelledError:
-            cancelled = True  # Envoy reset the RPC (vs. ending it: see RequestStream.close)
+            # Envoy reset the RPC (a message timeout; without the graceful close also any
+            # cut stream). It does not say who cut it: see stream._cut_short_outcome.
+            cancelled = True
             raise
         finally:
             # Settling the budget and writing the audit record run as a task the gateway

@@ -67,6 +67,7 @@ from extproc.offload import (
     INLINE_VALUES,
     OFFLOAD_BYTES,
     OFFLOAD_SECONDS,
+    Job,
     check_values,
     value_bound,
 )
@@ -139,12 +140,16 @@ CUT_SHORT = frozenset({"client_abort", "provider_reset"})
 
 
 def _cut_short_outcome(status: int, cancelled: bool) -> str:
-    """Who ended a stream that stopped without its end. Envoy ends ext_proc's gRPC stream
-    when the client goes away, and resets it when the provider's connection resets
-    mid-answer (measured with the pinned Envoy; tests/e2e/test_spend_settle.py). Before
-    any answer a provider failure would come back as a response, so it is the client.
-    Envoy's access log (response flags DC vs UR/UC/UPE) confirms: `extproc reconcile`."""
-    return "provider_reset" if cancelled and status else "client_abort"
+    """Who ended a stream that stopped without its end, as far as the server can tell.
+
+    Before any answer a provider failure would come back as a response, so it is the
+    client. Mid-answer the server cannot tell: Envoy closes ext_proc's gRPC stream the
+    same way whichever side cut the request (its filter's onDestroy: a half-close, then a
+    reset unless ext_proc_graceful_grpc_close is on), so whether the RPC looked ended or
+    cancelled was scheduling, not cause (a loaded machine recorded hang-ups as resets).
+    It says `client_abort`, the common case; Envoy's response flags (DC vs UR/UC/UPE)
+    are the authority, and `extproc reconcile` corrects a provider reset from them."""
+    return "client_abort"
 
 
 # Allowed phase order (h11-style table): the phases that may follow each one.
@@ -603,11 +608,12 @@ class RequestStream:
             body = self.raw_body
         extra: tuple[tuple[str, str], ...] = ()
         if self.translator is not None and self.request is not None:
+            whole = self.request.full_body()  # a heavy body's big values parsed now
             if self.translation is not None:
                 note_beta_headers(self.dialect.name, self.headers, self.translation)
             if isinstance(self.translator, HeaderTranslator):
-                extra = self.translator.request_headers(self.request.body, self.headers)
-            translated, path = self.translator.request(self.request.body, path)
+                extra = self.translator.request_headers(whole, self.headers)
+            translated, path = self.translator.request(whole, path)
             translated, path = adapter.prepare(target.provider, translated, path, self.headers)
             body = orjson.dumps(translated)
         route = adapter.route(target.cluster, target.provider, path) + list(extra)
@@ -707,7 +713,7 @@ class RequestStream:
             return self._send_reply(reply)
         if self.route.endpoint is Endpoint.COUNT_TOKENS and self.translation is not None:
             # An OpenAI provider has no count_tokens (counted as a request by spend).
-            return self._count_locally(self.request.body, self.body_size)
+            return self._count_locally(self.request, self.body_size)
         body_out = orjson.dumps(self.request.body) if self.body_changed else None
         return await self._forward(body=body_out)
 
@@ -739,10 +745,16 @@ class RequestStream:
         self.request = dataclasses.replace(self.request, body=body)
         self.body_changed = True
 
-    def _count_locally(self, body: dict[str, Any], size: int) -> Respond:
+    def _count_locally(self, request: ParsedRequest, size: int) -> Respond:
         """count_tokens for a provider of the other shape (which has no such endpoint):
-        the gateway's own estimate, the one its budgets reserve with."""
-        estimate = self.dialect.estimate_input_tokens(body, size)
+        the gateway's own estimate, the one its budgets reserve with (the worker's, for a
+        heavy body)."""
+        worker = request.worker
+        estimate = (
+            worker.input_tokens
+            if worker is not None
+            else self.dialect.estimate_input_tokens(request.body, size)
+        )
         headers = (
             ("content-type", "application/json"),
             ("x-gateway-request-id", self.request_id),
@@ -858,10 +870,15 @@ class RequestStream:
             return request
         guarded = self.gw.guard is not None and self.route.endpoint is not Endpoint.MODELS
         await self.extend(OFFLOAD_SECONDS)  # a queue of huge bodies may outlast message_timeout
-        self.inspection = await self.gw.offload.check(
-            raw, self.dialect.name, self.profile.guard, guarded, limits
-        )
-        return self._parse_body(raw, check_keys=False)
+        endpoint = self.route.endpoint
+        in_body = self.dialect.model_in is ModelIn.BODY
+        rules = tuple(self.profile.cache.normalize)
+        job = Job(self.dialect.name, endpoint, in_body, self.profile.guard, guarded, limits, rules)
+        job = dataclasses.replace(job, cloud=self.route.cloud)
+        checked = await self.gw.offload.check(raw, job)
+        self.inspection = checked.inspection
+        assert checked.summary is not None
+        return checked.summary.parsed()  # its big values stay serialized: never walked here
 
     def _parse_body(self, raw: bytes, *, check_keys: bool = True) -> ParsedRequest:
         """The body as a `ParsedRequest`; a cloud client's made canonical Messages (the

@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
 
 import psycopg
 import pytest
@@ -43,11 +42,24 @@ def postgres_bin_dir() -> str | None:
     return os.path.dirname(found[-1]) if found else None
 
 
-def _as_user() -> dict[str, Any]:
+def _nobody() -> tuple[int, int] | None:
+    """(uid, gid) to run postgres as when we are root (it refuses root), else None."""
     if os.geteuid() != 0:
-        return {}
+        return None
     nobody = pwd.getpwnam("nobody")
-    return {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    return nobody.pw_uid, nobody.pw_gid
+
+
+def _as_nobody(command: list[str]) -> list[str]:
+    """`command` run as nobody when we are root, through util-linux `setpriv` rather than
+    Popen's user/group arguments: those make subprocess fork instead of vfork, which runs
+    gRPC's fork handlers in the child once this process runs gRPC (a child may then die
+    before exec: see extproc.supervisor.with_death_signal)."""
+    ids = _nobody()
+    if ids is None:
+        return command
+    uid, gid = ids
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
 
 
 class PostgresServer:
@@ -60,18 +72,15 @@ class PostgresServer:
         self.dir = tempfile.mkdtemp(prefix="pg-test-")
         self.data = os.path.join(self.dir, "data")
         self.process: subprocess.Popen[bytes] | None = None
-        user = _as_user()
-        if user:
-            os.chown(self.dir, user["user"], user["group"])
+        ids = _nobody()
+        if ids is not None:
+            os.chown(self.dir, *ids)
         self._initdb()
-
-    def _run_as(self) -> dict[str, Any]:
-        return {**_as_user(), "cwd": self.dir}
 
     def _initdb(self) -> None:
         command = [f"{self.bin_dir}/initdb", "-D", self.data, "-U", "postgres", "-A", "trust"]
         command += ["--no-sync", "-E", "UTF8", "--locale", "C"]
-        subprocess.run(command, check=True, capture_output=True, **self._run_as())
+        subprocess.run(_as_nobody(command), check=True, capture_output=True, cwd=self.dir)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -81,7 +90,7 @@ class PostgresServer:
         command = [f"{self.bin_dir}/postgres", "-D", self.data, "-p", str(self.port)]
         command += ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="]
         command += ["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=50"]
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, **self._run_as())
+        self.process = subprocess.Popen(_as_nobody(command), stdout=log, stderr=log, cwd=self.dir)
         log.close()
         deadline = time.monotonic() + timeout
         while not self.ready():

@@ -19,7 +19,8 @@ def estimate_input_tokens(body: Mapping[str, Any], size: int) -> int:
     """An over-estimate of the input tokens of a request body of `size` bytes: base64
     images (`messages[].content[].source.data`) count at a fixed size, not their bytes."""
     images, blob_bytes = 0, 0
-    for message in body.get("messages") or ():
+    messages = body.get("messages")  # a worker may have left it serialized (offload.py)
+    for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
         for block in content if isinstance(content, list) else ():
             source = block.get("source") if isinstance(block, dict) else None

@@ -26,10 +26,40 @@ _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+\-]*")
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerFacts:
+    """What the worker process measured of a heavy body, so the event loop never walks
+    it (extproc/offload.py): the body's big top-level values stay serialized
+    (`orjson.Fragment`s in `ParsedRequest.body`, their bytes in `parts`)."""
+
+    parts: dict[str, bytes]  # top-level key -> its value's JSON, as forwarded
+    digests: dict[str, Any]  # top-level key -> what a cache key holds for it (cache.key)
+    input_tokens: int  # the dialect's estimate, made on the whole body
+    changed: bool  # the guard's redaction changed the body (already applied in `parts`)
+    shape: Any = None  # the cache hygiene shape (cache.Shape), when the body is small enough
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedRequest:
     body: dict[str, Any]
     model: str | None
     stream: bool
+    worker: WorkerFacts | None = None
+
+    def key_body(self) -> dict[str, Any]:
+        """The body as a cache key sees it: the worker's digests for the values it left
+        serialized (hashing them again here would pause the event loop)."""
+        if self.worker is None:
+            return self.body
+        digests = self.worker.digests
+        return {k: digests.get(k, v) for k, v in self.body.items()}
+
+    def full_body(self) -> dict[str, Any]:
+        """The body with every value the worker left serialized parsed: a pause on the
+        event loop as long as the parse, for the rare step that must walk all of it."""
+        if self.worker is None:
+            return self.body
+        parts = self.worker.parts
+        return {k: orjson.loads(parts[k]) if k in parts else v for k, v in self.body.items()}
 
 
 def parse_json_object(raw: bytes, *, check_keys: bool = True) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Reconcile Envoy's access log with the audit log: a record for every stream Envoy opened.
 
 The ext_proc server audits every request whose first message it read. A client that
-hangs up within milliseconds of sending can have its gRPC stream cancelled before that
-(the server then never learns the request id); and the server tells a client abort from
-a provider reset only by how Envoy ended its gRPC stream. Envoy's access log
+hangs up within milliseconds of sending can have its gRPC stream reset before that
+(without ext_proc_graceful_grpc_close; the server then never learns the request id); and
+the server cannot tell a client abort from a provider reset (Envoy closes its gRPC stream
+alike for both), so it records a cut stream as `client_abort`. Envoy's access log
 (envoy/front-proxy.yaml, `envoy.access_log`) has one line per request with
 `x-request-id` (the audit `request_id`) and the response flags, which say which side
 ended it. `reconcile` joins the two (pure; `extproc reconcile` is the command):

@@ -167,9 +167,9 @@ def test_clients_hanging_up_leave_every_stream_audited_and_nothing_held(
     stack: Stack, redis: RedisServer
 ) -> None:
     count = 50
+    before = _settled_streams(stack)  # earlier tests' streams closed: not counted as ours
     seen = len(stack.audit_records())
     logged = len(_access_log(stack, "hangup"))
-    before = _streams(stack)["request_headers"]
     asyncio.run(_hang_up_all(stack.url, count))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # Envoy logs a request when its stream ends
@@ -179,11 +179,12 @@ def test_clients_hanging_up_leave_every_stream_audited_and_nothing_held(
         time.sleep(0.1)
     assert len(entries) == count
     ids = {e["request_id"] for e in entries}
-    records = {r["request_id"]: r for r in stack.audit_records()[seen:] if r["request_id"] in ids}
     opened = _streams(stack)["request_headers"] - before
+    records = _audited(stack, seen, ids, opened)
     # Every stream whose first message ext_proc read was audited ...
-    assert sum(1 for e in entries if e["request_id"] in records) == opened
+    audited = sum(1 for e in entries if e["request_id"] in records)
     outcomes = {r["outcome"] for r in records.values()}
+    assert audited == opened, (audited, opened, outcomes)
     assert outcomes <= {"client_abort", "ok"}, outcomes
     # ... and the rest (cancelled before the server read anything) are in Envoy's log, which
     # `extproc reconcile` turns into records: together, one for every request.
@@ -206,6 +207,32 @@ def test_clients_hanging_up_leave_every_stream_audited_and_nothing_held(
     assert ids == set(records) | missing
     assert {r["outcome"] for r in added if r["request_id"] in missing} <= {"client_abort"}
     assert _held(redis) == 0  # no reservation waits for its TTL
+
+
+def _audited(stack: Stack, seen: int, ids: set[str], opened: int) -> dict[str, dict[str, Any]]:
+    """The audit records of `ids`, once `opened` of them are written (a closed stream's
+    record follows its settlement, which a loaded machine may delay), or after 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        new = stack.audit_records()[seen:]
+        records = {r["request_id"]: r for r in new if r["request_id"] in ids}
+        if len(records) >= opened or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _settled_streams(stack: Stack) -> int:
+    """The server's count of streams it read, once it has stopped moving (a stream of an
+    earlier test may still be closing on a loaded machine); bounded to 10 s."""
+    deadline = time.monotonic() + 10
+    last = _streams(stack)["request_headers"]
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = _streams(stack)["request_headers"]
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def _streams(stack: Stack) -> dict[str, int]:
@@ -297,15 +324,16 @@ def test_provider_reset_mid_stream_is_told_apart_from_a_client_abort(stack: Stac
             for _ in response.iter_bytes():
                 pass
     record = record_for(stack, request_id)
-    assert record["outcome"] in ("provider_reset", "client_abort")
+    # Envoy ends the gRPC stream alike whoever cut the request (extproc.stream
+    # `_cut_short_outcome`): the server says client_abort, Envoy's flags say who it was.
+    assert record["outcome"] == "client_abort"
     assert record["output_tokens"] >= 2  # the deltas that went through
     assert cause(_flags(stack, request_id)) == "provider_reset"  # Envoy's access log says
     access = read_json_lines(Path(stack.data["envoy"]["access_log"]))
     corrected = [
         r for r in reconcile(access, stack.audit_records()) if r["request_id"] == request_id
     ]
-    if record["outcome"] != "provider_reset":  # the server could not tell: reconcile does
-        assert [r["outcome"] for r in corrected] == ["provider_reset"]
+    assert [r["outcome"] for r in corrected] == ["provider_reset"]
 
 
 def test_openai_stream_without_include_usage_is_billed_and_client_sees_no_usage(

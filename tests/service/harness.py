@@ -20,10 +20,10 @@ one HTTP request the way the front-proxy Envoy does (envoy/front-proxy.yaml):
    failed RPC becomes the 503 `gateway_unavailable` local reply (failure_mode_allow off)
    or passes the request on unprocessed (on).
 
-How a stream ends early follows what the pinned Envoy does (measured, see
-`extproc.stream._cut_short_outcome`): a client that goes away ends the RPC (the request
-iterator finishes: `client_abort_after`), an upstream reset resets it (the RPC is
-cancelled: `x-fake-abort-after`).
+How a stream ends early follows what the pinned Envoy does with the shipped
+`ext_proc_graceful_grpc_close` (see `extproc.stream._cut_short_outcome`): whether the
+client went away (`client_abort_after`) or the provider's connection reset
+(`x-fake-abort-after`), Envoy half-closes the RPC (the request iterator finishes).
 
 Time: the gateway runs on `ServiceStack.clock` (a `ManualClock`), so rate windows, budget
 windows, reservations, cache TTLs and key caches move only when a test advances it.
@@ -607,8 +607,8 @@ class ServiceStack:
         """The whole body in one message. Envoy holds the headers back until this reply,
         so its header mutation (a new `:status`) still applies; in STREAMED mode it cannot."""
         whole = b"".join(answer.chunks)
-        if answer.reset:  # Envoy resets the RPC; the client gets the cut answer
-            await rpc.reset()
+        if answer.reset:  # Envoy half-closes the RPC; the client gets the cut answer
+            await rpc.end()
             return whole
         got = await rpc.send(response_body(whole, eos=True))
         if (done := self._immediate(got)) is not None:
@@ -628,8 +628,8 @@ class ServiceStack:
                 return b"".join(out)
             got = await rpc.send(response_body(chunk, eos=False))
             out.append(_body_after(got.response_body.response, chunk))
-        if answer.reset:
-            await rpc.reset()  # the provider's connection reset: Envoy resets the RPC
+        if answer.reset:  # the provider's connection reset: Envoy half-closes the RPC too
+            await rpc.end()
             return b"".join(out)
         got = await rpc.send(response_body(b"", eos=True))
         out.append(_body_after(got.response_body.response, b""))

@@ -175,7 +175,7 @@ async def test_errors_and_aborted_streams_are_not_cached(cached: ServiceStack) -
     assert (await post(cached, left)).headers["x-gateway-cache"] == "miss"
     assert len(cached.fake.received) == 6
     outcomes = [r["outcome"] for r in await cached.settled()]
-    assert {"provider_reset", "client_abort"} <= set(outcomes)
+    assert outcomes.count("client_abort") == 2  # both cut streams (the server cannot tell who)
 
 
 async def test_cache_control_no_cache_and_no_store(cached: ServiceStack) -> None:

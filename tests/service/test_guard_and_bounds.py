@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import orjson
@@ -15,6 +17,7 @@ from extproc.apis.sse import SseParser
 from extproc.config import parse_config
 from extproc.decisions import Continue, Decision, Respond
 from extproc.gateway import Gateway
+from extproc.offload import OFFLOAD_BYTES
 from extproc.store.memory import MemoryStore
 from extproc.stream import RequestStream
 from extproc.telemetry.metrics import Metrics
@@ -191,25 +194,62 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-async def measure(raw: bytes) -> tuple[Decision, list[float], list[float]]:
-    """(the heavy request's decision, another caller's latencies alone, and meanwhile)."""
+class Steps:
+    """Runs a coroutine and notes the longest of its steps (from one await to the next)
+    in CPU time of the loop's thread: how long the request's own work held the event
+    loop. Unlike wall time, a busy machine preempting the process does not stretch it,
+    nor do other callers' requests that pile up meanwhile."""
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self.coroutine = coroutine
+        self.longest = 0.0
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        sent: Any = None
+        thrown: BaseException | None = None
+        while True:
+            start = time.thread_time()
+            try:
+                if thrown is not None:
+                    waited = self.coroutine.throw(thrown)
+                else:
+                    waited = self.coroutine.send(sent)
+            except StopIteration as done:
+                return done.value
+            finally:
+                self.longest = max(self.longest, time.thread_time() - start)
+            try:
+                sent, thrown = (yield waited), None
+            except BaseException as error:  # delivered to the coroutine, as a Task would
+                sent, thrown = None, error
+
+
+async def _awaited(steps: Steps) -> Any:
+    return await steps
+
+
+async def measure(raw: bytes) -> tuple[Decision, list[float], list[float], float]:
+    """(the heavy request's decision, another caller's latencies alone, and meanwhile,
+    the heavy request's longest step on the loop): all measured in this run."""
     gw = gateway(MemoryStore(), guard=True, cache={"hygiene": True})
     assert gw.offload is not None
     await gw.offload.warm()
     try:
         baseline = await latencies_while(gw, None)
-        heavy = asyncio.ensure_future(call(gw, raw, orjson.dumps(ANSWER)))
+        steps = Steps(call(gw, raw, orjson.dumps(ANSWER)))
+        heavy = asyncio.ensure_future(_awaited(steps))
         seen = await latencies_while(gw, heavy)
         decision, _ = await heavy
     finally:
         await gw.close()
-    return decision, baseline, seen
+    return decision, baseline, seen, steps.longest
 
 
-def summary(baseline: list[float], seen: list[float]) -> str:
+def summary(baseline: list[float], seen: list[float], busy: float) -> str:
     return (
         f"p99 {p99(seen) * 1e3:.1f} ms, worst {max(seen) * 1e3:.1f} ms over {len(seen)} "
-        f"requests; alone p99 {p99(baseline) * 1e3:.1f} ms"
+        f"requests; alone p99 {p99(baseline) * 1e3:.1f} ms; the request's longest step "
+        f"on the loop {busy * 1e3:.1f} ms CPU"
     )
 
 
@@ -217,23 +257,28 @@ async def test_a_flood_of_tiny_blocks_does_not_stall_other_callers() -> None:
     """The attack: 31 MiB of 1.2 million tiny blocks. Refused with 413 by the worker;
     another caller's p99 stays under 50 ms (over its own p99 on this machine, a few ms
     on an idle one: an oversubscribed machine slows every request)."""
-    decision, baseline, seen = await measure(tiny_blocks_body())
-    print("tiny blocks:", summary(baseline, seen))
+    decision, baseline, seen, busy = await measure(tiny_blocks_body())
+    print("tiny blocks:", summary(baseline, seen, busy))
     assert isinstance(decision, Respond)
     assert decision.status == 413
     assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
-    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen)
+    assert busy < 0.050, summary(baseline, seen, busy)
+    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen, busy)
 
 
 async def test_the_heaviest_legal_request_pauses_other_callers_only_briefly() -> None:
-    """31 MiB, 180,000 values, 15 M characters to screen: checked and screened in the
-    worker (seconds of CPU); the loop still parses the body once and hashes it for the
-    cache key, single pauses of ~100-150 ms on an idle 2-core machine, so another
-    caller's worst latency stays well under a second (it was the whole scan before)."""
-    decision, baseline, seen = await measure(worst_legal_body())
-    print("heaviest legal:", summary(baseline, seen))
-    assert not isinstance(decision, Respond)
-    assert max(seen) < 0.5 + p99(baseline), summary(baseline, seen)
+    """31 MiB, 180,000 values, 15 M characters to screen: parsed, checked, screened,
+    measured (token estimate, cache key digests) and summarized in the worker (seconds of
+    CPU); the loop never walks the body's big values (they stay serialized), so the
+    request's longest step there is a few ms of CPU and another caller's p99 stays under
+    50 ms over its own p99 alone in the same run (issue 11 item 12: 130-170 ms when the
+    loop parsed and hashed the body, 16 s of 504s before the worker)."""
+    decision, baseline, seen, busy = await measure(worst_legal_body())
+    print("heaviest legal:", summary(baseline, seen, busy))
+    assert isinstance(decision, Continue)
+    assert decision.body is None  # nothing changed: forwarded as sent
+    assert busy < 0.050, summary(baseline, seen, busy)
+    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen, busy)
 
 
 async def test_duplicate_key_is_a_400_in_the_callers_shape() -> None:
@@ -336,3 +381,66 @@ async def test_a_dead_worker_is_a_503_and_the_next_request_gets_a_new_one() -> N
         )
     finally:
         await gw.close()
+
+
+async def test_a_heavy_body_is_screened_measured_and_keyed_in_the_worker() -> None:
+    """A body over the offload threshold: the worker redacts it, and the loop keeps its
+    big values serialized (never parsed there); what is forwarded is the redacted body,
+    and the same request again is a cache hit (its key from the worker's digests)."""
+    gw = gateway(MemoryStore(), guard=True)
+    padding = [{"type": "text", "text": f"line {i} " + "lorem " * 30} for i in range(2000)]
+    content = [*padding, {"type": "text", "text": f"my token {GH}"}]
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": content}],
+    }
+    raw = orjson.dumps(body)
+    assert len(raw) > OFFLOAD_BYTES
+    try:
+        s = RequestStream(gw)
+        await s.request_headers(dict(HEADERS), False)
+        decision = await s.request_body(raw, True)
+        assert s.request is not None
+        assert isinstance(s.request.body["messages"], orjson.Fragment)
+        assert s.request.body["max_tokens"] == 50  # small values are parsed as usual
+        await s.response_headers({":status": "200", "content-type": "application/json"}, False)
+        await s.response_body(orjson.dumps(ANSWER), True)
+        await s.close()
+        again, _ = await call(gw, raw, orjson.dumps(ANSWER))
+    finally:
+        await gw.close()
+    assert isinstance(decision, Continue)
+    assert decision.body is not None
+    assert GH.encode() not in decision.body
+    sent = orjson.loads(decision.body)
+    assert sent["messages"][0]["content"][:2000] == padding
+    assert sent["model"] == "claude-opus-4-8"
+    assert isinstance(again, Respond)
+    assert dict(again.headers)["x-gateway-cache"] == "hit"
+
+
+async def test_a_heavy_body_keeps_the_cache_key_normalization() -> None:
+    """The worker digests a heavy body's big values under the profile's normalization:
+    two big requests that differ only in a UUID share one cache entry."""
+    cache = {"enabled": True, "normalize": [{"builtin": "uuids"}]}
+    gw = gateway(MemoryStore(), guard=False, profiles={"default": {"cache": cache}})
+    padding = [{"type": "text", "text": f"line {i} " + "lorem " * 30} for i in range(2000)]
+
+    def heavy(run: str) -> bytes:
+        content = [{"type": "text", "text": f"run {run}"}, *padding]
+        messages = [{"role": "user", "content": content}]
+        return orjson.dumps({"model": "claude-opus-4-8", "max_tokens": 50, "messages": messages})
+
+    try:
+        first, _ = await call(
+            gw, heavy("0b6f7e9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"), orjson.dumps(ANSWER)
+        )
+        second, _ = await call(
+            gw, heavy("9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"), orjson.dumps(ANSWER)
+        )
+    finally:
+        await gw.close()
+    assert isinstance(first, Continue)
+    assert isinstance(second, Respond)
+    assert dict(second.headers)["x-gateway-cache"] == "hit"

@@ -119,8 +119,10 @@ async def test_stream_aborted_before_message_delta_pays_for_what_was_streamed() 
     assert await team_used(servicer) == round(record["cost_usd"] * 1e6)
 
 
-async def test_stream_reset_mid_answer_is_a_provider_reset_billed_for_what_was_seen() -> None:
-    """Envoy resets (cancels) the gRPC stream when the provider's connection resets."""
+async def test_stream_reset_mid_answer_is_billed_for_what_was_seen() -> None:
+    """A reset (cancelled) RPC mid-answer says nothing of who cut it (Envoy closes the
+    stream alike for both sides): a cut stream, `client_abort` until Envoy's response
+    flags correct it (`extproc reconcile`), billed for what was streamed."""
     sink = ListSink()
     servicer = gateway(sink)
     context, more = Context(), asyncio.Event()
@@ -140,7 +142,8 @@ async def test_stream_reset_mid_answer_is_a_provider_reset_billed_for_what_was_s
     task.cancel()
     await asyncio.wait_for(servicer.gateway.settle_pending(5), 6)
     (record,) = sink.records
-    assert record["outcome"] == "provider_reset"
+    assert record["outcome"] == "client_abort"
+    assert record["usage_estimated"] is True
     assert record["output_tokens"] == tokens_for_bytes(len(b"onetwothree"))
 
 

@@ -83,3 +83,26 @@ def test_value_bound_is_never_below_the_real_count(value: Any, spaced: bool) -> 
         with pytest.raises(PayloadTooLarge):
             check_values(orjson.loads(raw), real - 1)
     check_values(orjson.loads(raw), real)
+
+
+def test_a_summarized_body_forwards_and_parses_as_sent() -> None:
+    """The worker's summary of a heavy body (extproc/offload.py): the loop holds its big
+    values serialized, yet re-serializing gives the same JSON, in the same key order, and
+    `full_body` the same values; small values are parsed as usual."""
+    from extproc.config import LimitsConfig
+    from extproc.offload import PART_BYTES, Job, check_body
+
+    messages = [{"role": "user", "content": "x" * (PART_BYTES + 1)}]
+    body = {"model": "claude-opus-4-8", "messages": messages, "max_tokens": 9, "stop": ["a"]}
+    raw = orjson.dumps(body)
+    job = Job("anthropic", Endpoint.MESSAGES, True, None, False, LimitsConfig())
+    checked = check_body(raw, job)
+    assert checked.error is None
+    assert checked.summary is not None
+    request = checked.summary.parsed()
+    assert isinstance(request.body["messages"], orjson.Fragment)
+    assert request.body["stop"] == ["a"]
+    assert request.model == "claude-opus-4-8"
+    assert orjson.dumps(request.body) == raw
+    assert request.full_body() == body
+    assert request.key_body()["messages"] == checked.summary.digests["messages"]

@@ -321,8 +321,13 @@ class SpendRun(Run):
         assert self.spending is not None
         assert exchange.request is not None
         body, dialect = exchange.request.body, exchange.dialect
+        worker = exchange.request.worker  # a heavy body: the worker's estimate, made on all of it
         if reply is None:
-            estimate = dialect.estimate_input_tokens(body, exchange.body_size)
+            estimate = (
+                worker.input_tokens
+                if worker is not None
+                else dialect.estimate_input_tokens(body, exchange.body_size)
+            )
             await self.spending.admit(self, body, input_tokens=estimate)
         elif exchange.gw.config.cache.charge_budget_on_hit:
             estimate = dialect.estimate_input_tokens(body, 0)

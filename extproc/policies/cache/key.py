@@ -58,6 +58,17 @@ def _map_strings(value: Any, rules: Sequence[tuple[re.Pattern[str], str]]) -> An
     return value
 
 
+def part_digest(value: Any, normalize: Sequence[NormalizeRule] = ()) -> dict[str, str]:
+    """What a cache key holds in place of a big top-level value the worker process left
+    serialized (extproc/offload.py): the digest of its normalized, key-sorted JSON. Such
+    a body's key differs from the key of the same body parsed whole, but a body's size
+    alone decides which it gets, so equal bodies still share one."""
+    if normalize:
+        value = _map_strings(value, [(rule.regex(), rule.replace) for rule in normalize])
+    encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return {"json_sha256": hashlib.sha256(encoded).hexdigest()}
+
+
 def cache_key(
     api: ApiKind,
     endpoint: Endpoint,

@@ -160,8 +160,14 @@ class CacheStep:
             return None
         scope = "shared" if config.shared else tenant_scope(exchange.identity, exchange.presented())
         headers = exchange.headers
+        # A heavy body's big values count through the worker's digests (extproc/offload.py).
         key = cache_key(
-            exchange.dialect.name, route.endpoint, scope, request.body, headers, config.normalize
+            exchange.dialect.name,
+            route.endpoint,
+            scope,
+            request.key_body(),
+            headers,
+            config.normalize,
         )
         read, write = cache_control(headers)
         guard = exchange.run_of(GuardRun)
@@ -207,9 +213,12 @@ class CacheRun(Run):
         if reply is not None:
             return reply
         body, api, shape = exchange.request.body, exchange.dialect.name, None
+        worker = exchange.request.worker
         if exchange.gw.config.cache.hygiene and self.read and exchange.body_size <= SHAPE_MAX_BODY:
 
             def shape() -> Shape:
+                if worker is not None:  # a heavy body's, measured by the worker
+                    return worker.shape  # type: ignore[no-any-return]
                 return Shape.of(api, body)
 
         entry = await self.before_upstream(shape, exchange.extend)

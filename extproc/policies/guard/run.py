@@ -26,7 +26,7 @@ from extproc.apis.rewrite import SseTextRewriter, StopAnswer
 from extproc.apis.walk import WalkLimits
 from extproc.errors import AnswerWithheld, BadRequest
 from extproc.policies.guard import Inspection, ProfileGuard, StreamScreener
-from extproc.policies.guard.redact import StreamUnmasker, apply_plan
+from extproc.policies.guard.redact import RedactResult, StreamUnmasker, apply_plan
 from extproc.policies.step import Exchange, Run
 from extproc.telemetry.metrics import Metrics
 
@@ -92,8 +92,11 @@ class GuardRun(Run):
         assert exchange.request is not None
         dialect = exchange.dialect
         body, held = dialect.held_out(exchange.request.body)
-        replaced = self.inspect_request(body, exchange.inspection)
+        worker = exchange.request.worker  # a heavy body: the worker applied the redaction
+        replaced = self.inspect_request(body, exchange.inspection, applied=worker is not None)
         if replaced is None:
+            if worker is not None and worker.changed:  # forward it as the worker redacted it
+                exchange.replace_body(exchange.request.body)
             return
         if held is not None:  # forwarded as it came, whatever the guard did
             dialect.put_back(replaced, held)
@@ -128,13 +131,18 @@ class GuardRun(Run):
         self.metrics.guard.labels(direction, rule, action).inc(count)
 
     def inspect_request(
-        self, body: dict[str, Any], inspection: Inspection | None = None
+        self, body: dict[str, Any], inspection: Inspection | None = None, *, applied: bool = False
     ) -> dict[str, Any] | None:
         """The body to send instead (None: unchanged); `BadRequest` when a rule blocks.
-        `inspection`: the screening already done elsewhere (a worker process)."""
+        `inspection`: the screening already done elsewhere (a worker process); `applied`:
+        its redaction is already in `body` too (the worker applied it)."""
         if inspection is None:
             inspection = self.policy.inspect(body, self.api, self.limits)
-        result = apply_plan(body, inspection.redaction)
+        plan = inspection.redaction
+        if applied:
+            result = RedactResult(None, plan.verdicts, plan.blocked, plan.masks)
+        else:
+            result = apply_plan(body, plan)
         for verdict in result.verdicts:
             self._verdict("input", verdict.rule, verdict.action, verdict.count)
         if result.blocked is not None:
