@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +38,21 @@ def claude_env(home: Path, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+def run_claude(
+    home: Path, *args: str, cwd: Path | str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`claude <args>` in `claude_env(home, **env)`, bounded to two minutes; never raises on
+    a non-zero exit (tests assert on it). Callers skip first when `claude_path()` is None."""
+    cli = claude_path()
+    assert cli is not None, "the Claude Code CLI is not installed (scripts/test installs it)"
+    return subprocess.run(
+        [cli, *args],
+        cwd=cwd,
+        env=claude_env(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -22,7 +22,7 @@ from anthropic import AnthropicBedrock, AnthropicVertex
 
 from extproc.apis.eventstream import CONTENT_TYPE, BedrockEventParser
 from extproc.policies.auth import hash_key, new_key
-from tests.claude_cli import claude_env, claude_path
+from tests.claude_cli import claude_path, run_claude
 from tests.fake_provider import FakeProvider
 from tests.harness import Stack, gateway_config
 
@@ -305,17 +305,9 @@ def test_refused_cloud_requests(
     assert received.received == []
 
 
-def run_claude(tmp_path: Path, stack: Stack, **env: str) -> subprocess.CompletedProcess[str]:
-    cli = claude_path()
-    assert cli is not None
-    return subprocess.run(
-        [cli, "-p", "list the files", "--allowedTools", "Bash"],
-        cwd=tmp_path,
-        env=claude_env(tmp_path, **env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def run_claude_tool_turn(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_claude(
+        tmp_path, *("-p", "list the files", "--allowedTools", "Bash"), cwd=tmp_path, **env
     )
 
 
@@ -326,9 +318,8 @@ TOOL_TURN = (
 
 @needs_cli
 def test_claude_code_in_bedrock_mode(tmp_path: Path, clouds: Stack, received: FakeProvider) -> None:
-    result = run_claude(
+    result = run_claude_tool_turn(
         tmp_path,
-        clouds,
         CLAUDE_CODE_USE_BEDROCK="1",
         ANTHROPIC_BEDROCK_BASE_URL=f"{clouds.url}/bedrock",
         CLAUDE_CODE_SKIP_BEDROCK_AUTH="1",
@@ -351,9 +342,8 @@ def test_claude_code_in_bedrock_mode(tmp_path: Path, clouds: Stack, received: Fa
 
 @needs_cli
 def test_claude_code_in_vertex_mode(tmp_path: Path, clouds: Stack, received: FakeProvider) -> None:
-    result = run_claude(
+    result = run_claude_tool_turn(
         tmp_path,
-        clouds,
         CLAUDE_CODE_USE_VERTEX="1",
         ANTHROPIC_VERTEX_BASE_URL=f"{clouds.url}/vertex",
         CLAUDE_CODE_SKIP_VERTEX_AUTH="1",

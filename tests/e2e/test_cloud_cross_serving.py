@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from anthropic import AnthropicBedrock, AnthropicVertex
 
 from extproc.apis.eventstream import CONTENT_TYPE as EVENT_STREAM
 from extproc.policies.auth import hash_key, new_key
-from tests.claude_cli import claude_env, claude_path
+from tests.claude_cli import claude_path, run_claude
 from tests.cloud_fakes import (
     AwsIdentity,
     BedrockCall,
@@ -321,13 +320,13 @@ def test_bedrock_client_json_invoke(fresh: Clouds) -> None:
 def test_claude_code_bedrock_mode_served_by_bedrock(tmp_path: Path, fresh: Clouds) -> None:
     """The rollout the issue describes: Claude Code in Bedrock mode with a gateway key,
     the gateway signing with its IAM identity; a tool-using turn."""
-    cli = claude_path()
-    assert cli is not None
     tool_turn = (
         'x-fake-tool-input: {"command": "echo hi", "description": "hi"}\nx-fake-tool-once: 1'
     )
-    env = claude_env(
+    result = run_claude(
         tmp_path,
+        *("-p", "say hi with a tool", "--allowedTools", "Bash"),
+        cwd=tmp_path,
         CLAUDE_CODE_USE_BEDROCK="1",
         ANTHROPIC_BEDROCK_BASE_URL=f"{fresh.stack.url}/bedrock",
         CLAUDE_CODE_SKIP_BEDROCK_AUTH="1",
@@ -335,15 +334,6 @@ def test_claude_code_bedrock_mode_served_by_bedrock(tmp_path: Path, fresh: Cloud
         ANTHROPIC_MODEL=PROFILE,
         ANTHROPIC_AUTH_TOKEN=KEY,
         ANTHROPIC_CUSTOM_HEADERS=tool_turn,
-    )
-    result = subprocess.run(
-        [cli, "-p", "say hi with a tool", "--allowedTools", "Bash"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert TEXT in result.stdout

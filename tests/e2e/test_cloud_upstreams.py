@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import anthropic
 import pytest
 
-from tests.claude_cli import claude_env, claude_path
+from tests.claude_cli import claude_path, run_claude
 from tests.cloud_fakes import (
     AwsIdentity,
     FakeBedrock,
@@ -260,18 +259,12 @@ needs_cli = pytest.mark.skipif(claude_path() is None, reason="Claude Code CLI no
 
 
 def _claude(clouds: Clouds, home: Path, model: str, *extra: str, **env: str) -> str:
-    cli = claude_path()
-    assert cli is not None
-    environment = claude_env(
-        home, ANTHROPIC_BASE_URL=clouds.stack.url, ANTHROPIC_API_KEY="k", **env
-    )
-    result = subprocess.run(
-        [cli, "-p", "hi", "--model", model, *extra],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_claude(
+        home,
+        *("-p", "hi", "--model", model, *extra),
+        ANTHROPIC_BASE_URL=clouds.stack.url,
+        ANTHROPIC_API_KEY="k",
+        **env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -28,7 +28,7 @@ import pytest
 from extproc import supervisor
 from extproc.apis.usage import Usage
 from extproc.policies.pricing import PriceTable, PricingConfig, cost_micros
-from tests.claude_cli import claude_env, claude_path
+from tests.claude_cli import claude_path, run_claude
 from tests.fake_provider import FakeProvider, run_in_thread
 from tests.harness import Stack, free_port, gateway_config
 
@@ -299,21 +299,12 @@ def test_claude_code_is_answered_by_the_next_provider(
 ) -> None:
     """Claude Code itself would retry a 529 ten times; through the chain it never sees one."""
     backup.clear()
-    cli = claude_path()
-    assert cli is not None
-    env = claude_env(
+    result = run_claude(
         tmp_path,
+        *("-p", "hi", "--model", ASKED),
         ANTHROPIC_BASE_URL=stack.url,
         ANTHROPIC_API_KEY="client-key",
         ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
-    )
-    result = subprocess.run(
-        [cli, "-p", "hi", "--model", ASKED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Hello from the fake provider." in result.stdout

@@ -9,7 +9,6 @@ the caller's shape, JSON and streamed.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.claude_cli import claude_env, claude_path
+from tests.claude_cli import claude_path, run_claude
 from tests.cloud_fakes import AwsIdentity, FakeBedrock, serving
 from tests.e2e.test_fallback import Primary, _record
 from tests.fake_provider import FakeProvider, run_in_thread
@@ -293,21 +292,12 @@ def test_claude_code_is_answered_by_the_openai_backend(
 ) -> None:
     """Anthropic overloaded: Claude Code's requests are served by the internal model."""
     internal.clear()
-    cli = claude_path()
-    assert cli is not None
-    env = claude_env(
+    result = run_claude(
         tmp_path,
+        *("-p", "hi", "--model", ASKED),
         ANTHROPIC_BASE_URL=stack.url,
         ANTHROPIC_API_KEY="client-key",
         ANTHROPIC_CUSTOM_HEADERS="x-flaky-status: 529",
-    )
-    result = subprocess.run(
-        [cli, "-p", "hi", "--model", ASKED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert FAKE_TEXT in result.stdout

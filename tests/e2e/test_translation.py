@@ -10,7 +10,6 @@ caller's shape whichever vendor answered.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from extproc.policies.auth import hash_key, new_key
-from tests.claude_cli import ROOT, claude_env, claude_path
+from tests.claude_cli import ROOT, claude_path, run_claude
 from tests.data.claude_code_request import build_request
 from tests.e2e.test_data_path import record_for
 from tests.fake_provider import FakeProvider
@@ -382,8 +381,6 @@ def test_anthropic_provider_error_reaches_the_openai_sdk_in_its_shape(
 def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
     tmp_path: Path, crossed: Stack, received: FakeProvider
 ) -> None:
-    cli = claude_path()
-    assert cli is not None
     tool = {"command": "echo translated-$((40+2))", "description": "Print a word"}
     headers = "\n".join(
         [
@@ -394,23 +391,16 @@ def test_claude_code_completes_a_tool_using_turn_on_an_openai_backend(
             "x-fake-piece-chars: 5",
         ]
     )
-    env = claude_env(
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_claude(
         tmp_path,
+        *("-p", "run the echo", "--model", "qwen3-32b", "--allowedTools", "Bash(echo:*)"),
+        cwd=work,
         ANTHROPIC_BASE_URL=crossed.url,
         ANTHROPIC_API_KEY="caller-key",
         ANTHROPIC_CUSTOM_HEADERS=headers,
         ANTHROPIC_SMALL_FAST_MODEL="qwen3-32b",
-    )
-    work = tmp_path / "work"
-    work.mkdir()
-    result = subprocess.run(
-        [cli, "-p", "run the echo", "--model", "qwen3-32b", "--allowedTools", "Bash(echo:*)"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tool said: translated-42" in result.stdout  # the CLI ran the tool and sent its result
