@@ -41,13 +41,20 @@ def child_pids(pid: int) -> list[int]:
     return [int(line) for line in result.stdout.split()]
 
 
-def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
-    """A config dict with one Anthropic and one OpenAI provider at `provider_url`."""
-    data: dict[str, Any] = {
+def listen_config() -> dict[str, Any]:
+    """Free loopback addresses for every listener a stack opens."""
+    return {
         "listen": f"127.0.0.1:{free_port()}",
         "grpc_listen": f"127.0.0.1:{free_port()}",
         "metrics_listen": f"127.0.0.1:{free_port()}",
         "envoy": {"admin": f"127.0.0.1:{free_port()}"},
+    }
+
+
+def gateway_config(provider_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config dict with one Anthropic and one OpenAI provider at `provider_url`."""
+    data: dict[str, Any] = {
+        **listen_config(),
         "providers": {
             "anthropic": {"api": "anthropic", "base_url": provider_url},
             "openai": {"api": "openai", "base_url": provider_url},

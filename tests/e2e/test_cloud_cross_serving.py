@@ -32,7 +32,7 @@ from tests.cloud_fakes import (
     bedrock_chunk,
     serving,
 )
-from tests.harness import Stack, free_port
+from tests.harness import Stack, listen_config
 
 pytestmark = pytest.mark.e2e
 
@@ -90,10 +90,7 @@ class Clouds:
 
 def _config(bedrock: FakeBedrock, google: FakeGoogle, key_file: Path) -> dict[str, Any]:
     return {
-        "listen": f"127.0.0.1:{free_port()}",
-        "grpc_listen": f"127.0.0.1:{free_port()}",
-        "metrics_listen": f"127.0.0.1:{free_port()}",
-        "envoy": {"admin": f"127.0.0.1:{free_port()}"},
+        **listen_config(),
         "providers": {
             "bedrock": {
                 "api": "bedrock",

@@ -27,7 +27,7 @@ from tests.cloud_fakes import (
     FakeGoogle,
     serving,
 )
-from tests.harness import Stack, free_port
+from tests.harness import Stack, listen_config
 
 pytestmark = pytest.mark.e2e
 
@@ -52,10 +52,7 @@ class Clouds(Fakes):
 def _config(fakes: Fakes, key_file: Path) -> dict[str, object]:
     bedrock, google = fakes.bedrock, fakes.google
     return {
-        "listen": f"127.0.0.1:{free_port()}",
-        "grpc_listen": f"127.0.0.1:{free_port()}",
-        "metrics_listen": f"127.0.0.1:{free_port()}",
-        "envoy": {"admin": f"127.0.0.1:{free_port()}"},
+        **listen_config(),
         "providers": {
             "bedrock": {
                 "api": "bedrock",
@@ -319,10 +316,8 @@ def _bedrock_only(
     bedrock: FakeBedrock, env: dict[str, str], workdir: Path, **provider: object
 ) -> Stack:
     config: dict[str, object] = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "grpc_listen": f"127.0.0.1:{free_port()}",
+        **listen_config(),
         "metrics_listen": None,
-        "envoy": {"admin": f"127.0.0.1:{free_port()}"},
         "providers": {
             "bedrock": {
                 "api": "bedrock",
