@@ -18,10 +18,11 @@ from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
 from extproc.errors import PayloadTooLarge
 from extproc.policies.cache.key import Shape, _strings
 from extproc.policies.guard import Guard, GuardConfig
-from extproc.policies.guard.detectors import TextCache
+from extproc.policies.guard.detectors import _GENERIC, Detector, Finding, TextCache
 from extproc.policies.guard.injection import InjectionScreener, score_text
 from extproc.policies.guard.redact import apply_plan
 from tests.data.claude_code_request import build_request
+from tests.data.guard_samples import NEGATIVES, POSITIVES
 from tests.unit.test_request_walk import (
     ANTHROPIC,
     ANTHROPIC_TOP,
@@ -161,3 +162,38 @@ def test_shape_checksums_follow_the_strings_order() -> None:
     shape = Shape.of("anthropic", body)
     expected = [zlib.crc32(text.encode()) for _, text in _strings(shape.body, ())]
     assert shape.checksums == expected
+
+
+def _search_only(det: Detector, text: str) -> list[Finding]:
+    """The family scan as `pattern.search` alone does it (the oracle for `_find`)."""
+    data = text.encode("ascii", "replace")
+    found: list[Finding] = []
+    for family in det._families:
+        m = family.pattern.search(data)
+        while m is not None:
+            name = m.lastgroup
+            hit = family.handlers[name](m, text, det) if name is not None else None
+            nxt = m.start() + 1
+            if hit is not None:
+                found.append(hit)
+                nxt = max(nxt, hit.start if hit.rule in _GENERIC else hit.end)
+            m = family.pattern.search(data, nxt)
+    return sorted(found, key=lambda f: (f.start, f.rule))
+
+
+def _family_findings(det: Detector, text: str) -> list[Finding]:
+    data = text.encode("ascii", "replace")
+    found: list[Finding] = []
+    for family in det._families:
+        family.scan(data, text, det, found)
+    return sorted(found, key=lambda f: (f.start, f.rule))
+
+
+def test_anchor_find_gives_what_search_gives() -> None:
+    det = Guard().profile().redaction.detector
+    samples = "\n".join(text for _, text, _ in POSITIVES) + "\n".join(NEGATIVES)
+    fixture = "\x00".join(t.text for t in model_texts(build_request(), "anthropic"))
+    busy = "x_y-z: c=w; " * 3000 + samples  # anchors past the find budget: search takes over
+    for text in (samples, fixture, busy, samples * 40):
+        assert _family_findings(det, text) == _search_only(det, text)
+    assert _search_only(det, samples)  # the oracle does find things
