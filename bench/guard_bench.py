@@ -93,6 +93,19 @@ def bench_detectors(runs: int) -> list[tuple[str, Timing]]:
         ("1 MB, next turn: same history, new objects", timeit(cold(big_raw), max(5, runs // 4))),
         ("1 MB, parse only", timeit(lambda: orjson.loads(big_raw), max(5, runs // 4))),
     ]
+    # The request path's call: redaction and injection scoring over one walk, with every
+    # cache of the profile (walked units, findings, injection scores) cold or warm.
+
+    def inspect(raw: bytes) -> Callable[[], object]:
+        return lambda: policy.inspect(orjson.loads(raw), "anthropic")
+
+    forget = policy.forget
+    rows += [
+        ("117 KB inspect (redaction + injection), cold", timeit(inspect(small_raw), runs, forget)),
+        ("117 KB inspect, same request again", timeit(inspect(small_raw), runs)),
+        ("1 MB inspect, cold", timeit(inspect(big_raw), max(5, runs // 4), forget)),
+        ("1 MB inspect, same request again", timeit(inspect(big_raw), max(5, runs // 4))),
+    ]
     assert policy.redact_request(small, "anthropic").body is None
     return rows
 

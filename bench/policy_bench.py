@@ -11,7 +11,13 @@ policy at a time, and the wall time of those two phases is sampled many times:
   so the body is re-serialised with the served model;
 - `+cache key (miss)`: the same plus a cache-enabled route: key computation, a store
   lookup and single-flight lock on the in-memory store, and the hygiene shape;
-- `cache hit`: the answer is served from the cache (SSE unfolded into the reply).
+- `cache hit`: the answer is served from the cache (SSE unfolded into the reply);
+- `all policies`: the same plus the guard (redaction and injection scoring, default
+  profile) and a USD budget (token estimate, reservation): the issue-17 shape, the
+  same request again each sample;
+- `all policies, next turn`: each sample is the recorded conversation plus a new turn
+  (an assistant tool call and a fresh 4 KB tool result): what a session's next request
+  costs once its history has been seen.
 
 Each for a 2 KB body and a 117 KB Claude Code-sized body. Targets: identity, allow-list
 and routing add <= 0.2 ms p50 (issue 3); cache key computation cost is reported for
@@ -64,6 +70,11 @@ POLICY: dict[str, Any] = {
     },
 }
 CACHED = {**POLICY, "profiles": {"default": {"cache": {"enabled": True}}}}
+ALL = {
+    **CACHED,
+    "guard": {},
+    "budgets": {"rules": [{"scope": "team", "id": "*", "window": "daily", "usd": 1e9}]},
+}
 
 
 class _Context:
@@ -100,11 +111,49 @@ async def _iterate(
         yield message
 
 
+CPU: list[float] = []  # the loop thread's CPU time of each sample, beside its wall time
+
+
 async def _one(servicer: ExternalProcessor, messages: Sequence[pb.ProcessingRequest]) -> float:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.thread_time()
     await servicer.Process(_iterate(messages), _Context())
     await servicer.gateway.settle_pending(10)  # the stream's settle and audit task
+    CPU.append(time.thread_time() - cpu)
     return time.perf_counter() - started
+
+
+def _next_turns(body: bytes, count: int) -> list[bytes]:
+    """The conversation in `body`, each with its own new turn: a tool call and its
+    result (4 KB of fresh text, not only in its digits: the cache's hygiene would take
+    those turns for near misses of each other)."""
+    request = orjson.loads(body)
+    turns = []
+    for i in range(count):
+        word = "".join(chr(ord("g") + int(d)) for d in f"{i:04d}")  # not only digits
+        result = "".join(f"{n:6d}  {word} line {n} of the new file read\n" for n in range(100))
+        call = {"type": "tool_use", "id": f"toolu_{i:08d}", "name": "Read", "input": {"f": word}}
+        reply = {"type": "tool_result", "tool_use_id": f"toolu_{i:08d}", "content": result}
+        messages = [
+            *request["messages"],
+            {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [reply]},
+        ]
+        turns.append(orjson.dumps({**request, "messages": messages}))
+    return turns
+
+
+async def _sample_turns(config: dict[str, Any], body: bytes, runs: int) -> list[float]:
+    """Samples of a new turn each, after the recorded conversation was seen."""
+    gateway = Gateway.from_config(
+        parse_config({"providers": PROVIDERS, **config}), metrics=Metrics(), audit=NullSink()
+    )
+    servicer = ExternalProcessor(gateway)
+    for _ in range(min(200, runs)):
+        await _one(servicer, _messages(body, KEY))
+    turns = [_messages(turn, KEY) for turn in _next_turns(body, runs)]
+    samples = [await _one(servicer, messages) for messages in turns]
+    await gateway.close()
+    return samples
 
 
 async def _sample(config: dict[str, Any], body: bytes, runs: int, prime: bool) -> list[float]:
@@ -183,6 +232,7 @@ def _ms(samples: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few samples, smoke run")
+    parser.add_argument("--cases", help="case names separated by ';' (default: all)")
     args = parser.parse_args()
     runs = 300 if args.quick else 3000
     cases = [
@@ -191,15 +241,26 @@ def main() -> None:
         ("+model rewrite", POLICY, False, "opus"),
         ("+cache key (miss)", CACHED, False, "opus"),
         ("cache hit", CACHED, True, "opus"),
+        ("all policies", ALL, False, "opus"),
+        ("all policies, next turn", ALL, False, "opus"),
     ]
+    if args.cases:
+        wanted = args.cases.split(";")
+        cases = [c for c in cases if c[0] in wanted or c[0] == "passthrough"]
     rows: list[list[str]] = []
     base: dict[str, float] = {}
     for size_name, size in (("2 KB", 2048), ("117 KB", 117 * 1024)):
         for name, config, prime, model in cases:
             body = _body(size, model)
-            config = {**config, "cache": {"hygiene": True}} if config is CACHED else config
-            samples = asyncio.run(_sample(config, body, runs, prime))
+            hygiene = config is CACHED or config is ALL
+            config = {**config, "cache": {"hygiene": True}} if hygiene else config
+            CPU.clear()
+            if config and "next turn" in name:
+                samples = asyncio.run(_sample_turns(config, body, runs))
+            else:
+                samples = asyncio.run(_sample(config, body, runs, prime))
             p50 = _ms(samples, 0.5)
+            cpu = _ms(CPU[-len(samples) :], 0.5)
             base.setdefault(size_name, p50)
             rows.append(
                 [
@@ -210,6 +271,7 @@ def main() -> None:
                     f"{_ms(samples, 0.99):.3f}",
                     f"{p50 - base[size_name]:+.3f}",
                     f"{statistics.mean(samples) * 1000:.3f}",
+                    f"{cpu:.3f}",
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
@@ -223,10 +285,21 @@ def main() -> None:
             f"{facts['cores (nproc)']} cores, "
             f"Python {facts['Python']}, commit {facts['extproc commit']}, load {load_average()}.",
             "Time of the request-headers + request-body phases through the servicer (protobuf in,",
-            "protobuf out, in-memory store), without Envoy or the network.",
+            "protobuf out, in-memory store), without Envoy or the network; `p50 CPU` is the",
+            "loop thread's CPU time per request (`time.thread_time`), which a busy machine does",
+            "not stretch.",
             "",
             table(
-                ["body", "bytes", "case", "p50 ms", "p99 ms", "Δp50 vs passthrough", "mean ms"],
+                [
+                    "body",
+                    "bytes",
+                    "case",
+                    "p50 ms",
+                    "p99 ms",
+                    "Δp50 vs passthrough",
+                    "mean ms",
+                    "p50 CPU ms",
+                ],
                 rows,
             ),
         ]

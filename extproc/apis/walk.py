@@ -129,6 +129,10 @@ class WalkMemo:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
     @property
     def size(self) -> int:
         """Bytes of the kept units' JSON."""

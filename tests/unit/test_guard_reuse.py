@@ -151,6 +151,11 @@ def test_repeated_turn_gives_the_same_inspection_and_redaction() -> None:
     for _ in range(2):  # the second from the caches
         again = policy.inspect(orjson.loads(orjson.dumps(body)), "anthropic")
         assert again == fresh
+    assert len(policy.walks) > 0
+    policy.forget()  # cold again: the same answer from scratch
+    assert len(policy.walks) == 0
+    assert len(policy.injection.scores) == 0
+    assert policy.inspect(body, "anthropic") == fresh
     result = apply_plan(body, again.redaction)
     assert result.body is not None
     assert GH not in orjson.dumps(result.body).decode()

@@ -107,6 +107,12 @@ class ProfileGuard:
         plan = plan_redaction(texts, self.redaction)
         return Inspection(plan, self.injection.screen_texts(texts, body))
 
+    def forget(self) -> None:
+        """Drop what earlier requests left in the caches (benchmarks of a cold scan)."""
+        self.walks.clear()
+        self.redaction.detector.cache.clear()
+        self.injection.scores.clear()
+
     def unmasker(self, masks: Mapping[str, str]) -> Unmasker:
         return Unmasker(masks)
 
