@@ -13,12 +13,20 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
 from extproc.errors import PayloadTooLarge
 from extproc.policies.cache.key import Shape, _strings
-from extproc.policies.guard import Guard, GuardConfig
-from extproc.policies.guard.detectors import _GENERIC, Detector, Finding, TextCache
+from extproc.policies.guard import Guard, GuardConfig, shapescan
+from extproc.policies.guard.detectors import (
+    _GENERIC,
+    Detector,
+    Finding,
+    TextCache,
+    _number_starts,
+)
 from extproc.policies.guard.injection import InjectionScreener, score_text
 from extproc.policies.guard.redact import apply_plan
 from tests.data.claude_code_request import build_request
@@ -202,3 +210,25 @@ def test_anchor_find_gives_what_search_gives() -> None:
     for text in (samples, fixture, busy, samples * 40):
         assert _family_findings(det, text) == _search_only(det, text)
     assert _search_only(det, samples)  # the oracle does find things
+
+
+_SHAPES = "0123456789 .-()+~\nAB_xy:/"
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(st.text(alphabet=_SHAPES, max_size=200))
+@settings(max_examples=400, deadline=None)
+def test_hyperscan_number_candidates_equal_sre(text: str) -> None:
+    data = text.encode("ascii", "replace")
+    assert _number_starts(data) == _number_starts(data, accelerated=False)
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_hyperscan_number_candidates_on_real_text() -> None:
+    texts = [t.text for t in model_texts(build_request(1 << 19), "anthropic")]
+    texts += [text for _, text, _ in POSITIVES] + list(NEGATIVES)
+    # runs hidden inside other runs: pairs, separators and digits packed together
+    texts += ["0 00 00 00 00 12 34 56 78 1 2 3 4", "1-2 3 45 678 9012 3 4-5 6", " 1 1 1 1 1 1 1"]
+    for text in (*texts, "\x00".join(texts)):
+        data = text.encode("ascii", "replace")
+        assert _number_starts(data) == _number_starts(data, accelerated=False)

@@ -1,0 +1,96 @@
+"""The digit-led PII candidates of a text's shape in one Hyperscan pass, where installed.
+
+`detectors._number_starts` looks for digit runs in the shape bytes (digits -> `0`,
+boundaries -> space, `)` or `~`) with literal-prefix regexes and a lookahead gate. In
+code and `Read` output every line number is such a run, so sre makes tens of
+thousands of match attempts per MB (~7-10 ms for a 1 MB body, half a cold scan). One
+Hyperscan database of the same patterns scans the shape at memory speed (measured ~6x
+faster on 1 MB); the `hyperscan` wheel is installed on x86-64 Linux, and anywhere else
+the sre passes run as before. Both give the same set of starts (tested).
+
+Exactness: Hyperscan reports, for each end of a match, the *leftmost* start of a match
+ending there. A start whose every match also ends where an earlier one does is then not
+reported; that start lies inside that earlier match (after its first byte), and inside
+a gate only a space can precede a digit, so each reported gated match is searched for
+`" 0"` starts again with the sre gate.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+
+try:  # an accelerator, not a requirement: the sre passes give the same answer
+    import hyperscan
+
+    _INSTALLED = True
+except ImportError:  # pragma: no cover - platforms without a wheel
+    _INSTALLED = False
+
+__all__ = ["ShapeScanner", "available"]
+
+
+def available() -> bool:
+    return _INSTALLED
+
+
+class ShapeScanner:
+    """`(prefix, gate, offset)` patterns compiled into one database.
+
+    `prefix` is a byte class or literal that starts a match, `gate` (or b"") the
+    lookahead body that must follow it; a start is reported at match start + offset.
+    The first pattern is the gated one (its prefix ends in a digit after a boundary).
+    """
+
+    def __init__(self, patterns: Sequence[tuple[bytes, bytes, int]], inside: bytes) -> None:
+        if not _INSTALLED:
+            raise RuntimeError("hyperscan is not installed")
+        self._offsets = [offset for _, _, offset in patterns]
+        self._gated = {i for i, (_, gate, _) in enumerate(patterns) if gate}
+        self._inside = inside  # what a gated start looks like within another's match
+        self._recheck = [
+            re.compile(inside + b"(?=" + gate + b")") for _, gate, _ in patterns if gate
+        ]
+        expressions = [
+            prefix + (b"(?:" + gate + b")" if gate else b"") for prefix, gate, _ in patterns
+        ]
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=expressions,
+            ids=list(range(len(expressions))),
+            elements=len(expressions),
+            flags=[hyperscan.HS_FLAG_SOM_LEFTMOST] * len(expressions),
+        )
+        self._local = threading.local()  # scratch space is per thread
+
+    def _scratch(self) -> hyperscan.Scratch:
+        scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        return scratch
+
+    def starts(self, shape: bytes) -> set[int]:
+        """Every start the sre passes would find (each pattern's match start + offset)."""
+        found: set[int] = set()
+        spans: list[tuple[int, int]] = []
+        offsets, gated = self._offsets, self._gated
+
+        def on_match(pattern: int, start: int, end: int, flags: int, context: object) -> None:
+            found.add(start + offsets[pattern])
+            if pattern in gated:
+                spans.append((start, end))
+
+        self._db.scan(shape, match_event_handler=on_match, scratch=self._scratch())
+        for start, end in spans:
+            self._hidden(shape, start, end, found)
+        return found
+
+    def _hidden(self, shape: bytes, start: int, end: int, found: set[int]) -> None:
+        """Gated starts within (start, end) of a reported match, which Hyperscan's
+        leftmost-start reporting may leave out."""
+        at = shape.find(self._inside, start + 1, end)
+        while at >= 0:
+            if any(check.match(shape, at) for check in self._recheck):
+                found.add(at)
+            at = shape.find(self._inside, at + 1, end)
