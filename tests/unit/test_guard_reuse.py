@@ -9,6 +9,7 @@ memory is bounded with the least recently used evicted, and a new config starts 
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
 from extproc.errors import PayloadTooLarge
 from extproc.policies.cache.key import Shape, _strings
-from extproc.policies.guard import Guard, GuardConfig, shapescan
+from extproc.policies.guard import Guard, GuardConfig, injection, shapescan
 from extproc.policies.guard.detectors import (
     _GENERIC,
     Detector,
@@ -27,7 +28,7 @@ from extproc.policies.guard.detectors import (
     TextCache,
     _number_starts,
 )
-from extproc.policies.guard.injection import InjectionScreener, score_text
+from extproc.policies.guard.injection import _COMPILED, InjectionScreener, score_text
 from extproc.policies.guard.redact import apply_plan
 from tests.data.claude_code_request import build_request
 from tests.data.guard_samples import NEGATIVES, POSITIVES
@@ -232,3 +233,59 @@ def test_hyperscan_number_candidates_on_real_text() -> None:
     for text in (*texts, "\x00".join(texts)):
         data = text.encode("ascii", "replace")
         assert _number_starts(data) == _number_starts(data, accelerated=False)
+
+
+def test_injection_lead_find_gives_what_search_gives() -> None:
+    data = Path(__file__).parents[1] / "data"
+    texts = [
+        orjson.loads(line)["text"]
+        for name in ("injection_set.jsonl", "injection_holdout.jsonl")
+        for line in (data / name).read_text().splitlines()
+        if line.strip()
+    ]
+    texts += [t.text for t in model_texts(build_request(), "anthropic")]
+    # past the find budget: many leads without a match before one with
+    texts.append("ignore this, " * 3000 + ATTACK)
+    for text in (*texts, "\n".join(texts)):
+        low = text.lower()
+        for rule in _COMPILED:
+            found, expected = rule.first(low), rule.pattern.search(low)
+            assert (found and found.span()) == (expected and expected.span()), rule.rule.id
+
+
+def _split_words(text: str) -> frozenset[bytes]:
+    raw = text.lower().encode("utf-8", "surrogatepass")
+    return frozenset(raw.translate(injection._SPLIT).split()) & frozenset(injection._LOOKED_FOR)
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(
+    st.lists(
+        st.sampled_from(
+            ["ignore", "previous", "system", "base64", "é", "_", " ", "\n", "-", "x", "1", "İ"]
+        ),
+        max_size=40,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_word_scanner_finds_the_split_tokens(parts: list[str]) -> None:
+    text = "".join(parts)
+    raw = text.lower().encode("utf-8", "surrogatepass")
+    assert injection._WORD_SCANNER is not None
+    assert injection._WORD_SCANNER.present(raw) == _split_words(text)
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_long_texts_score_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = Path(__file__).parents[1] / "data"
+    lines = (data / "injection_set.jsonl").read_text().splitlines()
+    texts = [orjson.loads(line)["text"] for line in lines if line.strip()]
+    padding = "ordinary tool output, nothing to see\n" * 150  # over the scanner's minimum
+    longs = [padding + text for text in texts]
+    scores = [score_text(long) for long in longs]
+    for long in longs:
+        assert injection._Text.of(long).words == _split_words(long)
+    big = "\n".join(t.text for t in model_texts(build_request(), "anthropic"))
+    assert injection._Text.of(big).words == _split_words(big)
+    monkeypatch.setattr(injection, "_WORD_SCANNER", None)  # every token, split
+    assert scores == [score_text(long) for long in longs]

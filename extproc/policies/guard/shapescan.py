@@ -1,4 +1,5 @@
-"""The digit-led PII candidates of a text's shape in one Hyperscan pass, where installed.
+"""The guard's one-pass scans with Hyperscan, where installed: the digit-led PII
+candidates of a text's shape, and which injection trigger words a long text holds.
 
 `detectors._number_starts` looks for digit runs in the shape bytes (digits -> `0`,
 boundaries -> space, `)` or `~`) with literal-prefix regexes and a lookahead gate. In
@@ -28,7 +29,7 @@ try:  # an accelerator, not a requirement: the sre passes give the same answer
 except ImportError:  # pragma: no cover - platforms without a wheel
     _INSTALLED = False
 
-__all__ = ["ShapeScanner", "available"]
+__all__ = ["ShapeScanner", "WordScanner", "available"]
 
 
 def available() -> bool:
@@ -94,3 +95,51 @@ class ShapeScanner:
             if any(check.match(shape, at) for check in self._recheck):
                 found.add(at)
             at = shape.find(self._inside, at + 1, end)
+
+
+# A word's neighbours in `injection`'s token split: any ASCII byte but a letter, digit
+# or `_` ends a token; bytes >= 0x80 (UTF-8 of non-ASCII letters) do not.
+_NOT_TOKEN = rb"[^A-Za-z0-9_\x80-\xff]"
+
+
+class WordScanner:
+    """Which of a fixed set of words occur as whole tokens of UTF-8 text, in one pass.
+
+    The same answer as `set(text.translate(to_spaces).split()) & words` without
+    building a set of every word of the text (~17 ms for a 900 K-character tool
+    result; one Hyperscan pass is ~1 ms).
+    """
+
+    def __init__(self, words: Sequence[bytes]) -> None:
+        if not _INSTALLED:
+            raise RuntimeError("hyperscan is not installed")
+        self._words = list(dict.fromkeys(words))
+        expressions = [
+            b"(?:^|" + _NOT_TOKEN + b")" + _literal(w) + b"(?:" + _NOT_TOKEN + b"|$)"
+            for w in self._words
+        ]
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=expressions,
+            ids=list(range(len(expressions))),
+            elements=len(expressions),
+            flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(expressions),
+        )
+        self._local = threading.local()
+
+    def present(self, raw: bytes) -> frozenset[bytes]:
+        found: list[bytes] = []
+        words = self._words
+
+        def on_match(word: int, start: int, end: int, flags: int, context: object) -> None:
+            found.append(words[word])
+
+        scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        self._db.scan(raw, match_event_handler=on_match, scratch=scratch)
+        return frozenset(found)
+
+
+def _literal(word: bytes) -> bytes:
+    return b"".join(b"\\x%02x" % byte for byte in word)
