@@ -152,6 +152,7 @@ async def _sample_turns(config: dict[str, Any], body: bytes, runs: int) -> list[
         await _one(servicer, _messages(body, KEY))
     turns = [_messages(turn, KEY) for turn in _next_turns(body, runs)]
     samples = [await _one(servicer, messages) for messages in turns]
+    await gateway.settle_pending(10)
     await gateway.close()
     return samples
 
@@ -182,6 +183,7 @@ async def _sample(config: dict[str, Any], body: bytes, runs: int, prime: bool) -
     await servicer.Process(_iterate(messages), replies)
     if replies.written[-1].HasField("immediate_response") and not prime:
         raise SystemExit(f"the benchmark request was refused: {replies.written[-1]}")
+    await gateway.settle_pending(10)
     await gateway.close()
     return samples
 
