@@ -120,7 +120,7 @@ class WalkMemo:
     known to the detector's cache). Bounded by the bytes of its keys.
     """
 
-    def __init__(self, max_bytes: int = 32 << 20, min_bytes: int = 256) -> None:
+    def __init__(self, max_bytes: int = 16 << 20, min_bytes: int = 256) -> None:
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes
         self._items: OrderedDict[UnitKey, tuple[tuple[Text, ...], int]] = OrderedDict()

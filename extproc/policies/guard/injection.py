@@ -550,7 +550,7 @@ class InjectionScreener:
         # Scores of long untrusted texts already seen (`score_text` is pure in the text
         # and `weights`, both fixed here): a retried or repeated request, or a turn
         # resent whole, is not scored again.
-        self.scores: TextCache[TextScore] = TextCache(max_chars=8_000_000)
+        self.scores: TextCache[TextScore] = TextCache(max_chars=4_000_000)
 
     def score(self, text: str) -> TextScore:
         """`score_text` with this screener's weights, remembered for long texts."""
