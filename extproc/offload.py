@@ -18,8 +18,12 @@ sending a request every 5 ms, open loop): while a 31 MiB body of 1.2 million tin
 content blocks was refused, that caller's p99 was 2-6 ms; while the heaviest legal body
 (31 MiB, 180,000 values, 15 M characters to scan) was screened, 9-23 ms (the loop's
 longest step ~5 ms of CPU; 116-170 ms when the loop still parsed and hashed that body).
-Threshold: with the guard on, the inline path costs the loop ~0.1 ms per KiB; offloaded,
-~1 ms of loop CPU and 2-6 ms more latency (README, "One request cannot stall the others").
+Threshold: with the guard on, the inline path costs the loop ~0.1 ms per KiB of text it
+has not seen; offloaded, ~1 ms of loop CPU and 2-6 ms more latency (README, "One request
+cannot stall the others"). The guard's per-turn caches make a seen history far cheaper
+(a repeated 117 KB turn ~0.4 ms), but a new body pays the cold rate, and that sets the
+threshold: 117 KB Claude Code requests stay inline, 1 MB ones go to the worker (whose
+guard keeps its own caches for the next turn).
 One worker: huge bodies queue for it.
 
 The worker is started with `spawn` (the server runs gRPC threads, which a fork would
