@@ -79,7 +79,8 @@ def value_bound(raw: bytes, enough: int) -> int:
     bound looser). Below `enough` the cheaper length bound is returned."""
     if len(raw) // 2 + 1 <= enough:
         return len(raw) // 2 + 1
-    return 1 + raw.count(b"[") + raw.count(b",") + raw.count(b":")
+    # The count of `[`, `,` and `:` in one pass (three `count`s: 0.11 ms for 117 KB).
+    return 1 + len(raw) - len(raw.translate(None, b"[,:"))
 
 
 def _values(value: Any) -> Iterator[Any]:
