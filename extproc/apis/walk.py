@@ -117,12 +117,15 @@ class WalkMemo:
     strings, numbers, booleans and key order apart), its path, source, turn and block
     number, and how it is walked: the key is all of those, so a hit yields exactly the
     `Text`s the walk would (the same string objects as last time, whose hash is already
-    known to the detector's cache). Bounded by the bytes of its keys.
+    known to the detector's cache). Bounded by the bytes of its keys and their number.
     """
 
-    def __init__(self, max_bytes: int = 16 << 20, min_bytes: int = 256) -> None:
+    def __init__(
+        self, max_bytes: int = 16 << 20, min_bytes: int = 64, max_items: int = 100_000
+    ) -> None:
         self.max_bytes = max_bytes
-        self.min_bytes = min_bytes
+        self.min_bytes = min_bytes  # a smaller unit is walked faster than it is looked up
+        self.max_items = max_items
         self._items: OrderedDict[UnitKey, tuple[tuple[Text, ...], int]] = OrderedDict()
         self._bytes = 0
 
@@ -150,7 +153,7 @@ class WalkMemo:
             return
         self._items[key] = (texts, chars)
         self._bytes += size
-        while self._bytes > self.max_bytes:
+        while self._bytes > self.max_bytes or len(self._items) > self.max_items:
             old, _ = self._items.popitem(last=False)
             self._bytes -= len(old[-1])
 
