@@ -288,8 +288,8 @@ def main() -> None:
             f"Python {facts['Python']}, commit {facts['extproc commit']}, load {load_average()}.",
             "Time of the request-headers + request-body phases through the servicer (protobuf in,",
             "protobuf out, in-memory store), without Envoy or the network; `p50 CPU` is the",
-            "loop thread's CPU time per request (`time.thread_time`), which a busy machine does",
-            "not stretch.",
+            "loop thread's CPU time per request (`time.thread_time`), which a busy machine",
+            "stretches less than wall time.",
             "",
             table(
                 [
