@@ -27,6 +27,12 @@ from typing import Any, TypeVar
 
 from redis import exceptions as rexc
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import (
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -51,6 +57,7 @@ from extproc.store import (
     same_slot,
     ttl_ms,
 )
+from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, command, evalsha
 
 __all__ = ["RedisStore"]
 
@@ -345,18 +352,20 @@ def _join(words: list[str]) -> str:
 
 
 class _Script:
-    """A Lua script called by SHA; loaded on the first NOSCRIPT, never per call."""
+    """A Lua script called by SHA (hashed once, at import); loaded on the first NOSCRIPT."""
 
     def __init__(self, body: str, *, prelude: bool = False) -> None:
         self.source = (_PRELUDE + body) if prelude else body
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        self._sha = self.sha.encode()
+        self._load = command(b"SCRIPT", b"LOAD", self.source.encode())
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, pipe: Pipe, keys: Sequence[str], args: Sequence[str]) -> Any:
+        payload = evalsha(self._sha, keys, args)
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except rexc.NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await pipe.call(payload)
+        except NoScript:  # Redis restarted or flushed its scripts: load, then run, one write
+            return (await pipe.call_many(self._load + payload, 2))[1]
 
 
 _SCRIPTS = {
@@ -373,6 +382,8 @@ _UNAVAILABLE_REPLIES = (
     "LOADING",
     "BUSY",
     "MASTERDOWN",
+    "READONLY",
+    "NOAUTH",
     "TRYAGAIN",
     "CLUSTERDOWN",
     "NOREPLICAS",
@@ -418,6 +429,19 @@ def _pool(
         raise StoreConfigError(f"{url!r}: {exc}") from exc
 
 
+def _endpoint(pool: ConnectionPool) -> Endpoint:
+    """The pipe's endpoint from redis-py's parse of the URL (host or socket, TLS, auth, db)."""
+    conn = pool.make_connection()  # type: ignore[no-untyped-call]  # builds, never dials
+    tls = conn.ssl_context.get() if isinstance(conn, SSLConnection) else None
+    if isinstance(conn, UnixDomainSocketConnection):
+        db = int(conn.db or 0)
+        return Endpoint(path=conn.path, username=conn.username, password=conn.password, db=db)
+    assert isinstance(conn, Connection)
+    return Endpoint(
+        conn.host, conn.port, None, tls, conn.username, conn.password, int(conn.db or 0)
+    )
+
+
 class RedisStore:
     """A `Store` backed by Redis (standalone, or Cluster-safe key layout)."""
 
@@ -425,6 +449,7 @@ class RedisStore:
         self, client: Redis, *, clock: Clock | None = None, timeout_seconds: float = 1.0
     ) -> None:
         self._client = client
+        self._pipe = Pipe(_endpoint(client.connection_pool), timeout_seconds)
         self._clock: Clock = clock or SystemClock()
         self._timeout = timeout_seconds
         self._closed = False
@@ -463,8 +488,14 @@ class RedisStore:
         except (rexc.RedisError, OSError, TimeoutError) as exc:
             raise _map_error(exc, self._timeout) from exc
 
-    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._run(_SCRIPTS[name](self._client, keys, args))
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """Run a script over the pipelined connection (bounded by its own watchdog)."""
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        try:
+            return await _SCRIPTS[name](self._pipe, keys, args)
+        except (ReplyError, OSError, TimeoutError) as exc:
+            raise _map_error(exc, self._timeout) from exc
 
     # ---- KV -------------------------------------------------------------------------------
 
@@ -508,7 +539,7 @@ class RedisStore:
         """Add `amount`; a TTL is set only when the key has none (it starts a window)."""
         check_ttl(ttl_seconds)
         expiry = 0 if ttl_seconds is None else px(ttl_seconds)
-        return int(await self._script("incr", [key], [amount, expiry]))
+        return int(await self._script("incr", [key], [str(amount), str(expiry)]))
 
     async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
         return await self.set(key, owner.encode(), ttl_seconds, only_if_absent=True)
@@ -625,4 +656,5 @@ class RedisStore:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._pipe.close()
             await self._client.aclose()
