@@ -240,13 +240,17 @@ end
 return rate_reply .. ';' .. hold_reply
 """
 
-# KEYS: record, then (counter, holds) per hold.  ARGV[1]: reservation id, ARGV[2]: final
-# state.  ARGV[3]: "now record_ttl" then per hold "amount actual ttl bucket prune|-".
+# KEYS: record, then (counter, holds) per hold, then one per debited rate item.
+# ARGV[1]: reservation id, ARGV[2]: final state.  ARGV[3]: "now record_ttl" then per hold
+# "amount actual ttl bucket prune|-".  ARGV[4]: "now" then the rate items to debit
+# (forced), applied only when this call settles, so a repeated settle never debits twice.
 _SETTLE = """
 local state = redis.call('GET', KEYS[1])
 if state == 'settled' or state == 'released' then return state end
-local a = words(ARGV[3])
-for i = 1, (#KEYS - 1) / 2 do
+local a, d = words(ARGV[3]), words(ARGV[4])
+local n_items = (#d - 1) / 4
+local n_holds = (#KEYS - 1 - n_items) / 2
+for i = 1, n_holds do
   local c, z = KEYS[2 * i], KEYS[2 * i + 1]
   local b = 3 + (i - 1) * 5
   local amount, actual, prune = a[b], a[b + 1], a[b + 4]
@@ -264,6 +268,10 @@ for i = 1, (#KEYS - 1) / 2 do
     end
   end
   expire(c, z, a[b + 2])
+end
+if n_items > 0 then
+  local _, writes = rate_eval(d, 2, 2 + 2 * n_holds, n_items)
+  rate_apply(d, 2, 2 + 2 * n_holds, n_items, writes)
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', a[2])
 return state or 'unknown'
@@ -596,6 +604,7 @@ class RedisStore:
         *,
         record_ttl: float,
         release: bool = False,
+        debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         check_settle_args(holds, actuals)
         keys = [record_key]
@@ -606,9 +615,11 @@ class RedisStore:
             keys += [c.key, c.holds_key]
             ttl = ttl_ms(c.expires_at, now)
             spec += [str(h.amount), str(actual), str(ttl), c.bucket, c.prune_before or "-"]
+        keys += [i.key for i in debit]
         same_slot(keys)
         state = "released" if release else "settled"
-        reply = await self._script("settle", keys, [reservation, state, _join(spec)])
+        debits = _join([str(now), *_rate_words(debit, now)])
+        reply = await self._script("settle", keys, [reservation, state, _join(spec), debits])
         return SettleOutcome(reply.decode() if isinstance(reply, bytes) else str(reply))
 
     async def usage(self, counters: Sequence[Counter]) -> list[int]:

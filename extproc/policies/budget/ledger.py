@@ -78,7 +78,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from extproc.apis.usage import Usage
 from extproc.policies.pricing import Price, cost_micros, micros_to_usd, usd_to_micros
-from extproc.store import Counter, Hold, HoldResult, SettleOutcome, Store, StoreUnavailable
+from extproc.store import (
+    Counter,
+    Hold,
+    HoldResult,
+    RateItem,
+    SettleOutcome,
+    Store,
+    StoreUnavailable,
+)
 
 __all__ = [
     "Amount",
@@ -514,18 +522,29 @@ class BudgetLedger:
             return self.empty(plan, degraded=True)
         return self.outcome(plan, result)
 
-    async def settle(self, reservation: Reservation, actual: Amount) -> SettleOutcome:
-        """Replace the holds by `actual` (may exceed the estimate); idempotent."""
-        return await self._finish(reservation, actual, release=False)
+    async def settle(
+        self, reservation: Reservation, actual: Amount, debit: Sequence[RateItem] = ()
+    ) -> SettleOutcome:
+        """Replace the holds by `actual` (may exceed the estimate); idempotent. `debit`:
+        rate items (the token limits' correction) charged in the same store call, once;
+        they need this ledger's hash tag and a reservation with lines."""
+        return await self._finish(reservation, actual, release=False, debit=debit)
 
     async def release(self, reservation: Reservation) -> SettleOutcome:
         """Drop the holds without charging anything (the call never spent)."""
         return await self._finish(reservation, Amount(), release=True)
 
     async def _finish(
-        self, reservation: Reservation, actual: Amount, *, release: bool
+        self,
+        reservation: Reservation,
+        actual: Amount,
+        *,
+        release: bool,
+        debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         if not reservation.lines:
+            if debit:
+                raise ValueError("a debit travels with a settle that holds lines")
             return SettleOutcome.SETTLED
         return await self._store.settle(
             reservation.request_id,
@@ -534,6 +553,7 @@ class BudgetLedger:
             [actual.of(line.metric) for line in reservation.lines],
             record_ttl=RECORD_GRACE_SECONDS,
             release=release,
+            debit=debit,
         )
 
     async def status(self, scopes: Iterable[Scope]) -> list[BudgetStatus]:
