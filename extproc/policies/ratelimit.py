@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,7 +213,19 @@ class _Spec:
     burst: int
 
     def item(self, cost: int) -> LimitItem:
+        if cost == 1:
+            return self.unit
         return LimitItem(self.name, self.rate, Gcra(self.key, self.rate, MINUTE, self.burst, cost))
+
+    @property
+    def unit(self) -> LimitItem:
+        """The cost-1 item (a request counted), made once: every request checks it."""
+        return _unit_item(self)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_item(spec: _Spec) -> LimitItem:
+    return LimitItem(spec.name, spec.rate, Gcra(spec.key, spec.rate, MINUTE, spec.burst, 1))
 
 
 Kind = Literal["key", "team"]

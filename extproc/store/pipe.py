@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import hiredis
 
-__all__ = ["Endpoint", "NoScript", "Pipe", "ReplyError", "command"]
+__all__ = ["Endpoint", "NoScript", "Pipe", "ReplyError", "bulk", "command", "evalsha"]
 
 
 class ReplyError(Exception):
@@ -46,20 +46,21 @@ class NoScript(ReplyError):
     """EVALSHA named a script this server does not have (restart, SCRIPT FLUSH)."""
 
 
-def _bulk(part: bytes) -> bytes:
+def bulk(part: bytes) -> bytes:
+    """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(part), part)
 
 
 def command(*parts: bytes) -> bytes:
     """One RESP command (an array of bulk strings)."""
-    return b"*%d\r\n" % len(parts) + b"".join(_bulk(p) for p in parts)
+    return b"*%d\r\n" % len(parts) + b"".join(bulk(p) for p in parts)
 
 
-def evalsha(sha: bytes, keys: Sequence[str], args: Sequence[str]) -> bytes:
-    """`EVALSHA sha numkeys keys... args...` encoded in one pass."""
-    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + len(keys) + len(args), sha)
-    count = b"%d" % len(keys)
-    return b"".join([head, _bulk(count), *[_bulk(s.encode()) for s in (*keys, *args)]])
+def evalsha(sha: bytes, count: int, keys: Sequence[bytes], args: Sequence[str]) -> bytes:
+    """`EVALSHA sha count keys... args...`; `keys` are `count` keys already RESP-encoded
+    (callers memoize the encoding of keys they send again and again)."""
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + count + len(args), sha)
+    return b"".join([head, bulk(b"%d" % count), *keys, *[bulk(a.encode()) for a in args]])
 
 
 @dataclass(frozen=True, slots=True)

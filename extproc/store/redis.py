@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis import exceptions as rexc
@@ -52,12 +53,13 @@ from extproc.store import (
     SystemClock,
     check_settle_args,
     check_ttl,
+    hash_tag,
     now_ms,
     px,
     same_slot,
     ttl_ms,
 )
-from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, command, evalsha
+from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, bulk, command, evalsha
 
 __all__ = ["RedisStore"]
 
@@ -315,16 +317,12 @@ def _ints(reply: bytes) -> list[int]:
     return [int(word) for word in reply.split()]
 
 
-def _hold_words(holds: Sequence[Hold], now: int) -> tuple[list[str], list[str]]:
-    """KEYS (counter and holds key per hold) and spec words of `holds`."""
-    keys: list[str] = []
-    words: list[str] = []
-    for h in holds:
-        c = h.counter
-        keys += [c.key, c.holds_key]
-        words += [str(c.limit), str(h.amount), str(ttl_ms(c.expires_at, now))]
-        words += [str(len(c.window)), *c.window]
-    return keys, words
+def _hold_words(facts: Sequence[_CounterFacts], holds: Sequence[Hold], now: int) -> list[str]:
+    """Per hold "limit amount ttl n window[1..n]"."""
+    return [
+        f"{f.limit} {h.amount} {ttl_ms(f.counter.expires_at, now)} {f.window}"
+        for f, h in zip(facts, holds, strict=True)
+    ]
 
 
 def _hold_result(reply: bytes) -> HoldResult:
@@ -334,16 +332,6 @@ def _hold_result(reply: bytes) -> HoldResult:
     if values[0] == 0:
         return HoldResult(ok=False, used=tuple(values[2:]), failed=values[1])
     return HoldResult(ok=True, used=tuple(values[1:]))
-
-
-def _rate_words(items: Sequence[RateItem], now: int) -> list[str]:
-    words: list[str] = []
-    for i in items:
-        if isinstance(i, Gcra):
-            words += ["g", repr(i.interval_ms), str(i.burst), str(i.cost)]
-        else:
-            words += ["q", str(i.limit), str(i.cost), str(ttl_ms(i.resets_at, now))]
-    return words
 
 
 def _rate_states(reply: bytes) -> list[RateState]:
@@ -359,6 +347,98 @@ def _join(words: list[str]) -> str:
     return " ".join(words)
 
 
+MEMO_LIMIT = 65_536  # memoized counters and keys per store; cleared when full
+
+
+@dataclass(frozen=True, slots=True)
+class _CounterFacts:
+    counter: Counter  # kept so the id() it is filed under cannot be reused meanwhile
+    tag: str
+    keys: bytes  # the counter and holds keys, RESP-encoded
+    limit: str
+    window: str  # "n window[1..n]"
+    finish: str  # "bucket prune|-"
+
+
+class _Encoder:
+    """Builds a script's KEYS and spec words with little Python per call.
+
+    The ledger and the limiter hand in the same `Counter` objects and the same rate keys
+    request after request, so what never changes about them (their hash tag, their keys
+    RESP-encoded, their limit and window words) is worked out once and memoized; a call
+    only formats the numbers that change (now, amounts, TTLs) and checks the hash tags
+    (the `same_slot` rule) by comparing memoized strings.
+    """
+
+    def __init__(self) -> None:
+        self._counters: dict[int, _CounterFacts] = {}
+        self._keys: dict[str, tuple[str, bytes]] = {}
+        self._rates: dict[tuple[str, float, int], str] = {}
+
+    def counter(self, c: Counter) -> _CounterFacts:
+        facts = self._counters.get(id(c))
+        if facts is None or facts.counter is not c:
+            if len(self._counters) >= MEMO_LIMIT:
+                self._counters.clear()
+            tag = hash_tag(c.key)
+            same_slot([c.key, c.holds_key])
+            keys = bulk(c.key.encode()) + bulk(c.holds_key.encode())
+            window = " ".join([str(len(c.window)), *c.window])
+            finish = f"{c.bucket} {c.prune_before or '-'}"
+            facts = _CounterFacts(c, tag, keys, str(c.limit), window, finish)
+            self._counters[id(c)] = facts
+        return facts
+
+    def key(self, key: str) -> tuple[str, bytes]:
+        found = self._keys.get(key)
+        if found is None:
+            if len(self._keys) >= MEMO_LIMIT:
+                self._keys.clear()
+            found = self._keys[key] = (hash_tag(key), bulk(key.encode()))
+        return found
+
+    def rate_words(self, items: Sequence[RateItem], now: int) -> list[str]:
+        """Per item "g interval_ms burst cost" (GCRA) or "q limit cost reset_ms" (quota)."""
+        words: list[str] = []
+        for i in items:
+            if isinstance(i, Gcra):
+                memo = (i.key, i.period / i.rate, i.burst)
+                head = self._rates.get(memo)
+                if head is None:
+                    if len(self._rates) >= MEMO_LIMIT:
+                        self._rates.clear()
+                    head = self._rates[memo] = f"g {i.interval_ms!r} {i.burst}"
+                words.append(f"{head} {i.cost}")
+            else:
+                words.append(f"q {i.limit} {i.cost} {ttl_ms(i.resets_at, now)}")
+        return words
+
+    def keys(self, tag: str, parts: list[bytes], items: Sequence[RateItem]) -> None:
+        """Append the rate items' encoded keys to `parts`, checking they share `tag`."""
+        for i in items:
+            item_tag, encoded = self.key(i.key)
+            if item_tag != tag:
+                _mixed(tag, item_tag)
+            parts.append(encoded)
+
+    def holds(
+        self, tag: str, parts: list[bytes], counters: Sequence[Counter]
+    ) -> list[_CounterFacts]:
+        """Append each counter's encoded keys to `parts` (same tag); their facts."""
+        out = []
+        for c in counters:
+            facts = self.counter(c)
+            if facts.tag != tag:
+                _mixed(tag, facts.tag)
+            parts.append(facts.keys)
+            out.append(facts)
+        return out
+
+
+def _mixed(tag: str, other: str) -> None:
+    same_slot([f"{{{tag}}}", f"{{{other}}}"])  # raises the one ValueError for mixed tags
+
+
 class _Script:
     """A Lua script called by SHA (hashed once, at import); loaded on the first NOSCRIPT."""
 
@@ -368,8 +448,10 @@ class _Script:
         self._sha = self.sha.encode()
         self._load = command(b"SCRIPT", b"LOAD", self.source.encode())
 
-    async def __call__(self, pipe: Pipe, keys: Sequence[str], args: Sequence[str]) -> Any:
-        payload = evalsha(self._sha, keys, args)
+    async def __call__(
+        self, pipe: Pipe, count: int, keys: Sequence[bytes], args: Sequence[str]
+    ) -> Any:
+        payload = evalsha(self._sha, count, keys, args)
         try:
             return await pipe.call(payload)
         except NoScript:  # Redis restarted or flushed its scripts: load, then run, one write
@@ -458,6 +540,7 @@ class RedisStore:
     ) -> None:
         self._client = client
         self._pipe = Pipe(_endpoint(client.connection_pool), timeout_seconds)
+        self._encode = _Encoder()
         self._clock: Clock = clock or SystemClock()
         self._timeout = timeout_seconds
         self._closed = False
@@ -496,12 +579,15 @@ class RedisStore:
         except (rexc.RedisError, OSError, TimeoutError) as exc:
             raise _map_error(exc, self._timeout) from exc
 
-    async def _script(self, name: str, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """Run a script over the pipelined connection (bounded by its own watchdog)."""
+    async def _script(
+        self, name: str, count: int, keys: Sequence[bytes], args: Sequence[str]
+    ) -> Any:
+        """Run a script over the pipelined connection (bounded by its own watchdog);
+        `keys`: its `count` keys, RESP-encoded (some pieces may hold two)."""
         if self._closed:
             raise StoreUnavailable("store is closed")
         try:
-            return await _SCRIPTS[name](self._pipe, keys, args)
+            return await _SCRIPTS[name](self._pipe, count, keys, args)
         except (ReplyError, OSError, TimeoutError) as exc:
             raise _map_error(exc, self._timeout) from exc
 
@@ -547,14 +633,15 @@ class RedisStore:
         """Add `amount`; a TTL is set only when the key has none (it starts a window)."""
         check_ttl(ttl_seconds)
         expiry = 0 if ttl_seconds is None else px(ttl_seconds)
-        return int(await self._script("incr", [key], [str(amount), str(expiry)]))
+        keys = [bulk(key.encode())]
+        return int(await self._script("incr", 1, keys, [str(amount), str(expiry)]))
 
     async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
         return await self.set(key, owner.encode(), ttl_seconds, only_if_absent=True)
 
     async def release_lock(self, key: str, owner: str) -> bool:
         """Delete the lock only if `owner` still holds it (compare-and-delete in one script)."""
-        return bool(await self._script("unlock", [key], [owner]))
+        return bool(await self._script("unlock", 1, [bulk(key.encode())], [owner]))
 
     async def wait_for(self, key: str, timeout_seconds: float) -> bytes | None:
         """Poll `get` with backoff (5 ms doubling to 100 ms) until a value or the timeout.
@@ -589,11 +676,16 @@ class RedisStore:
         record_ttl: float,
     ) -> HoldResult:
         now = now_ms(self._clock)
-        keys, hold_words = _hold_words(holds, now)
-        keys.insert(0, record_key)
-        same_slot(keys)
-        spec = [str(now), str(int(until * 1000)), str(px(record_ttl)), *hold_words]
-        return _hold_result(await self._script("hold", keys, [reservation, _join(spec)]))
+        tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
+        facts = self._encode.holds(tag, keys, [h.counter for h in holds])
+        spec = [
+            str(now),
+            str(int(until * 1000)),
+            str(px(record_ttl)),
+            *_hold_words(facts, holds, now),
+        ]
+        reply = await self._script("hold", 1 + 2 * len(holds), keys, [reservation, _join(spec)])
+        return _hold_result(reply)
 
     async def settle(
         self,
@@ -607,42 +699,37 @@ class RedisStore:
         debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         check_settle_args(holds, actuals)
-        keys = [record_key]
         now = now_ms(self._clock)
+        tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
+        facts = self._encode.holds(tag, keys, [h.counter for h in holds])
+        self._encode.keys(tag, keys, debit)
         spec = [str(now), str(px(record_ttl))]
-        for h, actual in zip(holds, actuals, strict=True):
-            c = h.counter
-            keys += [c.key, c.holds_key]
-            ttl = ttl_ms(c.expires_at, now)
-            spec += [str(h.amount), str(actual), str(ttl), c.bucket, c.prune_before or "-"]
-        keys += [i.key for i in debit]
-        same_slot(keys)
+        for f, h, actual in zip(facts, holds, actuals, strict=True):
+            spec.append(f"{h.amount} {actual} {ttl_ms(f.counter.expires_at, now)} {f.finish}")
+        debits = _join([str(now), *self._encode.rate_words(debit, now)])
         state = "released" if release else "settled"
-        debits = _join([str(now), *_rate_words(debit, now)])
-        reply = await self._script("settle", keys, [reservation, state, _join(spec), debits])
+        args = [reservation, state, _join(spec), debits]
+        reply = await self._script("settle", len(keys) + len(holds), keys, args)
         return SettleOutcome(reply.decode() if isinstance(reply, bytes) else str(reply))
 
     async def usage(self, counters: Sequence[Counter]) -> list[int]:
-        keys: list[str] = []
-        spec = [str(now_ms(self._clock))]
-        for c in counters:
-            keys += [c.key, c.holds_key]
-            spec += [str(len(c.window)), *c.window]
-        same_slot(keys)
         if not counters:
             return []
-        return _ints(await self._script("usage", keys, [_join(spec)]))
+        keys: list[bytes] = []
+        facts = self._encode.holds(self._encode.counter(counters[0]).tag, keys, counters)
+        spec = [str(now_ms(self._clock)), *(f.window for f in facts)]
+        return _ints(await self._script("usage", 2 * len(counters), keys, [_join(spec)]))
 
     # ---- rate -----------------------------------------------------------------------------
 
     async def rate(self, items: Sequence[RateItem], *, force: bool = False) -> list[RateState]:
-        keys = [i.key for i in items]
-        same_slot(keys)
         if not items:
             return []
+        keys: list[bytes] = []
+        self._encode.keys(self._encode.key(items[0].key)[0], keys, items)
         now = now_ms(self._clock)
-        spec = [str(now), "1" if force else "0", *_rate_words(items, now)]
-        return _rate_states(await self._script("rate", keys, [_join(spec)]))
+        spec = [str(now), "1" if force else "0", *self._encode.rate_words(items, now)]
+        return _rate_states(await self._script("rate", len(items), keys, [_join(spec)]))
 
     async def admit(
         self,
@@ -655,12 +742,14 @@ class RedisStore:
         record_ttl: float,
     ) -> tuple[list[RateState], HoldResult | None]:
         now = now_ms(self._clock)
-        keys, hold_words = _hold_words(holds, now)
-        keys = [record_key, *keys, *(i.key for i in items)]
-        same_slot(keys)
+        tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
+        facts = self._encode.holds(tag, keys, [h.counter for h in holds])
+        self._encode.keys(tag, keys, items)
         head = [str(now), str(int(until * 1000)), str(px(record_ttl)), str(len(holds))]
-        spec = [*head, str(len(items)), *_rate_words(items, now), *hold_words]
-        reply = await self._script("admit", keys, [reservation, _join(spec)])
+        spec = [*head, str(len(items)), *self._encode.rate_words(items, now)]
+        spec += _hold_words(facts, holds, now)
+        count = 1 + 2 * len(holds) + len(items)
+        reply = await self._script("admit", count, keys, [reservation, _join(spec)])
         rate_part, _, hold_part = reply.partition(b";")
         return _rate_states(rate_part), _hold_result(hold_part) if hold_part else None
 

@@ -392,7 +392,14 @@ def _rolling(days: int, today: date, slack: float) -> Window:
     )
 
 
+_SAFE = re.compile(r"[A-Za-z0-9_.@~+=-]*")
+
+
 def _enc(value: str) -> str:
+    """Percent-encode `value` for a key; ids made of safe characters only (request ids
+    are) pass as they are without `quote`'s cost, which is paid per request."""
+    if _SAFE.fullmatch(value):
+        return value
     return quote(value, safe="-_.@~+=")
 
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from prometheus_client import Gauge
+
 from extproc.apis import Endpoint
 from extproc.apis.dialect import dialect_of
 from extproc.apis.kind import ApiKind
@@ -81,6 +83,7 @@ from extproc.telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+MEMO_LIMIT = 65_536  # memoized gauge children; cleared when full
 RETRY_GRACE = 600.0  # a settle is retried this long past the hold's expiry (records last 1 h)
 
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -365,6 +368,7 @@ class Spending:
         self.metrics = metrics
         self.clock = store.clock
         self._retries: set[asyncio.Task[None]] = set()
+        self._gauges: dict[tuple[str, Scope, str], Gauge] = {}
 
     def start(
         self,
@@ -573,8 +577,21 @@ class Spending:
     def _gauge(self, statuses: Sequence[BudgetStatus]) -> None:
         for status in statuses:
             value = status.remaining / 1e6 if status.metric == "usd" else status.remaining
+            self._gauge_of(status).set(value)
+
+    def _gauge_of(self, status: BudgetStatus) -> Gauge:
+        """The budget's `extproc_budget_remaining` child, memoized: `labels()` costs
+        several µs per call, four times per admitted request (a scope's bounded label
+        never changes once given)."""
+        memo = (status.budget, status.scope, status.metric)
+        child = self._gauges.get(memo)
+        if child is None:
+            if len(self._gauges) >= MEMO_LIMIT:
+                self._gauges.clear()
             scope = self.metrics.bounds.scope(status.scope.kind, status.scope.id)
-            self.metrics.budget_remaining.labels(status.budget, scope, status.metric).set(value)
+            child = self.metrics.budget_remaining.labels(status.budget, scope, status.metric)
+            self._gauges[memo] = child
+        return child
 
     async def quota(
         self, identity: Identity, headers: Mapping[str, str], presented: str | None
