@@ -99,6 +99,11 @@ class _Connection(asyncio.Protocol):
         self._failure: Exception | None = None
         self.closed = False
 
+    def on_running_loop(self) -> bool:
+        """False when used from another event loop than the one it was dialled on (a
+        store reused across `asyncio.run` calls): then it is dialled again."""
+        return self._loop is asyncio.get_running_loop()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
@@ -160,6 +165,9 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._failure = ConnectionError("the store is closed")
         self.closed = True
+        if self._loop.is_closed():  # its loop is gone: nothing can run there any more
+            self._waiting.clear()  # (its transport and socket go with the dead loop)
+            return
         if self._transport is not None:
             self._transport.close()
         self._fail_waiting()
@@ -173,22 +181,30 @@ class Pipe:
         self._timeout = timeout
         self._connection: _Connection | None = None
         self._dialling: asyncio.Future[_Connection] | None = None
+        self._closed = False
 
     async def call(self, payload: bytes) -> Any:
         """Send one command; its reply (bytes, int, list, None). Raises `ReplyError`,
         `ConnectionError` or `TimeoutError`."""
         connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        if connection is None or connection.closed or not connection.on_running_loop():
+            connection = await self._reconnect()
         return _checked(await connection.send(payload)[0])
 
     async def call_many(self, payload: bytes, replies: int) -> list[Any]:
         """Send several commands in one write; every reply, in order (errors raised)."""
         connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
+        if connection is None or connection.closed or not connection.on_running_loop():
+            connection = await self._reconnect()
         futures = connection.send(payload, replies)
         return [_checked(await f) for f in futures]
+
+    async def _reconnect(self) -> _Connection:
+        stale = self._connection
+        if stale is not None and not stale.closed and not stale.on_running_loop():
+            stale.close()  # dialled on an event loop that has ended
+            self._connection, self._dialling = None, None
+        return await self._connect()
 
     async def _connect(self) -> _Connection:
         """One dial at a time; concurrent callers share it (a cancelled caller leaves it
@@ -224,10 +240,14 @@ class Pipe:
             except BaseException:
                 connection.close()
                 raise
+        if self._closed:  # closed while dialling: do not leave a socket behind
+            connection.close()
+            raise ConnectionError("the store is closed")
         self._connection = connection
         return connection
 
     def close(self) -> None:
+        self._closed = True
         if self._connection is not None:
             self._connection.close()
             self._connection = None

@@ -254,3 +254,12 @@ async def test_scripts_use_the_urls_password_and_database() -> None:
                 await wrong.rate([Gcra(f"r:{T}:g", 60, 60, 5, 1)])
         finally:
             await wrong.close()
+
+
+def test_a_store_used_from_a_new_event_loop_redials(redis_server: RedisServer) -> None:
+    """The pipe's connection belongs to the loop that dialled it; a later `asyncio.run`
+    (the CLI's commands run one each) dials its own instead of touching a dead loop."""
+    store = RedisStore.from_url(redis_server.url, clock=ManualClock())
+    first = asyncio.run(store.incr_by("loops", 1))
+    assert asyncio.run(store.incr_by("loops", 1)) == first + 1
+    asyncio.run(store.close())
