@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from redis import exceptions as rexc
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import (
@@ -74,10 +75,10 @@ __all__ = ["RedisStore"]
 T = TypeVar("T")
 
 _PRELUDE = """
+-- A spec argument is a JSON array of strings: cjson decodes it in C, ~3x faster than
+-- splitting a space-separated string with gmatch (~4 µs vs ~11 µs for an admit's).
 local function words(spec)
-  local out = {}
-  for w in string.gmatch(spec, '%S+') do out[#out + 1] = w end
-  return out
+  return cjson.decode(spec)
 end
 
 -- Each counter hash keeps `next`, a lower bound on its earliest hold expiry, so the
@@ -210,9 +211,9 @@ local function hold_apply(plan, reservation, until_ms, record_ttl)
 end
 """
 
-# Arguments travel as one space-separated spec string and replies come back as one
-# string of integers: redis-py spends about a microsecond encoding each argument and
-# more parsing each element of an array reply, and a check has dozens of numbers.
+# Arguments travel as one spec argument (a JSON array of strings, `_join`) and replies
+# come back as one string of integers: one argument to encode and one reply to parse
+# instead of dozens of numbers each (the words below are the array's elements).
 #
 # KEYS: record, then (counter, holds) per hold.  ARGV[1]: reservation id.
 # ARGV[2]: "now until record_ttl" then the holds.
@@ -326,11 +327,11 @@ def _ints(reply: bytes) -> list[int]:
 
 
 def _hold_words(facts: Sequence[_CounterFacts], holds: Sequence[Hold], now: int) -> list[str]:
-    """Per hold "limit amount ttl n window[1..n]"."""
-    return [
-        f"{f.limit} {h.amount} {ttl_ms(f.counter.expires_at, now)} {f.window}"
-        for f, h in zip(facts, holds, strict=True)
-    ]
+    """Per hold: limit amount ttl n window[1..n]."""
+    words: list[str] = []
+    for f, h in zip(facts, holds, strict=True):
+        words += (f.limit, str(h.amount), str(ttl_ms(f.counter.expires_at, now)), *f.window)
+    return words
 
 
 def _hold_result(reply: bytes) -> HoldResult:
@@ -351,8 +352,8 @@ def _rate_states(reply: bytes) -> list[RateState]:
 
 
 def _join(words: list[str]) -> str:
-    """One spec argument; bucket names are ours and never contain whitespace."""
-    return " ".join(words)
+    """One spec argument: a JSON array of strings (the scripts' `words`)."""
+    return orjson.dumps(words).decode()
 
 
 MEMO_LIMIT = 65_536  # memoized counters and keys per store; cleared when full
@@ -364,8 +365,8 @@ class _CounterFacts:
     tag: str
     keys: bytes  # the counter and holds keys, RESP-encoded
     limit: str
-    window: str  # "n window[1..n]"
-    finish: str  # "bucket prune|-"
+    window: tuple[str, ...]  # n, window[1..n]
+    finish: tuple[str, str]  # bucket, prune or "-"
 
 
 class _Encoder:
@@ -381,7 +382,7 @@ class _Encoder:
     def __init__(self) -> None:
         self._counters: dict[int, _CounterFacts] = {}
         self._keys: dict[str, tuple[str, bytes]] = {}
-        self._rates: dict[tuple[str, float, int], str] = {}
+        self._rates: dict[tuple[str, float, int], tuple[str, str, str]] = {}
 
     def counter(self, c: Counter) -> _CounterFacts:
         facts = self._counters.get(id(c))
@@ -391,8 +392,8 @@ class _Encoder:
             tag = hash_tag(c.key)
             same_slot([c.key, c.holds_key])
             keys = bulk(c.key.encode()) + bulk(c.holds_key.encode())
-            window = " ".join([str(len(c.window)), *c.window])
-            finish = f"{c.bucket} {c.prune_before or '-'}"
+            window = (str(len(c.window)), *c.window)
+            finish = (c.bucket, c.prune_before or "-")
             facts = _CounterFacts(c, tag, keys, str(c.limit), window, finish)
             self._counters[id(c)] = facts
         return facts
@@ -415,10 +416,11 @@ class _Encoder:
                 if head is None:
                     if len(self._rates) >= MEMO_LIMIT:
                         self._rates.clear()
-                    head = self._rates[memo] = f"g {i.interval_ms!r} {i.burst}"
-                words.append(f"{head} {i.cost}")
+                    head = self._rates[memo] = ("g", repr(i.interval_ms), str(i.burst))
+                words += head
+                words.append(str(i.cost))
             else:
-                words.append(f"q {i.limit} {i.cost} {ttl_ms(i.resets_at, now)}")
+                words += ("q", str(i.limit), str(i.cost), str(ttl_ms(i.resets_at, now)))
         return words
 
     def keys(self, tag: str, parts: list[bytes], items: Sequence[RateItem]) -> None:
@@ -713,7 +715,7 @@ class RedisStore:
         self._encode.keys(tag, keys, debit)
         spec = [str(now), str(px(record_ttl))]
         for f, h, actual in zip(facts, holds, actuals, strict=True):
-            spec.append(f"{h.amount} {actual} {ttl_ms(f.counter.expires_at, now)} {f.finish}")
+            spec += (str(h.amount), str(actual), str(ttl_ms(f.counter.expires_at, now)), *f.finish)
         debits = _join([str(now), *self._encode.rate_words(debit, now)])
         state = "released" if release else "settled"
         args = [reservation, state, _join(spec), debits]
@@ -725,7 +727,9 @@ class RedisStore:
             return []
         keys: list[bytes] = []
         facts = self._encode.holds(self._encode.counter(counters[0]).tag, keys, counters)
-        spec = [str(now_ms(self._clock)), *(f.window for f in facts)]
+        spec = [str(now_ms(self._clock))]
+        for f in facts:
+            spec += f.window
         return _ints(await self._script("usage", 2 * len(counters), keys, [_join(spec)]))
 
     # ---- rate -----------------------------------------------------------------------------
