@@ -417,7 +417,11 @@ class BudgetLedger:
         self._rules: dict[str, list[BudgetRule]] = {}
         for rule in config.rules:
             self._rules.setdefault(rule.scope, []).append(rule)
-        self._memo: dict[tuple[BudgetCheck, int], list[tuple[Metric, Window, Counter]]] = {}
+        # keyed by the rule's id and the scope: hashing a pydantic rule field by field cost
+        # microseconds on every request; the entry keeps its rule, so an id is never reused
+        self._memo: dict[
+            tuple[int, Scope, int], tuple[BudgetRule, list[tuple[Metric, Window, Counter]]]
+        ] = {}
 
     def checks_for(self, scopes: Iterable[Scope]) -> list[BudgetCheck]:
         """The rules that apply to these scopes; a specific id beats `*` per window."""
@@ -449,8 +453,9 @@ class BudgetLedger:
 
     def _counters_of(self, check: BudgetCheck, day: int) -> list[tuple[Metric, Window, Counter]]:
         """The counters of one check on one UTC day; memoized (windows change daily)."""
-        found = self._memo.get((check, day))
-        if found is None:
+        memo = (id(check.rule), check.scope, day)
+        entry = self._memo.get(memo)
+        if entry is None or entry[0] is not check.rule:  # (an id reused by another rule)
             if len(self._memo) >= MEMO_LIMIT:
                 self._memo.clear()
             window = window_for(check.rule, day * DAY, self._ttl)
@@ -458,8 +463,8 @@ class BudgetLedger:
                 (metric, window, self._counter(check, metric, window, limit))
                 for metric, limit in check.rule.limits()
             ]
-            self._memo[(check, day)] = found
-        return found
+            entry = self._memo[memo] = (check.rule, found)
+        return entry[1]
 
     def _counter(self, check: BudgetCheck, metric: Metric, window: Window, limit: int) -> Counter:
         return Counter(
