@@ -1,7 +1,7 @@
 """One pipelined Redis connection for the store's scripts: RESP written by hand, read by hiredis.
 
 The budget and rate-limit scripts are on every request's path, and redis-py's asyncio
-client spends ~150-250 µs of Python per call on them (pool checkout, per-argument
+client spends ~60-250 µs of Python per call on them (pool checkout, per-argument
 encoding, retry and observability wrappers, a pure-Python reply parser): more than the
 round trip itself. A `Pipe` keeps one connection per process and lets every coroutine
 write its command at once (pipelining: nobody waits for a free connection); replies come
