@@ -81,14 +81,14 @@ class Stream:
     """One stream the peer opened, as the application sees it."""
 
     __slots__ = (
-        "id",
         "conn",
         "handler",
-        "send_window",
-        "recv_window",
-        "unacked",
-        "remote_closed",
+        "id",
         "local_closed",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "unacked",
     )
 
     def __init__(self, stream_id: int, conn: Connection) -> None:

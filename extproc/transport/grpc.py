@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote
@@ -38,7 +39,9 @@ _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1
 # Headers that are HTTP/2 or gRPC transport, not the caller's metadata.
 _RESERVED = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding", "user-agent"})
 
-Handler = Callable[["Call", "Call"], Awaitable[None]]
+# handler(requests, context): a coroutine that writes with context.write, or an async
+# generator of the answers (both grpc.aio styles).
+Handler = Callable[["Call", "Call"], Awaitable[None] | AsyncIterator[Any]]
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ class Call:
 
     async def _run(self) -> None:
         try:
-            await self.method.handler(self, self)
+            await self._handle()
         except Abort as exc:
             self._finish(exc.code, exc.details)
         except asyncio.CancelledError:
@@ -197,14 +200,21 @@ class Call:
             if self._deadline is not None:
                 self._deadline.cancel()
 
+    async def _handle(self) -> None:
+        """Run the handler; one written as an async generator has its answers written."""
+        outcome = self.method.handler(self, self)
+        if isinstance(outcome, AsyncIterator):
+            async for message in outcome:
+                await self.write(message)
+        else:
+            await outcome
+
     def _finish(self, code: grpc.StatusCode, details: str = "") -> None:
         block = trailers(code, details)
         if not self._sent_headers:
             block = _RESPONSE_HEADERS + block  # trailers-only
-        try:
+        with contextlib.suppress(StreamClosed):
             self.stream.send_headers(block, end_stream=True)
-        except StreamClosed:
-            pass
 
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         """End the call with `code` now, whatever the handler is doing."""

@@ -44,6 +44,7 @@ class GrpcServer:
         self.limits = limits or Limits()
         self.connections: set[Connection] = set()
         self.calls: set[Call] = set()
+        self._sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
 
     # -- App -------------------------------------------------------------------------------
@@ -76,13 +77,24 @@ class GrpcServer:
         self.connections.add(conn)
         return conn
 
-    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Listen on host:port (port 0: a free one); the port bound."""
-        loop = asyncio.get_running_loop()
+    def bind(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Bind host:port (port 0: a free one) now, to serve from `start`; the port bound.
+        `reuse_port`: SO_REUSEPORT, so that worker processes share the port."""
         sock = _socket(host, port, reuse_port)
-        server = await loop.create_server(self._connection, sock=sock)
-        self._servers.append(server)
+        self._sockets.append(sock)
         bound: int = sock.getsockname()[1]
+        return bound
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            self._servers.append(await loop.create_server(self._connection, sock=sock))
+        self._sockets = []
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """`bind` and `start` in one."""
+        bound = self.bind(host, port, reuse_port=reuse_port)
+        await self.start()
         return bound
 
     async def stop(self, grace: float) -> None:
