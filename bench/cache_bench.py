@@ -49,7 +49,6 @@ from typing import Any
 
 import _common as c
 import gateway_bench as gb
-import grpc
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -165,10 +164,8 @@ def serve_null_hit(port: int, answer_file: Path) -> None:
     answer = answer_file.read_bytes()
 
     async def main() -> None:
-        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
-        pb_grpc.add_ExternalProcessorServicer_to_server(NullHit(answer), grpc_server)
-        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-        await grpc_server.start()
+        grpc_server = server.process_server(NullHit(answer).Process, Config())
+        await grpc_server.listen("127.0.0.1", port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -150,6 +150,11 @@ def process_method(handler: Any) -> Method:
     return Method(pb.ProcessingRequest.FromString, pb.ProcessingResponse.SerializeToString, handler)
 
 
+def process_server(handler: Any, config: Config) -> GrpcServer:
+    """A server of `Process` alone (no health), e.g. the benches' reference servers."""
+    return GrpcServer({PROCESS: process_method(handler)}, max_message=max_message(config))
+
+
 class Server:
     """A running ext_proc server (one process)."""
 

@@ -28,6 +28,7 @@ from extproc.transport.frames import ConnectionFault, ErrorCode, Flag, FrameType
 from extproc.transport.headers import HeaderDecoder, Headers
 
 log = logging.getLogger(__name__)
+_LINGER = 1.0  # seconds a failed connection reads (and drops) input before closing
 
 
 class StreamHandler(Protocol):
@@ -136,6 +137,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._waiters: list[asyncio.Future[None]] = []
         self._goaway_sent = False
+        self._shut = False  # our side is shut (after a connection error)
         self.closed = False
 
     # -- asyncio.Protocol -----------------------------------------------------------
@@ -146,6 +148,8 @@ class Connection(asyncio.Protocol):
         self._write(self.limits.settings() + f.window_update(0, increase))
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # after a connection error: dropped until the socket closes
         if self._buf:
             self._buf += data
             if len(self._buf) < self._need:
@@ -438,13 +442,15 @@ class Connection(asyncio.Protocol):
     # -- writing ---------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        if self._shut:
+            return  # after a connection error nothing more is sent
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(data)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
+        if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)
 
     def send_headers(self, stream: Stream, block: bytes, end_stream: bool) -> None:
@@ -540,11 +546,22 @@ class Connection(asyncio.Protocol):
         return True
 
     def fail(self, code: ErrorCode, reason: str) -> None:
-        """A connection error: GOAWAY with `code`, then close (RFC 9113 5.4.1)."""
+        """A connection error: GOAWAY with `code`, then close (RFC 9113 5.4.1).
+
+        Our side is shut and what the peer still sends is read and dropped for a moment
+        before the socket closes: closing with unread input makes the kernel answer RST,
+        which can destroy the GOAWAY before the peer reads it."""
         log.warning("HTTP/2 connection error %s: %s", code.name, reason)
         self._goaway_sent = self._send_goaway(code, reason)
-        self._close_soon()
         self.closed = True
+        self._flush()
+        self._shut = True
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER, transport.close)
 
     def _close_soon(self) -> None:
         def close() -> None:
