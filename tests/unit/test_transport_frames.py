@@ -167,7 +167,8 @@ async def test_settings_are_exchanged_and_acknowledged(server: Any) -> None:
     assert flags & Flag.ACK
     peer.send(f.frame(FrameType.PING, 0, 0, b"12345678"))
     kind, flags, _, payload = await peer.until(FrameType.PING)
-    assert flags & Flag.ACK and payload == b"12345678"
+    assert flags & Flag.ACK
+    assert payload == b"12345678"
     peer.close()
 
 
@@ -317,7 +318,7 @@ async def test_sending_respects_the_peers_windows_and_frame_size(server: Any) ->
     peer.send(data(1, message(b"go")))
     received = 0
     for _ in range(10):  # the connection window (65,535) allows 30,000 on this stream
-        kind, _, sid, payload = await peer.frame()
+        kind, _, _sid, payload = await peer.frame()
         if kind == FrameType.DATA:
             assert len(payload) <= f.DEFAULT_MAX_FRAME
             received += len(payload)
@@ -344,7 +345,7 @@ async def test_received_data_is_credited_back(server: Any) -> None:
     peer.send(data(1, b""))
     updates, answer = 0, b""
     for _ in range(2000):
-        kind, flags, sid, payload = await peer.frame()
+        kind, flags, _sid, payload = await peer.frame()
         updates += kind == FrameType.WINDOW_UPDATE
         answer = payload[5:] if kind == FrameType.DATA else answer
         if kind == FrameType.HEADERS and flags & Flag.END_STREAM:
