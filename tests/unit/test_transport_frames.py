@@ -122,7 +122,7 @@ class Peer:
         for _ in range(100):
             kind, flags, sid, payload = await self.frame()
             if kind == FrameType.HEADERS and sid == stream_id:
-                fields = dict(self.decoder.decode(payload))
+                fields = {str(k): str(v) for k, v in self.decoder.decode(payload)}
                 if flags & Flag.END_STREAM:
                     return fields
         raise AssertionError("no trailers")
@@ -149,7 +149,7 @@ def data(stream_id: int, payload: bytes, end: bool = True) -> bytes:
 
 async def goaway_code(peer: Peer) -> int:
     _, _, _, payload = await peer.until(FrameType.GOAWAY)
-    return struct.unpack(">LL", payload[:8])[1]
+    return int(struct.unpack(">LL", payload[:8])[1])
 
 
 # -- connection set-up ----------------------------------------------------------------------
