@@ -10,7 +10,7 @@
        Lua filter reads the request body and answers with the exact bytes of the hit;
    (b) Envoy + ext_proc, cache hit;
    (c) Envoy + null hit server, a reference: bootstrap (b) against a do-nothing
-       grpc.aio ext_proc that answers the body phase with the same bytes as an
+       ext_proc (the gateway's gRPC transport) that answers the body phase with the same bytes as an
        ImmediateResponse, i.e. the floor of any Python ext_proc serving a hit.
    Cases alternate round by round; the figure per case is the median over rounds.
    Targets: a hit adds <= 1 ms (2 KB) and <= 3 ms (117 KB) p50 over (a).
@@ -519,7 +519,7 @@ def render(run: Run) -> str:
         "paths alternating; p50/p99 are the medians over rounds. The cached answer is the "
         f"upstream's {run.answer_bytes:,}-byte message; *{BARE}* answers those exact bytes "
         "from a Lua filter after reading the request body (the gateway bootstrap minus "
-        f"ext_proc); *{NULL}* is the gateway bootstrap against a do-nothing grpc.aio ext_proc "
+        f"ext_proc); *{NULL}* is the gateway bootstrap against a do-nothing ext_proc "
         "that returns the same bytes as an ImmediateResponse on the body phase (same event "
         "loop and gRPC options as `extproc serve`): the floor for serving a hit from Python. "
         f"The ext_proc server counted {run.hits_counted:,} cache hits for the "
