@@ -68,10 +68,15 @@ def code_number(code: grpc.StatusCode) -> int:
 
 
 def trailers(code: grpc.StatusCode, details: str = "") -> bytes:
+    if code is grpc.StatusCode.OK and not details:
+        return _OK
     block = literal("grpc-status", str(code_number(code)))
     if details:
         block += literal("grpc-message", quote(details[:1024], safe=" !#$&'()*+,/:;=?@[]~"))
     return block
+
+
+_OK = literal("grpc-status", "0")
 
 
 def parse_timeout(value: str) -> float | None:
@@ -109,26 +114,43 @@ class Call:
     # -- inbound (StreamHandler) ------------------------------------------------------
 
     def data(self, payload: bytes) -> None:
-        self._buf += payload
         pending = bool(self._queue)
-        while len(self._buf) >= 5:
-            compressed, length = _PREFIX.unpack_from(self._buf)
-            if length > self.max_message:
-                size = f"{length}-byte message, limit {self.max_message}"
-                self._fail(grpc.StatusCode.RESOURCE_EXHAUSTED, size)
-                return
-            if compressed:
-                self._fail(grpc.StatusCode.UNIMPLEMENTED, "compressed messages not supported")
-                return
-            if len(self._buf) < 5 + length:
-                break
-            self._queue.append(bytes(self._buf[5 : 5 + length]))
-            del self._buf[: 5 + length]
+        if self._buf or not self._one_message(payload):
+            self._buf += payload
+        if self._buf and not self._split():
+            return
         if pending or self._queue:
             self._held += len(payload)  # the handler is behind: credit as it reads
         else:
             self.stream.credit(len(payload))
         self._wake()
+
+    def _one_message(self, payload: bytes) -> bool:
+        """Queue `payload` if it is exactly one whole message (Envoy's usual DATA)."""
+        if len(payload) < 5:
+            return False
+        compressed, length = _PREFIX.unpack_from(payload)
+        if compressed or len(payload) != 5 + length or length > self.max_message:
+            return False
+        self._queue.append(payload[5:])
+        return True
+
+    def _split(self) -> bool:
+        """Queue the whole messages in the buffer; False if the call failed."""
+        while len(self._buf) >= 5:
+            compressed, length = _PREFIX.unpack_from(self._buf)
+            if length > self.max_message:
+                size = f"{length}-byte message, limit {self.max_message}"
+                self._fail(grpc.StatusCode.RESOURCE_EXHAUSTED, size)
+                return False
+            if compressed:
+                self._fail(grpc.StatusCode.UNIMPLEMENTED, "compressed messages not supported")
+                return False
+            if len(self._buf) < 5 + length:
+                break
+            self._queue.append(bytes(self._buf[5 : 5 + length]))
+            del self._buf[: 5 + length]
+        return True
 
     def end(self) -> None:
         self._ended = True
