@@ -180,6 +180,7 @@ class Server:
             self.health.set(service, serving=False)
         if drain > 0:
             await asyncio.sleep(drain)
+        self.health.close()
         await self.server.stop(grace)
         await self.gateway.settle_pending(grace)
         await self.gateway.close()

@@ -29,6 +29,7 @@ from extproc.transport.headers import HeaderDecoder, Headers
 
 log = logging.getLogger(__name__)
 _LINGER = 1.0  # seconds a failed connection reads (and drops) input before closing
+_FLUSH_AT = 256 * 1024  # queued bytes written at once rather than at the end of the turn
 
 
 class StreamHandler(Protocol):
@@ -129,6 +130,7 @@ class Connection(asyncio.Protocol):
         self._decoder = HeaderDecoder(limits.max_header_list_size)
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._queued = 0  # bytes in _out
         self._buf = bytearray()
         self._need = len(f.PREFACE)
         self._preface = True
@@ -266,7 +268,7 @@ class Connection(asyncio.Protocol):
         if len(payload) < 8:
             raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length")
         # The peer opens no more streams; the ones it has finish. Close when none remain.
-        self._goaway_sent = self._goaway_sent or self._send_goaway(ErrorCode.NO_ERROR)
+        self.goaway()
 
     def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -372,7 +374,9 @@ class Connection(asyncio.Protocol):
         if stream is not None:
             self._trailers(stream, flags)
         elif stream_id <= self.last_stream_id:
-            raise ConnectionFault(ErrorCode.STREAM_CLOSED, f"HEADERS on closed {stream_id}")
+            # A stream we reset or finished: the peer may have sent this before it saw
+            # that, so it is ignored (RFC 9113 5.1, "closed").
+            log.debug("HTTP/2 HEADERS on closed stream %d ignored", stream_id)
         elif stream_id % 2 == 0:
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, f"even stream id {stream_id}")
         else:
@@ -447,9 +451,10 @@ class Connection(asyncio.Protocol):
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(data)
+        self._queued += len(data)
 
     def _flush(self) -> None:
-        out, self._out = self._out, []
+        out, self._out, self._queued = self._out, [], 0
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)
 
@@ -475,7 +480,8 @@ class Connection(asyncio.Protocol):
         while True:
             if self.closed or stream.id not in self.streams or stream.local_closed:
                 raise StreamClosed(f"stream {stream.id} is closed")
-            room = min(len(data) - pos, stream.send_window, self.send_window, self.peer_max_frame)
+            windows = min(stream.send_window, self.send_window)
+            room = max(0, min(len(data) - pos, windows, self.peer_max_frame))
             if self._paused or (room <= 0 and pos < len(data)):
                 await self._wait()
                 continue
@@ -486,6 +492,8 @@ class Connection(asyncio.Protocol):
             stream.send_window -= room
             self.send_window -= room
             pos += room
+            if self._queued > _FLUSH_AT:
+                self._flush()  # a big body goes out as it is framed, so pause_writing can stop it
             if last:
                 break
         if end_stream:

@@ -21,11 +21,17 @@ class Health:
     def __init__(self) -> None:
         self._status: dict[str, int] = {}
         self._changed = asyncio.Event()
+        self._closed = False
 
     def set(self, service: str, serving: bool) -> None:
         self._status[service] = _Status.SERVING if serving else _Status.NOT_SERVING
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """End every `Watch` (server shutdown), after it has sent the latest status."""
+        self._closed = True
+        self._changed.set()
 
     async def check(self, requests: Call, context: Call) -> None:
         request = await _single(requests)
@@ -42,6 +48,8 @@ class Health:
             if status != last:
                 await context.write(_Status(status=status))
                 last = status
+            if self._closed:
+                return
             await self._changed.wait()
 
     def methods(self) -> dict[str, Method]:

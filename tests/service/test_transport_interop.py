@@ -116,7 +116,9 @@ async def test_health_check_and_watch(served: tuple[str, Health, GrpcServer]) ->
         assert (await watch.read()).status == serving
         health.set("", serving=False)
         assert (await watch.read()).status == not_serving
-        watch.cancel()
+        health.close()  # shutdown ends every Watch
+        assert await watch.read() is grpc.aio.EOF  # type: ignore[attr-defined]
+        assert await watch.code() == grpc.StatusCode.OK
 
 
 def test_server_health_is_serving_then_not_serving_at_shutdown() -> None:

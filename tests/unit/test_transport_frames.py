@@ -19,7 +19,7 @@ from extproc.transport.frames import ErrorCode, Flag, FrameType
 from extproc.transport.headers import HeaderDecoder, literal
 
 Frame = tuple[int, int, int, bytes]
-ECHO, SLOW, BIG, SINK = "/t.T/Echo", "/t.T/Slow", "/t.T/Big", "/t.T/Sink"
+ECHO, SLOW, BIG, SINK, HUGE = "/t.T/Echo", "/t.T/Slow", "/t.T/Big", "/t.T/Sink", "/t.T/Huge"
 _LIMIT = 64 * 1024
 
 
@@ -55,6 +55,11 @@ async def big(requests: Call, context: Call) -> None:
         await context.write(b"b" * 100_000)
 
 
+async def huge(requests: Call, context: Call) -> None:
+    async for _ in requests:
+        await context.write(b"h" * (40 * 1024 * 1024))
+
+
 async def sink(requests: Call, context: Call) -> None:
     total = 0
     async for request in requests:
@@ -71,6 +76,7 @@ async def server() -> AsyncIterator[tuple[GrpcServer, int, Events]]:
     events = Events()
     methods = {ECHO: _method(echo), SLOW: _method(slow(events)), BIG: _method(big)}
     methods[SINK] = _method(sink)
+    methods[HUGE] = _method(huge)
     grpc_server = GrpcServer(methods, max_message=_LIMIT)
     port = await grpc_server.listen("127.0.0.1", 0)
     yield grpc_server, port, events
@@ -369,3 +375,37 @@ async def test_graceful_stop_finishes_open_calls_and_refuses_new_ones(server: An
     assert (await peer.status(1))["grpc-status"] == "0"
     assert await peer.closed()
     await asyncio.wait_for(stopping, 5)
+
+
+async def test_a_reader_that_stops_reading_is_not_buffered_for(server: Any) -> None:
+    """With every window open, a 40 MiB answer to a peer that reads nothing stays in the
+    kernel's socket buffers and a bounded user-space buffer, not all in memory."""
+    grpc_server, port, _ = server
+    settings = f.settings({f.Setting.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
+    peer = await _ready(port, settings)
+    peer.send(f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
+    peer.open(1, HUGE)
+    peer.send(data(1, message(b"go")))
+    await asyncio.sleep(0.5)
+    (conn,) = grpc_server.connections
+    assert conn._transport is not None
+    buffered = conn._transport.get_write_buffer_size() + conn._queued
+    assert buffered < 4 * 1024 * 1024
+    received = 0
+    while received < 40 * 1024 * 1024:
+        kind, _, _, payload = await peer.frame()
+        received += len(payload) if kind == FrameType.DATA else 0
+    assert (await peer.status(1))["grpc-status"] == "0"
+
+
+async def test_headers_on_a_finished_stream_are_ignored(server: Any) -> None:
+    _, port, _ = server
+    peer = await _ready(port)
+    peer.open(1, ECHO)
+    peer.send(data(1, message(b"one")))
+    assert (await peer.status(1))["grpc-status"] == "0"
+    trailers = peer.encoder.encode([("x-late", "1")])
+    peer.send(f.frame(FrameType.HEADERS, Flag.END_HEADERS | Flag.END_STREAM, 1, trailers))
+    peer.open(3, ECHO)
+    peer.send(data(3, message(b"two")))
+    assert (await peer.status(3))["grpc-status"] == "0"
