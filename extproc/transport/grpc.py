@@ -191,11 +191,16 @@ class Call:
         )
 
     async def write(self, message: Any) -> None:
+        """Send one answer. On a stream the peer has reset (or that ended with a status)
+        this raises CancelledError, as the reset's cancellation would at the next await."""
         payload = self.method.serialize(message)
-        if not self._sent_headers:
-            self._sent_headers = True
-            self.stream.send_headers(_RESPONSE_HEADERS)
-        await self.stream.send_data(_PREFIX.pack(0, len(payload)) + payload)
+        try:
+            if not self._sent_headers:
+                self._sent_headers = True
+                self.stream.send_headers(_RESPONSE_HEADERS)
+            await self.stream.send_data(_PREFIX.pack(0, len(payload)) + payload)
+        except StreamClosed:
+            raise asyncio.CancelledError from None
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise Abort(code, details)
