@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from extproc.transport import Call, GrpcServer, Method
 from extproc.transport import frames as f
 from extproc.transport.frames import ErrorCode, Flag, FrameType
+from extproc.transport.grpc import parse_timeout, trailers
 from extproc.transport.headers import HeaderDecoder, literal
 
 Frame = tuple[int, int, int, bytes]
@@ -409,3 +411,22 @@ async def test_headers_on_a_finished_stream_are_ignored(server: Any) -> None:
     peer.open(3, ECHO)
     peer.send(data(3, message(b"two")))
     assert (await peer.status(3))["grpc-status"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("100m", 0.1), ("2S", 2.0), ("1H", 3600.0), ("5u", 5e-6), ("x", None), ("123456789S", None)],
+)
+def test_grpc_timeout_values(value: str, seconds: float | None) -> None:
+    assert parse_timeout(value) == pytest.approx(seconds)
+
+
+def test_long_trailer_values_round_trip_through_hpack() -> None:
+    details = "phases out of order: " + "x" * 300 + " 100% ünïcode"
+    fields = [
+        (str(k), str(v))
+        for k, v in hpack.Decoder().decode(trailers(grpc.StatusCode.INTERNAL, details))
+    ]
+    assert fields[0] == ("grpc-status", "13")
+    assert fields[1][0] == "grpc-message"
+    assert urllib.parse.unquote(fields[1][1]) == details
