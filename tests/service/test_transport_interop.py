@@ -1,5 +1,5 @@
 """extproc.transport against grpcio's own client: the generated ExternalProcessorStub
-and HealthStub, many concurrent streams, multi-MiB messages each way, metadata,
+and HealthStub, many concurrent streams, 20 MiB messages each way, metadata,
 statuses, and the health states at start and stop."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ async def mirror(requests: Call, context: Call) -> None:
 async def served() -> AsyncIterator[tuple[str, Health, GrpcServer]]:
     health = Health()
     methods = {PROCESS: process_method(mirror)} | health.methods()
-    server = GrpcServer(methods, max_message=8 * _MiB)
+    server = GrpcServer(methods, max_message=24 * _MiB)
     port = await server.listen("127.0.0.1", 0)
     health.set("", serving=True)
     yield f"127.0.0.1:{port}", health, server
@@ -56,7 +56,10 @@ async def test_many_concurrent_streams_and_big_messages(
     served: tuple[str, Health, GrpcServer],
 ) -> None:
     address, _, _ = served
-    options = [("grpc.max_receive_message_length", 16 * _MiB)]
+    options = [
+        ("grpc.max_receive_message_length", 32 * _MiB),
+        ("grpc.max_send_message_length", 32 * _MiB),
+    ]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
 
@@ -74,7 +77,7 @@ async def test_many_concurrent_streams_and_big_messages(
 
         results = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(64))), 30)
         assert results[7] == [f"7-{i}".encode() * 10 for i in range(4)]
-        big = bytes(range(256)) * (6 * _MiB // 256)  # 6 MiB each way, beyond default windows
+        big = bytes(range(256)) * (20 * _MiB // 256)  # each way, beyond our 16 MiB stream window
         replies = [r async for r in stub.Process(iter([body_request(big), body_request(b"x")]))]
         assert replies[0].request_body.response.body_mutation.body == big
         assert len(replies) == 2
@@ -89,7 +92,7 @@ async def test_statuses_reach_the_grpc_client(served: tuple[str, Health, GrpcSer
         assert aborted.value.code() == grpc.StatusCode.INTERNAL
         assert aborted.value.details() == "ext_proc phases out of order"
         with pytest.raises(grpc.aio.AioRpcError) as too_big:
-            _ = [r async for r in stub.Process(iter([body_request(b"z" * 9 * _MiB)]))]
+            _ = [r async for r in stub.Process(iter([body_request(b"z" * 25 * _MiB)]))]
         assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         unknown = channel.unary_unary(
             "/nope.Nope/Nope", request_serializer=bytes, response_deserializer=bytes
