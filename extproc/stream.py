@@ -2,8 +2,8 @@
 
 Envoy opens one gRPC stream per HTTP request and sends its phases in order.
 `RequestStream` checks that order against a transition table (h11 style) and
-orchestrates: the client's dialect, auth and model policy, then the policy steps in
-their fixed order (`extproc.policies.steps.STEPS`, through the hooks of
+orchestrates: the client's dialect, the policy steps in their fixed order (auth ▸ model
+policy ▸ guard ▸ cache ▸ spend: `extproc.policies.steps.STEPS`, through the hooks of
 `extproc.policies.step`), the upstream adapter, and the one error boundary
 (`_refuse`); each phase returns a `Decision`. `close()` settles whatever is left when
 the stream ends, normally or not (client gone, upstream reset), so every request
@@ -47,7 +47,7 @@ from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
-from extproc.config import FallbackStep, ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -79,12 +79,14 @@ from extproc.phases import (
     ResponseBody,
     ResponseHeaders,
 )
-from extproc.policies import auth, models, routing
+from extproc.policies import routing
+from extproc.policies.auth import ANONYMOUS, AuthRun, Identity
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
+from extproc.policies.models import ModelRun, target_for
 from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
 from extproc.policies.step import Done, Ending, Reply, Run, Step
-from extproc.policies.steps import STEPS
+from extproc.policies.steps import STEPS, at_headers
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -256,13 +258,10 @@ class RequestStream:
         self.path = ""
         self.target: routing.Target | None = None
         self.profile: ProfileConfig = gateway.config.profiles["default"]
-        self.identity: auth.Identity = auth.ANONYMOUS
-        self.key: str | None = None  # the credential the caller presented
-        self.tier: TierConfig | None = None
-        self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
+        self.jwt_metadata: Mapping[str, Any] = {}
         self.runs: list[Run] = []  # the policy steps that opened, in step order (STEPS)
         self.body_changed = False  # the body to forward differs from the caller's
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
@@ -295,6 +294,23 @@ class RequestStream:
     def api(self) -> ApiKind:
         """The caller's wire schema by name (audit record, metric labels)."""
         return self.dialect.name
+
+    @property
+    def identity(self) -> Identity:
+        """Who calls, as the auth step found it (anonymous before it ran)."""
+        run = self.run_of(AuthRun)
+        return run.identity if run is not None else ANONYMOUS
+
+    @property
+    def key(self) -> str | None:
+        """The credential the caller presented (the auth step read it)."""
+        run = self.run_of(AuthRun)
+        return run.key if run is not None else None
+
+    def _model_policy(self) -> ModelRun:
+        run = self.run_of(ModelRun)
+        assert run is not None  # opened with the request headers
+        return run
 
     # -- phase order -------------------------------------------------------------------
 
@@ -386,8 +402,10 @@ class RequestStream:
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
+        self.jwt_metadata = jwt_metadata or {}
         self.dialect = dialect_of(api_of_path(self.path, headers))
         try:
+            self._open_steps(early=True)
             if self.gw.signin is not None and SignIn.serves(self.path):
                 return await self._sign_in(headers, end_of_stream)
             self._classify(headers)
@@ -398,7 +416,8 @@ class RequestStream:
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
-            await self._identify(headers, jwt_metadata or {})
+            for run in self.runs:  # auth, then the model policy's lists for the caller
+                await run.headers(self)
             return await self._after_request_headers(end_of_stream)
         except Exception as failure:  # every failure is answered at the boundary
             return self._refuse(failure)
@@ -444,14 +463,6 @@ class RequestStream:
                 "(limits.max_body_bytes)"
             )
 
-    async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
-        """The auth step (who calls), then the model policy's lists for that caller."""
-        config = self.gw.config
-        self.key = auth.presented_key(headers)
-        self.identity = await auth.identify(self.gw, self.key, jwt_metadata)
-        self.tier = models.tier_of(config, self.identity)
-        self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
-
     async def _after_request_headers(self, end_of_stream: bool) -> Decision:
         assert self.route is not None
         if self.route.endpoint is Endpoint.QUOTA:
@@ -464,7 +475,7 @@ class RequestStream:
         if self.route.endpoint is Endpoint.MODELS:
             # Before the body check: a GET with a body must not skip it.
             model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
-            if model_id and not models.visible(model_id, self.allow):
+            if model_id and not self._model_policy().visible(model_id):
                 raise NotFound(f"model {model_id!r} is not available to this caller")
         if not end_of_stream:
             return CONTINUE
@@ -542,22 +553,7 @@ class RequestStream:
         return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
-        api = self.dialect.name
-        chain = self.profile.fallback
-        if chain:
-            # A chain's route sends what is not generated (count_tokens, models) to its
-            # first provider directly; generating requests go to the chain (_plan_fallback).
-            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
-            if first.adapter.translator(api) is not None:
-                return first
-        try:
-            if model is None and self.profile.provider is None:
-                return routing.default_target(self.gw.config, api)
-            return models.choose_provider(self.gw.config, self.profile, model or "", api)
-        except routing.NoProvider as exc:
-            raise Unavailable(
-                f"{exc}; add one under providers:", reason="no_provider", retryable=False
-            ) from exc
+        return target_for(self.gw.config, self.profile, model, self.dialect.name)
 
     def _serve(self, target: routing.Target, model: str | None = None) -> None:
         """The provider (and model) that serves the request: the first choice, or another
@@ -691,23 +687,9 @@ class RequestStream:
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = self._as_dialect_reads(await self._parse(body))
-        if request.model is None:
+        if request.model is None:  # no model to police: forwarded as it is
             self._serve(self._choose_target(None))
             return await self._forward()
-        served = models.served_model(
-            request.model, self.gw.config, self.profile, self.tier, self.identity.map
-        )
-        models.check_allowed(request.model, served, self.allow)
-        if self.profile.fallback and self.route.endpoint.generates:
-            self._plan_fallback(self.profile.fallback, served)
-        else:
-            self._serve(self._choose_target(served), served)
-        if served != request.model:
-            path = self.dialect.with_model(self.path, request.body, served)
-            self.upstream_path = path if path != self.path else self.upstream_path
-            self.body_changed = True
-        if self.route.endpoint.generates and self._bound_spend(request):
-            self.body_changed = True
         reply = await self._run_steps()
         if reply is not None:
             return self._send_reply(reply)
@@ -717,15 +699,27 @@ class RequestStream:
         body_out = orjson.dumps(self.request.body) if self.body_changed else None
         return await self._forward(body=body_out)
 
-    async def _run_steps(self) -> Reply | None:
-        """The policy steps in their fixed order (`STEPS`): each that applies opens and
-        starts (it may refuse or rewrite the body), then those with store I/O run it in
-        the same order. A step may answer the request itself (a cache hit)."""
+    def _open_steps(self, *, early: bool, start: bool = False) -> None:
+        """Open the policies of `STEPS` that act at the request headers (or the rest), in
+        step order; each run is registered before it starts: a refusal is audited with it."""
         for policy in STEPS:
+            if at_headers(policy) is not early:
+                continue
             run = policy.open(self)
             if run is not None:
-                self.runs.append(run)  # before it starts: a refusal is audited with it
-                run.start(self)
+                self.runs.append(run)
+                if start:
+                    run.start(self)
+
+    async def _run_steps(self) -> Reply | None:
+        """The policy steps in their fixed order (`STEPS`) once the body is parsed: those
+        opened at the headers start (the model policy chooses what is served), then each
+        other that applies opens and starts (it may refuse or rewrite the body); then
+        those with store I/O run it in the same order. A step may answer the request
+        itself (a cache hit)."""
+        for run in list(self.runs):
+            run.start(self)
+        self._open_steps(early=False, start=True)
         reply = None
         for run in self.runs:
             if run.waits:
@@ -738,6 +732,24 @@ class RequestStream:
             if isinstance(run, kind):
                 return run
         return None
+
+    def serve_model(self, model: str) -> None:
+        """The model policy serves the request with `model`: the route's fallback chain
+        (a generating request) or its provider, and the request names the model; a
+        generating request's output is capped and a stream asks for its usage (the
+        provider's translator, bound here, reads the caller's own body first)."""
+        assert self.route is not None
+        assert self.request is not None
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback, model)
+        else:
+            self._serve(self._choose_target(model), model)
+        if model != self.request.model:
+            path = self.dialect.with_model(self.path, self.request.body, model)
+            self.upstream_path = path if path != self.path else self.upstream_path
+            self.body_changed = True
+        if self.route.endpoint.generates and self._bound_spend(self.request):
+            self.body_changed = True  # its cost made knowable before the other steps
 
     def replace_body(self, body: dict[str, Any]) -> None:
         """A step forwards `body` instead of the caller's."""
@@ -1229,13 +1241,13 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
-        config, identity = self.gw.config, self.identity
-        mapped = models.mapped_names(config, self.profile, self.tier, identity.map, self.allow)
+        policy = self._model_policy()
+        mapped = policy.mapped_names(self)
         ids = {m.get("id") for m in listed if isinstance(m, dict)}
         listed += [listed_entry(self.dialect.name, name) for name in mapped if name not in ids]
 
         def shown(model_id: str) -> bool:
-            return model_id in mapped or models.visible(model_id, self.allow)
+            return model_id in mapped or policy.visible(model_id)
 
         if self.model_page is not None:
             paged = model_list.page(listed, self.model_page, shown)
@@ -1310,8 +1322,8 @@ class RequestStream:
     # -- audit -------------------------------------------------------------------------
 
     def _steps(self) -> list[Step]:
-        """The policy steps that ran, in their fixed order: auth, then `self.runs`."""
-        return [self.identity, *self.runs]
+        """The policy steps that opened, in their fixed order (auth first)."""
+        return list(self.runs)
 
     def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
         """What the audit record is built from: the request's own facts, the steps that
@@ -1332,7 +1344,7 @@ class RequestStream:
             "agent_id": self.agent_id,
             "parent_agent_id": self.parent_agent_id,
             "provider": self.target.name if self.target else None,
-            "requested_model": request.model if request else None,
+            "requested_model": None,  # the model policy's field (its place in the record)
             "served_model": answer.served_model or self.served_model,
             "status": answer.status,
             "streamed": answer.streamed,

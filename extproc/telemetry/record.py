@@ -23,7 +23,7 @@ def build_record(
     facts: Mapping[str, Any], steps: Sequence[Step], done: Done, text: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The audit record: the request's own facts, then each step's fields in the steps'
-    fixed order (auth, guard, cache, spend), then the recorded text (if any)."""
+    fixed order (auth, model policy, guard, cache, spend), then the recorded text (if any)."""
     record = dict(facts)
     for step in steps:
         record.update(step.audit_fields(done))
