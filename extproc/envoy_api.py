@@ -105,7 +105,18 @@ def attributes_of(request: pb.ProcessingRequest) -> dict[str, Any]:
     """The request attributes Envoy sent (e.g. `xds.route_name`, `xds.route_metadata`)."""
     if EXT_PROC_FILTER not in request.attributes:
         return {}
-    return json_format.MessageToDict(request.attributes[EXT_PROC_FILTER])
+    return _struct_dict(request.attributes[EXT_PROC_FILTER])
+
+
+def _struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as `json_format.MessageToDict` makes it; the usual all-string one (route
+    name and metadata text, response code details) read directly, ~20x cheaper."""
+    out: dict[str, Any] = {}
+    for name, value in struct.fields.items():
+        if value.WhichOneof("kind") != "string_value":
+            return dict(json_format.MessageToDict(struct))
+        out[name] = value.string_value
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

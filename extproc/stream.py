@@ -47,7 +47,7 @@ from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
-from extproc.config import FallbackStep, ProfileConfig
+from extproc.config import FallbackStep, ProfileConfig, ProviderConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -85,7 +85,7 @@ from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
 from extproc.policies.models import ModelRun, target_for
 from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
-from extproc.policies.step import Done, Ending, Reply, Run, Step
+from extproc.policies.step import Done, Ending, Policy, Reply, Run, Step
 from extproc.policies.steps import STEPS, at_headers
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
@@ -166,6 +166,29 @@ _NEXT: dict[Phase | None, frozenset[Phase]] = {
 _RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
 # Before a request of ours started (nothing to account).
 _NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
+
+
+_AUTHORITIES: dict[str, str] = {}  # base URL -> host[:port], parsed once per provider
+
+
+def _authority(provider: ProviderConfig) -> str:
+    found = _AUTHORITIES.get(provider.base_url)
+    if found is None:
+        found = _AUTHORITIES[provider.base_url] = provider.authority
+    return found
+
+
+# STEPS split into the policies opened at the request headers and the rest, made once
+# per STEPS value (a test may replace STEPS).
+_SPLIT: list[tuple[tuple[Policy, ...], tuple[Policy, ...], tuple[Policy, ...]]] = []
+
+
+def _split_steps(steps: tuple[Policy, ...]) -> tuple[tuple[Policy, ...], tuple[Policy, ...]]:
+    if not _SPLIT or _SPLIT[0][0] is not steps:
+        early = tuple(policy for policy in steps if at_headers(policy))
+        late = tuple(policy for policy in steps if not at_headers(policy))
+        _SPLIT[:] = [(steps, early, late)]
+    return _SPLIT[0][1], _SPLIT[0][2]
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -263,6 +286,8 @@ class RequestStream:
         self.headers: Mapping[str, str] = {}
         self.jwt_metadata: Mapping[str, Any] = {}
         self.runs: list[Run] = []  # the policy steps that opened, in step order (STEPS)
+        self._auth: AuthRun | None = None  # two of them, at hand (who calls, its lists)
+        self._models: ModelRun | None = None
         self.body_changed = False  # the body to forward differs from the caller's
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
         self.body_size = 0
@@ -298,19 +323,16 @@ class RequestStream:
     @property
     def identity(self) -> Identity:
         """Who calls, as the auth step found it (anonymous before it ran)."""
-        run = self.run_of(AuthRun)
-        return run.identity if run is not None else ANONYMOUS
+        return self._auth.identity if self._auth is not None else ANONYMOUS
 
     @property
     def key(self) -> str | None:
         """The credential the caller presented (the auth step read it)."""
-        run = self.run_of(AuthRun)
-        return run.key if run is not None else None
+        return self._auth.key if self._auth is not None else None
 
     def _model_policy(self) -> ModelRun:
-        run = self.run_of(ModelRun)
-        assert run is not None  # opened with the request headers
-        return run
+        assert self._models is not None  # opened with the request headers
+        return self._models
 
     # -- phase order -------------------------------------------------------------------
 
@@ -645,7 +667,7 @@ class RequestStream:
         request = UpstreamRequest(
             provider=target.name,
             method=self.headers.get(":method", "POST"),
-            authority=target.provider.authority,
+            authority=_authority(target.provider),
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
@@ -702,12 +724,14 @@ class RequestStream:
     def _open_steps(self, *, early: bool, start: bool = False) -> None:
         """Open the policies of `STEPS` that act at the request headers (or the rest), in
         step order; each run is registered before it starts: a refusal is audited with it."""
-        for policy in STEPS:
-            if at_headers(policy) is not early:
-                continue
+        for policy in _split_steps(STEPS)[0 if early else 1]:
             run = policy.open(self)
             if run is not None:
                 self.runs.append(run)
+                if isinstance(run, AuthRun):
+                    self._auth = run
+                elif isinstance(run, ModelRun):
+                    self._models = run
                 if start:
                     run.start(self)
 
@@ -1293,7 +1317,7 @@ class RequestStream:
         budget and writing the audit record never delay the response."""
         first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
-            self.gw.metrics.streams.labels(first).inc()
+            self.gw.metrics.child(self.gw.metrics.streams, first).inc()
         if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.chain:
