@@ -48,7 +48,19 @@ KEY = "gwk_bench_" + "s" * 43
 MODEL = "claude-sonnet-4-5"
 
 
-def config(audit_path: str) -> dict[str, Any]:
+def config(audit_path: str, without: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """All policies on, less those named in `without` (guard, cache, budget)."""
+    data = _config(audit_path)
+    if "guard" in without:
+        del data["guard"]
+    if "cache" in without:
+        data["profiles"]["default"]["cache"]["enabled"] = False
+    if "budget" in without:
+        del data["budgets"], data["rate_limits"]
+    return data
+
+
+def _config(audit_path: str) -> dict[str, Any]:
     key_hash = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
     return {
         "providers": {
@@ -143,7 +155,9 @@ async def _iterate(requests: list[pb.ProcessingRequest]) -> AsyncIterator[pb.Pro
         yield request
 
 
-async def one(servicer: ExternalProcessor, gw: Gateway, requests: list[pb.ProcessingRequest]) -> None:
+async def one(
+    servicer: ExternalProcessor, gw: Gateway, requests: list[pb.ProcessingRequest]
+) -> None:
     context = Context()
     await servicer.Process(_iterate(requests), context)
     while gw.pending:  # the stream's close (settle, audit) runs as a task
@@ -152,9 +166,12 @@ async def one(servicer: ExternalProcessor, gw: Gateway, requests: list[pb.Proces
         raise SystemExit(f"unexpected replies: {context.replies!r}"[:2000])
 
 
-async def rounds(n: int, count: int, profile: str | None, callgrind: bool) -> list[float]:
+async def rounds(
+    n: int, count: int, profile: str | None, callgrind: bool, without: frozenset[str]
+) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
-        gw = Gateway.from_config(parse_config(config(os.path.join(tmp, "audit.jsonl"))))
+        data = config(os.path.join(tmp, "audit.jsonl"), without)
+        gw = Gateway.from_config(parse_config(data))
         servicer = ExternalProcessor(gw)
         batches = [[messages(r * n + i) for i in range(n)] for r in range(count + 1)]
         for requests in batches[0][: min(n, 300)]:  # warm-up
@@ -190,12 +207,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile of one round here")
     parser.add_argument(
+        "--without", default="", help="policies to turn off: guard,cache,budget (comma list)"
+    )
+    parser.add_argument(
         "--callgrind", action="store_true", help="instrument one round (run under callgrind)"
     )
     args = parser.parse_args()
     import extproc
 
-    results = asyncio.run(rounds(args.n, args.rounds, args.profile, args.callgrind))
+    without = frozenset(filter(None, args.without.split(",")))
+    results = asyncio.run(rounds(args.n, args.rounds, args.profile, args.callgrind, without))
     if results:
         where = os.path.dirname(os.path.dirname(os.path.abspath(extproc.__file__)))
         shown = " ".join(f"{r:.1f}" for r in results)

@@ -338,23 +338,27 @@ class RequestStream:
 
     async def handle(self, event: Event) -> Decision:
         """One ext_proc message, as the frozen event `envoy_api` made of it."""
-        match event:
-            case ResponseBody():
-                return await self.response_body(event.body, event.end_of_stream)
-            case RequestBody():
-                return await self.request_body(event.body, event.end_of_stream)
-            case RequestHeaders():
-                return await self.request_headers(
-                    event.headers,
-                    event.end_of_stream,
-                    route_name=event.route_name,
-                    route_policy=event.route_policy,
-                    jwt_metadata=event.jwt_metadata,
-                )
-            case ResponseHeaders():
-                return await self.response_headers(
-                    event.headers, event.end_of_stream, details=event.details
-                )
+        kind = type(event)
+        if kind is ResponseBody:
+            assert isinstance(event, ResponseBody)
+            return await self.response_body(event.body, event.end_of_stream)
+        if kind is RequestBody:
+            assert isinstance(event, RequestBody)
+            return await self.request_body(event.body, event.end_of_stream)
+        if kind is RequestHeaders:
+            assert isinstance(event, RequestHeaders)
+            return await self.request_headers(
+                event.headers,
+                event.end_of_stream,
+                route_name=event.route_name,
+                route_policy=event.route_policy,
+                jwt_metadata=event.jwt_metadata,
+            )
+        if kind is ResponseHeaders:
+            assert isinstance(event, ResponseHeaders)
+            return await self.response_headers(
+                event.headers, event.end_of_stream, details=event.details
+            )
         return CONTINUE  # trailers pass unchanged
 
     def _enter(self, phase: Phase) -> None:
@@ -585,8 +589,8 @@ class RequestStream:
         self.translation = None  # a later choice (a fallback) may need none
         self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
-            spend = self.run_of(SpendRun)
-            if self.served_model is not None and spend is not None:
+            spend = self.run_of(SpendRun) if self.served_model is not None else None
+            if spend is not None:  # a later choice: settled at the served model's price
                 self.gw.spending.serve(spend, model)
             self.served_model = model
 
@@ -726,14 +730,16 @@ class RequestStream:
         step order; each run is registered before it starts: a refusal is audited with it."""
         for policy in _split_steps(STEPS)[0 if early else 1]:
             run = policy.open(self)
-            if run is not None:
-                self.runs.append(run)
+            if run is None:
+                continue
+            self.runs.append(run)
+            if early:  # auth and model policy, kept at hand
                 if isinstance(run, AuthRun):
                     self._auth = run
                 elif isinstance(run, ModelRun):
                     self._models = run
-                if start:
-                    run.start(self)
+            if start:
+                run.start(self)
 
     async def _run_steps(self) -> Reply | None:
         """The policy steps in their fixed order (`STEPS`) once the body is parsed: those
