@@ -166,6 +166,11 @@ async def one(
         raise SystemExit(f"unexpected replies: {context.replies!r}"[:2000])
 
 
+def _instrument(state: str) -> None:
+    """Turn callgrind's instrumentation of this process on or off (blocks: between rounds)."""
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True)
+
+
 async def rounds(
     n: int, count: int, profile: str | None, callgrind: bool, without: frozenset[str]
 ) -> list[float]:
@@ -179,10 +184,10 @@ async def rounds(
         if callgrind:
             # Under `valgrind --tool=callgrind --instr-atstart=no`: count instructions
             # (deterministic, unlike CPU time on a shared machine) for one round only.
-            subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True)
+            _instrument("on")
             for requests in batches[1]:
                 await one(servicer, gw, requests)
-            subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], check=True)
+            _instrument("off")
             return []
         if profile is not None:
             profiler = cProfile.Profile()
