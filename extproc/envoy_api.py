@@ -53,6 +53,8 @@ _MODES = {
 
 
 _PHASES = {phase.value: phase for phase in Phase if phase is not Phase.LOCAL_REPLY}
+# Each phase's oneof field name (`Phase.value` is a Python-level descriptor call).
+_FIELD = {phase: phase.value for phase in Phase}
 
 
 def phase_of(request: pb.ProcessingRequest) -> Phase | None:
@@ -87,7 +89,7 @@ def event_of(request: pb.ProcessingRequest, jwt_namespace: str | None = None) ->
 
 def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, str], bool]:
     """Lower-cased header dict (repeated headers joined by ',') and end_of_stream."""
-    message = getattr(request, phase.value)
+    message = getattr(request, _FIELD[phase])
     out: dict[str, str] = {}
     for header in message.headers.headers:
         value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
@@ -97,7 +99,7 @@ def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, s
 
 
 def body_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[bytes, bool]:
-    message = getattr(request, phase.value)
+    message = getattr(request, _FIELD[phase])
     return bytes(message.body), bool(message.end_of_stream)
 
 
@@ -203,9 +205,9 @@ def to_response(phase: Phase, decision: Decision) -> pb.ProcessingResponse:
         return _immediate(decision)
     response = pb.ProcessingResponse()
     if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
-        getattr(response, phase.value).SetInParent()
+        getattr(response, _FIELD[phase]).SetInParent()
         return response
-    message = getattr(response, phase.value)
+    message = getattr(response, _FIELD[phase])
     message.SetInParent()
     message.response.SetInParent()
     _fill_common(message.response, decision)
