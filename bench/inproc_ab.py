@@ -49,7 +49,7 @@ MODEL = "claude-sonnet-4-5"
 
 
 def config(audit_path: str, without: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """All policies on, less those named in `without` (guard, cache, budget)."""
+    """All policies on, less those named in `without` (guard, cache, budget, audit)."""
     data = _config(audit_path)
     if "guard" in without:
         del data["guard"]
@@ -57,6 +57,8 @@ def config(audit_path: str, without: frozenset[str] = frozenset()) -> dict[str, 
         data["profiles"]["default"]["cache"]["enabled"] = False
     if "budget" in without:
         del data["budgets"], data["rate_limits"]
+    if "audit" in without:
+        data["audit"] = {"sink": "none"}
     return data
 
 
@@ -212,7 +214,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile of one round here")
     parser.add_argument(
-        "--without", default="", help="policies to turn off: guard,cache,budget (comma list)"
+        "--without", default="", help="policies to turn off: guard,cache,budget,audit (comma list)"
     )
     parser.add_argument(
         "--callgrind", action="store_true", help="instrument one round (run under callgrind)"
