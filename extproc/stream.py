@@ -338,27 +338,23 @@ class RequestStream:
 
     async def handle(self, event: Event) -> Decision:
         """One ext_proc message, as the frozen event `envoy_api` made of it."""
-        kind = type(event)
-        if kind is ResponseBody:
-            assert isinstance(event, ResponseBody)
-            return await self.response_body(event.body, event.end_of_stream)
-        if kind is RequestBody:
-            assert isinstance(event, RequestBody)
-            return await self.request_body(event.body, event.end_of_stream)
-        if kind is RequestHeaders:
-            assert isinstance(event, RequestHeaders)
-            return await self.request_headers(
-                event.headers,
-                event.end_of_stream,
-                route_name=event.route_name,
-                route_policy=event.route_policy,
-                jwt_metadata=event.jwt_metadata,
-            )
-        if kind is ResponseHeaders:
-            assert isinstance(event, ResponseHeaders)
-            return await self.response_headers(
-                event.headers, event.end_of_stream, details=event.details
-            )
+        match event:
+            case ResponseBody():
+                return await self.response_body(event.body, event.end_of_stream)
+            case RequestBody():
+                return await self.request_body(event.body, event.end_of_stream)
+            case RequestHeaders():
+                return await self.request_headers(
+                    event.headers,
+                    event.end_of_stream,
+                    route_name=event.route_name,
+                    route_policy=event.route_policy,
+                    jwt_metadata=event.jwt_metadata,
+                )
+            case ResponseHeaders():
+                return await self.response_headers(
+                    event.headers, event.end_of_stream, details=event.details
+                )
         return CONTINUE  # trailers pass unchanged
 
     def _enter(self, phase: Phase) -> None:
