@@ -104,6 +104,8 @@ class WalkLimits:
     max_chars: int = 1 << 62
 
 
+MEMO_UNITS_PER_WALK = 4096
+
 # A unit's walk: where it sat and what it was (see `WalkMemo`).
 UnitKey = tuple[str, Path, Source, int, int, bytes]
 
@@ -172,6 +174,9 @@ class _Walk:
         self.limits = limits
         self.tools = tools
         self.memo = memo
+        # A body of many thousand blocks would only churn the memo: past this many units
+        # in one request the rest are walked (the same texts, without the key's cost).
+        self.units_left = MEMO_UNITS_PER_WALK
         self.source: Source = "user"
         self.turn = -1
         self.group = 0
@@ -195,8 +200,12 @@ class _Walk:
     def unit(self, how: str, value: Any, path: Path, walker: Callable[[], None]) -> None:
         """`walker()` walks `value` (at `path`, in the current block); with a memo, a
         unit walked before is taken from it instead."""
-        raw = _encode(value) if self.memo is not None else None
-        if self.memo is None or raw is None or len(raw) < self.memo.min_bytes:
+        if self.memo is None or self.units_left <= 0:
+            walker()
+            return
+        self.units_left -= 1
+        raw = _encode(value)
+        if raw is None or len(raw) < self.memo.min_bytes:
             walker()
             return
         key: UnitKey = (how, path, self.source, self.turn, self.group, raw)

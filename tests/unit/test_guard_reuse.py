@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.apis import walk
 from extproc.apis.walk import WalkLimits, WalkMemo, model_texts
 from extproc.errors import PayloadTooLarge
 from extproc.policies.cache.key import Shape, _strings
@@ -107,6 +108,16 @@ def test_memo_is_bounded_lru_and_skips_non_json() -> None:
     assert len(memo) < 3 + 5
     odd = {"messages": [{"role": "user", "content": [{"type": "text", "text": "t", "x": {1}}]}]}
     assert [t.text for t in model_texts(odd, "anthropic", memo=memo)] == ["t"]
+
+
+def test_memo_keeps_at_most_its_units_per_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(walk, "MEMO_UNITS_PER_WALK", 3)
+    memo = WalkMemo(min_bytes=0)
+    blocks = [{"type": "text", "text": f"block {i}"} for i in range(10)]
+    body = {"messages": [{"role": "user", "content": blocks}]}
+    texts = model_texts(body, "anthropic", memo=memo)
+    assert texts == model_texts(body, "anthropic")
+    assert len(memo) == 3  # tools, output_format, system: then the blocks are walked
 
 
 def test_memo_hit_still_counts_against_the_scan_cap() -> None:
