@@ -422,9 +422,21 @@ class BudgetLedger:
         self._memo: dict[
             tuple[int, Scope, int], tuple[BudgetRule, list[tuple[Metric, Window, Counter]]]
         ] = {}
+        self._checks: dict[tuple[Scope, ...], list[BudgetCheck]] = {}
 
     def checks_for(self, scopes: Iterable[Scope]) -> list[BudgetCheck]:
-        """The rules that apply to these scopes; a specific id beats `*` per window."""
+        """The rules that apply to these scopes; a specific id beats `*` per window.
+        Memoized by the scopes: the rules are fixed, and reading their pydantic fields
+        cost microseconds on every request."""
+        key = tuple(scopes)
+        found = self._checks.get(key)
+        if found is None:
+            if len(self._checks) >= MEMO_LIMIT:
+                self._checks.clear()
+            found = self._checks[key] = self._checks_of(key)
+        return list(found)
+
+    def _checks_of(self, scopes: Iterable[Scope]) -> list[BudgetCheck]:
         out: list[BudgetCheck] = []
         for scope in dict.fromkeys(scopes):
             rules = self._rules.get(scope.kind, [])

@@ -34,9 +34,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -243,6 +244,26 @@ def _amount(metric: str, value: int) -> str:
     return f"{micros_to_usd(value):.6f}" if metric == "usd" else str(value)
 
 
+class _HoldIds:
+    """Unique ids for budget holds, cheaper than `uuid4` per request: a random
+    per-process prefix (128 bits, so replicas sharing a store never collide) and a
+    counter. A forked child draws its own prefix."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(16).hex()
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
+
+
+hold_id = _HoldIds()
+
+
 class SpendStep:
     """The spend step's place in the order: a generating request is admitted (rate
     limits and budget reservation) and settled; a count_tokens call counts as a request
@@ -255,7 +276,7 @@ class SpendStep:
         if route.endpoint.generates:
             assert exchange.served_model is not None
             return spending.start(
-                uuid.uuid4().hex,
+                hold_id(),
                 exchange.served_model,
                 exchange.identity,
                 exchange.headers,
@@ -497,7 +518,8 @@ class Spending:
     async def settle(self, run: SpendRun, usage: Usage) -> None:
         """Charge what the call actually used (nothing if it failed before spending)."""
         if run.admission is not None:
-            await asyncio.wait([run.admission])  # its hold, if any, is settled below
+            if not run.admission.done():  # (a finished one needs no trip through the loop)
+                await asyncio.wait([run.admission])  # its hold, if any, is settled below
             if not run.admission.cancelled():
                 run.admission.exception()  # a refusal was already answered
         if run.price is not None:
@@ -572,7 +594,7 @@ class Spending:
         labels = {s.kind: s.id for s in run.scopes}
         model = self.metrics.bounds.model(run.model)
         team, project = labels.get("team", ""), labels.get("project", "")
-        self.metrics.spend.labels(model, team, project).inc(float(run.cost_usd))
+        self.metrics.child(self.metrics.spend, model, team, project).inc(float(run.cost_usd))
 
     def _gauge(self, statuses: Sequence[BudgetStatus]) -> None:
         for status in statuses:
