@@ -38,7 +38,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -242,6 +243,48 @@ def budget_refusal(denied: Denied) -> RateLimited:
 
 def _amount(metric: str, value: int) -> str:
     return f"{micros_to_usd(value):.6f}" if metric == "usd" else str(value)
+
+
+def _started(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """`coro` run at once up to its first wait, then as a task (what Python 3.12's eager
+    tasks do): a call that never waits (the memory store) is done without a task and a
+    trip through the event loop, ~2% of a request's CPU. Its outcome is in the future."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        future.set_result(None)
+        return future
+    except Exception as exc:
+        future.set_exception(exc)
+        return future
+    return asyncio.ensure_future(_resumed(coro, waiting))
+
+
+async def _resumed(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    await _go_on(coro, waiting)
+
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    """Go on with `coro`, suspended on `waiting`, as `await coro` would: what the task
+    sends or throws in goes to `coro`, what `coro` waits on goes to the task."""
+    while True:
+        try:
+            sent = yield waiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancellation goes to coro too
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting = coro.send(sent)
+        except StopIteration:
+            return
 
 
 class _HoldIds:
@@ -469,7 +512,10 @@ class Spending:
 
         The store call runs to its end even if the request is cancelled meanwhile (the
         client hung up): the hold it makes is then settled by `settle`, not leaked."""
-        run.admission = asyncio.ensure_future(self._admit_run(run, body, input_tokens))
+        run.admission = _started(self._admit_run(run, body, input_tokens))
+        if run.admission.done():  # the memory store's never waits: no task, no trip
+            run.admission.result()
+            return
         await asyncio.shield(run.admission)
 
     async def _admit_run(self, run: SpendRun, body: Mapping[str, Any], input_tokens: int) -> None:
