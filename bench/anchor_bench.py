@@ -73,6 +73,9 @@ DIRECT, BARE, OFFICIAL = "upstream direct (nginx)", "bare Envoy", "official gate
 OURS, REDIS = "ours, all policies (memory store)", "ours, all policies (Redis store)"
 REDIS_OPEN, WORKERS = "ours, Redis, no budget/rate limit", "ours, Redis, --workers 2"
 OURS_ALL = (OURS, REDIS, REDIS_OPEN, WORKERS)
+HIT = "ours, cache hit (memory store)"
+CACHE_METRIC = "extproc_cache_requests_total"
+HIT_METRIC = CACHE_METRIC + '{result="hit"}'
 
 TARGET_CPU_US = 1200.0
 TARGET_LIMITS_MS = 0.15
@@ -379,16 +382,36 @@ def probe(rig: Rig) -> None:
 
 
 def check_after(rig: Rig) -> list[str]:
-    """What the policies did during the run (from each stack's metrics)."""
+    """What the policies did during the run: cache results (metrics), audit records written,
+    budgets charged (the quota endpoint)."""
     lines = []
     for path in OURS_ALL:
-        text = rig.stacks[path].metrics_text()
-        counts = {
-            result: _metric(text, f'extproc_cache_requests_total{{result="{result}"}}')
-            for result in ("miss", "hit")
-        }
-        lines.append(f"- {path}: cache misses {counts['miss']:,.0f}, hits {counts['hit']:,.0f}")
+        stack = rig.stacks[path]
+        text = stack.metrics_text()
+        miss, hit = (_metric(text, f'{CACHE_METRIC}{{result="{r}"}}') for r in ("miss", "hit"))
+        with stack.audit_path.open("rb") as audit:
+            records = sum(1 for _ in audit)
+        lines.append(
+            f"- {path}: cache misses {miss:,.0f}, hits {hit:,.0f}; {records:,} audit records; "
+            f"{_budgets(rig.endpoints[path])}"
+        )
     return lines
+
+
+def _budgets(endpoint: Endpoint) -> str:
+    host, port = endpoint.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/v1/gateway/quota", headers=endpoint.headers)
+        reply = connection.getresponse()
+        status, body = reply.status, reply.read()
+    finally:
+        connection.close()
+    if status != 200:
+        return f"quota endpoint answered {status}"
+    budgets = orjson.loads(body).get("budgets", [])
+    used = [f"{b['budget']} {b['scope']} {b['used']:,} {b['metric']}" for b in budgets]
+    return "budgets used: " + ("; ".join(used) or "none (no rules)")
 
 
 def _metric(text: str, name: str) -> float:
@@ -601,8 +624,6 @@ class Run:
     profile: str | None = None
 
 
-HIT = "ours, cache hit (memory store)"
-HIT_METRIC = 'extproc_cache_requests_total{result="hit"}'
 ONE_PATHS = (DIRECT, BARE, OFFICIAL, OURS, REDIS, REDIS_OPEN)
 SIXTEEN_PATHS = (DIRECT, BARE, OFFICIAL, *OURS_ALL)
 TTFT_PATHS = (DIRECT, BARE, OFFICIAL, OURS, REDIS)
