@@ -410,8 +410,12 @@ def _budgets(endpoint: Endpoint) -> str:
     if status != 200:
         return f"quota endpoint answered {status}"
     budgets = orjson.loads(body).get("budgets", [])
-    used = [f"{b['budget']} {b['scope']} {b['used']:,} {b['metric']}" for b in budgets]
+    used = [f"{b['budget']} {b['scope']} {_amount(b['used'])} {b['metric']}" for b in budgets]
     return "budgets used: " + ("; ".join(used) or "none (no rules)")
+
+
+def _amount(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.4f}"
 
 
 def _metric(text: str, name: str) -> float:
