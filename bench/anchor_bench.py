@@ -442,7 +442,7 @@ class Loader:
     def __init__(self, rig: Rig, wrk: str) -> None:
         self.rig, self.wrk, self.salt = rig, wrk, 0
 
-    def script(self, path: str, body: c.Marked, query: str = "") -> Path:
+    def script(self, path: str, body: c.Marked) -> Path:
         self.salt += 1
         target = self.rig.workdir / f"wrk-{self.salt}.lua"
         text = c.unique_wrk_script(body, self.salt, self.rig.endpoints[path].headers)
@@ -640,12 +640,16 @@ def warm(loader: Loader, paths: Sequence[str], body: c.Marked, seconds: float) -
             loader.run(path, body, connections, seconds)
 
 
-def measure(args: argparse.Namespace, tools: dict[str, str], workdir: Path) -> Run:
-    command = ("python bench/anchor_bench.py " + shlex.join(sys.argv[1:])).strip()
+def _facts(tools: Mapping[str, str]) -> dict[str, str]:
     facts = c.machine_facts({"wrk": tools["wrk"], "redis-server": tools["redis-server"]})
     nginx = subprocess.run([tools["nginx"], "-v"], capture_output=True, text=True, timeout=30)
     facts["nginx"] = nginx.stderr.strip()
-    run = Run(command, facts, c.load_average(), args)
+    return facts
+
+
+def measure(args: argparse.Namespace, tools: dict[str, str], workdir: Path) -> Run:
+    command = ("python bench/anchor_bench.py " + shlex.join(sys.argv[1:])).strip()
+    run = Run(command, _facts(tools), c.load_average(), args)
     small, large = small_body(False), large_body()
     with running_rig(workdir, tools) as rig:
         assert rig.official is not None
