@@ -634,8 +634,11 @@ TTFT_PATHS = (DIRECT, BARE, OFFICIAL, OURS, REDIS)
 LARGE_PATHS = (DIRECT, BARE, OFFICIAL, OURS)
 
 
-def warm(loader: Loader, paths: Sequence[str], body: c.Marked, seconds: float) -> None:
-    for connections in (1, 16):
+def warm(
+    loader: Loader, paths: Sequence[str], body: c.Marked, seconds: float, conns: Sequence[int]
+) -> None:
+    """A wrk run per path and connection count, unmeasured (none when `seconds` is 0)."""
+    for connections in conns if seconds > 0 else ():
         for path in paths:
             loader.run(path, body, connections, seconds)
 
@@ -657,7 +660,7 @@ def measure(args: argparse.Namespace, tools: dict[str, str], workdir: Path) -> R
         probe(rig)
         loader = Loader(rig, tools["wrk"])
         print("warming up", flush=True)
-        warm(loader, SIXTEEN_PATHS, small, args.warmup)
+        warm(loader, SIXTEEN_PATHS, small, args.warmup, (1, 16))
         d, rounds = args.duration, args.rounds
         run.one = alternate(ONE_PATHS, rounds, lambda p: loader.run(p, small, 1, d), "2 KB c=1")
         run.sixteen = alternate(
@@ -665,8 +668,7 @@ def measure(args: argparse.Namespace, tools: dict[str, str], workdir: Path) -> R
         )
         run.ttft = measure_ttft(rig, TTFT_PATHS, args.ttft_samples, args.ttft_budget)
         run.hit = measure_hit(rig, loader, args)
-        for path in LARGE_PATHS:
-            loader.run(path, large, 1, args.warmup)
+        warm(loader, LARGE_PATHS, large, args.warmup, (1,))
         run.large = alternate(LARGE_PATHS, rounds, lambda p: loader.run(p, large, 1, d), "117 KB")
         if args.profile:
             run.profile = profile_ours(rig, loader, max(d, 5.0))
@@ -684,7 +686,7 @@ def measure_hit(rig: Rig, loader: Loader, args: argparse.Namespace) -> dict[str,
         raise c.BenchError(f"priming the cache failed: {status}")
     rig.endpoints[HIT], rig.groups[HIT] = rig.endpoints[OURS], rig.groups[OURS]
     paths = (BARE, OFFICIAL, HIT)
-    for path in paths:
+    for path in paths if args.warmup > 0 else ():
         loader.fixed(path, body, 1, args.warmup)
     hits = rig.stacks[OURS].metrics_text()
     out = alternate(paths, args.rounds, lambda p: loader.fixed(p, body, 1, args.duration), "hit")
@@ -837,10 +839,11 @@ def targets(run: Run) -> list[list[str]]:
 
 
 def _method(args: argparse.Namespace) -> str:
+    warmup = f"after {args.warmup:g} s of warm-up" if args.warmup > 0 else "no warm-up"
     return (
         f"Load: wrk (closed loop, keep-alive; -t1 at 1 connection, -t2 at 16), {args.rounds} "
         f"rounds of {args.duration:g} s per path, the paths alternating within each round "
-        f"(after {args.warmup:g} s of warm-up per path and connection count). Every request "
+        f"({warmup} per path and connection count). Every request "
         "carries a token no other request of the run used (wrk's `request()` hook), so ours "
         "runs the cache's miss path (lookup, single-flight lock, store) each time; the "
         "cache-hit case repeats one primed request. Upstream: nginx (one process, "
@@ -896,7 +899,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="~1 min smoke run; prints only")
     parser.add_argument("--duration", type=float, help="measured seconds per wrk run (5)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per case (3)")
-    parser.add_argument("--warmup", type=float, help="warm-up seconds per path (1)")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per path (1; 0 skips)")
     parser.add_argument("--ttft-samples", type=int, help="TTFT samples per path (1000)")
     parser.add_argument("--profile", action="store_true", help="also py-spy ours' ext_proc")
     parser.add_argument("--output", type=Path, help=f"report file (default {RESULTS})")
@@ -907,7 +910,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.duration = args.duration or (1.0 if args.quick else 5.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    args.warmup = args.warmup or 1.0
+    args.warmup = args.warmup if args.warmup is not None else (0.0 if args.quick else 1.0)
     args.ttft_samples = args.ttft_samples or (100 if args.quick else 1000)
     args.ttft_budget = 3.0 if args.quick else 15.0
     args.write = not args.no_write and (args.output is not None or not args.quick)
