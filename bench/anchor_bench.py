@@ -796,6 +796,44 @@ def ttft_table(ttft: Ttft) -> str:
     return c.table([*header, "added vs direct", "vs bare Envoy"], rows) + note
 
 
+def issue_table(run: Run) -> str:
+    """The issue's own table: the official gateway and ours side by side."""
+    columns = (OFFICIAL, OURS, REDIS, WORKERS)
+    ttft = run.ttft.samples
+    official_rps = rps(run.sixteen[OFFICIAL])
+
+    def added(path: str) -> str:
+        if path not in run.one:
+            return "-"
+        return f"{p50(run.one[path]) - p50(run.one[DIRECT]):+.2f} ms"
+
+    def first(path: str) -> str:
+        if path not in ttft:
+            return "-"
+        return f"{c.percentile(ttft[path], 50) - c.percentile(ttft[DIRECT], 50):+.2f} ms"
+
+    def cpu(path: str) -> str:
+        own, total = cpu_us(run.sixteen[path], _own(path)), cpu_us(run.sixteen[path])
+        store = f" (+{(total - own) / 1000:.2f} Redis)" if total - own >= 0.0005 else ""
+        return f"{own / 1000:.2f} ms{store}"
+
+    rows = [
+        ["added p50, 1 connection", *map(added, columns)],
+        ["req/s, 16 connections (ratio)"]
+        + [f"{rps(run.sixteen[path]) / official_rps:.2f}" for path in columns],
+        ["added time to first token", *map(first, columns)],
+        ["CPU per request (16 connections)", *map(cpu, columns)],
+    ]
+    postgres = cpu_us(run.sixteen[OFFICIAL], ("Postgres",))
+    note = (
+        f"\n\nAdded: over the upstream direct. The official gateway served "
+        f"{official_rps:,.0f} req/s at 16 connections. CPU: Envoy + ext_proc for ours, the "
+        f"`claude` process for the official gateway (its Postgres: {postgres:,.0f} µs per "
+        "request more)."
+    )
+    return c.table(["", *columns], rows) + note
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -868,6 +906,7 @@ def render(run: Run) -> str:
         f"Run {now}:\n\n```\n{run.command}\n```",
         c.machine_table(run.facts, run.load_before, run.load_after),
         _method(run.args),
+        "### The issue's table\n\n" + issue_table(run),
         "### Targets\n\n"
         + c.table(["target", "ours", "official gateway", "verdict"], targets(run)),
         "### 2 KB POST /v1/messages, 1 connection\n\n" + latency_table(run.one),
