@@ -732,6 +732,7 @@ def latency_table(data: dict[str, list[Sample]]) -> str:
             [
                 path,
                 f"{value:.3f}",
+                _spread(samples),
                 f"{p99(samples):.3f}",
                 f"{value - direct:+.3f}",
                 f"{value - bare:+.3f}",
@@ -739,17 +740,36 @@ def latency_table(data: dict[str, list[Sample]]) -> str:
                 f"{cpu_us(samples, _own(path)):,.0f}",
             ]
         )
-    header = ["path", "p50 ms", "p99 ms", "added p50 vs direct", "vs bare Envoy", "req/s"]
+    header = ["path", "p50 ms", "rounds' p50", "p99 ms", "added p50 vs direct", "vs bare Envoy"]
+    header.append("req/s")
     return c.table([*header, "own CPU µs/req"], rows)
+
+
+def _spread(samples: Sequence[Sample]) -> str:
+    """The lowest and highest p50 of the rounds: how much the machine's noise moved it."""
+    values = [s.wrk.p50_ms for s in samples]
+    return f"{min(values):.3f} to {max(values):.3f}"
 
 
 def throughput_table(data: dict[str, list[Sample]]) -> str:
     official = rps(data[OFFICIAL])
     rows = [
-        [path, f"{rps(s):,.0f}", f"{rps(s) / official:.2f}", f"{p50(s):.3f}", f"{p99(s):.3f}"]
+        [
+            path,
+            f"{rps(s):,.0f}",
+            _rps_spread(s),
+            f"{rps(s) / official:.2f}",
+            f"{p50(s):.3f}",
+            f"{p99(s):.3f}",
+        ]
         for path, s in data.items()
     ]
-    return c.table(["path", "req/s", "/ official", "p50 ms", "p99 ms"], rows)
+    return c.table(["path", "req/s", "rounds' req/s", "/ official", "p50 ms", "p99 ms"], rows)
+
+
+def _rps_spread(samples: Sequence[Sample]) -> str:
+    values = [s.wrk.rps for s in samples]
+    return f"{min(values):,.0f} to {max(values):,.0f}"
 
 
 def cpu_table(data: dict[str, list[Sample]], connections: int) -> str:
