@@ -23,7 +23,7 @@ The report (machine, load before/after, tables, each target met/missed) replaces
 
     python bench/anchor_bench.py             # full run (~5 min), writes RESULTS.md
     python bench/anchor_bench.py --quick     # ~1 min smoke run, prints only
-    python bench/anchor_bench.py --profile   # also py-spy the ext_proc server at 16 connections
+    python bench/anchor_bench.py --profile   # also py-spy ours' ext_proc (2 KB x16, 117 KB x1)
 
 Needs wrk, nginx-light (its echo module streams SSE) and redis-server from Debian, npm and
 PostgreSQL for the official gateway (start.sh installs them once), py-spy for --profile;
@@ -67,7 +67,7 @@ ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 KEY = new_key("bench")
 PLACEHOLDER = b"Q" * c.TOKEN_LETTERS
 SSE_QUERY = "?bench_sse=1"  # both gateways forward the query string; nginx streams on it
-PROFILE_OUT = Path(tempfile.gettempdir()) / "anchor_bench_profile.folded"
+PROFILE_DIR = Path(tempfile.gettempdir())  # py-spy's folded stacks are kept there
 
 DIRECT, BARE, OFFICIAL = "upstream direct (nginx)", "bare Envoy", "official gateway"
 OURS, REDIS = "ours, all policies (memory store)", "ours, all policies (Redis store)"
@@ -590,23 +590,43 @@ def measure_ttft(rig: Rig, paths: Sequence[str], samples: int, budget: float) ->
 # -- profile ----------------------------------------------------------------------------
 
 
-def profile_ours(rig: Rig, loader: Loader, seconds: float) -> str:
-    """py-spy (with subprocesses) on ours' ext_proc while wrk drives 16 connections."""
+def profile_ours(rig: Rig, loader: Loader, case: ProfileCase, seconds: float) -> str:
+    """py-spy (with subprocesses) on ours' ext_proc while wrk drives `case` through it; the
+    folded stacks are kept in `profile_path(case)`."""
     py_spy = c.require_tools(["py-spy"], install=False)["py-spy"]
+    out = profile_path(case)
     command = [py_spy, "record", "--format", "raw", "--rate", "250", "--nonblocking"]
     command += ["--subprocesses", "--pid", str(rig.groups[OURS]["ext_proc"])]
-    command += ["--duration", str(round(seconds)), "-o", str(PROFILE_OUT)]
-    PROFILE_OUT.unlink(missing_ok=True)
+    command += ["--duration", str(round(seconds)), "-o", str(out)]
+    out.unlink(missing_ok=True)
     profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(1)
-        loader.run(OURS, small_body(False), 16, seconds - 1)
+        loader.run(OURS, case.body(), case.connections, seconds - 1)
         profiler.wait(timeout=seconds + 30)
     finally:
         c.stop_all([profiler])
-    if not PROFILE_OUT.exists():
+    if not out.exists():
         raise c.BenchError("py-spy wrote no profile")
-    return gb.summarize_profile(PROFILE_OUT)
+    return gb.summarize_profile(out)
+
+
+@dataclass(frozen=True)
+class ProfileCase:
+    name: str
+    slug: str
+    body: Callable[[], c.Marked]
+    connections: int
+
+
+PROFILES = (
+    ProfileCase("2 KB, 16 connections", "2kb-c16", lambda: small_body(False), 16),
+    ProfileCase("117 KB Claude Code request, 1 connection", "117kb-c1", large_body, 1),
+)
+
+
+def profile_path(case: ProfileCase) -> Path:
+    return PROFILE_DIR / f"anchor_bench_profile_{case.slug}.folded"
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -625,7 +645,7 @@ class Run:
     hit: dict[str, list[Sample]] = field(default_factory=dict)
     large: dict[str, list[Sample]] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
-    profile: str | None = None
+    profiles: dict[str, str] = field(default_factory=dict)
 
 
 ONE_PATHS = (DIRECT, BARE, OFFICIAL, OURS, REDIS, REDIS_OPEN)
@@ -670,8 +690,8 @@ def measure(args: argparse.Namespace, tools: dict[str, str], workdir: Path) -> R
         run.hit = measure_hit(rig, loader, args)
         warm(loader, LARGE_PATHS, large, args.warmup, (1,))
         run.large = alternate(LARGE_PATHS, rounds, lambda p: loader.run(p, large, 1, d), "117 KB")
-        if args.profile:
-            run.profile = profile_ours(rig, loader, max(d, 5.0))
+        for case in PROFILES if args.profile else ():
+            run.profiles[case.name] = profile_ours(rig, loader, case, max(d, 5.0))
         run.checks = check_after(rig)
     run.load_after = c.load_average()
     return run
@@ -940,12 +960,11 @@ def render(run: Run) -> str:
         + latency_table(run.large),
         "### What the policies did\n\n" + "\n".join(run.checks),
     ]
-    if run.profile:
+    for name, summary in run.profiles.items():
+        case = next(case for case in PROFILES if case.name == name)
         parts.append(
-            "### py-spy profile of ours' ext_proc (16 connections, 2 KB)\n\n"
-            + run.profile
-            + f"\n\nThe folded stacks are kept in `{PROFILE_OUT}` (flamegraph.pl or "
-            "speedscope draw them)."
+            f"### py-spy profile of ours' ext_proc ({name})\n\n{summary}\n\nThe folded "
+            f"stacks are kept in `{profile_path(case)}` (flamegraph.pl or speedscope draw them)."
         )
     return "\n\n".join(parts)
 
