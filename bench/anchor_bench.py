@@ -21,7 +21,7 @@ official gateway passing the same request through, and the 117 KB Claude Code re
 The report (machine, load before/after, tables, each target met/missed) replaces the
 `anchor-bench` section of bench/RESULTS.md.
 
-    python bench/anchor_bench.py             # full run (~5 min), writes RESULTS.md
+    python bench/anchor_bench.py             # full run (~6 min), writes RESULTS.md
     python bench/anchor_bench.py --quick     # ~1 min smoke run, prints only
     python bench/anchor_bench.py --profile   # also py-spy ours' ext_proc (2 KB x16, 117 KB x1)
 
@@ -455,7 +455,7 @@ class Loader:
 
     def fixed(self, path: str, body: bytes, connections: int, seconds: float) -> Sample:
         """The same request every time (the cache-hit case)."""
-        script = self.rig.workdir / f"fixed-{len(self.rig.groups)}-{path[:8]}.lua"
+        script = self.rig.workdir / f"fixed-{list(self.rig.endpoints).index(path)}.lua"
         script.write_text(c.wrk_script("POST", body, self.rig.endpoints[path].headers))
         return self._metered(path, script, connections, seconds)
 
