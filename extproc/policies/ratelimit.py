@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,7 +213,19 @@ class _Spec:
     burst: int
 
     def item(self, cost: int) -> LimitItem:
+        if cost == 1:
+            return self.unit
         return LimitItem(self.name, self.rate, Gcra(self.key, self.rate, MINUTE, self.burst, cost))
+
+    @property
+    def unit(self) -> LimitItem:
+        """The cost-1 item (a request counted), made once: every request checks it."""
+        return _unit_item(self)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unit_item(spec: _Spec) -> LimitItem:
+    return LimitItem(spec.name, spec.rate, Gcra(spec.key, spec.rate, MINUTE, spec.burst, 1))
 
 
 Kind = Literal["key", "team"]
@@ -375,15 +388,26 @@ class RateLimiter:
             return RateDecision(True)
         return _decision(items, await self._store.rate([i.item for i in items]))
 
+    @property
+    def hash_tag(self) -> str:
+        return self._config.hash_tag
+
+    def token_debit(self, subject: RateSubject, tokens: int) -> list[RateItem]:
+        """The store items that debit (or, if negative, refund) `tokens` on the subject's
+        token limits, for `record_tokens` or a settle that carries them (pure)."""
+        if tokens == 0:
+            return []
+        specs = [self._scope_specs(kind, ident)[1] for kind, ident in self._scopes(subject)]
+        return [spec.item(tokens).item for spec in specs if spec is not None]
+
     async def record_tokens(self, subject: RateSubject, tokens: int) -> None:
         """Debit (or, if negative, refund) `tokens` on the token limits after a response:
         the actual count minus the estimate `check` was given. Never refuses."""
-        specs = [self._scope_specs(kind, ident)[1] for kind, ident in self._scopes(subject)]
-        items = [spec.item(tokens) for spec in specs if spec is not None]
-        if not items or tokens == 0:
+        items = self.token_debit(subject, tokens)
+        if not items:
             return
         try:
-            await self._store.rate([i.item for i in items], force=True)
+            await self._store.rate(items, force=True)
         except StoreUnavailable:
             if not self._config.fail_open:
                 raise

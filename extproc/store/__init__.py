@@ -15,7 +15,8 @@ What a store offers:
 * the atomic rate primitive (`rate`): GCRA limits and fixed-window quotas,
   all-or-nothing, one round trip;
 * `admit`: rate items and budget holds together, all-or-nothing, one round
-  trip (what the request path uses when both share a hash tag).
+  trip (what the request path uses when both share a hash tag); `settle(debit=...)`
+  likewise settles the holds and corrects the token rate limits in one.
 
 Time comes from the store's `clock` (injectable; `ManualClock` in tests). The
 Redis store sends the caller's time into its scripts instead of reading Redis'
@@ -276,7 +277,16 @@ class Store(Protocol):
         *,
         record_ttl: float,
         release: bool = False,
-    ) -> SettleOutcome: ...
+        debit: Sequence[RateItem] = (),
+    ) -> SettleOutcome:
+        """Replace the holds by `actuals` (or drop them: `release`); idempotent.
+
+        `debit`: rate items charged with `rate(debit, force=True)` in the same atomic
+        step (the token limits' correction after the answer), and only when this call
+        settles (never on a repeated settle), so a retried settle never debits twice.
+        Every key shares one hash tag.
+        """
+        ...
 
     async def usage(self, counters: Sequence[Counter]) -> list[int]: ...
 

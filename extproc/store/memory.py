@@ -338,9 +338,10 @@ class MemoryStore:
         *,
         record_ttl: float,
         release: bool = False,
+        debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         check_settle_args(holds, actuals)
-        same_slot([record_key, *(h.counter.key for h in holds)])
+        same_slot([record_key, *(h.counter.key for h in holds), *(i.key for i in debit)])
         now = self._now()
         entry = self._entry(record_key, now)
         state = "unknown" if entry is None else entry.value.decode()
@@ -348,6 +349,8 @@ class MemoryStore:
             return SettleOutcome(state)
         for h, actual in zip(holds, actuals, strict=True):
             self._settle_one(reservation, h, actual, now, held=state == "held")
+        if debit:
+            self._rate_apply(debit, self._rate_eval(debit, now), now)
         self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
         self._remember_finished(record_key)
         return SettleOutcome(state)

@@ -78,7 +78,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from extproc.apis.usage import Usage
 from extproc.policies.pricing import Price, cost_micros, micros_to_usd, usd_to_micros
-from extproc.store import Counter, Hold, HoldResult, SettleOutcome, Store, StoreUnavailable
+from extproc.store import (
+    Counter,
+    Hold,
+    HoldResult,
+    RateItem,
+    SettleOutcome,
+    Store,
+    StoreUnavailable,
+)
 
 __all__ = [
     "Amount",
@@ -384,7 +392,14 @@ def _rolling(days: int, today: date, slack: float) -> Window:
     )
 
 
+_SAFE = re.compile(r"[A-Za-z0-9_.@~+=-]*")
+
+
 def _enc(value: str) -> str:
+    """Percent-encode `value` for a key; ids made of safe characters only (request ids
+    are) pass as they are without `quote`'s cost, which is paid per request."""
+    if _SAFE.fullmatch(value):
+        return value
     return quote(value, safe="-_.@~+=")
 
 
@@ -402,7 +417,11 @@ class BudgetLedger:
         self._rules: dict[str, list[BudgetRule]] = {}
         for rule in config.rules:
             self._rules.setdefault(rule.scope, []).append(rule)
-        self._memo: dict[tuple[BudgetCheck, int], list[tuple[Metric, Window, Counter]]] = {}
+        # keyed by the rule's id and the scope: hashing a pydantic rule field by field cost
+        # microseconds on every request; the entry keeps its rule, so an id is never reused
+        self._memo: dict[
+            tuple[int, Scope, int], tuple[BudgetRule, list[tuple[Metric, Window, Counter]]]
+        ] = {}
 
     def checks_for(self, scopes: Iterable[Scope]) -> list[BudgetCheck]:
         """The rules that apply to these scopes; a specific id beats `*` per window."""
@@ -434,8 +453,9 @@ class BudgetLedger:
 
     def _counters_of(self, check: BudgetCheck, day: int) -> list[tuple[Metric, Window, Counter]]:
         """The counters of one check on one UTC day; memoized (windows change daily)."""
-        found = self._memo.get((check, day))
-        if found is None:
+        memo = (id(check.rule), check.scope, day)
+        entry = self._memo.get(memo)
+        if entry is None or entry[0] is not check.rule:  # (an id reused by another rule)
             if len(self._memo) >= MEMO_LIMIT:
                 self._memo.clear()
             window = window_for(check.rule, day * DAY, self._ttl)
@@ -443,8 +463,8 @@ class BudgetLedger:
                 (metric, window, self._counter(check, metric, window, limit))
                 for metric, limit in check.rule.limits()
             ]
-            self._memo[(check, day)] = found
-        return found
+            entry = self._memo[memo] = (check.rule, found)
+        return entry[1]
 
     def _counter(self, check: BudgetCheck, metric: Metric, window: Window, limit: int) -> Counter:
         return Counter(
@@ -514,18 +534,29 @@ class BudgetLedger:
             return self.empty(plan, degraded=True)
         return self.outcome(plan, result)
 
-    async def settle(self, reservation: Reservation, actual: Amount) -> SettleOutcome:
-        """Replace the holds by `actual` (may exceed the estimate); idempotent."""
-        return await self._finish(reservation, actual, release=False)
+    async def settle(
+        self, reservation: Reservation, actual: Amount, debit: Sequence[RateItem] = ()
+    ) -> SettleOutcome:
+        """Replace the holds by `actual` (may exceed the estimate); idempotent. `debit`:
+        rate items (the token limits' correction) charged in the same store call, once;
+        they need this ledger's hash tag and a reservation with lines."""
+        return await self._finish(reservation, actual, release=False, debit=debit)
 
     async def release(self, reservation: Reservation) -> SettleOutcome:
         """Drop the holds without charging anything (the call never spent)."""
         return await self._finish(reservation, Amount(), release=True)
 
     async def _finish(
-        self, reservation: Reservation, actual: Amount, *, release: bool
+        self,
+        reservation: Reservation,
+        actual: Amount,
+        *,
+        release: bool,
+        debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         if not reservation.lines:
+            if debit:
+                raise ValueError("a debit travels with a settle that holds lines")
             return SettleOutcome.SETTLED
         return await self._store.settle(
             reservation.request_id,
@@ -534,6 +565,7 @@ class BudgetLedger:
             [actual.of(line.metric) for line in reservation.lines],
             record_ttl=RECORD_GRACE_SECONDS,
             release=release,
+            debit=debit,
         )
 
     async def status(self, scopes: Iterable[Scope]) -> list[BudgetStatus]:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from prometheus_client import Gauge
+
 from extproc.apis import Endpoint
 from extproc.apis.dialect import dialect_of
 from extproc.apis.kind import ApiKind
@@ -75,12 +77,13 @@ from extproc.policies.ratelimit import (
     UnknownTier,
 )
 from extproc.policies.step import Done, Ending, Exchange, Reply, Run
-from extproc.store import Store, StoreError, StoreUnavailable
+from extproc.store import RateItem, Store, StoreError, StoreUnavailable
 from extproc.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
+MEMO_LIMIT = 65_536  # memoized gauge children; cleared when full
 RETRY_GRACE = 600.0  # a settle is retried this long past the hold's expiry (records last 1 h)
 
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -365,6 +368,7 @@ class Spending:
         self.metrics = metrics
         self.clock = store.clock
         self._retries: set[asyncio.Task[None]] = set()
+        self._gauges: dict[tuple[str, Scope, str], Gauge] = {}
 
     def start(
         self,
@@ -500,44 +504,61 @@ class Spending:
             run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
         actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
         held = run.reservation or run.uncertain
+        tokens = usage.total_tokens - run.admitted_tokens if run.admitted_tokens else 0
+        debit = self._carried_debit(run, tokens)
         try:
             if held is not None:
-                await self._finish_hold(held, actual, release=run.reservation is None)
+                await self._finish_hold(held, actual, release=run.reservation is None, debit=debit)
         except StoreError as exc:
             self.metrics.store_errors.labels("settle").inc()
             log.warning("settle of %s failed (retried in the background): %s", run.request_id, exc)
             assert held is not None
-            self._retry_later(held, actual, release=run.reservation is None)
+            self._retry_later(held, actual, release=run.reservation is None, debit=debit)
         try:
-            if run.admitted_tokens:
-                await self.limiter.record_tokens(
-                    run.subject, usage.total_tokens - run.admitted_tokens
-                )
+            if tokens and not debit:
+                await self.limiter.record_tokens(run.subject, tokens)
         except StoreError as exc:
             log.warning("token count of %s not recorded: %s", run.request_id, exc)
         self._count_spend(run)
 
-    async def _finish_hold(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+    def _carried_debit(self, run: SpendRun, tokens: int) -> list[RateItem]:
+        """The token limits' correction, when it can ride in the settle's own store call
+        (one round trip; a retried settle never debits twice): a settled reservation with
+        lines, on the rate limiter's hash tag. Otherwise [] and `record_tokens` does it."""
+        held = run.reservation
+        if not tokens or held is None or not held.lines:
+            return []
+        if self.ledger.hash_tag != self.limiter.hash_tag:
+            return []
+        return self.limiter.token_debit(run.subject, tokens)
+
+    async def _finish_hold(
+        self, held: Reservation, actual: Amount, *, release: bool, debit: list[RateItem]
+    ) -> None:
         if release:  # an admission that timed out: its hold, if it was made after all
             await self.ledger.release(held)
         else:
-            await self.ledger.settle(held, actual)
+            await self.ledger.settle(held, actual, debit)
 
-    def _retry_later(self, held: Reservation, actual: Amount, *, release: bool) -> None:
+    def _retry_later(
+        self, held: Reservation, actual: Amount, *, release: bool, debit: list[RateItem]
+    ) -> None:
         """Settle (or release) again once the store is back: otherwise the hold would
-        expire into spend at its estimate. Settling is idempotent, and a settle after the
-        hold expired corrects the charge, so retrying is always safe."""
-        task = asyncio.ensure_future(self._retry(held, actual, release))
+        expire into spend at its estimate. Settling is idempotent (its debit too), and a
+        settle after the hold expired corrects the charge, so retrying is always safe."""
+        task = asyncio.ensure_future(self._retry(held, actual, release, debit))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    async def _retry(self, held: Reservation, actual: Amount, release: bool) -> None:
+    async def _retry(
+        self, held: Reservation, actual: Amount, release: bool, debit: list[RateItem]
+    ) -> None:
         deadline = time.monotonic() + self.config.budgets.reservation_ttl_seconds + RETRY_GRACE
         delay = 0.25
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._finish_hold(held, actual, release=release)
+                await self._finish_hold(held, actual, release=release, debit=debit)
                 return
             except StoreError as exc:
                 if time.monotonic() + delay > deadline:
@@ -556,8 +577,21 @@ class Spending:
     def _gauge(self, statuses: Sequence[BudgetStatus]) -> None:
         for status in statuses:
             value = status.remaining / 1e6 if status.metric == "usd" else status.remaining
+            self._gauge_of(status).set(value)
+
+    def _gauge_of(self, status: BudgetStatus) -> Gauge:
+        """The budget's `extproc_budget_remaining` child, memoized: `labels()` costs
+        several µs per call, four times per admitted request (a scope's bounded label
+        never changes once given)."""
+        memo = (status.budget, status.scope, status.metric)
+        child = self._gauges.get(memo)
+        if child is None:
+            if len(self._gauges) >= MEMO_LIMIT:
+                self._gauges.clear()
             scope = self.metrics.bounds.scope(status.scope.kind, status.scope.id)
-            self.metrics.budget_remaining.labels(status.budget, scope, status.metric).set(value)
+            child = self.metrics.budget_remaining.labels(status.budget, scope, status.metric)
+            self._gauges[memo] = child
+        return child
 
     async def quota(
         self, identity: Identity, headers: Mapping[str, str], presented: str | None

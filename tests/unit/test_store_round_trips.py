@@ -1,0 +1,265 @@
+"""The request path's store calls: one round trip each, and what survives a Redis restart.
+
+Admit (rate limits + every budget hold) and settle (the holds + the token limits'
+correction) are one EVALSHA each, counted with Redis' own INFO commandstats rather than
+timed. The scripts run over `extproc.store.pipe` (one pipelined connection, hiredis):
+these tests also cover what that connection must survive: SCRIPT FLUSH under concurrent
+calls, a redis-server killed and restarted mid-run, a hung one, AUTH and SELECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from extproc.apis.usage import Usage
+from extproc.config import parse_config
+from extproc.policies.auth import Identity
+from extproc.policies.budget.spending import Spending
+from extproc.store import Counter, Gcra, Hold, ManualClock, SettleOutcome, StoreUnavailable
+from extproc.store.redis import RedisStore
+from extproc.telemetry.metrics import Metrics
+from tests.redis_server import RedisServer
+from tests.store_fixtures import StoreHarness, flush, fresh_redis, harness, redis_server
+
+__all__ = ["fresh_redis", "harness", "redis_server"]  # fixtures used by name below
+
+T = "{t}"
+LIMIT = {"requests_per_minute": 10**6, "tokens_per_minute": 10**9}
+PROVIDERS = {
+    "anthropic": {
+        "api": "anthropic",
+        "base_url": "https://api.anthropic.com",
+        "credential": {"value": "sk-ant-test"},
+    }
+}
+MODEL = "claude-haiku-4-5"
+BODY = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def counter(name: str = "c", limit: int = 10**6) -> Counter:
+    return Counter(key=f"b:{T}:{name}", bucket="s", window=("s",), limit=limit)
+
+
+def rec(rid: str) -> str:
+    return f"b:{T}:res:{rid}"
+
+
+def spending_on(store: RedisStore, limit: dict[str, int] = LIMIT) -> Spending:
+    """Budgets on key, team and pipeline (USD and tokens) and rate limits on key and team."""
+    config = parse_config(
+        {
+            "providers": PROVIDERS,
+            "budgets": {
+                "rules": [
+                    {"scope": "key", "id": "*", "window": "daily", "usd": 1000, "tokens": 10**9},
+                    {"scope": "team", "id": "*", "window": "monthly", "usd": 1000},
+                    {"scope": "pipeline", "id": "*", "window": "daily", "tokens": 10**9},
+                ]
+            },
+            "rate_limits": {"key": limit, "team": limit},
+        }
+    )
+    return Spending(config, store, Metrics())
+
+
+async def _request(spending: Spending, usage: Usage) -> None:
+    identity = Identity(source="key", key_id="k1", team="ml")
+    run = spending.start(uuid.uuid4().hex, MODEL, identity, {"x-ci-pipeline-id": "p1"}, None)
+    await spending.admit(run, BODY, input_tokens=40)
+    assert run.reservation is not None
+    assert len(run.reservation.lines) == 4
+    await spending.settle(run, usage)
+
+
+async def _commandstats(url: str) -> dict[str, int]:
+    client = Redis.from_url(url)
+    try:
+        stats: dict[str, dict[str, Any]] = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def _reset_stats(url: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.config_resetstat()
+    finally:
+        await client.aclose()
+
+
+async def test_admit_and_settle_are_one_evalsha_each(redis_server: RedisServer) -> None:
+    await flush(redis_server.url)
+    store = RedisStore.from_url(redis_server.url)
+    spending = spending_on(store)
+    try:
+        await _request(spending, Usage(input_tokens=50, output_tokens=30))  # loads the scripts
+        await _reset_stats(redis_server.url)
+        for _ in range(10):  # usage differs from the estimate: the token limits are corrected
+            await _request(spending, Usage(input_tokens=50, output_tokens=30))
+        calls = await _commandstats(redis_server.url)
+    finally:
+        await store.close()
+    # (commandstats also counts the commands the scripts run inside Redis: GET, HINCRBY...)
+    assert calls["evalsha"] == 20  # one per admit, one per settle (the token correction in it)
+    assert not {"eval", "script|load", "multi", "exec"} & calls.keys()
+
+
+async def test_settle_carries_the_token_correction(redis_server: RedisServer) -> None:
+    """The settle's own script debits the token limits by actual - estimate, once."""
+    await flush(redis_server.url)
+    store = RedisStore.from_url(redis_server.url, clock=ManualClock())  # no refill meanwhile
+    # 100 tokens/s: the limiter's keys expire in Redis' real time once their tokens would
+    # have drained (the 140 admitted tokens: 1.4 s), so the numbers stay visible meanwhile
+    spending = spending_on(store, {"requests_per_minute": 600, "tokens_per_minute": 6_000})
+    try:
+        identity = Identity(source="key", key_id="k1", team="ml")
+        run = spending.start("r1", MODEL, identity, {}, None)
+        await spending.admit(run, BODY, input_tokens=40)
+        subject = spending.start("probe", MODEL, identity, {}, None).subject
+        before = {s.name: s.remaining for s in (await spending.limiter.peek(subject)).limits}
+        await spending.settle(run, Usage(input_tokens=40, output_tokens=5_000))
+        after = {s.name: s.remaining for s in (await spending.limiter.peek(subject)).limits}
+        extra = 40 + 5_000 - run.admitted_tokens
+        for name in ("key.tokens_per_minute", "team.tokens_per_minute"):
+            assert before[name] - after[name] == pytest.approx(extra, abs=1)  # GCRA floors
+        await spending.settle(run, Usage(input_tokens=40, output_tokens=5_000))  # again
+        again = {s.name: s.remaining for s in (await spending.limiter.peek(subject)).limits}
+        assert again == after
+    finally:
+        await store.close()
+
+
+async def test_settle_debits_rate_items_once(harness: StoreHarness) -> None:
+    s, now = harness.store, harness.clock.time()
+    c = counter()
+    tok = Gcra(f"r:{T}:tok", rate=600, period=60, burst=600, cost=0)  # 10 tokens/s
+    debit = Gcra(tok.key, tok.rate, tok.period, tok.burst, 1200)
+    assert (await s.hold("r", rec("r"), [Hold(c, 5)], until=now + 60, record_ttl=60)).ok
+    outcome = await s.settle("r", rec("r"), [Hold(c, 5)], [7], record_ttl=60, debit=[debit])
+    assert outcome is SettleOutcome.SETTLED
+    peek = (await s.rate([tok]))[0]
+    assert not peek.allowed
+    assert peek.retry_after == pytest.approx(60)
+    again = await s.settle("r", rec("r"), [Hold(c, 5)], [7], record_ttl=60, debit=[debit])
+    assert again is SettleOutcome.ALREADY_SETTLED
+    assert (await s.rate([tok]))[0].retry_after == pytest.approx(60)  # not debited twice
+    assert await s.usage([c]) == [7]
+
+
+async def test_settle_debit_keys_must_share_the_hash_tag(harness: StoreHarness) -> None:
+    other = Gcra("r:{elsewhere}:tok", 600, 60, 600, 10)
+    with pytest.raises(ValueError, match="hash tag"):
+        await harness.store.settle(
+            "r", rec("r"), [Hold(counter(), 5)], [5], record_ttl=60, debit=[other]
+        )
+
+
+async def test_concurrent_calls_after_script_flush_reload_and_all_succeed(
+    redis_server: RedisServer,
+) -> None:
+    await flush(redis_server.url)
+    store = RedisStore.from_url(redis_server.url, clock=ManualClock())
+    try:
+        c = counter()
+        assert (await store.hold("r0", rec("r0"), [Hold(c, 1)], until=2e9, record_ttl=60)).ok
+        await store._client.script_flush()
+        holds = [
+            store.hold(f"r{i}", rec(f"r{i}"), [Hold(c, 1)], until=2e9, record_ttl=60)
+            for i in range(1, 21)
+        ]
+        assert all(r.ok for r in await asyncio.gather(*holds))  # pipelined NOSCRIPTs
+        assert await store.usage([c]) == [21]
+    finally:
+        await store.close()
+
+
+async def test_redis_killed_and_restarted_mid_run(fresh_redis: RedisServer) -> None:
+    """Requests in flight when Redis dies fail fast as StoreUnavailable (never hang), the
+    gateway's calls fail fast while it is down, and the first call after the restart
+    redials, reloads the scripts (NOSCRIPT) and succeeds."""
+    store = RedisStore.from_url(fresh_redis.url, clock=ManualClock(), timeout_seconds=1.0)
+    spending = spending_on(store)
+    try:
+        for _ in range(5):
+            await _request(spending, Usage(input_tokens=50, output_tokens=30))
+        c = counter()
+        in_flight = [
+            store.hold(f"x{i}", rec(f"x{i}"), [Hold(c, 1)], until=2e9, record_ttl=60)
+            for i in range(50)
+        ]
+        started = time.monotonic()
+        gathered = asyncio.gather(*in_flight, return_exceptions=True)
+        fresh_redis.kill()
+        results = await gathered
+        assert all(
+            r.ok if not isinstance(r, BaseException) else isinstance(r, StoreUnavailable)
+            for r in results
+        )
+        with pytest.raises(StoreUnavailable):
+            await store.rate([Gcra(f"r:{T}:g", 60, 60, 5, 1)])
+        assert time.monotonic() - started < 1.5
+        fresh_redis.start()  # same port, empty data and script cache
+        for _ in range(5):
+            await _request(spending, Usage(input_tokens=50, output_tokens=30))
+        assert await store.usage([c]) == [0]
+    finally:
+        await store.close()
+
+
+async def test_hung_redis_fails_waiting_scripts_then_recovers(fresh_redis: RedisServer) -> None:
+    store = RedisStore.from_url(fresh_redis.url, clock=ManualClock(), timeout_seconds=0.3)
+    try:
+        assert await store.incr_by("n", 1) == 1
+        fresh_redis.pause()
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(store.incr_by("n", 1) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in results)
+        assert time.monotonic() - started < 1.0
+        fresh_redis.resume()
+        value = await store.incr_by("n", 0)  # the 5 queued ones may have run after resuming
+        for i in range(1, 21):  # a reply to a timed-out call never reaches a later call
+            assert await store.incr_by("n", 1) == value + i
+    finally:
+        fresh_redis.resume()
+        await store.close()
+
+
+async def test_scripts_use_the_urls_password_and_database() -> None:
+    with RedisServer(password="s3cret") as server:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+        store = RedisStore.from_url(url, clock=ManualClock())
+        try:
+            assert (
+                await store.hold("r", rec("r"), [Hold(counter(), 4)], until=2e9, record_ttl=60)
+            ).ok
+            client = Redis.from_url(url)
+            try:
+                assert await client.exists(rec("r")) == 1  # in database 3
+            finally:
+                await client.aclose()
+        finally:
+            await store.close()
+        wrong = RedisStore.from_url(f"redis://:wrong@127.0.0.1:{server.port}/0")
+        try:
+            with pytest.raises(StoreUnavailable):
+                await wrong.rate([Gcra(f"r:{T}:g", 60, 60, 5, 1)])
+        finally:
+            await wrong.close()
+
+
+def test_a_store_used_from_a_new_event_loop_redials(redis_server: RedisServer) -> None:
+    """The pipe's connection belongs to the loop that dialled it; a later `asyncio.run`
+    (the CLI's commands run one each) dials its own instead of touching a dead loop."""
+    store = RedisStore.from_url(redis_server.url, clock=ManualClock())
+    first = asyncio.run(store.incr_by("loops", 1))
+    assert asyncio.run(store.incr_by("loops", 1)) == first + 1
+    asyncio.run(store.close())
