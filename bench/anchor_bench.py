@@ -878,6 +878,14 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def _noise(a: Sequence[Sample], b: Sequence[Sample]) -> str:
+    """A warning when two paths' per-round p50 ranges overlap: the difference is noise."""
+    low_a, high_a = min(s.wrk.p50_ms for s in a), max(s.wrk.p50_ms for s in a)
+    low_b, high_b = min(s.wrk.p50_ms for s in b), max(s.wrk.p50_ms for s in b)
+    overlap = len(a) > 1 and len(b) > 1 and low_a <= high_b and low_b <= high_a
+    return " (the rounds' p50 ranges overlap: within noise; see the CPU row)" if overlap else ""
+
+
 def targets(run: Run) -> list[list[str]]:
     one, sixteen, ttft = run.one, run.sixteen, run.ttft.samples
     added = {path: p50(one[path]) - p50(one[DIRECT]) for path in one}
@@ -906,7 +914,8 @@ def targets(run: Run) -> list[list[str]]:
         ("Redis store: added p50 ≤ the official gateway's (vs direct)",
          f"{added[REDIS]:+.3f} ms", f"{added[OFFICIAL]:+.3f} ms", added[REDIS] <= added[OFFICIAL]),
         (f"Redis store: budget + rate limit add ≤ {TARGET_LIMITS_MS} ms p50",
-         f"{limits:+.3f} ms", "-", limits <= TARGET_LIMITS_MS),
+         f"{limits:+.3f} ms{_noise(one[REDIS], one[REDIS_OPEN])}", "-",
+         limits <= TARGET_LIMITS_MS),
         ("… their CPU per request (Envoy + ext_proc + redis-server, 16 connections)",
          f"{limits_cpu / 1000:+.3f} ms", "-", limits_cpu <= TARGET_LIMITS_MS * 1000),
         (f"117 KB Claude Code request, guard on: added p50 ≤ {TARGET_LARGE_MS:g} ms "
