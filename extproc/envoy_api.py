@@ -53,6 +53,8 @@ _MODES = {
 
 
 _PHASES = {phase.value: phase for phase in Phase if phase is not Phase.LOCAL_REPLY}
+# Each phase's oneof field name (`Phase.value` is a Python-level descriptor call).
+_FIELD = {phase: phase.value for phase in Phase}
 
 
 def phase_of(request: pb.ProcessingRequest) -> Phase | None:
@@ -87,7 +89,7 @@ def event_of(request: pb.ProcessingRequest, jwt_namespace: str | None = None) ->
 
 def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, str], bool]:
     """Lower-cased header dict (repeated headers joined by ',') and end_of_stream."""
-    message = getattr(request, phase.value)
+    message = getattr(request, _FIELD[phase])
     out: dict[str, str] = {}
     for header in message.headers.headers:
         value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
@@ -97,7 +99,7 @@ def headers_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[dict[str, s
 
 
 def body_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[bytes, bool]:
-    message = getattr(request, phase.value)
+    message = getattr(request, _FIELD[phase])
     return bytes(message.body), bool(message.end_of_stream)
 
 
@@ -105,7 +107,19 @@ def attributes_of(request: pb.ProcessingRequest) -> dict[str, Any]:
     """The request attributes Envoy sent (e.g. `xds.route_name`, `xds.route_metadata`)."""
     if EXT_PROC_FILTER not in request.attributes:
         return {}
-    return json_format.MessageToDict(request.attributes[EXT_PROC_FILTER])
+    return _struct_dict(request.attributes[EXT_PROC_FILTER])
+
+
+def _struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as `json_format.MessageToDict` makes it; the usual all-string one (route
+    name and metadata text, response code details) read directly: json_format builds a
+    printer and walks descriptors on every call."""
+    out: dict[str, Any] = {}
+    for name, value in struct.fields.items():
+        if value.WhichOneof("kind") != "string_value":
+            return dict(json_format.MessageToDict(struct))
+        out[name] = value.string_value
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -191,9 +205,9 @@ def to_response(phase: Phase, decision: Decision) -> pb.ProcessingResponse:
         return _immediate(decision)
     response = pb.ProcessingResponse()
     if phase in (Phase.REQUEST_TRAILERS, Phase.RESPONSE_TRAILERS):
-        getattr(response, phase.value).SetInParent()
+        getattr(response, _FIELD[phase]).SetInParent()
         return response
-    message = getattr(response, phase.value)
+    message = getattr(response, _FIELD[phase])
     message.SetInParent()
     message.response.SetInParent()
     _fill_common(message.response, decision)

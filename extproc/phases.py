@@ -36,6 +36,10 @@ class Phase(enum.Enum):
     # reply comes through the response phases (the stream's state, for the phase table).
     LOCAL_REPLY = "local_reply"
 
+    # Members are singletons compared by identity: hash them so too (Enum's own __hash__
+    # is a Python call, made on every phase-table lookup).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class RequestHeaders:

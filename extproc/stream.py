@@ -2,8 +2,8 @@
 
 Envoy opens one gRPC stream per HTTP request and sends its phases in order.
 `RequestStream` checks that order against a transition table (h11 style) and
-orchestrates: the client's dialect, auth and model policy, then the policy steps in
-their fixed order (`extproc.policies.steps.STEPS`, through the hooks of
+orchestrates: the client's dialect, the policy steps in their fixed order (auth ▸ model
+policy ▸ guard ▸ cache ▸ spend: `extproc.policies.steps.STEPS`, through the hooks of
 `extproc.policies.step`), the upstream adapter, and the one error boundary
 (`_refuse`); each phase returns a `Decision`. `close()` settles whatever is left when
 the stream ends, normally or not (client gone, upstream reset), so every request
@@ -47,7 +47,7 @@ from extproc.apis.kind import ApiKind
 from extproc.apis.rewrite import SseTextRewriter
 from extproc.apis.sse import SseEvent
 from extproc.apis.usage import Usage
-from extproc.config import FallbackStep, ProfileConfig, TierConfig
+from extproc.config import FallbackStep, ProfileConfig, ProviderConfig
 from extproc.credentials import CredentialMissing
 from extproc.decisions import CONTINUE, BodyMode, Continue, Decision, HeaderChanges, Respond
 from extproc.errors import (
@@ -79,12 +79,14 @@ from extproc.phases import (
     ResponseBody,
     ResponseHeaders,
 )
-from extproc.policies import auth, models, routing
+from extproc.policies import routing
+from extproc.policies.auth import ANONYMOUS, AuthRun, Identity
 from extproc.policies.budget.spending import SpendRun, cut_short_usage
 from extproc.policies.guard import Inspection
+from extproc.policies.models import ModelRun, target_for
 from extproc.policies.request import ParsedRequest, parse_cloud_request, parse_request
-from extproc.policies.step import Done, Ending, Reply, Run, Step
-from extproc.policies.steps import STEPS
+from extproc.policies.step import Done, Ending, Policy, Reply, Run, Step
+from extproc.policies.steps import STEPS, at_headers
 from extproc.signin import managed, otlp
 from extproc.signin.policy import policy_named
 from extproc.signin.service import SignIn
@@ -164,6 +166,29 @@ _NEXT: dict[Phase | None, frozenset[Phase]] = {
 _RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY})
 # Before a request of ours started (nothing to account).
 _NOT_STARTED = frozenset({None, Phase.LOCAL_REPLY})
+
+
+_AUTHORITIES: dict[str, str] = {}  # base URL -> host[:port], parsed once per provider
+
+
+def _authority(provider: ProviderConfig) -> str:
+    found = _AUTHORITIES.get(provider.base_url)
+    if found is None:
+        found = _AUTHORITIES[provider.base_url] = provider.authority
+    return found
+
+
+# STEPS split into the policies opened at the request headers and the rest, made once
+# per STEPS value (a test may replace STEPS).
+_SPLIT: list[tuple[tuple[Policy, ...], tuple[Policy, ...], tuple[Policy, ...]]] = []
+
+
+def _split_steps(steps: tuple[Policy, ...]) -> tuple[tuple[Policy, ...], tuple[Policy, ...]]:
+    if not _SPLIT or _SPLIT[0][0] is not steps:
+        early = tuple(policy for policy in steps if at_headers(policy))
+        late = tuple(policy for policy in steps if not at_headers(policy))
+        _SPLIT[:] = [(steps, early, late)]
+    return _SPLIT[0][1], _SPLIT[0][2]
 
 
 def _check_header_size(headers: Mapping[str, str]) -> None:
@@ -256,14 +281,13 @@ class RequestStream:
         self.path = ""
         self.target: routing.Target | None = None
         self.profile: ProfileConfig = gateway.config.profiles["default"]
-        self.identity: auth.Identity = auth.ANONYMOUS
-        self.key: str | None = None  # the credential the caller presented
-        self.tier: TierConfig | None = None
-        self.allow: list[models.AllowList] = []
         self.request: ParsedRequest | None = None
         self.served_model: str | None = None
         self.headers: Mapping[str, str] = {}
+        self.jwt_metadata: Mapping[str, Any] = {}
         self.runs: list[Run] = []  # the policy steps that opened, in step order (STEPS)
+        self._auth: AuthRun | None = None  # two of them, at hand (who calls, its lists)
+        self._models: ModelRun | None = None
         self.body_changed = False  # the body to forward differs from the caller's
         self.inspection: Inspection | None = None  # the guard's findings, if made off-loop
         self.body_size = 0
@@ -295,6 +319,20 @@ class RequestStream:
     def api(self) -> ApiKind:
         """The caller's wire schema by name (audit record, metric labels)."""
         return self.dialect.name
+
+    @property
+    def identity(self) -> Identity:
+        """Who calls, as the auth step found it (anonymous before it ran)."""
+        return self._auth.identity if self._auth is not None else ANONYMOUS
+
+    @property
+    def key(self) -> str | None:
+        """The credential the caller presented (the auth step read it)."""
+        return self._auth.key if self._auth is not None else None
+
+    def _model_policy(self) -> ModelRun:
+        assert self._models is not None  # opened with the request headers
+        return self._models
 
     # -- phase order -------------------------------------------------------------------
 
@@ -386,8 +424,10 @@ class RequestStream:
         self.headers = headers
         self.trace = self.gw.otel.start(self.trace_context or headers)
         self.path = headers.get(":path", "/")
+        self.jwt_metadata = jwt_metadata or {}
         self.dialect = dialect_of(api_of_path(self.path, headers))
         try:
+            self._open_steps(early=True)
             if self.gw.signin is not None and SignIn.serves(self.path):
                 return await self._sign_in(headers, end_of_stream)
             self._classify(headers)
@@ -398,7 +438,8 @@ class RequestStream:
             self.profile = self.gw.profiles.resolve(route_policy, route_name)
             if self.profile.refuse is not None:
                 raise Forbidden(self.profile.refuse, reason="route_refused")
-            await self._identify(headers, jwt_metadata or {})
+            for run in self.runs:  # auth, then the model policy's lists for the caller
+                await run.headers(self)
             return await self._after_request_headers(end_of_stream)
         except Exception as failure:  # every failure is answered at the boundary
             return self._refuse(failure)
@@ -444,14 +485,6 @@ class RequestStream:
                 "(limits.max_body_bytes)"
             )
 
-    async def _identify(self, headers: Mapping[str, str], jwt_metadata: Mapping[str, Any]) -> None:
-        """The auth step (who calls), then the model policy's lists for that caller."""
-        config = self.gw.config
-        self.key = auth.presented_key(headers)
-        self.identity = await auth.identify(self.gw, self.key, jwt_metadata)
-        self.tier = models.tier_of(config, self.identity)
-        self.allow = models.allow_lists(config, self.profile, self.identity, self.tier)
-
     async def _after_request_headers(self, end_of_stream: bool) -> Decision:
         assert self.route is not None
         if self.route.endpoint is Endpoint.QUOTA:
@@ -464,7 +497,7 @@ class RequestStream:
         if self.route.endpoint is Endpoint.MODELS:
             # Before the body check: a GET with a body must not skip it.
             model_id = self.path.split("?", 1)[0].removeprefix("/v1/models").strip("/")
-            if model_id and not models.visible(model_id, self.allow):
+            if model_id and not self._model_policy().visible(model_id):
                 raise NotFound(f"model {model_id!r} is not available to this caller")
         if not end_of_stream:
             return CONTINUE
@@ -542,22 +575,7 @@ class RequestStream:
         return self._answer(Respond(200, b"{}", headers, "extproc_otlp"), "otlp")
 
     def _choose_target(self, model: str | None) -> routing.Target:
-        api = self.dialect.name
-        chain = self.profile.fallback
-        if chain:
-            # A chain's route sends what is not generated (count_tokens, models) to its
-            # first provider directly; generating requests go to the chain (_plan_fallback).
-            first = routing.Target(chain[0].provider, self.gw.config.providers[chain[0].provider])
-            if first.adapter.translator(api) is not None:
-                return first
-        try:
-            if model is None and self.profile.provider is None:
-                return routing.default_target(self.gw.config, api)
-            return models.choose_provider(self.gw.config, self.profile, model or "", api)
-        except routing.NoProvider as exc:
-            raise Unavailable(
-                f"{exc}; add one under providers:", reason="no_provider", retryable=False
-            ) from exc
+        return target_for(self.gw.config, self.profile, model, self.dialect.name)
 
     def _serve(self, target: routing.Target, model: str | None = None) -> None:
         """The provider (and model) that serves the request: the first choice, or another
@@ -567,8 +585,8 @@ class RequestStream:
         self.translation = None  # a later choice (a fallback) may need none
         self.translator = None if translator is IDENTITY else self._bound(translator, target)
         if model is not None:
-            spend = self.run_of(SpendRun)
-            if self.served_model is not None and spend is not None:
+            spend = self.run_of(SpendRun) if self.served_model is not None else None
+            if spend is not None:  # a later choice: settled at the served model's price
                 self.gw.spending.serve(spend, model)
             self.served_model = model
 
@@ -649,7 +667,7 @@ class RequestStream:
         request = UpstreamRequest(
             provider=target.name,
             method=self.headers.get(":method", "POST"),
-            authority=target.provider.authority,
+            authority=_authority(target.provider),
             path=paths[-1] if paths else self.path,
             headers=self.headers,
             changes=tuple(route),
@@ -691,23 +709,9 @@ class RequestStream:
         if not body:
             raise BadRequest("request body is empty; send a JSON object", reason="invalid_json")
         self.request = request = self._as_dialect_reads(await self._parse(body))
-        if request.model is None:
+        if request.model is None:  # no model to police: forwarded as it is
             self._serve(self._choose_target(None))
             return await self._forward()
-        served = models.served_model(
-            request.model, self.gw.config, self.profile, self.tier, self.identity.map
-        )
-        models.check_allowed(request.model, served, self.allow)
-        if self.profile.fallback and self.route.endpoint.generates:
-            self._plan_fallback(self.profile.fallback, served)
-        else:
-            self._serve(self._choose_target(served), served)
-        if served != request.model:
-            path = self.dialect.with_model(self.path, request.body, served)
-            self.upstream_path = path if path != self.path else self.upstream_path
-            self.body_changed = True
-        if self.route.endpoint.generates and self._bound_spend(request):
-            self.body_changed = True
         reply = await self._run_steps()
         if reply is not None:
             return self._send_reply(reply)
@@ -717,15 +721,31 @@ class RequestStream:
         body_out = orjson.dumps(self.request.body) if self.body_changed else None
         return await self._forward(body=body_out)
 
-    async def _run_steps(self) -> Reply | None:
-        """The policy steps in their fixed order (`STEPS`): each that applies opens and
-        starts (it may refuse or rewrite the body), then those with store I/O run it in
-        the same order. A step may answer the request itself (a cache hit)."""
-        for policy in STEPS:
+    def _open_steps(self, *, early: bool, start: bool = False) -> None:
+        """Open the policies of `STEPS` that act at the request headers (or the rest), in
+        step order; each run is registered before it starts: a refusal is audited with it."""
+        for policy in _split_steps(STEPS)[0 if early else 1]:
             run = policy.open(self)
-            if run is not None:
-                self.runs.append(run)  # before it starts: a refusal is audited with it
+            if run is None:
+                continue
+            self.runs.append(run)
+            if early:  # auth and model policy, kept at hand
+                if isinstance(run, AuthRun):
+                    self._auth = run
+                elif isinstance(run, ModelRun):
+                    self._models = run
+            if start:
                 run.start(self)
+
+    async def _run_steps(self) -> Reply | None:
+        """The policy steps in their fixed order (`STEPS`) once the body is parsed: those
+        opened at the headers start (the model policy chooses what is served), then each
+        other that applies opens and starts (it may refuse or rewrite the body); then
+        those with store I/O run it in the same order. A step may answer the request
+        itself (a cache hit)."""
+        for run in list(self.runs):
+            run.start(self)
+        self._open_steps(early=False, start=True)
         reply = None
         for run in self.runs:
             if run.waits:
@@ -738,6 +758,24 @@ class RequestStream:
             if isinstance(run, kind):
                 return run
         return None
+
+    def serve_model(self, model: str) -> None:
+        """The model policy serves the request with `model`: the route's fallback chain
+        (a generating request) or its provider, and the request names the model; a
+        generating request's output is capped and a stream asks for its usage (the
+        provider's translator, bound here, reads the caller's own body first)."""
+        assert self.route is not None
+        assert self.request is not None
+        if self.profile.fallback and self.route.endpoint.generates:
+            self._plan_fallback(self.profile.fallback, model)
+        else:
+            self._serve(self._choose_target(model), model)
+        if model != self.request.model:
+            path = self.dialect.with_model(self.path, self.request.body, model)
+            self.upstream_path = path if path != self.path else self.upstream_path
+            self.body_changed = True
+        if self.route.endpoint.generates and self._bound_spend(self.request):
+            self.body_changed = True  # its cost made knowable before the other steps
 
     def replace_body(self, body: dict[str, Any]) -> None:
         """A step forwards `body` instead of the caller's."""
@@ -1229,13 +1267,13 @@ class RequestStream:
         listed = body.get("data")
         if self.answer.status != 200 or not isinstance(listed, list):
             return CONTINUE
-        config, identity = self.gw.config, self.identity
-        mapped = models.mapped_names(config, self.profile, self.tier, identity.map, self.allow)
+        policy = self._model_policy()
+        mapped = policy.mapped_names(self)
         ids = {m.get("id") for m in listed if isinstance(m, dict)}
         listed += [listed_entry(self.dialect.name, name) for name in mapped if name not in ids]
 
         def shown(model_id: str) -> bool:
-            return model_id in mapped or models.visible(model_id, self.allow)
+            return model_id in mapped or policy.visible(model_id)
 
         if self.model_page is not None:
             paged = model_list.page(listed, self.model_page, shown)
@@ -1281,7 +1319,7 @@ class RequestStream:
         budget and writing the audit record never delay the response."""
         first = "none" if self.phase in _NOT_STARTED else "request_headers"
         if not self.settled:
-            self.gw.metrics.streams.labels(first).inc()
+            self.gw.metrics.child(self.gw.metrics.streams, first).inc()
         if self.outcome is None and self.phase not in _NOT_STARTED:
             self._finish(_cut_short_outcome(self.answer.status, cancelled))
         if self.chain:
@@ -1310,8 +1348,8 @@ class RequestStream:
     # -- audit -------------------------------------------------------------------------
 
     def _steps(self) -> list[Step]:
-        """The policy steps that ran, in their fixed order: auth, then `self.runs`."""
-        return [self.identity, *self.runs]
+        """The policy steps that opened, in their fixed order (auth first)."""
+        return list(self.runs)
 
     def audit_values(self, now: float) -> tuple[dict[str, Any], list[Step], Done, dict[str, Any]]:
         """What the audit record is built from: the request's own facts, the steps that
@@ -1332,7 +1370,7 @@ class RequestStream:
             "agent_id": self.agent_id,
             "parent_agent_id": self.parent_agent_id,
             "provider": self.target.name if self.target else None,
-            "requested_model": request.model if request else None,
+            "requested_model": None,  # the model policy's field (its place in the record)
             "served_model": answer.served_model or self.served_model,
             "status": answer.status,
             "streamed": answer.streamed,

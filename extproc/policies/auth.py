@@ -32,6 +32,7 @@ import orjson
 
 from extproc.config import AuthConfig, JwtConfig, KeyConfig
 from extproc.errors import BadRequest, Unauthorized, Unavailable
+from extproc.policies.step import Done, Exchange, Run
 from extproc.store import Store, StoreError
 
 if TYPE_CHECKING:
@@ -221,6 +222,34 @@ async def identify(gw: Gateway, key: str | None, jwt_metadata: Mapping[str, Any]
             )
         raise Unauthorized("invalid gateway key", reason="invalid_key")
     return identity or ANONYMOUS
+
+
+class AuthRun(Run):
+    """The auth step on one request: who calls, found at the request headers."""
+
+    __slots__ = ("identity", "key")
+
+    def __init__(self) -> None:
+        self.identity: Identity = ANONYMOUS  # until the headers hook (and for sign-in, probes)
+        self.key: str | None = None  # the credential the caller presented
+
+    async def headers(self, exchange: Exchange) -> None:
+        self.key = presented_key(exchange.headers)
+        self.identity = await identify(exchange.gw, self.key, exchange.jwt_metadata)
+
+    def audit_fields(self, done: Done) -> Mapping[str, Any]:
+        return self.identity.audit_fields(done)
+
+
+class AuthStep:
+    """Auth's place in the step order: first, on every request (anonymous unless a key,
+    sign-in token or JWT names the caller; `auth.required` refuses an anonymous one)."""
+
+    def open(self, exchange: Exchange) -> AuthRun:
+        return AuthRun()
+
+
+AUTH = AuthStep()
 
 
 class KeyDirectory:

@@ -12,7 +12,12 @@ Pure functions over the config and the caller's identity:
    Patterns are shell globs (`claude-sonnet-*`), matched case-sensitively.
 3. `choose_provider`: the profile's provider, else the first `models.routes` rule
    matching the served model, else the first provider of the request's API shape;
-   one that cannot serve the caller's schema (no translator) is a 400 `wrong_api`.
+   one that cannot serve the caller's schema (no translator) is a 400 `wrong_api`
+   (`target_for`: the same, with a fallback chain's first provider first).
+
+`MODELS` is the model policy's step (`extproc.policies.step`): at the request headers
+its run finds the caller's tier and allow-lists, once the body is parsed it maps and
+checks the requested model and has the request served with it.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 from extproc.apis.kind import ApiKind
 from extproc.config import Config, ProfileConfig, TierConfig
-from extproc.errors import BadRequest, Forbidden
+from extproc.errors import BadRequest, Forbidden, Unavailable
 from extproc.policies.auth import Identity
-from extproc.policies.routing import Target, default_target
+from extproc.policies.routing import NoProvider, Target, default_target
+from extproc.policies.step import Done, Exchange, Run
 from extproc.translate.models import literal_names
 
 
@@ -126,3 +133,70 @@ def choose_provider(config: Config, profile: ProfileConfig, model: str, api: Api
             reason="wrong_api",
         )
     return target
+
+
+def target_for(config: Config, profile: ProfileConfig, model: str | None, api: ApiKind) -> Target:
+    """The provider a request goes to directly: a fallback chain's first (a chain's route
+    sends what is not generated there; generating requests go to the chain), else
+    `choose_provider`'s, else the default for the caller's schema (no model named)."""
+    chain = profile.fallback
+    if chain:
+        first = Target(chain[0].provider, config.providers[chain[0].provider])
+        if first.adapter.translator(api) is not None:
+            return first
+    try:
+        if model is None and profile.provider is None:
+            return default_target(config, api)
+        return choose_provider(config, profile, model or "", api)
+    except NoProvider as exc:
+        raise Unavailable(
+            f"{exc}; add one under providers:", reason="no_provider", retryable=False
+        ) from exc
+
+
+class ModelRun(Run):
+    """The model policy on one request: the caller's lists (request headers), then the
+    served model for what it asked (request body)."""
+
+    __slots__ = ("allow", "requested", "tier")
+
+    def __init__(self) -> None:
+        self.tier: TierConfig | None = None
+        self.allow: list[AllowList] = []
+        self.requested: str | None = None  # the model the request named
+
+    async def headers(self, exchange: Exchange) -> None:
+        config, identity = exchange.gw.config, exchange.identity
+        self.tier = tier_of(config, identity)
+        self.allow = allow_lists(config, exchange.profile, identity, self.tier)
+
+    def start(self, exchange: Exchange) -> None:
+        request = exchange.request
+        assert request is not None
+        assert request.model is not None
+        self.requested = request.model
+        config, key_map = exchange.gw.config, exchange.identity.map
+        served = served_model(request.model, config, exchange.profile, self.tier, key_map)
+        check_allowed(request.model, served, self.allow)
+        exchange.serve_model(served)
+
+    def visible(self, model_id: str) -> bool:
+        return visible(model_id, self.allow)
+
+    def mapped_names(self, exchange: Exchange) -> list[str]:
+        """What `/v1/models` adds for this caller (see `mapped_names`)."""
+        config, key_map = exchange.gw.config, exchange.identity.map
+        return mapped_names(config, exchange.profile, self.tier, key_map, self.allow)
+
+    def audit_fields(self, done: Done) -> Mapping[str, Any]:
+        return {"requested_model": self.requested}
+
+
+class ModelPolicy:
+    """The model policy's place in the step order: second, on every request."""
+
+    def open(self, exchange: Exchange) -> ModelRun:
+        return ModelRun()
+
+
+MODELS = ModelPolicy()

@@ -1,21 +1,28 @@
 """Policy steps: one shape for every policy on the request path.
 
-A request runs its steps in a fixed order (`extproc.policies.steps.STEPS`: guard ▸
-cache ▸ spend, after auth and model policy have chosen who calls and what is served).
-Each policy is one package that owns its config section, its pure core and its store
-I/O, and offers a `Policy`: `open(exchange)` returns the step's `Run` for this request,
-or None when the policy is off for it (so a step with nothing to do costs no object and
-no await). Once the request body is parsed, each policy in step order opens and its run
-is registered (so a refusal is still audited with the step's fields) and started.
+A request runs its steps in one fixed order (`extproc.policies.steps.STEPS`: auth ▸
+model policy ▸ guard ▸ cache ▸ spend). Each policy owns its config section, its pure
+core and its store I/O, and offers a `Policy`: `open(exchange)` returns the step's `Run`
+for this request, or None when the policy is off for it (so a step with nothing to do
+costs no object and no await). A run is registered as it opens (so a refusal is still
+audited with the step's fields). The policies that act on the request headers
+(`steps.AT_HEADERS`: auth, model policy) open as the headers arrive; the others open
+once the request body is parsed.
 
 A `Run` has the same small set of hooks, each a no-op unless the step overrides it:
 
-- the request: `start(exchange)` (synchronous, in step order as the runs open: it may
-  refuse by raising a `GatewayError`, or rewrite the body with `exchange.replace_body`),
-  then `request(exchange, reply)`: the step's store I/O before the request leaves, in
-  step order (awaited only for runs whose `waits` is set). It may refuse, or answer the
+- the request headers: `headers(exchange)`, awaited in step order for the runs opened
+  at the headers, once the route and its profile are known: auth finds who calls
+  (store I/O), the model policy the allow-lists for that caller. It may refuse.
+- the request: `start(exchange)` (synchronous, in step order once the body is parsed:
+  the runs opened at the headers first, then each other policy as it opens; it may
+  refuse by raising a `GatewayError`, choose what is served (the model policy:
+  `exchange.serve_model`) or rewrite the body with `exchange.replace_body`), then
+  `request(exchange, reply)`: the step's store I/O before the request leaves, in step
+  order (awaited only for runs whose `waits` is set). It may refuse, or answer the
   request itself with a `Reply` (a cache hit); the steps after it see that reply (spend
-  admits a hit as a hit) and the answer hooks screen it like a fresh answer.
+  admits a hit as a hit) and the answer hooks screen it like a fresh answer. A request
+  that names no model is forwarded as it is: no step starts.
 - the answer: `answer_headers()` (added to the response headers), `answer(body)` (a
   complete JSON answer, fresh or replayed: the body to send instead, or None; raise
   `AnswerWithheld` to withhold it), `rewriter()` (a rewriter over a streamed answer's
@@ -23,8 +30,8 @@ A `Run` has the same small set of hooks, each a no-op unless the step overrides 
 - `close(ending)`: work after the answer, in step order, once the RPC has ended (only
   for runs whose `closes` is set): the cache stores the answer, spend settles.
 - `audit_fields(done)`: the step's part of the audit record. `extproc.telemetry.record`
-  merges them over the request's own facts in step order (auth's `Identity` first): the
-  record never reaches into a step's state.
+  merges them over the request's own facts in step order (auth first: who calls; the
+  model policy: what was asked for): the record never reaches into a step's state.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class Done:
 
 
 class Step(Protocol):
-    """Anything that adds fields to the audit record (every `Run`, and auth's `Identity`)."""
+    """Anything that adds fields to the audit record (every `Run`)."""
 
     def audit_fields(self, done: Done) -> Mapping[str, Any]: ...
 
@@ -107,6 +114,8 @@ class Exchange(Protocol):
     @property
     def headers(self) -> Mapping[str, str]: ...
     @property
+    def jwt_metadata(self) -> Mapping[str, Any]: ...  # claims Envoy's jwt_authn validated
+    @property
     def request(self) -> ParsedRequest | None: ...
     @property
     def served_model(self) -> str | None: ...
@@ -121,6 +130,10 @@ class Exchange(Protocol):
 
     def replace_body(self, body: dict[str, Any]) -> None:
         """Forward `body` instead of the caller's."""
+
+    def serve_model(self, model: str) -> None:
+        """Serve the request with `model`: its provider is chosen (or the route's fallback
+        chain planned) and the request names it. A fallback may serve another later."""
 
     def payer(self) -> str | None:
         """The provider key an anonymous pass-through caller pays with."""
@@ -138,6 +151,10 @@ class Run:
 
     waits: ClassVar[bool] = False  # `request` has I/O to await
     closes: ClassVar[bool] = False  # `close` has work after the answer
+
+    async def headers(self, exchange: Exchange) -> None:
+        """The request headers, route and profile are known (runs opened at the headers)."""
+        return None
 
     def start(self, exchange: Exchange) -> None:
         """The request is parsed and this run is registered: check it, refuse it (raise

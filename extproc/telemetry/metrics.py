@@ -9,6 +9,8 @@ prometheus_client's multiprocess mode (see `extproc.server`).
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from extproc.apis.usage import Usage
@@ -20,6 +22,9 @@ SCOPE_IDS_PER_KIND = 500
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
@@ -143,6 +148,9 @@ class Metrics:
             registry=r,
         )
         self._scope_ids: dict[str, set[str]] = {}
+        # Label children already made: `labels()` takes a lock and checks its values on
+        # every call; the children live as long as their metric does anyway.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.otel_dropped = Counter(
             "extproc_otel_dropped",
             "Requests left out of OpenTelemetry because its recording queue was full.",
@@ -169,14 +177,22 @@ class Metrics:
             registry=r,
         )
 
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, made once per distinct label values."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
         for kind, value in _by_type(usage):
             if not value:
                 continue
             if saved:
-                self.cache_saved_tokens.labels(model, kind).inc(value)
+                self.child(self.cache_saved_tokens, model, kind).inc(value)
             else:
-                self.tokens.labels(model, provider, kind).inc(value)
+                self.child(self.tokens, model, provider, kind).inc(value)
 
     def scope_id(self, kind: str, value: str) -> str:
         """`value` as a label, or `other` once this kind has SCOPE_IDS_PER_KIND ids."""
@@ -193,7 +209,7 @@ class Metrics:
         for kind, value in scopes.items():
             label = self.scope_id(kind, self.bounds.scope_id(kind, value))
             if cost_usd:
-                self.scope_spend.labels(kind, label).inc(cost_usd)
+                self.child(self.scope_spend, kind, label).inc(cost_usd)
             for token_type, count in _by_type(usage):
                 if count:
-                    self.scope_tokens.labels(kind, label, token_type).inc(count)
+                    self.child(self.scope_tokens, kind, label, token_type).inc(count)

@@ -23,7 +23,7 @@ def build_record(
     facts: Mapping[str, Any], steps: Sequence[Step], done: Done, text: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The audit record: the request's own facts, then each step's fields in the steps'
-    fixed order (auth, guard, cache, spend), then the recorded text (if any)."""
+    fixed order (auth, model policy, guard, cache, spend), then the recorded text (if any)."""
     record = dict(facts)
     for step in steps:
         record.update(step.audit_fields(done))
@@ -48,27 +48,34 @@ def account(stream: RequestStream, now: float) -> None:
     answered = outcome in ("ok", "cache_hit") and stream.answer.served_model is not None
     model = "" if rejected else metrics.bounds.model(record["served_model"], answered=answered)
     provider = record["provider"] or ""
-    metrics.requests.labels(
-        stream.api, record["endpoint"] or "", model, provider, str(record["status"]), outcome
+    metrics.child(
+        metrics.requests,
+        stream.api,
+        record["endpoint"] or "",
+        model,
+        provider,
+        str(record["status"]),
+        outcome,
     ).inc()
     requested = metrics.bounds.model(record["requested_model"])
     if requested and stream.served_model and not rejected:
         served = metrics.bounds.model(stream.served_model)
-        metrics.model_mapping.labels(requested, served, provider).inc()
+        metrics.child(metrics.model_mapping, requested, served, provider).inc()
     if stream.route is None or not stream.route.endpoint.generates:
         return
     if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
-        metrics.subagent_requests.labels(record["endpoint"]).inc()
+        metrics.child(metrics.subagent_requests, record["endpoint"]).inc()
     if "cache" in record:  # the cache step ran: hit, miss, bypass or wait_timeout
-        metrics.cache.labels(record["cache"]).inc()
+        metrics.child(metrics.cache, record["cache"]).inc()
     metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
     if stream.outcome == "cache_hit":
         if record.get("cost_saved_usd"):
-            metrics.cache_saved_usd.labels(model).inc(record["cost_saved_usd"])
+            metrics.child(metrics.cache_saved_usd, model).inc(record["cost_saved_usd"])
     elif record.get("scopes") and not rejected:
         metrics.count_scopes(record["scopes"], stream.answer.usage, record.get("cost_usd"))
-    metrics.latency.labels(stream.api, record["endpoint"], str(stream.answer.streamed)).observe(
-        now - stream.started
+    latency = metrics.child(
+        metrics.latency, stream.api, record["endpoint"], str(stream.answer.streamed)
     )
+    latency.observe(now - stream.started)
     if stream.answer.first_token_at is not None:
-        metrics.ttft.labels(model).observe(stream.answer.first_token_at - stream.started)
+        metrics.child(metrics.ttft, model).observe(stream.answer.first_token_at - stream.started)

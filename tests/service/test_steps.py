@@ -12,10 +12,13 @@ import pytest
 from extproc import stream as stream_module
 from extproc.decisions import Continue, Respond
 from extproc.errors import Forbidden
+from extproc.policies.auth import AUTH, AuthRun
+from extproc.policies.guard.run import GUARD
+from extproc.policies.models import MODELS, ModelRun
 from extproc.policies.step import Done, Ending, Exchange, Reply, Run
-from extproc.policies.steps import STEPS
+from extproc.policies.steps import STEPS, at_headers
 from extproc.store.memory import MemoryStore
-from tests.service.test_guard_and_bounds import ANSWER, ListSink, ask, call, gateway
+from tests.service.test_guard_and_bounds import ANSWER, HEADERS, ListSink, ask, call, gateway
 
 PLAIN = {**ANSWER, "content": [{"type": "text", "text": "hello"}]}
 
@@ -132,7 +135,10 @@ async def test_a_refusal_in_a_step_is_audited_with_the_steps_before_it(
         def open(self, exchange: Exchange) -> Run | None:
             return Refuses()
 
-    monkeypatch.setattr(stream_module, "STEPS", (STEPS[0], Refusing(), *STEPS[1:]))
+    after_guard = STEPS.index(GUARD) + 1  # auth and model policy come first
+    monkeypatch.setattr(
+        stream_module, "STEPS", (*STEPS[:after_guard], Refusing(), *STEPS[after_guard:])
+    )
     gw = gateway(MemoryStore(), guard=True)
     decision, _ = await call(gw, ask())
     assert isinstance(decision, Respond)
@@ -142,3 +148,40 @@ async def test_a_refusal_in_a_step_is_audited_with_the_steps_before_it(
     assert "guard" in record  # the guard ran before it
     assert "cache" not in record  # the later steps never opened
     assert "scopes" not in record
+
+
+def test_auth_and_model_policy_are_the_first_steps_of_the_one_order() -> None:
+    assert STEPS[:2] == (AUTH, MODELS)
+    assert all(at_headers(policy) for policy in STEPS[:2])  # they open at the headers
+    assert not any(at_headers(policy) for policy in STEPS[2:])
+
+
+async def test_auth_and_model_policy_fields_come_from_their_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(AuthRun, "audit_fields", lambda self, done: {"caller": "from-auth"})
+    monkeypatch.setattr(ModelRun, "audit_fields", lambda self, done: {"requested_model": "m"})
+    gw = gateway(MemoryStore(), guard=False)
+    decision, _ = await call(gw, ask(), orjson.dumps(PLAIN))
+    assert isinstance(decision, Continue)
+    (record,) = records(gw)
+    assert (record["caller"], record["requested_model"]) == ("from-auth", "m")
+
+
+async def test_a_refusal_at_the_headers_is_audited_with_the_auth_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def refuse(self: ModelRun, exchange: Exchange) -> None:
+        raise Forbidden("no lists for this caller", reason="probe_refused")
+
+    monkeypatch.setattr(ModelRun, "headers", refuse)
+    gw = gateway(MemoryStore(), guard=True)
+    stream = stream_module.RequestStream(gw)
+    decision = await stream.request_headers(dict(HEADERS), False)
+    assert isinstance(decision, Respond)
+    assert decision.status == 403
+    await stream.close()
+    (record,) = records(gw)
+    assert record["outcome"] == "rejected_probe_refused"
+    assert record["identity"] == "anonymous"  # auth ran first and its fields are there
+    assert "guard" not in record  # the body steps never opened
