@@ -35,9 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-import grpc
 import yaml
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -591,10 +589,8 @@ def serve_ext_proc(port: int, servicer: Any) -> None:
     server.install_event_loop_policy()
 
     async def main() -> None:
-        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
-        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, grpc_server)
-        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-        await grpc_server.start()
+        grpc_server = server.process_server(servicer.Process, Config())
+        await grpc_server.listen("127.0.0.1", port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -10,7 +10,7 @@
        Lua filter reads the request body and answers with the exact bytes of the hit;
    (b) Envoy + ext_proc, cache hit;
    (c) Envoy + null hit server, a reference: bootstrap (b) against a do-nothing
-       grpc.aio ext_proc that answers the body phase with the same bytes as an
+       ext_proc (the gateway's gRPC transport) that answers the body phase with the same bytes as an
        ImmediateResponse, i.e. the floor of any Python ext_proc serving a hit.
    Cases alternate round by round; the figure per case is the median over rounds.
    Targets: a hit adds <= 1 ms (2 KB) and <= 3 ms (117 KB) p50 over (a).
@@ -49,7 +49,6 @@ from typing import Any
 
 import _common as c
 import gateway_bench as gb
-import grpc
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -165,10 +164,8 @@ def serve_null_hit(port: int, answer_file: Path) -> None:
     answer = answer_file.read_bytes()
 
     async def main() -> None:
-        grpc_server = grpc.aio.server(options=server.grpc_options(Config(), reuse_port=False))
-        pb_grpc.add_ExternalProcessorServicer_to_server(NullHit(answer), grpc_server)
-        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
-        await grpc_server.start()
+        grpc_server = server.process_server(NullHit(answer).Process, Config())
+        await grpc_server.listen("127.0.0.1", port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -522,7 +519,7 @@ def render(run: Run) -> str:
         "paths alternating; p50/p99 are the medians over rounds. The cached answer is the "
         f"upstream's {run.answer_bytes:,}-byte message; *{BARE}* answers those exact bytes "
         "from a Lua filter after reading the request body (the gateway bootstrap minus "
-        f"ext_proc); *{NULL}* is the gateway bootstrap against a do-nothing grpc.aio ext_proc "
+        f"ext_proc); *{NULL}* is the gateway bootstrap against a do-nothing ext_proc "
         "that returns the same bytes as an ImmediateResponse on the body phase (same event "
         "loop and gRPC options as `extproc serve`): the floor for serving a hit from Python. "
         f"The ext_proc server counted {run.hits_counted:,} cache hits for the "

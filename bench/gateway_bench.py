@@ -8,7 +8,7 @@ behind it that writes message_start, content_block_start and the first delta at 
    (a) bare Envoy: the rendered bootstrap without the header_mutation and ext_proc
        filters and the dispatch route, so routes go straight to the provider cluster;
    (b) Envoy + ext_proc: the bootstrap `extproc up` runs, plus `extproc serve`;
-   (c) Envoy + null ext_proc, a reference: bootstrap (b) against a do-nothing grpc.aio
+   (c) Envoy + null ext_proc, a reference: bootstrap (b) against a do-nothing ext_proc
        server answering the same phases, i.e. the floor without any gateway code;
    with wrk at 1 connection (-t1 -c1) and 16 connections (-t2 -c16), each case after
    a warm-up;
@@ -293,7 +293,7 @@ def start_helper(mode: str, port: int, workdir: Path) -> subprocess.Popen[bytes]
 class NullProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """Answers every phase with an empty reply; only picks the response body mode.
 
-    Same process setup as `extproc serve` (uvloop, grpc.aio, the same server options),
+    Same process setup as `extproc serve` (uvloop, the same gRPC transport and limits),
     so the gap between it and the real server is the cost of the gateway's own code.
     """
 
@@ -737,8 +737,8 @@ def thread_table(results: Sequence[CaseResult]) -> str:
     ]
     title = (
         f"ext_proc CPU by thread at {busiest.case.connections} connections (`event_engine`: "
-        "gRPC C-core threads; `python`: threads Python started, i.e. the grpc.aio poller "
-        "and the idle metrics server):\n\n"
+        "gRPC C-core threads, none since the server's own transport; `python`: threads Python "
+        "started, e.g. the idle metrics server):\n\n"
     )
     return title + c.table(["thread", "cores", "µs per request"], rows)
 
@@ -862,7 +862,7 @@ def _method(args: argparse.Namespace) -> str:
         "once. Upstream: an Envoy answering from a Lua filter (2 KB JSON, keep-alive); for "
         "SSE an asyncio server behind that Envoy. Request body: 2,048 bytes. "
         f"*{NULL}* is a reference, not a product path: the gateway's Envoy bootstrap with a "
-        "do-nothing grpc.aio ext_proc server (same event loop and gRPC options as "
+        "do-nothing ext_proc server (same event loop and gRPC transport as "
         "`extproc serve`), i.e. the floor for any Python ext_proc using these four phases."
     )
 

@@ -7,7 +7,7 @@ body, 200 JSON response headers, the JSON answer with usage). It sends N request
 
     (a) `extproc serve`, the memory store, a key budget and a pipeline budget
         (so every request reserves and settles), audit records to a file; and
-    (b) a null ext_proc: grpc.aio with the same server options and event loop that
+    (b) a null ext_proc: the same gRPC transport, limits and event loop that
         answers each phase with an empty reply through `context.write`, as the real
         servicer does, i.e. the floor of gRPC itself under the same load;
 

@@ -2,7 +2,10 @@
 
 With `envoy_api`, the only module that touches Envoy's protobufs. Each gRPC
 stream is one HTTP request; the servicer feeds its messages to a
-`RequestStream` and writes back what it decides.
+`RequestStream` and writes back what it decides. The gRPC transport is the
+project's own (`extproc.transport`: HTTP/2 on asyncio), not grpc.aio: a
+do-nothing server on it costs 27-44% of grpc.aio's CPU per request (README, "gRPC
+transport").
 
 Shutdown (SIGTERM/SIGINT): the health service turns NOT_SERVING at once, the
 server keeps accepting streams for `drain` seconds so Envoy's health checks (or
@@ -22,8 +25,6 @@ from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from extproc import envoy_api
@@ -35,14 +36,16 @@ from extproc.phases import Event, ResponseBody, ResponseHeaders
 from extproc.policies.budget.spending import anonymous_unlimited
 from extproc.stream import ProtocolError, RequestStream
 from extproc.telemetry.otel import NoOtel
+from extproc.transport import GrpcServer, Health, Method
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS = f"/{SERVICE_NAME}/Process"
 _GRPC_OVERHEAD = 1024 * 1024
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+class ExternalProcessor:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
@@ -72,9 +75,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 if _last_reply(event, decision):
                     # End the RPC ourselves (status OK: Envoy goes on without us). Left
                     # open, an Envoy without ext_proc_graceful_grpc_close resets it when
-                    # the HTTP request ends, and grpc.aio leaks ~120 B of C heap per RPC
-                    # whose status it sends after a reset (grpc/grpc#43360;
-                    # bench/soak_bench.py measures it).
+                    # the HTTP request ends: a cancelled handler, not a finished one.
                     break
         except ProtocolError as exc:
             # Nothing after an out-of-order phase would be screened or accounted: fail
@@ -140,17 +141,19 @@ def _trace_context(context: Any) -> dict[str, str]:
     return {k: v for k, v in metadata or () if k in ("traceparent", "tracestate")}
 
 
-def grpc_options(config: Config, reuse_port: bool) -> list[tuple[str, Any]]:
-    limit = config.limits.max_body_bytes + _GRPC_OVERHEAD
-    return [
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-        # Envoy keeps one long-lived HTTP/2 connection; allow its keepalive pings.
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_concurrent_streams", 100_000),
-    ]
+def max_message(config: Config) -> int:
+    """The largest gRPC message either way: a whole body plus its envelope."""
+    return config.limits.max_body_bytes + _GRPC_OVERHEAD
+
+
+def process_method(handler: Any) -> Method:
+    """The ext_proc `Process` method with `handler(requests, context)` behind it."""
+    return Method(pb.ProcessingRequest.FromString, pb.ProcessingResponse.SerializeToString, handler)
+
+
+def process_server(handler: Any, config: Config) -> GrpcServer:
+    """A server of `Process` alone (no health), e.g. the benches' reference servers."""
+    return GrpcServer({PROCESS: process_method(handler)}, max_message=max_message(config))
 
 
 class Server:
@@ -159,24 +162,26 @@ class Server:
     def __init__(self, config: Config, gateway: Gateway, *, reuse_port: bool = False) -> None:
         self.config = config
         self.gateway = gateway
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self.server = grpc.aio.server(options=grpc_options(config, reuse_port))
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(gateway), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(str(config.grpc_listen))
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.grpc_listen} (grpc_listen); is it in use?")
+        self.health = Health()
+        methods = {PROCESS: process_method(ExternalProcessor(gateway).Process)}
+        self.server = GrpcServer(methods | self.health.methods(), max_message=max_message(config))
+        address = config.grpc_listen
+        try:
+            self.port = self.server.bind(address.host, address.port, reuse_port=reuse_port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address} (grpc_listen); is it in use? {exc}") from exc
 
     async def start(self) -> None:
         await self.server.start()
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, serving=True)
 
     async def stop(self, grace: float, drain: float = 0.0) -> None:
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(service, serving=False)
         if drain > 0:
             await asyncio.sleep(drain)
+        self.health.close()
         await self.server.stop(grace)
         await self.gateway.settle_pending(grace)
         await self.gateway.close()

@@ -265,17 +265,20 @@ def test_a_broken_upstream_event_stream_is_withheld(fresh: Clouds, mode: str) ->
     """Frames that fail their CRC (or end mid-frame) never reach the client as content:
     the stream under way ends with an exception frame the SDK raises, audited as such."""
     before = len(fresh.stack.audit_records())
+    session = f"broken-frames-{mode}"
     with (
         pytest.raises(anthropic.APIStatusError, match="not a valid AWS event stream"),
         bedrock_client(fresh.stack).messages.stream(
             model=PROFILE,
             max_tokens=64,
             messages=ask(f"break it: {mode}"),
-            extra_headers={"x-fake-broken-frames": mode},
+            # The session id marks this request's record: another test's late record for
+            # a /bedrock/ path may land after `before` is counted.
+            extra_headers={"x-fake-broken-frames": mode, "x-claude-code-session-id": session},
         ) as stream,
     ):
         "".join(stream.text_stream)
-    record = _record_where(fresh.stack, before, lambda r: r["path"].startswith("/bedrock/"))
+    record = _record_where(fresh.stack, before, lambda r: r["session_id"] == session)
     assert record["outcome"] != "ok"
     assert record["error_type"] == "undecodable_answer"
 
