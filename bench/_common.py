@@ -12,6 +12,9 @@ Importing this module puts the repository root on `sys.path`, so a script run as
 - `wrk_rounds`, `lua_responder`, `start_redis`, `machine_table` and `guarded` serve
   cache_bench, budget_bench and guard_ttft_bench (alternating runs with CPU, a Lua
   responder, a throwaway redis-server, the machine table, clean Ctrl-C/time-limit exits).
+- `process_tree`, `tree_cpu_seconds`, `Marked` and `unique_wrk_script` serve anchor_bench
+  (CPU of a process and all its descendants; a body sent with a different token each
+  request, so a response cache sees only misses).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ _PROVIDERS = {
     "wrk": ("apt", "wrk"),
     "h2load": ("apt", "nghttp2-client"),
     "py-spy": ("pip", "py-spy"),
+    "nginx": ("apt", "nginx-light"),
+    "redis-server": ("apt", "redis-server"),
 }
 
 
@@ -593,3 +598,115 @@ def serve_ext_proc(port: int, servicer: Any) -> None:
         await grpc_server.stop(1)
 
     asyncio.run(main())
+
+
+# -- process trees and unique bodies (anchor_bench) -------------------------------------
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every live process (the kernel here has no /proc/.../children)."""
+    out: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            _, fields = _stat_fields(entry / "stat")
+        except (OSError, ValueError):
+            continue
+        out[int(entry.name)] = int(fields[1])
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (workers, offload pools)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo += children.get(current, [])
+    return out
+
+
+def tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds of processes `pids` (vanished ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+TOKEN_LETTERS = 12  # the per-request token: 4 letters of run salt + thread, 8 of counter
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A request body with a placeholder of `TOKEN_LETTERS` letters replaced per request."""
+
+    prefix: bytes
+    suffix: bytes
+
+    @classmethod
+    def of(cls, body: bytes, placeholder: bytes) -> Marked:
+        if len(placeholder) != TOKEN_LETTERS or body.count(placeholder) != 1:
+            raise BenchError("the placeholder must occur once and have TOKEN_LETTERS letters")
+        prefix, suffix = body.split(placeholder)
+        return cls(prefix, suffix)
+
+    def body(self, salt: int, counter: int) -> bytes:
+        return self.prefix + token(salt, counter).encode() + self.suffix
+
+
+def _letters(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, digit = divmod(n, 26)
+        out.append(chr(97 + digit))
+    return "".join(reversed(out))
+
+
+def token(salt: int, counter: int) -> str:
+    """Lower-case letters only: a guard flags no secret or PII in them."""
+    return _letters(salt, 4) + _letters(counter, 8)
+
+
+_WRK_UNIQUE = """
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+
+local function letters(n, width)
+  local out = {}
+  for i = width, 1, -1 do
+    out[i] = string.char(97 + n % 26)
+    n = math.floor(n / 26)
+  end
+  return table.concat(out)
+end
+
+local counter = 0
+function request()
+  counter = counter + 1
+  local token = letters(salt * 16 + tid, 4) .. letters(counter, 8)
+  return wrk.format(nil, nil, nil, prefix .. token .. suffix)
+end
+"""
+
+
+def unique_wrk_script(body: Marked, salt: int, headers: Mapping[str, str]) -> str:
+    """A wrk Lua script POSTing `body` with a token no other request of the bench used:
+    `salt` (one per wrk run, < 26**4 / 16), the wrk thread and a per-thread counter."""
+    prefix, suffix = body.prefix.decode(), body.suffix.decode()
+    if "]==]" in prefix + suffix:
+        raise BenchError("request body cannot be embedded in a Lua long string")
+    lines = ['wrk.method = "POST"', f"prefix = [==[{prefix}]==]", f"suffix = [==[{suffix}]==]"]
+    lines += [f"salt = {salt}"]
+    lines += [f'wrk.headers["{key}"] = "{value}"' for key, value in headers.items()]
+    return "\n".join(lines) + "\n" + _WRK_UNIQUE + _WRK_DONE

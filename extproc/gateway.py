@@ -12,9 +12,9 @@ import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from extproc.config import Config
+from extproc.config import Config, ProfileConfig
 from extproc.credentials import Credential
 from extproc.fallback import AttemptLog
 from extproc.offload import Offload
@@ -31,6 +31,8 @@ from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import Metrics
 from extproc.telemetry.otel import NoOtel, OtelProcess, open_otel
 from extproc.upstream import CredentialProvider, adapter_for
+
+_MEMO_LIMIT = 4096  # memoized per-profile values; cleared when full
 
 
 @dataclass
@@ -56,6 +58,28 @@ class Gateway:
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     open_streams: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Config values every request reads, copied once: a pydantic attribute read costs
+    # ~10x a plain one (its __getattr__ defeats the interpreter's attribute cache).
+    cloud_prefixes: tuple[tuple[str, Literal["bedrock", "vertex"]], ...] = field(init=False)
+    max_body_bytes: int = field(init=False)
+    record_text: bool = field(init=False)  # audit.record_text
+
+    def __post_init__(self) -> None:
+        self.cloud_prefixes = self.config.cloud_paths.prefixes()
+        self.max_body_bytes = self.config.limits.max_body_bytes
+        self.record_text = self.config.audit.record_text
+        self._records_text: dict[int, tuple[ProfileConfig, bool]] = {}
+
+    def records_text(self, profile: ProfileConfig) -> bool:
+        """`profile.records_text(audit.record_text)`, memoized by identity (the entry
+        keeps its profile, so a reused id is never mistaken for it)."""
+        found = self._records_text.get(id(profile))
+        if found is None or found[0] is not profile:
+            if len(self._records_text) >= _MEMO_LIMIT:
+                self._records_text.clear()
+            found = (profile, profile.records_text(self.record_text))
+            self._records_text[id(profile)] = found
+        return found[1]
 
     @classmethod
     def from_config(

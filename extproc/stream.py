@@ -469,7 +469,7 @@ class RequestStream:
         return answer
 
     def _classify(self, headers: Mapping[str, str]) -> None:
-        clouds = self.gw.config.cloud_paths.prefixes()
+        clouds = self.gw.cloud_prefixes
         cloud = cloud_kind_of(self.path, clouds)
         if cloud is not None:  # refusals under a cloud prefix come in that cloud's shape
             self.dialect = dialect_of(cloud)
@@ -477,7 +477,7 @@ class RequestStream:
         self.dialect = dialect_of(self.route.api)
         _check_header_size(headers)
         encoding.check_request_encoding(headers.get("content-encoding", ""))
-        limit = self.gw.config.limits.max_body_bytes
+        limit = self.gw.max_body_bytes
         length = headers.get("content-length", "0")
         if length.isdigit() and int(length) > limit:
             raise PayloadTooLarge(
@@ -697,7 +697,7 @@ class RequestStream:
 
     async def _on_request_body(self, body: bytes) -> Decision:
         assert self.route is not None
-        limit = self.gw.config.limits.max_body_bytes
+        limit = self.gw.max_body_bytes
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over {limit} bytes (limits.max_body_bytes)")
         if self.route.endpoint is Endpoint.OTLP:
@@ -1294,7 +1294,7 @@ class RequestStream:
         error = body.get("error")
         if isinstance(error, dict):
             self.answer.error_type = str(error.get("type") or error.get("code") or "error")
-        if self.profile.records_text(self.gw.config.audit.record_text):
+        if self.gw.records_text(self.profile):
             self.answer.completion = self.dialect.completion(body)
         self.answer.json = body  # the answer a step may keep (the cache stores it)
 
@@ -1397,7 +1397,7 @@ class RequestStream:
                 "dropped": dict(self.translation.dropped),
             }
         text: dict[str, Any] = {}
-        if request is not None and self.profile.records_text(self.gw.config.audit.record_text):
+        if request is not None and self.gw.records_text(self.profile):
             text["prompt"] = {
                 k: request.body[k] for k in ("system", "messages") if k in request.body
             }

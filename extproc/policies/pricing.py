@@ -53,6 +53,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
@@ -108,6 +109,35 @@ class LongContext(Rates):
     """Rates for a whole call whose prompt is over `threshold_tokens`."""
 
     threshold_tokens: int = Field(default=200_000, gt=0)
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainRates:
+    """One tier's rates as a plain object (see `_PlainPrice`)."""
+
+    input: Decimal
+    output: Decimal
+    cache_write: Decimal
+    write_1h: Decimal
+    cache_read: Decimal
+
+    @classmethod
+    def of(cls, rates: Rates) -> _PlainRates:
+        return cls(rates.input, rates.output, rates.cache_write, rates.write_1h, rates.cache_read)
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainPrice:
+    """What `cost_micros` and `estimate_micros` read of a `Price`, copied once (`_plain`):
+    a pydantic model's attribute read costs ~10x a plain object's (its `__getattr__`
+    defeats the interpreter's attribute cache), and prices are read ~25 times a request."""
+
+    base: _PlainRates
+    long: _PlainRates | None
+    threshold_tokens: int
+    web_search: Decimal
+    per_input: Decimal  # the dearest a prompt token can cost (estimate_micros)
+    per_output: Decimal
 
 
 class Price(Rates):
@@ -288,8 +318,36 @@ def cost_usd(usage: Usage, price: Price) -> Decimal:
     return _cost_micros_exact(usage, price) / MICROS_PER_USD
 
 
+_PLAIN_LIMIT = 4096  # memoized prices; cleared when full
+_plains: dict[int, tuple[Price, _PlainPrice]] = {}
+
+
+def _plain(price: Price) -> _PlainPrice:
+    """`price` as plain values, memoized by identity (the model is frozen; the entry
+    keeps its price, so a reused id is never mistaken for it)."""
+    entry = _plains.get(id(price))
+    if entry is not None and entry[0] is price:
+        return entry[1]
+    if len(_plains) >= _PLAIN_LIMIT:
+        _plains.clear()
+    long, dearest = price.long_context, price.dearest
+    plain = _PlainPrice(
+        _PlainRates.of(price),
+        _PlainRates.of(long) if long is not None else None,
+        long.threshold_tokens if long is not None else 0,
+        price.web_search,
+        max(price.dearest_input, dearest.dearest_input),
+        max(price.output, dearest.output),
+    )
+    _plains[id(price)] = (price, plain)
+    return plain
+
+
 def _cost_micros_exact(usage: Usage, price: Price) -> Decimal:
-    rates = price.rates_for(usage.prompt_tokens)
+    plain = _plain(price)  # (= price.rates_for, read as plain values)
+    long = plain.long
+    over = long is not None and usage.prompt_tokens > plain.threshold_tokens
+    rates = long if over and long is not None else plain.base
     one_hour = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
     return (
         usage.input_tokens * rates.input
@@ -297,7 +355,7 @@ def _cost_micros_exact(usage: Usage, price: Price) -> Decimal:
         + (usage.cache_creation_input_tokens - one_hour) * rates.cache_write
         + one_hour * rates.write_1h
         + usage.cache_read_input_tokens * rates.cache_read
-        + usage.web_search_requests * price.web_search * MICROS_PER_USD
+        + usage.web_search_requests * plain.web_search * MICROS_PER_USD
     )
 
 
@@ -310,10 +368,8 @@ def estimate_micros(price: Price, *, input_tokens: int, max_output_tokens: int) 
     """An upper-bound cost to reserve before a call: every input token at the dearest
     rate that can apply to it (1-hour cache write, long-context tier), and the full
     `max_output_tokens` at the dearest output rate."""
-    dearest = price.dearest
-    per_input = max(price.dearest_input, dearest.dearest_input)
-    per_output = max(price.output, dearest.output)
-    return math.ceil(input_tokens * per_input + max_output_tokens * per_output)
+    plain = _plain(price)
+    return math.ceil(input_tokens * plain.per_input + max_output_tokens * plain.per_output)
 
 
 def usd_to_micros(usd: Decimal | int | str) -> int:

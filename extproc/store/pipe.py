@@ -1,14 +1,14 @@
-"""One pipelined Redis connection for the store's scripts: RESP written by hand, read by hiredis.
+"""One pipelined Redis connection for every store call: RESP written by hand, read by hiredis.
 
-The budget and rate-limit scripts are on every request's path, and redis-py's asyncio
-client spends ~60-250 µs of Python per call on them (pool checkout, per-argument
-encoding, retry and observability wrappers, a pure-Python reply parser): more than the
-round trip itself. A `Pipe` keeps one connection per process and lets every coroutine
+The budget and rate-limit scripts and the response cache's reads, writes and lock are
+on every request's path, and redis-py's asyncio client spends ~60-250 µs of Python per
+call (pool checkout, per-argument encoding, retry and observability wrappers): more than
+the round trip itself. A `Pipe` keeps one connection per process and lets every coroutine
 write its command at once (pipelining: nobody waits for a free connection); replies come
 back in order, so each is matched to the oldest waiting future. hiredis parses them in C.
 A call costs one `transport.write` and one future.
 
-Bounded failure, as the redis-py path:
+Bounded failure:
 
 * dialling (TCP, TLS or a unix socket; AUTH and SELECT pipelined behind it) is bounded by
   the timeout; a refused or failed dial raises `ConnectionError` at once;
@@ -18,7 +18,7 @@ Bounded failure, as the redis-py path:
   `TimeoutError`. The next call dials again, so a reply to a timed-out call can never
   reach a later one;
 * a lost connection fails its waiting calls with `ConnectionError`; the next call
-  redials. A waiting call is never resent: its script may have run.
+  redials. A waiting call is never resent: its script or write may have run.
 
 Error replies arrive as `hiredis.ReplyError` values; `call` raises them as `ReplyError`
 (NOSCRIPT as `NoScript`) for the store to map in one place.

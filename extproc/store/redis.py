@@ -6,21 +6,21 @@ restart or SCRIPT FLUSH loads the script once and retries), so a budget or rate
 check is one round trip. All keys a script touches are passed in KEYS and
 share one Cluster hash tag (`same_slot` enforces it before sending).
 
-Two transports. The scripts (budget holds and settles, rate limits, admit: the
-request path) go over `extproc.store.pipe`: one pipelined connection per store,
-commands encoded once (keys and per-counter words memoized by `_Encoder`), replies
-parsed by hiredis, ~30 µs of client CPU per call where redis-py's asyncio client
-spent ~100-250 µs. The KV calls (API keys, the response cache, locks) use a redis-py
-connection pool (which parses with hiredis too).
+One transport: every call (the scripts: budget holds and settles, rate limits, admit;
+and the KV calls: the response cache's get/set, its single-flight lock and wait, API
+keys, sign-in) goes over `extproc.store.pipe`: one pipelined connection per store,
+commands encoded by hand (keys and per-counter words memoized by `_Encoder`), replies
+parsed by hiredis, ~15-20 µs of client CPU per call where redis-py's asyncio client
+spent ~60-250 µs (pool checkout, per-argument encoding, retry wrappers). redis-py only
+parses the URL (host or socket, TLS, auth, database; an invalid URL or option is a
+`StoreConfigError` at start) and is never dialled by the store itself.
 
-Failure is bounded either way. Pool calls run under `asyncio.timeout(timeout_seconds)`
-(default 1 s) on top of short socket timeouts, and the pool waits at most that long
-for a free connection; one immediate retry on a connection error hides the first
-stale pooled connection after a Redis restart. Pipe calls are bounded by the pipe's
-own watchdog (same timeout) and fail at once when the connection drops; the next call
-redials. Connection errors, timeouts and LOADING/READONLY/BUSY replies become
-`StoreUnavailable` (`raise ... from`, in `_map_error`: the one boundary), so the store
-recovers by itself when Redis comes back.
+Failure is bounded: the pipe's watchdog fails a call Redis has not answered within
+`timeout_seconds` (default 1 s; dialling is bounded by it too), a dropped connection
+fails its waiting calls at once, and the next call redials. A waiting call is never
+resent (a script or SET may have run). Connection errors, timeouts and
+LOADING/READONLY/BUSY replies become `StoreUnavailable` (`raise ... from`, in
+`_map_error`: the one boundary), so the store recovers by itself when Redis comes back.
 
 The scripts take the caller's time (`now`, in ms) and relative TTLs; see the
 package docstring for why.
@@ -30,21 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from redis import exceptions as rexc
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.connection import (
     Connection,
     ConnectionPool,
     SSLConnection,
     UnixDomainSocketConnection,
 )
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from extproc.store import (
     Clock,
@@ -71,8 +68,6 @@ from extproc.store import (
 from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, bulk, command, evalsha
 
 __all__ = ["RedisStore"]
-
-T = TypeVar("T")
 
 _PRELUDE = """
 -- A spec argument is a JSON array of strings: cjson decodes it in C, ~3x faster than
@@ -478,6 +473,10 @@ _SCRIPTS = {
     "unlock": _Script(_UNLOCK),
 }
 
+_PING = command(b"PING")
+_GET = b"*2\r\n$3\r\nGET\r\n"  # + the key, bulk-encoded
+_DEL = b"*2\r\n$3\r\nDEL\r\n"
+
 _UNAVAILABLE_REPLIES = (
     "LOADING",
     "BUSY",
@@ -493,10 +492,10 @@ _DATA_REPLIES = ("WRONGTYPE", "not an integer", "not a valid float")
 
 
 def _map_error(exc: Exception, timeout: float) -> StoreError:
-    """Translate a redis-py (or socket) error into the store hierarchy."""
+    """Translate a pipe (or socket) error into the store hierarchy."""
     if isinstance(exc, TimeoutError):
         return StoreUnavailable(f"redis did not answer within {timeout:g}s")
-    if isinstance(exc, rexc.ConnectionError | rexc.TimeoutError | OSError | rexc.ReadOnlyError):
+    if isinstance(exc, OSError):  # ConnectionError (refused, lost, closed) included
         return StoreUnavailable(f"redis unavailable: {type(exc).__name__}: {exc}")
     message = str(exc)
     if message.startswith(_UNAVAILABLE_REPLIES):
@@ -506,23 +505,18 @@ def _map_error(exc: Exception, timeout: float) -> StoreError:
     return StoreError(f"redis error: {type(exc).__name__}: {message}")
 
 
-def _pool(
-    url: str, timeout: float, max_connections: int, password: str | None = None
-) -> BlockingConnectionPool:
+def _pool(url: str, timeout: float, password: str | None = None) -> ConnectionPool:
+    """redis-py's parse of the URL (validated here, so a bad one fails at start). The
+    store sends nothing through it; it backs `RedisStore._client` for admin use (tests)."""
     extra = {"password": password} if password is not None else {}
     try:
-        return BlockingConnectionPool.from_url(
+        return ConnectionPool.from_url(
             url,
             **extra,
-            max_connections=max_connections,
-            timeout=timeout,  # wait for a free pooled connection at most this long
+            max_connections=4,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            driver_info=None,  # no CLIENT SETINFO: one round trip less per new connection
-            # one immediate retry, on connection errors only: it redials a pooled
-            # connection that went stale when Redis restarted. Never on timeouts: the
-            # command may have run, and scripts are not all idempotent.
-            retry=Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+            driver_info=None,  # no CLIENT SETINFO
             health_check_interval=0,
         )
     except (ValueError, TypeError) as exc:
@@ -562,31 +556,27 @@ class RedisStore:
         *,
         clock: Clock | None = None,
         timeout_seconds: float = 1.0,
-        max_connections: int = 128,
         password: str | None = None,
     ) -> RedisStore:
-        """Build a client; query options in the URL (e.g. `?socket_timeout=2`) win. A
+        """Build a store for `url`; every call is bounded by `timeout_seconds`. A
         `password` (from a file or env var, so it stays out of ConfigMaps) overrides one in
         the URL."""
         if not timeout_seconds > 0:
             raise StoreConfigError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
-        client = Redis.from_pool(_pool(url, timeout_seconds, max_connections, password))
+        client = Redis.from_pool(_pool(url, timeout_seconds, password))
         return cls(client, clock=clock, timeout_seconds=timeout_seconds)
 
     @property
     def clock(self) -> Clock:
         return self._clock
 
-    async def _run(self, op: Awaitable[T]) -> T:
-        """Await one redis call with the bounded timeout and mapped errors."""
+    async def _call(self, payload: bytes) -> Any:
+        """Send one command over the pipe (bounded by its watchdog); its reply."""
         if self._closed:
-            if asyncio.iscoroutine(op):
-                op.close()
             raise StoreUnavailable("store is closed")
         try:
-            async with asyncio.timeout(self._timeout):
-                return await op
-        except (rexc.RedisError, OSError, TimeoutError) as exc:
+            return await self._pipe.call(payload)
+        except (ReplyError, OSError, TimeoutError) as exc:
             raise _map_error(exc, self._timeout) from exc
 
     async def _script(
@@ -604,11 +594,11 @@ class RedisStore:
     # ---- KV -------------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        await self._run(self._client.ping())
+        await self._call(_PING)
 
     async def get(self, key: str) -> bytes | None:
-        value = await self._run(self._client.get(key))
-        return value.encode() if isinstance(value, str) else value
+        reply: bytes | None = await self._call(_GET + bulk(key.encode()))
+        return reply
 
     async def set(
         self,
@@ -619,24 +609,26 @@ class RedisStore:
         only_if_absent: bool = False,
     ) -> bool:
         check_ttl(ttl_seconds)
-        expiry = None if ttl_seconds is None else px(ttl_seconds)
-        done = await self._run(self._client.set(key, value, px=expiry, nx=only_if_absent))
-        return bool(done)
+        parts = [b"SET", key.encode(), value]
+        if ttl_seconds is not None:
+            parts += (b"PX", b"%d" % px(ttl_seconds))
+        if only_if_absent:
+            parts.append(b"NX")
+        return await self._call(command(*parts)) is not None  # +OK, or nil when NX lost
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._run(self._client.delete(key)))
+        return bool(await self._call(_DEL + bulk(key.encode())))
 
     async def scan(self, prefix: str, limit: int = 1000) -> list[str]:
         """At most `limit` keys starting with `prefix`, sorted; SCAN, never KEYS."""
         pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+        tail = (b"MATCH", pattern.encode(), b"COUNT", b"%d" % max(100, limit))
         found: set[str] = set()
-        cursor = 0
+        cursor = b"0"
         while True:
-            cursor, batch = await self._run(
-                self._client.scan(cursor, match=pattern, count=max(100, limit))
-            )
-            found.update(k.decode() if isinstance(k, bytes) else k for k in batch)
-            if cursor == 0 or len(found) >= limit:
+            cursor, batch = await self._call(command(b"SCAN", cursor, *tail))
+            found.update(k.decode() for k in batch)
+            if cursor == b"0" or len(found) >= limit:
                 return sorted(found)[:limit]
 
     async def incr_by(self, key: str, amount: int, ttl_seconds: float | None = None) -> int:

@@ -2,9 +2,10 @@
 
 Admit (rate limits + every budget hold) and settle (the holds + the token limits'
 correction) are one EVALSHA each, counted with Redis' own INFO commandstats rather than
-timed. The scripts run over `extproc.store.pipe` (one pipelined connection, hiredis):
-these tests also cover what that connection must survive: SCRIPT FLUSH under concurrent
-calls, a redis-server killed and restarted mid-run, a hung one, AUTH and SELECT.
+timed. The scripts and the KV calls (the cache's get/set/lock) run over
+`extproc.store.pipe` (one pipelined connection, hiredis): these tests also cover what
+that connection must survive: SCRIPT FLUSH under concurrent calls, a redis-server killed
+and restarted mid-run, a hung one, AUTH and SELECT.
 """
 
 from __future__ import annotations
@@ -109,6 +110,35 @@ async def test_admit_and_settle_are_one_evalsha_each(redis_server: RedisServer) 
     # (commandstats also counts the commands the scripts run inside Redis: GET, HINCRBY...)
     assert calls["evalsha"] == 20  # one per admit, one per settle (the token correction in it)
     assert not {"eval", "script|load", "multi", "exec"} & calls.keys()
+
+
+async def test_a_cache_miss_and_the_budget_calls_share_one_connection(
+    fresh_redis: RedisServer,
+) -> None:
+    """Every call a cache miss and a budgeted request make (get, the lock's SET NX, SET
+    with a TTL, compare-and-delete, the scripts), 20 requests at once, goes over the
+    store's one pipelined connection: Redis sees one client besides the inspecting one."""
+    store = RedisStore.from_url(fresh_redis.url, clock=ManualClock())
+    spending = spending_on(store)
+
+    async def miss(i: int) -> None:
+        assert await store.get(f"entry{i}") is None
+        assert await store.acquire_lock(f"lock{i}", "me", 5)
+        await _request(spending, Usage(input_tokens=50, output_tokens=30))
+        assert await store.set(f"entry{i}", b"answer", 60)
+        assert await store.release_lock(f"lock{i}", "me")
+        assert await store.wait_for(f"entry{i}", 1.0) == b"answer"
+
+    try:
+        await asyncio.gather(*(miss(i) for i in range(20)))
+        client = Redis.from_url(fresh_redis.url)
+        try:
+            info = await client.info("clients")
+        finally:
+            await client.aclose()
+        assert info["connected_clients"] == 2
+    finally:
+        await store.close()
 
 
 async def test_settle_carries_the_token_correction(redis_server: RedisServer) -> None:
