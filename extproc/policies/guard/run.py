@@ -194,6 +194,8 @@ class GuardRun(Run):
     def check_schema(self, answer: Mapping[str, Any]) -> bool:
         """Check a structured answer against the profile's JSON schema (if it has one);
         True when it fails and `schema_action` is block."""
+        if self.policy.config.output.json_schema is None:
+            return False  # no schema: the answer's text is not needed
         verdict = self.policy.check_structured(answer_text(answer, self.api))
         if verdict is None:
             return False
