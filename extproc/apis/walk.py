@@ -200,6 +200,8 @@ class _Walk:
     def unit(self, how: str, value: Any, path: Path, walker: Callable[[], None]) -> None:
         """`walker()` walks `value` (at `path`, in the current block); with a memo, a
         unit walked before is taken from it instead."""
+        if value is None:
+            return  # an absent field (`system`, `tools`): no texts, nothing to key
         if self.memo is None or self.units_left <= 0:
             walker()
             return
