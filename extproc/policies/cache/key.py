@@ -159,6 +159,61 @@ def _checksums(value: Any) -> list[int]:
     return out
 
 
+def _located(value: Any, wanted: set[int], total: int) -> list[tuple[int, Path, str]]:
+    """The path and text of each string of `value` whose `_strings` index is in `wanted`
+    (`total`: how many strings `value` has), without building the path of any other
+    string: a near miss's changed strings are a few of many thousand. The walk starts
+    at the end nearer to the farthest wanted index (a new turn changes the last strings),
+    and stops once every wanted string is found."""
+    backwards = total - 1 - min(wanted) < max(wanted)
+    step, index = (-1, total - 1) if backwards else (1, 0)
+    found: list[tuple[int, Path, str]] = []
+    stack: list[tuple[Path, str | int | None, Any]] = [((), None, value)]
+    while stack and len(found) < len(wanted):  # iterative, like `_checksums`
+        parent, name, node = stack.pop()
+        if isinstance(node, str):
+            if index in wanted:
+                found.append((index, parent if name is None else (*parent, name), node))
+            index += step
+            continue
+        if isinstance(node, list):
+            children: Any = enumerate(node)
+        elif isinstance(node, dict):
+            children = node.items()
+        else:
+            continue
+        path = parent if name is None else (*parent, name)
+        pairs = [(path, k, item) for k, item in children]
+        stack.extend(pairs if backwards else reversed(pairs))
+    return found
+
+
+def _named(value: Any, name: str) -> list[str]:
+    """The text of every string of `value` whose `format_path` is `name` (two paths format
+    alike only when a key is empty or holds `.` or `[`), found by following `name` down
+    instead of formatting the path of every string."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        out, node = stack.pop()
+        if isinstance(node, str):
+            if out == name:
+                found.append(node)
+        elif isinstance(node, list):
+            index = _INDEX.match(name, len(out))
+            if index is not None and int(index[1]) < len(node):
+                stack.append((out + index[0], node[int(index[1])]))
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                piece = f"{out}.{key}" if out else key
+                if name.startswith(piece):
+                    stack.append((piece, item))
+    return found
+
+
+_INDEX = re.compile(r"\[(0|[1-9][0-9]*)\]")
+
+
 def format_path(path: Path) -> str:
     out = ""
     for part in path:
@@ -216,14 +271,14 @@ class Shape:
         if len(before) != len(self.checksums):
             return []
         changed = {i for i, (a, b) in enumerate(zip(before, self.checksums, strict=True)) if a != b}
-        paths = (path for i, (path, _) in enumerate(_strings(self.body, ())) if i in changed)
-        return sorted(format_path(path) for path in paths)
+        if not changed:
+            return []
+        located = _located(self.body, changed, len(self.checksums))
+        return sorted(format_path(path) for _, path, _ in located)
 
     def directory_fields(self, fields: Sequence[str]) -> list[str]:
         """Which of `fields` hold a home or temporary directory path (see `paths`)."""
         wanted = set(fields)
         return sorted(
-            format_path(path)
-            for path, text in _strings(self.body, ())
-            if format_path(path) in wanted and DIRECTORIES.search(text)
+            name for name in wanted for text in _named(self.body, name) if DIRECTORIES.search(text)
         )
