@@ -6,7 +6,16 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from extproc.policies.cache.key import DIRECTORIES, Shape, _strings, format_path
+import orjson
+
+from extproc.policies.cache.key import (
+    DIRECTORIES,
+    SHAPE_DEPTH,
+    Shape,
+    ShapeMemo,
+    _strings,
+    format_path,
+)
 
 
 def _shape(body: dict[str, Any]) -> Shape:
@@ -54,3 +63,49 @@ def test_paths_match_the_full_walk() -> None:
         if format_path(p) in set(every) and DIRECTORIES.search(t)
     )
     assert _shape(body).directory_fields(every) == expected
+
+
+def _reference_shape(body: dict[str, Any]) -> tuple[bytes, list[int]]:
+    """The whole body's shape bytes and checksums, computed in one piece."""
+    from extproc.policies.cache.key import _DIRECTORIES_JSON, _HEXISH
+
+    dumped = orjson.dumps(body)
+    for directories in _DIRECTORIES_JSON:
+        dumped = directories.sub(b"~", dumped)
+    return dumped.translate(_HEXISH), [zlib.crc32(t.encode()) for _, t in _strings(body, ())]
+
+
+def _turns() -> list[dict[str, Any]]:
+    tool = {"name": "Bash", "input_schema": {"type": "object", "properties": {"a1": {}}}}
+    big = "naïve café ✓ " * 40 + "see /home/alice/src and C:\\Users\\bob\\x /tmp/abc123"
+    messages: list[dict[str, Any]] = []
+    bodies = []
+    for turn in range(6):
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": big},
+                    {"type": "tool_result", "content": [{"type": "text", "text": big * 2}]},
+                    {"type": "text", "text": f"turn {turn} at /Users/u{turn}/p", "n": [1, 2.5]},
+                ],
+            }
+        )
+        messages.append({"role": "assistant", "content": f"ok {turn} " + big})
+        body: dict[str, Any] = {
+            "model": "m-2024",
+            "system": [{"type": "text", "text": big, "/home/k1/x": "key with a path"}],
+            "tools": [tool] * 3,
+            "messages": [dict(m) for m in messages],
+            "deep": [[[[[[[{"x": big, "y": [[["/tmp/deep7"]]]}]]]]]]],
+            "empty": {},
+            "none": None,
+        }
+        bodies.append(orjson.loads(orjson.dumps(body)))  # fresh objects, like a parsed body
+    return bodies
+
+
+def test_memo_shape_is_the_whole_bodys() -> None:
+    for memo in (ShapeMemo(), ShapeMemo(max_bytes=4096), ShapeMemo(min_bytes=0)):
+        for body in _turns() * 2:
+            assert memo.shape(body, SHAPE_DEPTH) == _reference_shape(body)
