@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 try:  # an accelerator, not a requirement: the sre passes give the same answer
     import hyperscan
@@ -56,20 +56,7 @@ class ShapeScanner:
         expressions = [
             prefix + (b"(?:" + gate + b")" if gate else b"") for prefix, gate, _ in patterns
         ]
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(
-            expressions=expressions,
-            ids=list(range(len(expressions))),
-            elements=len(expressions),
-            flags=[hyperscan.HS_FLAG_SOM_LEFTMOST] * len(expressions),
-        )
-        self._local = threading.local()  # scratch space is per thread
-
-    def _scratch(self) -> hyperscan.Scratch:
-        scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
-        if scratch is None:
-            scratch = self._local.scratch = hyperscan.Scratch(self._db)
-        return scratch
+        self._db = _Database(expressions, hyperscan.HS_FLAG_SOM_LEFTMOST)
 
     def starts(self, shape: bytes) -> set[int]:
         """Every start the sre passes would find (each pattern's match start + offset)."""
@@ -82,7 +69,7 @@ class ShapeScanner:
             if pattern in gated:
                 spans.append((start, end))
 
-        self._db.scan(shape, match_event_handler=on_match, scratch=self._scratch())
+        self._db.scan(shape, on_match)
         for start, end in spans:
             self._hidden(shape, start, end, found)
         return found
@@ -118,14 +105,7 @@ class WordScanner:
             b"(?:^|" + _NOT_TOKEN + b")" + _literal(w) + b"(?:" + _NOT_TOKEN + b"|$)"
             for w in self._words
         ]
-        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(
-            expressions=expressions,
-            ids=list(range(len(expressions))),
-            elements=len(expressions),
-            flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(expressions),
-        )
-        self._local = threading.local()
+        self._db = _Database(expressions, hyperscan.HS_FLAG_SINGLEMATCH)
 
     def present(self, raw: bytes) -> frozenset[bytes]:
         found: list[bytes] = []
@@ -134,11 +114,29 @@ class WordScanner:
         def on_match(word: int, start: int, end: int, flags: int, context: object) -> None:
             found.append(words[word])
 
+        self._db.scan(raw, on_match)
+        return frozenset(found)
+
+
+class _Database:
+    """A block-mode database of `expressions` (ids are their indexes), each with `flag`,
+    and its scratch space, one per thread (a scan needs its own)."""
+
+    def __init__(self, expressions: Sequence[bytes], flag: int) -> None:
+        self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self._db.compile(
+            expressions=list(expressions),
+            ids=list(range(len(expressions))),
+            elements=len(expressions),
+            flags=[flag] * len(expressions),
+        )
+        self._local = threading.local()
+
+    def scan(self, data: bytes, on_match: Callable[[int, int, int, int, object], None]) -> None:
         scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
         if scratch is None:
             scratch = self._local.scratch = hyperscan.Scratch(self._db)
-        self._db.scan(raw, match_event_handler=on_match, scratch=scratch)
-        return frozenset(found)
+        self._db.scan(data, match_event_handler=on_match, scratch=scratch)
 
 
 def _literal(word: bytes) -> bytes:
