@@ -116,7 +116,9 @@ def _struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     name and metadata text, response code details) read directly: json_format builds a
     printer and walks descriptors on every call."""
     out: dict[str, Any] = {}
-    for name, value in struct.fields.items():
+    fields = struct.fields
+    for name in fields:  # keys then lookups: a upb map's items() costs ~3x as much
+        value = fields[name]
         if value.WhichOneof("kind") != "string_value":
             return dict(json_format.MessageToDict(struct))
         out[name] = value.string_value
