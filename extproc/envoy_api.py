@@ -230,4 +230,6 @@ def _render(phase: Phase, decision: Decision) -> pb.ProcessingResponse:
     return response
 
 
-_PLAIN = {phase: _render(phase, CONTINUE) for phase in Phase if phase is not Phase.LOCAL_REPLY}
+_PLAIN: dict[Phase, pb.ProcessingResponse] = {
+    phase: _render(phase, CONTINUE) for phase in Phase if phase is not Phase.LOCAL_REPLY
+}
