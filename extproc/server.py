@@ -118,7 +118,8 @@ class ExternalProcessor:
 
 def _is_attempt(context: Any) -> bool:
     metadata = context.invocation_metadata() if hasattr(context, "invocation_metadata") else ()
-    return any(key == ATTEMPT_METADATA for key, _ in metadata or ())
+    # A set comprehension, not any(generator): this runs on every request.
+    return ATTEMPT_METADATA in {key for key, _ in metadata or ()}
 
 
 def _last_reply(event: Event, decision: Decision) -> bool:

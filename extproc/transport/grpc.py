@@ -186,9 +186,8 @@ class Call:
         return self.method.deserialize(raw)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return tuple(
-            (k, v) for k, v in self._headers if not k.startswith(":") and k not in _RESERVED
-        )
+        # A list comprehension, not a generator: called on every call (server._is_attempt).
+        return tuple([(k, v) for k, v in self._headers if k not in _RESERVED and k[:1] != ":"])
 
     async def write(self, message: Any) -> None:
         """Send one answer. On a stream the peer has reset (or that ended with a status)
