@@ -586,7 +586,7 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({short})"
 
 
-# Frames whose own samples are time in native code they call (grpc's Cython/C core, uvloop):
+# Frames whose own samples are time in native code they call (socket I/O, uvloop's C loop):
 # py-spy without --native attributes that time to the innermost Python frame.
 _NATIVE_CALLERS = ("ExternalProcessor.Process ", "Runner.run ", "Thread.run ")
 # Entry frames present in every stack of a thread; left out of the inclusive table.
@@ -624,7 +624,7 @@ def _profile_tables(
     return (
         f"{total} on-CPU samples of the ext_proc server's threads. {share:.0f}% of them are "
         "in native code called straight from the servicer loop, the event loop or a bare "
-        "thread (gRPC's Cython/C core reading and writing messages, uvloop); the rest is "
+        "thread (uvloop's C loop and socket reads and writes); the rest is "
         "Python: the gateway's code and the libraries it calls.\n\n"
         + c.table(["function (own time)", "share"], rows(own))
         + "\n\n"
