@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -26,11 +27,41 @@ from extproc import envoy_config, supervisor
 from extproc.config import Config, HostPort, parse_config
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+_EPHEMERAL = _ephemeral_ports()
+_LISTEN_PORTS = range(15000, _EPHEMERAL.start) if _EPHEMERAL.start > 16000 else range(0)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free loopback port for a test server, outside the ephemeral range where possible.
+
+    A port from bind(0) is an ephemeral one: between handing it out and the server binding
+    it, any outgoing connection (Envoy's, a client's) may take it as its local port, and
+    the server fails with EADDRINUSE (seen in CI). Outgoing connections never use a port
+    outside the range; ports are random (another test run may be choosing too) and never
+    handed out twice by this process."""
+    for _ in range(200):
+        port = secrets.choice(_LISTEN_PORTS) if _LISTEN_PORTS else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        _handed_out.add(chosen)
+        return chosen
+    raise RuntimeError("no free loopback port found in 200 tries")
 
 
 def child_pids(pid: int) -> list[int]:
