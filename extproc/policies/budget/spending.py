@@ -444,22 +444,17 @@ class Spending:
     ) -> SpendRun:
         scopes = scopes_of(identity, headers, self.config.budgets.pipeline_header)
         checks = self.ledger.checks_for(scopes)
-        price = self.prices.find(model)
-        if price is None and any(c.rule.usd is not None for c in checks):
-            try:
-                price = self.prices.lookup(model)
-            except UnknownModel as exc:
-                raise BadRequest(
-                    f"{exc}: a USD budget applies to this request and the model is unpriced",
-                    reason="unpriced_model",
-                ) from exc
+        price = self._price(model, checks)
         subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
 
     def price_of(self, model: str, run: SpendRun) -> Price | None:
         """A model's price for `run`; an unpriced one is refused when a USD budget applies."""
+        return self._price(model, run.checks)
+
+    def _price(self, model: str, checks: Sequence[BudgetCheck]) -> Price | None:
         price = self.prices.find(model)
-        if price is None and any(c.rule.usd is not None for c in run.checks):
+        if price is None and any(c.rule.usd is not None for c in checks):
             try:
                 price = self.prices.lookup(model)
             except UnknownModel as exc:
