@@ -224,6 +224,44 @@ def test_anchor_find_gives_what_search_gives() -> None:
     assert _search_only(det, samples)  # the oracle does find things
 
 
+def _listed_findings(det: Detector, text: str) -> list[Finding]:
+    data = text.encode("ascii", "replace")
+    found: list[Finding] = []
+    det._scan_listed(data, text, found, 0)
+    return sorted(found, key=lambda f: (f.start, f.rule))
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_anchor_leads_give_what_search_gives() -> None:
+    det = Guard().profile().redaction.detector
+    samples = "\n".join(text for _, text, _ in POSITIVES) + "\n".join(NEGATIVES)
+    fixture = "\x00".join(t.text for t in model_texts(build_request(), "anthropic"))
+    cased = samples.upper() + samples.lower() + samples.swapcase()  # caseless keywords
+    for text in (samples, fixture, cased, "x_y-z: c=w; " * 3000 + samples):
+        assert _listed_findings(det, text) == _search_only(det, text)
+        assert det.scan(text) == det.scan(text, accelerated=False)
+    assert _listed_findings(det, samples)  # the oracle does find things
+
+
+# Pieces of every family's leads, and what stands around them, packed together.
+_LEAD_PARTS = [
+    "sk-", "ant-", "api03-", "proj-", "AKIA", "ghp_", "xoxb-", "eyJ", "-----BEGIN ", "PRIVATE KEY",
+    "passw", "PassWord", "pwd", "SECRET", "token", "Key", "api_key", "sig=", "?", "&", "://",
+    "http", "user:", "@", "acme.io", "Bearer ", "Basic ", "fe80::", "2001:db8::1", ":", "=",
+    "'", '"', " ", "\n", "_", "-", "A1b2C3d4E5f6G7h8I9j0", "K", "k", "W", "w", "c", "B", "é",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(st.lists(st.sampled_from(_LEAD_PARTS), max_size=60), st.integers(0, 40))
+@settings(max_examples=400, deadline=None)
+def test_anchor_leads_equal_memchr_scan(parts: list[str], start: int) -> None:
+    det = Guard().profile().redaction.detector
+    text = "".join(parts)
+    assert det.scan(text, start) == det.scan(text, start, accelerated=False)
+    assert _listed_findings(det, text) == _family_findings(det, text)
+
+
 _SHAPES = "0123456789 .-()+~\nAB_xy:/"
 
 
