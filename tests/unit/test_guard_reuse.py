@@ -338,3 +338,18 @@ def test_long_texts_score_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     assert injection._Text.of(big).words == _split_words(big)
     monkeypatch.setattr(injection, "_WORD_SCANNER", None)  # every token, split
     assert scores == [score_text(long) for long in longs]
+
+
+def test_marks_are_the_punctuation_leads_present() -> None:
+    """A rule led by punctuation is tried only when its lead occurs: `first` would find
+    nothing otherwise, so the marks must be exactly the leads present."""
+    data = Path(__file__).parents[1] / "data"
+    lines = (data / "injection_set.jsonl").read_text().splitlines()
+    texts = [orjson.loads(line)["text"] for line in lines if line.strip()]
+    texts += [t.text for t in model_texts(build_request(), "anthropic")]
+    padding = "ordinary tool output, nothing to see\n" * 150  # over the scanner's minimum
+    for text in (*texts, *(padding + t for t in texts), "<!-- a -->", "![x](y)", "[", "<"):
+        raw = text.lower().encode("utf-8", "surrogatepass")
+        expected = frozenset(m for m in injection._MARKS if m in raw)
+        assert injection._Text.of(text).marks == expected
+    assert set(injection._MARKS) == {b"<", b"[", b"\n", b"<!--", b"!["}
