@@ -353,3 +353,18 @@ def test_marks_are_the_punctuation_leads_present() -> None:
         expected = frozenset(m for m in injection._MARKS if m in raw)
         assert injection._Text.of(text).marks == expected
     assert set(injection._MARKS) == {b"<", b"[", b"\n", b"<!--", b"!["}
+
+
+def test_get_many_is_get_of_each_in_order() -> None:
+    """Same values and the same recency order (eviction) as a `get` per text."""
+    one: TextCache[int] = TextCache(max_chars=30, min_len=2)
+    many: TextCache[int] = TextCache(max_chars=30, min_len=2)
+    words = ["aaaa", "bbbb", "cccc", "dddd", "x", "eeee"]
+    for cache in (one, many):
+        for n, word in enumerate(words):
+            cache.put(word, n)
+    asked = ["cccc", "zzzz", "x", "aaaa", "cccc", ""]
+    assert many.get_many(asked) == [one.get(t) for t in asked] == [2, None, None, 0, 2, None]
+    for cache in (one, many):
+        cache.put("ffffffffffffffffffff", 9)  # evicts the least recently used
+    assert list(many._items) == list(one._items) == ["aaaa", "cccc", "ffffffffffffffffffff"]

@@ -1148,11 +1148,9 @@ class Detector:
         """
         out: list[tuple[int, Finding]] = []
         groups: dict[int, list[int]] = {}
-        get = self.cache.get
-        for i, t in enumerate(texts):
-            cached = get(t)
+        for i, cached in enumerate(self.cache.get_many(texts)):
             if cached is None:
-                groups.setdefault(_width(t), []).append(i)
+                groups.setdefault(_width(texts[i]), []).append(i)
             elif cached:
                 out.extend((i, f) for f in cached)
         for members in groups.values():
@@ -1163,6 +1161,12 @@ class Detector:
     def _scan_group(
         self, texts: Sequence[str], members: Sequence[int], out: list[tuple[int, Finding]]
     ) -> None:
+        if len(members) == 1:  # a single new text (a new turn's prompt): no offsets to map
+            i = members[0]
+            alone = tuple(self.scan(texts[i]))
+            self.cache.put(texts[i], alone)
+            out.extend((i, f) for f in alone)
+            return
         joined = _SEP.join(texts[i] for i in members)
         starts: list[int] = []
         pos = 0
@@ -1251,6 +1255,19 @@ class TextCache(Generic[V]):
         found = self._items.get(text)
         if found is not None:
             self._items.move_to_end(text)
+        return found
+
+    def get_many(self, texts: Sequence[str]) -> list[V | None]:
+        """`get` of each text, in order, in one call (a Claude Code request has hundreds
+        of strings, nearly all seen before: a call each was most of their cost)."""
+        items, min_len = self._items, self.min_len
+        get, touch = items.get, items.move_to_end
+        found: list[V | None] = []
+        for text in texts:
+            value = get(text) if len(text) >= min_len else None
+            if value is not None:
+                touch(text)
+            found.append(value)
         return found
 
     def put(self, text: str, value: V) -> None:
