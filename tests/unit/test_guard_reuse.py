@@ -284,6 +284,36 @@ def test_hyperscan_number_candidates_on_real_text() -> None:
         assert _number_starts(data) == _number_starts(data, accelerated=False)
 
 
+def _probe_fires(data: bytes) -> bool:
+    scanner = Guard().profile().redaction.detector._anchors
+    assert scanner is not None
+    return scanner.scan(data)[1]
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(st.text(alphabet=_SHAPES + "é\t", max_size=200))
+@settings(max_examples=400, deadline=None)
+def test_number_probe_covers_every_candidate(text: str) -> None:
+    """Where the probe does not fire, the number scan is skipped: it must have found
+    nothing there."""
+    data = text.encode("ascii", "replace")
+    assert _probe_fires(data) or not _number_starts(data, accelerated=False)
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_number_probe_on_real_text() -> None:
+    texts = [t.text for t in model_texts(build_request(), "anthropic")]
+    texts += [text for _, text, _ in POSITIVES] + list(NEGATIVES)
+    fired = 0
+    for text in texts:
+        data = text.encode("ascii", "replace")
+        starts = _number_starts(data, accelerated=False)
+        assert _probe_fires(data) or not starts
+        fired += bool(starts)
+    assert fired > 20  # the samples do hold numbers
+    assert not _probe_fires(b"request 12: please review v1.2 of this code, line 3")
+
+
 def test_injection_lead_find_gives_what_search_gives() -> None:
     data = Path(__file__).parents[1] / "data"
     texts = [

@@ -416,8 +416,11 @@ class _Builder:
 
 
 @lru_cache(maxsize=8)  # profiles share rule sets; a compile is ~10 ms
-def _anchor_scanner(leads: tuple[Lead, ...]) -> AnchorScanner | None:
-    return AnchorScanner(leads) if leads and shapescan.available() else None
+def _anchor_scanner(leads: tuple[Lead, ...], numbers: bool) -> AnchorScanner | None:
+    """The leads' scanner; with `numbers`, probing for digit-led PII candidates too."""
+    if not (leads or numbers) or not shapescan.available():
+        return None
+    return AnchorScanner(leads, _NUMBER_PROBE if numbers else None)
 
 
 def _group_names(alts: Sequence[str]) -> list[str]:
@@ -941,6 +944,18 @@ _HS_CANDIDATES = (
     (rb"AA00", b"", 1),
 )
 _SHAPE_SCANNER = ShapeScanner(_HS_CANDIDATES, b" 0") if shapescan.available() else None
+
+
+def _number_probe() -> bytes:
+    """Where any of `_CANDIDATES` can match, on the text's own bytes: the shape's classes
+    map back one to one (`0` is a digit, `A` a capital; space, `.`, `-`, `+`, `(` are
+    themselves), and the boundary before a run is left out (a superset). Where it does
+    not occur, `_number_starts` finds nothing, so the shape is not even made."""
+    gate = re.sub(rb"0(?![^{]*})", b"[0-9]", _GATE[3:-1])  # not the 0 of `{0,2}`
+    return b"[0-9](?:" + gate + rb")|\+[0-9]|\([0-9]|[A-Z]{2}[0-9]{2}"
+
+
+_NUMBER_PROBE = _number_probe()
 _SHAPE_SCANNER_MIN = 8192  # below, the sre passes cost the same (a streamed delta's window)
 
 
@@ -1059,8 +1074,8 @@ class Detector:
         self.enabled = frozenset(enabled)
         self.options = options or DetectorOptions()
         self._families, leads = self._build_anchored()
-        self._anchors = _anchor_scanner(tuple(leads))
         self._numbers = bool(self.enabled & {r for r, _ in _NUMBER_RULES.values()})
+        self._anchors = _anchor_scanner(tuple(leads), self._numbers)
         self._custom = _compile_custom(words, regexes)
         # Short strings too (tool schemas' names and descriptions: a third of a Claude
         # Code request's texts): looking one up is ~20x cheaper than scanning it again.
@@ -1112,33 +1127,36 @@ class Detector:
         # One byte per character (non-ASCII -> '?'), so offsets are the text's: sre
         # scans bytes faster than 2- or 4-byte strings.
         data = text.encode("ascii", "replace")
+        numbers = self._numbers
         if self._anchors is not None and accelerated:
-            self._scan_listed(data, text, found, start)
+            numbers = self._scan_listed(data, text, found, start) and numbers
         else:
             for family in self._families:
                 # Most families' anchors are absent from most texts: one memchr each.
                 if data.find(family.anchor, start) >= 0:
                     family.scan(data, text, self, found, start)
-        if self._numbers:
+        if numbers:
             _scan_numbers(data, text, self, found)
         if self._custom:
             self._scan_custom(text, found)
         return _resolve(found)
 
-    def _scan_listed(self, data: bytes, text: str, found: list[Finding], start: int) -> None:
+    def _scan_listed(self, data: bytes, text: str, found: list[Finding], start: int) -> bool:
         """The families tried only at the anchor positions of their leads (in family
-        order, as the memchr path, so overlaps resolve the same way)."""
+        order, as the memchr path, so overlaps resolve the same way); whether the text
+        may hold digit-led PII (`_NUMBER_PROBE`)."""
         assert self._anchors is not None
+        positions, numbers = self._anchors.scan(data)
         listed: dict[int, list[int]] = {}
-        for p in self._anchors.positions(data):
+        for p in positions:
             if p >= start:
                 listed.setdefault(data[p], []).append(p)
-        if not listed:
-            return
-        for family in self._families:
-            positions = listed.get(family.anchor[0])
-            if positions is not None:
-                family.scan(data, text, self, found, start, positions)
+        if listed:
+            for family in self._families:
+                at = listed.get(family.anchor[0])
+                if at is not None:
+                    family.scan(data, text, self, found, start, at)
+        return numbers
 
     def scan_many(self, texts: Sequence[str]) -> list[tuple[int, Finding]]:
         """Findings for many strings: (index into texts, finding in that text).

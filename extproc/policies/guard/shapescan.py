@@ -156,27 +156,41 @@ class AnchorScanner:
     position where a lead occurs is left out.
     """
 
-    def __init__(self, leads: Sequence[Lead]) -> None:
+    def __init__(self, leads: Sequence[Lead], probe: bytes | None = None) -> None:
+        """`probe`: an expression whose mere occurrence `scan` reports too."""
         if not _INSTALLED:
             raise RuntimeError("hyperscan is not installed")
         unique = list(dict.fromkeys(leads))
         # A match ending at `end` puts the anchor at `end - length + anchor_at`.
         self._shift = [lead.anchor_at - lead.length for lead in unique]
         flags = [hyperscan.HS_FLAG_CASELESS if lead.caseless else 0 for lead in unique]
-        self._db = _Database([lead.expression for lead in unique], flags)
+        expressions = [lead.expression for lead in unique]
+        self._probe = len(unique) if probe is not None else -1
+        if probe is not None:
+            expressions.append(probe)
+            flags.append(hyperscan.HS_FLAG_SINGLEMATCH)
+        self._db = _Database(expressions, flags)
 
     def positions(self, data: bytes) -> list[int]:
         """Every anchor position of a lead occurrence in `data`, ascending, once each."""
+        return self.scan(data)[0]
+
+    def scan(self, data: bytes) -> tuple[list[int], bool]:
+        """(`positions`, whether the probe occurs)."""
         found: list[int] = []
-        add, shift = found.append, self._shift
+        probed: list[int] = []
+        add, shift, probe = found.append, self._shift, self._probe
 
         def on_match(lead: int, start: int, end: int, flags: int, context: object) -> None:
-            add(end + shift[lead])
+            if lead == probe:
+                probed.append(end)
+            else:
+                add(end + shift[lead])
 
         self._db.scan(data, on_match)
         if len(found) > 1:
             found = sorted(set(found))
-        return found
+        return found, bool(probed)
 
 
 def literal_lead(text: str, anchor_at: int, *, caseless: bool = False) -> Lead:
