@@ -537,13 +537,16 @@ def _decodes_to_injection(blob: str, weights: Mapping[str, float]) -> bool:
     return decoded.isprintable() and bool(_phrase_hits(_Text.of(decoded), weights))
 
 
+_NO_HITS = TextScore(0.0, ())  # immutable: one for every clean text
+
+
 def score_text(text: str, weights: Mapping[str, float] | None = None) -> TextScore:
     """Score one untrusted text: noisy-OR of its rule hits (rule ids only, no text)."""
     weights = weights or {}
     t = _Text.of(text)
     hits = _phrase_hits(t, weights) | _unicode_hits(t, weights) | _encoded_hits(t, weights)
     if not hits:
-        return TextScore(0.0, ())
+        return _NO_HITS
     score = 1.0 - math.prod(1.0 - w for w in hits.values())
     return TextScore(round(score, 4), tuple(sorted(hits)))
 
@@ -583,6 +586,8 @@ class InjectionScreener:
         # and `weights`, both fixed here): a retried or repeated request, or a turn
         # resent whole, is not scored again.
         self.scores: TextCache[TextScore] = TextCache(max_chars=4_000_000)
+        # The verdict of a request with nothing found (immutable: shared by them all).
+        self._clean = InjectionVerdict(0.0, action=self.action)
 
     def score(self, text: str) -> TextScore:
         """`score_text` with this screener's weights, remembered for long texts."""
@@ -617,9 +622,9 @@ class InjectionScreener:
         return self.screen_texts(model_texts(body, api, tools=False), body)
 
     def screen_texts(self, texts: Sequence[Text], body: Mapping[str, Any]) -> InjectionVerdict:
+        best = self._clean
         if self.action == "off":
-            return InjectionVerdict(0.0, action="off")
-        best = InjectionVerdict(0.0, action=self.action)
+            return best
         for source, text in self.items_of(texts, body):
             result = self.score(text)
             if result.score > best.score:
