@@ -50,6 +50,8 @@ class AllowList:
 
 
 def _mapped(model: str, rules: Mapping[str, str]) -> str:
+    if not rules:  # most maps are empty: no generator to build for them
+        return model
     return next((to for pattern, to in rules.items() if fnmatchcase(model, pattern)), model)
 
 
@@ -124,8 +126,9 @@ def visible(model_id: str, lists: Sequence[AllowList]) -> bool:
 
 def choose_provider(config: Config, profile: ProfileConfig, model: str, api: ApiKind) -> Target:
     name = profile.provider
-    if name is None:
-        name = next((r.provider for r in config.models.routes if fnmatchcase(model, r.match)), None)
+    routes = config.models.routes
+    if name is None and routes:
+        name = next((r.provider for r in routes if fnmatchcase(model, r.match)), None)
     if name is None:
         return default_target(config, api)
     target = Target(name=name, provider=config.providers[name])
