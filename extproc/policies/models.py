@@ -103,7 +103,21 @@ def allow_lists(
         ("team", team.models if team else None),
         ("tier", tier.models if tier else None),
     ]
-    return [AllowList(source, tuple(p)) for source, p in sources if p is not None]
+    return [_allow_list(source, tuple(p)) for source, p in sources if p is not None]
+
+
+# AllowLists are frozen: one per (source, patterns), shared by the requests that meet it
+# (patterns come from the config and the key records; cleared past a bound).
+_ALLOW_LISTS: dict[tuple[str, tuple[str, ...]], AllowList] = {}
+
+
+def _allow_list(source: str, patterns: tuple[str, ...]) -> AllowList:
+    found = _ALLOW_LISTS.get((source, patterns))
+    if found is None:
+        if len(_ALLOW_LISTS) > 10_000:
+            _ALLOW_LISTS.clear()
+        found = _ALLOW_LISTS[source, patterns] = AllowList(source, patterns)
+    return found
 
 
 def check_allowed(requested: str, served: str, lists: Sequence[AllowList]) -> None:
