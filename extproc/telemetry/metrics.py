@@ -9,9 +9,10 @@ prometheus_client's multiprocess mode (see `extproc.server`).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from extproc.apis.usage import Usage
 from extproc.telemetry.labels import LabelBounds
@@ -25,6 +26,81 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class _Plain:
+    """A metric value as a plain float, for metrics only the event loop thread updates.
+
+    prometheus_client's in-process value (`MutexValue`) takes a lock on every update and
+    read so that threads may share it; that lock and the two checks around it cost more
+    than the update itself, about 18 times per request. A gateway process runs one event
+    loop thread (`--workers` are separate processes), and the metrics built on this
+    class are updated only from it (`Metrics.child` callers on the request path); the
+    scrape thread only reads, and reading a float attribute is atomic under the GIL.
+    """
+
+    __slots__ = ("_exemplar", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def get(self) -> float:
+        return self.value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+class LoopCounter(Counter):
+    """A Counter whose children keep a `_Plain` value: the same samples on /metrics
+    (prometheus_client's own collect), without a lock per update."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._value = _Plain()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0 or exemplar:  # prometheus_client's refusal, or its exemplar path
+            super().inc(amount, exemplar)
+            return
+        self._value.value += amount
+
+
+class LoopHistogram(Histogram):
+    """A Histogram whose children keep `_Plain` values (see `LoopCounter`)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._sum = _Plain()
+        self._buckets = [_Plain() for _ in self._buckets]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar:
+            super().observe(amount, exemplar)
+            return
+        self._sum.value += amount
+        # The first bucket whose bound is >= amount, as prometheus_client's linear scan
+        # finds it; the last bound is +Inf, and a NaN (no bound holds it) counts in none.
+        bucket = bisect_left(self._upper_bounds, amount)
+        if amount <= self._upper_bounds[bucket]:
+            self._buckets[bucket].value += 1
+
+
+# Plain values only where prometheus_client itself keeps values in this process's
+# memory; in multiprocess mode (`--workers`) its values live in shared files.
+_IN_PROCESS = values.ValueClass is values.MutexValue
+_Counter = LoopCounter if _IN_PROCESS else Counter
+_Histogram = LoopHistogram if _IN_PROCESS else Histogram
 
 
 def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
@@ -41,26 +117,26 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "extproc_requests",
             "Requests handled, by API, endpoint, served model, provider, status and outcome.",
             ["api", "endpoint", "model", "provider", "status", "outcome"],
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "extproc_tokens",
             "Tokens reported by providers, by served model and type.",
             ["model", "provider", "type"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = _Histogram(
             "extproc_request_duration_seconds",
             "Time from request headers to the end of the response.",
             ["api", "endpoint", "streamed"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "extproc_time_to_first_token_seconds",
             "Time from request headers to the first content event of a streamed answer.",
             ["model"],
@@ -73,7 +149,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.streams = Counter(
+        self.streams = _Counter(
             "extproc_streams",
             "ext_proc streams Envoy opened, by the first phase the server read: request_headers"
             " (audited), or none (cancelled before its first message: only Envoy's access log"
@@ -87,13 +163,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.cache = Counter(
+        self.cache = _Counter(
             "extproc_cache_requests",
             "Cache-enabled requests by result: hit, miss, bypass, wait_timeout.",
             ["result"],
             registry=r,
         )
-        self.cache_saved_tokens = Counter(
+        self.cache_saved_tokens = _Counter(
             "extproc_cache_saved_tokens",
             "Tokens a cache hit did not spend, by model and type.",
             ["model", "type"],
@@ -104,7 +180,7 @@ class Metrics:
             "Misses that differ from a recent request of the caller only in volatile values.",
             registry=r,
         )
-        self.spend = Counter(
+        self.spend = _Counter(
             "extproc_spend_usd",
             "Settled spend in USD, by served model, team and project.",
             ["model", "team", "project"],
@@ -129,19 +205,19 @@ class Metrics:
             ["direction", "rule", "action"],
             registry=r,
         )
-        self.scope_spend = Counter(
+        self.scope_spend = _Counter(
             "extproc_scope_spend_usd",
             "Settled spend in USD per budget scope (key, user, team, project, pipeline).",
             ["scope", "id"],
             registry=r,
         )
-        self.scope_tokens = Counter(
+        self.scope_tokens = _Counter(
             "extproc_scope_tokens",
             "Tokens reported by providers per budget scope and type (input, output, cache_*).",
             ["scope", "id", "type"],
             registry=r,
         )
-        self.cache_saved_usd = Counter(
+        self.cache_saved_usd = _Counter(
             "extproc_cache_saved_usd",
             "What cache hits did not spend, in USD, by served model.",
             ["model"],
@@ -164,13 +240,13 @@ class Metrics:
             ["route", "provider", "reason"],
             registry=r,
         )
-        self.model_mapping = Counter(
+        self.model_mapping = _Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",
             ["requested", "served", "provider"],
             registry=r,
         )
-        self.subagent_requests = Counter(
+        self.subagent_requests = _Counter(
             "extproc_subagent_requests",
             "Model calls made by Claude Code subagents (x-claude-code-agent-id present).",
             ["endpoint"],

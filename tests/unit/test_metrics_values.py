@@ -1,0 +1,58 @@
+"""The loop-only metric classes expose exactly what prometheus_client's own would.
+
+`LoopCounter` and `LoopHistogram` keep plain floats instead of locked values (one event
+loop thread updates them); /metrics must not tell the difference: same names, HELP,
+TYPE, labels, buckets, `_created`, values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from extproc.telemetry.metrics import LoopCounter, LoopHistogram, Metrics
+
+_BUCKETS = (0.005, 0.01, 0.5, 1, 60)
+_AMOUNTS = (0, 0.005, 0.0051, 0.01, 0.3, 1, 1.0000001, 60, 61, 1e9, math.inf, -2.0, math.nan)
+
+
+def _exposition(counter_class: type[Counter], histogram_class: type[Histogram]) -> bytes:
+    registry = CollectorRegistry()
+    counter = counter_class("c", "A counter.", ["a", "b"], registry=registry)
+    plain = counter_class("p", "No labels.", registry=registry)
+    histogram = histogram_class("h", "A histogram.", ["x"], buckets=_BUCKETS, registry=registry)
+    counter_class("unused", "Never incremented.", ["a"], registry=registry)
+    for n, amount in enumerate(_AMOUNTS):
+        if amount >= 0 and not math.isnan(amount):
+            counter.labels(str(n % 3), "y").inc(amount)
+            plain.inc()
+        histogram.labels(str(n % 2)).observe(amount)
+    return generate_latest(registry)
+
+
+def test_loop_classes_expose_what_prometheus_client_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)  # the `_created` samples
+    expected = _exposition(Counter, Histogram)
+    assert _exposition(LoopCounter, LoopHistogram) == expected
+    assert b"h_bucket" in expected and b"c_created" in expected
+
+
+def test_a_negative_increment_is_refused_as_before() -> None:
+    counter = LoopCounter("c", "A counter.", ["a"], registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="non-negative"):
+        counter.labels("x").inc(-1)
+
+
+def test_the_gateway_metrics_use_plain_values_in_one_process() -> None:
+    metrics = Metrics()
+    assert isinstance(metrics.requests, LoopCounter)
+    assert isinstance(metrics.latency, LoopHistogram)
+    metrics.child(metrics.latency, "anthropic", "messages", "False").observe(0.02)
+    sample = metrics.registry.get_sample_value(
+        "extproc_request_duration_seconds_bucket",
+        {"api": "anthropic", "endpoint": "messages", "streamed": "False", "le": "0.025"},
+    )
+    assert sample == 1.0
