@@ -115,6 +115,7 @@ def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
         r = self.registry
         self.requests = _Counter(
@@ -253,6 +254,15 @@ class Metrics:
             registry=r,
         )
 
+    @property
+    def bounds(self) -> LabelBounds:
+        return self._bounds
+
+    @bounds.setter
+    def bounds(self, bounds: LabelBounds) -> None:
+        self._bounds = bounds
+        self._scopes.clear()  # ids looked up under the old bounds
+
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, made once per distinct label values."""
         key = (metric, labels)
@@ -282,10 +292,43 @@ class Metrics:
 
     def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
         """Spend and tokens per scope of one settled request."""
+        counts = [(token_type, count) for token_type, count in _by_type(usage) if count]
         for kind, value in scopes.items():
-            label = self.scope_id(kind, self.bounds.scope_id(kind, value))
-            if cost_usd:
-                self.child(self.scope_spend, kind, label).inc(cost_usd)
-            for token_type, count in _by_type(usage):
-                if count:
-                    self.child(self.scope_tokens, kind, label, token_type).inc(count)
+            series = self._scopes.get((kind, value)) or self._scope_series(kind, value)
+            series.count(cost_usd, counts)
+
+    def _scope_series(self, kind: str, value: str) -> _ScopeSeries:
+        label = self.scope_id(kind, self.bounds.scope_id(kind, value))
+        series = self._scopes.get((kind, label))
+        if series is None:
+            series = self._scopes[(kind, label)] = _ScopeSeries(self, kind, label)
+        # An admitted id keeps its label for good (`scope_id`), so its series is found
+        # by the id itself next time; keys stay bounded: at most SCOPE_IDS_PER_KIND ids
+        # per kind, and `other` (ids counted as `other` are not remembered).
+        return series
+
+
+class _ScopeSeries:
+    """One scope's children of `extproc_scope_spend_usd` and `extproc_scope_tokens`, each
+    made when first counted (a series appears on /metrics once it has a count), so a
+    request finds them without building and hashing label tuples."""
+
+    __slots__ = ("_labels", "_metrics", "_spend", "_tokens")
+
+    def __init__(self, metrics: Metrics, kind: str, label: str) -> None:
+        self._metrics = metrics
+        self._labels = (kind, label)
+        self._spend: Counter | None = None
+        self._tokens: dict[str, Counter] = {}
+
+    def count(self, cost_usd: float | None, counts: list[tuple[str, int]]) -> None:
+        if cost_usd:
+            if self._spend is None:
+                self._spend = self._metrics.scope_spend.labels(*self._labels)
+            self._spend.inc(cost_usd)
+        for token_type, count in counts:
+            child = self._tokens.get(token_type)
+            if child is None:
+                labels = (*self._labels, token_type)
+                child = self._tokens[token_type] = self._metrics.scope_tokens.labels(*labels)
+            child.inc(count)
