@@ -37,7 +37,8 @@ def test_loop_classes_expose_what_prometheus_client_does(monkeypatch: pytest.Mon
     monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)  # the `_created` samples
     expected = _exposition(Counter, Histogram)
     assert _exposition(LoopCounter, LoopHistogram) == expected
-    assert b"h_bucket" in expected and b"c_created" in expected
+    assert b"h_bucket" in expected
+    assert b"c_created" in expected
 
 
 def test_a_negative_increment_is_refused_as_before() -> None:
