@@ -116,6 +116,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
+        self._requests: dict[tuple[str, ...], RequestSeries] = {}
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
         r = self.registry
         self.requests = _Counter(
@@ -271,14 +272,13 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
-        for kind, value in _by_type(usage):
-            if not value:
-                continue
-            if saved:
-                self.child(self.cache_saved_tokens, model, kind).inc(value)
-            else:
-                self.child(self.tokens, model, provider, kind).inc(value)
+    def request_series(self, *labels: str) -> RequestSeries:
+        """The series of requests labelled (api, endpoint, model, provider, status,
+        outcome, streamed), made once per distinct labels (bounded like the labels)."""
+        found = self._requests.get(labels)
+        if found is None:
+            found = self._requests[labels] = RequestSeries(self, labels)
+        return found
 
     def scope_id(self, kind: str, value: str) -> str:
         """`value` as a label, or `other` once this kind has SCOPE_IDS_PER_KIND ids."""
@@ -332,3 +332,41 @@ class _ScopeSeries:
                 labels = (*self._labels, token_type)
                 child = self._tokens[token_type] = self._metrics.scope_tokens.labels(*labels)
             child.inc(count)
+
+
+class RequestSeries:
+    """The children one kind of finished request counts in, found with one lookup
+    (`Metrics.request_series`) instead of one label tuple per metric: its
+    `extproc_requests` child, and its latency and token children, each made when
+    first counted (a series appears on /metrics once it has a count)."""
+
+    __slots__ = ("_latency", "_metrics", "_tokens", "labels", "requests")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
+        self._metrics = metrics
+        self.labels = labels  # api, endpoint, model, provider, status, outcome, streamed
+        self.requests = metrics.requests.labels(*labels[:6])
+        self._latency: Histogram | None = None
+        self._tokens: dict[tuple[bool, str], Counter] = {}  # by (saved, type)
+
+    def observe_latency(self, seconds: float) -> None:
+        if self._latency is None:
+            api, endpoint, streamed = self.labels[0], self.labels[1], self.labels[6]
+            self._latency = self._metrics.latency.labels(api, endpoint, streamed)
+        self._latency.observe(seconds)
+
+    def count_tokens(self, usage: Usage, *, saved: bool) -> None:
+        """The provider's token counts (a cache hit's: the tokens it saved), by type."""
+        for kind, value in _by_type(usage):
+            if value:
+                child = self._tokens.get((saved, kind)) or self._token_child(saved, kind)
+                child.inc(value)
+
+    def _token_child(self, saved: bool, kind: str) -> Counter:
+        model, provider, metrics = self.labels[2], self.labels[3], self._metrics
+        if saved:
+            child = metrics.cache_saved_tokens.labels(model, kind)
+        else:
+            child = metrics.tokens.labels(model, provider, kind)
+        self._tokens[(saved, kind)] = child
+        return child
