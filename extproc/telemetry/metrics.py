@@ -115,9 +115,10 @@ def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
-        self._requests: dict[tuple[str, ...], RequestSeries] = {}
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
+        self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
+        self._scopes_bounds = self.bounds  # the bounds `_scopes` was filled under
+        self._requests: dict[tuple[str, ...], RequestSeries] = {}
         r = self.registry
         self.requests = _Counter(
             "extproc_requests",
@@ -255,15 +256,6 @@ class Metrics:
             registry=r,
         )
 
-    @property
-    def bounds(self) -> LabelBounds:
-        return self._bounds
-
-    @bounds.setter
-    def bounds(self, bounds: LabelBounds) -> None:
-        self._bounds = bounds
-        self._scopes.clear()  # ids looked up under the old bounds
-
     def child(self, metric: M, *labels: str) -> M:
         """`metric.labels(*labels)`, made once per distinct label values."""
         key = (metric, labels)
@@ -293,6 +285,9 @@ class Metrics:
     def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
         """Spend and tokens per scope of one settled request."""
         counts = [(token_type, count) for token_type, count in _by_type(usage) if count]
+        if self._scopes_bounds is not self.bounds:  # replaced: ids are looked up again
+            self._scopes.clear()
+            self._scopes_bounds = self.bounds
         for kind, value in scopes.items():
             series = self._scopes.get((kind, value)) or self._scope_series(kind, value)
             series.count(cost_usd, counts)

@@ -13,6 +13,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from extproc.apis.usage import Usage
+from extproc.telemetry.labels import LabelBounds
 from extproc.telemetry.metrics import LoopCounter, LoopHistogram, Metrics
 
 _BUCKETS = (0.005, 0.01, 0.5, 1, 60)
@@ -57,3 +59,14 @@ def test_the_gateway_metrics_use_plain_values_in_one_process() -> None:
         {"api": "anthropic", "endpoint": "messages", "streamed": "False", "le": "0.025"},
     )
     assert sample == 1.0
+
+
+def test_scope_ids_are_bounded_again_when_the_bounds_change() -> None:
+    metrics = Metrics()
+    metrics.bounds = LabelBounds(pipelines=frozenset({"ci-1"}))
+    metrics.count_scopes({"pipeline": "ci-1"}, Usage(output_tokens=1), 0.5)
+    metrics.bounds = LabelBounds()  # a new config that no longer names it
+    metrics.count_scopes({"pipeline": "ci-1"}, Usage(output_tokens=1), 0.25)
+    spend = "extproc_scope_spend_usd_total"
+    assert metrics.registry.get_sample_value(spend, {"scope": "pipeline", "id": "ci-1"}) == 0.5
+    assert metrics.registry.get_sample_value(spend, {"scope": "pipeline", "id": "other"}) == 0.25
