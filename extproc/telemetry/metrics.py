@@ -35,8 +35,10 @@ class _Plain:
     read so that threads may share it; that lock and the two checks around it cost more
     than the update itself, about 18 times per request. A gateway process runs one event
     loop thread (`--workers` are separate processes), and the metrics built on this
-    class are updated only from it (`Metrics.child` callers on the request path); the
-    scrape thread only reads, and reading a float attribute is atomic under the GIL.
+    class (`_Counter`, `_Histogram`, `_Gauge` below) are updated only from it, on the
+    request path; the scrape thread only reads, and reading a float attribute is atomic
+    under the GIL. (A metric another thread updates, such as `otel_dropped`, stays a
+    plain prometheus_client one.)
     """
 
     __slots__ = ("_exemplar", "value")
@@ -96,11 +98,36 @@ class LoopHistogram(Histogram):
             self._buckets[bucket].value += 1
 
 
+class LoopGauge(Gauge):
+    """A Gauge whose children keep a `_Plain` value (see `LoopCounter`)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._value = _Plain()
+
+    def inc(self, amount: float = 1) -> None:
+        if self._is_most_recent:  # prometheus_client's refusal
+            super().inc(amount)
+            return
+        self._value.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        if self._is_most_recent:
+            super().dec(amount)
+            return
+        self._value.value -= amount
+
+    def set(self, value: float) -> None:
+        # (A `mostrecent` gauge's timestamp only matters to the multiprocess files.)
+        self._value.value = float(value)
+
+
 # Plain values only where prometheus_client itself keeps values in this process's
 # memory; in multiprocess mode (`--workers`) its values live in shared files.
 _IN_PROCESS = values.ValueClass is values.MutexValue
 _Counter = LoopCounter if _IN_PROCESS else Counter
 _Histogram = LoopHistogram if _IN_PROCESS else Histogram
+_Gauge = LoopGauge if _IN_PROCESS else Gauge
 
 
 def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
@@ -146,7 +173,7 @@ class Metrics:
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.active_streams = Gauge(
+        self.active_streams = _Gauge(
             "extproc_active_streams",
             "ext_proc streams (HTTP requests) in progress.",
             registry=r,
@@ -189,7 +216,7 @@ class Metrics:
             ["model", "team", "project"],
             registry=r,
         )
-        self.budget_remaining = Gauge(
+        self.budget_remaining = _Gauge(
             "extproc_budget_remaining",
             "What a budget had left at its last reservation (USD or tokens).",
             ["budget", "scope", "metric"],

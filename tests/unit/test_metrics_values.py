@@ -11,18 +11,28 @@ import math
 import time
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from extproc.apis.usage import Usage
 from extproc.telemetry.labels import LabelBounds
-from extproc.telemetry.metrics import LoopCounter, LoopHistogram, Metrics
+from extproc.telemetry.metrics import LoopCounter, LoopGauge, LoopHistogram, Metrics
 
 _BUCKETS = (0.005, 0.01, 0.5, 1, 60)
 _AMOUNTS = (0, 0.005, 0.0051, 0.01, 0.3, 1, 1.0000001, 60, 61, 1e9, math.inf, -2.0, math.nan)
 
 
-def _exposition(counter_class: type[Counter], histogram_class: type[Histogram]) -> bytes:
+def _exposition(
+    counter_class: type[Counter], histogram_class: type[Histogram], gauge_class: type[Gauge]
+) -> bytes:
     registry = CollectorRegistry()
+    active = gauge_class("g", "A gauge.", registry=registry, multiprocess_mode="livesum")
+    recent = gauge_class("r", "Last.", ["b"], registry=registry, multiprocess_mode="mostrecent")
+    active.inc()
+    active.inc(2.5)
+    active.dec()
+    recent.labels("x").set(7)
+    recent.labels("y").set(0.1)
+    recent.labels("x").set(3)
     counter = counter_class("c", "A counter.", ["a", "b"], registry=registry)
     plain = counter_class("p", "No labels.", registry=registry)
     histogram = histogram_class("h", "A histogram.", ["x"], buckets=_BUCKETS, registry=registry)
@@ -37,8 +47,8 @@ def _exposition(counter_class: type[Counter], histogram_class: type[Histogram]) 
 
 def test_loop_classes_expose_what_prometheus_client_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)  # the `_created` samples
-    expected = _exposition(Counter, Histogram)
-    assert _exposition(LoopCounter, LoopHistogram) == expected
+    expected = _exposition(Counter, Histogram, Gauge)
+    assert _exposition(LoopCounter, LoopHistogram, LoopGauge) == expected
     assert b"h_bucket" in expected
     assert b"c_created" in expected
 
@@ -49,10 +59,19 @@ def test_a_negative_increment_is_refused_as_before() -> None:
         counter.labels("x").inc(-1)
 
 
+def test_a_mostrecent_gauge_still_refuses_inc_and_dec() -> None:
+    gauge = LoopGauge("g", "A gauge.", registry=CollectorRegistry(), multiprocess_mode="mostrecent")
+    with pytest.raises(RuntimeError, match="mostrecent"):
+        gauge.inc()
+    with pytest.raises(RuntimeError, match="mostrecent"):
+        gauge.dec()
+
+
 def test_the_gateway_metrics_use_plain_values_in_one_process() -> None:
     metrics = Metrics()
     assert isinstance(metrics.requests, LoopCounter)
     assert isinstance(metrics.latency, LoopHistogram)
+    assert isinstance(metrics.budget_remaining, LoopGauge)
     metrics.child(metrics.latency, "anthropic", "messages", "False").observe(0.02)
     sample = metrics.registry.get_sample_value(
         "extproc_request_duration_seconds_bucket",
