@@ -106,9 +106,8 @@ def body_of(request: pb.ProcessingRequest, phase: Phase) -> tuple[bytes, bool]:
 
 def attributes_of(request: pb.ProcessingRequest) -> dict[str, Any]:
     """The request attributes Envoy sent (e.g. `xds.route_name`, `xds.route_metadata`)."""
-    if EXT_PROC_FILTER not in request.attributes:
-        return {}
-    return _struct_dict(request.attributes[EXT_PROC_FILTER])
+    struct = request.attributes.get(EXT_PROC_FILTER)  # one map lookup, never an insert
+    return {} if struct is None else _struct_dict(struct)
 
 
 def _struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -163,8 +162,9 @@ def _fill_mutation(mutation: pb.HeaderMutation, changes: HeaderChanges) -> None:
     """Fill `mutation` in place: building sub-messages and copying them costs twice as much."""
     for key, value in changes.set:
         option = mutation.set_headers.add()
-        option.header.key = key
-        option.header.raw_value = value.encode()
+        header = option.header  # each sub-message read makes a wrapper: read it once
+        header.key = key
+        header.raw_value = value.encode()
         option.append_action = _OVERWRITE
     mutation.remove_headers.extend(changes.remove)
 
