@@ -109,7 +109,9 @@ async def run(n: int, callgrind: bool) -> float:
     conn = Connection(grpc_server, grpc_server.limits, lambda _: None)
     sink = Sink()
     conn.connection_made(sink)  # type: ignore[arg-type]
-    conn.data_received(f.PREFACE + f.settings({}))
+    # Envoy's windows are large (its stream window 256 MiB by default); give ours the most.
+    windows = f.settings({f.Setting.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
+    conn.data_received(f.PREFACE + windows + f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
     warm = [stream_frames(2 * i + 1, i) for i in range(50)]
     timed = [stream_frames(2 * (i + 50) + 1, i) for i in range(n)]
     await replay(conn, sink, warm)
