@@ -563,9 +563,11 @@ class Spending:
                 await asyncio.wait([run.admission])  # its hold, if any, is settled below
             if not run.admission.cancelled():
                 run.admission.exception()  # a refusal was already answered
+        cost = 0
         if run.price is not None:
-            run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
-        actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
+            cost = cost_micros(usage, run.price)
+            run.cost_usd = micros_to_usd(cost)
+        actual = Amount(cost, usage.total_tokens)  # (= Amount.of_usage, priced once)
         held = run.reservation or run.uncertain
         tokens = usage.total_tokens - run.admitted_tokens if run.admitted_tokens else 0
         debit = self._carried_debit(run, tokens)
