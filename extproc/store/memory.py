@@ -70,6 +70,9 @@ class _Counter:
     fields: dict[str, int] = field(default_factory=dict)
     holds: dict[str, int] = field(default_factory=dict)  # member -> hold expiry (ms)
     expires_at: int | None = None  # ms
+    # No hold expires before this (ms; None: no holds), so expired holds are looked for
+    # only when one can be due, as the Lua's `next` field does.
+    next_due: int | None = None
 
 
 def _member_amount(member: str) -> int:
@@ -78,10 +81,6 @@ def _member_amount(member: str) -> int:
 
 _DUPLICATE = HoldResult(ok=False, duplicate=True)
 _OUTCOMES = {outcome.value: outcome for outcome in SettleOutcome}
-
-
-def _fmt(value: float) -> bytes:
-    return format(value, ".17g").encode()
 
 
 class MemoryStore:
@@ -119,7 +118,7 @@ class MemoryStore:
         return now
 
     def _entry(self, key: str, now: int) -> _Entry | None:
-        if self._live_counter(key, now) is not None:
+        if key in self._counters and self._live_counter(key, now) is not None:
             raise StoreDataError(f"{key!r} holds a budget counter, not a value")
         entry = self._kv.get(key)
         if entry is not None and entry.expires_at is not None and entry.expires_at <= now:
@@ -293,6 +292,7 @@ class MemoryStore:
                 del counter.holds[member]
             counter.fields["held"] = counter.fields.get("held", 0) - freed
             counter.fields[bucket] = counter.fields.get(bucket, 0) + freed
+        counter.next_due = min(counter.holds.values(), default=None)
 
     @staticmethod
     def _used(counter: _Counter, window: Sequence[str]) -> int:
@@ -321,9 +321,12 @@ class MemoryStore:
         """`same_slot`: the holds' counters and the rate items share `tag` (the record
         key's, or the first item's); their tags are memoized (`_tag`)."""
         tags = self._tags
-        for key in [h.counter.key for h in holds] + [i.key for i in items]:
-            if tags.get(key) != tag and self._tag(key) != tag:
-                same_slot([f"{{{tag}}}", key])  # raises the one ValueError for mixed tags
+        for h in holds:  # (two plain loops: a comprehension is a call of its own)
+            if tags.get(h.counter.key) != tag and self._tag(h.counter.key) != tag:
+                same_slot([f"{{{tag}}}", h.counter.key])  # raises the one ValueError
+        for i in items:
+            if tags.get(i.key) != tag and self._tag(i.key) != tag:
+                same_slot([f"{{{tag}}}", i.key])
 
     async def hold(
         self,
@@ -353,7 +356,7 @@ class MemoryStore:
         for h in holds:
             spec = h.counter
             counter = self._counter(spec.key, now, create=False)
-            if counter.holds:
+            if counter.next_due is not None and counter.next_due <= now:
                 self._purge(counter, now, spec.bucket)
             counters.append(counter)
             used.append(self._used(counter, spec.window))
@@ -377,6 +380,8 @@ class MemoryStore:
             counter = stored.setdefault(h.counter.key, read)  # a detached one is stored now
             held = counter.fields["held"] = counter.fields.get("held", 0) + h.amount
             counter.holds[f"{reservation}:{h.amount}"] = until_ms
+            if counter.next_due is None or until_ms < counter.next_due:
+                counter.next_due = until_ms
             if held == h.amount:  # TTL is (re)set when held leaves zero, and on every settle
                 self._touch(counter, h.counter, now)
         self._put(record_key, b"held", now + px(record_ttl))
@@ -404,7 +409,7 @@ class MemoryStore:
         for h, actual in zip(holds, actuals, strict=True):
             self._settle_one(reservation, h, actual, now, held=held)
         if debit:  # forced: only the new states are needed (all read before any write)
-            tats = [self._tat(i, now)[1] if isinstance(i, Gcra) else 0.0 for i in debit]
+            tats = [self._tat(i, now)[2] if isinstance(i, Gcra) else 0.0 for i in debit]
             self._rate_apply(debit, tats, now)
         self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
         self._remember_finished(record_key)
@@ -424,7 +429,7 @@ class MemoryStore:
     def _settle_one(self, reservation: str, h: Hold, actual: int, now: int, *, held: bool) -> None:
         spec = h.counter
         counter = self._counter(spec.key, now, create=actual != 0 or held)
-        if counter.holds:
+        if counter.next_due is not None and counter.next_due <= now:
             self._purge(counter, now, spec.bucket)
         fields = counter.fields
         if counter.holds.pop(f"{reservation}:{h.amount}", None) is not None:
@@ -454,8 +459,8 @@ class MemoryStore:
         if items:
             self._one_slot(self._tag(items[0].key), (), items)
         now = self._now()
-        states, writes = self._rate_eval(items, now)
-        if force or all(state.allowed for state in states):
+        states, writes, allowed = self._rate_eval(items, now)
+        if force or allowed:
             self._rate_apply(items, writes, now)
         return states
 
@@ -471,8 +476,8 @@ class MemoryStore:
     ) -> tuple[list[RateState], HoldResult | None]:
         self._one_slot(hash_tag(record_key), holds, items)
         now = self._now()
-        states, writes = self._rate_eval(items, now)
-        if not all(state.allowed for state in states):
+        states, writes, allowed = self._rate_eval(items, now)
+        if not allowed:
             return states, None
         result, counters = self._hold_eval(record_key, holds, now)
         if result.ok:
@@ -482,32 +487,41 @@ class MemoryStore:
 
     def _rate_eval(
         self, items: Sequence[RateItem], now: int
-    ) -> tuple[list[RateState], list[float]]:
-        """Each item's verdict, and the state `_rate_apply` writes if it is applied."""
+    ) -> tuple[list[RateState], list[float], bool]:
+        """Each item's verdict, the state `_rate_apply` writes if it is applied, and
+        whether every item allows."""
         states: list[RateState] = []
         writes: list[float] = []
+        allowed = True
         for item in items:
             state, write = (
                 self._gcra(item, now) if isinstance(item, Gcra) else self._quota(item, now)
             )
             states.append(state)
             writes.append(write)
-        return states, writes
+            allowed = allowed and state.allowed
+        return states, writes, allowed
 
     def _rate_apply(self, items: Sequence[RateItem], writes: Sequence[float], now: int) -> None:
-        for item, write in zip(items, writes, strict=True):
-            self._rate_write(item, write, now)
+        for item, new_tat in zip(items, writes, strict=True):
+            if isinstance(item, Gcra):  # the TAT as the Lua's %.17g, kept while it matters
+                expires = now + max(1, math.ceil(new_tat - now))
+                self._put(item.key, format(new_tat, ".17g").encode(), expires)
+            else:
+                entry = self._entry(item.key, now)
+                count = (0 if entry is None else int(entry.value)) + item.cost
+                self._put(item.key, str(count).encode(), now + ttl_ms(item.resets_at, now))
 
-    def _tat(self, item: Gcra, now: int) -> tuple[float, float]:
-        """The GCRA's theoretical arrival time (ms, at least `now`), and the one after `item`."""
+    def _tat(self, item: Gcra, now: int) -> tuple[float, float, float]:
+        """The emission interval (ms), the theoretical arrival time (ms, at least `now`)
+        and the one after `item`'s cost."""
+        t = item.period * 1000.0 / item.rate  # (= item.interval_ms, without a call)
         entry = self._entry(item.key, now)
-        tat = float(entry.value) if entry is not None else float(now)
-        tat = max(tat, now)
-        return tat, max(tat + item.cost * item.interval_ms, now)
+        tat = max(float(entry.value) if entry is not None else float(now), now)
+        return t, tat, max(tat + item.cost * t, now)
 
     def _gcra(self, item: Gcra, now: int) -> tuple[RateState, float]:
-        t = item.interval_ms
-        tat, new_tat = self._tat(item, now)
+        t, tat, new_tat = self._tat(item, now)
         tau = item.burst * t
         allow_at = new_tat - tau
         if now >= allow_at:
@@ -524,14 +538,6 @@ class MemoryStore:
         if count + item.cost <= item.limit:
             return RateState(True, item.limit - count - item.cost, 0.0, reset / 1000), 0.0
         return RateState(False, max(0, item.limit - count), reset / 1000, reset / 1000), 0.0
-
-    def _rate_write(self, item: RateItem, new_tat: float, now: int) -> None:
-        if isinstance(item, Gcra):
-            self._put(item.key, _fmt(new_tat), now + max(1, math.ceil(new_tat - now)))
-            return
-        entry = self._entry(item.key, now)
-        count = (0 if entry is None else int(entry.value)) + item.cost
-        self._put(item.key, str(count).encode(), now + ttl_ms(item.resets_at, now))
 
     async def close(self) -> None:
         self._closed = True
