@@ -432,7 +432,9 @@ class Spending:
         self.metrics = metrics
         self.clock = store.clock
         self._retries: set[asyncio.Task[None]] = set()
-        self._gauges: dict[tuple[str, Scope, str], Gauge] = {}
+        self._gauges: dict[tuple[str, str, str, str], Gauge] = {}
+        self._scopes: dict[tuple[str | None, ...], tuple[list[Scope], list[BudgetCheck]]] = {}
+        self._pipeline_header = config.budgets.pipeline_header  # (read per request)
 
     def start(
         self,
@@ -442,11 +444,26 @@ class Spending:
         headers: Mapping[str, str],
         presented: str | None,
     ) -> SpendRun:
-        scopes = scopes_of(identity, headers, self.config.budgets.pipeline_header)
-        checks = self.ledger.checks_for(scopes)
+        scopes, checks = self._scopes_and_checks(identity, headers)
         price = self._price(model, checks)
         subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
+
+    def _scopes_and_checks(
+        self, identity: Identity, headers: Mapping[str, str]
+    ) -> tuple[list[Scope], list[BudgetCheck]]:
+        """`scopes_of` and the budgets that apply to them, memoized by what decides them
+        (the identity's four scopes and the pipeline header): the same callers come again
+        and again, and building and hashing Scope objects cost microseconds per request."""
+        pipeline = headers.get(self._pipeline_header)
+        memo = (identity.key_id, identity.user, identity.team, identity.project, pipeline)
+        found = self._scopes.get(memo)
+        if found is None:
+            if len(self._scopes) >= MEMO_LIMIT:
+                self._scopes.clear()
+            scopes = scopes_of(identity, headers, self._pipeline_header)
+            found = self._scopes[memo] = (scopes, self.ledger.checks_for(scopes))
+        return list(found[0]), list(found[1])
 
     def price_of(self, model: str, run: SpendRun) -> Price | None:
         """A model's price for `run`; an unpriced one is refused when a USD budget applies."""
@@ -648,13 +665,14 @@ class Spending:
         """The budget's `extproc_budget_remaining` child, memoized: `labels()` costs
         several µs per call, four times per admitted request (a scope's bounded label
         never changes once given)."""
-        memo = (status.budget, status.scope, status.metric)
+        scope = status.scope  # (its fields in the key: a Scope hashes in Python, per request)
+        memo = (status.budget, scope.kind, scope.id, status.metric)
         child = self._gauges.get(memo)
         if child is None:
             if len(self._gauges) >= MEMO_LIMIT:
                 self._gauges.clear()
-            scope = self.metrics.bounds.scope(status.scope.kind, status.scope.id)
-            child = self.metrics.budget_remaining.labels(status.budget, scope, status.metric)
+            label = self.metrics.bounds.scope(scope.kind, scope.id)
+            child = self.metrics.budget_remaining.labels(status.budget, label, status.metric)
             self._gauges[memo] = child
         return child
 
