@@ -520,9 +520,18 @@ class BudgetLedger:
         if not result.ok:
             assert result.failed is not None
             return _denied(plan.lines[result.failed], result.used[-1], plan.now)
-        statuses = tuple(
-            _status(line, used + line.hold.amount)
-            for line, used in zip(plan.lines, result.used, strict=True)
+        statuses = tuple(  # (= _status per line, written out: this runs per request)
+            [
+                BudgetStatus(
+                    line.check.label,
+                    line.check.scope,
+                    line.metric,
+                    line.hold.counter.limit,
+                    used + line.hold.amount,
+                    line.window.resets_at,
+                )
+                for line, used in zip(plan.lines, result.used, strict=True)
+            ]
         )
         return Reservation(plan.request_id, plan.lines, plan.amount, plan.until, statuses)
 

@@ -534,12 +534,13 @@ class Spending:
         run.estimate_tokens = input_tokens
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
-        prices = [p for p in (run.price, *run.alternatives) if p is not None]
-        estimates = (
-            estimate_micros(p, input_tokens=run.estimate_tokens, max_output_tokens=output)
-            for p in prices
-        )
-        usd = max(estimates, default=0)
+        usd = 0  # the dearest of the prices the answer may be charged at
+        for price in (run.price, *run.alternatives):
+            if price is not None:
+                estimate = estimate_micros(
+                    price, input_tokens=input_tokens, max_output_tokens=output
+                )
+                usd = max(usd, estimate)
         try:
             decision, held = await self._admit(run, Amount(usd, tokens), tokens)
         except StoreUnavailable as exc:
