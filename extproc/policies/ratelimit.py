@@ -56,7 +56,7 @@ from extproc.policies.budget.ledger import (
     HoldPlan,
     Reservation,
 )
-from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable
+from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable, slot_init
 
 __all__ = [
     "LimitItem",
@@ -145,6 +145,7 @@ class UnknownTier(ValueError):
     """A key names a tier the config does not define (validate keys against `tiers`)."""
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RateSubject:
     """Who is calling: the API key's id, its team and its tier."""
@@ -154,6 +155,7 @@ class RateSubject:
     tier: str | None = None
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LimitState:
     """One limit's verdict, named like `key.requests_per_minute` or `key.requests_per_day`."""
@@ -166,6 +168,7 @@ class LimitState:
     reset_after: float
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RateDecision:
     """The verdict on one request: allowed, and every limit's state (for headers)."""
@@ -193,6 +196,7 @@ class RateDecision:
         return min(self.limits, key=lambda s: s.remaining / max(s.limit, 1), default=None)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LimitItem:
     """One limit a request is checked against: its name, limit and store item."""

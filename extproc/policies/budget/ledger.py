@@ -86,6 +86,7 @@ from extproc.store import (
     SettleOutcome,
     Store,
     StoreUnavailable,
+    slot_init,
 )
 
 __all__ = [
@@ -204,6 +205,7 @@ class Scope:
     id: str
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Amount:
     """What a request costs or may cost: micro-USD and tokens (both >= 0)."""
@@ -250,6 +252,7 @@ class Window:
     prune_before: str | None = None
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class BudgetLine:
     """One counter of a reservation: check, metric, window and the store hold."""
@@ -264,6 +267,7 @@ class BudgetLine:
         return self.hold.counter.limit
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HoldPlan:
     """A reservation about to be held: its lines, record key and expiries."""
@@ -288,6 +292,7 @@ class HoldPlan:
         return self.ttl + RECORD_GRACE_SECONDS
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     """A counter's state for headers and admin: `used` includes live holds."""
@@ -304,6 +309,7 @@ class BudgetStatus:
         return max(0, self.limit - self.used)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Held budget for one request; pass it to `settle` or `release` exactly once."""
