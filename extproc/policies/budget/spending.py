@@ -102,9 +102,12 @@ def requested_output(body: Mapping[str, Any], cap: int) -> int:
 
     After the dialect's `cap_output` the request cannot produce more than this, so the
     reservation is an upper bound on what the provider bills."""
-    limits = [body.get(name) for name in _OUTPUT_FIELDS]
-    asked = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return min([*asked, cap]) * _choices(body)
+    output = cap  # the least of `cap` and the positive integer limits the body sets
+    for name in _OUTPUT_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < output:
+            output = value
+    return output * _choices(body)
 
 
 def cap_output(body: dict[str, Any], cap: int, api: ApiKind) -> bool:
