@@ -106,8 +106,10 @@ class WalkLimits:
 
 MEMO_UNITS_PER_WALK = 4096
 
-# A unit's walk: where it sat and what it was (see `WalkMemo`).
-UnitKey = tuple[str, Path, Source, int, int, bytes]
+# Where a unit sat and how it was walked, and the length of its JSON (see `WalkMemo`).
+UnitSpot = tuple[str, Path, Source, int, int, int]
+# One walked unit: its JSON, its texts, their characters.
+_Entry = tuple[bytes, tuple[Text, ...], int]
 
 
 class WalkMemo:
@@ -117,47 +119,81 @@ class WalkMemo:
     Agents resend the whole conversation every turn, so all but the newest blocks were
     walked before. A unit's texts depend only on its JSON value (`orjson.dumps` tells
     strings, numbers, booleans and key order apart), its path, source, turn and block
-    number, and how it is walked: the key is all of those, so a hit yields exactly the
-    `Text`s the walk would (the same string objects as last time, whose hash is already
-    known to the detector's cache). Bounded by the bytes of its keys and their number.
+    number, and how it is walked: a hit is a unit with all of those equal, so it yields
+    exactly the `Text`s the walk would (the same string objects as last time, whose hash
+    is already known to the detector's cache).
+
+    Units are found by place, not by a hash of their JSON: hashing ~120 KB of a Claude
+    Code request cost as much as encoding it. The place (and the JSON's length) picks a
+    few candidates, and the JSON is compared with theirs (a memcmp). At most
+    `max_alike` units of one place and length are kept (different conversations at
+    the same turn), so a lookup never compares more than that. Bounded by the bytes of
+    the kept JSON and the number of units.
     """
 
     def __init__(
-        self, max_bytes: int = 16 << 20, min_bytes: int = 64, max_items: int = 100_000
+        self,
+        max_bytes: int = 16 << 20,
+        min_bytes: int = 64,
+        max_items: int = 100_000,
+        max_alike: int = 8,
     ) -> None:
         self.max_bytes = max_bytes
         self.min_bytes = min_bytes  # a smaller unit is walked faster than it is looked up
         self.max_items = max_items
-        self._items: OrderedDict[UnitKey, tuple[tuple[Text, ...], int]] = OrderedDict()
+        self.max_alike = max_alike
+        # Per place: its units, the most recently used first.
+        self._items: OrderedDict[UnitSpot, list[_Entry]] = OrderedDict()
         self._bytes = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def clear(self) -> None:
         self._items.clear()
         self._bytes = 0
+        self._count = 0
 
     @property
     def size(self) -> int:
         """Bytes of the kept units' JSON."""
         return self._bytes
 
-    def get(self, key: UnitKey) -> tuple[tuple[Text, ...], int] | None:
-        found = self._items.get(key)
-        if found is not None:
-            self._items.move_to_end(key)
-        return found
+    def get(self, spot: UnitSpot, raw: bytes) -> tuple[tuple[Text, ...], int] | None:
+        entries = self._items.get(spot)
+        if entries is None:
+            return None
+        for index, entry in enumerate(entries):
+            if entry[0] == raw:
+                self._items.move_to_end(spot)
+                if index:
+                    entries.insert(0, entries.pop(index))
+                return entry[1], entry[2]
+        return None
 
-    def put(self, key: UnitKey, texts: tuple[Text, ...], chars: int) -> None:
-        size = len(key[-1])
-        if size > self.max_bytes or key in self._items:
+    def put(self, spot: UnitSpot, raw: bytes, texts: tuple[Text, ...], chars: int) -> None:
+        size = len(raw)
+        if size > self.max_bytes:
             return
-        self._items[key] = (texts, chars)
+        entries = self._items.get(spot)
+        if entries is None:
+            entries = self._items[spot] = []
+        elif any(entry[0] == raw for entry in entries):
+            return
+        entries.insert(0, (raw, texts, chars))
         self._bytes += size
-        while self._bytes > self.max_bytes or len(self._items) > self.max_items:
-            old, _ = self._items.popitem(last=False)
-            self._bytes -= len(old[-1])
+        self._count += 1
+        if len(entries) > self.max_alike:
+            self._drop(entries.pop())
+        while self._bytes > self.max_bytes or self._count > self.max_items:
+            _, oldest = self._items.popitem(last=False)
+            for entry in oldest:
+                self._drop(entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        self._bytes -= len(entry[0])
+        self._count -= 1
 
 
 def _encode(value: Any) -> bytes | None:
@@ -210,8 +246,8 @@ class _Walk:
         if raw is None or len(raw) < self.memo.min_bytes:
             walker()
             return
-        key: UnitKey = (how, path, self.source, self.turn, self.group, raw)
-        found = self.memo.get(key)
+        spot: UnitSpot = (how, path, self.source, self.turn, self.group, len(raw))
+        found = self.memo.get(spot, raw)
         if found is not None:
             texts, chars = found
             self.out.extend(texts)
@@ -219,7 +255,7 @@ class _Walk:
             return
         first, chars = len(self.out), self.chars
         walker()
-        self.memo.put(key, tuple(self.out[first:]), self.chars - chars)
+        self.memo.put(spot, raw, tuple(self.out[first:]), self.chars - chars)
 
     def value(
         self, value: Any, path: Path, *, mode: Mode = "text", inner: Path | None = None

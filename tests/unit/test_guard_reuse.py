@@ -110,6 +110,21 @@ def test_memo_is_bounded_lru_and_skips_non_json() -> None:
     assert [t.text for t in model_texts(odd, "anthropic", memo=memo)] == ["t"]
 
 
+def test_memo_tells_apart_units_of_one_place_and_length() -> None:
+    """Units are found by place and JSON length, then compared: conversations whose
+    system prompts differ only in a same-length date each get their own texts."""
+    memo = WalkMemo(min_bytes=0, max_alike=2)
+    bodies = [{"system": PADDING + f"date 2026-12-0{i}", "messages": []} for i in range(4)]
+    for body in bodies:
+        model_texts(body, "anthropic", memo=memo)
+    assert len(memo) == 2  # the two most recent of one place and length are kept
+    for body in reversed(bodies):  # hits and misses alike give the walk's own texts
+        assert model_texts(body, "anthropic", memo=memo) == model_texts(body, "anthropic")
+    assert memo.get(("value", ("system",), "system", -1, 3, 3), b"x") is None
+    size = len(orjson.dumps(bodies[0]["system"]))
+    assert memo.size == 2 * size
+
+
 def test_memo_keeps_at_most_its_units_per_walk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(walk, "MEMO_UNITS_PER_WALK", 3)
     memo = WalkMemo(min_bytes=0)
