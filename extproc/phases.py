@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.slots import slot_init
+
 __all__ = [
     "Event",
     "Phase",
@@ -41,6 +43,7 @@ class Phase(enum.Enum):
     __hash__ = object.__hash__
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RequestHeaders:
     headers: dict[str, str]  # lower-cased names, repeats joined by ','
@@ -51,6 +54,7 @@ class RequestHeaders:
     phase = Phase.REQUEST_HEADERS
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RequestBody:
     body: bytes
@@ -58,6 +62,7 @@ class RequestBody:
     phase = Phase.REQUEST_BODY
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ResponseHeaders:
     headers: dict[str, str]
@@ -66,6 +71,7 @@ class ResponseHeaders:
     phase = Phase.RESPONSE_HEADERS
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class ResponseBody:
     body: bytes
@@ -73,6 +79,7 @@ class ResponseBody:
     phase = Phase.RESPONSE_BODY
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Trailers:
     """Request or response trailers: passed on unchanged."""

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from extproc.slots import slot_init
+
 __all__ = ["Usage", "as_count"]
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one model call; all fields are non-negative."""

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from extproc.credentials import Credential, CredentialMissing
+from extproc.slots import slot_init
 
 __all__ = ["CredentialMissing", "CredentialProvider", "StaticKey", "UpstreamRequest"]
 
 Headers = Sequence[tuple[str, str]]
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     """A request as it leaves for the provider (everything a signature covers)."""
