@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.slots import slot_init
+
 
 class BodyMode(enum.Enum):
     """How Envoy sends the rest of a body to us (a `mode_override`)."""
@@ -21,6 +23,7 @@ class BodyMode(enum.Enum):
     STREAMED = "streamed"
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HeaderChanges:
     set: tuple[tuple[str, str], ...] = ()
@@ -30,6 +33,7 @@ class HeaderChanges:
         return bool(self.set or self.remove)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Continue:
     """Let the message through, optionally changed."""
@@ -41,6 +45,7 @@ class Continue:
     dynamic_metadata: Mapping[str, Any] | None = None
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Respond:
     """Answer the client now; nothing reaches (or further leaves) the provider."""
