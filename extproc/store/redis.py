@@ -111,14 +111,14 @@ local function purge(c, z, now, bucket)
   if first[2] then call('HSET', c, 'next', first[2]) else call('HDEL', c, 'next') end
 end
 
--- used = held + the window's buckets, after purging expired holds if any are due.
--- Returns used, held, `next` as a number (or false) and the `exp` field (or false).
-local function used(c, z, window, now)
-  local v = call('HMGET', c, 'held', 'next', 'exp', unpack(window))
+-- used = held + the window's buckets (a[first .. last]), after purging expired holds if
+-- any are due. Returns used, held, `next` as a number (or false) and `exp` (or false).
+local function used(c, z, a, first, last, now)
+  local v = call('HMGET', c, 'held', 'next', 'exp', unpack(a, first, last))
   local next_expiry = v[2] and v[2] + 0
   if next_expiry and next_expiry <= now then
-    purge(c, z, now, window[1])
-    v = call('HMGET', c, 'held', 'next', 'exp', unpack(window))
+    purge(c, z, now, a[first])
+    v = call('HMGET', c, 'held', 'next', 'exp', unpack(a, first, last))
     next_expiry = v[2] and v[2] + 0
   end
   local held = v[1] and v[1] + 0 or 0
@@ -187,7 +187,8 @@ local function rate_apply(a, p, first, count, writes)
     local key, q = KEYS[first + i - 1], p + (i - 1) * 4
     if a[q] == 'g' then
       local v = writes[i]
-      call('SET', key, string.format('%.17g', v), 'PX', max(1, ceil(v - now)))
+      local ttl = string.format('%d', max(1, ceil(v - now)))  -- cheaper than Redis' %.17g
+      call('SET', key, string.format('%.17g', v), 'PX', ttl)
     else
       call('INCRBY', key, a[q + 2])
       call('PEXPIRE', key, a[q + 3])
@@ -205,9 +206,7 @@ local function hold_eval(a, p, n, out)
   for i = 1, n do
     local c, z = KEYS[2 * i], KEYS[2 * i + 1]
     local limit, amount, size = a[p], a[p + 1] + 0, a[p + 4]
-    local window = {}
-    for j = 1, size do window[j] = a[p + 4 + j] end
-    local u, held, next_expiry, exp = used(c, z, window, a[1])
+    local u, held, next_expiry, exp = used(c, z, a, p + 5, p + 4 + size, a[1])
     used_list[i] = u
     if u >= limit or u + amount > limit then
       out[#out + 1], out[#out + 2] = 0, i - 1
