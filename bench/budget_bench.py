@@ -284,7 +284,7 @@ async def _server_cpu(redis_url: str, calls: int, blocks: int) -> ServerCpu:
     per_call = {
         k.removeprefix("cmdstat_"): v["calls"] / n
         for k, v in stats.items()
-        if k.startswith("cmdstat_") and k not in ("cmdstat_info", "cmdstat_config")
+        if k.startswith("cmdstat_") and not k.startswith(("cmdstat_info", "cmdstat_config"))
     }
     evalsha = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", "nan"))
     return ServerCpu({k: v / n for k, v in used.items()}, per_call, evalsha)
@@ -474,6 +474,7 @@ class Run:
     floor: InProcess | None = None
     load: dict[tuple[int, str], list[c.Measured]] = field(default_factory=dict)
     budgets: list[dict[str, Any]] = field(default_factory=list)
+    server_cpu: ServerCpu | None = None
 
 
 def measure(args: argparse.Namespace, wrk: str, workdir: Path) -> Run:
@@ -483,6 +484,8 @@ def measure(args: argparse.Namespace, wrk: str, workdir: Path) -> Run:
         print("in-process admit/settle ...", flush=True)
         run.floor = in_process(rig.redis_url, args.calls)
         run.calls = run.floor.timings
+        run.server_cpu = server_cpu(rig.redis_url, args.calls // 2)
+        print(server_cpu_report(run.server_cpu), flush=True)
         for name, timings in run.calls.items():
             print(f"  {name:32} admit p50 {c.percentile(timings.admit, 50):.3f} ms", flush=True)
         script = workdir / "post.lua"
@@ -688,6 +691,10 @@ def render(run: Run) -> str:
             "### Targets\n\n" + verdict_table(run),
             "### Admit and settle per request (in-process, ms)\n\n" + calls_table(run),
             floor_table(run),
+            "redis-server's own CPU (INFO cpu) per request, in-process, cases alternating:\n\n"
+            + server_cpu_report(run.server_cpu)
+            if run.server_cpu
+            else "",
             limits_lines(run),
             "### Through Envoy (2 KB POST /v1/messages)\n\n" + load_table(run),
             budgets_line(run),
@@ -723,7 +730,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.warmup = args.warmup or 1.0
-    planned = 2 * 2 * (args.warmup + args.rounds * args.seconds) + args.calls * 3 * 0.002
+    planned = 2 * 2 * (args.warmup + args.rounds * args.seconds) + args.calls * 4 * 0.002
     if planned > TIME_LIMIT - 40:
         parser.error(f"the plan takes {planned:.0f} s; the run must end within {TIME_LIMIT} s")
     args.write = not args.no_write and (args.output is not None or not args.quick)
