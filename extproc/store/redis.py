@@ -190,8 +190,9 @@ local function rate_apply(a, p, first, count, writes)
       local ttl = string.format('%d', max(1, ceil(v - now)))  -- cheaper than Redis' %.17g
       call('SET', key, string.format('%.17g', v), 'PX', ttl)
     else
-      call('INCRBY', key, a[q + 2])
-      call('PEXPIRE', key, a[q + 3])
+      -- %d: Redis would write a number argument with %.17g (1e+17 for a big one)
+      call('INCRBY', key, string.format('%d', a[q + 2]))
+      call('PEXPIRE', key, string.format('%d', a[q + 3]))
     end
   end
 end

@@ -22,7 +22,15 @@ from extproc.apis.usage import Usage
 from extproc.config import parse_config
 from extproc.policies.auth import Identity
 from extproc.policies.budget.spending import Spending
-from extproc.store import Counter, Gcra, Hold, ManualClock, SettleOutcome, StoreUnavailable
+from extproc.store import (
+    Counter,
+    Gcra,
+    Hold,
+    ManualClock,
+    Quota,
+    SettleOutcome,
+    StoreUnavailable,
+)
 from extproc.store.redis import RedisStore
 from extproc.telemetry.metrics import Metrics
 from tests.redis_server import RedisServer
@@ -397,3 +405,14 @@ async def test_a_settle_never_leaves_a_counter_without_a_ttl(redis_server: Redis
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_quota_counts_stay_exact_integers_when_large(harness: StoreHarness) -> None:
+    """The scripts write a quota's cost and reset as integers (a number handed to
+    redis.call as it is would be written with %.17g: 1e+17, not an integer to INCRBY)."""
+    now = harness.clock.time()
+    q = Quota(f"r:{T}:big", limit=10**18, cost=10**17, resets_at=now + 3600)
+    first = await harness.store.rate([q])
+    second = await harness.store.rate([q])
+    assert [s.remaining for s in first + second] == [9 * 10**17, 8 * 10**17]
+    assert first[0].reset_after == pytest.approx(3600)
