@@ -416,3 +416,13 @@ async def test_quota_counts_stay_exact_integers_when_large(harness: StoreHarness
     second = await harness.store.rate([q])
     assert [s.remaining for s in first + second] == [9 * 10**17, 8 * 10**17]
     assert first[0].reset_after == pytest.approx(3600)
+
+
+async def test_limits_beyond_64_bits_are_accepted(harness: StoreHarness) -> None:
+    """A budget or a burst set absurdly high (past 2^63) still works: the spec carries
+    it as the double the script compares with anyway."""
+    s, now = harness.store, harness.clock.time()
+    c = counter("huge", limit=10**20)
+    assert (await s.hold("r", rec("r"), [Hold(c, 5)], until=now + 60, record_ttl=60)).ok
+    g = Gcra(f"r:{T}:huge", rate=10**20, period=60, burst=10**20, cost=10**19 * 5)
+    assert (await s.rate([g]))[0].allowed
