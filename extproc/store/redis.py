@@ -379,18 +379,23 @@ def _rate_states(v: Sequence[int]) -> list[RateState]:
     ]
 
 
-def _join(words: list[Word]) -> bytes:
-    """One spec argument: a JSON array (the scripts' `words`)."""
-    return orjson.dumps(words)
-
-
 _INT64 = 2**63
 
 
-def _num(value: int) -> int | float:
-    """An integer for a numeric spec word. orjson writes only 64-bit integers; a larger
-    one (a limit nobody will reach) goes as the double Lua would hold for it anyway."""
-    return value if -_INT64 <= value < _INT64 else float(value)
+def _join(words: list[Word]) -> bytes:
+    """One spec argument: a JSON array (the scripts' `words`).
+
+    orjson writes only 64-bit integers; a larger one (an absurd limit or burst) goes as
+    the double the script would hold for it anyway (checked only when orjson refuses,
+    so the common case pays nothing)."""
+    try:
+        return orjson.dumps(words)
+    except orjson.JSONEncodeError:
+        return orjson.dumps([_double_if_huge(w) for w in words])
+
+
+def _double_if_huge(word: Word) -> Word:
+    return float(word) if isinstance(word, int) and not -_INT64 <= word < _INT64 else word
 
 
 MEMO_LIMIT = 65_536  # memoized counters and keys per store; cleared when full
@@ -401,7 +406,7 @@ class _CounterFacts:
     counter: Counter  # kept so the id() it is filed under cannot be reused meanwhile
     tag: str
     keys: bytes  # the counter and holds keys, RESP-encoded
-    limit: int | float
+    limit: int
     window: tuple[Word, ...]  # n, window[1..n]
     expiry: str  # the keys' expiry, ms ("0": never), for the hash's `exp` field
     finish: tuple[str, str]  # bucket, prune or "-"
@@ -432,7 +437,7 @@ class _Encoder:
             window: tuple[Word, ...] = (len(c.window), *c.window)
             expiry = "0" if c.expires_at is None else str(int(c.expires_at * 1000))
             finish = (c.bucket, c.prune_before or "-")
-            facts = _CounterFacts(c, tag, keys, _num(c.limit), window, expiry, finish)
+            facts = _CounterFacts(c, tag, keys, c.limit, window, expiry, finish)
             self._counters[id(c)] = facts
         return facts
 
@@ -451,9 +456,9 @@ class _Encoder:
         words: list[Word] = []
         for i in items:
             if isinstance(i, Gcra):
-                words += ("g", i.interval_ms, _num(i.burst), _num(i.cost))
+                words += ("g", i.interval_ms, i.burst, i.cost)
             else:
-                words += ("q", _num(i.limit), _num(i.cost), ttl_ms(i.resets_at, now))
+                words += ("q", i.limit, i.cost, ttl_ms(i.resets_at, now))
         return words
 
     def keys(self, tag: str, parts: list[bytes], items: Sequence[RateItem]) -> None:
