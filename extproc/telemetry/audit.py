@@ -3,8 +3,9 @@ PostgreSQL (`audit_store.PostgresSink`).
 
 Records never hold credentials. Prompt and completion text appear only on routes
 that record text (see `record.py`). Writes are small appends of one line each; a file
-sink is opened in append mode and flushed per record so a crash loses at most
-the line being written. Rotate a file sink with copy-and-truncate (logrotate's
+sink is opened unbuffered in append mode, so each record reaches the kernel in one
+`write` as it is made and a crash loses at most the line being written (stdout is
+flushed per record). Rotate a file sink with copy-and-truncate (logrotate's
 `copytruncate`): the sink keeps its descriptor open in append mode.
 """
 
@@ -54,13 +55,17 @@ class JsonLinesSink:
             return sys.stdout.buffer
         path = Path(self._target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.open("ab")
+        # Unbuffered: a flush per record would make the same one `write` per record,
+        # after copying the line into a buffer first (about 1 µs a record).
+        return path.open("ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
         line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         with self._lock:
-            self._stream.write(line)
-            self._stream.flush()
+            written = self._stream.write(line)
+            while written < len(line):  # an unbuffered file can take part (a signal)
+                written += self._stream.write(line[written:])
+            self._stream.flush()  # stdout's buffer; nothing to do for a file
 
     def close(self) -> None:
         if self._target != "stdout":

@@ -9,9 +9,10 @@ prometheus_client's multiprocess mode (see `extproc.server`).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from extproc.apis.usage import Usage
 from extproc.telemetry.labels import LabelBounds
@@ -27,6 +28,108 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
+class _Plain:
+    """A metric value as a plain float, for metrics only the event loop thread updates.
+
+    prometheus_client's in-process value (`MutexValue`) takes a lock on every update and
+    read so that threads may share it; that lock and the two checks around it cost more
+    than the update itself, about 18 times per request. A gateway process runs one event
+    loop thread (`--workers` are separate processes), and the metrics built on this
+    class (`_Counter`, `_Histogram`, `_Gauge` below) are updated only from it, on the
+    request path; the scrape thread only reads, and reading a float attribute is atomic
+    under the GIL. (A metric another thread updates, such as `otel_dropped`, stays a
+    plain prometheus_client one.)
+    """
+
+    __slots__ = ("_exemplar", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.value = value
+
+    def get(self) -> float:
+        return self.value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+class LoopCounter(Counter):
+    """A Counter whose children keep a `_Plain` value: the same samples on /metrics
+    (prometheus_client's own collect), without a lock per update."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._value = _Plain()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0 or exemplar:  # prometheus_client's refusal, or its exemplar path
+            super().inc(amount, exemplar)
+            return
+        self._value.value += amount
+
+
+class LoopHistogram(Histogram):
+    """A Histogram whose children keep `_Plain` values (see `LoopCounter`)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._sum = _Plain()
+        self._buckets = [_Plain() for _ in self._buckets]
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar:
+            super().observe(amount, exemplar)
+            return
+        self._sum.value += amount
+        # The first bucket whose bound is >= amount, as prometheus_client's linear scan
+        # finds it; the last bound is +Inf, and a NaN (no bound holds it) counts in none.
+        bucket = bisect_left(self._upper_bounds, amount)
+        if amount <= self._upper_bounds[bucket]:
+            self._buckets[bucket].value += 1
+
+
+class LoopGauge(Gauge):
+    """A Gauge whose children keep a `_Plain` value (see `LoopCounter`)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._value = _Plain()
+
+    def inc(self, amount: float = 1) -> None:
+        if self._is_most_recent:  # prometheus_client's refusal
+            super().inc(amount)
+            return
+        self._value.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        if self._is_most_recent:
+            super().dec(amount)
+            return
+        self._value.value -= amount
+
+    def set(self, value: float) -> None:
+        # (A `mostrecent` gauge's timestamp only matters to the multiprocess files.)
+        self._value.value = float(value)
+
+
+# Plain values only where prometheus_client itself keeps values in this process's
+# memory; in multiprocess mode (`--workers`) its values live in shared files.
+_IN_PROCESS = values.ValueClass is values.MutexValue
+_Counter = LoopCounter if _IN_PROCESS else Counter
+_Histogram = LoopHistogram if _IN_PROCESS else Histogram
+_Gauge = LoopGauge if _IN_PROCESS else Gauge
+
+
 def _by_type(usage: Usage) -> tuple[tuple[str, int], ...]:
     return (
         ("input", usage.input_tokens),
@@ -40,40 +143,43 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
+        self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
+        self._scopes_bounds = self.bounds  # the bounds `_scopes` was filled under
+        self._requests: dict[tuple[str, ...], RequestSeries] = {}
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "extproc_requests",
             "Requests handled, by API, endpoint, served model, provider, status and outcome.",
             ["api", "endpoint", "model", "provider", "status", "outcome"],
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "extproc_tokens",
             "Tokens reported by providers, by served model and type.",
             ["model", "provider", "type"],
             registry=r,
         )
-        self.latency = Histogram(
+        self.latency = _Histogram(
             "extproc_request_duration_seconds",
             "Time from request headers to the end of the response.",
             ["api", "endpoint", "streamed"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "extproc_time_to_first_token_seconds",
             "Time from request headers to the first content event of a streamed answer.",
             ["model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
-        self.active_streams = Gauge(
+        self.active_streams = _Gauge(
             "extproc_active_streams",
             "ext_proc streams (HTTP requests) in progress.",
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.streams = Counter(
+        self.streams = _Counter(
             "extproc_streams",
             "ext_proc streams Envoy opened, by the first phase the server read: request_headers"
             " (audited), or none (cancelled before its first message: only Envoy's access log"
@@ -87,13 +193,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.cache = Counter(
+        self.cache = _Counter(
             "extproc_cache_requests",
             "Cache-enabled requests by result: hit, miss, bypass, wait_timeout.",
             ["result"],
             registry=r,
         )
-        self.cache_saved_tokens = Counter(
+        self.cache_saved_tokens = _Counter(
             "extproc_cache_saved_tokens",
             "Tokens a cache hit did not spend, by model and type.",
             ["model", "type"],
@@ -104,13 +210,13 @@ class Metrics:
             "Misses that differ from a recent request of the caller only in volatile values.",
             registry=r,
         )
-        self.spend = Counter(
+        self.spend = _Counter(
             "extproc_spend_usd",
             "Settled spend in USD, by served model, team and project.",
             ["model", "team", "project"],
             registry=r,
         )
-        self.budget_remaining = Gauge(
+        self.budget_remaining = _Gauge(
             "extproc_budget_remaining",
             "What a budget had left at its last reservation (USD or tokens).",
             ["budget", "scope", "metric"],
@@ -129,19 +235,19 @@ class Metrics:
             ["direction", "rule", "action"],
             registry=r,
         )
-        self.scope_spend = Counter(
+        self.scope_spend = _Counter(
             "extproc_scope_spend_usd",
             "Settled spend in USD per budget scope (key, user, team, project, pipeline).",
             ["scope", "id"],
             registry=r,
         )
-        self.scope_tokens = Counter(
+        self.scope_tokens = _Counter(
             "extproc_scope_tokens",
             "Tokens reported by providers per budget scope and type (input, output, cache_*).",
             ["scope", "id", "type"],
             registry=r,
         )
-        self.cache_saved_usd = Counter(
+        self.cache_saved_usd = _Counter(
             "extproc_cache_saved_usd",
             "What cache hits did not spend, in USD, by served model.",
             ["model"],
@@ -164,13 +270,13 @@ class Metrics:
             ["route", "provider", "reason"],
             registry=r,
         )
-        self.model_mapping = Counter(
+        self.model_mapping = _Counter(
             "extproc_model_routing",
             "Requested model to served model and provider.",
             ["requested", "served", "provider"],
             registry=r,
         )
-        self.subagent_requests = Counter(
+        self.subagent_requests = _Counter(
             "extproc_subagent_requests",
             "Model calls made by Claude Code subagents (x-claude-code-agent-id present).",
             ["endpoint"],
@@ -185,14 +291,13 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
-        for kind, value in _by_type(usage):
-            if not value:
-                continue
-            if saved:
-                self.child(self.cache_saved_tokens, model, kind).inc(value)
-            else:
-                self.child(self.tokens, model, provider, kind).inc(value)
+    def request_series(self, *labels: str) -> RequestSeries:
+        """The series of requests labelled (api, endpoint, model, provider, status,
+        outcome, streamed), made once per distinct labels (bounded like the labels)."""
+        found = self._requests.get(labels)
+        if found is None:
+            found = self._requests[labels] = RequestSeries(self, labels)
+        return found
 
     def scope_id(self, kind: str, value: str) -> str:
         """`value` as a label, or `other` once this kind has SCOPE_IDS_PER_KIND ids."""
@@ -206,10 +311,84 @@ class Metrics:
 
     def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
         """Spend and tokens per scope of one settled request."""
+        counts = [(token_type, count) for token_type, count in _by_type(usage) if count]
+        if self._scopes_bounds is not self.bounds:  # replaced: ids are looked up again
+            self._scopes.clear()
+            self._scopes_bounds = self.bounds
         for kind, value in scopes.items():
-            label = self.scope_id(kind, self.bounds.scope_id(kind, value))
-            if cost_usd:
-                self.child(self.scope_spend, kind, label).inc(cost_usd)
-            for token_type, count in _by_type(usage):
-                if count:
-                    self.child(self.scope_tokens, kind, label, token_type).inc(count)
+            series = self._scopes.get((kind, value)) or self._scope_series(kind, value)
+            series.count(cost_usd, counts)
+
+    def _scope_series(self, kind: str, value: str) -> _ScopeSeries:
+        label = self.scope_id(kind, self.bounds.scope_id(kind, value))
+        series = self._scopes.get((kind, label))
+        if series is None:
+            series = self._scopes[(kind, label)] = _ScopeSeries(self, kind, label)
+        # An admitted id keeps its label for good (`scope_id`), so its series is found
+        # by the id itself next time; keys stay bounded: at most SCOPE_IDS_PER_KIND ids
+        # per kind, and `other` (ids counted as `other` are not remembered).
+        return series
+
+
+class _ScopeSeries:
+    """One scope's children of `extproc_scope_spend_usd` and `extproc_scope_tokens`, each
+    made when first counted (a series appears on /metrics once it has a count), so a
+    request finds them without building and hashing label tuples."""
+
+    __slots__ = ("_labels", "_metrics", "_spend", "_tokens")
+
+    def __init__(self, metrics: Metrics, kind: str, label: str) -> None:
+        self._metrics = metrics
+        self._labels = (kind, label)
+        self._spend: Counter | None = None
+        self._tokens: dict[str, Counter] = {}
+
+    def count(self, cost_usd: float | None, counts: list[tuple[str, int]]) -> None:
+        if cost_usd:
+            if self._spend is None:
+                self._spend = self._metrics.scope_spend.labels(*self._labels)
+            self._spend.inc(cost_usd)
+        for token_type, count in counts:
+            child = self._tokens.get(token_type)
+            if child is None:
+                labels = (*self._labels, token_type)
+                child = self._tokens[token_type] = self._metrics.scope_tokens.labels(*labels)
+            child.inc(count)
+
+
+class RequestSeries:
+    """The children one kind of finished request counts in, found with one lookup
+    (`Metrics.request_series`) instead of one label tuple per metric: its
+    `extproc_requests` child, and its latency and token children, each made when
+    first counted (a series appears on /metrics once it has a count)."""
+
+    __slots__ = ("_latency", "_metrics", "_tokens", "labels", "requests")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
+        self._metrics = metrics
+        self.labels = labels  # api, endpoint, model, provider, status, outcome, streamed
+        self.requests = metrics.requests.labels(*labels[:6])
+        self._latency: Histogram | None = None
+        self._tokens: dict[tuple[bool, str], Counter] = {}  # by (saved, type)
+
+    def observe_latency(self, seconds: float) -> None:
+        if self._latency is None:
+            api, endpoint, streamed = self.labels[0], self.labels[1], self.labels[6]
+            self._latency = self._metrics.latency.labels(api, endpoint, streamed)
+        self._latency.observe(seconds)
+
+    def count_tokens(self, usage: Usage, *, saved: bool) -> None:
+        """The provider's token counts (a cache hit's: the tokens it saved), by type."""
+        for kind, value in _by_type(usage):
+            if value:
+                child = self._tokens.get((saved, kind)) or self._token_child(saved, kind)
+                child.inc(value)
+
+    def _token_child(self, saved: bool, kind: str) -> Counter:
+        model, provider, metrics = self.labels[2], self.labels[3], self._metrics
+        if saved:
+            child = metrics.cache_saved_tokens.labels(model, kind)
+        else:
+            child = metrics.tokens.labels(model, provider, kind)
+        self._tokens[(saved, kind)] = child
+        return child

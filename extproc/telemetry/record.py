@@ -48,34 +48,32 @@ def account(stream: RequestStream, now: float) -> None:
     answered = outcome in ("ok", "cache_hit") and stream.answer.served_model is not None
     model = "" if rejected else metrics.bounds.model(record["served_model"], answered=answered)
     provider = record["provider"] or ""
-    metrics.child(
-        metrics.requests,
+    series = metrics.request_series(
         stream.api,
         record["endpoint"] or "",
         model,
         provider,
         str(record["status"]),
         outcome,
-    ).inc()
+        str(stream.answer.streamed),
+    )
+    series.requests.inc()
     requested = metrics.bounds.model(record["requested_model"])
     if requested and stream.served_model and not rejected:
         served = metrics.bounds.model(stream.served_model)
         metrics.child(metrics.model_mapping, requested, served, provider).inc()
-    if stream.route is None or not stream.route.endpoint.generates:
+    if not generates:
         return
     if stream.agent_id is not None:  # a subagent's call; ids stay out of labels
         metrics.child(metrics.subagent_requests, record["endpoint"]).inc()
     if "cache" in record:  # the cache step ran: hit, miss, bypass or wait_timeout
         metrics.child(metrics.cache, record["cache"]).inc()
-    metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
+    series.count_tokens(stream.answer.usage, saved=stream.outcome == "cache_hit")
     if stream.outcome == "cache_hit":
         if record.get("cost_saved_usd"):
             metrics.child(metrics.cache_saved_usd, model).inc(record["cost_saved_usd"])
     elif record.get("scopes") and not rejected:
         metrics.count_scopes(record["scopes"], stream.answer.usage, record.get("cost_usd"))
-    latency = metrics.child(
-        metrics.latency, stream.api, record["endpoint"], str(stream.answer.streamed)
-    )
-    latency.observe(now - stream.started)
+    series.observe_latency(now - stream.started)
     if stream.answer.first_token_at is not None:
         metrics.child(metrics.ttft, model).observe(stream.answer.first_token_at - stream.started)

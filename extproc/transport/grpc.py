@@ -197,7 +197,9 @@ class Call:
             if not self._sent_headers:
                 self._sent_headers = True
                 self.stream.send_headers(_RESPONSE_HEADERS)
-            await self.stream.send_data(_PREFIX.pack(0, len(payload)) + payload)
+            data = _PREFIX.pack(0, len(payload)) + payload
+            if not self.stream.send_frame(data):
+                await self.stream.send_data(data)
         except StreamClosed:
             raise asyncio.CancelledError from None
 

@@ -2,9 +2,12 @@
 package (dynamic table, Huffman), encode our few response fields as literals.
 
 Envoy's gRPC client sends nearly the same header block on every stream; after the
-first, each field is a one-byte index into its dynamic table. A block made only of
-indexed fields does not change the table, so its decoding is kept and reused until
-the next block that does.
+first, each field is a one-byte index into its dynamic table, except `:path` and a few
+others that it sends as Huffman literals without indexing, the same bytes each time. A
+block of indexed fields and unindexed literals does not change the table, so its
+decoding is kept and reused until the next block that does (the `hpack` package is
+pure Python: a full decode of Envoy's usual block costs more than the rest of a
+stream's transport work).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class HeaderDecoder:
             headers: Headers = self._decoder.decode(block)  # type: ignore[assignment]
         except (hpack.HPACKError, UnicodeDecodeError) as exc:
             raise ConnectionFault(ErrorCode.COMPRESSION_ERROR, f"header block: {exc}") from exc
-        if _only_indexed(block):
+        if _keeps_table(block):
             if len(self._indexed) >= _CACHE_LIMIT:
                 self._indexed.clear()
             self._indexed[block] = headers
@@ -41,10 +44,53 @@ class HeaderDecoder:
         return headers
 
 
-def _only_indexed(block: bytes) -> bool:
-    """Whether `block` is only one-byte indexed fields (RFC 7541 6.1: top bit set, index
-    below 127), which read the dynamic table but never change it."""
-    return bool(block) and min(block) >= 0x80 and 0xFF not in block
+def _keeps_table(block: bytes) -> bool:
+    """Whether decoding `block` (already decoded once, so well-formed) leaves the dynamic
+    table as it was: only indexed fields (RFC 7541 6.1) and literals without or never
+    indexing (6.2.2, 6.2.3). A literal with incremental indexing (6.2.1) or a table size
+    update (6.3) changes it."""
+    pos, end = 0, len(block)
+    try:
+        while pos < end:
+            first = block[pos]
+            if first & 0x80:  # indexed: 1xxxxxxx
+                pos = _skip_integer(block, pos, 0x7F)
+            elif first & 0xE0:  # 01xxxxxx (indexing) or 001xxxxx (size update)
+                return False
+            else:  # 0000xxxx / 0001xxxx: a name index (0: a literal name), then the value
+                named = first & 0x0F
+                pos = _skip_integer(block, pos, 0x0F)
+                if not named:
+                    pos = _skip_string(block, pos)
+                pos = _skip_string(block, pos)
+    except IndexError:
+        return False
+    return pos == end
+
+
+def _skip_integer(block: bytes, pos: int, mask: int) -> int:
+    """The offset after the HPACK integer at `pos` (RFC 7541 5.1) with a `mask` prefix."""
+    if block[pos] & mask != mask:
+        return pos + 1
+    pos += 1
+    while block[pos] & 0x80:
+        pos += 1
+    return pos + 1
+
+
+def _skip_string(block: bytes, pos: int) -> int:
+    """The offset after the HPACK string literal at `pos` (RFC 7541 5.2)."""
+    length, shift = block[pos] & 0x7F, 0
+    pos += 1
+    if length == 0x7F:
+        while True:
+            byte = block[pos]
+            pos += 1
+            length += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+    return pos + length
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
