@@ -19,6 +19,10 @@ each tree on its own PYTHONPATH and alternate:
     done
 
 `--profile FILE` writes a cProfile of one round (pstats format) instead of timing.
+
+`--body 117kb` sends the recorded-shape 117 KB Claude Code request instead (the one
+bench/anchor_bench.py uses, tests/data/claude_code_request.py), with a per-request token
+in its last user turn: still a cache miss every request.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -93,10 +97,40 @@ def _attributes(values: dict[str, Any]) -> dict[str, struct_pb2.Struct]:
     return {"envoy.filters.http.ext_proc": attributes}
 
 
-def messages(i: int) -> list[pb.ProcessingRequest]:
-    """Envoy's four messages for request `i` (its prompt differs: a cache miss)."""
+def small_body(i: int) -> bytes:
+    """The 2 KB request `i` (its prompt differs: a cache miss)."""
     text = f"request {i}: " + "please review this code and explain it. " * 45
     body = {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": text}]}
+    return orjson.dumps(body)
+
+
+_PLACEHOLDER = b"Q" * 12
+
+
+def large_bodies() -> Callable[[int], bytes]:
+    """Request `i` in the recorded 117 KB Claude Code shape, as bench/anchor_bench.py builds
+    it: `i` in its last user turn (where a new turn differs from the previous one)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)  # after PYTHONPATH: an A/B tree's own gateway wins
+    from tests.data.claude_code_request import build_request
+
+    document = build_request()
+    document["stream"] = False
+    block = document["messages"][-1]["content"][-1]
+    block["text"] = f"Turn {_PLACEHOLDER.decode()}. " + block["text"]
+    prefix, suffix = orjson.dumps(document).split(_PLACEHOLDER)
+    return lambda i: prefix + f"{i:012d}".encode() + suffix
+
+
+BODIES: dict[str, Callable[[], Callable[[int], bytes]]] = {
+    "2kb": lambda: small_body,
+    "117kb": large_bodies,
+}
+
+
+def messages(i: int, body_of: Callable[[int], bytes] = small_body) -> list[pb.ProcessingRequest]:
+    """Envoy's four messages for request `i` (its body differs: a cache miss)."""
     answer = {
         "id": f"msg_{i}",
         "type": "message",
@@ -125,7 +159,7 @@ def messages(i: int) -> list[pb.ProcessingRequest]:
             request_headers=_headers(request_headers),
             attributes=_attributes({"xds.route_name": "default"}),
         ),
-        pb.ProcessingRequest(request_body=pb.HttpBody(body=orjson.dumps(body), end_of_stream=True)),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body_of(i), end_of_stream=True)),
         pb.ProcessingRequest(
             response_headers=_headers(response_headers),
             attributes=_attributes({"response.code_details": "via_upstream"}),
@@ -174,13 +208,18 @@ def _instrument(state: str) -> None:
 
 
 async def rounds(
-    n: int, count: int, profile: str | None, callgrind: bool, without: frozenset[str]
+    n: int,
+    count: int,
+    profile: str | None,
+    callgrind: bool,
+    without: frozenset[str],
+    body_of: Callable[[int], bytes] = small_body,
 ) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         data = config(os.path.join(tmp, "audit.jsonl"), without)
         gw = Gateway.from_config(parse_config(data))
         servicer = ExternalProcessor(gw)
-        batches = [[messages(r * n + i) for i in range(n)] for r in range(count + 1)]
+        batches = [[messages(r * n + i, body_of) for i in range(n)] for r in range(count + 1)]
         for requests in batches[0][: min(n, 300)]:  # warm-up
             await one(servicer, gw, requests)
         if callgrind:
@@ -217,13 +256,19 @@ def main() -> None:
         "--without", default="", help="policies to turn off: guard,cache,budget,audit (comma list)"
     )
     parser.add_argument(
+        "--body", choices=sorted(BODIES), default="2kb", help="the request: 2kb or 117kb"
+    )
+    parser.add_argument(
         "--callgrind", action="store_true", help="instrument one round (run under callgrind)"
     )
     args = parser.parse_args()
     import extproc
 
     without = frozenset(filter(None, args.without.split(",")))
-    results = asyncio.run(rounds(args.n, args.rounds, args.profile, args.callgrind, without))
+    body_of = BODIES[args.body]()
+    results = asyncio.run(
+        rounds(args.n, args.rounds, args.profile, args.callgrind, without, body_of)
+    )
     if results:
         where = os.path.dirname(os.path.dirname(os.path.abspath(extproc.__file__)))
         shown = " ".join(f"{r:.1f}" for r in results)

@@ -73,14 +73,19 @@ INLINE_VALUES = 20_000  # ...and bodies that may hold more JSON values than this
 OFFLOAD_SECONDS = 60.0  # Envoy's message timeout is extended by this while the worker works
 
 
+_NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"[,:")
+
+
 def value_bound(raw: bytes, enough: int) -> int:
     """An upper bound on the JSON values in `raw`, at C speed: every value but the root
     takes a byte and follows its own `[`, `,` or `:` (those inside strings only make the
     bound looser). Below `enough` the cheaper length bound is returned."""
     if len(raw) // 2 + 1 <= enough:
         return len(raw) // 2 + 1
-    # The count of `[`, `,` and `:` in one pass (three `count`s: 0.11 ms for 117 KB).
-    return 1 + len(raw) - len(raw.translate(None, b"[,:"))
+    # The count of `[`, `,` and `:` in one pass (three `count`s: 0.11 ms for 117 KB):
+    # deleting every other byte writes out only the separators, a quarter fewer
+    # instructions than deleting the separators and writing out the rest.
+    return 1 + len(raw.translate(None, _NOT_SEPARATORS))
 
 
 def _values(value: Any) -> Iterator[Any]:

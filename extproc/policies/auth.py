@@ -268,6 +268,8 @@ class KeyDirectory:
         self._clock = clock
         self._wall = wall_clock
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        # Each key's Identity, made once per record (frozen: every request may share it).
+        self._identities: dict[str, tuple[KeyRecord, Identity]] = {}
 
     async def record(self, key_id: str) -> KeyRecord | None:
         if key_id in self._config_keys:
@@ -305,7 +307,17 @@ class KeyDirectory:
                 timespec="seconds"
             )
             raise Unauthorized(f"gateway key {record.id!r} expired at {when}", reason="key_expired")
-        return identity_of(record)
+        return self._identity(record)
+
+    def _identity(self, record: KeyRecord) -> Identity:
+        found = self._identities.get(record.id)
+        if found is not None and found[0] is record:
+            return found[1]
+        if len(self._identities) > 100_000:  # as many as the record cache holds
+            self._identities.clear()
+        identity = identity_of(record)
+        self._identities[record.id] = (record, identity)
+        return identity
 
 
 def revoked(record: KeyRecord) -> KeyRecord:

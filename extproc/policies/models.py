@@ -42,10 +42,16 @@ class AllowList:
     patterns: tuple[str, ...]
 
     def allows(self, model: str) -> bool:
-        return any(fnmatchcase(model, pattern) for pattern in self.patterns)
+        # A loop, not any(): no generator on every check of every request.
+        for pattern in self.patterns:  # noqa: SIM110
+            if fnmatchcase(model, pattern):
+                return True
+        return False
 
 
 def _mapped(model: str, rules: Mapping[str, str]) -> str:
+    if not rules:  # most maps are empty: no generator to build for them
+        return model
     return next((to for pattern, to in rules.items() if fnmatchcase(model, pattern)), model)
 
 
@@ -97,7 +103,21 @@ def allow_lists(
         ("team", team.models if team else None),
         ("tier", tier.models if tier else None),
     ]
-    return [AllowList(source, tuple(p)) for source, p in sources if p is not None]
+    return [_allow_list(source, tuple(p)) for source, p in sources if p is not None]
+
+
+# AllowLists are frozen: one per (source, patterns), shared by the requests that meet it
+# (patterns come from the config and the key records; cleared past a bound).
+_ALLOW_LISTS: dict[tuple[str, tuple[str, ...]], AllowList] = {}
+
+
+def _allow_list(source: str, patterns: tuple[str, ...]) -> AllowList:
+    found = _ALLOW_LISTS.get((source, patterns))
+    if found is None:
+        if len(_ALLOW_LISTS) > 10_000:
+            _ALLOW_LISTS.clear()
+        found = _ALLOW_LISTS[source, patterns] = AllowList(source, patterns)
+    return found
 
 
 def check_allowed(requested: str, served: str, lists: Sequence[AllowList]) -> None:
@@ -120,8 +140,9 @@ def visible(model_id: str, lists: Sequence[AllowList]) -> bool:
 
 def choose_provider(config: Config, profile: ProfileConfig, model: str, api: ApiKind) -> Target:
     name = profile.provider
-    if name is None:
-        name = next((r.provider for r in config.models.routes if fnmatchcase(model, r.match)), None)
+    routes = config.models.routes
+    if name is None and routes:
+        name = next((r.provider for r in routes if fnmatchcase(model, r.match)), None)
     if name is None:
         return default_target(config, api)
     target = Target(name=name, provider=config.providers[name])

@@ -60,7 +60,8 @@ class ProfileResolver:
             return str(exc)
 
     def resolve(self, metadata: Mapping[str, Any] | None, route_name: str) -> ProfileConfig:
-        raw = orjson.dumps(dict(metadata or {}), option=orjson.OPT_SORT_KEYS)
+        # A route without a policy (most): the same key without building and encoding one.
+        raw = orjson.dumps(dict(metadata), option=orjson.OPT_SORT_KEYS) if metadata else b"{}"
         result = self._compile(raw)
         if isinstance(result, str):
             raise RoutePolicyError(f"the policy of Envoy route {route_name!r} is invalid: {result}")

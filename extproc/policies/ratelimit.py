@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import quote
@@ -57,7 +56,7 @@ from extproc.policies.budget.ledger import (
     HoldPlan,
     Reservation,
 )
-from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable
+from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable, slot_init
 
 __all__ = [
     "LimitItem",
@@ -146,6 +145,7 @@ class UnknownTier(ValueError):
     """A key names a tier the config does not define (validate keys against `tiers`)."""
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RateSubject:
     """Who is calling: the API key's id, its team and its tier."""
@@ -155,6 +155,7 @@ class RateSubject:
     tier: str | None = None
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LimitState:
     """One limit's verdict, named like `key.requests_per_minute` or `key.requests_per_day`."""
@@ -167,6 +168,7 @@ class LimitState:
     reset_after: float
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class RateDecision:
     """The verdict on one request: allowed, and every limit's state (for headers)."""
@@ -194,6 +196,7 @@ class RateDecision:
         return min(self.limits, key=lambda s: s.remaining / max(s.limit, 1), default=None)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class LimitItem:
     """One limit a request is checked against: its name, limit and store item."""
@@ -211,25 +214,33 @@ class _Spec:
     key: str
     rate: int
     burst: int
+    # The cost-1 item (a request counted), made once: every request checks it.
+    unit: LimitItem = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit", LimitItem(self.name, self.rate, self.gcra(1)))
+
+    def gcra(self, cost: int) -> Gcra:
+        return Gcra(self.key, self.rate, MINUTE, self.burst, cost)
 
     def item(self, cost: int) -> LimitItem:
         if cost == 1:
             return self.unit
-        return LimitItem(self.name, self.rate, Gcra(self.key, self.rate, MINUTE, self.burst, cost))
-
-    @property
-    def unit(self) -> LimitItem:
-        """The cost-1 item (a request counted), made once: every request checks it."""
-        return _unit_item(self)
+        return LimitItem(self.name, self.rate, self.gcra(cost))
 
 
-@functools.lru_cache(maxsize=4096)
-def _unit_item(spec: _Spec) -> LimitItem:
-    return LimitItem(spec.name, spec.rate, Gcra(spec.key, spec.rate, MINUTE, spec.burst, 1))
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """A subject's per-minute limits (key, then team), fixed for the subject: `parts` in
+    check order, a request limit as its ready item, a token limit as its spec (the
+    request's cost is only known per call); `tokens` the token specs alone."""
+
+    parts: tuple[LimitItem | _Spec, ...]
+    tokens: tuple[_Spec, ...]
 
 
 Kind = Literal["key", "team"]
-MEMO_LIMIT = 65_536  # memoized scope specs and quota keys; cleared when full
+MEMO_LIMIT = 65_536  # memoized scope specs, subjects' limits and quota keys; cleared when full
 
 
 def _day_and_midnight(now: float) -> tuple[str, float]:
@@ -246,6 +257,7 @@ class RateLimiter:
         self._base = f"{config.key_prefix}:rl:{{{config.hash_tag}}}"
         self._specs: dict[tuple[Kind, str], tuple[_Spec | None, _Spec | None]] = {}
         self._quotas: dict[tuple[str, str, int], LimitItem | None] = {}
+        self._subjects: dict[tuple[str, str | None], _Limits] = {}
 
     def _limits(self, kind: Kind, ident: str) -> RateLimit:
         if kind == "key":
@@ -272,10 +284,29 @@ class RateLimiter:
             _remember(self._specs, (kind, ident), found)
         return found
 
-    def _quota_item(self, subject: RateSubject, now: float) -> LimitItem | None:
+    def _subject_limits(self, subject: RateSubject) -> _Limits:
+        """The subject's per-minute limits, memoized by key and team: the same few subjects
+        call again and again, and their limits are fixed by the config."""
+        memo_key = (subject.key_id, subject.team_id)
+        found = self._subjects.get(memo_key)
+        if found is None:
+            parts: list[LimitItem | _Spec] = []
+            for kind, ident in self._scopes(subject):
+                req, tok = self._scope_specs(kind, ident)
+                if req is not None:
+                    parts.append(req.unit)
+                if tok is not None:
+                    parts.append(tok)
+            tokens = tuple(p for p in parts if isinstance(p, _Spec))
+            found = _Limits(tuple(parts), tokens)
+            _remember(self._subjects, memo_key, found)
+        return found
+
+    def _quota_item(self, subject: RateSubject) -> LimitItem | None:
         name = subject.tier or self._config.default_tier
         if name is None:
             return None
+        now = self._store.clock.time()
         memo_key = (subject.key_id, name, int(now // 86_400))
         if memo_key not in self._quotas:
             _remember(self._quotas, memo_key, self._make_quota(subject.key_id, name, now))
@@ -304,14 +335,11 @@ class RateLimiter:
         """Every item one request checks (pure; the store is not touched)."""
         if tokens < 0:
             raise ValueError("a token estimate is never negative")
-        items: list[LimitItem] = []
-        for kind, ident in self._scopes(subject):
-            req, tok = self._scope_specs(kind, ident)
-            if req is not None:
-                items.append(req.item(1))
-            if tok is not None:
-                items.append(tok.item(min(tokens, tok.burst)))
-        quota = self._quota_item(subject, self._store.clock.time())
+        items = [
+            part if isinstance(part, LimitItem) else part.item(min(tokens, part.burst))
+            for part in self._subject_limits(subject).parts
+        ]
+        quota = self._quota_item(subject)
         return items if quota is None else [*items, quota]
 
     async def check(self, subject: RateSubject, tokens: int = 0) -> RateDecision:
@@ -397,8 +425,7 @@ class RateLimiter:
         token limits, for `record_tokens` or a settle that carries them (pure)."""
         if tokens == 0:
             return []
-        specs = [self._scope_specs(kind, ident)[1] for kind, ident in self._scopes(subject)]
-        return [spec.item(tokens).item for spec in specs if spec is not None]
+        return [spec.gcra(tokens) for spec in self._subject_limits(subject).tokens]
 
     async def record_tokens(self, subject: RateSubject, tokens: int) -> None:
         """Debit (or, if negative, refund) `tokens` on the token limits after a response:
@@ -420,11 +447,10 @@ def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
 
 
 def _decision(items: Sequence[LimitItem], states: Sequence[RateState]) -> RateDecision:
-    limits = tuple(_state(i, s) for i, s in zip(items, states, strict=True))
-    return RateDecision(all(s.allowed for s in states), limits)
-
-
-def _state(item: LimitItem, state: RateState) -> LimitState:
-    return LimitState(
-        item.name, item.limit, state.allowed, state.remaining, state.retry_after, state.reset_after
+    limits = tuple(
+        [
+            LimitState(i.name, i.limit, s.allowed, s.remaining, s.retry_after, s.reset_after)
+            for i, s in zip(items, states, strict=True)
+        ]
     )
+    return RateDecision(all(s.allowed for s in states), limits)

@@ -37,11 +37,21 @@ class NoProvider(Exception):
     pass
 
 
+# The last config's default target per API kind (a request without a routing rule
+# takes it): at most one entry per kind; the config is held, so `is` cannot be fooled.
+_DEFAULTS: dict[ApiKind, tuple[Config, Target]] = {}
+
+
 def default_target(config: Config, api: ApiKind) -> Target:
+    found = _DEFAULTS.get(api)
+    if found is not None and found[0] is config:
+        return found[1]
     name = default_provider(config, api)
     if name is None:
         raise NoProvider(f"no provider with api: {api} is configured")
-    return Target(name=name, provider=config.providers[name])
+    target = Target(name=name, provider=config.providers[name])
+    _DEFAULTS[api] = (config, target)
+    return target
 
 
 def upstream_headers(target: Target, path: str, credential: str | None) -> HeaderChanges:

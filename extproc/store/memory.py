@@ -45,6 +45,7 @@ from extproc.store import (
     SystemClock,
     check_settle_args,
     check_ttl,
+    hash_tag,
     now_ms,
     px,
     same_slot,
@@ -55,6 +56,7 @@ __all__ = ["MemoryStore"]
 
 SWEEP_EVERY = 1024
 FINISHED_RECORDS = 10_000
+MEMO_LIMIT = 65_536  # memoized hash tags of counter and rate keys; cleared when full
 
 
 @dataclass(slots=True)
@@ -68,14 +70,17 @@ class _Counter:
     fields: dict[str, int] = field(default_factory=dict)
     holds: dict[str, int] = field(default_factory=dict)  # member -> hold expiry (ms)
     expires_at: int | None = None  # ms
+    # No hold expires before this (ms; None: no holds), so expired holds are looked for
+    # only when one can be due, as the Lua's `next` field does.
+    next_due: int | None = None
 
 
 def _member_amount(member: str) -> int:
     return int(member.rpartition(":")[2])
 
 
-def _fmt(value: float) -> bytes:
-    return format(value, ".17g").encode()
+_DUPLICATE = HoldResult(ok=False, duplicate=True)
+_OUTCOMES = {outcome.value: outcome for outcome in SettleOutcome}
 
 
 class MemoryStore:
@@ -91,7 +96,8 @@ class MemoryStore:
         self._finished_limit = finished_records
         self._counters: dict[str, _Counter] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._writes = 0
+        self._writes = 0  # since the last sweep
+        self._tags: dict[str, str] = {}
         self._closed = False
 
     @property
@@ -103,10 +109,16 @@ class MemoryStore:
     def _now(self) -> int:
         if self._closed:
             raise StoreUnavailable("store is closed")
-        return now_ms(self._clock)
+        now = now_ms(self._clock)
+        if self._writes >= SWEEP_EVERY:
+            # Swept before an operation, never in the middle of one: an entry an operation
+            # has read stays in place (and is updated in place) until it writes it.
+            self._writes = 0
+            self._sweep(now)
+        return now
 
     def _entry(self, key: str, now: int) -> _Entry | None:
-        if self._live_counter(key, now) is not None:
+        if key in self._counters and self._live_counter(key, now) is not None:
             raise StoreDataError(f"{key!r} holds a budget counter, not a value")
         entry = self._kv.get(key)
         if entry is not None and entry.expires_at is not None and entry.expires_at <= now:
@@ -122,26 +134,37 @@ class MemoryStore:
         return counter
 
     def _put(self, key: str, value: bytes, expires_at: int | None) -> None:
-        self._kv[key] = _Entry(value, expires_at)
-        if expires_at is not None:
-            heapq.heappush(self._expiries, (expires_at, key))
-        for waiter in self._waiters.pop(key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
-        self._wrote()
-
-    def _wrote(self) -> None:
+        """Write `key`. The heap holds, for every entry with an expiry, an item due no later
+        than it (the sweep re-queues a live entry whose item came due), so a rewrite that
+        keeps or extends the expiry (a rate limit's state, every request) is made in place
+        without a heap push or a new entry."""
+        entry = self._kv.get(key)
+        if entry is None:
+            self._kv[key] = _Entry(value, expires_at)
+            if expires_at is not None:
+                heapq.heappush(self._expiries, (expires_at, key))
+        else:
+            if expires_at is not None and (
+                entry.expires_at is None or expires_at < entry.expires_at
+            ):
+                heapq.heappush(self._expiries, (expires_at, key))
+            entry.value, entry.expires_at = value, expires_at
+        if self._waiters:
+            for waiter in self._waiters.pop(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
         self._writes += 1
-        if self._writes % SWEEP_EVERY == 0:
-            self._sweep(now_ms(self._clock))
 
     def _sweep(self, now: int) -> None:
         heap = self._expiries
         while heap and heap[0][0] <= now:
             _, key = heapq.heappop(heap)
-            entry = self._kv.get(key)  # rewritten since (a later expiry) or gone: kept
-            if entry is not None and entry.expires_at is not None and entry.expires_at <= now:
-                del self._kv[key]
+            entry = self._kv.get(key)  # gone since: nothing to do
+            if entry is not None and entry.expires_at is not None:
+                if entry.expires_at <= now:
+                    del self._kv[key]
+                else:  # rewritten in place with a later expiry: due again then
+                    heapq.heappush(heap, (entry.expires_at, key))
         if len(heap) > 2 * len(self._kv) + SWEEP_EVERY:
             # Keys rewritten with new expiries leave stale heap items; rebuild from _kv.
             live = self._kv.items()
@@ -269,16 +292,41 @@ class MemoryStore:
                 del counter.holds[member]
             counter.fields["held"] = counter.fields.get("held", 0) - freed
             counter.fields[bucket] = counter.fields.get(bucket, 0) + freed
+        counter.next_due = min(counter.holds.values(), default=None)
 
     @staticmethod
     def _used(counter: _Counter, window: Sequence[str]) -> int:
-        return counter.fields.get("held", 0) + sum(counter.fields.get(b, 0) for b in window)
+        fields = counter.fields
+        used = fields.get("held", 0)
+        for bucket in window:  # (a loop, not sum() over a generator: paid per counter)
+            used += fields.get(bucket, 0)
+        return used
 
     @staticmethod
     def _touch(counter: _Counter, spec: Counter, now: int) -> None:
         ttl = ttl_ms(spec.expires_at, now)
         if ttl > 0:
             counter.expires_at = now + ttl
+
+    def _tag(self, key: str) -> str:
+        """`hash_tag(key)`, memoized: counter and rate keys repeat request after request."""
+        tag = self._tags.get(key)
+        if tag is None:
+            if len(self._tags) >= MEMO_LIMIT:
+                self._tags.clear()
+            tag = self._tags[key] = hash_tag(key)
+        return tag
+
+    def _one_slot(self, tag: str, holds: Sequence[Hold], items: Sequence[RateItem]) -> None:
+        """`same_slot`: the holds' counters and the rate items share `tag` (the record
+        key's, or the first item's); their tags are memoized (`_tag`)."""
+        tags = self._tags
+        for h in holds:  # (two plain loops: a comprehension is a call of its own)
+            if tags.get(h.counter.key) != tag and self._tag(h.counter.key) != tag:
+                same_slot([f"{{{tag}}}", h.counter.key])  # raises the one ValueError
+        for i in items:
+            if tags.get(i.key) != tag and self._tag(i.key) != tag:
+                same_slot([f"{{{tag}}}", i.key])
 
     async def hold(
         self,
@@ -289,45 +337,54 @@ class MemoryStore:
         until: float,
         record_ttl: float,
     ) -> HoldResult:
-        same_slot([record_key, *(h.counter.key for h in holds)])
+        self._one_slot(hash_tag(record_key), holds, ())
         now = self._now()
-        result = self._hold_eval(record_key, holds, now)
+        result, counters = self._hold_eval(record_key, holds, now)
         if result.ok:
-            self._hold_apply(reservation, record_key, holds, until, record_ttl, now)
+            self._hold_apply(reservation, record_key, holds, counters, until, record_ttl, now)
         return result
 
-    def _hold_eval(self, record_key: str, holds: Sequence[Hold], now: int) -> HoldResult:
-        """Decide a hold; writes nothing except purging expired holds (as the Lua does)."""
+    def _hold_eval(
+        self, record_key: str, holds: Sequence[Hold], now: int
+    ) -> tuple[HoldResult, list[_Counter]]:
+        """Decide a hold; writes nothing except purging expired holds (as the Lua does).
+        Also returns the counters it read, for `_hold_apply` (a missing one detached)."""
         if self._entry(record_key, now) is not None:
-            return HoldResult(ok=False, duplicate=True)
+            return _DUPLICATE, []
         used: list[int] = []
-        for index, h in enumerate(holds):
-            counter = self._counter(h.counter.key, now, create=False)
-            self._purge(counter, now, h.counter.bucket)
-            used.append(self._used(counter, h.counter.window))
-            if used[-1] >= h.counter.limit or used[-1] + h.amount > h.counter.limit:
-                return HoldResult(ok=False, used=tuple(used), failed=index)
-        return HoldResult(ok=True, used=tuple(used))
+        counters: list[_Counter] = []
+        for h in holds:
+            spec = h.counter
+            counter = self._counter(spec.key, now, create=False)
+            if counter.next_due is not None and counter.next_due <= now:
+                self._purge(counter, now, spec.bucket)
+            counters.append(counter)
+            used.append(self._used(counter, spec.window))
+            if used[-1] >= spec.limit or used[-1] + h.amount > spec.limit:
+                return HoldResult(ok=False, used=tuple(used), failed=len(used) - 1), counters
+        return HoldResult(ok=True, used=tuple(used)), counters
 
     def _hold_apply(
         self,
         reservation: str,
         record_key: str,
         holds: Sequence[Hold],
+        counters: Sequence[_Counter],
         until: float,
         record_ttl: float,
         now: int,
     ) -> None:
-        for h in holds:
-            self._apply_hold(reservation, h, int(until * 1000), now)
+        until_ms = int(until * 1000)
+        stored = self._counters
+        for h, read in zip(holds, counters, strict=True):
+            counter = stored.setdefault(h.counter.key, read)  # a detached one is stored now
+            held = counter.fields["held"] = counter.fields.get("held", 0) + h.amount
+            counter.holds[f"{reservation}:{h.amount}"] = until_ms
+            if counter.next_due is None or until_ms < counter.next_due:
+                counter.next_due = until_ms
+            if held == h.amount:  # TTL is (re)set when held leaves zero, and on every settle
+                self._touch(counter, h.counter, now)
         self._put(record_key, b"held", now + px(record_ttl))
-
-    def _apply_hold(self, reservation: str, h: Hold, until: int, now: int) -> None:
-        counter = self._counter(h.counter.key, now)
-        held = counter.fields["held"] = counter.fields.get("held", 0) + h.amount
-        counter.holds[f"{reservation}:{h.amount}"] = until
-        if held == h.amount:  # TTL is (re)set when held leaves zero, and on every settle
-            self._touch(counter, h.counter, now)
 
     async def settle(
         self,
@@ -341,19 +398,22 @@ class MemoryStore:
         debit: Sequence[RateItem] = (),
     ) -> SettleOutcome:
         check_settle_args(holds, actuals)
-        same_slot([record_key, *(h.counter.key for h in holds), *(i.key for i in debit)])
+        self._one_slot(hash_tag(record_key), holds, debit)
         now = self._now()
         entry = self._entry(record_key, now)
         state = "unknown" if entry is None else entry.value.decode()
-        if state in ("settled", "released"):
-            return SettleOutcome(state)
+        outcome = _OUTCOMES.get(state) or SettleOutcome(state)  # (an Enum call costs ~1 µs)
+        if outcome is SettleOutcome.ALREADY_SETTLED or outcome is SettleOutcome.ALREADY_RELEASED:
+            return outcome
+        held = outcome is SettleOutcome.SETTLED
         for h, actual in zip(holds, actuals, strict=True):
-            self._settle_one(reservation, h, actual, now, held=state == "held")
-        if debit:
-            self._rate_apply(debit, self._rate_eval(debit, now), now)
+            self._settle_one(reservation, h, actual, now, held=held)
+        if debit:  # forced: only the new states are needed (all read before any write)
+            tats = [self._tat(i, now)[2] if isinstance(i, Gcra) else 0.0 for i in debit]
+            self._rate_apply(debit, tats, now)
         self._put(record_key, b"released" if release else b"settled", now + px(record_ttl))
         self._remember_finished(record_key)
-        return SettleOutcome(state)
+        return outcome
 
     def _remember_finished(self, record_key: str) -> None:
         """Keep the newest finished records only; the oldest are forgotten first."""
@@ -367,19 +427,22 @@ class MemoryStore:
                 del self._kv[oldest]
 
     def _settle_one(self, reservation: str, h: Hold, actual: int, now: int, *, held: bool) -> None:
-        counter = self._counter(h.counter.key, now, create=actual != 0 or held)
-        self._purge(counter, now, h.counter.bucket)
+        spec = h.counter
+        counter = self._counter(spec.key, now, create=actual != 0 or held)
+        if counter.next_due is not None and counter.next_due <= now:
+            self._purge(counter, now, spec.bucket)
+        fields = counter.fields
         if counter.holds.pop(f"{reservation}:{h.amount}", None) is not None:
-            counter.fields["held"] = counter.fields.get("held", 0) - h.amount
+            fields["held"] = fields.get("held", 0) - h.amount
         elif held:  # the hold expired and was charged at its amount: charge the difference
             actual -= h.amount
         if actual != 0:
-            counter.fields[h.counter.bucket] = counter.fields.get(h.counter.bucket, 0) + actual
-        prune = h.counter.prune_before
+            fields[spec.bucket] = fields.get(spec.bucket, 0) + actual
+        prune = spec.prune_before
         if prune:
-            for name in [f for f in counter.fields if f.startswith("s:") and f < prune]:
-                del counter.fields[name]
-        self._touch(counter, h.counter, now)
+            for name in [f for f in fields if f.startswith("s:") and f < prune]:
+                del fields[name]
+        self._touch(counter, spec, now)
 
     async def usage(self, counters: Sequence[Counter]) -> list[int]:
         same_slot([c.key for c in counters])
@@ -393,12 +456,13 @@ class MemoryStore:
     # ---- rate -----------------------------------------------------------------------------
 
     async def rate(self, items: Sequence[RateItem], *, force: bool = False) -> list[RateState]:
-        same_slot([i.key for i in items])
+        if items:
+            self._one_slot(self._tag(items[0].key), (), items)
         now = self._now()
-        planned = self._rate_eval(items, now)
-        if force or all(state.allowed for state, _ in planned):
-            self._rate_apply(items, planned, now)
-        return [state for state, _ in planned]
+        states, writes, allowed = self._rate_eval(items, now)
+        if force or allowed:
+            self._rate_apply(items, writes, now)
+        return states
 
     async def admit(
         self,
@@ -410,33 +474,54 @@ class MemoryStore:
         until: float,
         record_ttl: float,
     ) -> tuple[list[RateState], HoldResult | None]:
-        same_slot([record_key, *(h.counter.key for h in holds), *(i.key for i in items)])
+        self._one_slot(hash_tag(record_key), holds, items)
         now = self._now()
-        planned = self._rate_eval(items, now)
-        states = [state for state, _ in planned]
-        if not all(state.allowed for state in states):
+        states, writes, allowed = self._rate_eval(items, now)
+        if not allowed:
             return states, None
-        result = self._hold_eval(record_key, holds, now)
+        result, counters = self._hold_eval(record_key, holds, now)
         if result.ok:
-            self._rate_apply(items, planned, now)
-            self._hold_apply(reservation, record_key, holds, until, record_ttl, now)
+            self._rate_apply(items, writes, now)
+            self._hold_apply(reservation, record_key, holds, counters, until, record_ttl, now)
         return states, result
 
-    def _rate_eval(self, items: Sequence[RateItem], now: int) -> list[tuple[RateState, float]]:
-        return [self._gcra(i, now) if isinstance(i, Gcra) else self._quota(i, now) for i in items]
+    def _rate_eval(
+        self, items: Sequence[RateItem], now: int
+    ) -> tuple[list[RateState], list[float], bool]:
+        """Each item's verdict, the state `_rate_apply` writes if it is applied, and
+        whether every item allows."""
+        states: list[RateState] = []
+        writes: list[float] = []
+        allowed = True
+        for item in items:
+            state, write = (
+                self._gcra(item, now) if isinstance(item, Gcra) else self._quota(item, now)
+            )
+            states.append(state)
+            writes.append(write)
+            allowed = allowed and state.allowed
+        return states, writes, allowed
 
-    def _rate_apply(
-        self, items: Sequence[RateItem], planned: Sequence[tuple[RateState, float]], now: int
-    ) -> None:
-        for item, (_, write) in zip(items, planned, strict=True):
-            self._rate_write(item, write, now)
+    def _rate_apply(self, items: Sequence[RateItem], writes: Sequence[float], now: int) -> None:
+        for item, new_tat in zip(items, writes, strict=True):
+            if isinstance(item, Gcra):  # the TAT as the Lua's %.17g, kept while it matters
+                expires = now + max(1, math.ceil(new_tat - now))
+                self._put(item.key, format(new_tat, ".17g").encode(), expires)
+            else:
+                entry = self._entry(item.key, now)
+                count = (0 if entry is None else int(entry.value)) + item.cost
+                self._put(item.key, str(count).encode(), now + ttl_ms(item.resets_at, now))
+
+    def _tat(self, item: Gcra, now: int) -> tuple[float, float, float]:
+        """The emission interval (ms), the theoretical arrival time (ms, at least `now`)
+        and the one after `item`'s cost."""
+        t = item.period * 1000.0 / item.rate  # (= item.interval_ms, without a call)
+        entry = self._entry(item.key, now)
+        tat = max(float(entry.value) if entry is not None else float(now), now)
+        return t, tat, max(tat + item.cost * t, now)
 
     def _gcra(self, item: Gcra, now: int) -> tuple[RateState, float]:
-        t = item.interval_ms
-        entry = self._entry(item.key, now)
-        tat = float(entry.value) if entry is not None else float(now)
-        tat = max(tat, now)
-        new_tat = max(tat + item.cost * t, now)
+        t, tat, new_tat = self._tat(item, now)
         tau = item.burst * t
         allow_at = new_tat - tau
         if now >= allow_at:
@@ -453,14 +538,6 @@ class MemoryStore:
         if count + item.cost <= item.limit:
             return RateState(True, item.limit - count - item.cost, 0.0, reset / 1000), 0.0
         return RateState(False, max(0, item.limit - count), reset / 1000, reset / 1000), 0.0
-
-    def _rate_write(self, item: RateItem, new_tat: float, now: int) -> None:
-        if isinstance(item, Gcra):
-            self._put(item.key, _fmt(new_tat), now + max(1, math.ceil(new_tat - now)))
-            return
-        entry = self._entry(item.key, now)
-        count = (0 if entry is None else int(entry.value)) + item.cost
-        self._put(item.key, str(count).encode(), now + ttl_ms(item.resets_at, now))
 
     async def close(self) -> None:
         self._closed = True

@@ -7,6 +7,8 @@ import zlib
 from typing import Any
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.policies.cache.key import (
     DIRECTORIES,
@@ -109,3 +111,16 @@ def test_memo_shape_is_the_whole_bodys() -> None:
     for memo in (ShapeMemo(), ShapeMemo(max_bytes=4096), ShapeMemo(min_bytes=0)):
         for body in _turns() * 2:
             assert memo.shape(body, SHAPE_DEPTH) == _reference_shape(body)
+
+
+_PATHISH = "/\\:homeUsrtpvaflcj.-~ \"'`TPx"
+
+
+@given(st.text(alphabet=_PATHISH, max_size=60))
+def test_directory_test_is_the_patterns(text: str) -> None:
+    """`_has_directory` (each alternative behind its leading literal) agrees with
+    `DIRECTORIES.search`, also on texts made of the patterns' own characters."""
+    from extproc.policies.cache.key import _has_directory
+
+    for probe in (text, "/home/" + text, "C:\\Users\\" + text, "/var/folders/" + text):
+        assert _has_directory(probe) == (DIRECTORIES.search(probe) is not None)

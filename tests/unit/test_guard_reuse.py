@@ -224,6 +224,44 @@ def test_anchor_find_gives_what_search_gives() -> None:
     assert _search_only(det, samples)  # the oracle does find things
 
 
+def _listed_findings(det: Detector, text: str) -> list[Finding]:
+    data = text.encode("ascii", "replace")
+    found: list[Finding] = []
+    det._scan_listed(data, text, found, 0)
+    return sorted(found, key=lambda f: (f.start, f.rule))
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_anchor_leads_give_what_search_gives() -> None:
+    det = Guard().profile().redaction.detector
+    samples = "\n".join(text for _, text, _ in POSITIVES) + "\n".join(NEGATIVES)
+    fixture = "\x00".join(t.text for t in model_texts(build_request(), "anthropic"))
+    cased = samples.upper() + samples.lower() + samples.swapcase()  # caseless keywords
+    for text in (samples, fixture, cased, "x_y-z: c=w; " * 3000 + samples):
+        assert _listed_findings(det, text) == _search_only(det, text)
+        assert det.scan(text) == det.scan(text, accelerated=False)
+    assert _listed_findings(det, samples)  # the oracle does find things
+
+
+# Pieces of every family's leads, and what stands around them, packed together.
+_LEAD_PARTS = [
+    "sk-", "ant-", "api03-", "proj-", "AKIA", "ghp_", "xoxb-", "eyJ", "-----BEGIN ", "PRIVATE KEY",
+    "passw", "PassWord", "pwd", "SECRET", "token", "Key", "api_key", "sig=", "?", "&", "://",
+    "http", "user:", "@", "acme.io", "Bearer ", "Basic ", "fe80::", "2001:db8::1", ":", "=",
+    "'", '"', " ", "\n", "_", "-", "A1b2C3d4E5f6G7h8I9j0", "K", "k", "W", "w", "c", "B", "é",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(st.lists(st.sampled_from(_LEAD_PARTS), max_size=60), st.integers(0, 40))
+@settings(max_examples=400, deadline=None)
+def test_anchor_leads_equal_memchr_scan(parts: list[str], start: int) -> None:
+    det = Guard().profile().redaction.detector
+    text = "".join(parts)
+    assert det.scan(text, start) == det.scan(text, start, accelerated=False)
+    assert _listed_findings(det, text) == _family_findings(det, text)
+
+
 _SHAPES = "0123456789 .-()+~\nAB_xy:/"
 
 
@@ -244,6 +282,36 @@ def test_hyperscan_number_candidates_on_real_text() -> None:
     for text in (*texts, "\x00".join(texts)):
         data = text.encode("ascii", "replace")
         assert _number_starts(data) == _number_starts(data, accelerated=False)
+
+
+def _probe_fires(data: bytes) -> bool:
+    scanner = Guard().profile().redaction.detector._anchors
+    assert scanner is not None
+    return scanner.scan(data)[1]
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+@given(st.text(alphabet=_SHAPES + "é\t", max_size=200))
+@settings(max_examples=400, deadline=None)
+def test_number_probe_covers_every_candidate(text: str) -> None:
+    """Where the probe does not fire, the number scan is skipped: it must have found
+    nothing there."""
+    data = text.encode("ascii", "replace")
+    assert _probe_fires(data) or not _number_starts(data, accelerated=False)
+
+
+@pytest.mark.skipif(not shapescan.available(), reason="hyperscan is not installed here")
+def test_number_probe_on_real_text() -> None:
+    texts = [t.text for t in model_texts(build_request(), "anthropic")]
+    texts += [text for _, text, _ in POSITIVES] + list(NEGATIVES)
+    fired = 0
+    for text in texts:
+        data = text.encode("ascii", "replace")
+        starts = _number_starts(data, accelerated=False)
+        assert _probe_fires(data) or not starts
+        fired += bool(starts)
+    assert fired > 20  # the samples do hold numbers
+    assert not _probe_fires(b"request 12: please review v1.2 of this code, line 3")
 
 
 def test_injection_lead_find_gives_what_search_gives() -> None:
@@ -300,3 +368,33 @@ def test_long_texts_score_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     assert injection._Text.of(big).words == _split_words(big)
     monkeypatch.setattr(injection, "_WORD_SCANNER", None)  # every token, split
     assert scores == [score_text(long) for long in longs]
+
+
+def test_marks_are_the_punctuation_leads_present() -> None:
+    """A rule led by punctuation is tried only when its lead occurs: `first` would find
+    nothing otherwise, so the marks must be exactly the leads present."""
+    data = Path(__file__).parents[1] / "data"
+    lines = (data / "injection_set.jsonl").read_text().splitlines()
+    texts = [orjson.loads(line)["text"] for line in lines if line.strip()]
+    texts += [t.text for t in model_texts(build_request(), "anthropic")]
+    padding = "ordinary tool output, nothing to see\n" * 150  # over the scanner's minimum
+    for text in (*texts, *(padding + t for t in texts), "<!-- a -->", "![x](y)", "[", "<"):
+        raw = text.lower().encode("utf-8", "surrogatepass")
+        expected = frozenset(m for m in injection._MARKS if m in raw)
+        assert injection._Text.of(text).marks == expected
+    assert set(injection._MARKS) == {b"<", b"[", b"\n", b"<!--", b"!["}
+
+
+def test_get_many_is_get_of_each_in_order() -> None:
+    """Same values and the same recency order (eviction) as a `get` per text."""
+    one: TextCache[int] = TextCache(max_chars=30, min_len=2)
+    many: TextCache[int] = TextCache(max_chars=30, min_len=2)
+    words = ["aaaa", "bbbb", "cccc", "dddd", "x", "eeee"]
+    for cache in (one, many):
+        for n, word in enumerate(words):
+            cache.put(word, n)
+    asked = ["cccc", "zzzz", "x", "aaaa", "cccc", ""]
+    assert many.get_many(asked) == [one.get(t) for t in asked] == [2, None, None, 0, 2, None]
+    for cache in (one, many):
+        cache.put("ffffffffffffffffffff", 9)  # evicts the least recently used
+    assert list(many._items) == list(one._items) == ["aaaa", "cccc", "ffffffffffffffffffff"]

@@ -19,9 +19,11 @@ from extproc.store import (
     Counter,
     Gcra,
     Hold,
+    HoldResult,
     ManualClock,
     Quota,
     RateItem,
+    RateState,
     SettleOutcome,
     Store,
     StoreConfigError,
@@ -29,6 +31,7 @@ from extproc.store import (
     StoreUnavailable,
     hash_tag,
     open_store,
+    slot_init,
 )
 from extproc.store.memory import SWEEP_EVERY, MemoryStore
 from extproc.store.redis import RedisStore
@@ -603,3 +606,27 @@ async def test_memory_sweep_drops_only_what_expired() -> None:
     for i in range(SWEEP_EVERY):
         await store.set(f"late{i}", b"w", ttl_seconds=1000)
     assert sorted(k for k in store._kv if not k.startswith("late")) == ["forever"]
+
+
+def test_slot_init_keeps_values_frozen_and_equal() -> None:
+    """`slot_init` only speeds up construction: defaults, keywords, __post_init__,
+    equality, hashing and frozenness are the dataclass's own."""
+    import dataclasses
+
+    from extproc.policies.budget.ledger import Amount
+
+    state = RateState(True, 3, 0.0, 1.5)
+    assert state == RateState(allowed=True, remaining=3, retry_after=0.0, reset_after=1.5)
+    assert hash(state) == hash(RateState(True, 3, 0.0, 1.5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.allowed = False  # type: ignore[misc]
+    assert HoldResult(ok=True) == HoldResult(True, (), None, False)
+    with pytest.raises(ValueError, match="never negative"):
+        Amount(-1)  # __post_init__ still runs
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        x: int
+
+    with pytest.raises(TypeError, match="slots=True"):
+        slot_init(NoSlots)

@@ -88,6 +88,7 @@ from extproc.store import (
     SettleOutcome,
     Store,
     StoreUnavailable,
+    slot_init,
 )
 
 __all__ = [
@@ -206,6 +207,7 @@ class Scope:
     id: str
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Amount:
     """What a request costs or may cost: micro-USD and tokens (both >= 0)."""
@@ -252,6 +254,7 @@ class Window:
     prune_before: str | None = None
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class BudgetLine:
     """One counter of a reservation: check, metric, window and the store hold."""
@@ -266,6 +269,7 @@ class BudgetLine:
         return self.hold.counter.limit
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class HoldPlan:
     """A reservation about to be held: its lines, record key and expiries."""
@@ -290,6 +294,7 @@ class HoldPlan:
         return self.ttl + RECORD_GRACE_SECONDS
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     """A counter's state for headers and admin: `used` includes live holds."""
@@ -306,6 +311,7 @@ class BudgetStatus:
         return max(0, self.limit - self.used)
 
 
+@slot_init
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Held budget for one request; pass it to `settle` or `release` exactly once."""
@@ -420,16 +426,19 @@ class BudgetLedger:
     def __init__(self, config: BudgetConfig, store: Store) -> None:
         self._config = config
         self._store = store
+        self._clock = store.clock  # (read per request: a plain copy)
         self._ttl = config.reservation_ttl_seconds
         self._hash_tag = config.hash_tag  # (read per request: a plain copy)
         self._base = f"{config.key_prefix}:b:{{{config.hash_tag}}}"
         self._rules: dict[str, list[BudgetRule]] = {}
         for rule in config.rules:
             self._rules.setdefault(rule.scope, []).append(rule)
-        # keyed by the rule's id and the scope: hashing a pydantic rule field by field cost
-        # microseconds on every request; the entry keeps its rule, so an id is never reused
+        # keyed by the check's id: hashing a pydantic rule field by field, or even a Scope
+        # (a Python-level __hash__), cost microseconds on every request; `checks_for` hands
+        # out the same checks request after request, and the entry keeps its check, so an
+        # id is never mistaken for another's
         self._memo: dict[
-            tuple[int, Scope, int], tuple[BudgetRule, list[tuple[Metric, Window, Counter]]]
+            tuple[int, int], tuple[BudgetCheck, list[tuple[Metric, Window, Counter]]]
         ] = {}
         self._checks: dict[tuple[Scope, ...], list[BudgetCheck]] = {}
 
@@ -466,17 +475,18 @@ class BudgetLedger:
     def lines(self, checks: Sequence[BudgetCheck], amount: Amount, now: float) -> list[BudgetLine]:
         """One line per (check, metric) with the counter it uses at `now`."""
         day = int(now // DAY)
+        usd, tokens = amount.usd_micros, amount.tokens  # (= amount.of(metric), inlined)
         return [
-            BudgetLine(check, metric, window, Hold(counter, amount.of(metric)))
+            BudgetLine(check, metric, window, Hold(counter, usd if metric == "usd" else tokens))
             for check in checks
             for metric, window, counter in self._counters_of(check, day)
         ]
 
     def _counters_of(self, check: BudgetCheck, day: int) -> list[tuple[Metric, Window, Counter]]:
         """The counters of one check on one UTC day; memoized (windows change daily)."""
-        memo = (id(check.rule), check.scope, day)
+        memo = (id(check), day)
         entry = self._memo.get(memo)
-        if entry is None or entry[0] is not check.rule:  # (an id reused by another rule)
+        if entry is None or entry[0] is not check:  # (an id reused by another check)
             if len(self._memo) >= MEMO_LIMIT:
                 self._memo.clear()
             window = window_for(check.rule, day * DAY, self._ttl)
@@ -484,7 +494,7 @@ class BudgetLedger:
                 (metric, window, self._counter(check, metric, window, limit))
                 for metric, limit in check.rule.limits()
             ]
-            entry = self._memo[memo] = (check.rule, found)
+            entry = self._memo[memo] = (check, found)
         return entry[1]
 
     def _counter(self, check: BudgetCheck, metric: Metric, window: Window, limit: int) -> Counter:
@@ -507,7 +517,7 @@ class BudgetLedger:
 
     def plan(self, request_id: str, checks: Sequence[BudgetCheck], amount: Amount) -> HoldPlan:
         """Everything a hold needs, computed without I/O (for `reserve` or a combined admit)."""
-        now = self._store.clock.time()
+        now = self._clock.time()
         lines = tuple(self.lines(checks, amount, now))
         return HoldPlan(request_id, self.record_key(request_id), lines, amount, now, self._ttl)
 
@@ -518,9 +528,18 @@ class BudgetLedger:
         if not result.ok:
             assert result.failed is not None
             return _denied(plan.lines[result.failed], result.used[-1], plan.now)
-        statuses = tuple(
-            _status(line, used + line.hold.amount)
-            for line, used in zip(plan.lines, result.used, strict=True)
+        statuses = tuple(  # (= _status per line, written out: this runs per request)
+            [
+                BudgetStatus(
+                    line.check.label,
+                    line.check.scope,
+                    line.metric,
+                    line.hold.counter.limit,
+                    used + line.hold.amount,
+                    line.window.resets_at,
+                )
+                for line, used in zip(plan.lines, result.used, strict=True)
+            ]
         )
         return Reservation(plan.request_id, plan.lines, plan.amount, plan.until, statuses)
 
@@ -579,11 +598,13 @@ class BudgetLedger:
             if debit:
                 raise ValueError("a debit travels with a settle that holds lines")
             return SettleOutcome.SETTLED
+        usd, tokens = actual.usd_micros, actual.tokens  # (= actual.of(metric), inlined)
+        lines = reservation.lines
         return await self._store.settle(
             reservation.request_id,
             self.record_key(reservation.request_id),
-            [line.hold for line in reservation.lines],
-            [actual.of(line.metric) for line in reservation.lines],
+            [line.hold for line in lines],
+            [usd if line.metric == "usd" else tokens for line in lines],
             record_ttl=RECORD_GRACE_SECONDS,
             release=release,
             debit=debit,
@@ -591,7 +612,7 @@ class BudgetLedger:
 
     async def status(self, scopes: Iterable[Scope]) -> list[BudgetStatus]:
         """Current usage (settled + live holds) of every budget of these scopes."""
-        now = self._store.clock.time()
+        now = self._clock.time()
         lines = self.lines(self.checks_for(scopes), Amount(), now)
         used = await self._store.usage([line.hold.counter for line in lines])
         return [_status(line, u) for line, u in zip(lines, used, strict=True)]

@@ -102,9 +102,12 @@ def requested_output(body: Mapping[str, Any], cap: int) -> int:
 
     After the dialect's `cap_output` the request cannot produce more than this, so the
     reservation is an upper bound on what the provider bills."""
-    limits = [body.get(name) for name in _OUTPUT_FIELDS]
-    asked = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    return min([*asked, cap]) * _choices(body)
+    output = cap  # the least of `cap` and the positive integer limits the body sets
+    for name in _OUTPUT_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < output:
+            output = value
+    return output * _choices(body)
 
 
 def cap_output(body: dict[str, Any], cap: int, api: ApiKind) -> bool:
@@ -432,7 +435,9 @@ class Spending:
         self.metrics = metrics
         self.clock = store.clock
         self._retries: set[asyncio.Task[None]] = set()
-        self._gauges: dict[tuple[str, Scope, str], Gauge] = {}
+        self._gauges: dict[tuple[str, str, str, str], Gauge] = {}
+        self._scopes: dict[tuple[str | None, ...], tuple[list[Scope], list[BudgetCheck]]] = {}
+        self._pipeline_header = config.budgets.pipeline_header  # (read per request)
 
     def start(
         self,
@@ -442,11 +447,26 @@ class Spending:
         headers: Mapping[str, str],
         presented: str | None,
     ) -> SpendRun:
-        scopes = scopes_of(identity, headers, self.config.budgets.pipeline_header)
-        checks = self.ledger.checks_for(scopes)
+        scopes, checks = self._scopes_and_checks(identity, headers)
         price = self._price(model, checks)
         subject = subject_of(identity, presented, headers, self.limiter_config)
         return SpendRun(request_id, model, subject, checks, price, scopes, spending=self)
+
+    def _scopes_and_checks(
+        self, identity: Identity, headers: Mapping[str, str]
+    ) -> tuple[list[Scope], list[BudgetCheck]]:
+        """`scopes_of` and the budgets that apply to them, memoized by what decides them
+        (the identity's four scopes and the pipeline header): the same callers come again
+        and again, and building and hashing Scope objects cost microseconds per request."""
+        pipeline = headers.get(self._pipeline_header)
+        memo = (identity.key_id, identity.user, identity.team, identity.project, pipeline)
+        found = self._scopes.get(memo)
+        if found is None:
+            if len(self._scopes) >= MEMO_LIMIT:
+                self._scopes.clear()
+            scopes = scopes_of(identity, headers, self._pipeline_header)
+            found = self._scopes[memo] = (scopes, self.ledger.checks_for(scopes))
+        return list(found[0]), list(found[1])
 
     def price_of(self, model: str, run: SpendRun) -> Price | None:
         """A model's price for `run`; an unpriced one is refused when a USD budget applies."""
@@ -517,12 +537,13 @@ class Spending:
         run.estimate_tokens = input_tokens
         output = requested_output(body, self.config.limits.max_output_tokens)
         tokens = run.estimate_tokens + output
-        prices = [p for p in (run.price, *run.alternatives) if p is not None]
-        estimates = (
-            estimate_micros(p, input_tokens=run.estimate_tokens, max_output_tokens=output)
-            for p in prices
-        )
-        usd = max(estimates, default=0)
+        usd = 0  # the dearest of the prices the answer may be charged at
+        for price in (run.price, *run.alternatives):
+            if price is not None:
+                estimate = estimate_micros(
+                    price, input_tokens=input_tokens, max_output_tokens=output
+                )
+                usd = max(usd, estimate)
         try:
             decision, held = await self._admit(run, Amount(usd, tokens), tokens)
         except StoreUnavailable as exc:
@@ -563,9 +584,11 @@ class Spending:
                 await asyncio.wait([run.admission])  # its hold, if any, is settled below
             if not run.admission.cancelled():
                 run.admission.exception()  # a refusal was already answered
+        cost = 0
         if run.price is not None:
-            run.cost_usd = micros_to_usd(cost_micros(usage, run.price))
-        actual = Amount.of_usage(usage, run.price) if run.price else Amount(0, usage.total_tokens)
+            cost = cost_micros(usage, run.price)
+            run.cost_usd = micros_to_usd(cost)
+        actual = Amount(cost, usage.total_tokens)  # (= Amount.of_usage, priced once)
         held = run.reservation or run.uncertain
         tokens = usage.total_tokens - run.admitted_tokens if run.admitted_tokens else 0
         debit = self._carried_debit(run, tokens)
@@ -646,13 +669,14 @@ class Spending:
         """The budget's `extproc_budget_remaining` child, memoized: `labels()` costs
         several µs per call, four times per admitted request (a scope's bounded label
         never changes once given)."""
-        memo = (status.budget, status.scope, status.metric)
+        scope = status.scope  # (its fields in the key: a Scope hashes in Python, per request)
+        memo = (status.budget, scope.kind, scope.id, status.metric)
         child = self._gauges.get(memo)
         if child is None:
             if len(self._gauges) >= MEMO_LIMIT:
                 self._gauges.clear()
-            scope = self.metrics.bounds.scope(status.scope.kind, status.scope.id)
-            child = self.metrics.budget_remaining.labels(status.budget, scope, status.metric)
+            label = self.metrics.bounds.scope(scope.kind, scope.id)
+            child = self.metrics.budget_remaining.labels(status.budget, label, status.metric)
             self._gauges[memo] = child
         return child
 

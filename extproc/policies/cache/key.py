@@ -228,16 +228,39 @@ _HEXISH = bytes.maketrans(b"0123456789abcdefABCDEF", b"0" * 22)
 # miss caused by a fresh HOME or TMPDIR per run is explained too: one literal-led pattern
 # per pass over the serialized body (where a Windows path's backslashes are escaped).
 DIRECTORIES = NormalizeRule(builtin="paths").regex()
+# DIRECTORIES' two alternatives apart, each with the literal it starts with, for telling
+# whether a text holds a directory: `re` tries the alternation at every position of the
+# text (~5x slower on a long one), and `in` (memchr) rules a text out faster still than
+# `re` skipping to a literal. A text matches DIRECTORIES exactly when it matches one of them.
+_DIRECTORY_ALTERNATIVES = (
+    ("/", re.compile(UNIX_DIRECTORIES)),
+    (":\\Users\\", re.compile(WINDOWS_DIRECTORIES)),
+)
 _DIRECTORIES_JSON = (
     re.compile(UNIX_DIRECTORIES.encode()),
     re.compile(WINDOWS_DIRECTORIES.replace(r"\\", r"\\\\", 2).encode()),
 )
 
 
+def _has_directory(text: str) -> bool:
+    """`DIRECTORIES.search(text)` as a truth value, by `_DIRECTORY_ALTERNATIVES`."""
+    return any(lead in text and regex.search(text) for lead, regex in _DIRECTORY_ALTERNATIVES)
+
+
+# The literal each of `_DIRECTORIES_JSON` starts with: most values hold neither, and
+# `find` tells so faster than a `sub` that finds nothing (`in` is slower on bytes: it
+# first tries its operand as an integer, raising and clearing a TypeError).
+_DIRECTORY_JSON_LEADS = (b"/", b":\\\\Users\\\\")
+
+
 def _mask(dumped: bytes) -> bytes:
     """A shape's bytes of some JSON: directories, then digits and hex letters masked."""
-    for directories in _DIRECTORIES_JSON:
-        dumped = directories.sub(b"~", dumped)
+    unix, windows = _DIRECTORIES_JSON
+    unix_lead, windows_lead = _DIRECTORY_JSON_LEADS
+    if dumped.find(unix_lead) >= 0:
+        dumped = unix.sub(b"~", dumped)
+    if dumped.find(windows_lead) >= 0:
+        dumped = windows.sub(b"~", dumped)
     return dumped.translate(_HEXISH)
 
 
@@ -300,10 +323,13 @@ class ShapeMemo:
         if found is not None:
             self._items.move_to_end(raw)
             return found
-        parts: list[bytes] = []
-        checksums: list[int] = []
-        self._fields(value, depth - 1, parts, checksums)
-        made = (b"".join(parts), checksums)
+        if depth > 1 and _holds_containers(value):
+            parts: list[bytes] = []
+            checksums: list[int] = []
+            self._fields(value, depth - 1, parts, checksums)
+            made = (b"".join(parts), checksums)
+        else:  # none of its parts would be kept: shaped whole, from the JSON at hand
+            made = (_mask(raw), _checksums(value))
         self._put(raw, made)
         return made
 
@@ -329,6 +355,13 @@ class ShapeMemo:
         while self._bytes > self.max_bytes:
             old, (masked, _) = self._items.popitem(last=False)
             self._bytes -= len(old) + len(masked)
+
+
+def _holds_containers(value: dict[Any, Any]) -> bool:
+    for item in value.values():  # noqa: SIM110 (a loop: `any()` would add a generator)
+        if isinstance(item, (list, dict)):
+            return True
+    return False
 
 
 _SHAPES = ShapeMemo()
@@ -381,5 +414,5 @@ class Shape:
         """Which of `fields` hold a home or temporary directory path (see `paths`)."""
         wanted = set(fields)
         return sorted(
-            name for name in wanted for text in _named(self.body, name) if DIRECTORIES.search(text)
+            name for name in wanted for text in _named(self.body, name) if _has_directory(text)
         )

@@ -20,6 +20,7 @@ request goes on as a bypass.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -48,8 +49,15 @@ SHAPE_MAX_ENTRY = 64 << 10
 _POLL = 0.05
 
 
+@functools.lru_cache(maxsize=1024)
+def _quoted(scope: str) -> str:
+    """A scope as it appears in store keys; a gateway serves a few scopes (its teams and
+    keys), quoted 2-4 times per request each."""
+    return quote(scope, safe="=")
+
+
 def entry_name(scope: str, key: str) -> str:
-    return f"{ENTRY_PREFIX}{quote(scope, safe='=')}:{key}"
+    return f"{ENTRY_PREFIX}{_quoted(scope)}:{key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +116,7 @@ class ResponseCache:
 
     async def volatile_paths(self, scope: str, shape: Shape, key: str) -> list[str]:
         """Paths whose volatile values alone separate this miss from a recent request."""
-        name = f"{SHAPE_PREFIX}{quote(scope, safe='=')}:{shape.digest}"
+        name = f"{SHAPE_PREFIX}{_quoted(scope)}:{shape.digest}"
         record = shape.encode(key)
         if len(record) > SHAPE_MAX_ENTRY:
             return []
@@ -117,7 +125,7 @@ class ResponseCache:
         return shape.defeated_by(recent, key) if recent is not None else []
 
     async def purge(self, scope: str | None = None, key: str | None = None) -> int:
-        prefix = ENTRY_PREFIX + (f"{quote(scope, safe='=')}:" if scope else "")
+        prefix = ENTRY_PREFIX + (f"{_quoted(scope)}:" if scope else "")
         names = await self.store.scan(prefix, limit=1_000_000)
         removed = 0
         for name in names:

@@ -9,7 +9,10 @@ one regex whose alternatives each start with a *rare* literal anchor character
 prefix (`-(?<=sk-)` for `sk-...`). Digit-led PII uses one class-led regex. All strings
 of a request are joined with NUL and scanned in one pass per family; no pattern class
 contains NUL, so matches never cross strings. Validators (Luhn, mod-97, entropy, JWT
-header, IP ranges) run in Python only on the rare candidates.
+header, IP ranges) run in Python only on the rare candidates. With Hyperscan installed,
+one pass over every alternative's lead (`sk-ant-`, `passw` in any case, `[?&]sig=`)
+replaces the per-family anchor searches: a family is tried only where a lead occurs,
+not at every `x` of "explain" (`shapescan.AnchorScanner`).
 
 A `Finding` holds a rule id, kind and span, never the matched text.
 """
@@ -22,14 +25,15 @@ import ipaddress
 import math
 import re
 import sys
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Generic, Literal, TypeVar
 
 from . import shapescan
-from .shapescan import ShapeScanner
+from .shapescan import AnchorScanner, Lead, ShapeScanner, literal_lead
 
 __all__ = [
     "BUILTIN_RULES",
@@ -285,13 +289,22 @@ class _Family:
     anchor: bytes = b""
 
     def scan(
-        self, data: bytes, text: str, det: Detector, out: list[Finding], start: int = 0
+        self,
+        data: bytes,
+        text: str,
+        det: Detector,
+        out: list[Finding],
+        start: int = 0,
+        listed: list[int] | None = None,
     ) -> None:
-        """Search `data` (the text as one byte per character); handlers read `text`."""
+        """Search `data` (the text as one byte per character); handlers read `text`.
+        `listed`: the only anchor positions where a match can start (`AnchorScanner`)."""
         # A rejected candidate must not hide a match that starts inside it (a JWT in a
         # rejected `Bearer` value), so resume one character after its anchor.
         handlers = self.handlers
-        find = _Leftmost(self, data, start)
+        find: _Leftmost | _Listed = (
+            _Leftmost(self, data, start) if listed is None else _Listed(self, data, listed)
+        )
         m = find.at(start)
         while m is not None:
             name = m.lastgroup
@@ -340,20 +353,49 @@ class _Leftmost:
         return family.pattern.search(data, pos)
 
 
+class _Listed:
+    """The leftmost match at or after a position, tried only where a lead was seen.
+
+    `positions` (ascending) holds every anchor position where one of the family's
+    alternatives can match, so trying `match` at those at or after `pos` finds what
+    `pattern.search` would. Positions asked for only grow (each call resumes after the
+    match it last returned).
+    """
+
+    __slots__ = ("data", "match", "next", "positions")
+
+    def __init__(self, family: _Family, data: bytes, positions: list[int]) -> None:
+        self.data, self.positions, self.next = data, positions, 0
+        self.match = family.pattern.match
+
+    def at(self, pos: int) -> re.Match[bytes] | None:
+        positions, data, match = self.positions, self.data, self.match
+        for i in range(bisect_left(positions, pos, self.next), len(positions)):
+            m = match(data, positions[i])
+            if m is not None:
+                self.next = i + 1
+                return m
+        self.next = len(positions)
+        return None
+
+
 @dataclass(slots=True)
 class _Builder:
-    """Collects `anchor -> [alternative]` and the handler for each named group."""
+    """Collects `anchor -> [alternative]`, the handler for each named group and each
+    alternative's lead (what must stand around its anchor)."""
 
     alts: dict[str, list[str]] = field(default_factory=dict)
     handlers: dict[str, Handler] = field(default_factory=dict)
+    leads: list[Lead] = field(default_factory=list)
     counter: int = 0
 
-    def add(self, anchor: str, rest: str, handler: Handler) -> str:
+    def add(self, anchor: str, rest: str, handler: Handler, lead: Lead) -> str:
         name = f"g{self.counter}"
         self.counter += 1
         body = rest.replace("(?P<V>", f"(?P<{name}_v>").replace("(?P<K>", f"(?P<{name}_k>")
         self.alts.setdefault(anchor, []).append(f"(?P<{name}>{body})")
         self.handlers[name] = handler
+        self.leads.append(lead)
         return name
 
     def build(self) -> list[_Family]:
@@ -371,6 +413,14 @@ class _Builder:
             )
             for a, alts in self.alts.items()
         ]
+
+
+@lru_cache(maxsize=8)  # profiles share rule sets; a compile is ~10 ms
+def _anchor_scanner(leads: tuple[Lead, ...], numbers: bool) -> AnchorScanner | None:
+    """The leads' scanner; with `numbers`, probing for digit-led PII candidates too."""
+    if not (leads or numbers) or not shapescan.available():
+        return None
+    return AnchorScanner(leads, _NUMBER_PROBE if numbers else None)
 
 
 def _group_names(alts: Sequence[str]) -> list[str]:
@@ -400,7 +450,8 @@ def _add_token(b: _Builder, spec: TokenSpec) -> None:
         before, anchor, after = prefix[:i], prefix[i], prefix[i + 1 :]
         look = f"(?<={re.escape(before + anchor)})" if before else ""
         rest = f"{look}{re.escape(after)}(?:{spec.body})(?![{_WORD}])"
-        b.add(anchor, rest, _token_handler(spec.rule, len(before), spec.validator))
+        lead = literal_lead(prefix, len(before))
+        b.add(anchor, rest, _token_handler(spec.rule, len(before), spec.validator), lead)
 
 
 # ---------------------------------------------------------------- assignments
@@ -509,8 +560,11 @@ def _add_assignments(b: _Builder) -> None:
     for anchor, before, after, family in _KEYWORDS:
         look = f"(?<={before}{anchor})" if before else ""
         rest = f"(?i:{look}{after})(?P<K>[A-Za-z0-9_.-]{{0,30}}?){_ASSIGN_OP}"
+        # The keyword in any case (`after` too, when it is a plain word).
+        word = before + anchor + (after if after.isalpha() else "")
+        lead = literal_lead(word, len(before), caseless=True)
         for case in (anchor, anchor.upper()):
-            b.add(case, rest, _assignment_handler(family, len(before)))
+            b.add(case, rest, _assignment_handler(family, len(before)), lead)
 
 
 # ---------------------------------------------------------------- other anchored rules
@@ -890,6 +944,18 @@ _HS_CANDIDATES = (
     (rb"AA00", b"", 1),
 )
 _SHAPE_SCANNER = ShapeScanner(_HS_CANDIDATES, b" 0") if shapescan.available() else None
+
+
+def _number_probe() -> bytes:
+    """Where any of `_CANDIDATES` can match, on the text's own bytes: the shape's classes
+    map back one to one (`0` is a digit, `A` a capital; space, `.`, `-`, `+`, `(` are
+    themselves), and the boundary before a run is left out (a superset). Where it does
+    not occur, `_number_starts` finds nothing, so the shape is not even made."""
+    gate = re.sub(rb"0(?![^{]*})", b"[0-9]", _GATE[3:-1])  # not the 0 of `{0,2}`
+    return b"[0-9](?:" + gate + rb")|\+[0-9]|\([0-9]|[A-Z]{2}[0-9]{2}"
+
+
+_NUMBER_PROBE = _number_probe()
 _SHAPE_SCANNER_MIN = 8192  # below, the sre passes cost the same (a streamed delta's window)
 
 
@@ -1007,14 +1073,15 @@ class Detector:
     ) -> None:
         self.enabled = frozenset(enabled)
         self.options = options or DetectorOptions()
-        self._families = self._build_anchored()
+        self._families, leads = self._build_anchored()
         self._numbers = bool(self.enabled & {r for r, _ in _NUMBER_RULES.values()})
+        self._anchors = _anchor_scanner(tuple(leads), self._numbers)
         self._custom = _compile_custom(words, regexes)
         # Short strings too (tool schemas' names and descriptions: a third of a Claude
         # Code request's texts): looking one up is ~20x cheaper than scanning it again.
         self.cache = ScanCache(min_len=1, max_items=250_000)
 
-    def _build_anchored(self) -> list[_Family]:
+    def _build_anchored(self) -> tuple[list[_Family], list[Lead]]:
         b = _Builder()
         for spec in TOKEN_SPECS:
             if spec.rule in self.enabled:
@@ -1033,38 +1100,63 @@ class Detector:
                 "=",
                 r"(?<=[?&]sig=)(?P<V>[A-Za-z0-9%+/]{40,120})(?![A-Za-z0-9%+/])",
                 _simple("azure_sas_signature", "?&"),
+                Lead(rb"[?&]sig=", 5, 4),
             )
         if "url_credentials" in self.enabled:
-            b.add(":", _URL_CRED, _url_cred)
+            b.add(":", _URL_CRED, _url_cred, Lead(rb"[A-Za-z0-9]://", 4, 1))
         if "bearer_token" in self.enabled:
-            b.add("B", _BEARER, _bearer)
+            b.add("B", _BEARER, _bearer, Lead(rb"Bearer[ \t]", 7, 0))
         if "http_basic_auth" in self.enabled:
-            b.add("B", _BASIC, _basic)
+            b.add("B", _BASIC, _basic, Lead(rb"Basic[ \t]", 6, 0))
         if "email" in self.enabled:
-            b.add("@", _EMAIL_DOMAIN, _email)
+            b.add("@", _EMAIL_DOMAIN, _email, Lead(rb"@[A-Za-z0-9]", 2, 0))
         if "ipv6" in self.enabled:
-            b.add(":", r"(?<=[0-9A-Fa-f:]:)[0-9A-Fa-f]{0,4}:", _ipv6)
-        return b.build()
+            # After the anchor: up to four hex digits, then a colon.
+            lead = Lead(rb"[0-9A-Fa-f:]:[0-9A-Fa-f:]", 3, 1)
+            b.add(":", r"(?<=[0-9A-Fa-f:]:)[0-9A-Fa-f]{0,4}:", _ipv6, lead)
+        return b.build(), b.leads
 
-    def scan(self, text: str, start: int = 0) -> list[Finding]:
+    def scan(self, text: str, start: int = 0, *, accelerated: bool = True) -> list[Finding]:
         """Non-overlapping findings in `text` (from `start`), ordered by position.
 
         With `start`, text before it is still seen by lookbehinds and boundary checks;
         families whose anchor does not occur after `start` are skipped.
+        `accelerated=False`: without Hyperscan (the same findings; for tests).
         """
         found: list[Finding] = []
         # One byte per character (non-ASCII -> '?'), so offsets are the text's: sre
         # scans bytes faster than 2- or 4-byte strings.
         data = text.encode("ascii", "replace")
-        for family in self._families:
-            # Most families' anchors are absent from most texts: one memchr each.
-            if data.find(family.anchor, start) >= 0:
-                family.scan(data, text, self, found, start)
-        if self._numbers:
+        numbers = self._numbers
+        if self._anchors is not None and accelerated:
+            numbers = self._scan_listed(data, text, found, start) and numbers
+        else:
+            for family in self._families:
+                # Most families' anchors are absent from most texts: one memchr each.
+                if data.find(family.anchor, start) >= 0:
+                    family.scan(data, text, self, found, start)
+        if numbers:
             _scan_numbers(data, text, self, found)
         if self._custom:
             self._scan_custom(text, found)
         return _resolve(found)
+
+    def _scan_listed(self, data: bytes, text: str, found: list[Finding], start: int) -> bool:
+        """The families tried only at the anchor positions of their leads (in family
+        order, as the memchr path, so overlaps resolve the same way); whether the text
+        may hold digit-led PII (`_NUMBER_PROBE`)."""
+        assert self._anchors is not None
+        positions, numbers = self._anchors.scan(data)
+        listed: dict[int, list[int]] = {}
+        for p in positions:
+            if p >= start:
+                listed.setdefault(data[p], []).append(p)
+        if listed:
+            for family in self._families:
+                at = listed.get(family.anchor[0])
+                if at is not None:
+                    family.scan(data, text, self, found, start, at)
+        return numbers
 
     def scan_many(self, texts: Sequence[str]) -> list[tuple[int, Finding]]:
         """Findings for many strings: (index into texts, finding in that text).
@@ -1074,11 +1166,9 @@ class Detector:
         """
         out: list[tuple[int, Finding]] = []
         groups: dict[int, list[int]] = {}
-        get = self.cache.get
-        for i, t in enumerate(texts):
-            cached = get(t)
+        for i, cached in enumerate(self.cache.get_many(texts)):
             if cached is None:
-                groups.setdefault(_width(t), []).append(i)
+                groups.setdefault(_width(texts[i]), []).append(i)
             elif cached:
                 out.extend((i, f) for f in cached)
         for members in groups.values():
@@ -1089,6 +1179,12 @@ class Detector:
     def _scan_group(
         self, texts: Sequence[str], members: Sequence[int], out: list[tuple[int, Finding]]
     ) -> None:
+        if len(members) == 1:  # a single new text (a new turn's prompt): no offsets to map
+            i = members[0]
+            alone = tuple(self.scan(texts[i]))
+            self.cache.put(texts[i], alone)
+            out.extend((i, f) for f in alone)
+            return
         joined = _SEP.join(texts[i] for i in members)
         starts: list[int] = []
         pos = 0
@@ -1177,6 +1273,19 @@ class TextCache(Generic[V]):
         found = self._items.get(text)
         if found is not None:
             self._items.move_to_end(text)
+        return found
+
+    def get_many(self, texts: Sequence[str]) -> list[V | None]:
+        """`get` of each text, in order, in one call (a Claude Code request has hundreds
+        of strings, nearly all seen before: a call each was most of their cost)."""
+        items, min_len = self._items, self.min_len
+        get, touch = items.get, items.move_to_end
+        found: list[V | None] = []
+        for text in texts:
+            value = get(text) if len(text) >= min_len else None
+            if value is not None:
+                touch(text)
+            found.append(value)
         return found
 
     def put(self, text: str, value: V) -> None:

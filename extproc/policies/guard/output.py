@@ -264,6 +264,8 @@ class OutputScreener:
                     changes[path] = new
         except _Blocked as stop:
             return OutputResult(None, _count(hits), stop.rule)
+        if not changes and not hits:
+            return _CLEAN
         new_body = _apply(dict(body), changes) if changes else None
         return OutputResult(new_body, _count(hits), None)
 
@@ -406,6 +408,8 @@ class OutputResult:
     findings: tuple[OutputFinding, ...] = ()
     blocked: str | None = None
 
+
+_CLEAN = OutputResult(None)  # immutable: one for every answer with nothing found
 
 _CONTEXT = 64  # released characters kept for lookbehind boundaries
 

@@ -219,7 +219,7 @@ def plan_redaction(texts: Sequence[Text], policy: RedactPolicy) -> RedactPlan:
     """The findings in `texts` (from `model_texts`) and the edits they call for."""
     hits = policy.detector.scan_many([t.text for t in texts])
     if not hits:
-        return RedactPlan()
+        return _NOTHING_FOUND
     by_slot: dict[int, list[Finding]] = {}
     for i, f in hits:
         by_slot.setdefault(i, []).append(f)
@@ -238,7 +238,14 @@ def plan_redaction(texts: Sequence[Text], policy: RedactPolicy) -> RedactPlan:
     return RedactPlan(tuple(edits), verdicts, None, dict(book.originals) if book else {})
 
 
+# Immutable (frozen, masks only read): one each for every request with nothing found.
+_NOTHING_FOUND = RedactPlan()
+_UNCHANGED = RedactResult(None)
+
+
 def apply_plan(body: Mapping[str, Any], plan: RedactPlan) -> RedactResult:
+    if plan is _NOTHING_FOUND:
+        return _UNCHANGED
     if plan.blocked is not None or not plan.edits:
         return RedactResult(None, plan.verdicts, plan.blocked)
     return RedactResult(_rebuild(body, plan.edits), plan.verdicts, None, plan.masks)

@@ -1,5 +1,6 @@
 """The guard's one-pass scans with Hyperscan, where installed: the digit-led PII
-candidates of a text's shape, and which injection trigger words a long text holds.
+candidates of a text's shape, which injection trigger words a long text holds, and
+where the detectors' anchored patterns may match.
 
 `detectors._number_starts` looks for digit runs in the shape bytes (digits -> `0`,
 boundaries -> space, `)` or `~`) with literal-prefix regexes and a lookahead gate. In
@@ -21,6 +22,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 try:  # an accelerator, not a requirement: the sre passes give the same answer
     import hyperscan
@@ -29,7 +31,14 @@ try:  # an accelerator, not a requirement: the sre passes give the same answer
 except ImportError:  # pragma: no cover - platforms without a wheel
     _INSTALLED = False
 
-__all__ = ["ShapeScanner", "WordScanner", "available"]
+__all__ = [
+    "AnchorScanner",
+    "Lead",
+    "ShapeScanner",
+    "WordScanner",
+    "available",
+    "literal_lead",
+]
 
 
 def available() -> bool:
@@ -94,41 +103,113 @@ class WordScanner:
 
     The same answer as `set(text.translate(to_spaces).split()) & words` without
     building a set of every word of the text (~17 ms for a 900 K-character tool
-    result; one Hyperscan pass is ~1 ms).
+    result; one Hyperscan pass is ~1 ms). `marks`: punctuation looked for anywhere
+    in the same pass (`present_with_marks`).
     """
 
-    def __init__(self, words: Sequence[bytes]) -> None:
+    def __init__(self, words: Sequence[bytes], marks: Sequence[bytes] = ()) -> None:
         if not _INSTALLED:
             raise RuntimeError("hyperscan is not installed")
         self._words = list(dict.fromkeys(words))
+        self._marks = list(dict.fromkeys(marks))
         expressions = [
             b"(?:^|" + _NOT_TOKEN + b")" + _literal(w) + b"(?:" + _NOT_TOKEN + b"|$)"
             for w in self._words
-        ]
+        ] + [_literal(m) for m in self._marks]
         self._db = _Database(expressions, hyperscan.HS_FLAG_SINGLEMATCH)
 
     def present(self, raw: bytes) -> frozenset[bytes]:
-        found: list[bytes] = []
-        words = self._words
+        return self.present_with_marks(raw)[0]
 
-        def on_match(word: int, start: int, end: int, flags: int, context: object) -> None:
-            found.append(words[word])
+    def present_with_marks(self, raw: bytes) -> tuple[frozenset[bytes], frozenset[bytes]]:
+        """(the words that occur as tokens, the marks that occur)."""
+        found: list[int] = []
+        self._db.scan(raw, lambda i, start, end, flags, context: found.append(i))
+        n, words, marks = len(self._words), self._words, self._marks
+        return (
+            frozenset(words[i] for i in found if i < n),
+            frozenset(marks[i - n] for i in found if i >= n),
+        )
 
-        self._db.scan(raw, on_match)
-        return frozenset(found)
+
+@dataclass(frozen=True, slots=True)
+class Lead:
+    """What must stand around a detector family's anchor byte for one of its patterns to
+    match there: a fixed-length Hyperscan expression whose byte `anchor_at` is the anchor."""
+
+    expression: bytes
+    length: int
+    anchor_at: int
+    caseless: bool = False
+
+
+class AnchorScanner:
+    """Where, in one pass, any of a detector's leads occurs: the anchor positions worth a
+    match attempt.
+
+    A family's regex starts with its anchor byte, so `bytes.find` stops at every
+    occurrence of it (an `x` in "explain", a `c` in "code") and sre tries each of the
+    family's alternatives there. Each alternative needs more than its anchor (`xoxb-`,
+    `passw` in any case, `[?&]sig=`): one Hyperscan pass over those leads finds the
+    few positions where an attempt can succeed. Every lead is fixed-length, so each
+    reported end gives its start exactly, and Hyperscan reports every end: no
+    position where a lead occurs is left out.
+    """
+
+    def __init__(self, leads: Sequence[Lead], probe: bytes | None = None) -> None:
+        """`probe`: an expression whose mere occurrence `scan` reports too."""
+        if not _INSTALLED:
+            raise RuntimeError("hyperscan is not installed")
+        unique = list(dict.fromkeys(leads))
+        # A match ending at `end` puts the anchor at `end - length + anchor_at`.
+        self._shift = [lead.anchor_at - lead.length for lead in unique]
+        flags = [hyperscan.HS_FLAG_CASELESS if lead.caseless else 0 for lead in unique]
+        expressions = [lead.expression for lead in unique]
+        self._probe = len(unique) if probe is not None else -1
+        if probe is not None:
+            expressions.append(probe)
+            flags.append(hyperscan.HS_FLAG_SINGLEMATCH)
+        self._db = _Database(expressions, flags)
+
+    def positions(self, data: bytes) -> list[int]:
+        """Every anchor position of a lead occurrence in `data`, ascending, once each."""
+        return self.scan(data)[0]
+
+    def scan(self, data: bytes) -> tuple[list[int], bool]:
+        """(`positions`, whether the probe occurs)."""
+        found: list[int] = []
+        probed: list[int] = []
+        add, shift, probe = found.append, self._shift, self._probe
+
+        def on_match(lead: int, start: int, end: int, flags: int, context: object) -> None:
+            if lead == probe:
+                probed.append(end)
+            else:
+                add(end + shift[lead])
+
+        self._db.scan(data, on_match)
+        if len(found) > 1:
+            found = sorted(set(found))
+        return found, bool(probed)
+
+
+def literal_lead(text: str, anchor_at: int, *, caseless: bool = False) -> Lead:
+    """A lead that is a literal string."""
+    return Lead(_literal(text.encode()), len(text), anchor_at, caseless)
 
 
 class _Database:
-    """A block-mode database of `expressions` (ids are their indexes), each with `flag`,
-    and its scratch space, one per thread (a scan needs its own)."""
+    """A block-mode database of `expressions` (ids are their indexes), each with `flag`
+    (or its own flags), and its scratch space, one per thread (a scan needs its own)."""
 
-    def __init__(self, expressions: Sequence[bytes], flag: int) -> None:
+    def __init__(self, expressions: Sequence[bytes], flag: int | Sequence[int]) -> None:
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        flags = [flag] * len(expressions) if isinstance(flag, int) else list(flag)
         self._db.compile(
             expressions=list(expressions),
             ids=list(range(len(expressions))),
             elements=len(expressions),
-            flags=[flag] * len(expressions),
+            flags=flags,
         )
         self._local = threading.local()
 
