@@ -1367,7 +1367,9 @@ class RequestStream:
         spend = self.run_of(SpendRun)
         if spend is not None:
             billable = self._billable_usage(outcome, spend.estimate_tokens)
-            if billable != self.answer.usage and outcome != "cache_hit":
+            # `is` first: usually the very same value, and Usage's __eq__ builds tuples.
+            changed = billable is not self.answer.usage and billable != self.answer.usage
+            if changed and outcome != "cache_hit":
                 self.answer.usage, self.answer.usage_estimated = billable, True
         return Ending(outcome, self.dialect.name, self._cacheable_answer, billable)
 
