@@ -441,7 +441,12 @@ def post(url: str, body: bytes, extra: dict[str, str] | None = None, timeout: fl
 class Sample:
     p50_ms: float
     requests: int
-    cpu_us: float  # Envoy + ext_proc CPU per request
+    envoy_us: float  # CPU per request of the path's Envoy
+    ext_proc_us: float  # and of its ext_proc server
+
+    @property
+    def cpu_us(self) -> float:
+        return self.envoy_us + self.ext_proc_us
 
 
 def measure(
@@ -461,9 +466,10 @@ def measure(
             meter = c.CpuMeter(rig.pids(path))
             meter.begin()
             result = c.run_wrk(command, seconds)
-            cpu = meter.end()
-            own = sum(v for k, v in cpu.seconds.items() if k != "load generator")
-            out[path].append(Sample(result.p50_ms, result.requests, own / result.requests * 1e6))
+            cpu = meter.end().seconds
+            per = 1e6 / result.requests
+            envoy, ext_proc = cpu["envoy"] * per, cpu.get("ext_proc", 0.0) * per
+            out[path].append(Sample(result.p50_ms, result.requests, envoy, ext_proc))
     return out
 
 
@@ -559,7 +565,10 @@ def _validate(workdir: Path, bootstrap: dict[str, Any]) -> str:
 
 
 def _stats(values: Sequence[float]) -> str:
-    return f"{c.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return f"{c.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+
+
+_CPU = ("cpu_us", "envoy_us", "ext_proc_us")
 
 
 def render(data: dict[str, dict[str, list[Sample]]], rounds: int, seconds: float) -> str:
@@ -568,24 +577,27 @@ def render(data: dict[str, dict[str, list[Sample]]], rounds: int, seconds: float
         bare = c.median([s.p50_ms for s in runs[BARE]])
         for path in PATHS:
             samples = runs[path]
-            p50 = [s.p50_ms for s in samples]
-            added = [s.p50_ms - bare for s in samples]
-            cpu = [s.cpu_us for s in samples]
-            rows.append(
-                [name, path, _stats(p50), "-" if path == BARE else _stats(added), _stats(cpu)]
-            )
-    head = [
-        "body",
-        "path",
-        "p50 ms median (min-max)",
-        "added p50 ms vs bare",
-        "CPU µs/request (Envoy + ext_proc)",
-    ]
+            added = "-" if path == BARE else _stats([s.p50_ms - bare for s in samples])
+            cpu = [_stats([getattr(s, k) for s in samples]) for k in _CPU]
+            p50 = _stats([s.p50_ms for s in samples])
+            rows.append([name, path, p50, added, *cpu, _paired(samples, runs[BUFFERED])])
+    head = ["body", "path", "p50 ms", "added p50 ms vs bare", "CPU µs/request"]
+    head += ["of it Envoy", "of it ext_proc", "vs A, same round: Δp50 ms / ΔCPU µs"]
     note = (
-        f"wrk, 1 connection, {rounds} alternating rounds of {seconds:g} s per path; load "
+        f"Median (min-max) over {rounds} alternating rounds of {seconds:g} s per path (wrk, 1 "
+        f"connection); CPU per request of the path's Envoy + ext_proc from /proc. Load "
         f"{c.load_average()} after the run."
     )
     return c.table(head, rows) + "\n\n" + note
+
+
+def _paired(samples: Sequence[Sample], a: Sequence[Sample]) -> str:
+    """Median (min-max) of the per-round differences to path A (same round, same load)."""
+    if samples is a or not samples[0].ext_proc_us:
+        return "-"
+    dp = [s.p50_ms - r.p50_ms for s, r in zip(samples, a, strict=True)]
+    dc = [s.cpu_us - r.cpu_us for s, r in zip(samples, a, strict=True)]
+    return f"{_stats(dp)} / {c.median(dc):+.0f} ({min(dc):+.0f}..{max(dc):+.0f})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
