@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,7 @@ class _Stream:
     headers_answered: bool = False
     hang: bool = False
     reject: bool = False
+    die: bool = False
 
     def on(self, phase: str, request: Any) -> list[Any]:
         if self.hang:
@@ -167,6 +168,7 @@ class _Stream:
     def _request_headers(self, headers: Any) -> list[Any]:
         names = {h.key for h in headers.headers.headers}
         self.hang, self.reject = "x-probe-hang" in names, "x-probe-reject" in names
+        self.die = "x-probe-die" in names
         if self.hang:
             return []
         if headers.end_of_stream or not self.duplex:
@@ -177,6 +179,8 @@ class _Stream:
     def _request_body(self, body: Any) -> list[Any]:
         if self.reject:
             return [_reject()]
+        if self.die:  # the call ends with an error status once the body has started
+            raise RuntimeError("probe: the server fails mid-request")
         self.chunks.append(body.body)
         if not body.end_of_stream:
             return []
@@ -532,6 +536,33 @@ def check_edges(rig: Rig, body: bytes) -> list[str]:
     return lines
 
 
+def check_fail_open(rig: Rig, body: bytes) -> list[str]:
+    """With failure_mode_allow: true, a server failing once the body has started: fail open
+    gives this probe's 421 (Envoy went on without ext_proc to the policy route), fail closed
+    the gateway's 503 (status_on_error)."""
+    lines = []
+    for path in (BUFFERED, DUPLEX):
+        grpc_port = _grpc_port(rig.envoys[path].bootstrap)
+        front = front_bootstrap(rig.gateway, grpc_port, WHERE[path])
+        _ext_proc(front)["failure_mode_allow"] = True
+        envoy = c.EnvoyProcess(f"open-{WHERE[path] or 'buffered'}", front, rig.workdir).start()
+        try:
+            reply = post(url_of(front), body, {"x-probe-die": "1"})
+        finally:
+            envoy.stop()
+        verdict = {421: "failed open", 503: "failed closed"}.get(reply.status, "?")
+        lines.append(f"- {path}: {reply.status} ({verdict})")
+    return lines
+
+
+def _grpc_port(bootstrap: Mapping[str, Any]) -> int:
+    clusters = bootstrap["static_resources"]["clusters"]
+    cluster = next(k for k in clusters if k["name"] == "extproc")
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    port: int = endpoint["address"]["socket_address"]["port_value"]
+    return port
+
+
 def check_config(rig: Rig) -> list[str]:
     """What `envoy --mode validate` says about duplex variants of the gateway bootstrap."""
     variants: dict[str, dict[str, Any]] = {
@@ -623,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     *check_override(rig, bodies["2 KB"]),
                 ]
                 report += ["", "### edges", *check_edges(rig, bodies["2 KB"])]
+                report += ["", "### server fails mid-body, failure_mode_allow: true"]
+                report += check_fail_open(rig, bodies["2 KB"])
                 report += ["", "### config validation", *check_config(rig)]
             data = {
                 name: measure(rig, tools["wrk"], body, args.rounds, args.seconds)
