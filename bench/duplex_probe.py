@@ -151,6 +151,7 @@ class _Stream:
     hang: bool = False
     reject: bool = False
     die: bool = False
+    keep: bool = False  # pass the body through unchanged
 
     def on(self, phase: str, request: Any) -> list[Any]:
         if self.hang:
@@ -168,7 +169,7 @@ class _Stream:
     def _request_headers(self, headers: Any) -> list[Any]:
         names = {h.key for h in headers.headers.headers}
         self.hang, self.reject = "x-probe-hang" in names, "x-probe-reject" in names
-        self.die = "x-probe-die" in names
+        self.die, self.keep = "x-probe-die" in names, "x-probe-keep" in names
         if self.hang:
             return []
         if headers.end_of_stream or not self.duplex:
@@ -184,15 +185,17 @@ class _Stream:
         self.chunks.append(body.body)
         if not body.end_of_stream:
             return []
-        new = rewrite(b"".join(self.chunks))
+        whole = b"".join(self.chunks)
+        new = whole if self.keep else rewrite(whole)
         self.chunks = []
         if not self.duplex:  # BUFFERED: routing + new body in the body reply (today's gateway)
             response = pb.ProcessingResponse()
             common = response.request_body.response
-            _routing(common, len(new))
-            common.body_mutation.body = new
+            _routing(common, None if self.keep else len(new))
+            if not self.keep:  # an unchanged body needs no mutation in BUFFERED mode...
+                common.body_mutation.body = new
             return [response]
-        return [self._route(new), _streamed(new)]
+        return [self._route(new), _streamed(new)]  # ...but must be sent back in duplex mode
 
     def _request_trailers(self) -> list[Any]:
         replies = []
@@ -256,7 +259,13 @@ function envoy_on_request(handle)
   local te = h:get("transfer-encoding") or "none"
   local out = {[":status"] = "200", ["content-type"] = "application/json",
                ["x-probe-len"] = tostring(n), ["x-probe-cl"] = cl, ["x-probe-te"] = te}
-  if h:get("x-probe-mutated") == "1" then
+  if h:get("x-probe-mutated") == "1" and h:get("x-probe-keep") ~= nil then
+    if n == 0 or string.find(text, '"model":"%s"', 1, true) ~= nil then
+      out[":status"] = "400"
+      handle:respond(out, "body lost or rewritten")
+      return
+    end
+  elseif h:get("x-probe-mutated") == "1" then
     if string.find(text, '"model":"%s"', 1, true) == nil then
       out[":status"] = "400"
       handle:respond(out, "body not rewritten")
@@ -274,7 +283,8 @@ end
 
 
 def upstream_bootstrap(port: int) -> dict[str, Any]:
-    source = _UPSTREAM_LUA % (NEW_MODEL.decode(), gb.response_body().decode())
+    model = NEW_MODEL.decode()
+    source = _UPSTREAM_LUA % (model, model, gb.response_body().decode())
     router = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
@@ -454,12 +464,13 @@ class Sample:
 
 
 def measure(
-    rig: Rig, wrk: str, body: bytes, rounds: int, seconds: float
+    rig: Rig, wrk: str, body: bytes, rounds: int, seconds: float, keep: bool
 ) -> dict[str, list[Sample]]:
+    headers = {"content-type": "application/json"} | ({"x-probe-keep": "1"} if keep else {})
     scripts = {}
     for path in PATHS:
         script = rig.workdir / f"wrk-{len(body)}.lua"
-        script.write_text(c.wrk_script("POST", body, {"content-type": "application/json"}))
+        script.write_text(c.wrk_script("POST", body, headers))
         scripts[path] = script
     out: dict[str, list[Sample]] = {path: [] for path in PATHS}
     for _ in range(rounds):
@@ -480,13 +491,14 @@ def measure(
 # -- checks of Envoy 1.40's duplex behaviour --------------------------------------------
 
 
-def check_paths(rig: Rig, bodies: dict[str, bytes]) -> list[str]:
-    """Each path answers 200 and its upstream saw the rewritten body and its length."""
+def check_paths(rig: Rig, bodies: dict[str, bytes], keep: bool) -> list[str]:
+    """Each path answers 200 and its upstream saw the rewritten (or kept) body, whole."""
     lines = []
+    extra = {"x-probe-keep": "1"} if keep else {}
     for name, body in bodies.items():
-        want = len(rewrite(body))
+        want = len(body if keep else rewrite(body))
         for path in EXT_PROC_PATHS:
-            reply = post(rig.urls[path], body)
+            reply = post(rig.urls[path], body, extra)
             h = reply.headers
             ok = reply.status == 200 and h.get("x-probe-len") == str(want)
             lines.append(
@@ -636,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--no-checks", action="store_true")
+    keep = "the server passes the body through unchanged (duplex must still send it back)"
+    parser.add_argument("--keep-body", action="store_true", help=keep)
     parser.add_argument("--serve", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -646,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tools = c.require_tools(["wrk"], install=False)
         bodies = {"2 KB": small_body(), "117 KB": large_body()}
         with running_rig() as rig:
-            report = ["### what the upstream received", *check_paths(rig, bodies)]
+            report = ["### what the upstream received", *check_paths(rig, bodies, args.keep_body)]
             if not args.no_checks:
                 report += [
                     "",
@@ -658,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report += check_fail_open(rig, bodies["2 KB"])
                 report += ["", "### config validation", *check_config(rig)]
             data = {
-                name: measure(rig, tools["wrk"], body, args.rounds, args.seconds)
+                name: measure(rig, tools["wrk"], body, args.rounds, args.seconds, args.keep_body)
                 for name, body in bodies.items()
             }
             report += ["", "### latency and CPU", render(data, args.rounds, args.seconds)]
