@@ -152,6 +152,8 @@ class _Stream:
     reject: bool = False
     die: bool = False
     keep: bool = False  # pass the body through unchanged
+    late: bool = False  # duplex: a header mutation in the body reply, not the header reply
+    plain: bool = False  # duplex: the new body as body_mutation.body, not streamed_response
 
     def on(self, phase: str, request: Any) -> list[Any]:
         if self.hang:
@@ -170,6 +172,7 @@ class _Stream:
         names = {h.key for h in headers.headers.headers}
         self.hang, self.reject = "x-probe-hang" in names, "x-probe-reject" in names
         self.die, self.keep = "x-probe-die" in names, "x-probe-keep" in names
+        self.late, self.plain = "x-probe-late" in names, "x-probe-plain" in names
         if self.hang:
             return []
         if headers.end_of_stream or not self.duplex:
@@ -195,7 +198,20 @@ class _Stream:
             if not self.keep:  # an unchanged body needs no mutation in BUFFERED mode...
                 common.body_mutation.body = new
             return [response]
+        if self.late or self.plain:
+            return [self._route(new), self._variant(new)]
         return [self._route(new), _streamed(new)]  # ...but must be sent back in duplex mode
+
+    def _variant(self, new: bytes) -> Any:
+        """A body reply Envoy may not accept in duplex mode (the `late`/`plain` checks)."""
+        response = _streamed(new) if self.late else pb.ProcessingResponse()
+        common = response.request_body.response
+        if self.late:
+            header = _header("x-probe-late-set", "1")
+            common.header_mutation.set_headers.append(header)
+        else:
+            common.body_mutation.body = new
+        return response
 
     def _request_trailers(self) -> list[Any]:
         replies = []
@@ -258,7 +274,8 @@ function envoy_on_request(handle)
   local cl = h:get("content-length") or "none"
   local te = h:get("transfer-encoding") or "none"
   local out = {[":status"] = "200", ["content-type"] = "application/json",
-               ["x-probe-len"] = tostring(n), ["x-probe-cl"] = cl, ["x-probe-te"] = te}
+               ["x-probe-len"] = tostring(n), ["x-probe-cl"] = cl, ["x-probe-te"] = te,
+               ["x-probe-late-seen"] = h:get("x-probe-late-set") or "no"}
   if h:get("x-probe-mutated") == "1" and h:get("x-probe-keep") ~= nil then
     if n == 0 or string.find(text, '"model":"%s"', 1, true) ~= nil then
       out[":status"] = "400"
@@ -530,6 +547,18 @@ def _counts(reply: Reply) -> dict[str, int]:
     return counts
 
 
+def check_body_replies(rig: Rig, body: bytes) -> list[str]:
+    """Duplex: a header mutation in the body reply; a plain body_mutation.body reply."""
+    late = post(rig.urls[DUPLEX], body, {"x-probe-late": "1"})
+    plain = post(rig.urls[DUPLEX], body, {"x-probe-plain": "1"})
+    return [
+        f"- header mutation sent in the body reply: status {late.status}, upstream saw it: "
+        f"{late.headers.get('x-probe-late-seen', '-')}",
+        f"- body_mutation.body instead of streamed_response: status {plain.status} "
+        f"({plain.body[:80]!r})",
+    ]
+
+
 def check_edges(rig: Rig, body: bytes) -> list[str]:
     big = body + b" " * (BUFFER_LIMIT + 512 * 1024 - len(body))  # JSON with trailing spaces
     lines = []
@@ -668,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     *check_override(rig, bodies["2 KB"]),
                 ]
                 report += ["", "### edges", *check_edges(rig, bodies["2 KB"])]
+                report += ["", "### duplex body replies", *check_body_replies(rig, bodies["2 KB"])]
                 report += ["", "### server fails mid-body, failure_mode_allow: true"]
                 report += check_fail_open(rig, bodies["2 KB"])
                 report += ["", "### config validation", *check_config(rig)]
