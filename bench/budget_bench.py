@@ -20,6 +20,8 @@
 
     python bench/budget_bench.py            # ~55 s, writes the budget-bench section of RESULTS.md
     python bench/budget_bench.py --quick    # ~20 s smoke run, prints only
+    python bench/budget_bench.py --redis-cpu               # redis-server CPU µs/request
+    python bench/budget_bench.py --redis-cpu --callgrind   # its instructions/request
 
 Every process started (redis-server, the upstream and two gateway Envoys, two ext_proc
 servers) is stopped on exit, Ctrl-C or SIGTERM, and dies with the script.
@@ -33,6 +35,7 @@ import contextlib
 import datetime as dt
 import http.client
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +52,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from extproc import server
+from extproc import server, supervisor
 from extproc.apis.tokens import estimate_input_tokens
 from extproc.apis.usage import Usage
 from extproc.config import parse_config
@@ -232,6 +235,152 @@ def in_process(redis_url: str, calls: int) -> InProcess:
     return asyncio.run(_in_process(redis_url, calls, blocks=10))
 
 
+# -- redis-server's CPU per request ------------------------------------------------------
+
+
+@dataclass
+class ServerCpu:
+    """redis-server's own CPU (INFO cpu: getrusage, µs resolution) per admit + settle."""
+
+    us_per_request: dict[str, float]  # case -> redis-server CPU µs per request
+    calls_per_request: dict[str, float]  # with rules: Redis command -> calls per request
+    evalsha_us: float  # with rules: INFO commandstats usec_per_call of EVALSHA
+
+
+def _redis_cpu_us(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return (float(info["used_cpu_user"]) + float(info["used_cpu_sys"])) * 1e6
+
+
+async def _server_cpu(redis_url: str, calls: int, blocks: int) -> ServerCpu:
+    """Drive `Spending.start/admit/settle` against `redis_url` with and without rules,
+    alternating in blocks, and read redis-server's CPU around each block."""
+    providers = gb.bench_config("http://127.0.0.1:1")["providers"]
+    spenders, stores = {}, []
+    for name, rules in ((NONE, False), (RULES, True)):
+        config = parse_config({"providers": providers, **gateway_settings(redis_url, rules)})
+        stores.append(open_store(config.store))
+        spenders[name] = Spending(config, stores[-1], Metrics())
+    body = orjson.loads(gb.request_body(False))
+    client = redis.Redis.from_url(redis_url)
+    used = dict.fromkeys(spenders, 0.0)
+    try:
+        for spending in spenders.values():  # warm-up: connections, script loading
+            await _calls(spending, body, 200, Timings())
+        client.config_resetstat()
+        for _ in range(blocks):
+            for name, spending in spenders.items():
+                before = _redis_cpu_us(client)
+                await _calls(spending, body, calls // blocks, Timings())
+                used[name] += _redis_cpu_us(client) - before
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+        for store in stores:
+            await store.close()
+    n = calls // blocks * blocks
+    # commandstats counts both cases' commands; the no-rules case makes none (no budgets,
+    # no limits: no store call), so every call below is the rules case's.
+    per_call = {
+        k.removeprefix("cmdstat_"): v["calls"] / n
+        for k, v in stats.items()
+        if k.startswith("cmdstat_") and not k.startswith(("cmdstat_info", "cmdstat_config"))
+    }
+    evalsha = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", "nan"))
+    return ServerCpu({k: v / n for k, v in used.items()}, per_call, evalsha)
+
+
+def server_cpu(redis_url: str, calls: int) -> ServerCpu:
+    server.install_event_loop_policy()
+    return asyncio.run(_server_cpu(redis_url, calls, blocks=10))
+
+
+def server_cpu_report(cpu: ServerCpu) -> str:
+    rows = [[name, f"{us:,.1f}"] for name, us in cpu.us_per_request.items()]
+    added = cpu.us_per_request[RULES] - cpu.us_per_request[NONE]
+    calls = ", ".join(f"{name} {count:g}" for name, count in sorted(cpu.calls_per_request.items()))
+    return (
+        c.table(["case", "redis-server CPU µs/request (admit + settle)"], rows)
+        + f"\n\nAdded by budgets + rate limits: {added:+,.1f} µs of redis-server CPU per "
+        + f"request; EVALSHA {cpu.evalsha_us:.1f} µs per call (commandstats). Commands per "
+        + f"request (scripts' own calls included): {calls}."
+    )
+
+
+def redis_cpu_main(args: argparse.Namespace) -> int:
+    if args.callgrind:
+        return redis_instructions_main(args)
+    with tempfile.TemporaryDirectory(prefix="budget-bench-") as workdir:
+        process, url = c.start_redis(Path(workdir))
+        try:
+            print(server_cpu_report(server_cpu(url, args.calls)))
+        finally:
+            c.stop_all([process])
+    return 0
+
+
+# Under callgrind: redis-server's instructions per admit + settle, deterministic where
+# CPU time on a shared machine is not (the figure to compare script changes by).
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise c.BenchError(f"{path}: no totals")
+
+
+async def _instructions(url: str, pid: int, calls: int, out: Path) -> int:
+    providers = gb.bench_config("http://127.0.0.1:1")["providers"]
+    config = parse_config({"providers": providers, **gateway_settings(url, True)})
+    store = open_store(config.store)
+    spending = Spending(config, store, Metrics())
+    body = orjson.loads(gb.request_body(False))
+    control = ["callgrind_control"]
+    try:
+        await _calls(spending, body, 50, Timings())  # connection, scripts loaded
+        await asyncio.to_thread(
+            subprocess.run, [*control, "-z", str(pid)], check=True, stdout=subprocess.DEVNULL
+        )
+        await _calls(spending, body, calls, Timings())
+        await asyncio.to_thread(
+            subprocess.run,
+            [*control, "-d", "bench", str(pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    finally:
+        await store.close()
+    dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda f: f.stat().st_mtime)
+    return _callgrind_total(dumps[-1])
+
+
+def redis_instructions_main(args: argparse.Namespace) -> int:
+    """redis-server under valgrind's callgrind; instructions per admit + settle."""
+    tools = c.require_tools(["valgrind", "callgrind_control"], args.install_deps)
+    calls = min(args.calls, 500)  # ~20 ms per request under valgrind
+    with tempfile.TemporaryDirectory(prefix="budget-bench-") as workdir:
+        out, port = Path(workdir) / "callgrind.out", c.free_port()
+        command = [tools["valgrind"], "--tool=callgrind", f"--callgrind-out-file={out}"]
+        command += [shutil.which("redis-server") or "redis-server", "--port", str(port)]
+        command += ["--bind", "127.0.0.1", "--dir", workdir, "--save", "", "--hz", "1"]
+        command += ["--appendonly", "no", "--protected-mode", "no"]
+        process = supervisor.spawn(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            if not c.wait_port(port, process, 60):
+                raise c.BenchError("redis-server under valgrind did not start")
+            url = f"redis://127.0.0.1:{port}/0"
+            server.install_event_loop_policy()
+            total = asyncio.run(_instructions(url, process.pid, calls, out))
+        finally:
+            c.stop_all([process])
+    print(
+        f"redis-server: {total / calls:,.0f} instructions per request (admit + settle, "
+        f"budgets + rate limits; callgrind over {calls} requests)"
+    )
+    return 0
+
+
 # -- through Envoy ----------------------------------------------------------------------
 
 
@@ -325,6 +474,7 @@ class Run:
     floor: InProcess | None = None
     load: dict[tuple[int, str], list[c.Measured]] = field(default_factory=dict)
     budgets: list[dict[str, Any]] = field(default_factory=list)
+    server_cpu: ServerCpu | None = None
 
 
 def measure(args: argparse.Namespace, wrk: str, workdir: Path) -> Run:
@@ -334,6 +484,8 @@ def measure(args: argparse.Namespace, wrk: str, workdir: Path) -> Run:
         print("in-process admit/settle ...", flush=True)
         run.floor = in_process(rig.redis_url, args.calls)
         run.calls = run.floor.timings
+        run.server_cpu = server_cpu(rig.redis_url, args.calls // 2)
+        print(server_cpu_report(run.server_cpu), flush=True)
         for name, timings in run.calls.items():
             print(f"  {name:32} admit p50 {c.percentile(timings.admit, 50):.3f} ms", flush=True)
         script = workdir / "post.lua"
@@ -539,6 +691,10 @@ def render(run: Run) -> str:
             "### Targets\n\n" + verdict_table(run),
             "### Admit and settle per request (in-process, ms)\n\n" + calls_table(run),
             floor_table(run),
+            "redis-server's own CPU (INFO cpu) per request, in-process, cases alternating:\n\n"
+            + server_cpu_report(run.server_cpu)
+            if run.server_cpu
+            else "",
             limits_lines(run),
             "### Through Envoy (2 KB POST /v1/messages)\n\n" + load_table(run),
             budgets_line(run),
@@ -559,12 +715,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help=f"report file (default {RESULTS})")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
     parser.add_argument("--install-deps", action="store_true", help="apt-get install wrk")
+    parser.add_argument(
+        "--redis-cpu",
+        action="store_true",
+        help="only redis-server's CPU per admit + settle (in-process, ~10 s); prints only",
+    )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="with --redis-cpu: redis-server's instructions per request under callgrind",
+    )
     args = parser.parse_args(argv)
     args.calls = args.calls or (500 if args.quick else 5000)
     args.seconds = args.seconds or (1.0 if args.quick else 3.0)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.warmup = args.warmup or 1.0
-    planned = 2 * 2 * (args.warmup + args.rounds * args.seconds) + args.calls * 3 * 0.002
+    planned = 2 * 2 * (args.warmup + args.rounds * args.seconds) + args.calls * 4 * 0.002
     if planned > TIME_LIMIT - 40:
         parser.error(f"the plan takes {planned:.0f} s; the run must end within {TIME_LIMIT} s")
     args.write = not args.no_write and (args.output is not None or not args.quick)
@@ -574,6 +740,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.redis_cpu:
+        return redis_cpu_main(args)
 
     def work() -> Run:
         wrk = c.require_tools(["wrk"], args.install_deps)["wrk"]

@@ -56,11 +56,13 @@ def command(*parts: bytes) -> bytes:
     return b"*%d\r\n" % len(parts) + b"".join(bulk(p) for p in parts)
 
 
-def evalsha(sha: bytes, count: int, keys: Sequence[bytes], args: Sequence[str]) -> bytes:
+def evalsha(sha: bytes, count: int, keys: Sequence[bytes], args: Sequence[str | bytes]) -> bytes:
     """`EVALSHA sha count keys... args...`; `keys` are `count` keys already RESP-encoded
-    (callers memoize the encoding of keys they send again and again)."""
+    (callers memoize the encoding of keys they send again and again); `args` as text or
+    bytes (a spec already encoded by orjson)."""
     head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + count + len(args), sha)
-    return b"".join([head, bulk(b"%d" % count), *keys, *[bulk(a.encode()) for a in args]])
+    encoded = [bulk(a if isinstance(a, bytes) else a.encode()) for a in args]
+    return b"".join([head, bulk(b"%d" % count), *keys, *encoded])
 
 
 @dataclass(frozen=True, slots=True)

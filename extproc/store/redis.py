@@ -24,6 +24,15 @@ LOADING/READONLY/BUSY replies become `StoreUnavailable` (`raise ... from`, in
 
 The scripts take the caller's time (`now`, in ms) and relative TTLs; see the
 package docstring for why.
+
+Budget counter hashes carry two fields besides `held` and the spend buckets: `next`
+(a lower bound on the earliest hold expiry: when a purge may be due) and `exp` (the
+window's expiry, in the caller's ms, that the hash's and its holds zset's TTLs were last
+set to), so the TTLs are set again only when the window's expiry moves (a new key, a
+rolling window's next day) rather than by every call. `exp` is only ever compared: a
+hash written before it existed has none and gets its TTLs and `exp` from the first call
+that touches it, and code that predates it ignores it, so replicas of both kinds can
+share one Redis.
 """
 
 from __future__ import annotations
@@ -70,161 +79,184 @@ from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, bulk, comma
 __all__ = ["RedisStore"]
 
 _PRELUDE = """
--- A spec argument is a JSON array of strings: cjson decodes it in C, ~3x faster than
--- splitting a space-separated string with gmatch (~4 µs vs ~11 µs for an admit's).
+-- A spec argument is a JSON array: cjson decodes it in C, ~3x faster than splitting a
+-- space-separated string with gmatch. Words that only feed arithmetic travel as JSON
+-- numbers (decoded once, in C: `tonumber` on a string runs strtod twice, ~2k
+-- instructions); words handed to redis.call travel as strings (a Lua number there is
+-- formatted with sprintf). Replies are arrays of integers (no string.format either).
 local function words(spec)
   return cjson.decode(spec)
 end
+
+-- What runs per call, as locals (a global's lookup costs more than some of the work).
+-- A numeric string from Redis becomes a number with `s + 0`: one strtod, where
+-- tonumber(s) runs two (a check, then the conversion), ~1.5k instructions more each.
+local call, max, floor, ceil = redis.call, math.max, math.floor, math.ceil
 
 -- Each counter hash keeps `next`, a lower bound on its earliest hold expiry, so the
 -- expired-hold purge runs only when one may be due (not on every call). An expired hold
 -- counts as spent at its estimate, charged to `bucket` (its process died unsettled).
 local function purge(c, z, now, bucket)
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+  local expired = call('ZRANGEBYSCORE', z, '-inf', now)
   local freed = 0
   for _, m in ipairs(expired) do
     freed = freed + tonumber(string.match(m, ':(%-?%d+)$'))
   end
   if freed ~= 0 then
-    redis.call('HINCRBY', c, 'held', string.format('%d', -freed))
-    redis.call('HINCRBY', c, bucket, string.format('%d', freed))
+    call('HINCRBY', c, 'held', string.format('%d', -freed))
+    call('HINCRBY', c, bucket, string.format('%d', freed))
   end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
-  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
-  if first[2] then redis.call('HSET', c, 'next', first[2]) else redis.call('HDEL', c, 'next') end
+  if #expired > 0 then call('ZREMRANGEBYSCORE', z, '-inf', now) end
+  local first = call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  if first[2] then call('HSET', c, 'next', first[2]) else call('HDEL', c, 'next') end
 end
 
-local function due(next_expiry, now)
-  return next_expiry and tonumber(next_expiry) <= tonumber(now)
+-- used = held + the window's buckets (a[first .. last]), after purging expired holds if
+-- any are due. Returns used, held, `next` as a number (or false) and `exp` (or false).
+local function used(c, z, a, first, last, now)
+  local v = call('HMGET', c, 'held', 'next', 'exp', unpack(a, first, last))
+  local next_expiry = v[2] and v[2] + 0
+  if next_expiry and next_expiry <= now then
+    purge(c, z, now, a[first])
+    v = call('HMGET', c, 'held', 'next', 'exp', unpack(a, first, last))
+    next_expiry = v[2] and v[2] + 0
+  end
+  local held = v[1] and v[1] + 0 or 0
+  local total = held
+  for j = 4, #v do
+    if v[j] then total = total + v[j] end
+  end
+  return total, held, next_expiry, v[3]
 end
 
--- used = held + the window's buckets, after purging expired holds if any are due.
--- Returns used and the (possibly refreshed) `next`.
-local function used(c, z, window, now)
-  local v = redis.call('HMGET', c, 'held', 'next', unpack(window))
-  if due(v[2], now) then
-    purge(c, z, now, window[1])
-    v = redis.call('HMGET', c, 'held', 'next', unpack(window))
-  end
-  local total = tonumber(v[1] or '0')
-  for j = 3, #v do
-    if v[j] then total = total + tonumber(v[j]) end
-  end
-  return total, v[2]
-end
-
-local function expire(c, z, ttl)
-  if tonumber(ttl) > 0 then
-    redis.call('PEXPIRE', c, ttl)
-    redis.call('PEXPIRE', z, ttl)
-  end
+-- TTLs: a counter hash's `exp` field is the expiry (caller's ms, from the window) its
+-- keys' TTLs were last set to, so a script re-sets them only when that moves (a new key,
+-- a rolling window's new day, a hash from before `exp` existed) instead of with two
+-- PEXPIREs per counter per call. ttl '0' is a counter that never expires. Never creates
+-- the hash (a settle may find it gone). True when it re-set them.
+local function expire(c, z, ttl, expiry, exp)
+  if ttl == '0' or exp == expiry or call('EXISTS', c) == 0 then return false end
+  call('HSET', c, 'exp', expiry)
+  call('PEXPIRE', c, ttl)
+  call('PEXPIRE', z, ttl)
+  return true
 end
 
 -- Rate items: 4 words each from a[p] for KEYS[first .. first + count - 1]; now is a[1].
 --   g interval_ms burst cost   (GCRA)   |   q limit cost reset_ms   (quota)
-local function rate_eval(a, p, first, count)
-  local now = tonumber(a[1])
-  local out, writes, all_ok = {}, {}, true
+-- Appends ok remaining retry_ms reset_ms per item to `out`.
+local function rate_eval(a, p, first, count, out)
+  local now = a[1]
+  local writes, all_ok = {}, true
   for i = 1, count do
     local key, q = KEYS[first + i - 1], p + (i - 1) * 4
     local ok, remaining, retry, reset
     if a[q] == 'g' then
-      local t, burst, cost = tonumber(a[q + 1]), tonumber(a[q + 2]), tonumber(a[q + 3])
-      local tat = math.max(tonumber(redis.call('GET', key) or a[1]), now)
-      local new_tat = math.max(tat + cost * t, now)
+      local t, burst, cost = a[q + 1], a[q + 2], a[q + 3]
+      local stored = call('GET', key)
+      local tat = stored and max(stored + 0, now) or now
+      local new_tat = max(tat + cost * t, now)
       local tau = burst * t
       local allow_at = new_tat - tau
       ok = now >= allow_at
       if ok then
-        remaining, retry, reset = math.floor((now + tau - new_tat) / t), 0, math.ceil(new_tat - now)
+        remaining, retry, reset = floor((now + tau - new_tat) / t), 0, ceil(new_tat - now)
       else
-        remaining = math.max(0, math.floor((now + tau - tat) / t))
-        retry, reset = math.ceil(allow_at - now), math.ceil(tat - now)
+        remaining = max(0, floor((now + tau - tat) / t))
+        retry, reset = ceil(allow_at - now), ceil(tat - now)
       end
       writes[i] = new_tat
     else
-      local limit, cost = tonumber(a[q + 1]), tonumber(a[q + 2])
-      local seen = tonumber(redis.call('GET', key) or '0')
-      reset = tonumber(a[q + 3])
+      local limit, cost = a[q + 1], a[q + 2]
+      local seen = tonumber(call('GET', key) or '0')
+      reset = a[q + 3]
       ok = seen + cost <= limit
       if ok then remaining, retry = limit - seen - cost, 0
-      else remaining, retry = math.max(0, limit - seen), reset end
+      else remaining, retry = max(0, limit - seen), reset end
     end
     all_ok = all_ok and ok
-    out[i] = string.format('%d %d %d %d', ok and 1 or 0, remaining, retry, reset)
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = ok and 1 or 0, remaining, retry, reset
   end
-  return table.concat(out, ' '), writes, all_ok
+  return writes, all_ok
 end
 
 local function rate_apply(a, p, first, count, writes)
-  local now = tonumber(a[1])
+  local now = a[1]
   for i = 1, count do
     local key, q = KEYS[first + i - 1], p + (i - 1) * 4
     if a[q] == 'g' then
       local v = writes[i]
-      redis.call('SET', key, string.format('%.17g', v), 'PX', math.max(1, math.ceil(v - now)))
+      local ttl = string.format('%d', max(1, ceil(v - now)))  -- cheaper than Redis' %.17g
+      call('SET', key, string.format('%.17g', v), 'PX', ttl)
     else
-      redis.call('INCRBY', key, a[q + 2])
-      redis.call('PEXPIRE', key, a[q + 3])
+      -- %d: Redis would write a number argument with %.17g (1e+17 for a big one)
+      call('INCRBY', key, string.format('%d', a[q + 2]))
+      call('PEXPIRE', key, string.format('%d', a[q + 3]))
     end
   end
 end
 
--- Holds: from a[p], per hold "limit amount ttl n window[1..n]", for the KEYS[2 ..]
+-- Holds: from a[p], per hold "limit amount ttl expiry n window[1..n]", for the KEYS[2 ..]
 -- pairs; KEYS[1] is the reservation record; now is a[1]. Returns the plan (nil when
--- refused) and the reply: "-1" duplicate | "0 <index> <used...>" | "1 <used...>".
-local function hold_eval(a, p, n)
-  if redis.call('EXISTS', KEYS[1]) == 1 then return nil, '-1' end
+-- refused) and appends the reply to `out`: -1 (duplicate) | 0 <index> <used...> |
+-- 1 <used...>.
+local function hold_eval(a, p, n, out)
+  if call('EXISTS', KEYS[1]) == 1 then out[#out + 1] = -1 return nil end
   local plan, used_list = {}, {}
   for i = 1, n do
     local c, z = KEYS[2 * i], KEYS[2 * i + 1]
-    local limit, amount, size = tonumber(a[p]), tonumber(a[p + 1]), tonumber(a[p + 3])
-    local window = {}
-    for j = 1, size do window[j] = a[p + 3 + j] end
-    local u, next_expiry = used(c, z, window, a[1])
-    used_list[i] = string.format('%d', u)
+    local limit, amount, size = a[p], a[p + 1] + 0, a[p + 4]
+    local u, held, next_expiry, exp = used(c, z, a, p + 5, p + 4 + size, a[1])
+    used_list[i] = u
     if u >= limit or u + amount > limit then
-      return nil, '0 ' .. (i - 1) .. ' ' .. table.concat(used_list, ' ')
+      out[#out + 1], out[#out + 2] = 0, i - 1
+      for j = 1, i do out[#out + 1] = used_list[j] end
+      return nil
     end
-    plan[i] = {c, z, a[p + 1], a[p + 2], next_expiry}
-    p = p + 4 + size
+    plan[i] = {c, z, a[p + 1], held == 0, a[p + 2], a[p + 3], next_expiry, exp}
+    p = p + 5 + size
   end
-  return plan, '1 ' .. table.concat(used_list, ' ')
+  out[#out + 1] = 1
+  for j = 1, n do out[#out + 1] = used_list[j] end
+  return plan
 end
 
 local function hold_apply(plan, reservation, until_ms, record_ttl)
+  local until_n = until_ms + 0
   for _, h in ipairs(plan) do
-    -- a counter's TTL is (re)set when its held sum leaves zero, and on every settle
-    local fresh = redis.call('HINCRBY', h[1], 'held', h[3]) == tonumber(h[3])
-    redis.call('ZADD', h[2], until_ms, reservation .. ':' .. h[3])
-    if not h[5] or tonumber(until_ms) < tonumber(h[5]) then
-      redis.call('HSET', h[1], 'next', until_ms)
+    local c, z, ttl, fresh = h[1], h[2], h[5], h[4]  -- fresh: `held` leaves zero
+    call('HINCRBY', c, 'held', h[3])
+    call('ZADD', z, until_ms, reservation .. ':' .. h[3])
+    if not h[7] or until_n < h[7] then call('HSET', c, 'next', until_ms) end
+    if not expire(c, z, ttl, h[6], h[8]) and fresh and ttl ~= '0' then
+      -- `held` left zero: the holds zset was empty, so Redis had deleted it (and its TTL)
+      call('PEXPIRE', z, ttl)
     end
-    if fresh then expire(h[1], h[2], h[4]) end
   end
-  redis.call('SET', KEYS[1], 'held', 'PX', record_ttl)
+  call('SET', KEYS[1], 'held', 'PX', record_ttl)
 end
 """
 
-# Arguments travel as one spec argument (a JSON array of strings, `_join`) and replies
-# come back as one string of integers: one argument to encode and one reply to parse
-# instead of dozens of numbers each (the words below are the array's elements).
+# Arguments travel as one spec argument (a JSON array, `_join`) and replies come back as
+# one array of integers: one argument to encode instead of dozens of numbers each (the
+# words below are the array's elements).
 #
 # KEYS: record, then (counter, holds) per hold.  ARGV[1]: reservation id.
 # ARGV[2]: "now until record_ttl" then the holds.
 _HOLD = """
-local a = words(ARGV[2])
-local plan, reply = hold_eval(a, 4, (#KEYS - 1) / 2)
+local a, out = words(ARGV[2]), {}
+local plan = hold_eval(a, 4, (#KEYS - 1) / 2, out)
 if plan then hold_apply(plan, ARGV[1], a[2], a[3]) end
-return reply
+return out
 """
 
 # KEYS: one per item.  ARGV[1]: "now force" then the rate items.
 _RATE = """
-local a = words(ARGV[1])
-local reply, writes, ok = rate_eval(a, 3, 1, #KEYS)
+local a, out = words(ARGV[1]), {}
+local writes, ok = rate_eval(a, 3, 1, #KEYS, out)
 if ok or a[2] == '1' then rate_apply(a, 3, 1, #KEYS, writes) end
-return reply
+return out
 """
 
 # Rate limits and budget holds in one step, all or nothing: the rate items are decided
@@ -232,54 +264,57 @@ return reply
 # consumes no rate allowance.
 # KEYS: record, (counter, holds) per hold, then one per rate item.  ARGV[1]: reservation.
 # ARGV[2]: "now until record_ttl n_holds n_items", the rate items, then the holds.
+# Reply: 4 integers per rate item, then (unless a rate item refused) the holds' reply.
 _ADMIT = """
-local a = words(ARGV[2])
-local n_holds, n_items = tonumber(a[4]), tonumber(a[5])
+local a, out = words(ARGV[2]), {}
+local n_holds, n_items = a[4], a[5]
 local first = 2 + 2 * n_holds
-local rate_reply, writes, ok = rate_eval(a, 6, first, n_items)
-if not ok then return rate_reply .. ';' end
-local plan, hold_reply = hold_eval(a, 6 + 4 * n_items, n_holds)
+local writes, ok = rate_eval(a, 6, first, n_items, out)
+if not ok then return out end
+local plan = hold_eval(a, 6 + 4 * n_items, n_holds, out)
 if plan then
   rate_apply(a, 6, first, n_items, writes)
   hold_apply(plan, ARGV[1], a[2], a[3])
 end
-return rate_reply .. ';' .. hold_reply
+return out
 """
 
 # KEYS: record, then (counter, holds) per hold, then one per debited rate item.
 # ARGV[1]: reservation id, ARGV[2]: final state.  ARGV[3]: "now record_ttl" then per hold
-# "amount actual ttl bucket prune|-".  ARGV[4]: "now" then the rate items to debit
-# (forced), applied only when this call settles, so a repeated settle never debits twice.
+# "amount -amount actual ttl expiry bucket prune|-".  ARGV[4]: "now" then the rate items
+# to debit (forced), applied only when this call settles, so a repeated settle never
+# debits twice.
 _SETTLE = """
-local state = redis.call('GET', KEYS[1])
+local state = call('GET', KEYS[1])
 if state == 'settled' or state == 'released' then return state end
 local a, d = words(ARGV[3]), words(ARGV[4])
-local n_items = (#d - 1) / 4
+local now, n_items = a[1], (#d - 1) / 4
 local n_holds = (#KEYS - 1 - n_items) / 2
 for i = 1, n_holds do
   local c, z = KEYS[2 * i], KEYS[2 * i + 1]
-  local b = 3 + (i - 1) * 5
-  local amount, actual, prune = a[b], a[b + 1], a[b + 4]
-  if due(redis.call('HGET', c, 'next'), a[1]) then purge(c, z, a[1], a[b + 3]) end
-  if redis.call('ZREM', z, ARGV[1] .. ':' .. amount) == 1 then
-    redis.call('HINCRBY', c, 'held', string.format('%d', -tonumber(amount)))
+  local b = 3 + (i - 1) * 7
+  local amount, back, actual, ttl, expiry, bucket, prune = unpack(a, b, b + 6)
+  local v = call('HMGET', c, 'next', 'exp')
+  if v[1] and v[1] + 0 <= now then purge(c, z, now, bucket) end
+  if call('ZREM', z, ARGV[1] .. ':' .. amount) == 1 then
+    call('HINCRBY', c, 'held', back)
   elseif state == 'held' then
     -- the hold expired and was charged at its amount: charge only the difference
     actual = string.format('%d', tonumber(actual) - tonumber(amount))
   end
-  if tonumber(actual) ~= 0 then redis.call('HINCRBY', c, a[b + 3], actual) end
+  if actual ~= '0' then call('HINCRBY', c, bucket, actual) end
   if prune ~= '-' then
-    for _, f in ipairs(redis.call('HKEYS', c)) do
-      if string.sub(f, 1, 2) == 's:' and f < prune then redis.call('HDEL', c, f) end
+    for _, f in ipairs(call('HKEYS', c)) do
+      if string.sub(f, 1, 2) == 's:' and f < prune then call('HDEL', c, f) end
     end
   end
-  expire(c, z, a[b + 2])
+  expire(c, z, ttl, expiry, v[2])
 end
 if n_items > 0 then
-  local _, writes = rate_eval(d, 2, 2 + 2 * n_holds, n_items)
+  local writes = rate_eval(d, 2, 2 + 2 * n_holds, n_items, {})
   rate_apply(d, 2, 2 + 2 * n_holds, n_items, writes)
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', a[2])
+call('SET', KEYS[1], ARGV[2], 'PX', a[2])
 return state or 'unknown'
 """
 
@@ -288,19 +323,19 @@ _USAGE = """
 local a = words(ARGV[1])
 local out, pos = {}, 2
 for i = 1, #KEYS / 2 do
-  local c, z = KEYS[2 * i - 1], KEYS[2 * i]
-  local size = tonumber(a[pos])
+  local c = KEYS[2 * i - 1]
+  local size = a[pos]
   local window = {}
   for j = 1, size do window[j] = a[pos + j] end
   pos = pos + 1 + size
-  local v = redis.call('HMGET', c, 'held', unpack(window))
+  local v = call('HMGET', c, 'held', unpack(window))
   local total = 0  -- expired holds still in `held` count as spent, as a purge charges them
   for _, x in ipairs(v) do
     if x then total = total + tonumber(x) end
   end
-  out[i] = string.format('%d', total)
+  out[i] = total
 end
-return table.concat(out, ' ')
+return out
 """
 
 _INCR = """
@@ -317,20 +352,19 @@ return 0
 """
 
 
-def _ints(reply: bytes) -> list[int]:
-    return [int(word) for word in reply.split()]
+Word = str | int | float  # a spec word: a string for redis.call, a number for arithmetic
 
 
-def _hold_words(facts: Sequence[_CounterFacts], holds: Sequence[Hold], now: int) -> list[str]:
-    """Per hold: limit amount ttl n window[1..n]."""
-    words: list[str] = []
+def _hold_words(facts: Sequence[_CounterFacts], holds: Sequence[Hold], now: int) -> list[Word]:
+    """Per hold: limit amount ttl expiry n window[1..n]."""
+    words: list[Word] = []
     for f, h in zip(facts, holds, strict=True):
-        words += (f.limit, str(h.amount), str(ttl_ms(f.counter.expires_at, now)), *f.window)
+        ttl = str(ttl_ms(f.counter.expires_at, now))
+        words += (f.limit, str(h.amount), ttl, f.expiry, *f.window)
     return words
 
 
-def _hold_result(reply: bytes) -> HoldResult:
-    values = _ints(reply)
+def _hold_result(values: Sequence[int]) -> HoldResult:
     if values[0] == -1:
         return HoldResult(ok=False, duplicate=True)
     if values[0] == 0:
@@ -338,17 +372,30 @@ def _hold_result(reply: bytes) -> HoldResult:
     return HoldResult(ok=True, used=tuple(values[1:]))
 
 
-def _rate_states(reply: bytes) -> list[RateState]:
-    v = _ints(reply)
+def _rate_states(v: Sequence[int]) -> list[RateState]:
     return [
         RateState(v[j] == 1, v[j + 1], v[j + 2] / 1000, v[j + 3] / 1000)
         for j in range(0, len(v), 4)
     ]
 
 
-def _join(words: list[str]) -> str:
-    """One spec argument: a JSON array of strings (the scripts' `words`)."""
-    return orjson.dumps(words).decode()
+_INT64 = 2**63
+
+
+def _join(words: list[Word]) -> bytes:
+    """One spec argument: a JSON array (the scripts' `words`).
+
+    orjson writes only 64-bit integers; a larger one (an absurd limit or burst) goes as
+    the double the script would hold for it anyway (checked only when orjson refuses,
+    so the common case pays nothing)."""
+    try:
+        return orjson.dumps(words)
+    except orjson.JSONEncodeError:
+        return orjson.dumps([_double_if_huge(w) for w in words])
+
+
+def _double_if_huge(word: Word) -> Word:
+    return float(word) if isinstance(word, int) and not -_INT64 <= word < _INT64 else word
 
 
 MEMO_LIMIT = 65_536  # memoized counters and keys per store; cleared when full
@@ -359,8 +406,9 @@ class _CounterFacts:
     counter: Counter  # kept so the id() it is filed under cannot be reused meanwhile
     tag: str
     keys: bytes  # the counter and holds keys, RESP-encoded
-    limit: str
-    window: tuple[str, ...]  # n, window[1..n]
+    limit: int
+    window: tuple[Word, ...]  # n, window[1..n]
+    expiry: str  # the keys' expiry, ms ("0": never), for the hash's `exp` field
     finish: tuple[str, str]  # bucket, prune or "-"
 
 
@@ -369,15 +417,14 @@ class _Encoder:
 
     The ledger and the limiter hand in the same `Counter` objects and the same rate keys
     request after request, so what never changes about them (their hash tag, their keys
-    RESP-encoded, their limit and window words) is worked out once and memoized; a call
-    only formats the numbers that change (now, amounts, TTLs) and checks the hash tags
+    RESP-encoded, their window and expiry words) is worked out once and memoized; a call
+    only formats the numbers that change (amounts, TTLs) and checks the hash tags
     (the `same_slot` rule) by comparing memoized strings.
     """
 
     def __init__(self) -> None:
         self._counters: dict[int, _CounterFacts] = {}
         self._keys: dict[str, tuple[str, bytes]] = {}
-        self._rates: dict[tuple[str, float, int], tuple[str, str, str]] = {}
 
     def counter(self, c: Counter) -> _CounterFacts:
         facts = self._counters.get(id(c))
@@ -387,9 +434,10 @@ class _Encoder:
             tag = hash_tag(c.key)
             same_slot([c.key, c.holds_key])
             keys = bulk(c.key.encode()) + bulk(c.holds_key.encode())
-            window = (str(len(c.window)), *c.window)
+            window: tuple[Word, ...] = (len(c.window), *c.window)
+            expiry = "0" if c.expires_at is None else str(int(c.expires_at * 1000))
             finish = (c.bucket, c.prune_before or "-")
-            facts = _CounterFacts(c, tag, keys, str(c.limit), window, finish)
+            facts = _CounterFacts(c, tag, keys, c.limit, window, expiry, finish)
             self._counters[id(c)] = facts
         return facts
 
@@ -401,21 +449,16 @@ class _Encoder:
             found = self._keys[key] = (hash_tag(key), bulk(key.encode()))
         return found
 
-    def rate_words(self, items: Sequence[RateItem], now: int) -> list[str]:
-        """Per item "g interval_ms burst cost" (GCRA) or "q limit cost reset_ms" (quota)."""
-        words: list[str] = []
+    @staticmethod
+    def rate_words(items: Sequence[RateItem], now: int) -> list[Word]:
+        """Per item "g interval_ms burst cost" (GCRA) or "q limit cost reset_ms" (quota),
+        all numbers (orjson writes a float's shortest round-trip form: the same double)."""
+        words: list[Word] = []
         for i in items:
             if isinstance(i, Gcra):
-                memo = (i.key, i.period / i.rate, i.burst)
-                head = self._rates.get(memo)
-                if head is None:
-                    if len(self._rates) >= MEMO_LIMIT:
-                        self._rates.clear()
-                    head = self._rates[memo] = ("g", repr(i.interval_ms), str(i.burst))
-                words += head
-                words.append(str(i.cost))
+                words += ("g", i.interval_ms, i.burst, i.cost)
             else:
-                words += ("q", str(i.limit), str(i.cost), str(ttl_ms(i.resets_at, now)))
+                words += ("q", i.limit, i.cost, ttl_ms(i.resets_at, now))
         return words
 
     def keys(self, tag: str, parts: list[bytes], items: Sequence[RateItem]) -> None:
@@ -454,7 +497,7 @@ class _Script:
         self._load = command(b"SCRIPT", b"LOAD", self.source.encode())
 
     async def __call__(
-        self, pipe: Pipe, count: int, keys: Sequence[bytes], args: Sequence[str]
+        self, pipe: Pipe, count: int, keys: Sequence[bytes], args: Sequence[str | bytes]
     ) -> Any:
         payload = evalsha(self._sha, count, keys, args)
         try:
@@ -580,7 +623,7 @@ class RedisStore:
             raise _map_error(exc, self._timeout) from exc
 
     async def _script(
-        self, name: str, count: int, keys: Sequence[bytes], args: Sequence[str]
+        self, name: str, count: int, keys: Sequence[bytes], args: Sequence[str | bytes]
     ) -> Any:
         """Run a script over the pipelined connection (bounded by its own watchdog);
         `keys`: its `count` keys, RESP-encoded (some pieces may hold two)."""
@@ -680,12 +723,8 @@ class RedisStore:
         now = now_ms(self._clock)
         tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
         facts = self._encode.holds(tag, keys, [h.counter for h in holds])
-        spec = [
-            str(now),
-            str(int(until * 1000)),
-            str(px(record_ttl)),
-            *_hold_words(facts, holds, now),
-        ]
+        spec: list[Word] = [now, str(int(until * 1000)), str(px(record_ttl))]
+        spec += _hold_words(facts, holds, now)
         reply = await self._script("hold", 1 + 2 * len(holds), keys, [reservation, _join(spec)])
         return _hold_result(reply)
 
@@ -705,12 +744,13 @@ class RedisStore:
         tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
         facts = self._encode.holds(tag, keys, [h.counter for h in holds])
         self._encode.keys(tag, keys, debit)
-        spec = [str(now), str(px(record_ttl))]
+        spec: list[Word] = [now, str(px(record_ttl))]
         for f, h, actual in zip(facts, holds, actuals, strict=True):
-            spec += (str(h.amount), str(actual), str(ttl_ms(f.counter.expires_at, now)), *f.finish)
-        debits = _join([str(now), *self._encode.rate_words(debit, now)])
+            ttl = str(ttl_ms(f.counter.expires_at, now))
+            spec += (str(h.amount), str(-h.amount), str(actual), ttl, f.expiry, *f.finish)
+        debits = _join([now, *self._encode.rate_words(debit, now)])
         state = "released" if release else "settled"
-        args = [reservation, state, _join(spec), debits]
+        args: list[str | bytes] = [reservation, state, _join(spec), debits]
         reply = await self._script("settle", len(keys) + len(holds), keys, args)
         return SettleOutcome(reply.decode() if isinstance(reply, bytes) else str(reply))
 
@@ -719,10 +759,10 @@ class RedisStore:
             return []
         keys: list[bytes] = []
         facts = self._encode.holds(self._encode.counter(counters[0]).tag, keys, counters)
-        spec = [str(now_ms(self._clock))]
+        spec: list[Word] = [now_ms(self._clock)]
         for f in facts:
             spec += f.window
-        return _ints(await self._script("usage", 2 * len(counters), keys, [_join(spec)]))
+        return list(await self._script("usage", 2 * len(counters), keys, [_join(spec)]))
 
     # ---- rate -----------------------------------------------------------------------------
 
@@ -732,7 +772,7 @@ class RedisStore:
         keys: list[bytes] = []
         self._encode.keys(self._encode.key(items[0].key)[0], keys, items)
         now = now_ms(self._clock)
-        spec = [str(now), "1" if force else "0", *self._encode.rate_words(items, now)]
+        spec: list[Word] = [now, "1" if force else "0", *self._encode.rate_words(items, now)]
         return _rate_states(await self._script("rate", len(items), keys, [_join(spec)]))
 
     async def admit(
@@ -749,13 +789,14 @@ class RedisStore:
         tag, keys = hash_tag(record_key), [bulk(record_key.encode())]
         facts = self._encode.holds(tag, keys, [h.counter for h in holds])
         self._encode.keys(tag, keys, items)
-        head = [str(now), str(int(until * 1000)), str(px(record_ttl)), str(len(holds))]
-        spec = [*head, str(len(items)), *self._encode.rate_words(items, now)]
+        head: list[Word] = [now, str(int(until * 1000)), str(px(record_ttl)), len(holds)]
+        spec = [*head, len(items), *self._encode.rate_words(items, now)]
         spec += _hold_words(facts, holds, now)
         count = 1 + 2 * len(holds) + len(items)
         reply = await self._script("admit", count, keys, [reservation, _join(spec)])
-        rate_part, _, hold_part = reply.partition(b";")
-        return _rate_states(rate_part), _hold_result(hold_part) if hold_part else None
+        split = 4 * len(items)  # the rate items' verdicts, then the holds' (unless refused)
+        hold_part = reply[split:]
+        return _rate_states(reply[:split]), _hold_result(hold_part) if hold_part else None
 
     async def close(self) -> None:
         if not self._closed:

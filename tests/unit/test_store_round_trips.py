@@ -22,7 +22,15 @@ from extproc.apis.usage import Usage
 from extproc.config import parse_config
 from extproc.policies.auth import Identity
 from extproc.policies.budget.spending import Spending
-from extproc.store import Counter, Gcra, Hold, ManualClock, SettleOutcome, StoreUnavailable
+from extproc.store import (
+    Counter,
+    Gcra,
+    Hold,
+    ManualClock,
+    Quota,
+    SettleOutcome,
+    StoreUnavailable,
+)
 from extproc.store.redis import RedisStore
 from extproc.telemetry.metrics import Metrics
 from tests.redis_server import RedisServer
@@ -293,3 +301,128 @@ def test_a_store_used_from_a_new_event_loop_redials(redis_server: RedisServer) -
     first = asyncio.run(store.incr_by("loops", 1))
     assert asyncio.run(store.incr_by("loops", 1)) == first + 1
     asyncio.run(store.close())
+
+
+async def test_counter_ttls_are_set_when_their_expiry_moves_not_on_every_call(
+    redis_server: RedisServer,
+) -> None:
+    """A counter's keys expire with its window. The scripts re-set the TTLs only when the
+    hash's `exp` field says they are not at the window's expiry yet (a new key, a rolling
+    window's next day, a hash written before `exp` existed), plus the holds zset's when
+    it comes back after its last hold went; not with two PEXPIREs per counter per call."""
+    await flush(redis_server.url)
+    clock = ManualClock()
+    store = RedisStore.from_url(redis_server.url, clock=clock)
+    client = Redis.from_url(redis_server.url)
+    now = clock.time()
+    c = Counter(key=f"b:{T}:day", bucket="s", window=("s",), limit=10**6, expires_at=now + 3600)
+    try:
+        await _reset_stats(redis_server.url)
+        for i in range(3):
+            assert (
+                await store.hold(
+                    f"r{i}", rec(f"r{i}"), [Hold(c, 5)], until=now + 60, record_ttl=600
+                )
+            ).ok
+            assert 0 < await client.pttl(c.holds_key) <= 3_600_000
+            assert (
+                await store.settle(f"r{i}", rec(f"r{i}"), [Hold(c, 5)], [4], record_ttl=600)
+                is SettleOutcome.SETTLED
+            )
+        calls = await _commandstats(redis_server.url)
+        assert calls["pexpire"] == 2 + 1 + 1  # both keys once; the zset's when it came back
+        assert 3_590_000 < await client.pttl(c.key) <= 3_600_000
+        assert await client.hget(c.key, "exp") == str(int((now + 3600) * 1000)).encode()
+        assert await store.usage([c]) == [12]
+
+        later = Counter(c.key, "s", ("s",), 10**6, expires_at=now + 7200)  # the next day
+        assert (
+            await store.hold("r3", rec("r3"), [Hold(later, 5)], until=now + 60, record_ttl=600)
+        ).ok
+        assert 7_190_000 < await client.pttl(c.key) <= 7_200_000
+        assert 7_190_000 < await client.pttl(c.holds_key) <= 7_200_000
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_counters_written_before_exp_existed_get_their_ttls(
+    redis_server: RedisServer,
+) -> None:
+    """Migration: a hash from before the `exp` field (its TTL set by every call then) gets
+    its TTLs and `exp` from the first hold or settle that touches it."""
+    await flush(redis_server.url)
+    clock = ManualClock()
+    store = RedisStore.from_url(redis_server.url, clock=clock)
+    client = Redis.from_url(redis_server.url)
+    now = clock.time()
+    c = Counter(key=f"b:{T}:old", bucket="s", window=("s",), limit=100, expires_at=now + 3600)
+    try:
+        await client.hset(c.key, mapping={"held": "0", "s": "40"})
+        await client.pexpire(c.key, 60_000)
+        assert (await store.hold("r", rec("r"), [Hold(c, 60)], until=now + 60, record_ttl=600)).ok
+        assert 3_590_000 < await client.pttl(c.key) <= 3_600_000
+        assert not (
+            await store.hold("x", rec("x"), [Hold(c, 1)], until=now + 60, record_ttl=600)
+        ).ok
+        await client.hdel(c.key, "exp")
+        await client.pexpire(c.key, 60_000)
+        assert (
+            await store.settle("r", rec("r"), [Hold(c, 60)], [50], record_ttl=600)
+            is SettleOutcome.SETTLED
+        )
+        assert 3_590_000 < await client.pttl(c.key) <= 3_600_000
+        assert await store.usage([c]) == [90]
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_settle_never_leaves_a_counter_without_a_ttl(redis_server: RedisServer) -> None:
+    """A settle with no record (UNKNOWN) on a counter that is gone creates nothing when
+    there is nothing to charge, and a counter with its TTL when there is; a lifetime
+    counter has neither TTL nor `exp`."""
+    await flush(redis_server.url)
+    clock = ManualClock()
+    store = RedisStore.from_url(redis_server.url, clock=clock)
+    client = Redis.from_url(redis_server.url)
+    now = clock.time()
+    gone = Counter(key=f"b:{T}:gone", bucket="s", window=("s",), limit=100, expires_at=now + 60)
+    life = Counter(key=f"b:{T}:life", bucket="s", window=("s",), limit=100)
+    try:
+        nothing = await store.settle("a", rec("a"), [Hold(gone, 5)], [0], record_ttl=600)
+        assert nothing is SettleOutcome.UNKNOWN
+        assert await client.exists(gone.key, gone.holds_key) == 0
+        assert (
+            await store.settle("b", rec("b"), [Hold(gone, 5)], [7], record_ttl=600)
+            is SettleOutcome.UNKNOWN
+        )
+        assert 50_000 < await client.pttl(gone.key) <= 60_000
+        assert (await store.hold("c", rec("c"), [Hold(life, 5)], until=now + 60, record_ttl=600)).ok
+        assert await client.pttl(life.key) == -1
+        assert await client.pttl(life.holds_key) == -1
+        assert await client.hget(life.key, "exp") is None
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_quota_counts_stay_exact_integers_when_large(harness: StoreHarness) -> None:
+    """The scripts write a quota's cost and reset as integers (a number handed to
+    redis.call as it is would be written with %.17g: 1e+17, not an integer to INCRBY)."""
+    now = harness.clock.time()
+    q = Quota(f"r:{T}:big", limit=10**18, cost=10**17, resets_at=now + 3600)
+    first = await harness.store.rate([q])
+    second = await harness.store.rate([q])
+    assert [s.remaining for s in first + second] == [9 * 10**17, 8 * 10**17]
+    assert first[0].reset_after == pytest.approx(3600)
+
+
+async def test_limits_beyond_64_bits_are_accepted(harness: StoreHarness) -> None:
+    """A budget or a burst set absurdly high (past 2^63) still works: the spec carries
+    it as the double the script compares with anyway."""
+    s, now = harness.store, harness.clock.time()
+    c = counter("huge", limit=10**20)
+    assert (await s.hold("r", rec("r"), [Hold(c, 5)], until=now + 60, record_ttl=60)).ok
+    g = Gcra(f"r:{T}:huge", rate=10**20, period=60, burst=10**20, cost=10**19 * 5)
+    assert (await s.rate([g]))[0].allowed

@@ -42,7 +42,9 @@ and rate-limit state; `{prefix}` is `gw`)::
 
     {prefix}:b:{<tag>}:<kind>:<id>:<usd|tok>:<d20250131|m202501|life|r7d>   hash
         fields: held (sum of live holds), s (calendar/lifetime spend) or
-        s:<yyyymmdd> (rolling: one per day, pruned as days leave the window)
+        s:<yyyymmdd> (rolling: one per day, pruned as days leave the window),
+        next (earliest hold expiry, ms), exp (the window expiry, ms, the TTLs of
+        this hash and its holds were last set to; see extproc.store.redis)
     ...same...:holds     zset  member <request_id>:<amount>, score = hold expiry (ms)
     {prefix}:b:{<tag>}:res:<request_id>   string  held | settled | released
 
