@@ -230,7 +230,8 @@ def test_unencodable_answers_are_not_stored() -> None:
         # the leader freed its lock: the next identical request leads at once
         again = CacheRun(cache, CacheConfig(enabled=True), "s", "k", "r2", read=True, write=True)
         await again.before_upstream(None, _noop)
-        assert again.leader and again.result == "miss"
+        assert again.leader
+        assert again.result == "miss"
 
     asyncio.run(scenario())
 

@@ -163,9 +163,11 @@ async def test_set_and_release_writes_then_frees_the_owners_lock(harness: StoreH
     s, lock = harness.store, "lock:{v}"
     assert await s.acquire_lock(lock, "a", 5)
     assert await s.set_and_release("v", b"one", 0.2, lock, "b") is False  # not b's lock
-    assert await s.get("v") == b"one" and await s.get(lock) == b"a"
+    assert await s.get("v") == b"one"
+    assert await s.get(lock) == b"a"
     assert await s.set_and_release("v", b"two", 0.2, lock, "a") is True
-    assert await s.get("v") == b"two" and await s.get(lock) is None
+    assert await s.get("v") == b"two"
+    assert await s.get(lock) is None
     await harness.advance(0.35)
     assert await s.get("v") is None  # the value's TTL holds
 
@@ -185,7 +187,7 @@ async def test_compound_calls_check_slots_and_ttls(harness: StoreHarness) -> Non
         await s.get_or_lock("v", "lock:v", "a", 5)
     with pytest.raises(ValueError, match="hash tag"):
         await s.set_and_release("v", b"x", 5, "lock:v", "a")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ttl_seconds"):
         await s.swap("k", b"x", 0)
 
 
