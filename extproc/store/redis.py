@@ -361,6 +361,15 @@ if v then return {v} end
 return {false, redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
 """
 
+# The cache hygiene record's read and write in one round trip, as `SET ... PX ... GET`
+# would be, but on any Redis with scripting (that option needs 6.2). KEYS: the record.
+# ARGV: value, TTL (ms). Reply: the value it replaced, or nil.
+_SWAP = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return old
+"""
+
 # The response cache's write and the release of its lock in one round trip (the value
 # lands before the lock is freed). KEYS: value, lock.  ARGV: value, TTL (ms), owner.
 _SET_AND_RELEASE = """
@@ -534,6 +543,7 @@ _SCRIPTS = {
     "unlock": _Script(_UNLOCK),
     "get_or_lock": _Script(_GET_OR_LOCK),
     "set_and_release": _Script(_SET_AND_RELEASE),
+    "swap": _Script(_SWAP),
 }
 
 _PING = command(b"PING")
@@ -718,10 +728,9 @@ class RedisStore:
         return (reply[0], False) if reply[0] is not None else (None, reply[1] == 1)
 
     async def swap(self, key: str, value: bytes, ttl_seconds: float) -> bytes | None:
-        """One `SET ... GET` (Redis 6.2+)."""
         check_ttl(ttl_seconds)
-        payload = command(b"SET", key.encode(), value, b"PX", b"%d" % px(ttl_seconds), b"GET")
-        reply: bytes | None = await self._call(payload)
+        args = [value, b"%d" % px(ttl_seconds)]
+        reply: bytes | None = await self._script("swap", 1, [bulk(key.encode())], args)
         return reply
 
     async def set_and_release(
