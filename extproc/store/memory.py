@@ -49,6 +49,7 @@ from extproc.store import (
     now_ms,
     px,
     same_slot,
+    same_slot_pair,
     ttl_ms,
 )
 
@@ -179,8 +180,7 @@ class MemoryStore:
         self._now()
 
     async def get(self, key: str) -> bytes | None:
-        entry = self._entry(key, self._now())
-        return None if entry is None else entry.value
+        return self._get(key, self._now())
 
     async def set(
         self,
@@ -191,7 +191,15 @@ class MemoryStore:
         only_if_absent: bool = False,
     ) -> bool:
         check_ttl(ttl_seconds)
-        now = self._now()
+        return self._set(key, value, ttl_seconds, self._now(), only_if_absent)
+
+    def _get(self, key: str, now: int) -> bytes | None:
+        entry = self._entry(key, now)
+        return None if entry is None else entry.value
+
+    def _set(
+        self, key: str, value: bytes, ttl_seconds: float | None, now: int, only_if_absent: bool
+    ) -> bool:
         if only_if_absent and (
             self._live_counter(key, now) is not None or self._entry(key, now) is not None
         ):
@@ -235,11 +243,43 @@ class MemoryStore:
         return await self.set(key, owner.encode(), ttl_seconds, only_if_absent=True)
 
     async def release_lock(self, key: str, owner: str) -> bool:
-        entry = self._entry(key, self._now())
+        return self._release(key, owner, self._now())
+
+    def _release(self, key: str, owner: str, now: int) -> bool:
+        entry = self._entry(key, now)
         if entry is None or entry.value != owner.encode():
             return False
         del self._kv[key]
         return True
+
+    # The compound calls: the plain calls' cores in sequence, with no await between them,
+    # so each is one atomic step here as its script is in Redis.
+    async def get_or_lock(
+        self, key: str, lock: str, owner: str, ttl_seconds: float
+    ) -> tuple[bytes | None, bool]:
+        check_ttl(ttl_seconds)
+        same_slot_pair(key, lock)
+        now = self._now()
+        value = self._get(key, now)
+        if value is not None:
+            return value, False
+        return None, self._set(lock, owner.encode(), ttl_seconds, now, True)
+
+    async def swap(self, key: str, value: bytes, ttl_seconds: float) -> bytes | None:
+        check_ttl(ttl_seconds)
+        now = self._now()
+        previous = self._get(key, now)
+        self._set(key, value, ttl_seconds, now, False)
+        return previous
+
+    async def set_and_release(
+        self, key: str, value: bytes, ttl_seconds: float, lock: str, owner: str
+    ) -> bool:
+        check_ttl(ttl_seconds)
+        same_slot_pair(key, lock)
+        now = self._now()
+        self._set(key, value, ttl_seconds, now, False)
+        return self._release(lock, owner, now)
 
     async def wait_for(self, key: str, timeout_seconds: float) -> bytes | None:
         """Wake on the `set` of `key` (no polling); None after `timeout_seconds`."""

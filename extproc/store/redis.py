@@ -72,6 +72,7 @@ from extproc.store import (
     now_ms,
     px,
     same_slot,
+    same_slot_pair,
     ttl_ms,
 )
 from extproc.store.pipe import Endpoint, NoScript, Pipe, ReplyError, bulk, command, evalsha
@@ -351,6 +352,32 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# The response cache's lookup and single-flight lock in one round trip.
+# KEYS: value, lock.  ARGV: owner, lock TTL (ms).  Reply: {value} on a hit, else {false,
+# 1 if the lock was taken}; a Lua false is a nil in the reply.
+_GET_OR_LOCK = """
+local v = redis.call('GET', KEYS[1])
+if v then return {v} end
+return {false, redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0}
+"""
+
+# The cache hygiene record's read and write in one round trip, as `SET ... PX ... GET`
+# would be, but on any Redis with scripting (that option needs 6.2). KEYS: the record.
+# ARGV: value, TTL (ms). Reply: the value it replaced, or nil.
+_SWAP = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return old
+"""
+
+# The response cache's write and the release of its lock in one round trip (the value
+# lands before the lock is freed). KEYS: value, lock.  ARGV: value, TTL (ms), owner.
+_SET_AND_RELEASE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then return redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
 
 Word = str | int | float  # a spec word: a string for redis.call, a number for arithmetic
 
@@ -514,6 +541,9 @@ _SCRIPTS = {
     "admit": _Script(_ADMIT, prelude=True),
     "incr": _Script(_INCR),
     "unlock": _Script(_UNLOCK),
+    "get_or_lock": _Script(_GET_OR_LOCK),
+    "set_and_release": _Script(_SET_AND_RELEASE),
+    "swap": _Script(_SWAP),
 }
 
 _PING = command(b"PING")
@@ -687,6 +717,30 @@ class RedisStore:
     async def release_lock(self, key: str, owner: str) -> bool:
         """Delete the lock only if `owner` still holds it (compare-and-delete in one script)."""
         return bool(await self._script("unlock", 1, [bulk(key.encode())], [owner]))
+
+    async def get_or_lock(
+        self, key: str, lock: str, owner: str, ttl_seconds: float
+    ) -> tuple[bytes | None, bool]:
+        check_ttl(ttl_seconds)
+        same_slot_pair(key, lock)
+        keys = [bulk(key.encode()), bulk(lock.encode())]
+        reply = await self._script("get_or_lock", 2, keys, [owner, b"%d" % px(ttl_seconds)])
+        return (reply[0], False) if reply[0] is not None else (None, reply[1] == 1)
+
+    async def swap(self, key: str, value: bytes, ttl_seconds: float) -> bytes | None:
+        check_ttl(ttl_seconds)
+        args = [value, b"%d" % px(ttl_seconds)]
+        reply: bytes | None = await self._script("swap", 1, [bulk(key.encode())], args)
+        return reply
+
+    async def set_and_release(
+        self, key: str, value: bytes, ttl_seconds: float, lock: str, owner: str
+    ) -> bool:
+        check_ttl(ttl_seconds)
+        same_slot_pair(key, lock)
+        keys = [bulk(key.encode()), bulk(lock.encode())]
+        args = [value, b"%d" % px(ttl_seconds), owner.encode()]
+        return bool(await self._script("set_and_release", 2, keys, args))
 
     async def wait_for(self, key: str, timeout_seconds: float) -> bytes | None:
         """Poll `get` with backoff (5 ms doubling to 100 ms) until a value or the timeout.

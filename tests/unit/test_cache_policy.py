@@ -225,7 +225,13 @@ def test_unencodable_answers_are_not_stored() -> None:
         cache = ResponseCache(MemoryStore(), CacheSettings())
         run = CacheRun(cache, CacheConfig(enabled=True), "s", "k", "r", read=True, write=True)
         await run.before_upstream(None, _noop)
+        assert run.leader
         assert not await run.after_upstream({"n": 2**70}, "anthropic")
+        # the leader freed its lock: the next identical request leads at once
+        again = CacheRun(cache, CacheConfig(enabled=True), "s", "k", "r2", read=True, write=True)
+        await again.before_upstream(None, _noop)
+        assert again.leader
+        assert again.result == "miss"
 
     asyncio.run(scenario())
 

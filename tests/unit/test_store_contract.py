@@ -140,6 +140,57 @@ async def test_lock_expires(harness: StoreHarness) -> None:
     assert await s.release_lock("lock", "a") is False
 
 
+async def test_get_or_lock_takes_the_lock_only_on_a_miss(harness: StoreHarness) -> None:
+    s, lock = harness.store, "lock:{v}"
+    assert await s.get_or_lock("v", lock, "a", 5) == (None, True)
+    assert await s.get(lock) == b"a"
+    assert await s.get_or_lock("v", lock, "b", 5) == (None, False)  # a's lock stands
+    await s.set("v", b"answer", 10)
+    assert await s.release_lock(lock, "a") is True
+    assert await s.get_or_lock("v", lock, "b", 5) == (b"answer", False)
+    assert await s.get(lock) is None  # a hit takes no lock
+
+
+async def test_get_or_lock_lock_expires(harness: StoreHarness) -> None:
+    s, lock = harness.store, "lock:{v}"
+    assert await s.get_or_lock("v", lock, "a", 0.2) == (None, True)
+    await harness.advance(0.35)
+    assert await s.get_or_lock("v", lock, "b", 5) == (None, True)
+    assert await s.release_lock(lock, "a") is False
+
+
+async def test_set_and_release_writes_then_frees_the_owners_lock(harness: StoreHarness) -> None:
+    s, lock = harness.store, "lock:{v}"
+    assert await s.acquire_lock(lock, "a", 5)
+    assert await s.set_and_release("v", b"one", 0.2, lock, "b") is False  # not b's lock
+    assert await s.get("v") == b"one"
+    assert await s.get(lock) == b"a"
+    assert await s.set_and_release("v", b"two", 0.2, lock, "a") is True
+    assert await s.get("v") == b"two"
+    assert await s.get(lock) is None
+    await harness.advance(0.35)
+    assert await s.get("v") is None  # the value's TTL holds
+
+
+async def test_swap_returns_the_replaced_value(harness: StoreHarness) -> None:
+    s = harness.store
+    assert await s.swap("k", b"one", 0.2) is None
+    assert await s.swap("k", bytes(range(256)), 0.2) == b"one"
+    assert await s.get("k") == bytes(range(256))
+    await harness.advance(0.35)
+    assert await s.get("k") is None
+
+
+async def test_compound_calls_check_slots_and_ttls(harness: StoreHarness) -> None:
+    s = harness.store
+    with pytest.raises(ValueError, match="hash tag"):
+        await s.get_or_lock("v", "lock:v", "a", 5)
+    with pytest.raises(ValueError, match="hash tag"):
+        await s.set_and_release("v", b"x", 5, "lock:v", "a")
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        await s.swap("k", b"x", 0)
+
+
 async def test_wait_for_sees_a_later_set(harness: StoreHarness) -> None:
     s = harness.store
 
@@ -516,6 +567,9 @@ def _every_method(store: Store) -> list[Callable[[], Awaitable[Any]]]:
         lambda: store.incr_by("n", 1, 10),
         lambda: store.acquire_lock("l", "me", 5),
         lambda: store.release_lock("l", "me"),
+        lambda: store.get_or_lock("k", "l:{k}", "me", 5),
+        lambda: store.swap("k", b"v", 10),
+        lambda: store.set_and_release("k", b"v", 10, "l:{k}", "me"),
         lambda: store.wait_for("k", 5.0),
         lambda: store.hold("r", rec("r"), [Hold(c, 1)], until=2e9, record_ttl=60),
         lambda: store.settle("r", rec("r"), [Hold(c, 1)], [1], record_ttl=60),

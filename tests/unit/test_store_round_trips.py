@@ -19,9 +19,10 @@ import pytest
 from redis.asyncio import Redis
 
 from extproc.apis.usage import Usage
-from extproc.config import parse_config
+from extproc.config import CacheConfig, CacheSettings, parse_config
 from extproc.policies.auth import Identity
 from extproc.policies.budget.spending import Spending
+from extproc.policies.cache import CacheRun, ResponseCache, Shape
 from extproc.store import (
     Counter,
     Gcra,
@@ -145,6 +146,46 @@ async def test_a_cache_miss_and_the_budget_calls_share_one_connection(
         finally:
             await client.aclose()
         assert info["connected_clients"] == 2
+    finally:
+        await store.close()
+
+
+async def test_a_cache_miss_is_three_round_trips_and_a_hit_one(redis_server: RedisServer) -> None:
+    """A leading miss with hygiene: lookup + lock (one script), the hygiene record (one
+    SET ... GET), the answer + the lock's release (one script). A hit: one script."""
+    await flush(redis_server.url)
+    store = RedisStore.from_url(redis_server.url)
+    cache = ResponseCache(store, CacheSettings())
+    sent: list[bytes] = []
+    call = store._pipe.call
+
+    async def counted(payload: bytes) -> Any:
+        sent.append(payload)
+        return await call(payload)
+
+    store._pipe.call = counted  # type: ignore[method-assign]
+
+    async def request(owner: str) -> CacheRun:
+        run = CacheRun(cache, CacheConfig(enabled=True), "team=a", "k", owner, True, True)
+        if await run.before_upstream(lambda: Shape.of("anthropic", BODY), _noop) is None:
+            await run.after_upstream({"content": []}, "anthropic")
+        return run
+
+    async def _noop(seconds: float) -> None:
+        return None
+
+    try:
+        await request("warm-up")  # loads the scripts
+        await flush(redis_server.url)
+        sent.clear()
+        miss = await request("r1")
+        assert (miss.result, miss.leader, miss.stored, len(sent)) == ("miss", True, True, 3)
+        sent.clear()
+        hit = await request("r2")
+        assert (hit.result, len(sent)) == ("hit", 1)
+        names = set(await store.scan("extproc:cache"))
+        assert names == {"extproc:cache:team=a:k"} | {n for n in names if "cache-shape" in n}
+        assert len(names) == 2  # the entry and the hygiene record; the lock is gone
     finally:
         await store.close()
 

@@ -1,10 +1,21 @@
 """The response cache over the store: lookups, single-flight, writes, hygiene, purge.
 
-Store layout (one key each, so Redis Cluster needs no hash tags here):
+Store layout:
 
     extproc:cache:<scope>:<key>          a compressed `Entry`, with the route's TTL
-    extproc:cache-lock:<key>             single-flight lock, owner = request id
+    extproc:cache-lock:{extproc:cache:<scope>:<key>}
+                                         single-flight lock, owner = request id
     extproc:cache-shape:<scope>:<digest> the last request of that shape (hygiene)
+
+The lock's hash tag is its entry's whole name (which has no tag, so Redis Cluster hashes
+all of it): the two share a slot, so the lookup and the lock are one store call
+(`get_or_lock`), and so are the write and the release (`set_and_release`). (Versions
+before 2026-12-02 named the lock `extproc:cache-lock:<key>`: while replicas of both run
+together they do not see each other's locks, which costs at most a duplicate upstream
+call per key, never a wrong answer; locks live `cache.lock_seconds`.)
+
+Round trips per request: a hit is one call; a miss that leads is three (`get_or_lock`,
+the hygiene record's `swap` when hygiene is on, `set_and_release`).
 
 Single-flight: the first request for a key takes the lock and goes upstream; an
 identical request arriving meanwhile waits for the entry (polling the store, so it
@@ -60,6 +71,11 @@ def entry_name(scope: str, key: str) -> str:
     return f"{ENTRY_PREFIX}{_quoted(scope)}:{key}"
 
 
+def lock_name(entry: str) -> str:
+    """The single-flight lock of the entry named `entry`, in its Redis Cluster slot."""
+    return f"{LOCK_PREFIX}{{{entry}}}"
+
+
 @dataclass(frozen=True, slots=True)
 class WaitResult:
     entry: Entry | None
@@ -78,41 +94,66 @@ class ResponseCache:
         raw = await self.store.get(entry_name(scope, key))
         return Entry.decode(raw) if raw is not None else None
 
+    async def lookup_or_lock(self, scope: str, key: str, owner: str) -> WaitResult:
+        """The entry; or, on a miss, whether this request took the single-flight lock (one
+        store call: the lock is taken only when the entry is absent)."""
+        name = entry_name(scope, key)
+        raw, leader = await self.store.get_or_lock(
+            name, lock_name(name), owner, self.settings.lock_seconds
+        )
+        return WaitResult(Entry.decode(raw) if raw is not None else None, leader)
+
     async def exists(self, scope: str, key: str) -> bool:
         return await self.store.get(entry_name(scope, key)) is not None
 
-    async def acquire(self, key: str, owner: str) -> bool:
-        return await self.store.acquire_lock(LOCK_PREFIX + key, owner, self.settings.lock_seconds)
+    async def acquire(self, scope: str, key: str, owner: str) -> bool:
+        lock = lock_name(entry_name(scope, key))
+        return await self.store.acquire_lock(lock, owner, self.settings.lock_seconds)
 
-    async def release(self, key: str, owner: str) -> None:
-        await self.store.release_lock(LOCK_PREFIX + key, owner)
+    async def release(self, scope: str, key: str, owner: str) -> None:
+        await self.store.release_lock(lock_name(entry_name(scope, key)), owner)
 
     async def wait(self, scope: str, key: str, owner: str, seconds: float) -> WaitResult:
         """Wait for the in-flight identical request's entry, or take over its lock."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while loop.time() < deadline:
-            entry = await self.lookup(scope, key)
-            if entry is not None:
-                return WaitResult(entry, leader=False)
-            if await self.store.get(LOCK_PREFIX + key) is None and await self.acquire(key, owner):
-                # The first call ended without an entry; this request goes upstream instead.
-                entry = await self.lookup(scope, key)
-                return WaitResult(entry, leader=entry is None)
+            # The leader writes its entry and frees the lock in one step, and this reads
+            # the entry and takes a free lock in one: a free lock without an entry means
+            # the first call ended without one; this request goes upstream instead.
+            found = await self.lookup_or_lock(scope, key, owner)
+            if found.entry is not None or found.leader:
+                return found
             await asyncio.sleep(_POLL)
         return WaitResult(None, leader=False)
 
-    async def save(self, scope: str, key: str, entry: Entry, ttl: float) -> bool:
+    async def save(
+        self, scope: str, key: str, entry: Entry, ttl: float, owner: str | None = None
+    ) -> bool:
+        """Store `entry` (False: not cacheable, nothing stored); and free `owner`'s lock
+        when given, in the same store call when the entry is stored."""
+        raw = self._encoded(entry)
+        name = entry_name(scope, key)
+        if raw is None:
+            if owner is not None:
+                await self.store.release_lock(lock_name(name), owner)
+            return False
+        if owner is None:
+            await self.store.set(name, raw, ttl)
+        else:
+            await self.store.set_and_release(name, raw, ttl, lock_name(name), owner)
+        return True
+
+    def _encoded(self, entry: Entry) -> bytes | None:
         try:
             raw = entry.encode()
         except TypeError as exc:  # e.g. an integer JSON cannot carry: not cacheable
             log.info("answer not cached: %s", exc)
-            return False
+            return None
         if len(raw) > self.settings.max_entry_bytes:
             log.info("answer not cached: %d bytes compressed > cache.max_entry_bytes", len(raw))
-            return False
-        await self.store.set(entry_name(scope, key), raw, ttl)
-        return True
+            return None
+        return raw
 
     async def volatile_paths(self, scope: str, shape: Shape, key: str) -> list[str]:
         """Paths whose volatile values alone separate this miss from a recent request."""
@@ -120,8 +161,7 @@ class ResponseCache:
         record = shape.encode(key)
         if len(record) > SHAPE_MAX_ENTRY:
             return []
-        recent = await self.store.get(name)
-        await self.store.set(name, record, self.settings.hygiene_window_seconds)
+        recent = await self.store.swap(name, record, self.settings.hygiene_window_seconds)
         return shape.defeated_by(recent, key) if recent is not None else []
 
     async def purge(self, scope: str | None = None, key: str | None = None) -> int:
@@ -291,11 +331,10 @@ class CacheRun(Run):
             self.result = "bypass"
             if self.write:
                 self.found_fresh = await self.cache.exists(self.scope, self.key)
-            self.leader = self.write and await self.cache.acquire(self.key, self.owner)
+            self.leader = self.write and await self.cache.acquire(self.scope, self.key, self.owner)
             return None
-        entry = await self.cache.lookup(self.scope, self.key)
-        if entry is None:
-            self.leader = await self.cache.acquire(self.key, self.owner)
+        found = await self.cache.lookup_or_lock(self.scope, self.key, self.owner)
+        entry, self.leader = found.entry, found.leader
         if entry is None and not self.leader:
             wait = self.cache.settings.wait_seconds
             await extend(wait + 5)
@@ -317,14 +356,16 @@ class CacheRun(Run):
     async def after_upstream(self, answer: dict[str, Any] | None, api: ApiKind) -> bool:
         """Store a complete successful answer (None: nothing to store) and free waiters."""
         stored = False
+        owner = self.owner if self.leader else None  # whose lock to free with the write
         try:
             if answer is not None and self.write and self.result != "hit":
                 entry = Entry(api=api, answer=answer, created_at=self.cache.wall())
-                stored = await self.cache.save(self.scope, self.key, entry, self.config.ttl_seconds)
+                ttl = self.config.ttl_seconds
+                stored = await self.cache.save(self.scope, self.key, entry, ttl, owner)
                 self.replaced = stored and self.found_fresh
                 self.stored = stored
-            if self.leader:
-                await self.cache.release(self.key, self.owner)
+            elif owner is not None:
+                await self.cache.release(self.scope, self.key, owner)
         except StoreError as exc:
             log.warning("cache write skipped, store error: %s", exc)
         return stored
