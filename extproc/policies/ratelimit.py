@@ -56,7 +56,8 @@ from extproc.policies.budget.ledger import (
     HoldPlan,
     Reservation,
 )
-from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable, slot_init
+from extproc.slots import slot_init
+from extproc.store import Gcra, Quota, RateItem, RateState, Store, StoreUnavailable
 
 __all__ = [
     "LimitItem",

@@ -77,7 +77,6 @@ __all__ = [
     "hash_tag",
     "open_store",
     "same_slot",
-    "slot_init",
 ]
 
 

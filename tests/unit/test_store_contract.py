@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from extproc.slots import slot_init
 from extproc.store import (
     Counter,
     Gcra,
@@ -31,7 +32,6 @@ from extproc.store import (
     StoreUnavailable,
     hash_tag,
     open_store,
-    slot_init,
 )
 from extproc.store.memory import SWEEP_EVERY, MemoryStore
 from extproc.store.redis import RedisStore

@@ -80,6 +80,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from extproc.apis.usage import Usage
 from extproc.policies.pricing import Price, cost_micros, micros_to_usd, usd_to_micros
+from extproc.slots import slot_init
 from extproc.store import (
     Counter,
     Hold,
@@ -88,7 +89,6 @@ from extproc.store import (
     SettleOutcome,
     Store,
     StoreUnavailable,
-    slot_init,
 )
 
 __all__ = [
