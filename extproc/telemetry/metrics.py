@@ -143,9 +143,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.bounds = LabelBounds()  # set from the config by Gateway.from_config
-        self._scopes: dict[tuple[str, str], _ScopeSeries] = {}
-        self._scopes_bounds = self.bounds  # the bounds `_scopes` was filled under
-        self._requests: dict[tuple[str, ...], RequestSeries] = {}
         r = self.registry
         self.requests = _Counter(
             "extproc_requests",
@@ -291,13 +288,14 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def request_series(self, *labels: str) -> RequestSeries:
-        """The series of requests labelled (api, endpoint, model, provider, status,
-        outcome, streamed), made once per distinct labels (bounded like the labels)."""
-        found = self._requests.get(labels)
-        if found is None:
-            found = self._requests[labels] = RequestSeries(self, labels)
-        return found
+    def count_tokens(self, model: str, provider: str, usage: Usage, *, saved: bool = False) -> None:
+        for kind, value in _by_type(usage):
+            if not value:
+                continue
+            if saved:
+                self.child(self.cache_saved_tokens, model, kind).inc(value)
+            else:
+                self.child(self.tokens, model, provider, kind).inc(value)
 
     def scope_id(self, kind: str, value: str) -> str:
         """`value` as a label, or `other` once this kind has SCOPE_IDS_PER_KIND ids."""
@@ -311,84 +309,10 @@ class Metrics:
 
     def count_scopes(self, scopes: dict[str, str], usage: Usage, cost_usd: float | None) -> None:
         """Spend and tokens per scope of one settled request."""
-        counts = [(token_type, count) for token_type, count in _by_type(usage) if count]
-        if self._scopes_bounds is not self.bounds:  # replaced: ids are looked up again
-            self._scopes.clear()
-            self._scopes_bounds = self.bounds
         for kind, value in scopes.items():
-            series = self._scopes.get((kind, value)) or self._scope_series(kind, value)
-            series.count(cost_usd, counts)
-
-    def _scope_series(self, kind: str, value: str) -> _ScopeSeries:
-        label = self.scope_id(kind, self.bounds.scope_id(kind, value))
-        series = self._scopes.get((kind, label))
-        if series is None:
-            series = self._scopes[(kind, label)] = _ScopeSeries(self, kind, label)
-        # An admitted id keeps its label for good (`scope_id`), so its series is found
-        # by the id itself next time; keys stay bounded: at most SCOPE_IDS_PER_KIND ids
-        # per kind, and `other` (ids counted as `other` are not remembered).
-        return series
-
-
-class _ScopeSeries:
-    """One scope's children of `extproc_scope_spend_usd` and `extproc_scope_tokens`, each
-    made when first counted (a series appears on /metrics once it has a count), so a
-    request finds them without building and hashing label tuples."""
-
-    __slots__ = ("_labels", "_metrics", "_spend", "_tokens")
-
-    def __init__(self, metrics: Metrics, kind: str, label: str) -> None:
-        self._metrics = metrics
-        self._labels = (kind, label)
-        self._spend: Counter | None = None
-        self._tokens: dict[str, Counter] = {}
-
-    def count(self, cost_usd: float | None, counts: list[tuple[str, int]]) -> None:
-        if cost_usd:
-            if self._spend is None:
-                self._spend = self._metrics.scope_spend.labels(*self._labels)
-            self._spend.inc(cost_usd)
-        for token_type, count in counts:
-            child = self._tokens.get(token_type)
-            if child is None:
-                labels = (*self._labels, token_type)
-                child = self._tokens[token_type] = self._metrics.scope_tokens.labels(*labels)
-            child.inc(count)
-
-
-class RequestSeries:
-    """The children one kind of finished request counts in, found with one lookup
-    (`Metrics.request_series`) instead of one label tuple per metric: its
-    `extproc_requests` child, and its latency and token children, each made when
-    first counted (a series appears on /metrics once it has a count)."""
-
-    __slots__ = ("_latency", "_metrics", "_tokens", "labels", "requests")
-
-    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
-        self._metrics = metrics
-        self.labels = labels  # api, endpoint, model, provider, status, outcome, streamed
-        self.requests = metrics.requests.labels(*labels[:6])
-        self._latency: Histogram | None = None
-        self._tokens: dict[tuple[bool, str], Counter] = {}  # by (saved, type)
-
-    def observe_latency(self, seconds: float) -> None:
-        if self._latency is None:
-            api, endpoint, streamed = self.labels[0], self.labels[1], self.labels[6]
-            self._latency = self._metrics.latency.labels(api, endpoint, streamed)
-        self._latency.observe(seconds)
-
-    def count_tokens(self, usage: Usage, *, saved: bool) -> None:
-        """The provider's token counts (a cache hit's: the tokens it saved), by type."""
-        for kind, value in _by_type(usage):
-            if value:
-                child = self._tokens.get((saved, kind)) or self._token_child(saved, kind)
-                child.inc(value)
-
-    def _token_child(self, saved: bool, kind: str) -> Counter:
-        model, provider, metrics = self.labels[2], self.labels[3], self._metrics
-        if saved:
-            child = metrics.cache_saved_tokens.labels(model, kind)
-        else:
-            child = metrics.tokens.labels(model, provider, kind)
-        self._tokens[(saved, kind)] = child
-        return child
+            label = self.scope_id(kind, self.bounds.scope_id(kind, value))
+            if cost_usd:
+                self.child(self.scope_spend, kind, label).inc(cost_usd)
+            for token_type, count in _by_type(usage):
+                if count:
+                    self.child(self.scope_tokens, kind, label, token_type).inc(count)

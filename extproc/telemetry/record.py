@@ -48,16 +48,15 @@ def account(stream: RequestStream, now: float) -> None:
     answered = outcome in ("ok", "cache_hit") and stream.answer.served_model is not None
     model = "" if rejected else metrics.bounds.model(record["served_model"], answered=answered)
     provider = record["provider"] or ""
-    series = metrics.request_series(
+    metrics.child(
+        metrics.requests,
         stream.api,
         record["endpoint"] or "",
         model,
         provider,
         str(record["status"]),
         outcome,
-        str(stream.answer.streamed),
-    )
-    series.requests.inc()
+    ).inc()
     requested = metrics.bounds.model(record["requested_model"])
     if requested and stream.served_model and not rejected:
         served = metrics.bounds.model(stream.served_model)
@@ -68,12 +67,15 @@ def account(stream: RequestStream, now: float) -> None:
         metrics.child(metrics.subagent_requests, record["endpoint"]).inc()
     if "cache" in record:  # the cache step ran: hit, miss, bypass or wait_timeout
         metrics.child(metrics.cache, record["cache"]).inc()
-    series.count_tokens(stream.answer.usage, saved=stream.outcome == "cache_hit")
+    metrics.count_tokens(model, provider, stream.answer.usage, saved=stream.outcome == "cache_hit")
     if stream.outcome == "cache_hit":
         if record.get("cost_saved_usd"):
             metrics.child(metrics.cache_saved_usd, model).inc(record["cost_saved_usd"])
     elif record.get("scopes") and not rejected:
         metrics.count_scopes(record["scopes"], stream.answer.usage, record.get("cost_usd"))
-    series.observe_latency(now - stream.started)
+    latency = metrics.child(
+        metrics.latency, stream.api, record["endpoint"], str(stream.answer.streamed)
+    )
+    latency.observe(now - stream.started)
     if stream.answer.first_token_at is not None:
         metrics.child(metrics.ttft, model).observe(stream.answer.first_token_at - stream.started)
