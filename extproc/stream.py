@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import math
 import uuid
@@ -128,11 +129,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-# The last whole second `record_time` formatted: requests finishing within one second
-# share it (one entry, replaced, never grows).
-_SECOND: list[tuple[int, str]] = [(-1, "")]
-
-
 def record_time(timestamp: float) -> str:
     """`datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")`, the
     audit record's `time`, at a fraction of its cost: the date and time of day are
@@ -144,12 +140,12 @@ def record_time(timestamp: float) -> str:
         micros, whole = micros - 1_000_000, whole + 1
     elif micros < 0:
         micros, whole = micros + 1_000_000, whole - 1
-    second = int(whole)
-    cached, prefix = _SECOND[0]
-    if cached != second:
-        prefix = dt.datetime.fromtimestamp(second, dt.UTC).isoformat(timespec="seconds")[:-6]
-        _SECOND[0] = (second, prefix)
-    return f"{prefix}.{micros // 1000:03d}+00:00"
+    return f"{_second_prefix(int(whole))}.{micros // 1000:03d}+00:00"
+
+
+@functools.lru_cache(maxsize=1)  # requests finishing within one second share it
+def _second_prefix(second: int) -> str:
+    return dt.datetime.fromtimestamp(second, dt.UTC).isoformat(timespec="seconds")[:-6]
 
 
 def recorded_header(headers: Mapping[str, str], name: str) -> str | None:
