@@ -47,6 +47,7 @@ a layout mistake shows up in unit tests instead of as CROSSSLOT in production.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -348,6 +349,7 @@ class Store(Protocol):
 # ---- helpers shared by both backends ------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=65_536)  # budget, rate and cache keys repeat request after request
 def hash_tag(key: str) -> str:
     """The part of `key` Redis Cluster hashes: the first non-empty `{...}`, else the key."""
     start = key.find("{")

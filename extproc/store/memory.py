@@ -57,7 +57,6 @@ __all__ = ["MemoryStore"]
 
 SWEEP_EVERY = 1024
 FINISHED_RECORDS = 10_000
-MEMO_LIMIT = 65_536  # memoized hash tags of counter and rate keys; cleared when full
 
 
 @dataclass(slots=True)
@@ -98,7 +97,6 @@ class MemoryStore:
         self._counters: dict[str, _Counter] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._writes = 0  # since the last sweep
-        self._tags: dict[str, str] = {}
         self._closed = False
 
     @property
@@ -348,24 +346,15 @@ class MemoryStore:
         if ttl > 0:
             counter.expires_at = now + ttl
 
-    def _tag(self, key: str) -> str:
-        """`hash_tag(key)`, memoized: counter and rate keys repeat request after request."""
-        tag = self._tags.get(key)
-        if tag is None:
-            if len(self._tags) >= MEMO_LIMIT:
-                self._tags.clear()
-            tag = self._tags[key] = hash_tag(key)
-        return tag
-
-    def _one_slot(self, tag: str, holds: Sequence[Hold], items: Sequence[RateItem]) -> None:
+    @staticmethod
+    def _one_slot(tag: str, holds: Sequence[Hold], items: Sequence[RateItem]) -> None:
         """`same_slot`: the holds' counters and the rate items share `tag` (the record
-        key's, or the first item's); their tags are memoized (`_tag`)."""
-        tags = self._tags
+        key's, or the first item's), compared tag by tag (`hash_tag` is memoized)."""
         for h in holds:  # (two plain loops: a comprehension is a call of its own)
-            if tags.get(h.counter.key) != tag and self._tag(h.counter.key) != tag:
+            if hash_tag(h.counter.key) != tag:
                 same_slot([f"{{{tag}}}", h.counter.key])  # raises the one ValueError
         for i in items:
-            if tags.get(i.key) != tag and self._tag(i.key) != tag:
+            if hash_tag(i.key) != tag:
                 same_slot([f"{{{tag}}}", i.key])
 
     async def hold(
@@ -497,7 +486,7 @@ class MemoryStore:
 
     async def rate(self, items: Sequence[RateItem], *, force: bool = False) -> list[RateState]:
         if items:
-            self._one_slot(self._tag(items[0].key), (), items)
+            self._one_slot(hash_tag(items[0].key), (), items)
         now = self._now()
         states, writes, allowed = self._rate_eval(items, now)
         if force or allowed:
