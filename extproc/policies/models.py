@@ -22,6 +22,7 @@ checks the requested model and has the request served with it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -107,17 +108,10 @@ def allow_lists(
 
 
 # AllowLists are frozen: one per (source, patterns), shared by the requests that meet it
-# (patterns come from the config and the key records; cleared past a bound).
-_ALLOW_LISTS: dict[tuple[str, tuple[str, ...]], AllowList] = {}
-
-
+# (patterns come from the config and the key records).
+@functools.lru_cache(maxsize=10_000)
 def _allow_list(source: str, patterns: tuple[str, ...]) -> AllowList:
-    found = _ALLOW_LISTS.get((source, patterns))
-    if found is None:
-        if len(_ALLOW_LISTS) > 10_000:
-            _ALLOW_LISTS.clear()
-        found = _ALLOW_LISTS[source, patterns] = AllowList(source, patterns)
-    return found
+    return AllowList(source, patterns)
 
 
 def check_allowed(requested: str, served: str, lists: Sequence[AllowList]) -> None:
