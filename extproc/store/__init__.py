@@ -349,7 +349,9 @@ class Store(Protocol):
 # ---- helpers shared by both backends ------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=65_536)  # budget, rate and cache keys repeat request after request
+# Memoized: budget and rate keys repeat request after request (a cache entry's name does
+# not, and only passes through; least recently used first out, so the repeating stay).
+@functools.lru_cache(maxsize=4096)
 def hash_tag(key: str) -> str:
     """The part of `key` Redis Cluster hashes: the first non-empty `{...}`, else the key."""
     start = key.find("{")
